@@ -1,0 +1,213 @@
+"""gpud's configuration: a TOML file decoded into strict, typed msgspec Structs.
+
+Every field has a sane default, so an empty file is a valid configuration. Unknown keys and
+wrong types are errors that name the field's path (``ports.block_size``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from gpud.errors import ConfigError
+
+DEFAULT_PATH = "/etc/gpud/gpud.toml"
+ENV_VAR = "GPUD_CONFIG"
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class NodeConfig(_Section):
+    # Node name in the cluster; must be unique. Empty: the host name.
+    name: str = ""
+    # "auto" (address of `interface`, or of the interface holding the default route) or an IP.
+    advertise: str = "auto"
+    # Interface to take the address from with advertise = "auto"; empty: default-route interface.
+    interface: str = ""
+
+
+class ClusterConfig(_Section):
+    name: str = "gpud"
+    # File holding the cluster secret (base64, from `gpud keygen`). It encrypts gossip and
+    # derives the key that authenticates the peer API. Empty: no encryption (test clusters only).
+    key_file: str = ""
+
+
+class SerfConfig(_Section):
+    # The `serf` executable (Debian package `serf`).
+    binary: str = "serf"
+    bind_port: Port = 7946
+    # Serf RPC listens on 127.0.0.1 only, with a fresh random auth token each start.
+    rpc_port: Port = 7373
+    # Addresses ("ip" or "ip:port") to join at start and to retry until one answers.
+    retry_join: list[str] = []
+    retry_interval_s: PositiveSeconds = 5.0
+    # Seconds to wait for a graceful leave on shutdown.
+    leave_timeout_s: PositiveSeconds = 5.0
+
+
+class ApiConfig(_Section):
+    # Local API: HTTP over a Unix socket. Empty: <paths.runtime_dir>/gpud.sock.
+    socket: str = ""
+    socket_group: str = "gpud"
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+
+
+class PathsConfig(_Section):
+    state_dir: str = "/var/lib/gpud"
+    runtime_dir: str = "/run/gpud"
+
+
+class PeerConfig(_Section):
+    # Peer API (other gpuds only) on the advertised address.
+    port: Port = 7948
+
+
+class HealthConfig(_Section):
+    interval_s: PositiveSeconds = 2.0
+    timeout_s: PositiveSeconds = 1.0
+    failures_before_critical: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    successes_before_passing: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    # Probes in flight at once.
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
+    # Up to this many members every node probes every peer; above it, each round probes the
+    # Ray head, its ring neighbours and `random_peers` random peers (cost O(k), not O(N)).
+    full_mesh_max: Annotated[int, msgspec.Meta(ge=2)] = 32
+    random_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
+
+
+class PortsConfig(_Section):
+    # Cluster port space [range_start, range_end), cut into blocks of block_size ports.
+    # Default stays below Linux's ephemeral range (32768-60999).
+    range_start: Port = 20000
+    range_end: Port = 32000
+    block_size: Annotated[int, msgspec.Meta(ge=8, le=16384)] = 400
+    # Add the block to net.ipv4.ip_local_reserved_ports so the kernel never uses it ephemerally.
+    reserve: bool = True
+    # Seconds a lease whose owner pid is gone is kept before the zombie scan reclaims it.
+    zombie_grace_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 10.0
+    # Seconds to let gossip settle before a block claim is confirmed.
+    settle_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 3.0
+
+
+class RayConfig(_Section):
+    enabled: bool = True
+    # The `ray` executable of the CUDA stack's Python environment.
+    executable: str = "ray"
+    # "auto": may be elected; "prefer": preferred over "auto" nodes; "never": always a worker.
+    head: Literal["auto", "prefer", "never"] = "auto"
+    priority: int = 0
+    num_cpus: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # Extra environment for `ray start` (e.g. RAY_* tuning variables).
+    env: dict[str, str] = {}
+
+
+class Config(_Section):
+    node: NodeConfig = msgspec.field(default_factory=NodeConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    serf: SerfConfig = msgspec.field(default_factory=SerfConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+    peer: PeerConfig = msgspec.field(default_factory=PeerConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    ports: PortsConfig = msgspec.field(default_factory=PortsConfig)
+    ray: RayConfig = msgspec.field(default_factory=RayConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname()
+
+    @property
+    def socket_path(self) -> str:
+        return self.api.socket or os.path.join(self.paths.runtime_dir, "gpud.sock")
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir)
+
+
+def config_path(explicit: str | None) -> str:
+    """--config wins, then $GPUD_CONFIG, then the default path."""
+    return explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load(path: str, *, missing_ok: bool = False) -> Config:
+    """Read and validate ``path``. Raises ConfigError with a one-line message."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return validate(Config())
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return parse(raw, source=path)
+
+
+def parse(raw: bytes | str, *, source: str = "<config>") -> Config:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8: {exc}") from None
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_field_message(str(exc))}") from None
+    try:
+        return validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _field_message(message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.ports.block_size`"; lead with the field.
+    text, sep, where = message.rpartition(" - at `$.")
+    if not sep:
+        return message
+    return f"{where.rstrip('`')}: {text}"
+
+
+def validate(config: Config) -> Config:
+    """Checks that span fields. Returns the config unchanged or raises ConfigError."""
+    if config.node.advertise != "auto":
+        try:
+            ipaddress.ip_address(config.node.advertise)
+        except ValueError:
+            raise ConfigError(
+                f"node.advertise: {config.node.advertise!r} is neither \"auto\" nor an IP address"
+            ) from None
+    ports = config.ports
+    if ports.range_end - ports.range_start < ports.block_size:
+        raise ConfigError(
+            f"ports: range {ports.range_start}-{ports.range_end} is smaller than one block "
+            f"({ports.block_size} ports)"
+        )
+    for entry in config.serf.retry_join:
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            if port:
+                int(port)
+        except ValueError:
+            raise ConfigError(f"serf.retry_join: {entry!r} is not an address or address:port") from None
+    own = {config.serf.bind_port, config.serf.rpc_port, config.peer.port}
+    if len(own) != 3:
+        raise ConfigError("serf.bind_port, serf.rpc_port and peer.port must all differ")
+    if any(ports.range_start <= p < ports.range_end for p in own):
+        raise ConfigError("serf and peer ports must lie outside the ports range")
+    return config

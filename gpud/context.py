@@ -1,0 +1,91 @@
+"""What every component of a running agent shares: config, identity, membership, own tags.
+
+Components implement the ``Component`` protocol; the agent module wires them together and
+runs them in one TaskGroup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import msgspec
+
+from gpud.config import Config
+from gpud.tags import Tags
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+MemberStatus = Literal["alive", "leaving", "left", "failed", "none"]
+
+
+class Member(msgspec.Struct, kw_only=True):
+    """One cluster member as this node currently sees it."""
+
+    name: str
+    addr: str
+    # Serf gossip port.
+    port: int
+    status: MemberStatus
+    # Decoded gpud tags, or None with the reason in tags_error.
+    tags: Tags | None = None
+    tags_error: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.status == "alive"
+
+
+class Component(Protocol):
+    """A long-running part of the agent."""
+
+    name: str
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+
+    def status(self) -> msgspec.Struct:
+        """This component's section of /v1/status."""
+
+    def routes(self) -> list[web.RouteDef]:
+        """Routes this component adds to the local API."""
+
+
+class NodeContext:
+    """Shared state of one agent. Mutated only by the agent's own components."""
+
+    def __init__(self, config: Config, advertise_addr: str) -> None:
+        self.config = config
+        self.node_name = config.node_name
+        self.advertise_addr = advertise_addr
+        self.tags = Tags(pp=config.peer.port, rh=config.ray.head, pri=config.ray.priority)
+        self.members: dict[str, Member] = {}
+        # Set by the agent: pushes self.tags to Serf.
+        self._publish_tags: Callable[[Tags], Awaitable[None]] | None = None
+        # Callbacks run (synchronously) after every membership change.
+        self._member_listeners: list[Callable[[dict[str, Member]], None]] = []
+
+    async def update_tags(self, **fields: Any) -> None:
+        """Change some of this node's tags and gossip them (raises TagsError if too large)."""
+        new = msgspec.structs.replace(self.tags, **fields)
+        if new == self.tags:
+            return
+        if self._publish_tags is not None:
+            await self._publish_tags(new)
+        self.tags = new
+
+    def set_tag_publisher(self, publish: Callable[[Tags], Awaitable[None]]) -> None:
+        self._publish_tags = publish
+
+    def on_members_changed(self, listener: Callable[[dict[str, Member]], None]) -> None:
+        self._member_listeners.append(listener)
+
+    def set_members(self, members: dict[str, Member]) -> None:
+        self.members = members
+        for listener in self._member_listeners:
+            listener(members)
+
+    def peers(self) -> list[Member]:
+        """Alive members other than this node."""
+        return [m for m in self.members.values() if m.alive and m.name != self.node_name]

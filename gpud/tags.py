@@ -1,0 +1,77 @@
+"""The compact, versioned summary every node gossips in its Serf tags.
+
+Serf tags are a string-to-string map, and memberlist allows 512 bytes for all of one member's
+tags together, so keys are short and details live behind the peer API. A member whose tags are
+malformed or of an unknown version is shown as such; decoding never raises.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgpack
+import msgspec
+
+TAGS_VERSION = 1
+# memberlist's limit on a node's meta (Serf encodes the tag map into it with msgpack).
+MAX_TAGS_BYTES = 512
+
+RayRole = Literal["none", "head", "worker"]
+HealthSummary = Literal["unknown", "passing", "warning", "critical"]
+HeadPreference = Literal["auto", "prefer", "never"]
+
+
+class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True, omit_defaults=True):
+    v: int = TAGS_VERSION
+    # gpud's role in the cluster (always "gpud" today; room for "gateway" etc.).
+    role: str = "gpud"
+    # Peer API port on the advertised address.
+    pp: int = 0
+    # Claimed port block (index into the cluster port space); -1 while unclaimed.
+    blk: int = -1
+    # Number of GPUs NVML reports.
+    gpu: int = 0
+    # Ray: role, election term, GCS port once the head's GCS answers (0: not ready).
+    ray: RayRole = "none"
+    term: int = 0
+    gcs: int = 0
+    # Head eligibility inputs: preference, priority, Ray installed, behind NAT.
+    rh: HeadPreference = "auto"
+    pri: int = 0
+    rv: bool = False
+    nat: bool = False
+    # This node's own health summary.
+    hl: HealthSummary = "unknown"
+
+
+class TagsError(ValueError):
+    """Tags that cannot be gossiped (too large) or decoded."""
+
+
+def encode(tags: Tags) -> dict[str, str]:
+    """Tags as Serf's string map; raises TagsError above memberlist's 512-byte limit."""
+    raw = {
+        key: ("1" if value is True else "0" if value is False else str(value))
+        for key, value in msgspec.to_builtins(tags).items()
+    }
+    raw["v"] = str(tags.v)
+    size = len(msgpack.packb(raw))
+    if size > MAX_TAGS_BYTES:
+        raise TagsError(f"tags take {size} bytes, more than memberlist's {MAX_TAGS_BYTES}")
+    return raw
+
+
+def decode(raw: dict[str, str]) -> Tags:
+    """Decode a member's tag map; raises TagsError with a short reason."""
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise TagsError("tags are not a string map")
+    if "v" not in raw:
+        raise TagsError("no tag protocol version (not a gpud node?)")
+    if raw["v"] != str(TAGS_VERSION):
+        raise TagsError(f"unknown tag protocol version {raw['v'][:16]!r}")
+    try:
+        return msgspec.convert(raw, Tags, strict=False)
+    except msgspec.ValidationError as exc:
+        raise TagsError(f"malformed tags: {exc}") from None
