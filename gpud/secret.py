@@ -1,0 +1,53 @@
+"""The cluster secret: one random key that encrypts gossip and authenticates the peer API.
+
+`gpud keygen` prints a new key (base64 of 32 random bytes, which Serf also accepts as an
+AES-256 gossip key). Purpose-specific keys are derived from it with HMAC-SHA256 so that the
+gossip key never doubles as the peer-API key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from pathlib import Path
+
+from gpud.config import Config
+from gpud.errors import ConfigError
+
+KEY_BYTES = 32
+
+
+def keygen() -> str:
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode()
+
+
+def parse_key(text: str, *, source: str) -> bytes:
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{source}: not base64 (make one with `gpud keygen`)") from None
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"{source}: key is {len(key)} bytes, expected {KEY_BYTES} (`gpud keygen`)")
+    return key
+
+
+def cluster_key(config: Config) -> bytes | None:
+    """The cluster secret from cluster.key_file, or None when no key file is configured."""
+    path = config.cluster.key_file
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cluster.key_file: cannot read {path}: {exc.strerror}") from None
+    return parse_key(text, source=f"cluster.key_file {path}")
+
+
+def derive(config: Config, purpose: str) -> bytes:
+    """A key for one purpose. Without a key file it derives from the cluster name only, which
+    keeps test clusters apart but is no protection; the agent warns about that."""
+    base = cluster_key(config) or hashlib.sha256(b"gpud-unkeyed:" + config.cluster.name.encode()).digest()
+    return hmac.new(base, f"gpud/{purpose}/v1".encode(), hashlib.sha256).digest()
