@@ -1,0 +1,249 @@
+"""`gpud agent`: wires the components together and runs them in one TaskGroup.
+
+Decisions live in the components; this module only builds them, serves the local API, speaks
+the systemd notify protocol and shuts everything down in order on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gpud import __version__, api, gpus, log
+from gpud.config import Config
+from gpud.context import Component, NodeContext
+from gpud.errors import GpudError
+from gpud.notify import Notifier
+
+_log = log.get("agent")
+
+STATUS_INTERVAL_S = 5.0
+# How long serf may be down before the watchdog stops being fed (systemd then restarts gpud).
+SERF_DOWN_WATCHDOG_S = 60.0
+
+
+class NodeSection(msgspec.Struct, kw_only=True):
+    name: str
+    addr: str
+    version: str
+    pid: int
+    uptime_s: float
+    serf: Any
+    tags: Any
+
+
+class DisabledSection(msgspec.Struct, kw_only=True):
+    state: str = "disabled"
+    summary: str
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = Notifier()
+        self.started = time.monotonic()
+        self._stop = asyncio.Event()
+        self._serf_down_since: float | None = None
+
+    def _build(self, advertise_addr: str, inventory: gpus.GpuInventory) -> None:
+        from gpud.health.service import HealthService
+        from gpud.membership import Membership
+        from gpud.netcheck import NetCheck
+        from gpud.ports.service import PortsService
+        from gpud.serf.agent import SerfAgent
+
+        ctx = NodeContext(self.config, advertise_addr)
+        ctx.tags = msgspec.structs.replace(ctx.tags, gpu=inventory.count)
+        self.ctx = ctx
+        self.inventory = inventory
+        self.serf = SerfAgent(ctx)
+        self.membership = Membership(ctx, self.serf)
+        self.network = NetCheck(ctx, self._address_changed)
+        self.health = HealthService(ctx, self.network)
+        self.ports = PortsService(ctx)
+        self.ray: Component | None = None
+        if self.config.ray.enabled:
+            from gpud.ray.service import RayService
+
+            self.ray = RayService(ctx, self.serf, self.ports, self.health)
+        self.components: list[Component] = [
+            self.serf,
+            self.membership,
+            self.network,
+            self.health,
+            self.ports,
+        ]
+        if self.ray is not None:
+            self.components.append(self.ray)
+
+    async def _address_changed(self, old: str | None, new: str | None) -> None:
+        if new is None:
+            log.error(_log, "advertised address disappeared", addr=old)
+            return
+        log.warning(_log, "re-advertising a new address", old=old, new=new)
+        await self.serf.readvertise(new)
+
+    # -- local API -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        ray = (
+            self.ray.status()
+            if self.ray
+            else DisabledSection(summary="disabled (ray.enabled = false)")
+        )
+        return {
+            "node": NodeSection(
+                name=self.ctx.node_name,
+                addr=self.ctx.advertise_addr,
+                version=__version__,
+                pid=os.getpid(),
+                uptime_s=round(time.monotonic() - self.started, 1),
+                serf=self.serf.status(),
+                tags=self.ctx.tags,
+            ),
+            "members": sorted(self.ctx.members.values(), key=lambda m: m.name),
+            "health": self.health.status(),
+            "network": self.network.status(),
+            "ports": self.ports.status(),
+            "ray": ray,
+            "gpus": self.inventory,
+        }
+
+    async def _get_status(self, request: web.Request) -> web.Response:
+        return api.json_response(self.status())
+
+    async def _get_gpus(self, request: web.Request) -> web.Response:
+        return api.json_response(self.inventory)
+
+    async def _get_doctor(self, request: web.Request) -> web.Response:
+        return api.json_response(await self.health.doctor())
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self._metrics(), content_type="text/plain")
+
+    def _metrics(self) -> str:
+        lines = [
+            "# HELP gpud_members Cluster members by Serf status.",
+            "# TYPE gpud_members gauge",
+        ]
+        counts: dict[str, int] = {}
+        for member in self.ctx.members.values():
+            counts[member.status] = counts.get(member.status, 0) + 1
+        lines += [f'gpud_members{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
+        lines += [
+            "# HELP gpud_gpus GPUs reported by NVML.",
+            "# TYPE gpud_gpus gauge",
+            f"gpud_gpus {self.inventory.count}",
+            "# HELP gpud_up 1 while the agent runs.",
+            "# TYPE gpud_up gauge",
+            "gpud_up 1",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _routes(self) -> list[web.RouteDef]:
+        routes = [
+            web.get("/v1/status", self._get_status),
+            web.get("/v1/gpus", self._get_gpus),
+            web.get("/v1/doctor", self._get_doctor),
+            web.get("/metrics", self._get_metrics),
+        ]
+        for component in self.components:
+            routes += component.routes()
+        return routes
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _summary(self) -> str:
+        alive = sum(1 for m in self.ctx.members.values() if m.alive)
+        return (
+            f"{alive}/{len(self.ctx.members)} members alive, health {self.ctx.tags.hl}, "
+            f"ray {self.ctx.tags.ray}, {self.inventory.count} GPU(s)"
+        )
+
+    def _serf_healthy(self) -> bool:
+        if self.serf.ready.is_set():
+            self._serf_down_since = None
+            return True
+        now = time.monotonic()
+        self._serf_down_since = self._serf_down_since or now
+        return now - self._serf_down_since < SERF_DOWN_WATCHDOG_S
+
+    async def _notify_loop(self) -> None:
+        await self.serf.ready.wait()
+        self.notifier.ready(self._summary())
+        log.info(_log, "ready", addr=self.ctx.advertise_addr, socket=self.config.socket_path)
+        interval = min(STATUS_INTERVAL_S, self.notifier.watchdog_interval_s or STATUS_INTERVAL_S)
+        while True:
+            self.notifier.status(self._summary())
+            if self.notifier.watchdog_interval_s and self._serf_healthy():
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    async def run(self) -> int:
+        from gpud.netcheck import resolve_advertise
+
+        advertise_addr, interface = resolve_advertise(self.config)
+        inventory = await asyncio.to_thread(gpus.read_inventory)
+        self._build(advertise_addr, inventory)
+        log.info(
+            _log,
+            "starting",
+            node=self.ctx.node_name,
+            addr=advertise_addr,
+            interface=interface,
+            version=__version__,
+            gpus=inventory.nvml,
+        )
+        if not self.config.cluster.key_file:
+            log.warning(
+                _log, "no cluster.key_file: gossip is unencrypted and peers unauthenticated"
+            )
+        runner = await api.serve_unix(
+            api.make_app(self._routes()),
+            self.config.socket_path,
+            mode=self.config.api.socket_mode,
+            group=self.config.api.socket_group,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(c.run(), name=c.name) for c in self.components]
+                tasks.append(tg.create_task(self._notify_loop(), name="notify"))
+                stop = tg.create_task(self._stop.wait())
+                await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                await self._shutdown(tasks)
+                stop.cancel()
+        finally:
+            await runner.cleanup()
+        log.info(_log, "stopped")
+        return 0
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        """STOPPING=1, a graceful serf leave, then every child stopped by its component."""
+        self.notifier.stopping()
+        log.info(_log, "stopping: leaving the cluster")
+        with contextlib.suppress(Exception):
+            await self.serf.leave()
+        # Ray first (workers go before the gossip that announces them), serf last.
+        for task in reversed(tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def main(config: Config) -> int:
+    log.setup(config.log_level)
+    try:
+        return asyncio.run(Agent(config).run())
+    except GpudError as exc:
+        log.error(_log, str(exc))
+        return 1
