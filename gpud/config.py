@@ -189,7 +189,7 @@ def validate(config: Config) -> Config:
             ipaddress.ip_address(config.node.advertise)
         except ValueError:
             raise ConfigError(
-                f"node.advertise: {config.node.advertise!r} is neither \"auto\" nor an IP address"
+                f'node.advertise: {config.node.advertise!r} is neither "auto" nor an IP address'
             ) from None
     ports = config.ports
     if ports.range_end - ports.range_start < ports.block_size:
@@ -204,7 +204,9 @@ def validate(config: Config) -> Config:
             if port:
                 int(port)
         except ValueError:
-            raise ConfigError(f"serf.retry_join: {entry!r} is not an address or address:port") from None
+            raise ConfigError(
+                f"serf.retry_join: {entry!r} is not an address or address:port"
+            ) from None
     own = {config.serf.bind_port, config.serf.rpc_port, config.peer.port}
     if len(own) != 3:
         raise ConfigError("serf.bind_port, serf.rpc_port and peer.port must all differ")

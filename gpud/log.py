@@ -11,7 +11,10 @@ _FIELDS = "gpud_fields"
 
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [f"level={record.levelname.lower()}", f"component={record.name.removeprefix('gpud.')}"]
+        parts = [
+            f"level={record.levelname.lower()}",
+            f"component={record.name.removeprefix('gpud.')}",
+        ]
         parts.append(f"msg={_quote(record.getMessage())}")
         for key, value in getattr(record, _FIELDS, {}).items():
             parts.append(f"{key}={_quote(str(value))}")

@@ -30,7 +30,9 @@ def parse_key(text: str, *, source: str) -> bytes:
     except (binascii.Error, ValueError):
         raise ConfigError(f"{source}: not base64 (make one with `gpud keygen`)") from None
     if len(key) != KEY_BYTES:
-        raise ConfigError(f"{source}: key is {len(key)} bytes, expected {KEY_BYTES} (`gpud keygen`)")
+        raise ConfigError(
+            f"{source}: key is {len(key)} bytes, expected {KEY_BYTES} (`gpud keygen`)"
+        )
     return key
 
 
@@ -49,5 +51,8 @@ def cluster_key(config: Config) -> bytes | None:
 def derive(config: Config, purpose: str) -> bytes:
     """A key for one purpose. Without a key file it derives from the cluster name only, which
     keeps test clusters apart but is no protection; the agent warns about that."""
-    base = cluster_key(config) or hashlib.sha256(b"gpud-unkeyed:" + config.cluster.name.encode()).digest()
+    base = (
+        cluster_key(config)
+        or hashlib.sha256(b"gpud-unkeyed:" + config.cluster.name.encode()).digest()
+    )
     return hmac.new(base, f"gpud/{purpose}/v1".encode(), hashlib.sha256).digest()

@@ -29,6 +29,8 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True, omit_defau
     pp: int = 0
     # Claimed port block (index into the cluster port space); -1 while unclaimed.
     blk: int = -1
+    # The block claim is confirmed (settled); a confirmed claim outranks an unconfirmed one.
+    bc: bool = False
     # Number of GPUs NVML reports.
     gpu: int = 0
     # Ray: role, election term, GCS port once the head's GCS answers (0: not ready).
