@@ -1,0 +1,366 @@
+"""The peer API: a small authenticated HTTP server on the advertised address, and its client.
+
+It answers only gpuds of the same cluster and changes nothing: ping (echo and identity),
+dial-back (we connect back to the caller's advertised address and peer port as our membership
+view knows them, never to an address the caller names) and view (our latest probe results).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from gpud import log
+from gpud.context import NodeContext
+from gpud.health.auth import AuthError, Verifier, sign
+
+MAX_BODY_BYTES = 16 * 1024
+# Rejections logged per window; the rest are counted and reported with the next logged one.
+REJECT_LOG_BURST = 5
+REJECT_LOG_WINDOW_S = 60.0
+
+PATH_PING = "/peer/v1/ping"
+PATH_DIAL_BACK = "/peer/v1/dial-back"
+PATH_VIEW = "/peer/v1/view"
+
+DirectionState = Literal["unknown", "passing", "critical"]
+
+_log = log.get("health")
+_Reply = TypeVar("_Reply")
+
+
+class PingRequest(msgspec.Struct, forbid_unknown_fields=True):
+    echo: str = ""
+
+
+class PingReply(msgspec.Struct):
+    echo: str
+    name: str
+    addr: str
+    time: float
+    # The source address the request came from, as this node saw it.
+    seen_from: str
+
+
+class DialBackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class ProbeOutcome(msgspec.Struct):
+    """One data-path probe: TCP connect (+ authenticated ping where it applies)."""
+
+    ok: bool
+    rtt_ms: float | None = None
+    error: str = ""
+
+
+class DialBackReply(msgspec.Struct):
+    # Where we dialled: the caller's address and peer port from our membership view.
+    addr: str
+    port: int
+    outcome: ProbeOutcome
+
+
+class ViewRow(msgspec.Struct):
+    """This node's latest probe of one peer (us -> peer)."""
+
+    peer: str
+    addr: str
+    port: int
+    state: DirectionState
+    ok: bool
+    rtt_ms: float | None
+    error: str
+    at: float
+
+
+class ViewReply(msgspec.Struct):
+    name: str
+    addr: str
+    time: float
+    rows: list[ViewRow]
+
+
+class PeerCallError(Exception):
+    """A peer API call failed; the message is an operator-readable cause."""
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return "connection refused (nothing listens, or a firewall rejects)"
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return f"no route ({exc.strerror})"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "source address not available on this host"
+    return exc.strerror or str(exc)
+
+
+async def probe_tcp(
+    addr: str,
+    port: int,
+    timeout: float,  # noqa: ASYNC109 -- a per-probe budget, the API callers (Ray GCS checks) use
+    *,
+    source_addr: str | None = None,
+) -> ProbeOutcome:
+    """TCP connect to addr:port and close; usable for any announced service port (Ray GCS)."""
+    start = time.perf_counter()
+    local = (source_addr, 0) if source_addr else None
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(addr, port, local_addr=local)
+    except TimeoutError:
+        return ProbeOutcome(
+            ok=False, error=f"TCP connect timed out after {timeout:g} s (packets dropped?)"
+        )
+    except OSError as exc:
+        return ProbeOutcome(ok=False, error=f"TCP connect: {_describe_os_error(exc)}")
+    rtt_ms = (time.perf_counter() - start) * 1000
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return ProbeOutcome(ok=True, rtt_ms=rtt_ms)
+
+
+class _RejectLog:
+    """Logs rejected requests at most REJECT_LOG_BURST times per window, counting the rest."""
+
+    def __init__(self) -> None:
+        self._window_start = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    def reject(self, remote: str | None, path: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._window_start > REJECT_LOG_WINDOW_S:
+            self._window_start, self._logged = now, 0
+        if self._logged >= REJECT_LOG_BURST:
+            self._suppressed += 1
+            return
+        self._logged += 1
+        log.warning(
+            _log,
+            "peer API request rejected",
+            remote=remote,
+            path=path,
+            reason=reason,
+            suppressed_before=self._suppressed,
+        )
+        self._suppressed = 0
+
+
+class PeerClient:
+    """Signed calls to other gpuds' peer APIs over one aiohttp session."""
+
+    def __init__(
+        self, key: bytes, node_name: str, timeout_s: float, *, source_addr: str | None = None
+    ) -> None:
+        self._key = key
+        self._node = node_name
+        self.timeout_s = timeout_s
+        self.source_addr = source_addr
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> PeerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            local = (self.source_addr, 0) if self.source_addr else None
+            # A fresh connection per call: a probe must exercise TCP setup, not a pooled socket.
+            connector = aiohttp.TCPConnector(force_close=True, local_addr=local)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            )
+        return self._session
+
+    async def _call(
+        self, addr: str, port: int, path: str, body: msgspec.Struct, reply: type[_Reply]
+    ) -> _Reply:
+        raw = msgspec.json.encode(body)
+        headers = sign(self._key, self._node, "POST", path, raw)
+        headers["Content-Type"] = "application/json"
+        host = f"[{addr}]" if ":" in addr else addr
+        try:
+            async with self._client().post(
+                f"http://{host}:{port}{path}", data=raw, headers=headers
+            ) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    reason = data[:200].decode(errors="replace")
+                    raise PeerCallError(f"HTTP {resp.status} from {addr}:{port}: {reason}")
+        except TimeoutError:
+            raise PeerCallError(f"no answer within {self.timeout_s:g} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise PeerCallError(_describe_os_error(exc.os_error)) from None
+        except aiohttp.ClientError as exc:
+            raise PeerCallError(f"HTTP error: {exc}") from None
+        try:
+            return msgspec.json.decode(data, type=reply)
+        except msgspec.DecodeError as exc:
+            raise PeerCallError(f"malformed reply from {addr}:{port}: {exc}") from None
+
+    async def ping(self, addr: str, port: int, echo: str = "") -> PingReply:
+        return await self._call(addr, port, PATH_PING, PingRequest(echo=echo), PingReply)
+
+    async def dial_back(self, addr: str, port: int) -> DialBackReply:
+        return await self._call(addr, port, PATH_DIAL_BACK, DialBackRequest(), DialBackReply)
+
+    async def view(self, addr: str, port: int) -> ViewReply:
+        return await self._call(addr, port, PATH_VIEW, PingRequest(), ViewReply)
+
+    async def probe(self, addr: str, port: int) -> ProbeOutcome:
+        """The data-path probe: TCP connect, then an authenticated ping; RTT of the ping."""
+        tcp = await probe_tcp(addr, port, self.timeout_s, source_addr=self.source_addr)
+        if not tcp.ok:
+            return tcp
+        start = time.perf_counter()
+        try:
+            await self.ping(addr, port)
+        except PeerCallError as exc:
+            return ProbeOutcome(ok=False, error=f"ping: {exc}")
+        return ProbeOutcome(ok=True, rtt_ms=(time.perf_counter() - start) * 1000)
+
+
+class PeerApiServer:
+    """Serves the peer API for one node; records which peers reached us (inbound evidence)."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        key: bytes,
+        client: PeerClient,
+        view: Callable[[], list[ViewRow]],
+        *,
+        on_inbound: Callable[[str], None] | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._verifier = Verifier(key)
+        self._client = client
+        self._view = view
+        self._on_inbound = on_inbound
+        self._rejects = _RejectLog()
+        self.rejected = 0
+        # Dial-backs make outbound connections: cap them so the API cannot amplify a flood.
+        self._dial_backs = asyncio.Semaphore(8)
+        self._runner: web.AppRunner | None = None
+        self.bound_host: str | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authenticate])
+        app.router.add_post(PATH_PING, self._ping)
+        app.router.add_post(PATH_DIAL_BACK, self._dial_back)
+        app.router.add_post(PATH_VIEW, self._view_handler)
+        return app
+
+    async def start(self) -> None:
+        """Listen on the advertised address and peer port.
+
+        Behind NAT / port mapping the advertised address is not local; then listen on all
+        addresses so a 1:1 port mapping still reaches us (the NAT verdict reports the problem).
+        """
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        port = self._ctx.config.peer.port
+        host = self._ctx.advertise_addr
+        try:
+            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                await self._runner.cleanup()
+                raise
+            log.warning(
+                _log,
+                "advertised address is not local; peer API listens on all addresses",
+                addr=host,
+                port=port,
+            )
+            host = "0.0.0.0"
+            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        self.bound_host = host
+        log.info(_log, "peer API listening", addr=host, port=port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _reject(self, request: web.Request, status: int, reason: str) -> web.Response:
+        self.rejected += 1
+        self._rejects.reject(request.remote, request.path, reason)
+        return web.json_response({"error": reason}, status=status)
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return self._reject(request, 413, f"body over {MAX_BODY_BYTES} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(request, 413, f"body over {MAX_BODY_BYTES} bytes")
+        try:
+            node = self._verifier.verify(request.method, request.path, request.headers, body)
+        except AuthError as exc:
+            return self._reject(request, 401, str(exc))
+        request["peer_node"] = node
+        request["peer_body"] = body
+        try:
+            return await handler(request)
+        except msgspec.DecodeError as exc:
+            return self._reject(request, 400, f"malformed JSON body: {exc}")
+        except msgspec.ValidationError as exc:
+            return self._reject(request, 400, f"invalid body: {exc}")
+
+    async def _ping(self, request: web.Request) -> web.Response:
+        body = msgspec.json.decode(request["peer_body"] or b"{}", type=PingRequest)
+        if self._on_inbound is not None:
+            self._on_inbound(request["peer_node"])
+        reply = PingReply(
+            echo=body.echo[:256],
+            name=self._ctx.node_name,
+            addr=self._ctx.advertise_addr,
+            time=time.time(),
+            seen_from=request.remote or "",
+        )
+        return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
+
+    async def _dial_back(self, request: web.Request) -> web.Response:
+        msgspec.json.decode(request["peer_body"] or b"{}", type=DialBackRequest)
+        caller = request["peer_node"]
+        member = self._ctx.members.get(caller)
+        if member is None or member.name == self._ctx.node_name:
+            return self._reject(request, 403, f"{caller!r} is not a member in our view")
+        if member.tags is None or not member.tags.pp:
+            return self._reject(request, 403, f"{caller!r} announces no peer port")
+        async with self._dial_backs:
+            outcome = await self._client.probe(member.addr, member.tags.pp)
+        reply = DialBackReply(addr=member.addr, port=member.tags.pp, outcome=outcome)
+        return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
+
+    async def _view_handler(self, request: web.Request) -> web.Response:
+        msgspec.json.decode(request["peer_body"] or b"{}", type=PingRequest)
+        reply = ViewReply(
+            name=self._ctx.node_name,
+            addr=self._ctx.advertise_addr,
+            time=time.time(),
+            rows=self._view(),
+        )
+        return web.Response(body=msgspec.json.encode(reply), content_type="application/json")

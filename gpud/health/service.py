@@ -1,0 +1,268 @@
+"""The health component: the peer API server, the probe loop, verdicts and `gpud doctor`."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+from gpud import log, secret
+from gpud.context import MemberStatus, NodeContext
+from gpud.health.doctor import DoctorReport, Problem, nat_problem, pair_problem
+from gpud.health.peer_api import PeerApiServer, PeerClient
+from gpud.health.prober import PeerRecord, Prober, select_targets
+from gpud.health.verdict import (
+    Direction,
+    DirectionState,
+    Endpoint,
+    HealthState,
+    NatVerdict,
+    PairVerdict,
+    Thresholds,
+    detect_nat,
+    judge_node,
+    judge_pair,
+)
+
+_log = log.get("health")
+
+# Probe-interval jitter (fraction either side) so nodes started together do not probe in step.
+JITTER = 0.2
+
+
+class PeerRow(msgspec.Struct):
+    """One direction of one pair. out: us -> peer, in: peer -> us."""
+
+    peer: str
+    addr: str
+    port: int
+    direction: Literal["out", "in"]
+    state: DirectionState
+    rtt_ms: float | None
+    reason: str
+    serf: MemberStatus
+    # What the in direction is judged from: "dial-back" or "inbound probes" ("" for out).
+    source: str = ""
+
+
+class PairRow(msgspec.Struct):
+    peer: str
+    state: HealthState
+    kind: str
+    message: str
+    fix: str
+
+
+class MatrixEdge(msgspec.Struct):
+    """Who reaches whom, from our probes and the views peers shared with us."""
+
+    src: str
+    dst: str
+    state: DirectionState
+    rtt_ms: float | None
+
+
+class HealthStatus(msgspec.Struct):
+    state: HealthState
+    reasons: list[str]
+    behind_nat: bool
+    nat_message: str
+    rounds: int
+    peers: list[PeerRow]
+    pairs: list[PairRow]
+    matrix: list[MatrixEdge]
+
+
+def _network_status(network: Any) -> Any:
+    if network is None:
+        return None
+    status = getattr(network, "status", None)
+    return status() if callable(status) else network()
+
+
+class HealthService:
+    """Component "health". ``network`` is the NetCheck component, or a callable returning its
+    NetworkStatus (or None while unknown); only ``address_is_local`` is read from it."""
+
+    name = "health"
+
+    def __init__(self, ctx: NodeContext, network: Any = None, *, seed: int | None = None) -> None:
+        self._ctx = ctx
+        self._network = network
+        health = ctx.config.health
+        self._thresholds = Thresholds(
+            health.failures_before_critical, health.successes_before_passing
+        )
+        self._key = secret.derive(ctx.config, "peer-api")
+        self._rng = random.Random(seed)
+        self.client = PeerClient(self._key, ctx.node_name, health.timeout_s)
+        self.prober = Prober(self.client, self._thresholds, health.concurrency, health.interval_s)
+        self.server = PeerApiServer(
+            ctx, self._key, self.client, self.prober.view_rows, on_inbound=self.prober.note_inbound
+        )
+        self._status = HealthStatus("unknown", ["not started"], False, "", 0, [], [], [])
+
+    @property
+    def us(self) -> Endpoint:
+        return Endpoint(self._ctx.node_name, self._ctx.advertise_addr, self._ctx.config.peer.port)
+
+    def _address_is_local(self) -> bool | None:
+        status = _network_status(self._network)
+        return None if status is None else bool(status.address_is_local)
+
+    async def run(self) -> None:
+        # Probe from the advertised address when it is ours: that is the path Ray uses.
+        if self._address_is_local() is not False:
+            self.client.source_addr = self._ctx.advertise_addr
+        await self.server.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._probe_loop())
+        finally:
+            await self.server.stop()
+            await self.client.close()
+
+    async def _probe_loop(self) -> None:
+        health = self._ctx.config.health
+        while True:
+            started = time.monotonic()
+            await self.probe_round()
+            delay = health.interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
+            await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
+
+    async def probe_round(self) -> HealthStatus:
+        """One round: probe this round's targets, update verdicts and tags."""
+        health = self._ctx.config.health
+        self.prober.sync(self._ctx.members, self._ctx.node_name)
+        names = list(self.prober.records)
+        head = next(
+            (
+                n
+                for n, r in self.prober.records.items()
+                if r.member.tags and r.member.tags.ray == "head"
+            ),
+            None,
+        )
+        targets = select_targets(
+            self._ctx.node_name,
+            names,
+            head=head,
+            full_mesh_max=health.full_mesh_max,
+            random_peers=health.random_peers,
+            rng=self._rng,
+        )
+        await self.prober.run_round(targets, full_mesh=len(names) + 1 <= health.full_mesh_max)
+        self._status = self._judge()
+        await self._publish(self._status)
+        return self._status
+
+    def _judge(self) -> HealthStatus:
+        us = self.us
+        records = sorted(self.prober.records.items())
+        verdicts = [(name, self._pair(us, r)) for name, r in records]
+        nat = self._nat(us, [(r.out, r.inbound) for _, r in records])
+        state, reasons = judge_node(self.prober.rounds > 0, [v for _, v in verdicts], nat)
+        return HealthStatus(
+            state=state,
+            reasons=reasons,
+            behind_nat=nat.behind_nat,
+            nat_message=nat.message,
+            rounds=self.prober.rounds,
+            peers=[row for _, r in records for row in _rows(r)],
+            pairs=[PairRow(name, v.state, v.kind, v.message, v.fix) for name, v in verdicts],
+            matrix=self._matrix(records),
+        )
+
+    @staticmethod
+    def _pair(us: Endpoint, record: PeerRecord) -> PairVerdict:
+        peer = Endpoint(record.member.name, record.member.addr, record.port)
+        return judge_pair(us, peer, record.member.status, record.out, record.inbound)
+
+    def _nat(self, us: Endpoint, directions: list[tuple[Direction, Direction]]) -> NatVerdict:
+        reached = [inbound for out, inbound in directions if out.state == "passing"]
+        no_way_back = sum(inbound.state == "critical" for inbound in reached)
+        return detect_nat(us, self._address_is_local(), len(reached), no_way_back)
+
+    def _matrix(self, records: list[tuple[str, PeerRecord]]) -> list[MatrixEdge]:
+        edges = {
+            (self._ctx.node_name, name): MatrixEdge(
+                self._ctx.node_name, name, r.out.state, r.last_out.rtt_ms if r.last_out else None
+            )
+            for name, r in records
+        }
+        for name, r in records:
+            for row in r.view.rows if r.view is not None else []:
+                edges.setdefault(
+                    (name, row.peer), MatrixEdge(name, row.peer, row.state, row.rtt_ms)
+                )
+        return [edges[key] for key in sorted(edges)]
+
+    async def _publish(self, status: HealthStatus) -> None:
+        try:
+            await self._ctx.update_tags(hl=status.state, nat=status.behind_nat)
+        except Exception as exc:  # a gossip hiccup must not stop the probe loop
+            log.warning(_log, "could not publish health tags", error=str(exc))
+
+    def status(self) -> HealthStatus:
+        return self._status
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/health", self._get_health)]
+
+    async def _get_health(self, request: web.Request) -> web.Response:
+        return web.Response(body=msgspec.json.encode(self._status), content_type="application/json")
+
+    async def doctor(self) -> DoctorReport:
+        """Probe every peer now (no hysteresis: each result counts) and check the network."""
+        us = self.us
+        health = self._ctx.config.health
+        now = Prober(
+            self.client,
+            Thresholds(1, 1),
+            health.concurrency,
+            health.interval_s,
+            inbound_at=self.prober.inbound_at,
+        )
+        now.sync(self._ctx.members, self._ctx.node_name)
+        names = list(now.records)
+        await now.run_round(names, full_mesh=len(names) + 1 <= health.full_mesh_max)
+        problems: list[Problem] = []
+        nat = self._nat(us, [(r.out, r.inbound) for r in now.records.values()])
+        if nat.behind_nat:
+            problems.append(nat_problem(nat))
+        for name, record in sorted(now.records.items()):
+            problem = pair_problem(name, self._pair(us, record))
+            if problem is not None:
+                problems.append(problem)
+        return DoctorReport.of(self._ctx.node_name, len(names), problems)
+
+
+def _rows(record: PeerRecord) -> list[PeerRow]:
+    m = record.member
+    return [
+        PeerRow(
+            m.name,
+            m.addr,
+            record.port,
+            "out",
+            record.out.state,
+            record.last_out.rtt_ms if record.last_out else None,
+            record.out.reason,
+            m.status,
+        ),
+        PeerRow(
+            m.name,
+            m.addr,
+            record.port,
+            "in",
+            record.inbound.state,
+            record.dial_back.rtt_ms if record.dial_back else None,
+            record.inbound.reason,
+            m.status,
+            record.inbound_source,
+        ),
+    ]

@@ -1,0 +1,196 @@
+"""Pure decisions of the health component: hysteresis per direction, the verdict for each pair
+(us <-> peer) with a reason an operator can act on, NAT detection and the node's own verdict.
+
+No I/O here; the prober feeds in results and the service publishes what comes out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from gpud.context import MemberStatus
+
+DirectionState = Literal["unknown", "passing", "critical"]
+HealthState = Literal["unknown", "passing", "warning", "critical"]
+PairKind = Literal[
+    "unknown",  # not enough results yet
+    "ok",  # both directions pass
+    "out-failing",  # peer reaches us, we cannot reach it
+    "in-failing",  # we reach the peer, it cannot reach us
+    "data-path",  # Serf sees the peer alive but the data path fails both ways
+    "down",  # Serf marks it failed and probes fail
+    "gossip-failing",  # the data path works but Serf marks the peer failed
+]
+
+
+class Thresholds(msgspec.Struct, frozen=True):
+    failures_before_critical: int
+    successes_before_passing: int
+
+
+class Direction(msgspec.Struct, frozen=True):
+    """Hysteresis state of one direction of one pair."""
+
+    state: DirectionState = "unknown"
+    ok_streak: int = 0
+    fail_streak: int = 0
+    # The last failure's cause while the last result was a failure, else "".
+    reason: str = ""
+
+
+def step(direction: Direction, ok: bool, reason: str, thresholds: Thresholds) -> Direction:
+    """Add one probe result. The state changes only when the run of consecutive equal results
+    reaches its threshold, so one lost packet never flips a verdict."""
+    if ok:
+        streak = direction.ok_streak + 1
+        flip = streak >= thresholds.successes_before_passing
+        return Direction(
+            state="passing" if flip else direction.state, ok_streak=streak, fail_streak=0
+        )
+    streak = direction.fail_streak + 1
+    flip = streak >= thresholds.failures_before_critical
+    return Direction(
+        state="critical" if flip else direction.state,
+        ok_streak=0,
+        fail_streak=streak,
+        reason=reason,
+    )
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    name: str
+    addr: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.addr}:{self.port}"
+
+
+class PairVerdict(msgspec.Struct, frozen=True):
+    state: HealthState
+    kind: PairKind
+    message: str
+    # What to do about it ("" when nothing is wrong).
+    fix: str = ""
+
+
+def judge_pair(
+    us: Endpoint, peer: Endpoint, serf: MemberStatus, out: Direction, inbound: Direction
+) -> PairVerdict:
+    """Verdict for one pair from our probes (out), the evidence that the peer reaches us (in)
+    and Serf's status of the peer; the two directions are judged separately.
+
+    A direction counts as cleanly passing only while its latest result passed: a peer that just
+    died still has a passing in-direction for a round or two, and must not look one-way."""
+    name = peer.name
+    out_bad, in_bad = out.state == "critical", inbound.state == "critical"
+    out_ok, in_ok = out.state == "passing", inbound.state == "passing"
+    in_still_ok = in_ok and inbound.fail_streak == 0
+    serf_failed = serf == "failed"
+    if out_bad and not in_still_ok:
+        if serf_failed:
+            return PairVerdict(
+                "critical",
+                "down",
+                f"{name} is down: Serf marks it failed and {peer} does not answer ({out.reason})",
+                f"check that the host {peer.addr} is up and gpud runs on it (systemctl status gpud)",
+            )
+        return PairVerdict(
+            "critical",
+            "data-path",
+            f"Serf sees {name} alive (its gossip port works) but its peer API {peer} does not "
+            f"answer ({out.reason})"
+            + (f", and {name} cannot reach us either ({inbound.reason})" if in_bad else ""),
+            f"a firewall passes gossip but blocks other ports: open TCP {peer.port} and the Ray "
+            f"ports between {us.addr} and {peer.addr}",
+        )
+    if out_bad:
+        return PairVerdict(
+            "warning",
+            "out-failing",
+            f"{peer.addr} reaches us but we cannot reach {peer} ({out.reason}) — a firewall on "
+            f"{peer.addr} or a one-way NAT",
+            f"allow inbound TCP {peer.port} (and the Ray ports) on {peer.addr} from {us.addr}",
+        )
+    if in_bad and out_ok:
+        return PairVerdict(
+            "warning",
+            "in-failing",
+            f"we reach {peer} but {peer.addr} cannot reach us at {us} ({inbound.reason}) — a "
+            f"firewall on this host ({us.addr}) or NAT in front of it",
+            f"allow inbound TCP {us.port} (and the Ray ports) on {us.addr} from {peer.addr}; "
+            "behind NAT use host networking",
+        )
+    if out_ok and in_ok:
+        if serf_failed:
+            return PairVerdict(
+                "warning",
+                "gossip-failing",
+                f"Serf marks {name} failed but its data path answers both ways — its gossip "
+                "port is blocked or it is overloaded",
+                f"allow the Serf port (TCP and UDP) between {us.addr} and {peer.addr}",
+            )
+        return PairVerdict("passing", "ok", f"{name} reachable both ways")
+    return PairVerdict("unknown", "unknown", f"{name}: not enough probe results yet")
+
+
+class NatVerdict(msgspec.Struct, frozen=True):
+    behind_nat: bool
+    message: str = ""
+
+
+RAY_NAT_ADVICE = (
+    "Ray needs host networking (or every port mapped 1:1); this node will not be Ray head"
+)
+
+
+def detect_nat(
+    us: Endpoint, address_is_local: bool | None, reached: int, reached_but_no_way_back: int
+) -> NatVerdict:
+    """Behind NAT / port mapping when the advertised address is not on a local interface, or
+    when at least two peers answer us but none of them can connect back to us.
+
+    One such peer alone is a one-way firewall as likely as NAT; its pair verdict says so.
+    """
+    if address_is_local is False:
+        return NatVerdict(
+            True,
+            f"the advertised address {us.addr} is not on any local interface: this node is "
+            f"behind NAT or port mapping (Docker bridge mode?). {RAY_NAT_ADVICE}",
+        )
+    if reached >= 2 and reached_but_no_way_back == reached:
+        return NatVerdict(
+            True,
+            f"we reach {reached} peers but none of them can connect back to {us}: the "
+            f"advertised address is not reachable from outside (NAT or port mapping). "
+            f"{RAY_NAT_ADVICE}",
+        )
+    return NatVerdict(False)
+
+
+MAX_REASONS = 10
+
+
+def judge_node(
+    probed: bool, pairs: list[PairVerdict], nat: NatVerdict
+) -> tuple[HealthState, list[str]]:
+    """This node's summary: critical behind NAT or when most peers (of at least two) are
+    unreachable; warning when any pair is not passing; reasons name each problem."""
+    reasons = [nat.message] if nat.behind_nat else []
+    problems = [p for p in pairs if p.state in ("warning", "critical")]
+    reasons += [p.message for p in problems[:MAX_REASONS]]
+    if len(problems) > MAX_REASONS:
+        reasons.append(f"and {len(problems) - MAX_REASONS} more peers with problems")
+    critical = sum(p.state == "critical" for p in pairs)
+    judged = sum(p.state != "unknown" for p in pairs)
+    if nat.behind_nat or (judged >= 2 and critical * 2 > judged):
+        return "critical", reasons
+    if problems:
+        return "warning", reasons
+    if not probed:
+        return "unknown", ["no probe round finished yet"]
+    if pairs and judged == 0:
+        return "unknown", ["not enough probe results yet"]
+    return "passing", reasons if pairs else ["no peers to probe"]
