@@ -535,6 +535,10 @@ async def read_host_network(netns: str | None = None) -> HostNetwork:
 
 async def _route_to(ipr: AsyncIPRoute, peer: str, addr: str, host: HostNetwork) -> RouteInfo:
     try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        return RouteInfo(peer=peer, addr=addr, error="not an IP address")
+    try:
         replies = await ipr.route("get", dst=addr)
     except NetlinkError as exc:
         return RouteInfo(peer=peer, addr=addr, error=exc.args[1] if len(exc.args) > 1 else str(exc))
