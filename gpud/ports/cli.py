@@ -1,4 +1,4 @@
-"""`gpud ports` commands (placeholder registration; the ports component fills it in)."""
+"""`gpud ports`: show the block and leases; `gpud ports lease` / `gpud ports release`."""
 
 from __future__ import annotations
 
@@ -7,5 +7,94 @@ from collections.abc import Callable
 from typing import Any
 
 
+def cmd_ports(args: argparse.Namespace) -> int:
+    from gpud.cli import api_get, print_json
+
+    if args.ports_command == "lease":
+        return cmd_lease(args)
+    if args.ports_command == "release":
+        return cmd_release(args)
+    data = api_get(args, "/v1/ports")
+    if args.json:
+        print_json(data)
+        return 0
+    print(data.get("summary", "-"))
+    print(f"reservation: {data.get('reservation')}")
+    for warning in data.get("warnings", []):
+        print(f"warning: {warning}")
+    leases = data.get("leases", [])
+    if leases:
+        print(f"{'ID':<17} {'OWNER':<24} {'PID':>7}  PORTS")
+        for lease in leases:
+            pid = lease.get("pid") or "-"
+            print(
+                f"{lease['id']:<17} {lease['owner']:<24} {pid!s:>7}  {_ports_text(lease['ports'])}"
+            )
+    return 0
+
+
+def cmd_lease(args: argparse.Namespace) -> int:
+    from gpud.cli import api_call, print_json
+
+    body = {
+        "owner": args.owner,
+        "count": args.count,
+        "contiguous": args.contiguous,
+        "pid": args.pid,
+    }
+    lease = api_call(args, "POST", "/v1/ports/leases", body)
+    if args.json:
+        print_json(lease)
+    else:
+        # One line, for scripts: `read -r a b c <<< "$(gpud ports lease ...)"`.
+        print(" ".join(str(p) for p in lease["ports"]))
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from gpud.cli import api_call
+
+    api_call(args, "DELETE", f"/v1/ports/leases/{args.lease_id}")
+    return 0
+
+
+def _ports_text(ports: list[int]) -> str:
+    """Compact "21200-21203,21210" form of a sorted port list."""
+    parts: list[str] = []
+    start = prev = None
+    for port in sorted(ports):
+        if prev is not None and port == prev + 1:
+            prev = port
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = port
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+    return ",".join(parts)
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: options given before the subcommand (`gpud ports --socket S lease`) survive.
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+    parser.add_argument("--socket", default=argparse.SUPPRESS, help="local API socket")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+
 def add_commands(sub: Any, client_command: Callable[..., argparse.ArgumentParser]) -> None:
     """Register `gpud ports ...` on the top-level subparsers."""
+    ports = client_command("ports", "this node's port block and leases", cmd_ports)
+    actions = ports.add_subparsers(dest="ports_command", metavar="ACTION")
+    lease = actions.add_parser(
+        "lease", help="lease ports of this node's block; prints them on one line"
+    )
+    lease.add_argument("--owner", required=True, help="who holds the lease (free text)")
+    lease.add_argument("--count", type=int, required=True, help="number of ports")
+    lease.add_argument("--contiguous", action="store_true", help="consecutive ports")
+    lease.add_argument(
+        "--pid", type=int, default=None, help="owner process: the lease ends when it exits"
+    )
+    _client_options(lease)
+    release = actions.add_parser("release", help="release a lease by its id")
+    release.add_argument("lease_id", metavar="ID")
+    _client_options(release)

@@ -1,0 +1,594 @@
+"""The ports component: claims this node's block, reserves it in the kernel, leases ports.
+
+Lease and release requests go through one queue; a writer task applies a whole batch to the
+in-memory bookkeeping and commits it in one durable SQLite transaction (group commit), then
+answers every request of the batch. So a lease is on disk before anyone sees it, and concurrent
+requests cannot get the same port (one writer decides, and the store's primary key on the port
+would refuse a duplicate anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+
+from gpud import log
+from gpud.context import Member, NodeContext
+from gpud.errors import ApiError
+from gpud.ports import blocks, reserve
+from gpud.ports.leases import (
+    Lease,
+    LeaseRequest,
+    LeaseStore,
+    StoredLease,
+    choose_ports,
+    new_lease_id,
+    owner_alive,
+    process_start,
+)
+
+logger = log.get("ports")
+
+CLAIM_KEY = "claim"
+RESERVED_KEY = "reserved"
+# How often the claim loop looks at membership when nothing wakes it.
+CLAIM_TICK_S = 0.5
+
+ClaimState = Literal["claiming", "confirmed", "exhausted"]
+
+
+class ClaimRecord(msgspec.Struct, kw_only=True):
+    """The persisted claim, with the geometry it was made under (a config change voids it)."""
+
+    blk: int
+    range_start: int
+    range_end: int
+    block_size: int
+
+
+class PortsStatus(msgspec.Struct, kw_only=True):
+    """The `ports` section of gpud status."""
+
+    summary: str
+    state: ClaimState
+    block: int | None
+    # First and last port of the block (inclusive), when there is one.
+    first: int | None
+    last: int | None
+    lease_count: int
+    leased: int
+    free: int
+    # "reserved", "disabled (ports.reserve = false)", "pending" or why it failed.
+    reservation: str
+    warnings: list[str]
+
+
+class PortsDetail(PortsStatus, kw_only=True):
+    """GET /v1/ports: the status plus every lease."""
+
+    leases: list[Lease]
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """One finding for `gpud doctor`."""
+
+    severity: Literal["warning", "critical"]
+    message: str
+    cause: str = ""
+    fix: str = ""
+
+
+@dataclass
+class _Op:
+    """A queued lease (request set) or release (lease_id set)."""
+
+    future: asyncio.Future[Lease | None]
+    request: LeaseRequest | None = None
+    pid_start: int | None = None
+    lease_id: str | None = None
+    reason: str = "released"
+
+
+@dataclass
+class _Batch:
+    added: list[StoredLease] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    results: list[tuple[_Op, Lease | ApiError | None]] = field(default_factory=list)
+
+
+def _bind_ok(family: socket.AddressFamily, kind: socket.SocketKind, addr: str, port: int) -> bool:
+    sock = socket.socket(family, kind)
+    try:
+        sock.bind((addr, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+class PortsService:
+    name = "ports"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config.ports
+        self._n_blocks = blocks.block_count(self.cfg)
+        self._store = LeaseStore(ctx.config.state_dir / "ports.db")
+        self._leases: dict[str, StoredLease] = {s.lease.id: s for s in self._store.load()}
+        self._used: set[int] = {p for s in self._leases.values() for p in s.lease.ports}
+        self._claim = self._load_claim()
+        self._state: ClaimState = "claiming"
+        self._confirmed = asyncio.Event()
+        self._reserved: list[reserve.PortRange] = [
+            tuple(r)  # type: ignore[misc]
+            for r in msgspec.json.decode(self._store.get_meta(RESERVED_KEY) or b"[]")
+        ]
+        self._reservation = "pending" if self.cfg.reserve else "disabled (ports.reserve = false)"
+        self._pending: list[_Op] = []
+        self._wake_writer = asyncio.Event()
+        self._wake_claim = asyncio.Event()
+        self._cursor = 0
+        self._dead_since: dict[str, float] = {}
+        self._bind_checks = self._bind_checks_for(ctx.advertise_addr)
+        self._warnings = self._config_warnings()
+
+    # ---- in-process API -------------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Wait until this node's block is confirmed."""
+        await self._confirmed.wait()
+
+    async def lease(
+        self, owner: str, count: int, *, contiguous: bool = False, pid: int | None = None
+    ) -> Lease:
+        """Lease ``count`` ports of this node's block; durable when this returns."""
+        try:
+            request = msgspec.convert(
+                {"owner": owner, "count": count, "contiguous": contiguous, "pid": pid},
+                LeaseRequest,
+            )
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"bad lease request: {exc}") from None
+        return await self._lease(request)
+
+    async def release(self, lease_id: str) -> None:
+        if lease_id not in self._leases:
+            raise ApiError(404, f"no lease with id {lease_id!r}")
+        await self._submit(_Op(future=self._future(), lease_id=lease_id))
+
+    def leases(self) -> list[Lease]:
+        return [s.lease for s in self._leases.values()]
+
+    def block_range(self) -> range | None:
+        if self._claim is None or self._state == "exhausted":
+            return None
+        return blocks.block_range(self.cfg, self._claim.blk)
+
+    async def run(self) -> None:
+        self.ctx.on_members_changed(lambda _members: self._wake_claim.set())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._writer())
+                tg.create_task(self._claim_loop())
+                tg.create_task(self._zombie_loop())
+        finally:
+            self._store.close()
+
+    def status(self) -> PortsStatus:
+        return PortsStatus(**self._status_fields())
+
+    def problems(self) -> list[Problem]:
+        """Findings for `gpud doctor`."""
+        found = [
+            Problem(
+                severity="warning",
+                message=w,
+                fix="move ports.range_start/range_end below net.ipv4.ip_local_port_range",
+            )
+            for w in self._warnings
+        ]
+        if self._reservation not in ("reserved", "pending") and self.cfg.reserve:
+            found.append(
+                Problem(
+                    severity="warning",
+                    message=f"port block not reserved in the kernel: {self._reservation}",
+                    cause="the kernel may hand ports of the block to outbound connections",
+                    fix="run gpud as root with a writable /proc/sys/net, or reserve the block "
+                    "with `sysctl net.ipv4.ip_local_reserved_ports`",
+                )
+            )
+        if self._state == "exhausted":
+            found.append(
+                Problem(
+                    severity="critical",
+                    message=f"no free port block: all {self._n_blocks} blocks are claimed by "
+                    f"nodes on {self.ctx.advertise_addr}",
+                    fix="widen ports.range_start/range_end or lower ports.block_size",
+                )
+            )
+        return found
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/ports", _api(self._get_ports)),
+            web.get("/v1/ports/leases", _api(self._get_leases)),
+            web.post("/v1/ports/leases", _api(self._post_lease)),
+            web.delete("/v1/ports/leases/{id}", _api(self._delete_lease)),
+        ]
+
+    # ---- HTTP handlers ---------------------------------------------------------------------
+
+    async def _get_ports(self, request: web.Request) -> web.Response:
+        detail = PortsDetail(**self._status_fields(), leases=self.leases())
+        return _json(detail)
+
+    async def _get_leases(self, request: web.Request) -> web.Response:
+        return _json(self.leases())
+
+    async def _post_lease(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            lease_request = msgspec.json.decode(body, type=LeaseRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ApiError(400, f"bad lease request: {exc}") from None
+        return _json(await self._lease(lease_request), status=201)
+
+    async def _delete_lease(self, request: web.Request) -> web.Response:
+        await self.release(request.match_info["id"])
+        return web.Response(status=204)
+
+    # ---- leases ----------------------------------------------------------------------------
+
+    def _future(self) -> asyncio.Future[Lease | None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _lease(self, request: LeaseRequest) -> Lease:
+        if not self._confirmed.is_set():
+            where = f"block {self._claim.blk}" if self._claim else "a block"
+            raise ApiError(
+                503,
+                f"port block not confirmed yet (claiming {where}; state {self._state}); retry "
+                "once gossip has settled",
+            )
+        if request.count > self.cfg.block_size:
+            raise ApiError(
+                400, f"count {request.count} exceeds the block size ({self.cfg.block_size})"
+            )
+        pid_start = None
+        if request.pid is not None:
+            pid_start = process_start(request.pid)
+            if pid_start is None:
+                raise ApiError(400, f"pid {request.pid} is not a running process")
+        lease = await self._submit(_Op(future=self._future(), request=request, pid_start=pid_start))
+        assert lease is not None
+        return lease
+
+    async def _submit(self, op: _Op) -> Lease | None:
+        self._pending.append(op)
+        self._wake_writer.set()
+        return await op.future
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            ops, self._pending = self._pending, []
+            batch = _Batch()
+            for op in ops:
+                batch.results.append((op, self._apply(op, batch)))
+            try:
+                if batch.added or batch.removed:
+                    await asyncio.to_thread(self._store.commit, batch.added, batch.removed)
+            except Exception as exc:
+                log.error(logger, "lease store commit failed", error=exc)
+                # Back to what is on disk; nothing of this batch happened.
+                self._leases = {s.lease.id: s for s in self._store.load()}
+                self._used = {p for s in self._leases.values() for p in s.lease.ports}
+                failure = ApiError(500, f"lease store write failed: {exc}")
+                batch.results = [(op, failure) for op, _ in batch.results]
+            else:
+                for lease_id in batch.removed:
+                    self._leases.pop(lease_id, None)
+                    self._dead_since.pop(lease_id, None)
+                for item in batch.added:
+                    self._leases[item.lease.id] = item
+            for op, result in batch.results:
+                if op.future.done():
+                    continue
+                if isinstance(result, ApiError):
+                    op.future.set_exception(result)
+                else:
+                    op.future.set_result(result)
+
+    def _apply(self, op: _Op, batch: _Batch) -> Lease | ApiError | None:
+        """Apply one op to the in-memory bookkeeping; the batch's commit makes it real."""
+        if op.request is None:
+            item = self._leases.get(op.lease_id or "")
+            if item is None or op.lease_id in batch.removed:
+                return ApiError(404, f"no lease with id {op.lease_id!r}")
+            self._used.difference_update(item.lease.ports)
+            batch.removed.append(item.lease.id)
+            log.info(
+                logger,
+                "lease " + op.reason,
+                id=item.lease.id,
+                owner=item.lease.owner,
+                ports=len(item.lease.ports),
+            )
+            return None
+        block = self.block_range()
+        if block is None:
+            return ApiError(503, "this node holds no port block")
+        request = op.request
+        ports = choose_ports(
+            block, self._used, request.count, request.contiguous, self._port_free, self._cursor
+        )
+        if ports is None:
+            kind = "contiguous " if request.contiguous else ""
+            return ApiError(
+                409,
+                f"cannot lease {request.count} {kind}ports: block {self._claim.blk if self._claim else '?'} "
+                f"has {len(block) - len(self._used & set(block))} unleased ports, some may be "
+                "bound by other processes",
+            )
+        self._cursor = (ports[-1] - block.start + 1) % len(block)
+        self._used.update(ports)
+        lease = Lease(
+            id=new_lease_id(),
+            owner=request.owner,
+            ports=ports,
+            pid=request.pid,
+            created=time.time(),
+        )
+        batch.added.append(StoredLease(lease=lease, pid_start=op.pid_start))
+        return lease
+
+    def _bind_checks_for(
+        self, addr: str
+    ) -> list[tuple[socket.AddressFamily, socket.SocketKind, str]]:
+        """Binds a port must pass: TCP on the advertised address, TCP and UDP on the wildcard."""
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        checks = [(family, socket.SOCK_STREAM, wildcard), (family, socket.SOCK_DGRAM, wildcard)]
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.bind((addr, 0))
+            checks.insert(0, (family, socket.SOCK_STREAM, addr))
+        except OSError as exc:
+            # Port-mapped container: the advertised address is the host's, not ours.
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+        finally:
+            probe.close()
+        return checks
+
+    def _port_free(self, port: int) -> bool:
+        return all(_bind_ok(fam, kind, addr, port) for fam, kind, addr in self._bind_checks)
+
+    async def _zombie_loop(self) -> None:
+        interval = min(max(self.cfg.zombie_grace_s / 2, 0.2), 5.0)
+        while True:
+            now = time.monotonic()
+            for item in list(self._leases.values()):
+                lease = item.lease
+                if lease.pid is None or owner_alive(lease.pid, item.pid_start):
+                    self._dead_since.pop(lease.id, None)
+                    continue
+                since = self._dead_since.setdefault(lease.id, now)
+                if now - since >= self.cfg.zombie_grace_s:
+                    self._dead_since.pop(lease.id, None)
+                    op = _Op(
+                        future=self._future(),
+                        lease_id=lease.id,
+                        reason=f"reclaimed (owner pid {lease.pid} is gone)",
+                    )
+                    self._pending.append(op)
+                    self._wake_writer.set()
+                    # Its outcome is logged by the writer; a concurrent release is fine too.
+                    op.future.add_done_callback(lambda f: f.exception())
+            await asyncio.sleep(interval)
+
+    # ---- block claim -----------------------------------------------------------------------
+
+    def _load_claim(self) -> blocks.Claim | None:
+        raw = self._store.get_meta(CLAIM_KEY)
+        if raw is None:
+            return None
+        record = msgspec.json.decode(raw, type=ClaimRecord)
+        geometry = (self.cfg.range_start, self.cfg.range_end, self.cfg.block_size)
+        if (record.range_start, record.range_end, record.block_size) != geometry:
+            log.warning(
+                logger,
+                "ports range changed in the config: the old block claim is void",
+                blk=record.blk,
+            )
+            return None
+        return blocks.Claim(blk=record.blk, confirmed=True)
+
+    def _views(self) -> list[blocks.ClaimView]:
+        return [_view(m) for m in self.ctx.members.values()]
+
+    async def _claim_loop(self) -> None:
+        settled_since = time.monotonic()
+        me, addr = self.ctx.node_name, self.ctx.advertise_addr
+        if self._claim is not None:
+            await self.ctx.update_tags(blk=self._claim.blk, bc=True)
+        while True:
+            now = time.monotonic()
+            views = self._views()
+            blk = blocks.decide(me, addr, self._claim, views, self._n_blocks)
+            if blk is None:
+                if self._state != "exhausted":
+                    log.error(logger, "no free port block", blocks=self._n_blocks, addr=addr)
+                await self._drop_claim()
+                self._state = "exhausted"
+            elif self._claim is None or blk != self._claim.blk:
+                await self._drop_claim()
+                self._claim = blocks.Claim(blk=blk)
+                self._state = "claiming"
+                settled_since = now
+                log.info(logger, "claiming port block", blk=blk)
+                await self.ctx.update_tags(blk=blk, bc=False)
+            elif blocks.contested(me, addr, blk, views, self._n_blocks):
+                settled_since = now
+            elif not self._confirmed.is_set() and now - settled_since >= self.cfg.settle_s:
+                await self._confirm(blk)
+            self._wake_claim.clear()
+            try:
+                await asyncio.wait_for(self._wake_claim.wait(), CLAIM_TICK_S)
+            except TimeoutError:
+                pass
+
+    async def _confirm(self, blk: int) -> None:
+        record = ClaimRecord(
+            blk=blk,
+            range_start=self.cfg.range_start,
+            range_end=self.cfg.range_end,
+            block_size=self.cfg.block_size,
+        )
+        await asyncio.to_thread(self._store.set_meta, CLAIM_KEY, msgspec.json.encode(record))
+        self._claim = blocks.Claim(blk=blk, confirmed=True)
+        await self.ctx.update_tags(blk=blk, bc=True)
+        if self.cfg.reserve:
+            await asyncio.to_thread(self._reserve, blk)
+        self._state = "confirmed"
+        self._confirmed.set()
+        rng = blocks.block_range(self.cfg, blk)
+        log.info(
+            logger,
+            "port block confirmed",
+            blk=blk,
+            first=rng.start,
+            last=rng.stop - 1,
+            reservation=self._reservation,
+        )
+
+    async def _drop_claim(self) -> None:
+        """Give up the current claim (lost a conflict, or no block left)."""
+        if self._claim is None:
+            return
+        if self._claim.confirmed:
+            log.error(
+                logger,
+                "lost a confirmed port block to another node on this address; "
+                "leases in it stay until released",
+                blk=self._claim.blk,
+            )
+            await asyncio.to_thread(self._store.set_meta, CLAIM_KEY, None)
+        if self._reserved:
+            error = await asyncio.to_thread(reserve.unreserve, self._reserved)
+            if error is None:
+                await self._save_reserved([])
+        self._claim = None
+        self._confirmed.clear()
+        await self.ctx.update_tags(blk=blocks.NO_BLOCK, bc=False)
+
+    def _reserve(self, blk: int) -> None:
+        rng = blocks.block_range(self.cfg, blk)
+        result = reserve.reserve((rng.start, rng.stop - 1))
+        if result.error is not None:
+            self._reservation = result.error
+            log.warning(logger, "cannot reserve the port block", error=result.error)
+            return
+        self._reservation = "reserved"
+        if result.added:
+            self._reserved = reserve.merge([*self._reserved, *result.added])
+            self._store.set_meta(RESERVED_KEY, msgspec.json.encode(self._reserved))
+
+    async def _save_reserved(self, ranges: list[reserve.PortRange]) -> None:
+        self._reserved = ranges
+        await asyncio.to_thread(self._store.set_meta, RESERVED_KEY, msgspec.json.encode(ranges))
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def _config_warnings(self) -> list[str]:
+        ephemeral = reserve.ephemeral_range()
+        space = (self.cfg.range_start, self.cfg.range_end - 1)
+        if ephemeral is None or reserve.overlap(space, ephemeral) is None:
+            return []
+        lo, hi = reserve.overlap(space, ephemeral)  # type: ignore[misc]
+        return [
+            f"ports range {space[0]}-{space[1]} overlaps the kernel's ephemeral range "
+            f"{ephemeral[0]}-{ephemeral[1]} (net.ipv4.ip_local_port_range) at {lo}-{hi}: "
+            "outbound connections may take those ports unless the block is reserved"
+        ]
+
+    def _status_fields(self) -> dict[str, object]:
+        block = self.block_range()
+        leased = len(self._used & set(block)) if block is not None else 0
+        free = len(block) - leased if block is not None else 0
+        if block is None:
+            summary = (
+                f"no free block among {self._n_blocks} on {self.ctx.advertise_addr}"
+                if self._state == "exhausted"
+                else "claiming a block"
+            )
+        else:
+            summary = (
+                f"block {self._claim.blk if self._claim else '?'} ({block.start}-{block.stop - 1}) "
+                f"{self._state}, {leased} leased, {free} free"
+            )
+        if self.cfg.reserve and self._reservation not in ("reserved", "pending"):
+            summary += ", not reserved in the kernel"
+        return {
+            "summary": summary,
+            "state": self._state,
+            "block": self._claim.blk if block is not None and self._claim else None,
+            "first": block.start if block is not None else None,
+            "last": block.stop - 1 if block is not None else None,
+            "lease_count": len(self._leases),
+            "leased": leased,
+            "free": free,
+            "reservation": self._reservation,
+            "warnings": list(self._warnings),
+        }
+
+
+def _view(member: Member) -> blocks.ClaimView:
+    tags = member.tags
+    return blocks.ClaimView(
+        name=member.name,
+        addr=member.addr,
+        status=member.status,
+        blk=tags.blk if tags is not None else blocks.NO_BLOCK,
+        confirmed=bool(tags.bc) if tags is not None else False,
+    )
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
+
+
+def _api(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Answer ApiError with its JSON error body here, whether or not the API has a middleware."""
+
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _json({"error": exc.message}, status=exc.status)
+
+    return wrapped
+
+
+async def serve_unix(service: PortsService, path: str) -> web.AppRunner:
+    """Serve only the ports routes on a Unix socket (standalone use, tests and bench)."""
+    app = web.Application()
+    app.add_routes(service.routes())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    return runner
