@@ -226,3 +226,10 @@ async def test_watch_fixed_address_removal_and_return_and_member_refresh(pair: P
         pair.a_ip("addr", "add", "10.77.30.1/24", "dev", "va")
         assert await wait_for_call(calls) == ("10.77.30.1", "10.77.30.1")
         assert check.status().problems == []
+
+
+async def test_resolve_and_interface_for_work_inside_a_running_event_loop(pair: Pair) -> None:
+    # The agent calls these from its event loop; pyroute2's sync API cannot run there.
+    pair.a_ip("addr", "add", "10.77.40.1/24", "dev", "va")
+    assert resolve_advertise(config(), pair.a) == ("10.77.40.1", "va")
+    assert interface_for("10.77.40.1", pair.a) == "va"
