@@ -1,0 +1,93 @@
+"""Real `serf agent` processes for tests: loopback only, unique ports, own process group."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import socket
+from pathlib import Path
+
+from gpud.process import ChildProcess
+from gpud.serf.rpc import SerfConnectionError, SerfRPC
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP on ``host`` (Serf gossips over both)."""
+    for _ in range(200):
+        port = random.randint(40000, 59000)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.bind((host, port))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+class RawSerf:
+    """One bare `serf agent` configured by a JSON file, with rpc_auth."""
+
+    def __init__(
+        self, workdir: Path, name: str, *, ip: str = "127.0.0.1", tags: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.ip = ip
+        self.bind_port = free_port(ip)
+        self.rpc_port = free_port("127.0.0.1")
+        self.token = secrets.token_hex(16)
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "node_name": name,
+            "bind": f"{ip}:{self.bind_port}",
+            "rpc_addr": f"127.0.0.1:{self.rpc_port}",
+            "rpc_auth": self.token,
+            "tags": tags or {},
+            "log_level": "warn",
+        }
+        self.config_file = self.dir / "serf.json"
+        self.config_file.write_text(json.dumps(config))
+        self.child = ChildProcess(
+            f"test-serf-{name}", ["serf", "agent", "-config-file", str(self.config_file)]
+        )
+
+    @property
+    def gossip_addr(self) -> str:
+        return f"{self.ip}:{self.bind_port}"
+
+    async def start(self) -> None:
+        await self.child.start()
+
+    async def connect(self, deadline_s: float = 10.0) -> SerfRPC:
+        """Connect (retrying while the agent starts up)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while True:
+            try:
+                return await SerfRPC.connect("127.0.0.1", self.rpc_port, self.token)
+            except SerfConnectionError:
+                if loop.time() > end or self.child.returncode is not None:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        await self.child.stop(grace_s=2.0)
+
+
+async def wait_until(predicate, timeout_s: float, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll an async or sync predicate until truthy; returns its value or raises TimeoutError."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > end:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
