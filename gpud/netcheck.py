@@ -633,7 +633,7 @@ class NetCheck:
         self._routes: list[RouteInfo] = []
         self._status = NetworkStatus(
             advertise=ctx.advertise_addr,
-            chosen_by="config" if not self._auto else "default-route",
+            chosen_by=chosen_by_config(ctx.config.node, self._host),
             interface="",
             mtu=None,
             address_is_local=None,
@@ -660,13 +660,15 @@ class NetCheck:
     async def _watch_forever(self) -> None:
         backoff = 0.5
         while True:
+            started = time.monotonic()
             try:
                 await self._watch()
             except (OSError, NetlinkError) as exc:
                 # ENOBUFS: events overflowed the socket; a fresh socket and snapshot recover.
                 log.warning(logger, "netlink watch failed, reopening", error=str(exc))
+                # Back off only while failures come in quick succession.
+                backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, 10.0)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
 
     async def _watch(self) -> None:
         # Subscribe before the first snapshot so that no change slips in between.

@@ -11,12 +11,22 @@ import os
 import subprocess
 from collections.abc import Iterator
 
+import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from gpud.config import Config, NodeConfig
 from gpud.context import Member, NodeContext
 from gpud.errors import GpudError
-from gpud.netcheck import NetCheck, check_now, interface_for, read_host_network, resolve_advertise
+from gpud.netcheck import (
+    NetCheck,
+    NetworkStatus,
+    check_now,
+    interface_for,
+    read_host_network,
+    resolve_advertise,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 
@@ -226,6 +236,16 @@ async def test_watch_fixed_address_removal_and_return_and_member_refresh(pair: P
         pair.a_ip("addr", "add", "10.77.30.1/24", "dev", "va")
         assert await wait_for_call(calls) == ("10.77.30.1", "10.77.30.1")
         assert check.status().problems == []
+
+        app = web.Application()
+        app.add_routes(check.routes())
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get("/v1/network")
+            assert response.status == 200
+            body = msgspec.json.decode(await response.read(), type=NetworkStatus)
+        # A late netlink event may re-run the check in between; only checked_at would differ.
+        unstamped = msgspec.structs.replace(check.status(), checked_at=body.checked_at)
+        assert body == unstamped
 
 
 async def test_resolve_and_interface_for_work_inside_a_running_event_loop(pair: Pair) -> None:
