@@ -34,6 +34,8 @@ DirectionState = Literal["unknown", "passing", "critical"]
 
 _log = log.get("health")
 _Reply = TypeVar("_Reply")
+_PEER_NODE = web.RequestKey("peer_node", str)
+_PEER_BODY = web.RequestKey("peer_body", bytes)
 
 
 class PingRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -191,22 +193,33 @@ class PeerClient:
         return self._session
 
     async def _call(
-        self, addr: str, port: int, path: str, body: msgspec.Struct, reply: type[_Reply]
+        self,
+        addr: str,
+        port: int,
+        path: str,
+        body: msgspec.Struct,
+        reply: type[_Reply],
+        *,
+        timeout_s: float | None = None,
     ) -> _Reply:
+        timeout_s = timeout_s or self.timeout_s
         raw = msgspec.json.encode(body)
         headers = sign(self._key, self._node, "POST", path, raw)
         headers["Content-Type"] = "application/json"
         host = f"[{addr}]" if ":" in addr else addr
         try:
             async with self._client().post(
-                f"http://{host}:{port}{path}", data=raw, headers=headers
+                f"http://{host}:{port}{path}",
+                data=raw,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 data = await resp.read()
                 if resp.status != 200:
                     reason = data[:200].decode(errors="replace")
                     raise PeerCallError(f"HTTP {resp.status} from {addr}:{port}: {reason}")
         except TimeoutError:
-            raise PeerCallError(f"no answer within {self.timeout_s:g} s") from None
+            raise PeerCallError(f"no answer within {timeout_s:g} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise PeerCallError(_describe_os_error(exc.os_error)) from None
         except aiohttp.ClientError as exc:
@@ -220,7 +233,16 @@ class PeerClient:
         return await self._call(addr, port, PATH_PING, PingRequest(echo=echo), PingReply)
 
     async def dial_back(self, addr: str, port: int) -> DialBackReply:
-        return await self._call(addr, port, PATH_DIAL_BACK, DialBackRequest(), DialBackReply)
+        # The peer runs a whole probe (TCP connect + ping, each up to timeout_s) before it
+        # answers: wait for that, or a failed dial-back would look like no answer at all.
+        return await self._call(
+            addr,
+            port,
+            PATH_DIAL_BACK,
+            DialBackRequest(),
+            DialBackReply,
+            timeout_s=3 * self.timeout_s,
+        )
 
     async def view(self, addr: str, port: int) -> ViewReply:
         return await self._call(addr, port, PATH_VIEW, PingRequest(), ViewReply)
@@ -320,8 +342,8 @@ class PeerApiServer:
             node = self._verifier.verify(request.method, request.path, request.headers, body)
         except AuthError as exc:
             return self._reject(request, 401, str(exc))
-        request["peer_node"] = node
-        request["peer_body"] = body
+        request[_PEER_NODE] = node
+        request[_PEER_BODY] = body
         try:
             return await handler(request)
         except msgspec.DecodeError as exc:
@@ -330,9 +352,9 @@ class PeerApiServer:
             return self._reject(request, 400, f"invalid body: {exc}")
 
     async def _ping(self, request: web.Request) -> web.Response:
-        body = msgspec.json.decode(request["peer_body"] or b"{}", type=PingRequest)
+        body = msgspec.json.decode(request[_PEER_BODY] or b"{}", type=PingRequest)
         if self._on_inbound is not None:
-            self._on_inbound(request["peer_node"])
+            self._on_inbound(request[_PEER_NODE])
         reply = PingReply(
             echo=body.echo[:256],
             name=self._ctx.node_name,
@@ -343,8 +365,8 @@ class PeerApiServer:
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 
     async def _dial_back(self, request: web.Request) -> web.Response:
-        msgspec.json.decode(request["peer_body"] or b"{}", type=DialBackRequest)
-        caller = request["peer_node"]
+        msgspec.json.decode(request[_PEER_BODY] or b"{}", type=DialBackRequest)
+        caller = request[_PEER_NODE]
         member = self._ctx.members.get(caller)
         if member is None or member.name == self._ctx.node_name:
             return self._reject(request, 403, f"{caller!r} is not a member in our view")
@@ -356,7 +378,7 @@ class PeerApiServer:
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 
     async def _view_handler(self, request: web.Request) -> web.Response:
-        msgspec.json.decode(request["peer_body"] or b"{}", type=PingRequest)
+        msgspec.json.decode(request[_PEER_BODY] or b"{}", type=PingRequest)
         reply = ViewReply(
             name=self._ctx.node_name,
             addr=self._ctx.advertise_addr,
