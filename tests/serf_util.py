@@ -9,6 +9,7 @@ import secrets
 import socket
 from pathlib import Path
 
+from gpud.config import Config, parse
 from gpud.process import ChildProcess
 from gpud.serf.rpc import SerfConnectionError, SerfRPC
 
@@ -91,3 +92,39 @@ async def wait_until(predicate, timeout_s: float, interval_s: float = 0.1):  # t
         if loop.time() > end:
             raise TimeoutError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+def node_config(
+    tmp: Path,
+    name: str,
+    *,
+    retry_join: list[str] | None = None,
+    binary: str = "serf",
+    ip: str = "127.0.0.1",
+) -> Config:
+    """A gpud Config for one test node: own state dir, free ports (checked on all addresses
+    so the node can be re-advertised on another loopback address)."""
+    ports = {free_port("0.0.0.0") for _ in range(3)}
+    while len(ports) < 3:
+        ports.add(free_port("0.0.0.0"))
+    bind_port, rpc_port, peer_port = sorted(ports)
+    joins = json.dumps(retry_join or [])
+    return parse(
+        f"""
+        log_level = "warning"
+        [node]
+        name = "{name}"
+        advertise = "{ip}"
+        [paths]
+        state_dir = "{tmp / name}"
+        [serf]
+        binary = "{binary}"
+        bind_port = {bind_port}
+        rpc_port = {rpc_port}
+        retry_join = {joins}
+        retry_interval_s = 0.5
+        leave_timeout_s = 3
+        [peer]
+        port = {peer_port}
+        """
+    )

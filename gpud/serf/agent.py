@@ -1,0 +1,362 @@
+"""The `serf agent` child: its generated configuration, its supervision, its RPC connection.
+
+gpud writes Serf's JSON configuration itself (0600: it holds a fresh RPC token every start
+and points at the gossip keyring), starts `serf agent` in its own process group under a
+Supervisor, and keeps one authenticated RPC connection to it, reconnecting whenever the
+connection breaks while serf lives. Other components use ``rpc`` once ``ready`` is set, and
+``query``/``on_query`` for cluster-wide questions (the Ray election votes over them).
+
+Serf's query events do not say who asked, so ``query`` wraps the payload in a small msgpack
+envelope ``[sender node name, payload]`` and handlers get the sender's name back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import msgspec
+from aiohttp import web
+
+from gpud import log
+from gpud.config import Config
+from gpud.context import NodeContext
+from gpud.errors import ConfigError
+from gpud.process import ChildProcess, Supervisor, SupervisorStatus
+from gpud.secret import cluster_key
+from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
+from gpud.tags import Tags, encode
+
+QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
+
+# How long a fresh serf may take before its RPC port answers.
+RPC_CONNECT_DEADLINE_S = 20.0
+# How often the member count in status() is refreshed (also a liveness check of the RPC).
+MEMBER_COUNT_INTERVAL_S = 5.0
+_SERF_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "err"}
+
+
+class SerfStatus(msgspec.Struct, kw_only=True):
+    supervisor: SupervisorStatus
+    rpc_connected: bool
+    # Members Serf knows (any status), as of the last refresh; None before the first.
+    members: int | None
+    last_error: str | None
+    config_file: str
+
+
+def serf_config(
+    config: Config,
+    *,
+    node_name: str,
+    advertise_addr: str,
+    tags: Tags,
+    rpc_auth: str,
+    keyring_file: str | None,
+    snapshot_path: str,
+) -> dict[str, Any]:
+    """Serf's JSON configuration for one start (pure)."""
+    serf = config.serf
+    gossip = f"{advertise_addr}:{serf.bind_port}"
+    result: dict[str, Any] = {
+        "node_name": node_name,
+        "bind": gossip,
+        "advertise": gossip,
+        "rpc_addr": f"127.0.0.1:{serf.rpc_port}",
+        "rpc_auth": rpc_auth,
+        "tags": encode(tags),
+        "log_level": _SERF_LOG_LEVELS[config.log_level],
+        "snapshot_path": snapshot_path,
+        # After our own graceful leave a restarted gpud should still rejoin from the snapshot.
+        "rejoin_after_leave": True,
+        "retry_join": list(serf.retry_join),
+        "retry_interval": f"{serf.retry_interval_s}s",
+        # gpud leaves gracefully over RPC on SIGTERM; a signal to serf is never a leave.
+        "leave_on_terminate": False,
+        "skip_leave_on_interrupt": True,
+        # Failed nodes are retried for a working day, left nodes dropped after an hour.
+        "reconnect_timeout": "8h",
+        "tombstone_timeout": "1h",
+    }
+    if keyring_file is not None:
+        result["keyring_file"] = keyring_file
+    return result
+
+
+def default_query_timeout_s(members: int, gossip_interval_s: float = 0.2) -> float:
+    """Serf's default: GossipInterval * 16 * ceil(log10(n+1)) (LAN gossip interval 200 ms)."""
+    return gossip_interval_s * 16 * max(1, math.ceil(math.log10(members + 1)))
+
+
+def write_private(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` atomically, readable by the owner only (0600)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def wrap_query(sender: str, payload: bytes) -> bytes:
+    return msgpack.packb([sender, payload], use_bin_type=True)
+
+
+def unwrap_query(data: bytes) -> tuple[str, bytes]:
+    """(sender, payload); a query not sent by gpud comes back as ("", data)."""
+    with contextlib.suppress(ValueError, msgpack.UnpackException):
+        sender, payload = msgpack.unpackb(data, raw=False)
+        if isinstance(sender, str) and isinstance(payload, bytes):
+            return sender, payload
+    return "", data
+
+
+class SerfAgent:
+    """Component "serf": the supervised `serf agent` and the RPC connection to it."""
+
+    name = "serf"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.dir = ctx.config.state_dir / "serf"
+        self.config_file = self.dir / "serf.json"
+        self.token_file = self.dir / "rpc_auth"
+        self.keyring_file = self.dir / "keyring.json"
+        self.ready = asyncio.Event()
+        self.rpc: SerfRPC | None = None
+        self.supervisor = Supervisor("serf", self._make_child)
+        self._token: str | None = None
+        self._handlers: dict[str, QueryHandler] = {}
+        self._published: dict[str, str] = {}
+        self._members: int | None = None
+        self._last_error: str | None = None
+        self._supervisor_task: asyncio.Task[None] | None = None
+        self._leaving = False
+        self._log = log.get("serf")
+        ctx.set_tag_publisher(self.publish_tags)
+
+    # -- the child
+
+    async def _make_child(self) -> ChildProcess:
+        if self._leaving:
+            raise ValueError("not restarting serf: this node has left the cluster")
+        binary = self.ctx.config.serf.binary
+        path = shutil.which(binary)
+        if path is None:
+            raise FileNotFoundError(
+                f"serf executable {binary!r} not found (install the `serf` package "
+                "or set serf.binary)"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._token = secrets.token_urlsafe(32)
+        try:
+            key = cluster_key(self.ctx.config)
+        except ConfigError as exc:  # the Supervisor reports it and retries with backoff
+            raise ValueError(str(exc)) from None
+        if key is not None:
+            write_private(self.keyring_file, json.dumps([base64.b64encode(key).decode()]))
+        elif self.keyring_file.exists():
+            self.keyring_file.unlink()
+        config = serf_config(
+            self.ctx.config,
+            node_name=self.ctx.node_name,
+            advertise_addr=self.ctx.advertise_addr,
+            tags=self.ctx.tags,
+            rpc_auth=self._token,
+            keyring_file=str(self.keyring_file) if key is not None else None,
+            snapshot_path=str(self.dir / "snapshot"),
+        )
+        self._published = dict(config["tags"])
+        write_private(self.config_file, json.dumps(config, indent=2))
+        write_private(self.token_file, self._token + "\n")
+        return ChildProcess("serf", [path, "agent", "-config-file", str(self.config_file)])
+
+    # -- running
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._supervisor_task = tg.create_task(self.supervisor.run())
+            tg.create_task(self._keep_connected())
+
+    async def _keep_connected(self) -> None:
+        while True:
+            child = await self._running_child()
+            try:
+                rpc = await self._connect(child)
+            except (SerfConnectionError, SerfRPCError) as exc:
+                self._last_error = str(exc)
+                log.error(self._log, "serf RPC unreachable", error=str(exc))
+                await self._wait_gone(child, None)
+                continue
+            self.rpc = rpc
+            self._last_error = None
+            try:
+                # Tags published while the connection was down reach serf now.
+                await self._send_tags(rpc, encode(self.ctx.tags))
+                self.ready.set()
+                log.info(self._log, "serf RPC connected", pid=child.pid)
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(self._answer_queries(rpc)),
+                        tg.create_task(self._count_members(rpc)),
+                    ]
+                    await self._wait_gone(child, rpc)
+                    for task in tasks:
+                        task.cancel()
+            except* (SerfConnectionError, SerfRPCError) as group:
+                self._last_error = str(group.exceptions[0])
+            finally:
+                self.ready.clear()
+                self.rpc = None
+                await rpc.close()
+            if child is self.supervisor.child and child.returncode is None:
+                log.warning(self._log, "serf RPC connection lost, reconnecting")
+                await asyncio.sleep(0.5)
+
+    async def _running_child(self) -> ChildProcess:
+        while True:
+            child = self.supervisor.child
+            if (
+                self.supervisor.status.state == "running"
+                and child is not None
+                and child.returncode is None
+            ):
+                return child
+            await asyncio.sleep(0.1)
+
+    def _child_gone(self, child: ChildProcess) -> bool:
+        return self.supervisor.child is not child or child.returncode is not None
+
+    async def _wait_gone(self, child: ChildProcess, rpc: SerfRPC | None) -> None:
+        """Until the child exits (the Supervisor stops a child before replacing it) or
+        ``rpc`` breaks."""
+        # Shielded: cancelling a waiter must not cancel the child's output pump.
+        waits = [asyncio.ensure_future(asyncio.shield(child.wait()))]
+        if rpc is not None:
+            waits.append(asyncio.ensure_future(rpc.wait_closed()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
+    async def _connect(self, child: ChildProcess) -> SerfRPC:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RPC_CONNECT_DEADLINE_S
+        port = self.ctx.config.serf.rpc_port
+        while True:
+            try:
+                return await SerfRPC.connect("127.0.0.1", port, self._token)
+            except SerfConnectionError:
+                if loop.time() > deadline:
+                    raise
+                if self._child_gone(child):
+                    raise SerfConnectionError("serf exited before its RPC port answered") from None
+                await asyncio.sleep(0.2)
+
+    async def _count_members(self, rpc: SerfRPC) -> None:
+        while True:
+            self._members = len(await rpc.members())
+            await asyncio.sleep(MEMBER_COUNT_INTERVAL_S)
+
+    # -- tags
+
+    async def publish_tags(self, tags: Tags) -> None:
+        """Gossip ``tags`` (the next generated config carries them too); raises TagsError
+        before changing anything when they are too large."""
+        encoded = encode(tags)
+        rpc = self.rpc
+        if rpc is not None:
+            await self._send_tags(rpc, encoded)
+
+    async def _send_tags(self, rpc: SerfRPC, encoded: dict[str, str]) -> None:
+        stale = [key for key in self._published if key not in encoded]
+        await rpc.tags(add=encoded, delete=stale)
+        self._published = dict(encoded)
+
+    # -- address changes and shutdown
+
+    def readvertise(self, new_addr: str) -> None:
+        """Advertise ``new_addr`` from now on: restart serf with it."""
+        log.info(self._log, "re-advertising", old=self.ctx.advertise_addr, new=new_addr)
+        self.ctx.advertise_addr = new_addr
+        self.ready.clear()
+        self.supervisor.restart()
+
+    async def leave(self) -> None:
+        """Leave the cluster gracefully (bounded by serf.leave_timeout_s), then stop serf."""
+        self._leaving = True
+        timeout = self.ctx.config.serf.leave_timeout_s
+        rpc = self.rpc
+        if rpc is not None:
+            try:
+                await rpc.leave(timeout_s=timeout)
+                log.info(self._log, "left the cluster")
+            except (SerfConnectionError, SerfRPCError) as exc:
+                log.warning(self._log, "graceful leave failed", error=str(exc))
+        if self._supervisor_task is not None:
+            self._supervisor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor_task
+        else:
+            await self.supervisor.stop()
+
+    # -- queries
+
+    async def query(
+        self, name: str, payload: bytes, *, timeout_s: float | None = None
+    ) -> dict[str, bytes]:
+        """Ask every member; returns node name -> response payload (responders only)."""
+        rpc = self.rpc
+        if rpc is None or not self.ready.is_set():
+            raise SerfConnectionError(f"serf query {name}: serf is not connected")
+        result = await rpc.query(name, wrap_query(self.ctx.node_name, payload), timeout_s=timeout_s)
+        return result.responses
+
+    def on_query(self, name: str, handler: QueryHandler) -> None:
+        """Answer incoming queries called ``name`` with ``handler(from_node, payload)``."""
+        self._handlers[name] = handler
+
+    async def _answer_queries(self, rpc: SerfRPC) -> None:
+        async with asyncio.TaskGroup() as tg:
+            async for event in rpc.stream("query"):
+                if isinstance(event, QueryEvent) and event.name in self._handlers:
+                    tg.create_task(self._answer(rpc, event))
+
+    async def _answer(self, rpc: SerfRPC, event: QueryEvent) -> None:
+        sender, payload = unwrap_query(event.payload)
+        try:
+            response = await self._handlers[event.name](sender, payload)
+            if response is not None:
+                await rpc.respond(event.id, response)
+        except (SerfConnectionError, SerfRPCError) as exc:
+            log.info(self._log, "query not answered", query=event.name, error=str(exc))
+        except Exception as exc:  # a handler bug must not end the query stream
+            log.error(self._log, "query handler failed", query=event.name, error=repr(exc))
+
+    # -- component protocol
+
+    def status(self) -> SerfStatus:
+        supervisor = msgspec.structs.replace(self.supervisor.status)
+        return SerfStatus(
+            supervisor=supervisor,
+            rpc_connected=self.rpc is not None and not self.rpc.closed,
+            members=self._members,
+            last_error=self._last_error or supervisor.last_error,
+            config_file=str(self.config_file),
+        )
+
+    def routes(self) -> list[web.RouteDef]:
+        return []
