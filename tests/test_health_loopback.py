@@ -14,19 +14,20 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import aiohttp
 import msgspec
 import pytest
 
 from gpud import config as config_mod
-from gpud import secret
+from gpud import netcheck, secret
 from gpud.context import Member, NodeContext
 from gpud.health import peer_api
 from gpud.health.auth import sign
 from gpud.health.peer_api import PATH_DIAL_BACK, PATH_PING, PATH_VIEW, PeerClient
 from gpud.health.service import HealthService
+from gpud.netcheck import NetworkStatus
+from gpud.netcheck import Problem as NetProblem
 from gpud.tags import Tags
 
 INTERVAL_S = 0.2
@@ -307,18 +308,56 @@ async def test_bad_requests_are_rejected_and_change_nothing(key_file: Path, tmp_
         assert len(logged) == peer_api.REJECT_LOG_BURST
 
 
+def network_status(addr: str, *, local: bool | None, interface: str = "") -> NetworkStatus:
+    """NetCheck's status as it reads for an address never local (interface "") or removed."""
+    problems = []
+    reason = ""
+    if local is False and not interface:
+        reason = netcheck.not_local_reason(addr)
+        problems.append(NetProblem(severity="warning", message=reason, fix="host networking"))
+    elif local is False:
+        reason = f"advertised address {addr} was removed from {interface}"
+        problems.append(NetProblem(severity="critical", message=reason, fix="restore it"))
+    return NetworkStatus(
+        advertise=addr,
+        chosen_by="config",
+        interface=interface,
+        mtu=None,
+        address_is_local=local,
+        address_reason=reason,
+        problems=problems,
+    )
+
+
 async def test_advertised_address_not_local_means_behind_nat(key_file: Path):
-    network = SimpleNamespace(status=lambda: SimpleNamespace(address_is_local=False))
-    async with cluster(key_file, 2, network=network) as nodes:
+    async with cluster(
+        key_file, 2, network=lambda: network_status("127.77.0.1", local=False)
+    ) as nodes:
         await rounds(nodes, 2)
         status = nodes[0].service.status()
         assert status.behind_nat and status.state == "critical"
         assert "127.77.0.1 is not on any local interface" in status.nat_message
         assert "Ray needs host networking" in status.nat_message
+        # NetCheck's own not-local warning is not repeated next to the NAT verdict.
+        assert status.reasons == [status.nat_message]
         assert nodes[0].ctx.tags.nat is True and nodes[0].ctx.tags.hl == "critical"
         report = await nodes[0].service.doctor()
-        assert report.critical and report.problems[0].subject == "network"
+        assert report.critical and [p.subject for p in report.problems] == ["network"]
         assert "host networking" in report.problems[0].fix
+
+
+async def test_removed_address_is_critical_but_not_nat(key_file: Path):
+    removed = network_status("127.77.0.1", local=False, interface="eth0")
+    async with cluster(key_file, 2, network=lambda: removed) as nodes:
+        await rounds(nodes, 2)
+        status = nodes[0].service.status()
+        assert not status.behind_nat and nodes[0].ctx.tags.nat is False
+        assert status.state == "critical"
+        assert status.reasons == ["advertised address 127.77.0.1 was removed from eth0"]
+        report = await nodes[0].service.doctor()
+        assert [(p.severity, p.subject, p.fix) for p in report.problems] == [
+            ("critical", "network", "restore it")
+        ]
 
 
 async def test_peers_reached_but_no_way_back_means_behind_nat(key_file: Path):

@@ -137,6 +137,12 @@ def test_node_verdict():
     assert judge_node(True, [crit, crit, ok], no_nat)[0] == "critical"
     state, reasons = judge_node(True, [ok], NatVerdict(True, "behind NAT"))
     assert (state, reasons) == ("critical", ["behind NAT"])
+    # NetCheck's problems count: a removed address is critical at once, route warnings warn.
+    assert judge_node(True, [ok], no_nat, [("critical", "address removed")]) == (
+        "critical",
+        ["address removed"],
+    )
+    assert judge_node(True, [ok], no_nat, [("warning", "MTU differs")])[0] == "warning"
     many = judge_node(True, [warn] * 15, no_nat)[1]
     assert len(many) == 11 and many[-1] == "and 5 more peers with problems"
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
-from gpud.health.verdict import NatVerdict, PairVerdict
-
-Severity = Literal["warning", "critical"]
+from gpud.health.verdict import NatVerdict, PairVerdict, Severity
 
 
 class Problem(msgspec.Struct):
     severity: Severity
-    # What it concerns: a peer's name, or "network" for this node's own address.
+    # What it concerns: a peer's name, or "network" for this node's own address and routes.
     subject: str
     cause: str
     fix: str

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 from aiohttp import web
@@ -27,6 +28,8 @@ from gpud.health.verdict import (
     judge_node,
     judge_pair,
 )
+from gpud.netcheck import NetCheck, NetworkStatus
+from gpud.netcheck import Problem as NetProblem
 
 _log = log.get("health")
 
@@ -77,20 +80,38 @@ class HealthStatus(msgspec.Struct):
     matrix: list[MatrixEdge]
 
 
-def _network_status(network: Any) -> Any:
-    if network is None:
+NetworkSource = NetCheck | Callable[[], NetworkStatus | None]
+
+
+def nat_address_input(status: NetworkStatus | None) -> bool | None:
+    """``address_is_local`` as NAT detection should read it: an address that was local and is
+    gone (DHCP drift) is a network problem that NetCheck reports, not NAT; only an address that
+    was never on a local interface means NAT or port mapping."""
+    if status is None or status.address_is_local is None:
         return None
-    status = getattr(network, "status", None)
-    return status() if callable(status) else network()
+    if status.address_is_local:
+        return True
+    return False if not status.interface else None
+
+
+def network_problems(status: NetworkStatus | None, nat: NatVerdict) -> list[NetProblem]:
+    """NetCheck's problems, less its not-local warning when our NAT verdict already says it."""
+    if status is None:
+        return []
+    return [
+        p for p in status.problems if not (nat.behind_nat and p.message == status.address_reason)
+    ]
 
 
 class HealthService:
     """Component "health". ``network`` is the NetCheck component, or a callable returning its
-    NetworkStatus (or None while unknown); only ``address_is_local`` is read from it."""
+    NetworkStatus (None while unknown)."""
 
     name = "health"
 
-    def __init__(self, ctx: NodeContext, network: Any = None, *, seed: int | None = None) -> None:
+    def __init__(
+        self, ctx: NodeContext, network: NetworkSource | None = None, *, seed: int | None = None
+    ) -> None:
         self._ctx = ctx
         self._network = network
         health = ctx.config.health
@@ -110,13 +131,16 @@ class HealthService:
     def us(self) -> Endpoint:
         return Endpoint(self._ctx.node_name, self._ctx.advertise_addr, self._ctx.config.peer.port)
 
-    def _address_is_local(self) -> bool | None:
-        status = _network_status(self._network)
-        return None if status is None else bool(status.address_is_local)
+    def _network_status(self) -> NetworkStatus | None:
+        if self._network is None:
+            return None
+        if isinstance(self._network, NetCheck):
+            return self._network.status()
+        return self._network()
 
     async def run(self) -> None:
         # Probe from the advertised address when it is ours: that is the path Ray uses.
-        if self._address_is_local() is not False:
+        if nat_address_input(self._network_status()) is not False:
             self.client.source_addr = self._ctx.advertise_addr
         await self.server.start()
         try:
@@ -164,8 +188,14 @@ class HealthService:
         us = self.us
         records = sorted(self.prober.records.items())
         verdicts = [(name, self._pair(us, r)) for name, r in records]
-        nat = self._nat(us, [(r.out, r.inbound) for _, r in records])
-        state, reasons = judge_node(self.prober.rounds > 0, [v for _, v in verdicts], nat)
+        network = self._network_status()
+        nat = self._nat(us, network, [(r.out, r.inbound) for _, r in records])
+        state, reasons = judge_node(
+            self.prober.rounds > 0,
+            [v for _, v in verdicts],
+            nat,
+            [(p.severity, p.message) for p in network_problems(network, nat)],
+        )
         return HealthStatus(
             state=state,
             reasons=reasons,
@@ -182,10 +212,13 @@ class HealthService:
         peer = Endpoint(record.member.name, record.member.addr, record.port)
         return judge_pair(us, peer, record.member.status, record.out, record.inbound)
 
-    def _nat(self, us: Endpoint, directions: list[tuple[Direction, Direction]]) -> NatVerdict:
+    @staticmethod
+    def _nat(
+        us: Endpoint, network: NetworkStatus | None, directions: list[tuple[Direction, Direction]]
+    ) -> NatVerdict:
         reached = [inbound for out, inbound in directions if out.state == "passing"]
         no_way_back = sum(inbound.state == "critical" for inbound in reached)
-        return detect_nat(us, self._address_is_local(), len(reached), no_way_back)
+        return detect_nat(us, nat_address_input(network), len(reached), no_way_back)
 
     def _matrix(self, records: list[tuple[str, PeerRecord]]) -> list[MatrixEdge]:
         edges = {
@@ -216,9 +249,12 @@ class HealthService:
     async def _get_health(self, request: web.Request) -> web.Response:
         return web.Response(body=msgspec.json.encode(self._status), content_type="application/json")
 
-    async def doctor(self) -> DoctorReport:
-        """Probe every peer now (no hysteresis: each result counts) and check the network."""
+    async def doctor(self, network: NetworkStatus | None = None) -> DoctorReport:
+        """Probe every peer now (no hysteresis: each result counts) and report the network's
+        problems: those of ``network`` (e.g. from a fresh ``netcheck.check_now``), else of the
+        NetCheck this service was given."""
         us = self.us
+        network = network or self._network_status()
         health = self._ctx.config.health
         now = Prober(
             self.client,
@@ -231,9 +267,12 @@ class HealthService:
         names = list(now.records)
         await now.run_round(names, full_mesh=len(names) + 1 <= health.full_mesh_max)
         problems: list[Problem] = []
-        nat = self._nat(us, [(r.out, r.inbound) for r in now.records.values()])
+        nat = self._nat(us, network, [(r.out, r.inbound) for r in now.records.values()])
         if nat.behind_nat:
             problems.append(nat_problem(nat))
+        problems += [
+            Problem(p.severity, "network", p.message, p.fix) for p in network_problems(network, nat)
+        ]
         for name, record in sorted(now.records.items()):
             problem = pair_problem(name, self._pair(us, record))
             if problem is not None:

@@ -6,6 +6,7 @@ No I/O here; the prober feeds in results and the service publishes what comes ou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -14,6 +15,7 @@ from gpud.context import MemberStatus
 
 DirectionState = Literal["unknown", "passing", "critical"]
 HealthState = Literal["unknown", "passing", "warning", "critical"]
+Severity = Literal["warning", "critical"]
 PairKind = Literal[
     "unknown",  # not enough results yet
     "ok",  # both directions pass
@@ -174,20 +176,27 @@ MAX_REASONS = 10
 
 
 def judge_node(
-    probed: bool, pairs: list[PairVerdict], nat: NatVerdict
+    probed: bool,
+    pairs: list[PairVerdict],
+    nat: NatVerdict,
+    network: Sequence[tuple[Severity, str]] = (),
 ) -> tuple[HealthState, list[str]]:
-    """This node's summary: critical behind NAT or when most peers (of at least two) are
-    unreachable; warning when any pair is not passing; reasons name each problem."""
+    """This node's summary: critical behind NAT, on a critical network problem (the advertised
+    address was removed, its link is down) or when most peers (of at least two) are
+    unreachable; warning when any pair is not passing or the network check warns; the reasons
+    name each problem."""
     reasons = [nat.message] if nat.behind_nat else []
+    reasons += [message for _, message in network]
     problems = [p for p in pairs if p.state in ("warning", "critical")]
     reasons += [p.message for p in problems[:MAX_REASONS]]
     if len(problems) > MAX_REASONS:
         reasons.append(f"and {len(problems) - MAX_REASONS} more peers with problems")
     critical = sum(p.state == "critical" for p in pairs)
     judged = sum(p.state != "unknown" for p in pairs)
-    if nat.behind_nat or (judged >= 2 and critical * 2 > judged):
+    network_critical = any(severity == "critical" for severity, _ in network)
+    if nat.behind_nat or network_critical or (judged >= 2 and critical * 2 > judged):
         return "critical", reasons
-    if problems:
+    if problems or network:
         return "warning", reasons
     if not probed:
         return "unknown", ["no probe round finished yet"]
