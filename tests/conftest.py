@@ -1,0 +1,88 @@
+"""Shared pytest setup: skip `netns` tests where namespaces cannot be made; harness fixtures."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.gpud_node import Cluster
+from tests.harness.netns import Network, cleanup_leftovers
+
+
+@functools.cache
+def netns_unusable() -> str | None:
+    """Why network-namespace tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root (creates network namespaces, veths, a bridge and nftables rules)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found (Debian packages iproute2, nftables)"
+    probe = f"ghprobe{os.getpid()}"
+    try:
+        made = subprocess.run(
+            ["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10
+        )
+        if made.returncode != 0:
+            return f"`ip netns add` fails here: {made.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10, check=False)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = None
+    for item in items:
+        if item.get_closest_marker("netns") is None:
+            continue
+        reason = reason or netns_unusable() or ""
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"netns: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def _harness_leftovers_removed() -> None:
+    """Once per session: remove namespaces left by crashed harness runs (owner process gone)."""
+    cleanup_leftovers()
+
+
+@pytest.fixture
+def network(_harness_leftovers_removed: None) -> Iterator[Callable[..., Network]]:
+    """Factory: ``network(hosts=3)`` returns a started Network, torn down after the test."""
+    made: list[Network] = []
+
+    def make(hosts: int = 3, **kwargs: Any) -> Network:
+        net = Network(hosts, **kwargs)
+        made.append(net)
+        return net.start()
+
+    try:
+        yield make
+    finally:
+        for net in reversed(made):
+            net.close()
+
+
+@pytest.fixture
+def cluster(_harness_leftovers_removed: None, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Factory: ``cluster(size=3, overrides=..., ...)`` returns a started Cluster of real gpud
+    nodes (configs and logs under tmp_path), torn down after the test."""
+    made: list[Cluster] = []
+
+    def make(size: int = 3, **kwargs: Any) -> Cluster:
+        kwargs.setdefault("workdir", tmp_path / f"cluster{len(made)}")
+        c = Cluster(size, **kwargs)
+        made.append(c)
+        return c.start()
+
+    try:
+        yield make
+    finally:
+        for c in reversed(made):
+            c.close()

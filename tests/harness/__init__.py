@@ -1,0 +1,1 @@
+"""Multi-host test harness: hosts in network namespaces, faults, and real gpud nodes."""
