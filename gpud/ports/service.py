@@ -592,3 +592,27 @@ async def serve_unix(service: PortsService, path: str) -> web.AppRunner:
     await runner.setup()
     await web.UnixSite(runner, path).start()
     return runner
+
+
+async def _standalone(config_path: str, addr: str) -> None:
+    from gpud import config
+
+    ctx = NodeContext(config.load(config_path), addr)
+    service = PortsService(ctx)
+    runner = await serve_unix(service, ctx.config.socket_path)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(service.run())
+            await service.ready()
+            print(f"ready {ctx.config.socket_path}", flush=True)
+    finally:
+        await runner.cleanup()
+
+
+if __name__ == "__main__":
+    # A lone node's ports component on the local API socket, without gossip (its claim settles
+    # alone): `python -m gpud.ports.service CONFIG ADDR`. Used by the crash test and the bench.
+    import sys
+
+    log.setup("warning")
+    asyncio.run(_standalone(sys.argv[1], sys.argv[2]))
