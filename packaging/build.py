@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Build gpud's deb and rpm from one staged tree.
+
+    python3 packaging/build.py --out dist/
+
+writes dist/gpud_<version>_<arch>.deb and dist/gpud-<version>.<arch>.rpm, where <version> is
+<pyproject version>-<revision>. The staged tree holds a self-contained virtualenv at
+/opt/gpud (gpud and its runtime dependencies, not Ray), /usr/bin/gpud, the systemd unit,
+sysusers.d and tmpfiles.d entries and /etc/gpud/gpud.toml. The deb depends on Debian's serf;
+the rpm carries the serf binary of the installed Debian package, with its copyright file.
+
+Virtualenvs are not relocatable, so the venv is built at the staging path with the target's
+interpreter (/usr/bin/python3.11) and every reference to the staging path is then rewritten
+to /opt/gpud; the build fails if one is left. Byte-code is not shipped (it would record the
+staging path): the maintainer scripts compile it on the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+PACKAGING = PROJECT / "packaging"
+SYSTEMD = PROJECT / "systemd"
+
+PREFIX = "/opt/gpud"
+# The venv's compiled extensions are built for this interpreter, so the packages depend on
+# exactly this version (Debian: python3.11; RHEL 9: the python3.11 AppStream package).
+PYTHON = "/usr/bin/python3.11"
+SERF_BINARY = Path("/usr/bin/serf")
+SERF_COPYRIGHT = Path("/usr/share/doc/serf/copyright")
+DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+STAGE_MARKER = ".gpud-stage-complete"
+
+
+def run(*cmd: str | Path, cwd: Path | None = None) -> str:
+    result = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, check=False, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(
+            f"build: {' '.join(map(str, cmd))} failed ({result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
+def project_version() -> str:
+    with open(PROJECT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+
+
+def machine_arch() -> str:
+    return os.uname().machine
+
+
+def stage(root: Path) -> Path:
+    """Build the staged install tree at ``root`` (replaced if present) and return it."""
+    if root.exists():
+        shutil.rmtree(root)
+    venv = root / PREFIX.lstrip("/")
+    venv.parent.mkdir(parents=True)
+    run(PYTHON, "-m", "venv", venv)
+    python = venv / "bin" / "python3"
+    with tempfile.TemporaryDirectory(prefix="gpud-wheel-") as wheel_dir:
+        run(python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheel_dir, PROJECT)
+        (wheel,) = Path(wheel_dir).glob("gpud-*.whl")
+        # Resolves [project].dependencies only; Ray is an optional extra and stays out.
+        run(python, "-m", "pip", "install", "--quiet", "--no-compile", wheel)
+    run(python, "-m", "pip", "uninstall", "--quiet", "--yes", "pip", "setuptools")
+    _make_relocated(venv, str(venv), PREFIX)
+
+    _install(SYSTEMD / "gpud.service", root / "usr/lib/systemd/system/gpud.service")
+    _install(SYSTEMD / "gpud.sysusers", root / "usr/lib/sysusers.d/gpud.conf")
+    _install(SYSTEMD / "gpud.tmpfiles", root / "usr/lib/tmpfiles.d/gpud.conf")
+    _install(PACKAGING / "gpud.toml", root / "etc/gpud/gpud.toml")
+    _install(PACKAGING / "README.md", root / "usr/share/doc/gpud/README.md")
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    (root / "usr/bin/gpud").symlink_to(f"{PREFIX}/bin/gpud")
+    _normalize_modes(root)
+    (root / STAGE_MARKER).touch()
+    return root
+
+
+def _install(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+
+
+def _make_relocated(venv: Path, staged: str, target: str) -> None:
+    """Point the venv at ``target``: scripts' shebangs, activate scripts, pyvenv.cfg."""
+    for path in venv.rglob("*"):
+        if path.is_dir() and path.name == "__pycache__":
+            shutil.rmtree(path)
+    for path in venv.rglob("direct_url.json"):
+        path.unlink()  # records the temporary wheel's path; optional metadata
+    old, new = staged.encode(), target.encode()
+    for path in [*(venv / "bin").iterdir(), venv / "pyvenv.cfg"]:
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if old in data:
+            path.write_bytes(data.replace(old, new))
+    leftovers = [
+        str(p)
+        for p in venv.rglob("*")
+        if p.is_file() and not p.is_symlink() and old in p.read_bytes()
+    ]
+    if leftovers:
+        raise SystemExit(f"build: staging path {staged} still referenced in: {leftovers[:5]}")
+
+
+def _normalize_modes(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            path.chmod(0o755 if path.stat().st_mode & 0o111 else 0o644)
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """A hard-linked copy of the staged tree (the package tools only read it)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, symlinks=True, copy_function=os.link)
+    (dest / STAGE_MARKER).unlink()
+
+
+def build_deb(staged: Path, work: Path, out: Path, version: str) -> Path:
+    root = work / "deb-root"
+    _link_tree(staged, root)
+    control = root / "DEBIAN"
+    control.mkdir()
+    size_kib = sum(p.lstat().st_size for p in root.rglob("*")) // 1024
+    (control / "control").write_text(
+        (PACKAGING / "deb" / "control.in")
+        .read_text()
+        .replace("@VERSION@", version)
+        .replace("@ARCH@", DEB_ARCH.get(machine_arch(), machine_arch()))
+        .replace("@INSTALLED_SIZE@", str(size_kib))
+    )
+    (control / "conffiles").write_text("/etc/gpud/gpud.toml\n")
+    for script in ("postinst", "prerm", "postrm"):
+        shutil.copyfile(PACKAGING / "deb" / script, control / script)
+        (control / script).chmod(0o755)
+    sums = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "DEBIAN" or path.is_symlink() or not path.is_file():
+            continue
+        sums.append(f"{hashlib.md5(path.read_bytes()).hexdigest()}  {rel}\n")
+    (control / "md5sums").write_text("".join(sums))
+    deb = out / f"gpud_{version}_{DEB_ARCH.get(machine_arch(), machine_arch())}.deb"
+    run("dpkg-deb", "--root-owner-group", "-Zxz", "--build", root, deb)
+    return deb
+
+
+def build_rpm(staged: Path, work: Path, out: Path, version: str) -> Path:
+    upstream, _, release = version.partition("-")
+    root = work / "rpm-root"
+    _link_tree(staged, root)
+    shutil.copy2(SERF_BINARY, root / "usr/bin/serf")
+    license_dir = root / "usr/share/licenses/gpud"
+    license_dir.mkdir(parents=True)
+    shutil.copyfile(SERF_COPYRIGHT, license_dir / "serf-copyright")
+    (license_dir / "serf-copyright").chmod(0o644)
+    topdir = work / "rpmbuild"
+    if topdir.exists():
+        shutil.rmtree(topdir)
+    spec = work / "gpud.spec"
+    spec.write_text(
+        (PACKAGING / "rpm" / "gpud.spec.in")
+        .read_text()
+        .replace("@VERSION@", upstream)
+        .replace("@RELEASE@", release or "1")
+        .replace("@STAGE@", str(root))
+        .replace("@SYSUSERS@", (SYSTEMD / "gpud.sysusers").read_text().strip())
+    )
+    run(
+        "rpmbuild", "-bb", "--quiet",
+        "--define", f"_topdir {topdir}",
+        "--target", machine_arch(),
+        spec,
+    )  # fmt: skip
+    (built,) = (topdir / "RPMS").rglob("*.rpm")
+    rpm = out / f"gpud-{version}.{machine_arch()}.rpm"
+    shutil.move(built, rpm)
+    return rpm
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=PROJECT / "dist", help="where packages go")
+    parser.add_argument("--revision", default="1", help="package revision (default 1)")
+    parser.add_argument(
+        "--work", type=Path, help="build directory (default: a temporary one, removed after)"
+    )
+    parser.add_argument(
+        "--reuse-stage", action="store_true",
+        help="reuse a complete staged tree from an earlier build in --work",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    for tool in ("dpkg-deb", "rpmbuild", PYTHON):
+        if not shutil.which(tool):
+            parser.error(f"{tool} not found (Debian: apt-get install dpkg-dev rpm python3.11-venv)")
+    for needed in (SERF_BINARY, SERF_COPYRIGHT):
+        if not needed.exists():
+            parser.error(f"{needed} not found: install Debian's serf package")
+    if not args.revision.isalnum():
+        parser.error(f"--revision {args.revision!r}: letters and digits only")
+    version = f"{project_version()}-{args.revision}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()
+    with tempfile.TemporaryDirectory(prefix="gpud-pkg-") as scratch:
+        work = (args.work or Path(scratch)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        staged = work / "stage"
+        if not (args.reuse_stage and (staged / STAGE_MARKER).exists()):
+            stage(staged)
+        staged_s = time.monotonic() - started
+        deb = build_deb(staged, work, out, version)
+        rpm = build_rpm(staged, work, out, version)
+        total_s = time.monotonic() - started
+    for package in (deb, rpm):
+        print(f"{package}  {package.stat().st_size / 1e6:.1f} MB")
+    print(f"staged in {staged_s:.1f} s, total {total_s:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

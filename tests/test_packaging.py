@@ -1,0 +1,442 @@
+"""The deb and rpm: build both from one staged tree, inspect them, install the deb for real
+(dpkg -i into /, purged at the end), install the rpm into a scratch root, and check the
+systemd unit and the privilege it keeps against the running kernel.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gpud import config as gpud_config
+from gpud.secret import parse_key
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "gpud.service"
+DEFAULT_CONFIG = ROOT / "packaging" / "gpud.toml"
+WANTS_LINK = Path("/etc/systemd/system/multi-user.target.wants/gpud.service")
+BUILD_TOOLS = ("dpkg-deb", "rpmbuild", "rpm", "/usr/bin/python3.11", "/usr/bin/serf")
+
+
+def _need(*tools: str) -> None:
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+def _run(*cmd: str | Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=300, check=False, **kwargs
+    )
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(map(str, cmd))} -> {result.returncode}\n{result.stdout}{result.stderr}"
+        )
+    return result
+
+
+def _unit_settings(text: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+@dataclass(frozen=True)
+class Packages:
+    deb: Path
+    rpm: Path
+    deb_upgrade: Path  # same staged tree, revision 2
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
+    _need(*BUILD_TOOLS)
+    base = tmp_path_factory.mktemp("packages")
+    build = [sys.executable, ROOT / "packaging" / "build.py", "--out", base / "out"]
+    _run(*build, "--work", base / "work")
+    _run(*build, "--work", base / "work", "--reuse-stage", "--revision", "2")
+    out = base / "out"
+    arch = os.uname().machine
+    deb_arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+    version = _project_version()
+    return Packages(
+        deb=out / f"gpud_{version}-1_{deb_arch}.deb",
+        rpm=out / f"gpud-{version}-1.{arch}.rpm",
+        deb_upgrade=out / f"gpud_{version}-2_{deb_arch}.deb",
+    )
+
+
+def _project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+# --- the unit and the default config ------------------------------------------------------
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    _need("systemd-analyze")
+    settings = _unit_settings(UNIT.read_text())
+    assert settings["ExecStart"] == ["/usr/bin/gpud agent --config /etc/gpud/gpud.toml"]
+    # /usr/bin/gpud exists only once the package is installed: verify against a stand-in
+    # executable so that every other complaint still fails the test.
+    stand_in = tmp_path / "gpud"
+    stand_in.write_text("#!/bin/sh\nexit 0\n")
+    stand_in.chmod(0o755)
+    unit = tmp_path / "gpud.service"
+    unit.write_text(UNIT.read_text().replace("/usr/bin/gpud ", f"{stand_in} "))
+    result = _run("systemd-analyze", "verify", unit, check=False)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_unit_keeps_only_the_privileges_gpud_needs() -> None:
+    settings = _unit_settings(UNIT.read_text())
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "30s",
+        "Restart": "on-failure",
+        "KillMode": "mixed",
+        "User": "gpud",
+        "Group": "gpud",
+        "RuntimeDirectory": "gpud",
+        "RuntimeDirectoryMode": "0750",
+        "StateDirectory": "gpud",
+        "AmbientCapabilities": "CAP_NET_ADMIN",
+        "CapabilityBoundingSet": "CAP_NET_ADMIN",
+        "NoNewPrivileges": "yes",
+    }
+    assert {key: settings.get(key, [None])[-1] for key in expected} == expected
+    assert "TimeoutStopSec" in settings
+    # Each of these would break gpud or its Ray children (see the comments in the unit).
+    for breaking in ("PrivateDevices", "ProtectKernelTunables", "MemoryDenyWriteExecute",
+                     "ProtectClock", "DeviceAllow", "PrivateNetwork", "DynamicUser"):  # fmt: skip
+        assert breaking not in settings, breaking
+    families = settings["RestrictAddressFamilies"][-1].split()
+    assert {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"} <= set(families)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a netns and drop to nobody")
+def test_reserved_ports_sysctl_needs_exactly_cap_net_admin() -> None:
+    """The unit's claim, checked on this kernel in a throwaway netns: an unprivileged uid may
+    write net.ipv4.ip_local_reserved_ports with CAP_NET_ADMIN and only with it."""
+    _need("unshare", "setpriv")
+    sysctl = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    script = (
+        f"setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all "
+        f"sh -c 'echo 20000-20009 > {sysctl}' 2>/dev/null && echo without=ok || echo without=denied; "
+        f"setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=+net_admin "
+        f"--ambient-caps=+net_admin sh -c 'echo 20000-20009 > {sysctl}' && echo with=ok; "
+        f"cat {sysctl}"
+    )
+    result = _run("unshare", "--net", "sh", "-c", script)
+    assert result.stdout.split() == ["without=denied", "with=ok", "20000-20009"], result
+
+
+def test_default_config_lists_every_key_with_its_default() -> None:
+    text = DEFAULT_CONFIG.read_text()
+    # As shipped: only the generated cluster key is set.
+    assert gpud_config.parse(text) == gpud_config.Config(
+        cluster=gpud_config.ClusterConfig(key_file="/etc/gpud/cluster.key")
+    )
+    # Uncommenting every "# key = value" line changes nothing: the comments are the defaults.
+    uncommented = "\n".join(
+        re.sub(r"^# ([a-z_]+ = .*?)(\s+#.*)?$", r"\1", line) for line in text.splitlines()
+    )
+    assert gpud_config.parse(uncommented) == gpud_config.parse(text)
+    # Every key of gpud.config appears, in its section (num_cpus has no default to show).
+    for top in msgspec.structs.fields(gpud_config.Config):
+        if not (isinstance(top.type, type) and issubclass(top.type, msgspec.Struct)):
+            assert re.search(rf"^# {top.name} = ", text, re.M), top.name
+            continue
+        body = text.split(f"[{top.name}]\n", 1)[1].split("\n[", 1)[0]
+        for field in msgspec.structs.fields(top.type):
+            assert re.search(rf"^#? ?\(?{field.name}[ :]", body, re.M), f"{top.name}.{field.name}"
+
+
+# --- package contents ----------------------------------------------------------------------
+
+
+def _deb_contents(deb: Path) -> dict[str, str]:
+    """path -> mode string (e.g. "-rwxr-xr-x root/root")."""
+    listing = _run("dpkg-deb", "--contents", deb).stdout.splitlines()
+    entries = {}
+    for line in listing:
+        fields = line.split()
+        path = fields[5].removeprefix(".")
+        entries[path.rstrip("/") or "/"] = f"{fields[0]} {fields[1]}"
+    return entries
+
+
+def test_deb_metadata_files_and_modes(packages: Packages) -> None:
+    field = _run("dpkg-deb", "--field", packages.deb, "Package", "Version", "Depends").stdout
+    assert "Package: gpud" in field and f"Version: {_project_version()}-1" in field
+    depends = [d.strip() for d in field.split("Depends:")[1].strip().split(",")]
+    assert depends[:2] == ["python3.11", "serf"], depends
+    assert not any(d.startswith("ray") or "vllm" in d for d in depends)
+
+    with tempfile.TemporaryDirectory() as control:
+        _run("dpkg-deb", "--control", packages.deb, control)
+        assert Path(control, "conffiles").read_text().split() == ["/etc/gpud/gpud.toml"]
+        for script in ("postinst", "prerm", "postrm"):
+            assert Path(control, script).stat().st_mode & 0o777 == 0o755
+            _run("sh", "-n", Path(control, script))
+        postinst = Path(control, "postinst").read_text()
+        assert "deb-systemd-helper enable 'gpud.service'" in postinst
+        assert "if [ -d /run/systemd/system ]" in postinst
+        assert "deb-systemd-helper purge" in Path(control, "postrm").read_text()
+
+    entries = _deb_contents(packages.deb)
+    expected = {
+        "/opt/gpud/bin/gpud": "-rwxr-xr-x root/root",
+        "/opt/gpud/pyvenv.cfg": "-rw-r--r-- root/root",
+        "/etc/gpud/gpud.toml": "-rw-r--r-- root/root",
+        "/usr/lib/systemd/system/gpud.service": "-rw-r--r-- root/root",
+        "/usr/lib/sysusers.d/gpud.conf": "-rw-r--r-- root/root",
+        "/usr/lib/tmpfiles.d/gpud.conf": "-rw-r--r-- root/root",
+        "/usr/bin/gpud": "lrwxrwxrwx root/root",
+        "/opt/gpud/bin/python3.11": "lrwxrwxrwx root/root",
+    }
+    assert {path: entries.get(path) for path in expected} == expected
+    assert "/usr/bin/serf" not in entries  # Debian's serf package provides it
+    assert not any("__pycache__" in p or p.endswith(".pyc") for p in entries)
+    site = "/opt/gpud/lib/python3.11/site-packages"
+    for module in ("gpud", "aiohttp", "msgspec", "msgpack", "pyroute2", "sdnotify"):
+        assert f"{site}/{module}" in entries, module
+    assert not any(p.startswith((f"{site}/ray", f"{site}/vllm", f"{site}/pip")) for p in entries)
+
+
+def test_rpm_metadata_files_and_scriptlets(packages: Packages) -> None:
+    requires = _run("rpm", "-qp", "--requires", packages.rpm).stdout.split("\n")
+    assert "/usr/bin/python3.11" in requires and "systemd" in requires
+    assert not any("ray" in r or "vllm" in r or r.startswith("/opt/") for r in requires), requires
+    files = dict(
+        line.split(" ", 1)
+        for line in _run(
+            "rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEMODES:perms} %{FILEUSERNAME}"
+            " %{FILEFLAGS:fflags}\n]", packages.rpm,
+        ).stdout.splitlines()
+    )  # fmt: skip
+    assert files["/etc/gpud/gpud.toml"] == "-rw-r--r-- root cn"  # config(noreplace)
+    assert files["/usr/bin/serf"] == "-rwxr-xr-x root "
+    assert files["/usr/share/licenses/gpud/serf-copyright"] == "-rw-r--r-- root l"
+    assert files["/var/lib/gpud"] == "drwxr-x--- gpud "
+    assert files["/run/gpud"] == "drwxr-x--- gpud g"
+    assert files["/usr/lib/systemd/system/gpud.service"].startswith("-rw-r--r-- root")
+    assert files["/usr/bin/gpud"].startswith("lrwxrwxrwx root")
+    # The same staged tree: every file and link of the deb is in the rpm too.
+    deb_files = {p for p, mode in _deb_contents(packages.deb).items() if not mode.startswith("d")}
+    assert deb_files - set(files) == set()
+    assert files["/usr/share/doc/gpud"].startswith("drwxr-xr-x root")
+    scripts = _run("rpm", "-qp", "--scripts", packages.rpm).stdout
+    for semantics in ("systemctl --no-reload preset gpud.service",
+                      "systemctl --no-reload disable --now gpud.service",
+                      "systemctl try-restart gpud.service", "systemd-sysusers --replace="):  # fmt: skip
+        assert semantics in scripts, semantics
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="rpm --root needs root")
+def test_rpm_installs_into_scratch_root(packages: Packages, tmp_path: Path) -> None:
+    """--nodeps: the scratch root's rpm database knows no python3.11 or systemd.
+    --noscripts: the scriptlets would run chrooted into a root without /bin/sh."""
+    root = tmp_path / "root"
+    _run("rpm", "--root", root, "--initdb")
+    _run("rpm", "--root", root, "-i", "--nodeps", "--noscripts", packages.rpm)
+    assert _run("rpm", "--root", root, "-q", "gpud").stdout.startswith("gpud-")
+    assert (root / "usr/bin/serf").read_bytes() == Path("/usr/bin/serf").read_bytes()
+    assert os.readlink(root / "usr/bin/gpud") == "/opt/gpud/bin/gpud"
+    assert (root / "etc/gpud/gpud.toml").read_text() == DEFAULT_CONFIG.read_text()
+    assert (root / "usr/lib/systemd/system/gpud.service").read_text() == UNIT.read_text()
+    _assert_venv_is_self_contained(root / "opt/gpud")
+
+
+def _assert_venv_is_self_contained(venv: Path) -> None:
+    """The venv imports gpud and its dependencies with nothing but the system interpreter."""
+    probe = "import gpud.cli, aiohttp, msgspec, msgpack, pyroute2, sdnotify, pynvml, sys; print(sys.prefix)"
+    result = _run(venv / "bin/python3", "-I", "-c", probe, env={"PATH": "/usr/bin:/bin"})
+    assert result.stdout.strip() == str(venv)
+    assert _run(venv / "bin/python3", "-I", "-c", "import ray", check=False).returncode != 0
+
+
+# --- the deb, installed for real -----------------------------------------------------------
+
+
+def _dpkg_status() -> str:
+    result = _run("dpkg-query", "-W", "-f", "${Status} ${Version}", "gpud", check=False)
+    return result.stdout if result.returncode == 0 else "not-installed"
+
+
+@pytest.fixture(scope="module")
+def installed_deb(packages: Packages) -> Iterator[Packages]:
+    """The deb installed into / for the tests below, which run in file order (install,
+    run, upgrade, remove, purge); purged at the end whatever happened."""
+    if os.geteuid() != 0:
+        pytest.skip("dpkg -i into / needs root")
+    _need("dpkg", "systemctl", "systemd-sysusers", "deb-systemd-helper")
+    if _dpkg_status() != "not-installed" or Path("/opt/gpud").exists():
+        pytest.skip("gpud is already installed on this machine; not touching it")
+    try:
+        pwd.getpwnam("gpud")
+        pytest.skip("a gpud user already exists on this machine; not touching it")
+    except KeyError:
+        pass
+    try:
+        _run("dpkg", "-i", packages.deb)
+        yield packages
+    finally:
+        _run("dpkg", "--purge", "gpud", check=False)
+
+
+def _free_tcp_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _run_agent_as_service_would(workdir: Path) -> None:
+    """/usr/bin/gpud agent as user gpud with only CAP_NET_ADMIN (the unit's privileges), in a
+    private netns (so its reserved-ports write touches no real host), with a NOTIFY_SOCKET
+    this test listens on: READY=1 must come, then `gpud status` over the API socket."""
+    bind_port, rpc_port, peer_port = _free_tcp_ports(3)
+    state, runtime = workdir / "state", workdir / "run"
+    for directory in (state, runtime):
+        directory.mkdir(mode=0o750)
+        shutil.chown(directory, "gpud", "gpud")
+    config = workdir / "gpud.toml"
+    config.write_text(
+        f'[node]\nname = "pkgtest"\nadvertise = "127.0.0.1"\n'
+        f"[serf]\nbind_port = {bind_port}\nrpc_port = {rpc_port}\n"
+        f"[peer]\nport = {peer_port}\n"
+        f'[paths]\nstate_dir = "{state}"\nruntime_dir = "{runtime}"\n'
+        f"[ray]\nenabled = false\n"
+    )
+    notify_path = workdir / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    notify_path.chmod(0o666)
+    listener.settimeout(1.0)
+    command = (
+        "ip link set lo up && exec setpriv --reuid=gpud --regid=gpud --init-groups "
+        "--inh-caps=-all,+net_admin --ambient-caps=+net_admin --bounding-set=-all,+net_admin "
+        f"/usr/bin/gpud agent --config {config}"
+    )
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "NOTIFY_SOCKET": str(notify_path)}
+    log = (workdir / "agent.log").open("w")
+    agent = subprocess.Popen(["unshare", "--net", "sh", "-c", command], env=env,
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        messages: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("READY=1" in m for m in messages) and time.monotonic() < deadline:
+            if agent.poll() is not None:
+                break
+            try:
+                messages.append(listener.recv(4096).decode())
+            except TimeoutError:
+                continue
+        agent_log = (workdir / "agent.log").read_text()
+        assert any("READY=1" in m for m in messages), f"no READY=1: {messages}\n{agent_log}"
+        result = _run("/usr/bin/gpud", "status", "--json", "--socket", runtime / "gpud.sock",
+                      check=False)  # fmt: skip
+        assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{agent_log}"
+        assert json.loads(result.stdout)["node"], result.stdout
+        sock = os.stat(runtime / "gpud.sock")
+        assert stat.S_IMODE(sock.st_mode) == 0o660 and sock.st_gid == grp.getgrnam("gpud").gr_gid
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, 15)  # the process group this test started
+            try:
+                agent.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(agent.pid, 9)
+                agent.wait(timeout=10)
+        listener.close()
+        log.close()
+
+
+def test_deb_installs_files_user_key_and_enables_unit(installed_deb: Packages) -> None:
+    assert os.readlink("/usr/bin/gpud") == "/opt/gpud/bin/gpud"
+    assert Path("/usr/lib/systemd/system/gpud.service").read_text() == UNIT.read_text()
+    user = pwd.getpwnam("gpud")
+    assert user.pw_dir == "/var/lib/gpud" and user.pw_shell.endswith("nologin")
+    assert user.pw_uid < 1000 and grp.getgrgid(user.pw_gid).gr_name == "gpud"
+    state = os.stat("/var/lib/gpud")
+    assert (stat.S_IMODE(state.st_mode), state.st_uid) == (0o750, user.pw_uid)
+    key = os.stat("/etc/gpud/cluster.key")
+    assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o640, 0, user.pw_gid)
+    parse_key(Path("/etc/gpud/cluster.key").read_text(), source="/etc/gpud/cluster.key")
+    assert WANTS_LINK.is_symlink()  # postinst enabled it, as Debian packages do
+    assert list(Path("/opt/gpud/lib/python3.11/site-packages/gpud").glob("__pycache__/*.pyc"))
+    _assert_venv_is_self_contained(Path("/opt/gpud"))
+
+
+def test_deb_unit_enables_and_verifies_without_systemd_running(installed_deb: Packages) -> None:
+    _run("systemctl", "disable", "gpud")
+    assert not WANTS_LINK.exists()
+    _run("systemctl", "enable", "gpud")
+    assert WANTS_LINK.is_symlink()
+    verify = _run("systemd-analyze", "verify", "/usr/lib/systemd/system/gpud.service", check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+
+
+def test_deb_agent_runs_with_the_units_privileges(installed_deb: Packages) -> None:
+    assert _run("/usr/bin/gpud", "version").stdout.strip()
+    workdir = Path(tempfile.mkdtemp(prefix="gpud-pkgtest-"))
+    try:
+        workdir.chmod(0o755)  # user gpud must reach the config and the notify socket
+        _run_agent_as_service_would(workdir)
+    finally:
+        shutil.rmtree(workdir)
+
+
+def test_deb_upgrade_keeps_config_and_key(installed_deb: Packages) -> None:
+    config = Path("/etc/gpud/gpud.toml")
+    key_text = Path("/etc/gpud/cluster.key").read_text()
+    edited = config.read_text() + "\n# operator edit\n"
+    config.write_text(edited)
+    _run("dpkg", "-i", installed_deb.deb_upgrade)
+    assert _dpkg_status() == f"install ok installed {_project_version()}-2"
+    assert config.read_text() == edited
+    assert Path("/etc/gpud/cluster.key").read_text() == key_text
+    assert WANTS_LINK.is_symlink()
+
+
+def test_deb_remove_keeps_state_and_purge_removes_it(installed_deb: Packages) -> None:
+    _run("dpkg", "--remove", "gpud")
+    assert _dpkg_status().startswith("deinstall ok config-files")
+    assert not Path("/opt/gpud").exists() and not Path("/usr/bin/gpud").exists()
+    assert Path("/etc/gpud/gpud.toml").exists() and Path("/var/lib/gpud").exists()
+    pwd.getpwnam("gpud")
+    _run("dpkg", "--purge", "gpud")
+    assert _dpkg_status() == "not-installed"
+    for gone in ("/etc/gpud", "/var/lib/gpud", str(WANTS_LINK), "/etc/systemd/system/gpud.service"):
+        assert not os.path.lexists(gone), gone
+    with pytest.raises(KeyError):
+        pwd.getpwnam("gpud")
+    with pytest.raises(KeyError):
+        grp.getgrnam("gpud")
