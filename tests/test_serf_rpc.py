@@ -138,6 +138,15 @@ def test_garbage_raises_a_framing_error(garbage: bytes) -> None:
         demux.feed(garbage)
 
 
+@given(st.binary(max_size=64), st.integers(min_value=0, max_value=len(SESSION)))
+def test_arbitrary_bytes_decode_or_raise_a_framing_error(noise: bytes, cut: int) -> None:
+    demux = session_demux()
+    try:
+        demux.feed(SESSION[:cut] + noise)
+    except SerfFramingError:
+        pass
+
+
 def test_bodyless_errors_and_join_error_with_body() -> None:
     demux = ReplyDemux()
     demux.expect(0, "body")
