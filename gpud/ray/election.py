@@ -1,0 +1,201 @@
+"""Ray head election as pure functions over one node's view of the membership.
+
+Nothing here does I/O: the service feeds in the members (with decoded tags), the data-path
+health verdicts and the node's persisted term, and acts on the returned Plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import msgspec
+
+from gpud.context import Member
+
+# Verdict of the health component for a node: True/False = healthy/unhealthy as seen by a
+# majority of its peers; None = no verdict yet (fall back to the node's own `hl` tag).
+DataPathVerdict = Callable[[str], bool | None]
+
+Action = Literal["lead", "stand", "follow", "step_down", "wait"]
+
+
+class Plan(msgspec.Struct, kw_only=True, frozen=True):
+    """What this node should do now.
+
+    lead: stay head of ``term``. stand: ask for votes as candidate of ``term``.
+    follow: run a Ray worker toward ``head``. step_down: stop being head (stop Ray).
+    wait: no head to follow and not the candidate; ``reason`` says why.
+    """
+
+    action: Action
+    term: int
+    head: str | None = None
+    candidate: str | None = None
+    reason: str = ""
+
+
+def quorum(known: int) -> int:
+    return known // 2 + 1
+
+
+def known_members(members: Mapping[str, Member]) -> list[Member]:
+    """Members that count toward the majority: everyone not gracefully left (failed counts)."""
+    return [m for m in members.values() if m.status != "left"]
+
+
+def has_majority(members: Mapping[str, Member]) -> tuple[bool, str]:
+    known = known_members(members)
+    alive = sum(1 for m in known if m.alive)
+    if alive >= quorum(len(known)):
+        return True, ""
+    return False, f"only {alive} of {len(known)} known members alive, {quorum(len(known))} needed"
+
+
+def ineligible_reason(member: Member, verdict: DataPathVerdict | None = None) -> str | None:
+    """Why ``member`` may not be Ray head, or None when it may."""
+    if not member.alive:
+        return f"{member.status} in serf"
+    tags = member.tags
+    if tags is None:
+        return f"unreadable tags: {member.tags_error or 'none'}"
+    if tags.rh == "never":
+        return 'ray.head = "never" in its config'
+    if not tags.rv:
+        return "Ray is not available on it"
+    if tags.nat:
+        return "behind NAT or port mapping (advertised address is not local)"
+    healthy = verdict(member.name) if verdict is not None else None
+    if healthy is False:
+        return "data path not healthy as seen by a majority of its peers"
+    if healthy is None and tags.hl == "critical":
+        return "reports critical health"
+    return None
+
+
+def _rendezvous(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(b"gpud-ray-head\0" + name.encode()).digest()[:8])
+
+
+def rank_key(member: Member) -> tuple[int, int, int, str]:
+    """Sort key for candidates: "prefer" first, then higher priority, then rendezvous hash."""
+    assert member.tags is not None
+    return (
+        0 if member.tags.rh == "prefer" else 1,
+        -member.tags.pri,
+        -_rendezvous(member.name),
+        member.name,
+    )
+
+
+def current_head(members: Mapping[str, Member]) -> Member | None:
+    """The alive member announcing itself head with the highest term (name breaks ties)."""
+    heads = [m for m in members.values() if m.alive and m.tags is not None and m.tags.ray == "head"]
+    if not heads:
+        return None
+    return max(heads, key=lambda m: (m.tags.term if m.tags else 0, m.name))
+
+
+def highest_term(members: Mapping[str, Member], own_term: int) -> int:
+    return max([own_term, *(m.tags.term for m in members.values() if m.tags is not None)])
+
+
+def choose_candidate(
+    members: Mapping[str, Member], verdict: DataPathVerdict | None = None
+) -> tuple[Member | None, dict[str, str]]:
+    """The best eligible member, and the reason each other member is not eligible."""
+    reasons: dict[str, str] = {}
+    eligible: list[Member] = []
+    for member in members.values():
+        reason = ineligible_reason(member, verdict)
+        if reason is None:
+            eligible.append(member)
+        else:
+            reasons[member.name] = reason
+    return (min(eligible, key=rank_key) if eligible else None), reasons
+
+
+def plan(
+    me: str,
+    members: Mapping[str, Member],
+    own_term: int,
+    verdict: DataPathVerdict | None = None,
+) -> Plan:
+    """Decide this node's next step. ``members`` must include this node with its current tags;
+    ``own_term`` is the highest term this node has voted or stood in (persisted)."""
+    # Terms announced in tags decide who is in office; the persisted vote term only makes sure
+    # a new candidacy uses a term this node has not voted in yet.
+    announced = highest_term(members, 0)
+    own = members.get(me)
+    i_am_head = own is not None and own.tags is not None and own.tags.ray == "head"
+    majority, why_not = has_majority(members)
+    if not majority:
+        if i_am_head:
+            return Plan(action="step_down", term=announced, reason=f"lost the majority: {why_not}")
+        return Plan(action="wait", term=announced, reason=f"no majority, no head: {why_not}")
+
+    head = current_head(members)
+    head_term = head.tags.term if head is not None and head.tags is not None else -1
+    if i_am_head and head is not None and head.name != me:
+        return Plan(
+            action="step_down",
+            term=announced,
+            head=head.name,
+            reason=f"{head.name} is head of the higher term {head_term}",
+        )
+    if head is not None and head_term >= announced:
+        reason = ineligible_reason(head, verdict)
+        if reason is None:
+            action: Action = "lead" if head.name == me else "follow"
+            return Plan(action=action, term=head_term, head=head.name)
+        if head.name == me:
+            return Plan(action="step_down", term=announced, reason=f"no longer eligible: {reason}")
+    if i_am_head:
+        # Heads of a stale term (a newer term was announced while we were cut off) step down.
+        if head is not None and head.name == me and head_term < announced:
+            return Plan(
+                action="step_down", term=announced, reason=f"term {head_term} < {announced}"
+            )
+
+    candidate, reasons = choose_candidate(members, verdict)
+    if candidate is None:
+        summary = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
+        return Plan(action="wait", term=announced, reason=f"no eligible head: {summary}"[:500])
+    if candidate.name == me:
+        return Plan(action="stand", term=max(own_term, announced) + 1, candidate=me)
+    return Plan(
+        action="wait",
+        term=announced,
+        candidate=candidate.name,
+        reason=f"waiting for {candidate.name} to be elected",
+    )
+
+
+def vote_refusal(
+    candidate: str,
+    term: int,
+    members: Mapping[str, Member],
+    verdict: DataPathVerdict | None = None,
+) -> str | None:
+    """A voter's objection to ``candidate`` standing for ``term`` in its own view, or None."""
+    majority, why_not = has_majority(members)
+    if not majority:
+        return f"voter has no majority: {why_not}"
+    member = members.get(candidate)
+    if member is None:
+        return f"{candidate} is not a known member"
+    reason = ineligible_reason(member, verdict)
+    if reason is not None:
+        return f"{candidate} is not eligible: {reason}"
+    head = current_head(members)
+    # Stickiness: an eligible head still in office keeps the role; no needless Ray restarts.
+    if (
+        head is not None
+        and head.name != candidate
+        and head.tags is not None
+        and head.tags.term >= term - 1
+        and ineligible_reason(head, verdict) is None
+    ):
+        return f"{head.name} is an eligible head of term {head.tags.term}"
+    return None

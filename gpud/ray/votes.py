@@ -1,0 +1,158 @@
+"""Head-election votes: the wire messages and the voter's durable one-vote-per-term record.
+
+A voter persists ``(term, voted_for)`` before it answers, so a crash and restart can never
+make it vote twice in one term (that is what keeps two heads from winning the same term).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import msgspec
+
+from gpud.errors import GpudError
+
+# The Serf query every gpud answers with its vote.
+VOTE_QUERY = "gpud-ray-vote"
+# Serf's limit on a query or response payload.
+MAX_PAYLOAD_BYTES = 1024
+NODE_NAME_MAX = 200
+
+
+class VoteState(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What one voter has promised: the highest term it knows and whom it voted for in it."""
+
+    term: int = 0
+    voted_for: str | None = None
+
+
+class VoteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    term: int
+    candidate: str
+    # Known (not-left) members the candidate counted; a voter that knows more refuses, so a
+    # candidate with a shrunken view cannot win with a "majority" of too few members.
+    known: int
+
+
+class VoteReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    voter: str
+    term: int
+    granted: bool
+    reason: str = ""
+
+
+class VoteStateError(GpudError):
+    """The vote state file cannot be read or written; the node must not vote."""
+
+
+def decide_vote(
+    state: VoteState,
+    request: VoteRequest,
+    *,
+    voter: str,
+    own_known: int,
+    refusal: str | None,
+) -> tuple[VoteState, VoteReply]:
+    """Pure vote decision. ``refusal`` is the voter's own objection to the candidate (its view
+    says the candidate is not eligible, or an eligible head is still in office), or None.
+
+    Returns the state to persist (unchanged when refused) and the reply to send.
+    """
+
+    def refuse(reason: str) -> tuple[VoteState, VoteReply]:
+        return state, VoteReply(voter=voter, term=state.term, granted=False, reason=reason)
+
+    if request.term < state.term:
+        return refuse(f"stale term {request.term} < {state.term}")
+    if request.term == state.term and state.voted_for not in (None, request.candidate):
+        return refuse(f"already voted for {state.voted_for} in term {state.term}")
+    if request.known < own_known:
+        return refuse(f"candidate counts {request.known} members, voter knows {own_known}")
+    if refusal is not None:
+        return refuse(refusal)
+    granted = VoteState(term=request.term, voted_for=request.candidate)
+    return granted, VoteReply(voter=voter, term=request.term, granted=True)
+
+
+def encode_request(request: VoteRequest) -> bytes:
+    if len(request.candidate) > NODE_NAME_MAX:
+        raise ValueError(f"node name longer than {NODE_NAME_MAX} characters")
+    return msgspec.json.encode(request)
+
+
+def decode_request(payload: bytes) -> VoteRequest:
+    """Raises msgspec.ValidationError/DecodeError on malformed payloads."""
+    return msgspec.json.decode(payload, type=VoteRequest)
+
+
+def encode_reply(reply: VoteReply) -> bytes:
+    data = msgspec.json.encode(reply)
+    if len(data) > MAX_PAYLOAD_BYTES:  # a long refusal reason: keep the verdict, cut the text
+        reply = msgspec.structs.replace(reply, reason=reply.reason[:200])
+        data = msgspec.json.encode(reply)
+    return data
+
+
+def decode_reply(payload: bytes) -> VoteReply:
+    return msgspec.json.decode(payload, type=VoteReply)
+
+
+class VoteStore:
+    """The voter's state file (msgspec JSON), written atomically: tmp + fsync + rename + dir fsync."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = asyncio.Lock()
+        self.state = self._load()
+
+    def _load(self) -> VoteState:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return VoteState()
+        except OSError as exc:
+            raise VoteStateError(f"{self.path}: cannot read: {exc.strerror}") from None
+        try:
+            return msgspec.json.decode(raw, type=VoteState)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            # Refusing to start beats voting twice: an operator must look at it.
+            raise VoteStateError(f"{self.path}: corrupt vote state: {exc}") from None
+
+    def _save(self, state: VoteState) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, msgspec.json.encode(state))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def vote(
+        self, request: VoteRequest, *, voter: str, own_known: int, refusal: str | None
+    ) -> VoteReply:
+        """Decide, persist if the state changes, then return the reply (in that order)."""
+        async with self._lock:
+            new, reply = decide_vote(
+                self.state, request, voter=voter, own_known=own_known, refusal=refusal
+            )
+            if new != self.state:
+                await asyncio.to_thread(self._save, new)
+                self.state = new
+            return reply
+
+    async def adopt_term(self, term: int) -> None:
+        """Move to a higher term seen in gossip, with no vote cast in it yet."""
+        async with self._lock:
+            if term > self.state.term:
+                new = VoteState(term=term)
+                await asyncio.to_thread(self._save, new)
+                self.state = new

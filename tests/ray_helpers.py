@@ -1,0 +1,130 @@
+"""Test-only helpers for the Ray tests: a port provider and an in-process query transport."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
+
+
+class SimpleLease(msgspec.Struct):
+    id: int
+    ports: list[int]
+
+
+class SimplePorts:
+    """Hands out ports from [start, end) that bind on 127.0.0.1 right now; never twice."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self._next = start
+        self._end = end
+        self._ids = itertools.count(1)
+        self.leases: dict[int, SimpleLease] = {}
+        self.released: list[int] = []
+
+    async def ready(self) -> None:
+        return None
+
+    def _free(self, port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+
+    async def lease(
+        self, owner: str, count: int, *, contiguous: bool = False, pid: int | None = None
+    ) -> SimpleLease:
+        ports: list[int] = []
+        while len(ports) < count:
+            if self._next >= self._end:
+                raise OSError("test port range exhausted")
+            port = self._next
+            self._next += 1
+            if self._free(port):
+                ports.append(port)
+            elif contiguous:
+                ports.clear()
+        lease = SimpleLease(id=next(self._ids), ports=ports)
+        self.leases[lease.id] = lease
+        return lease
+
+    async def release(self, lease_id: object) -> None:
+        assert isinstance(lease_id, int)
+        del self.leases[lease_id]
+        self.released.append(lease_id)
+
+
+class LoopbackNetwork:
+    """Delivers queries between in-process nodes; ``cut`` partitions it (pure-logic tests)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, dict[str, QueryHandler]] = {}
+        self.groups: list[set[str]] | None = None
+
+    def transport(self, node: str) -> LoopbackTransport:
+        self.handlers.setdefault(node, {})
+        return LoopbackTransport(self, node)
+
+    def cut(self, *groups: set[str]) -> None:
+        self.groups = list(groups)
+
+    def heal(self) -> None:
+        self.groups = None
+
+    def reachable(self, a: str, b: str) -> bool:
+        return self.groups is None or any(a in g and b in g for g in self.groups)
+
+
+class LoopbackTransport:
+    def __init__(self, network: LoopbackNetwork, node: str) -> None:
+        self._net = network
+        self._node = node
+
+    def on_query(self, name: str, handler: QueryHandler) -> None:
+        self._net.handlers[self._node][name] = handler
+
+    async def query(
+        self, name: str, payload: bytes, *, timeout_s: float | None = None
+    ) -> dict[str, bytes]:
+        replies: dict[str, bytes] = {}
+        for node, handlers in list(self._net.handlers.items()):
+            if name in handlers and self._net.reachable(self._node, node):
+                response = await handlers[name](self._node, payload)
+                if response is not None:
+                    replies[node] = response
+        await asyncio.sleep(0)
+        return replies
+
+
+def kill_group(pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids whose process group is ``pgid`` (reads /proc; for asserting clean stops)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found

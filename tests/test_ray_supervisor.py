@@ -1,0 +1,217 @@
+"""RaySupervisor with real Ray on loopback: head + worker on explicit leased ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from gpud.ray.supervisor import (
+    RayPorts,
+    RaySupervisor,
+    RayTarget,
+    alive_ray_nodes,
+    gcs_healthy,
+    port_names,
+    probe_ray,
+    ray_start_argv,
+    temp_dir_for,
+)
+from tests.ray_helpers import SimplePorts, group_members
+
+RAY = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray")
+needs_ray = pytest.mark.skipif(shutil.which(RAY) is None, reason="ray not installed in .venv")
+
+
+def test_argv_uses_every_leased_port() -> None:
+    ports = RayPorts(
+        named={"port": 1, "ray-client-server-port": 2, "node-manager-port": 3},
+        min_worker_port=10,
+        max_worker_port=20,
+    )
+    argv = ray_start_argv(
+        "ray",
+        RayTarget(role="head"),
+        ports,
+        node_name="n1",
+        node_ip="10.0.0.1",
+        temp_dir="/tmp/x",
+        num_cpus=2,
+        num_gpus=1,
+    )
+    assert argv[:4] == ["ray", "start", "--block", "--head"]
+    for flag in (
+        "--port=1",
+        "--ray-client-server-port=2",
+        "--node-manager-port=3",
+        "--min-worker-port=10",
+        "--max-worker-port=20",
+        "--node-ip-address=10.0.0.1",
+        "--num-cpus=2",
+        "--num-gpus=1",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ):
+        assert flag in argv
+    worker_ports = RayPorts(
+        named={name: 100 + i for i, name in enumerate(port_names("worker", client_server=True))},
+        min_worker_port=10,
+        max_worker_port=20,
+    )
+    worker = ray_start_argv(
+        "ray",
+        RayTarget(role="worker", head_addr="10.0.0.2", gcs_port=5),
+        worker_ports,
+        node_name="n1",
+        node_ip="10.0.0.1",
+        temp_dir="/tmp/x",
+        num_cpus=None,
+        num_gpus=0,
+    )
+    assert "--address=10.0.0.2:5" in worker and "--head" not in worker
+    assert not any(a.startswith(("--include-dashboard", "--port=")) for a in worker)
+    assert not any(a.startswith("--num-cpus") for a in worker)
+    assert "--object-manager-port=101" in worker
+
+
+def test_port_names() -> None:
+    head = port_names("head", client_server=True)
+    assert head[0] == "port" and "ray-client-server-port" in head
+    assert "ray-client-server-port" not in port_names("head", client_server=False)
+    worker = port_names("worker", client_server=True)
+    assert "port" not in worker and "ray-client-server-port" not in worker
+    assert len(set(head)) == len(head) and set(worker) < set(head)
+
+
+def test_temp_dir_is_short() -> None:
+    path = temp_dir_for("/tmp/gpud-ray", "x" * 300 + "/../evil")
+    assert len(path) <= len("/tmp/gpud-ray/") + 32 and "/.." not in path[len("/tmp/gpud-ray") :]
+
+
+async def test_missing_ray_is_reported() -> None:
+    install = await probe_ray("/nonexistent/ray")
+    assert install.reason is not None and "not found" in install.reason
+
+
+async def test_unrunnable_ray_is_reported(tmp_path: Path) -> None:
+    fake = tmp_path / "ray"
+    fake.write_text("#!/bin/sh\necho broken install >&2\nexit 3\n")
+    fake.chmod(0o755)
+    install = await probe_ray(str(fake))
+    assert install.reason is not None
+    assert "broken install" in install.reason and "(3)" in install.reason
+
+
+async def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.ray
+@needs_ray
+@pytest.mark.timeout(280)
+async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
+    install = await probe_ray(RAY)
+    assert install.reason is None and install.version.startswith("2."), install
+    root = f"/tmp/gpud-ray-test-{tmp_path.name[-12:]}"
+    ports = SimplePorts(23000, 24000)
+    head = RaySupervisor(
+        executable=RAY,
+        node_name="h1",
+        node_ip="127.0.0.2",
+        ports=ports,
+        temp_root=root,
+        num_cpus=1,
+        worker_ports=8,
+        grace_s=3,
+        client_server=install.client,
+    )
+    worker = RaySupervisor(
+        executable=RAY,
+        node_name="w1",
+        node_ip="127.0.0.3",
+        ports=ports,
+        temp_root=root,
+        num_cpus=1,
+        worker_ports=8,
+        grace_s=3,
+        client_server=install.client,
+    )
+    head2 = RaySupervisor(
+        executable=RAY,
+        node_name="h2",
+        node_ip="127.0.0.4",
+        ports=ports,
+        temp_root=root,
+        num_cpus=1,
+        worker_ports=8,
+        grace_s=3,
+        client_server=install.client,
+    )
+    tasks = [asyncio.create_task(s.run()) for s in (head, worker, head2)]
+    pgids: list[int] = []
+    try:
+        head.set_target(RayTarget(role="head"))
+
+        async def head_ready() -> bool:
+            return head.gcs_ready_port != 0
+
+        await _wait_for(head_ready, 90, "head GCS ready")
+        gcs = head.gcs_ready_port
+        assert head.ray_ports is not None and gcs == head.ray_ports.named["port"]
+        assert await gcs_healthy(RAY, "127.0.0.2", gcs)
+        worker.set_target(RayTarget(role="worker", head_addr="127.0.0.2", gcs_port=gcs))
+
+        async def two_nodes() -> bool:
+            nodes = await alive_ray_nodes(RAY, f"127.0.0.2:{gcs}")
+            return sorted(n.name for n in nodes) == ["h1", "w1"]
+
+        await _wait_for(two_nodes, 90, "2 alive Ray nodes")
+
+        # kill -9 the head's whole process group: GCS is gone.
+        head_pid = head.status().process.pid
+        assert head_pid is not None
+        pgids.append(head_pid)
+        head.set_target(None)  # keep the head supervisor from restarting it
+        import os
+
+        os.killpg(head_pid, signal.SIGKILL)
+        worker_pid_before = worker.status().process.pid
+
+        head2.set_target(RayTarget(role="head"))
+
+        async def head2_ready() -> bool:
+            return head2.gcs_ready_port != 0
+
+        await _wait_for(head2_ready, 90, "second head GCS ready")
+        gcs2 = head2.gcs_ready_port
+        # Told about the new head, the worker restarts at once toward it.
+        worker.set_target(RayTarget(role="worker", head_addr="127.0.0.4", gcs_port=gcs2))
+
+        async def worker_moved() -> bool:
+            nodes = await alive_ray_nodes(RAY, f"127.0.0.4:{gcs2}")
+            return sorted(n.name for n in nodes) == ["h2", "w1"]
+
+        await _wait_for(worker_moved, 90, "worker registered with the new head")
+        assert worker.status().process.pid != worker_pid_before
+        pgids += [p for p in (worker.status().process.pid, head2.status().process.pid) if p]
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        shutil.rmtree(root, ignore_errors=True)
+    # Stopping by process group left nothing of ours behind.
+    await asyncio.sleep(0.5)
+    for pgid in pgids:
+        assert group_members(pgid) == [], f"process group {pgid} still has members"
+    assert ports.leases == {}
