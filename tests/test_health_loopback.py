@@ -114,7 +114,6 @@ async def cluster(
     members = {n.name: n.member() for n in nodes}
     for n in nodes:
         n.ctx.set_members(dict(members))
-        n.service.client.source_addr = n.ctx.advertise_addr
         await n.service.server.start()
     try:
         yield nodes
@@ -417,3 +416,22 @@ async def test_run_serves_and_probes_until_cancelled(key_file: Path):
             task.cancel()
     assert [s.status().state for s in services] == ["passing", "passing"]
     assert services[0].status().rounds >= 2
+
+
+async def test_above_full_mesh_max_each_round_probes_head_neighbours_and_k_random(key_file: Path):
+    async with cluster(
+        key_file, 6, full_mesh_max=3, random_peers=1, successes_before_passing=1
+    ) as nodes:
+        a = nodes[0]
+        a.ctx.set_members(
+            a.ctx.members
+            | {"n4": nodes[3].member(tags=Tags(pp=nodes[3].ctx.config.peer.port, ray="head"))}
+        )
+        await a.service.probe_round()
+        probed = {
+            r.peer
+            for r in a.service.status().peers
+            if r.direction == "out" and r.state != "unknown"
+        }
+        # Ring neighbours of n1 among n1..n6 are n6 and n2; n4 is the Ray head; one random.
+        assert {"n2", "n4", "n6"} < probed and len(probed) == 4

@@ -171,6 +171,12 @@ class PeerClient:
         self.source_addr = source_addr
         self._session: aiohttp.ClientSession | None = None
 
+    async def set_source_addr(self, addr: str | None) -> None:
+        """Bind future probes' sockets to ``addr`` (None: let the kernel choose)."""
+        if addr != self.source_addr:
+            await self.close()
+            self.source_addr = addr
+
     async def __aenter__(self) -> PeerClient:
         return self
 

@@ -138,10 +138,15 @@ class HealthService:
             return self._network.status()
         return self._network()
 
+    def _source_addr(self, network: NetworkStatus | None) -> str | None:
+        """Probe from the advertised address while it is ours: that is the path Ray uses.
+        Without a NetCheck the caller vouches for the address; with one, only once it has
+        seen the address on a local interface."""
+        if self._network is None or (network is not None and network.address_is_local):
+            return self._ctx.advertise_addr
+        return None
+
     async def run(self) -> None:
-        # Probe from the advertised address when it is ours: that is the path Ray uses.
-        if nat_address_input(self._network_status()) is not False:
-            self.client.source_addr = self._ctx.advertise_addr
         await self.server.start()
         try:
             async with asyncio.TaskGroup() as group:
@@ -161,6 +166,7 @@ class HealthService:
     async def probe_round(self) -> HealthStatus:
         """One round: probe this round's targets, update verdicts and tags."""
         health = self._ctx.config.health
+        await self.client.set_source_addr(self._source_addr(self._network_status()))
         self.prober.sync(self._ctx.members, self._ctx.node_name)
         names = list(self.prober.records)
         head = next(
@@ -255,6 +261,7 @@ class HealthService:
         NetCheck this service was given."""
         us = self.us
         network = network or self._network_status()
+        await self.client.set_source_addr(self._source_addr(network))
         health = self._ctx.config.health
         now = Prober(
             self.client,
