@@ -52,6 +52,10 @@ class PingReply(msgspec.Struct):
 
 
 class DialBackRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Empty on purpose: where we dial back comes from our membership view, never the caller."""
+
+
+class ViewRequest(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
@@ -251,7 +255,7 @@ class PeerClient:
         )
 
     async def view(self, addr: str, port: int) -> ViewReply:
-        return await self._call(addr, port, PATH_VIEW, PingRequest(), ViewReply)
+        return await self._call(addr, port, PATH_VIEW, ViewRequest(), ViewReply)
 
     async def probe(self, addr: str, port: int) -> ProbeOutcome:
         """The data-path probe: TCP connect, then an authenticated ping; RTT of the ping."""
@@ -384,7 +388,7 @@ class PeerApiServer:
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 
     async def _view_handler(self, request: web.Request) -> web.Response:
-        msgspec.json.decode(request[_PEER_BODY] or b"{}", type=PingRequest)
+        msgspec.json.decode(request[_PEER_BODY] or b"{}", type=ViewRequest)
         reply = ViewReply(
             name=self._ctx.node_name,
             addr=self._ctx.advertise_addr,

@@ -22,6 +22,7 @@ from gpud.health.verdict import (
     Endpoint,
     HealthState,
     NatVerdict,
+    PairKind,
     PairVerdict,
     Thresholds,
     detect_nat,
@@ -48,14 +49,15 @@ class PeerRow(msgspec.Struct):
     rtt_ms: float | None
     reason: str
     serf: MemberStatus
-    # What the in direction is judged from: "dial-back" or "inbound probes" ("" for out).
+    # What the in direction is judged from: "dial-back", "inbound probes", or why the
+    # dial-back could not be asked ("" for out).
     source: str = ""
 
 
 class PairRow(msgspec.Struct):
     peer: str
     state: HealthState
-    kind: str
+    kind: PairKind
     message: str
     fix: str
 
