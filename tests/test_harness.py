@@ -435,10 +435,32 @@ def test_generated_node_config_is_valid_for_gpud(tmp_path: Path) -> None:
 
 
 @pytest.mark.netns
-def test_cluster_of_real_gpud_nodes_converges(cluster: Callable[..., Cluster]) -> None:
+def test_gpud_node_lifecycle_in_a_real_cluster(cluster: Callable[..., Cluster]) -> None:
     c = cluster(3)
     c.wait_converged(timeout=60)
     status = c[0].status()
     assert {"node", "members", "health", "network", "ports", "ray", "gpus"} <= set(status)
     assert {m["name"] for m in status["members"]} == {"h0", "h1", "h2"}
-    assert c[1].serf_pid() is not None
+    assert "h1" in c[1].status_text()
+
+    def view(node: GpudNode, name: str) -> str | None:
+        return {m["name"]: m["status"] for m in node.members()}.get(name)
+
+    # kill9_serf: only the serf child dies; gpud restarts it and the cluster reconverges.
+    n2 = c[2]
+    old_serf = n2.kill9_serf()
+    assert n2.running()
+    wait_for(lambda: n2.serf_pid() not in (None, old_serf), 30, 0.5, what="a new serf child")
+    c.wait_converged(timeout=60)
+    # kill9: gpud and serf die at once; peers declare the node failed.
+    n2.kill9()
+    assert not n2.running() and n2.serf_pid() is None
+    wait_for(
+        lambda: view(c[0], "h2") == "failed", 60, 0.5, what="h2 failed on h0", describe=c.describe
+    )
+    n2.restart()
+    c.wait_converged(timeout=60)
+    # terminate: a graceful stop, so peers see the node leave.
+    assert c[1].terminate() == 0
+    wait_for(lambda: view(c[0], "h1") == "left", 30, 0.5, what="h1 left on h0", describe=c.describe)
+    assert "starting gpud" in c[1].log_text()
