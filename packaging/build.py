@@ -72,9 +72,21 @@ def stage(root: Path) -> Path:
     venv.parent.mkdir(parents=True)
     run(PYTHON, "-m", "venv", venv)
     python = venv / "bin" / "python3"
-    with tempfile.TemporaryDirectory(prefix="gpud-wheel-") as wheel_dir:
-        run(python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheel_dir, PROJECT)
-        (wheel,) = Path(wheel_dir).glob("gpud-*.whl")
+    with tempfile.TemporaryDirectory(prefix="gpud-wheel-") as scratch:
+        # Build from a clean copy: setuptools reuses a build/ directory in the source tree,
+        # whose stale modules would end up in the wheel.
+        source = Path(scratch) / "src"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md", "gpud"):
+            if (PROJECT / name).is_dir():
+                shutil.copytree(
+                    PROJECT / name, source / name, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            elif (PROJECT / name).exists():
+                shutil.copyfile(PROJECT / name, source / name)
+        wheel_dir = Path(scratch) / "wheel"
+        run(python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheel_dir, source)
+        (wheel,) = wheel_dir.glob("gpud-*.whl")
         # Resolves [project].dependencies only; Ray is an optional extra and stays out.
         run(python, "-m", "pip", "install", "--quiet", "--no-compile", wheel)
     run(python, "-m", "pip", "uninstall", "--quiet", "--yes", "pip", "setuptools")
