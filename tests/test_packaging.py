@@ -248,6 +248,9 @@ def test_rpm_metadata_files_and_scriptlets(packages: Packages) -> None:
     deb_files = {p for p, mode in _deb_contents(packages.deb).items() if not mode.startswith("d")}
     assert deb_files - set(files) == set()
     assert files["/usr/share/doc/gpud"].startswith("drwxr-xr-x root")
+    for tag in ("PREIN", "POSTIN", "PREUN", "POSTUN"):
+        body = _run("rpm", "-qp", "--qf", f"%{{{tag}}}", packages.rpm).stdout
+        assert _run("sh", "-n", "-c", body, check=False).returncode == 0, f"{tag}:\n{body}"
     scripts = _run("rpm", "-qp", "--scripts", packages.rpm).stdout
     for semantics in ("systemctl --no-reload preset gpud.service",
                       "systemctl --no-reload disable --now gpud.service",
@@ -405,6 +408,7 @@ def test_deb_unit_enables_and_verifies_without_systemd_running(installed_deb: Pa
 
 
 def test_deb_agent_runs_with_the_units_privileges(installed_deb: Packages) -> None:
+    _need("unshare", "setpriv", "ip")
     assert _run("/usr/bin/gpud", "version").stdout.strip()
     workdir = Path(tempfile.mkdtemp(prefix="gpud-pkgtest-"))
     try:
