@@ -207,23 +207,25 @@ def _used_third_octets() -> set[int]:
 def _reserve_id() -> int:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     used = _used_third_octets()
-    me = {"pid": os.getpid(), "start": _proc_start_time(os.getpid())}
+    # The state file appears complete or not at all (hard link of a written temp file), so a
+    # concurrent cleanup_leftovers never sees an empty one and mistakes it for a dead run.
+    draft = STATE_DIR / f".{PREFIX}-draft-{os.getpid()}"
+    draft.write_text(json.dumps({"pid": os.getpid(), "start": _proc_start_time(os.getpid())}))
     candidates = [k for k in range(1, 255) if k not in used]
     random.shuffle(candidates)
-    for k in candidates:
-        try:
-            fd = os.open(
-                STATE_DIR / f"{PREFIX}{k}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
-            )
-        except FileExistsError:
-            continue
-        if _prefixed_netns().get(k):  # a crashed run's leftovers without a state file
-            os.close(fd)
-            os.unlink(STATE_DIR / f"{PREFIX}{k}.json")
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return k
+    try:
+        for k in candidates:
+            state = STATE_DIR / f"{PREFIX}{k}.json"
+            try:
+                os.link(draft, state)
+            except FileExistsError:
+                continue
+            if _prefixed_netns().get(k):  # a crashed run's leftovers without a state file
+                state.unlink()
+                continue
+            return k
+    finally:
+        draft.unlink(missing_ok=True)
     raise HarnessError("no free 10.77.x.0/24 subnet for a harness network")
 
 
