@@ -73,9 +73,12 @@ def simulate(
             step(node, views, n_blocks)
         all_joined = all(join_round[n.name] <= rnd for n in nodes)
         settled = all(n.claim is None or n.claim.confirmed for n in live)
-        if all_joined and rnd >= partial_rounds and settled and before == [
-            (n.claim, n.held_rounds) for n in nodes
-        ]:
+        if (
+            all_joined
+            and rnd >= partial_rounds
+            and settled
+            and before == [(n.claim, n.held_rounds) for n in nodes]
+        ):
             return rnd
     raise AssertionError(f"claims did not settle in {max_rounds} rounds")
 
@@ -160,7 +163,8 @@ def test_newcomers_do_not_move_settled_nodes(params: tuple, newcomers: int, blin
     rounds = simulate(nodes, join_round, partial, seen, n_blocks, max_rounds=200)
     settled = {n.name: n.claim.blk for n in nodes if n.claim is not None}
     addrs = sorted({n.addr for n in nodes})
-    # The settled nodes see each other from now on; only the newcomers may be blind.
+    # The settled nodes are all there and see each other; only the newcomers may be blind.
+    join_round = dict.fromkeys(join_round, 0)
     seen = {}
     for i in range(newcomers):
         new = SimNode(name=f"new-{i}", addr=addrs[i % len(addrs)])

@@ -372,3 +372,18 @@ def test_cli_lease_list_release(workdir: Path, capsys: pytest.CaptureFixture[str
         assert cli.main(["ports", "release", lease_id, "--socket", sock]) == 1
         assert "no lease" in capsys.readouterr().err
         assert cli.main(["ports", "lease", "--owner", "x", "--count", "0", "--socket", sock]) == 1
+
+
+def test_overlap_with_the_ephemeral_range_is_reported(workdir: Path) -> None:
+    from gpud.ports import reserve
+
+    ephemeral = reserve.ephemeral_range()
+    assert ephemeral is not None
+    cfg = write_config(workdir, range_start=ephemeral[0] - 100, range_end=ephemeral[0] + 300)
+    service = PortsService(NodeContext(config.load(str(cfg)), ADDR))
+    [warning] = service.status().warnings
+    assert "net.ipv4.ip_local_port_range" in warning
+    assert f"at {ephemeral[0]}-{ephemeral[0] + 299}" in warning
+    assert any("ephemeral" in p.message for p in service.problems())
+    clean = PortsService(NodeContext(config.load(str(write_config(workdir, "n2"))), ADDR))
+    assert clean.status().warnings == [] and clean.problems() == []

@@ -140,6 +140,8 @@ class PortsService:
         self._dead_since: dict[str, float] = {}
         self._bind_checks = self._bind_checks_for(ctx.advertise_addr)
         self._warnings = self._config_warnings()
+        for warning in self._warnings:
+            log.warning(logger, warning)
 
     # ---- in-process API -------------------------------------------------------------------
 
@@ -252,13 +254,6 @@ class PortsService:
         return asyncio.get_running_loop().create_future()
 
     async def _lease(self, request: LeaseRequest) -> Lease:
-        if not self._confirmed.is_set():
-            where = f"block {self._claim.blk}" if self._claim else "a block"
-            raise ApiError(
-                503,
-                f"port block not confirmed yet (claiming {where}; state {self._state}); retry "
-                "once gossip has settled",
-            )
         if request.count > self.cfg.block_size:
             raise ApiError(
                 400, f"count {request.count} exceeds the block size ({self.cfg.block_size})"
@@ -268,6 +263,13 @@ class PortsService:
             pid_start = process_start(request.pid)
             if pid_start is None:
                 raise ApiError(400, f"pid {request.pid} is not a running process")
+        if not self._confirmed.is_set():
+            where = f"block {self._claim.blk}" if self._claim else "a block"
+            raise ApiError(
+                503,
+                f"port block not confirmed yet (claiming {where}; state {self._state}); retry "
+                "once gossip has settled",
+            )
         lease = await self._submit(_Op(future=self._future(), request=request, pid_start=pid_start))
         assert lease is not None
         return lease
