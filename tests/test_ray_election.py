@@ -1,0 +1,413 @@
+"""Head election: property tests of the pure plan and of votes, and in-process clusters."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpud.config import Config, NodeConfig, PathsConfig
+from gpud.context import Member, NodeContext
+from gpud.ray.election import (
+    choose_candidate,
+    current_head,
+    has_majority,
+    ineligible_reason,
+    plan,
+    quorum,
+    vote_refusal,
+)
+from gpud.ray.service import HeadElection
+from gpud.ray.votes import (
+    VoteReply,
+    VoteRequest,
+    VoteState,
+    VoteStateError,
+    VoteStore,
+    decide_vote,
+    decode_reply,
+    encode_reply,
+)
+from gpud.tags import Tags
+from tests.ray_helpers import LoopbackNetwork
+
+NAMES = [f"n{i}" for i in range(7)]
+
+tags_strategy = st.builds(
+    Tags,
+    ray=st.sampled_from(["none", "head", "worker"]),
+    term=st.integers(0, 5),
+    rh=st.sampled_from(["auto", "prefer", "never"]),
+    pri=st.integers(-2, 2),
+    rv=st.booleans(),
+    nat=st.booleans(),
+    hl=st.sampled_from(["unknown", "passing", "warning", "critical"]),
+)
+
+
+@st.composite
+def views(draw: st.DrawFn) -> dict[str, Member]:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=7, unique=True))
+    members = {}
+    for name in names:
+        members[name] = Member(
+            name=name,
+            addr="10.77.0.1",
+            port=7946,
+            status=draw(st.sampled_from(["alive", "alive", "alive", "failed", "left"])),
+            tags=draw(st.one_of(tags_strategy, st.none())),
+            tags_error=None,
+        )
+    return members
+
+
+def with_self_alive(members: dict[str, Member], me: str) -> dict[str, Member]:
+    own = members[me]
+    members = dict(members)
+    members[me] = Member(
+        name=me, addr=own.addr, port=own.port, status="alive", tags=own.tags or Tags()
+    )
+    return members
+
+
+@given(views(), st.randoms())
+def test_plan_is_deterministic_and_order_free(
+    members: dict[str, Member], rnd: random.Random
+) -> None:
+    me = next(iter(members))
+    members = with_self_alive(members, me)
+    shuffled = list(members.items())
+    rnd.shuffle(shuffled)
+    assert plan(me, members, 0) == plan(me, dict(shuffled), 0)
+
+
+@given(views())
+def test_no_lead_or_stand_without_majority(members: dict[str, Member]) -> None:
+    for me in members:
+        view = with_self_alive(members, me)
+        p = plan(me, view, 0)
+        if not has_majority(view)[0]:
+            assert p.action in ("wait", "step_down")
+        if p.action in ("lead", "stand"):
+            assert ineligible_reason(view[me]) is None
+
+
+@given(views())
+def test_one_candidate_per_shared_view(members: dict[str, Member]) -> None:
+    """Nodes that share one view never both stand, nor stand while another leads."""
+    alive = [name for name, m in members.items() if m.alive]
+    actions = {name: plan(name, members, 0).action for name in alive}
+    assert sum(1 for a in actions.values() if a == "stand") <= 1
+    if "lead" in actions.values():
+        assert "stand" not in actions.values()
+    assert sum(1 for a in actions.values() if a == "lead") <= 1
+
+
+@given(views(), st.sampled_from(NAMES), st.integers(0, 5))
+def test_incumbent_stickiness(members: dict[str, Member], head_name: str, term: int) -> None:
+    """An eligible head of the highest announced term keeps the role: all others follow it,
+    and no voter grants a vote to anyone else."""
+    head = Member(
+        name=head_name,
+        addr="10.77.0.9",
+        port=7946,
+        status="alive",
+        tags=Tags(ray="head", term=term, rv=True, hl="passing"),
+    )
+    members = {**members, head_name: head}
+    for name, m in list(members.items()):
+        if name != head_name and m.tags is not None and m.tags.term > term:
+            members[name] = Member(
+                name=name,
+                addr=m.addr,
+                port=m.port,
+                status=m.status,
+                tags=Tags(ray="worker", term=term),
+            )
+        elif name != head_name and m.tags is not None and m.tags.ray == "head":
+            members[name] = Member(
+                name=name,
+                addr=m.addr,
+                port=m.port,
+                status=m.status,
+                tags=Tags(ray="none", term=term),
+            )
+    if not has_majority(members)[0]:
+        return
+    for name, m in members.items():
+        if not m.alive:
+            continue
+        p = plan(name, members, term)
+        assert p.action == ("lead" if name == head_name else "follow"), p
+        assert p.head == head_name
+        if name != head_name:
+            assert vote_refusal(name, term + 1, members) is not None
+
+
+def test_order_prefers_prefer_then_priority() -> None:
+    def member(name: str, **tags: object) -> Member:
+        return Member(name=name, addr="x", port=1, status="alive", tags=Tags(rv=True, **tags))  # type: ignore[arg-type]
+
+    members = {
+        "a": member("a", pri=5),
+        "b": member("b", rh="prefer", pri=0),
+        "c": member("c", pri=9),
+        "d": member("d", rh="never", pri=99),
+    }
+    assert choose_candidate(members)[0].name == "b"  # type: ignore[union-attr]
+    del members["b"]
+    assert choose_candidate(members)[0].name == "c"  # type: ignore[union-attr]
+    reasons = choose_candidate({"e": member("e", nat=True)})[1]
+    assert "NAT" in reasons["e"]
+    assert ineligible_reason(member("f"), lambda _: False) is not None
+    assert current_head({}) is None and quorum(4) == 3 and quorum(3) == 2
+
+
+# ---- votes -----------------------------------------------------------------------------
+
+requests = st.builds(
+    VoteRequest,
+    term=st.integers(1, 6),
+    candidate=st.sampled_from(NAMES[:4]),
+    known=st.integers(1, 6),
+)
+
+
+contested = st.builds(
+    VoteRequest,
+    term=st.integers(1, 2),
+    candidate=st.sampled_from(NAMES[:2]),
+    known=st.sampled_from([5, 5, 5, 4, 6]),
+)
+# Hypothesis favours small values; keep objections and restarts the exception.
+rarely = st.sampled_from([False, False, False, False, True])
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 4), contested, rarely, rarely), max_size=40))
+async def test_never_two_heads_in_one_term(
+    tmp_path_factory: pytest.TempPathFactory,
+    deliveries: list[tuple[int, VoteRequest, bool, bool]],
+) -> None:
+    """5 voters (durable stores), requests in any order, random objections, random restarts:
+    no term ever has two candidates with a majority of grants."""
+    root = tmp_path_factory.mktemp("votes")
+    stores = [VoteStore(root / f"v{i}.json") for i in range(5)]
+    grants: dict[tuple[int, str], set[int]] = {}
+    for voter, request, objects, restart in deliveries:
+        if restart:  # crash + restart: the state comes back from the file
+            stores[voter] = VoteStore(root / f"v{voter}.json")
+        reply = await stores[voter].vote(
+            request, voter=f"v{voter}", own_known=5, refusal="objection" if objects else None
+        )
+        if reply.granted:
+            grants.setdefault((request.term, request.candidate), set()).add(voter)
+    winners: dict[int, set[str]] = {}
+    for (term, candidate), voters in grants.items():
+        if len(voters) >= quorum(5):
+            winners.setdefault(term, set()).add(candidate)
+    assert all(len(c) == 1 for c in winners.values()), winners
+
+
+@given(
+    st.builds(VoteState, term=st.integers(0, 5), voted_for=st.sampled_from([None, *NAMES[:3]])),
+    requests,
+    st.integers(1, 6),
+)
+def test_decide_vote_rules(state: VoteState, request: VoteRequest, own_known: int) -> None:
+    new, reply = decide_vote(state, request, voter="v", own_known=own_known, refusal=None)
+    if reply.granted:
+        assert new == VoteState(term=request.term, voted_for=request.candidate)
+        assert request.term >= state.term and request.known >= own_known
+        assert state.term < request.term or state.voted_for in (None, request.candidate)
+    else:
+        assert new == state and reply.reason
+    assert new.term >= state.term
+
+
+async def test_vote_store_survives_restart_and_rejects_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "ray-vote.json"
+    store = VoteStore(path)
+    first = await store.vote(
+        VoteRequest(term=3, candidate="a", known=3), voter="v", own_known=3, refusal=None
+    )
+    assert first.granted
+    reopened = VoteStore(path)
+    assert reopened.state == VoteState(term=3, voted_for="a")
+    second = await reopened.vote(
+        VoteRequest(term=3, candidate="b", known=3), voter="v", own_known=3, refusal=None
+    )
+    assert not second.granted and "already voted for a" in second.reason
+    await reopened.adopt_term(5)
+    assert VoteStore(path).state == VoteState(term=5)
+    path.write_text("{not json")
+    with pytest.raises(VoteStateError, match="corrupt"):
+        VoteStore(path)
+
+
+def test_reply_payload_fits_serf_limit() -> None:
+    reply = VoteReply(voter="v", term=1, granted=False, reason="x" * 5000)
+    data = encode_reply(reply)
+    assert len(data) <= 1024 and decode_reply(data).granted is False
+
+
+# ---- in-process clusters over the loopback query transport ------------------------------
+
+
+class Cluster:
+    """N HeadElections whose membership views are computed from each other's tags."""
+
+    def __init__(self, root: Path, names: list[str], **tags: object) -> None:
+        self.net = LoopbackNetwork()
+        self.down: set[str] = set()
+        self.frozen: set[str] = set()
+        self.left: set[str] = set()
+        self.nodes: dict[str, HeadElection] = {}
+        for i, name in enumerate(names):
+            config = Config(
+                node=NodeConfig(name=name), paths=PathsConfig(state_dir=str(root / name))
+            )
+            ctx = NodeContext(config, advertise_addr=f"10.77.0.{i + 1}")
+            ctx.tags = Tags(rv=True, hl="passing", **tags)  # type: ignore[arg-type]
+            store = VoteStore(config.state_dir / "ray-vote.json")
+            self.nodes[name] = HeadElection(ctx, self.net.transport(name), store)
+
+    def refresh(self) -> None:
+        for a, election in self.nodes.items():
+            members = {}
+            for b, other in self.nodes.items():
+                if b in self.left:
+                    continue
+                up = b not in self.down and self.net.reachable(a, b)
+                members[b] = Member(
+                    name=b,
+                    addr=other.ctx.advertise_addr,
+                    port=7946,
+                    status="alive" if up else "failed",
+                    tags=other.ctx.tags,
+                )
+            election.ctx.set_members(members)
+
+    async def rounds(self, n: int = 6) -> None:
+        for _ in range(n):
+            for name, election in self.nodes.items():
+                if name in self.down or name in self.frozen:
+                    continue
+                self.refresh()
+                election._next_stand = 0.0  # no retry pause in a stepped test
+                await election.step()
+        self.refresh()
+
+    def heads(self) -> dict[str, int]:
+        return {
+            n: e.ctx.tags.term
+            for n, e in self.nodes.items()
+            if e.ctx.tags.ray == "head" and n not in self.down
+        }
+
+    def actions(self) -> dict[str, str]:
+        return {n: e.plan.action for n, e in self.nodes.items() if n not in self.down}
+
+
+async def test_three_nodes_elect_one_head_and_fail_over(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    await cluster.rounds()
+    heads = cluster.heads()
+    assert len(heads) == 1
+    ((head, term),) = heads.items()
+    expected = choose_candidate(cluster.nodes["a"].view())[0]
+    assert expected is not None and head == expected.name
+    assert all(e.ctx.tags.term == term for e in cluster.nodes.values())
+    assert sorted(cluster.actions().values()) == ["follow", "follow", "lead"]
+
+    await cluster.rounds()  # stickiness: nothing changes
+    assert cluster.heads() == {head: term}
+
+    cluster.down.add(head)
+    await cluster.rounds()
+    heads = cluster.heads()
+    assert len(heads) == 1 and head not in heads
+    assert next(iter(heads.values())) == term + 1
+
+
+async def test_prefer_node_joining_does_not_unseat_the_head(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    await cluster.rounds()
+    heads = cluster.heads()
+    ((head, _),) = heads.items()
+    other = next(n for n in cluster.nodes if n != head)
+    await cluster.nodes[other].ctx.update_tags(rh="prefer", pri=100)
+    await cluster.rounds()
+    assert cluster.heads() == heads
+
+
+async def test_partition_minority_elects_nobody(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    await cluster.rounds()
+    ((head, term),) = cluster.heads().items()
+    rest = sorted(set(cluster.nodes) - {head})
+    # 2|1 with the head alone: it steps down; the majority elects a new head of a newer term.
+    cluster.net.cut({head}, set(rest))
+    await cluster.rounds()
+    heads = cluster.heads()
+    assert head not in heads and len(heads) == 1
+    new_head, new_term = next(iter(heads.items()))
+    assert new_term == term + 1
+    assert cluster.nodes[head].plan.action == "wait"
+    assert "no majority" in cluster.nodes[head].plan.reason
+    # Heal: the old head follows the new one, nobody stands again.
+    cluster.net.heal()
+    await cluster.rounds()
+    assert cluster.heads() == {new_head: new_term}
+    assert cluster.nodes[head].plan.action == "follow"
+
+    # 2|1 with the head on the majority side: the head stays; the minority node keeps no head.
+    lonely = next(n for n in cluster.nodes if n != new_head)
+    cluster.net.cut({lonely}, set(cluster.nodes) - {lonely})
+    await cluster.rounds()
+    assert cluster.heads() == {new_head: new_term}
+    assert cluster.nodes[lonely].plan.action == "wait"
+    assert cluster.nodes[lonely].ctx.tags.ray == "none"
+
+
+async def test_stale_head_rejoining_steps_down(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    await cluster.rounds()
+    ((head, term),) = cluster.heads().items()
+    # The head is paused (it cannot notice) while the others elect a new head.
+    cluster.frozen.add(head)
+    cluster.net.cut({head}, set(cluster.nodes) - {head})
+    await cluster.rounds()
+    assert len(cluster.heads()) == 2  # the frozen one still claims the old term
+    cluster.frozen.clear()
+    cluster.net.heal()
+    await cluster.rounds()
+    heads = cluster.heads()
+    assert len(heads) == 1 and head not in heads and next(iter(heads.values())) == term + 1
+    assert cluster.nodes[head].ctx.tags.term == term + 1
+
+
+async def test_nobody_eligible_says_why(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, ["a", "b", "c"], rh="never")
+    await cluster.rounds()
+    assert cluster.heads() == {}
+    reason = cluster.nodes["a"].plan.reason
+    assert "no eligible head" in reason and 'ray.head = "never"' in reason
+
+
+async def test_malformed_vote_request_is_refused(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    cluster.refresh()
+    handler = cluster.net.handlers["b"]["gpud-ray-vote"]
+    reply = decode_reply(await handler("a", b"\xff garbage") or b"")
+    assert not reply.granted and "malformed" in reply.reason
+    # Asking for someone else's vote is refused, and changes nothing.
+    request = VoteRequest(term=9, candidate="c", known=3)
+    from gpud.ray.votes import encode_request
+
+    reply = decode_reply(await handler("a", encode_request(request)) or b"")
+    assert not reply.granted
+    assert cluster.nodes["b"].store.state == VoteState()
