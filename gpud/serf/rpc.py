@@ -364,6 +364,9 @@ class SerfRPC:
             self._fail(exc)
         except OSError as exc:
             self._fail(SerfConnectionError(f"serf RPC connection broken: {exc}"))
+        except Exception as exc:  # never leave callers waiting on a dead reader
+            log.error(_log, "RPC reader failed", error=repr(exc))
+            self._fail(SerfFramingError(f"cannot handle serf's reply: {exc!r}"))
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.record:
