@@ -1,1 +1,11 @@
-"""Multi-host test harness: hosts in network namespaces, faults, and real gpud nodes."""
+"""Multi-host test harness: hosts in network namespaces, faults, and real gpud nodes.
+
+    from tests.harness.netns import Network          # bridge + N namespaces (Host objects)
+    from tests.harness import faults                 # partition, one_way, block_port, loss, heal,
+                                                     # port_mapped_host (Docker-style DNAT/SNAT)
+    from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+
+In tests prefer the `network` and `cluster` fixture factories from tests/conftest.py, and mark
+the test `@pytest.mark.netns` (skipped with a reason where namespaces cannot be made).
+`python -m tests.harness.demo` brings up a 3-node cluster and prints `gpud status` per host.
+"""
