@@ -36,7 +36,7 @@ TABLE = "gh_faults"
 NAT_TABLE = "gh_portmap"
 # After conntrack (-200) and before DNAT (-100), so rules see the address a packet was sent to.
 PRE_PRIORITY = -150
-# After SNAT (100), so ... rules see the final source; daddr is never rewritten here.
+# After SNAT (100): outbound rules match on daddr, which postrouting never rewrites.
 POST_PRIORITY = 150
 
 _fault_ids = itertools.count(1)
