@@ -25,6 +25,7 @@ from gpud.context import Member, NodeContext
 from gpud.health import peer_api
 from gpud.health.auth import sign
 from gpud.health.peer_api import PATH_DIAL_BACK, PATH_PING, PATH_VIEW, PeerClient
+from gpud.health.prober import VIEW_EVERY_ROUNDS
 from gpud.health.service import HealthService
 from gpud.netcheck import NetworkStatus
 from gpud.netcheck import Problem as NetProblem
@@ -141,12 +142,16 @@ async def test_two_way_passing_and_shared_matrix(key_file: Path):
             assert {(r.peer, r.direction) for r in status.peers} == {
                 (n.name, d) for n in nodes if n is not node for d in ("out", "in")
             }
-            assert all(r.state == "passing" and r.rtt_ms is not None for r in status.peers)
-            assert all(r.source == "dial-back" for r in status.peers if r.direction == "in")
+            assert all(r.state == "passing" for r in status.peers)
+            assert all(r.rtt_ms is not None for r in status.peers if r.direction == "out")
+            # Round 1 asked for dial-backs; by round 2 the peers' own probes had arrived.
+            assert all(r.source == "inbound probes" for r in status.peers if r.direction == "in")
             assert all(p.kind == "ok" for p in status.pairs)
             assert node.ctx.tags.hl == "passing" and node.ctx.tags.nat is False
             assert node.published[-1].hl == "passing"
-        # n1's matrix holds its own edges and those n2 and n3 shared through their views.
+        # n1's matrix holds its own edges and those n2 and n3 shared through their views,
+        # fetched every VIEW_EVERY_ROUNDS rounds (first in round 0, when nothing had passed).
+        await rounds(nodes, VIEW_EVERY_ROUNDS - 1)
         edges = {(e.src, e.dst): e.state for e in nodes[0].service.status().matrix}
         assert edges[("n1", "n2")] == edges[("n2", "n3")] == edges[("n3", "n1")] == "passing"
 

@@ -16,6 +16,8 @@ from gpud.context import Member
 from gpud.health.peer_api import PeerCallError, PeerClient, ProbeOutcome, ViewReply, ViewRow
 from gpud.health.verdict import Direction, Thresholds, step
 
+# Peers' views (for the reachability matrix) are fetched every this many rounds.
+VIEW_EVERY_ROUNDS = 3
 # Rows older than this many intervals are left out of our view (peers we no longer probe).
 VIEW_FRESH_INTERVALS = 10
 
@@ -74,6 +76,7 @@ class Prober:
         interval_s: float,
         *,
         inbound_at: dict[str, float] | None = None,
+        always_dial_back: bool = False,
     ) -> None:
         self._client = client
         self._thresholds = thresholds
@@ -82,6 +85,7 @@ class Prober:
         self.records: dict[str, PeerRecord] = {}
         # When each peer's last authenticated request reached our peer API (monotonic).
         self.inbound_at: dict[str, float] = {} if inbound_at is None else inbound_at
+        self._always_dial_back = always_dial_back
         self.rounds = 0
 
     def note_inbound(self, peer: str) -> None:
@@ -123,6 +127,11 @@ class Prober:
                 outcome = await self._client.probe(addr, port)
             record.last_out, record.last_out_at = outcome, time.time()
             record.out = step(record.out, outcome.ok, outcome.error, self._thresholds)
+            if outcome.ok and self.rounds % VIEW_EVERY_ROUNDS == 0:
+                try:
+                    record.view = await self._client.view(addr, port)
+                except PeerCallError:
+                    record.view = None
             inbound = await self._inbound_evidence(record, outcome.ok, full_mesh)
             if inbound is not None:
                 ok, reason = inbound
@@ -131,8 +140,19 @@ class Prober:
     async def _inbound_evidence(
         self, record: PeerRecord, reached: bool, full_mesh: bool
     ) -> tuple[bool, str] | None:
-        """(ok, reason) for the peer -> us direction this round, or None with no evidence."""
+        """(ok, reason) for the peer -> us direction this round, or None with no evidence.
+
+        The peer's own probes arriving at our API are the cheapest evidence: they went to the
+        address and port the peer has for us, exactly where a dial-back would go. A dial-back
+        is asked for only without them (beyond full mesh, or a peer that cannot reach us), or
+        always when ``always_dial_back`` (doctor)."""
         name = record.member.name
+        at = self.inbound_at.get(name)
+        window = 2 * self._interval_s + self._client.timeout_s
+        fresh = at is not None and time.monotonic() - at <= window
+        if fresh and not self._always_dial_back:
+            record.inbound_source, record.dial_back = "inbound probes", None
+            return True, ""
         if reached:
             try:
                 reply = await self._client.dial_back(record.member.addr, record.port)
@@ -140,25 +160,17 @@ class Prober:
                 record.dial_back = None
                 record.inbound_source = f"dial-back request failed: {exc}"
             else:
-                record.dial_back = reply.outcome
-                record.inbound_source = "dial-back"
-                try:
-                    record.view = await self._client.view(record.member.addr, record.port)
-                except PeerCallError:
-                    record.view = None
+                record.dial_back, record.inbound_source = reply.outcome, "dial-back"
                 if reply.outcome.ok:
                     return True, ""
                 return (
                     False,
                     f"{name} dialled back to {reply.addr}:{reply.port}: {reply.outcome.error}",
                 )
-        # Without a dial-back, the peer's own probes reaching our API are the evidence. In a
-        # full mesh every live peer probes us every interval, so their absence is a failure.
-        at = self.inbound_at.get(name)
-        window = 2 * self._interval_s + self._client.timeout_s
-        if at is not None and time.monotonic() - at <= window:
-            record.inbound_source = "inbound probes"
+        if fresh:
+            record.inbound_source, record.dial_back = "inbound probes", None
             return True, ""
+        # In a full mesh every live peer probes us every interval: their absence is a failure.
         if full_mesh:
             record.inbound_source = "inbound probes"
             return False, f"no probe from {name} has reached us for {window:g} s"

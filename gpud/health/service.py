@@ -271,6 +271,7 @@ class HealthService:
             health.concurrency,
             health.interval_s,
             inbound_at=self.prober.inbound_at,
+            always_dial_back=True,
         )
         now.sync(self._ctx.members, self._ctx.node_name)
         names = list(now.records)
