@@ -21,7 +21,7 @@ HealthSummary = Literal["unknown", "passing", "warning", "critical"]
 HeadPreference = Literal["auto", "prefer", "never"]
 
 
-class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True, omit_defaults=True):
+class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     v: int = TAGS_VERSION
     # gpud's role in the cluster (always "gpud" today; room for "gateway" etc.).
     role: str = "gpud"
@@ -29,8 +29,9 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True, omit_defau
     pp: int = 0
     # Claimed port block (index into the cluster port space); -1 while unclaimed.
     blk: int = -1
-    # The block claim is confirmed (settled); a confirmed claim outranks an unconfirmed one.
-    bc: bool = False
+    # When the block claim was confirmed (unix seconds; 0 while unconfirmed). Between two
+    # confirmed claims of one block on one host address the earlier one wins.
+    bc: int = 0
     # Number of GPUs NVML reports.
     gpu: int = 0
     # Ray: role, election term, GCS port once the head's GCS answers (0: not ready).
@@ -46,15 +47,21 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True, omit_defau
     hl: HealthSummary = "unknown"
 
 
+_DEFAULTS = Tags()
+
+
 class TagsError(ValueError):
     """Tags that cannot be gossiped (too large) or decoded."""
 
 
 def encode(tags: Tags) -> dict[str, str]:
     """Tags as Serf's string map; raises TagsError above memberlist's 512-byte limit."""
+    # Defaults are left out of the gossip (memberlist meta is small); decode restores them.
+    defaults = msgspec.to_builtins(_DEFAULTS)
     raw = {
         key: ("1" if value is True else "0" if value is False else str(value))
         for key, value in msgspec.to_builtins(tags).items()
+        if value != defaults[key]
     }
     raw["v"] = str(tags.v)
     size = len(msgpack.packb(raw))

@@ -34,11 +34,11 @@ class SimNode:
             addr=self.addr,
             status=self.status,
             blk=self.claim.blk if self.claim else blocks.NO_BLOCK,
-            confirmed=bool(self.claim and self.claim.confirmed),
+            confirmed_at=self.claim.confirmed_at if self.claim else 0,
         )
 
 
-def step(node: SimNode, views: list[ClaimView], n_blocks: int) -> None:
+def step(node: SimNode, views: list[ClaimView], n_blocks: int, now: int) -> None:
     blk = blocks.decide(node.name, node.addr, node.claim, views, n_blocks)
     if blk is None:
         node.claim, node.held_rounds = None, 0
@@ -49,7 +49,7 @@ def step(node: SimNode, views: list[ClaimView], n_blocks: int) -> None:
     elif not node.claim.confirmed:
         node.held_rounds += 1
         if node.held_rounds >= SETTLE:
-            node.claim = Claim(blk=blk, confirmed=True)
+            node.claim = Claim(blk=blk, confirmed_at=now)
 
 
 def simulate(
@@ -59,6 +59,7 @@ def simulate(
     seen: dict[tuple[str, str], bool],
     n_blocks: int,
     max_rounds: int,
+    clock: int = 100,
 ) -> int:
     """Run until nothing changes with agreeing views; returns the rounds taken."""
     for rnd in range(max_rounds):
@@ -70,7 +71,7 @@ def simulate(
                 views = [v for v in snapshot if seen.get((node.name, v.name), True)]
             else:
                 views = snapshot
-            step(node, views, n_blocks)
+            step(node, views, n_blocks, now=clock + rnd)
         all_joined = all(join_round[n.name] <= rnd for n in nodes)
         settled = all(n.claim is None or n.claim.confirmed for n in live)
         if (
@@ -107,7 +108,11 @@ cluster = st.integers(min_value=1, max_value=12).flatmap(
             st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), st.booleans(), max_size=40
         ),
         # Persisted claims from an earlier life: may collide with each other.
-        st.lists(st.one_of(st.none(), st.integers(0, 13)), min_size=n, max_size=n),
+        st.lists(
+            st.one_of(st.none(), st.tuples(st.integers(0, 13), st.integers(1, 99))),
+            min_size=n,
+            max_size=n,
+        ),
     )
 )
 
@@ -118,7 +123,7 @@ def build(params: tuple) -> tuple[list[SimNode], dict[str, int], dict, int, int]
         SimNode(
             name=f"node-{i}",
             addr=addrs[i],
-            claim=Claim(blk=p, confirmed=True) if p is not None and p < n_blocks else None,
+            claim=Claim(blk=p[0], confirmed_at=p[1]) if p is not None and p[0] < n_blocks else None,
         )
         for i, p in enumerate(persisted)
     ]
@@ -145,7 +150,7 @@ def test_restart_keeps_block(params: tuple) -> None:
         if node.claim is None:
             continue
         # Restart: the node comes back with only its persisted (confirmed) claim.
-        persisted = Claim(blk=node.claim.blk, confirmed=True)
+        persisted = Claim(blk=node.claim.blk, confirmed_at=node.claim.confirmed_at)
         assert blocks.decide(node.name, node.addr, persisted, views, n_blocks) == node.claim.blk
         # Its first announcement survives the others' next decisions: nobody else moves onto it.
         for other in nodes:
@@ -170,12 +175,12 @@ def test_newcomers_do_not_move_settled_nodes(params: tuple, newcomers: int, blin
         new = SimNode(name=f"new-{i}", addr=addrs[i % len(addrs)])
         nodes.append(new)
         join_round[new.name] = rounds + 1
-        # "blind": newcomers first see nobody (they announce before gossip reaches them), for
-        # less than the settle time (ports.settle_s must cover gossip propagation).
+        # "blind": newcomers first see nobody, longer than the settle time, so they confirm a
+        # block alone (gossip slower than ports.settle_s): their later confirmation loses.
         for other in nodes:
             seen[(new.name, other.name)] = not blind
-    blind_until = rounds + 1 + SETTLE
-    simulate(nodes, join_round, blind_until, seen, n_blocks, max_rounds=rounds + 300)
+    blind_until = rounds + 1 + 3 * SETTLE
+    simulate(nodes, join_round, blind_until, seen, n_blocks, max_rounds=rounds + 300, clock=1000)
     assert_unique_per_addr(nodes, n_blocks)
     for name, blk in settled.items():
         node = next(n for n in nodes if n.name == name)
@@ -189,7 +194,7 @@ def test_newcomers_do_not_move_settled_nodes(params: tuple, newcomers: int, blin
 )
 def test_failed_members_hold_their_block_left_ones_do_not(n_blocks: int, others: list) -> None:
     views = [
-        ClaimView(name=f"o{i}", addr="10.77.0.1", status=status, blk=blk, confirmed=True)
+        ClaimView(name=f"o{i}", addr="10.77.0.1", status=status, blk=blk, confirmed_at=5)
         for i, (blk, status) in enumerate(others)
     ]
     blk = blocks.decide("me", "10.77.0.1", None, views, n_blocks)
@@ -209,8 +214,8 @@ def test_preference_is_a_permutation(n_blocks: int, name: str) -> None:
 
 
 def test_other_addresses_may_share_a_block() -> None:
-    views = [ClaimView(name="b", addr="10.77.0.2", status="alive", blk=0, confirmed=True)]
-    mine = blocks.decide("a", "10.77.0.1", Claim(blk=0, confirmed=True), views, 4)
+    views = [ClaimView(name="b", addr="10.77.0.2", status="alive", blk=0, confirmed_at=5)]
+    mine = blocks.decide("a", "10.77.0.1", Claim(blk=0, confirmed_at=9), views, 4)
     assert mine == 0
 
 

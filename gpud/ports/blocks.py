@@ -5,11 +5,13 @@ claims one block, unique among the nodes that share its host address. There is n
 
 - a node without a claim takes the first block in its own rendezvous-hash order that no
   same-address member claims in its view;
-- it announces the block in its tags (``blk``, with ``bc`` once confirmed) and confirms it when
-  no rival has contested it for ``ports.settle_s``;
+- it announces the block in its tags (``blk``; ``bc`` = when it was confirmed) and confirms it
+  when no rival has contested it for ``ports.settle_s``;
 - when two same-address nodes claim one block, every node ranks the claimants the same way:
   a confirmed claim beats an unconfirmed one (so a newcomer never displaces a node that is
-  already using its block), then the higher rendezvous score for that block, then the name.
+  already using its block), an earlier confirmation beats a later one (nodes sharing an
+  address share a host, hence a clock; this covers a node that confirmed before gossip
+  reached it), then the higher rendezvous score for that block, then the name.
   The loser moves to its next free block.
 
 Members that are "failed" keep their block until they are reaped; "left" members and members
@@ -38,14 +40,19 @@ class ClaimView(msgspec.Struct, frozen=True, kw_only=True):
     addr: str
     status: str
     blk: int = NO_BLOCK
-    confirmed: bool = False
+    # Unix seconds the claim was confirmed; 0: not confirmed.
+    confirmed_at: int = 0
 
 
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
     """This node's own claim."""
 
     blk: int
-    confirmed: bool = False
+    confirmed_at: int = 0
+
+    @property
+    def confirmed(self) -> bool:
+        return self.confirmed_at > 0
 
 
 def block_count(ports: PortsConfig) -> int:
@@ -69,8 +76,8 @@ def preference(name: str, n_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(range(n_blocks), key=lambda blk: (-score(name, blk), blk)))
 
 
-def _rank(name: str, blk: int, confirmed: bool) -> tuple[bool, int, str]:
-    return (confirmed, score(name, blk), name)
+def _rank(name: str, blk: int, confirmed_at: int) -> tuple[bool, int, int, str]:
+    return (confirmed_at > 0, -confirmed_at, score(name, blk), name)
 
 
 def rivals(me: str, my_addr: str, views: Iterable[ClaimView], n_blocks: int) -> list[ClaimView]:
@@ -87,8 +94,8 @@ def rivals(me: str, my_addr: str, views: Iterable[ClaimView], n_blocks: int) -> 
 
 def wins(me: str, claim: Claim, contenders: Sequence[ClaimView]) -> bool:
     """Whether my claim outranks every other claimant of the same block."""
-    mine = _rank(me, claim.blk, claim.confirmed)
-    return all(mine > _rank(v.name, v.blk, v.confirmed) for v in contenders)
+    mine = _rank(me, claim.blk, claim.confirmed_at)
+    return all(mine > _rank(v.name, v.blk, v.confirmed_at) for v in contenders)
 
 
 def decide(

@@ -74,20 +74,23 @@ def choose_ports(
                 if len(chosen) == count:
                     return chosen
         return None
-    # Contiguous: windows that do not wrap, tried from `start` on; skip past a bad port.
-    first = start % n if start % n + count <= n else 0
-    tried = 0
-    i = first
-    while tried < n:
-        if i + count > n:
-            i, tried = 0, tried + 1
-            continue
-        window = block[i : i + count]
-        bad = next((j for j, port in enumerate(window) if port in used or not usable(port)), None)
-        if bad is None:
-            return list(window)
-        tried += bad + 1
-        i += bad + 1
+    # Contiguous: windows that do not wrap; first those starting at `start` or later, then
+    # the earlier ones. On a bad port, skip every window that contains it.
+    ok: dict[int, bool] = {}
+
+    def good(i: int) -> bool:
+        if i not in ok:
+            ok[i] = block[i] not in used and usable(block[i])
+        return ok[i]
+
+    first = min(start % n, n - count)
+    for lo, hi in ((first, n - count), (0, first - 1)):
+        s = lo
+        while s <= hi:
+            bad = next((j for j in range(count) if not good(s + j)), None)
+            if bad is None:
+                return list(block[s : s + count])
+            s += bad + 1
     return None
 
 

@@ -34,6 +34,7 @@ from gpud.ports.leases import (
     owner_alive,
     process_start,
 )
+from gpud.tags import Tags
 
 logger = log.get("ports")
 
@@ -49,6 +50,8 @@ class ClaimRecord(msgspec.Struct, kw_only=True):
     """The persisted claim, with the geometry it was made under (a config change voids it)."""
 
     blk: int
+    # Unix seconds of the confirmation (announced as tag `bc`; earlier wins a conflict).
+    confirmed_at: int = 1
     range_start: int
     range_end: int
     block_size: int
@@ -414,7 +417,7 @@ class PortsService:
                 blk=record.blk,
             )
             return None
-        return blocks.Claim(blk=record.blk, confirmed=True)
+        return blocks.Claim(blk=record.blk, confirmed_at=max(1, record.confirmed_at))
 
     def _views(self) -> list[blocks.ClaimView]:
         return [_view(m) for m in self.ctx.members.values()]
@@ -423,7 +426,7 @@ class PortsService:
         settled_since = time.monotonic()
         me, addr = self.ctx.node_name, self.ctx.advertise_addr
         if self._claim is not None:
-            await self.ctx.update_tags(blk=self._claim.blk, bc=True)
+            await self.ctx.update_tags(blk=self._claim.blk, bc=self._claim.confirmed_at)
         while True:
             now = time.monotonic()
             views = self._views()
@@ -439,8 +442,10 @@ class PortsService:
                 self._state = "claiming"
                 settled_since = now
                 log.info(logger, "claiming port block", blk=blk)
-                await self.ctx.update_tags(blk=blk, bc=False)
-            elif blocks.contested(me, addr, blk, views, self._n_blocks):
+                await self.ctx.update_tags(blk=blk, bc=0)
+            elif not self._announced(blk) or blocks.contested(me, addr, blk, views, self._n_blocks):
+                # The settle time counts only once gossip carries our claim and nobody
+                # else on this address claims the block.
                 settled_since = now
             elif not self._confirmed.is_set() and now - settled_since >= self.cfg.settle_s:
                 await self._confirm(blk)
@@ -450,16 +455,23 @@ class PortsService:
             except TimeoutError:
                 pass
 
+    def _announced(self, blk: int) -> bool:
+        """Whether gossip already shows this node claiming ``blk``."""
+        mine = self.ctx.members.get(self.ctx.node_name)
+        return mine is not None and mine.tags is not None and mine.tags.blk == blk
+
     async def _confirm(self, blk: int) -> None:
+        confirmed_at = max(1, int(time.time()))
         record = ClaimRecord(
             blk=blk,
+            confirmed_at=confirmed_at,
             range_start=self.cfg.range_start,
             range_end=self.cfg.range_end,
             block_size=self.cfg.block_size,
         )
         await asyncio.to_thread(self._store.set_meta, CLAIM_KEY, msgspec.json.encode(record))
-        self._claim = blocks.Claim(blk=blk, confirmed=True)
-        await self.ctx.update_tags(blk=blk, bc=True)
+        self._claim = blocks.Claim(blk=blk, confirmed_at=confirmed_at)
+        await self.ctx.update_tags(blk=blk, bc=confirmed_at)
         if self.cfg.reserve:
             await asyncio.to_thread(self._reserve, blk)
         self._state = "confirmed"
@@ -492,7 +504,7 @@ class PortsService:
                 await self._save_reserved([])
         self._claim = None
         self._confirmed.clear()
-        await self.ctx.update_tags(blk=blocks.NO_BLOCK, bc=False)
+        await self.ctx.update_tags(blk=blocks.NO_BLOCK, bc=0)
 
     def _reserve(self, blk: int) -> None:
         rng = blocks.block_range(self.cfg, blk)
@@ -562,7 +574,7 @@ def _view(member: Member) -> blocks.ClaimView:
         addr=member.addr,
         status=member.status,
         blk=tags.blk if tags is not None else blocks.NO_BLOCK,
-        confirmed=bool(tags.bc) if tags is not None else False,
+        confirmed_at=tags.bc if tags is not None else 0,
     )
 
 
@@ -586,6 +598,26 @@ def _api(
     return wrapped
 
 
+def loopback_gossip(ctx: NodeContext) -> None:
+    """Make a node without Serf its own only member, seeing its own tags (standalone, tests)."""
+
+    def show(tags: Tags) -> None:
+        me = Member(
+            name=ctx.node_name,
+            addr=ctx.advertise_addr,
+            port=ctx.config.serf.bind_port,
+            status="alive",
+            tags=tags,
+        )
+        ctx.set_members({ctx.node_name: me})
+
+    async def publish(tags: Tags) -> None:
+        show(tags)
+
+    ctx.set_tag_publisher(publish)
+    show(ctx.tags)
+
+
 async def serve_unix(service: PortsService, path: str) -> web.AppRunner:
     """Serve only the ports routes on a Unix socket (standalone use, tests and bench)."""
     app = web.Application()
@@ -600,6 +632,7 @@ async def _standalone(config_path: str, addr: str) -> None:
     from gpud import config
 
     ctx = NodeContext(config.load(config_path), addr)
+    loopback_gossip(ctx)
     service = PortsService(ctx)
     runner = await serve_unix(service, ctx.config.socket_path)
     try:
