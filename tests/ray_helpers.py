@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import shutil
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import msgspec
+
+from gpud.config import Config, NodeConfig, PathsConfig, RayConfig
+from gpud.context import Member, NodeContext
+from gpud.ray.service import RayService
 
 QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
 
@@ -128,3 +136,79 @@ def group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             found.append(int(entry))
     return found
+
+
+class Nodes:
+    """In-process gpud nodes sharing one membership (computed from each other's tags)."""
+
+    def __init__(
+        self, root: Path, ray: dict[str, RayConfig], port_range: tuple[int, int] = (24000, 25000)
+    ) -> None:
+        self.net = LoopbackNetwork()
+        self.down: set[str] = set()
+        self.ports = SimplePorts(*port_range)
+        self.services: dict[str, RayService] = {}
+        self.temp_root = f"/tmp/gpud-ray-svc-{os.getpid()}"
+        for i, (name, ray_config) in enumerate(ray.items()):
+            config = Config(
+                node=NodeConfig(name=name),
+                ray=ray_config,
+                paths=PathsConfig(state_dir=str(root / name)),
+            )
+            ctx = NodeContext(config, advertise_addr=f"127.0.0.{i + 2}")
+            ctx.tags = msgspec.structs.replace(ctx.tags, hl="passing")
+            self.services[name] = RayService(
+                ctx, self.net.transport(name), self.ports, temp_root=self.temp_root
+            )
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def refresh(self) -> None:
+        for a, service in self.services.items():
+            members = {
+                b: Member(
+                    name=b,
+                    addr=other.ctx.advertise_addr,
+                    port=7946,
+                    status="failed" if b in self.down else "alive",
+                    tags=other.ctx.tags,
+                )
+                for b, other in self.services.items()
+            }
+            if a not in self.down:
+                service.ctx.set_members(members)
+
+    async def gossip(self) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(0.2)
+
+    def start(self) -> None:
+        for name, service in self.services.items():
+            self.tasks[name] = asyncio.create_task(service.run())
+        self.tasks["gossip"] = asyncio.create_task(self.gossip())
+
+    async def stop(self, name: str) -> None:
+        task = self.tasks.pop(name)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def stop_all(self) -> None:
+        for name in list(self.tasks):
+            await self.stop(name)
+        shutil.rmtree(self.temp_root, ignore_errors=True)
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
+) -> float:
+    began = time.monotonic()
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.3)

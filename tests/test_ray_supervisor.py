@@ -215,3 +215,67 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
     for pgid in pgids:
         assert group_members(pgid) == [], f"process group {pgid} still has members"
     assert ports.leases == {}
+
+
+async def test_no_ports_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    supervisor = RaySupervisor(
+        executable=RAY,
+        node_name="p1",
+        node_ip="127.0.0.2",
+        ports=SimplePorts(23990, 23992),
+        temp_root=str(tmp_path),
+        backoff_initial_s=0.1,
+    )
+    task = asyncio.create_task(supervisor.run())
+    try:
+        supervisor.set_target(RayTarget(role="head"))
+
+        async def failed() -> bool:
+            return supervisor.status().error is not None
+
+        await _wait_for(failed, 10, "a ports error")
+        assert "port range exhausted" in (supervisor.status().error or "")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_crashing_ray_backs_off_with_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "ray"
+    fake.write_text("#!/bin/sh\necho 'raylet failed to start' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    ports = SimplePorts(23900, 23990)
+    supervisor = RaySupervisor(
+        executable=str(fake),
+        node_name="c1",
+        node_ip="127.0.0.2",
+        ports=ports,
+        temp_root=str(tmp_path),
+        worker_ports=4,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    task = asyncio.create_task(supervisor.run())
+    try:
+        supervisor.set_target(RayTarget(role="worker", head_addr="127.0.0.3", gcs_port=1))
+
+        async def crash_looping() -> bool:
+            process = supervisor.status().process
+            return process.restarts >= 3 and process.state in ("backoff", "starting", "running")
+
+        await _wait_for(crash_looping, 20, "restarts with backoff")
+        process = supervisor.status().process
+        assert process.last_exit_code == 1 and "exited with code 1" in (process.last_error or "")
+        assert supervisor.gcs_ready_port == 0
+        supervisor.set_target(None)
+
+        async def released() -> bool:
+            return ports.leases == {}
+
+        await _wait_for(released, 10, "leases released once Ray is not wanted")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

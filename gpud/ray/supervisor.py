@@ -278,6 +278,12 @@ async def alive_ray_nodes(
     return msgspec.json.decode(out.splitlines()[-1], type=list[RayNode])
 
 
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class RaySupervisor:
     """Runs the Ray node of ``target``; restart on target change, backoff on crashes."""
 
@@ -365,7 +371,7 @@ class RaySupervisor:
                         await self._target_changed.wait()
                         run_task.cancel()
                 except* Exception as group:
-                    self._error = f"cannot run Ray: {group.exceptions[0]}"
+                    self._error = f"cannot run Ray: {_first_leaf(group)}"
                     log.error(_log, "cannot run ray", error=self._error)
                     await asyncio.sleep(self._backoff[0])
                     self._target_changed.set()

@@ -1,0 +1,106 @@
+"""RayService: Ray missing, and a real-Ray cluster of in-process gpud nodes (loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gpud.config import RayConfig
+from gpud.ray import service as ray_service
+from tests.ray_helpers import Nodes, group_members, wait_for
+
+RAY = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray")
+needs_ray = pytest.mark.skipif(shutil.which(RAY) is None, reason="ray not installed in .venv")
+
+
+async def test_ray_missing_gives_a_clear_status(tmp_path: Path) -> None:
+    nodes = Nodes(tmp_path, {name: RayConfig(executable="/nonexistent/ray") for name in "abc"})
+    nodes.start()
+    try:
+        a = nodes.services["a"]
+        await wait_for(
+            lambda: a.status().action == "wait" and a._install is not None, 20, "a settled"
+        )
+        status = a.status()
+        assert not status.ray_available and not status.eligible
+        assert "not found" in (status.not_eligible_reason or "")
+        assert "not found" in status.summary
+        assert status.process.process.state == "stopped" and status.process.target is None
+        assert a.ctx.tags.rv is False and a.ctx.tags.ray == "none"
+        assert "no eligible head" in a.election.plan.reason
+        # The API body is the same struct as JSON.
+        body = msgspec.json.decode(msgspec.json.encode(status))
+        assert body["summary"] == status.summary
+    finally:
+        await nodes.stop_all()
+
+
+@pytest.mark.ray
+@needs_ray
+@pytest.mark.timeout(280)
+async def test_elected_head_runs_ray_and_fails_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_service, "RAY_NODES_EVERY_S", 2.0)
+    with_ray = RayConfig(executable=RAY, num_cpus=1)
+    # c votes but runs no Ray: three voters, so one can die and a majority remains.
+    nodes = Nodes(tmp_path, {"a": with_ray, "b": with_ray, "c": RayConfig(enabled=False)})
+    for service in nodes.services.values():
+        service.supervisor._grace_s = 3.0
+        service.supervisor._worker_ports = 8
+    nodes.start()
+    pgids: list[int] = []
+    try:
+
+        def head_ready() -> str | None:
+            for name, service in nodes.services.items():
+                if (
+                    name not in nodes.down
+                    and service.ctx.tags.ray == "head"
+                    and service.ctx.tags.gcs
+                ):
+                    return name
+            return None
+
+        await wait_for(lambda: head_ready() is not None, 120, "a head with GCS ready")
+        head = head_ready()
+        assert head in ("a", "b")
+        worker = "b" if head == "a" else "a"
+        term = nodes.services[head].ctx.tags.term
+
+        def two_ray_nodes() -> bool:
+            seen = nodes.services[worker].status().ray_nodes.nodes or []
+            return sorted(n.name for n in seen) == ["a", "b"]
+
+        await wait_for(two_ray_nodes, 120, "the GCS reporting both Ray nodes alive")
+        status = nodes.services[worker].status()
+        assert status.role == "worker" and status.head == head and status.reason is None
+        assert status.head_address is not None and "worker of" in status.summary
+        assert nodes.services["c"].ctx.tags.ray == "none"
+
+        # kill -9 the head "host": its Ray process group, then its gpud; serf calls it failed.
+        head_service = nodes.services[head]
+        head_pid = head_service.supervisor.status().process.pid
+        assert head_pid is not None
+        pgids.append(head_pid)
+        os.killpg(head_pid, signal.SIGKILL)
+        nodes.down.add(head)
+        await nodes.stop(head)
+        await wait_for(lambda: head_ready() == worker, 120, "the survivor as head with GCS ready")
+        new = nodes.services[worker]
+        assert new.ctx.tags.term == term + 1
+        new_pid = new.supervisor.status().process.pid
+        assert new_pid is not None
+        pgids.append(new_pid)
+    finally:
+        await nodes.stop_all()
+    await asyncio.sleep(0.5)
+    for pgid in pgids:
+        assert group_members(pgid) == []
+    assert nodes.ports.leases == {}
