@@ -50,11 +50,12 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def node_config(
-    name: str, port: int, key_file: Path, interval_s: float, timeout_s: float
+    name: str, port: int, key_file: Path, interval_s: float, timeout_s: float, full_mesh_max: int
 ) -> config_mod.Config:
     return config_mod.parse(
         f'[node]\nname = "{name}"\n[cluster]\nkey_file = "{key_file}"\n[peer]\nport = {port}\n'
         f"[health]\ninterval_s = {interval_s}\ntimeout_s = {timeout_s}\n"
+        f"full_mesh_max = {full_mesh_max}\n"
     )
 
 
@@ -67,13 +68,17 @@ async def wait_until(predicate: Callable[[], bool], limit_s: float) -> float:
     return time.perf_counter() - start
 
 
-async def inproc(nodes: int, rounds: int, interval_s: float, timeout_s: float) -> dict[str, Any]:
+async def inproc(
+    nodes: int, rounds: int, interval_s: float, timeout_s: float, full_mesh_max: int
+) -> dict[str, Any]:
     key_file = Path(tempfile.mkdtemp(prefix="gk-bench-")) / "cluster.key"
     key_file.write_text(secret.keygen())
     contexts = []
     for i in range(nodes):
         addr = f"127.77.{i // 250}.{i % 250 + 1}"
-        cfg = node_config(f"n{i:04d}", BASE_PORT + i, key_file, interval_s, timeout_s)
+        cfg = node_config(
+            f"n{i:04d}", BASE_PORT + i, key_file, interval_s, timeout_s, full_mesh_max
+        )
         contexts.append(NodeContext(cfg, addr))
     members = {
         c.node_name: Member(
@@ -94,13 +99,18 @@ async def inproc(nodes: int, rounds: int, interval_s: float, timeout_s: float) -
     def victim_state() -> str:
         return next(p.state for p in observer.status().pairs if p.peer == victim_name)
 
-    result: dict[str, Any] = {"mode": "inproc", "nodes": nodes, "interval_s": interval_s}
+    result: dict[str, Any] = {
+        "mode": "inproc",
+        "nodes": nodes,
+        "interval_s": interval_s,
+        "full_mesh_max": full_mesh_max,
+    }
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(s.run()) for s in services]
         result["all_passing_s"] = round(
             await wait_until(lambda: all(s.status().state == "passing" for s in services), 120), 3
         )
-        # Cost of one round against every peer (full mesh up to health.full_mesh_max).
+        # Cost of one round: every peer up to full_mesh_max, else head + ring + k random.
         round_s = []
         for _ in range(rounds):
             start = time.perf_counter()
@@ -168,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=0.5)
+    parser.add_argument("--full-mesh-max", type=int, default=32)
     parser.add_argument("--json")
     parser.add_argument("--in-namespace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,7 +188,9 @@ def main() -> None:
         sys.exit(subprocess.run(["unshare", "-n", "--", *argv], check=False).returncode)
     if args.in_namespace:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        result = asyncio.run(inproc(args.nodes, args.rounds, args.interval, args.timeout))
+        result = asyncio.run(
+            inproc(args.nodes, args.rounds, args.interval, args.timeout, args.full_mesh_max)
+        )
     else:
         result = harness(args.nodes, args.rounds)
     print(json.dumps(result))

@@ -440,3 +440,19 @@ async def test_above_full_mesh_max_each_round_probes_head_neighbours_and_k_rando
         }
         # Ring neighbours of n1 among n1..n6 are n6 and n2; n4 is the Ray head; one random.
         assert {"n2", "n4", "n6"} < probed and len(probed) == 4
+
+
+async def test_above_full_mesh_max_a_stopped_neighbour_still_goes_critical(key_file: Path):
+    # Beyond full mesh, silence from a peer is no evidence: the in-direction becomes unknown
+    # rather than vouching from old results, so a dead peer is not mistaken for one-way.
+    async with cluster(key_file, 5, full_mesh_max=3, random_peers=1) as nodes:
+        a, b = nodes[0], nodes[1]
+        await rounds(nodes, 2)
+        assert a.pair("n2").state == "passing"
+        await b.service.server.stop()
+        await asyncio.sleep(INBOUND_WINDOW_S + 0.1)
+        for _ in range(3):
+            await a.service.probe_round()
+        pair = a.pair("n2")
+        assert (pair.state, pair.kind) == ("critical", "data-path"), pair
+        assert a.row("n2", "in").source.startswith("no evidence")

@@ -133,7 +133,11 @@ class Prober:
                 except PeerCallError:
                     record.view = None
             inbound = await self._inbound_evidence(record, outcome.ok, full_mesh)
-            if inbound is not None:
+            if inbound is None:
+                # No evidence either way: old results must not keep vouching for this direction.
+                record.inbound = Direction()
+                record.inbound_source = "no evidence: the peer did not probe us, no dial-back"
+            else:
                 ok, reason = inbound
                 record.inbound = step(record.inbound, ok, reason, self._thresholds)
 
@@ -156,9 +160,8 @@ class Prober:
         if reached:
             try:
                 reply = await self._client.dial_back(record.member.addr, record.port)
-            except PeerCallError as exc:
+            except PeerCallError:
                 record.dial_back = None
-                record.inbound_source = f"dial-back request failed: {exc}"
             else:
                 record.dial_back, record.inbound_source = reply.outcome, "dial-back"
                 if reply.outcome.ok:

@@ -49,8 +49,8 @@ class PeerRow(msgspec.Struct):
     rtt_ms: float | None
     reason: str
     serf: MemberStatus
-    # What the in direction is judged from: "dial-back", "inbound probes", or why the
-    # dial-back could not be asked ("" for out).
+    # What the in direction is judged from: "dial-back", "inbound probes" or "no evidence..."
+    # ("" for out).
     source: str = ""
 
 
