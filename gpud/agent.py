@@ -52,7 +52,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._serf_down_since: float | None = None
 
-    def _build(self, advertise_addr: str, inventory: gpus.GpuInventory) -> None:
+    def _build(self, advertise_addr: str, interface: str, inventory: gpus.GpuInventory) -> None:
         from gpud.health.service import HealthService
         from gpud.membership import Membership
         from gpud.netcheck import NetCheck
@@ -60,6 +60,7 @@ class Agent:
         from gpud.serf.agent import SerfAgent
 
         ctx = NodeContext(self.config, advertise_addr)
+        ctx.advertise_is_local = bool(interface)
         ctx.tags = msgspec.structs.replace(ctx.tags, gpu=inventory.count)
         self.ctx = ctx
         self.inventory = inventory
@@ -88,7 +89,7 @@ class Agent:
             log.error(_log, "advertised address disappeared", addr=old)
             return
         log.warning(_log, "re-advertising a new address", old=old, new=new)
-        await self.serf.readvertise(new)
+        self.serf.readvertise(new)
 
     # -- local API -------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class Agent:
 
         advertise_addr, interface = resolve_advertise(self.config)
         inventory = await asyncio.to_thread(gpus.read_inventory)
-        self._build(advertise_addr, inventory)
+        self._build(advertise_addr, interface, inventory)
         log.info(
             _log,
             "starting",
@@ -224,6 +225,8 @@ class Agent:
                 stop.cancel()
         finally:
             await runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket_path)
         log.info(_log, "stopped")
         return 0
 

@@ -67,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    members = api_get(args, "/v1/members")
+    members = api_get(args, "/v1/members")["members"]
     if args.json:
         print_json(members)
     else:

@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
+from gpud import log
 from gpud.config import Config
-from gpud.tags import Tags
+from gpud.tags import Tags, encode
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+_log = log.get("context")
 
 MemberStatus = Literal["alive", "leaving", "left", "failed", "none"]
 
@@ -59,6 +62,8 @@ class NodeContext:
         self.config = config
         self.node_name = config.node_name
         self.advertise_addr = advertise_addr
+        # False behind NAT / port mapping: the address is not on any local interface.
+        self.advertise_is_local = True
         self.tags = Tags(pp=config.peer.port, rh=config.ray.head, pri=config.ray.priority)
         self.members: dict[str, Member] = {}
         # Set by the agent: pushes self.tags to Serf.
@@ -67,13 +72,22 @@ class NodeContext:
         self._member_listeners: list[Callable[[dict[str, Member]], None]] = []
 
     async def update_tags(self, **fields: Any) -> None:
-        """Change some of this node's tags and gossip them (raises TagsError if too large)."""
+        """Change some of this node's tags and gossip them.
+
+        Raises TagsError if they would not fit in memberlist's limit (nothing changes then).
+        If serf is unreachable the new tags are kept: serf gets them again on reconnect.
+        """
         new = msgspec.structs.replace(self.tags, **fields)
         if new == self.tags:
             return
-        if self._publish_tags is not None:
-            await self._publish_tags(new)
+        encode(new)
         self.tags = new
+        if self._publish_tags is None:
+            return
+        try:
+            await self._publish_tags(new)
+        except Exception as exc:
+            log.warning(_log, "tags not gossiped yet; serf gets them on reconnect", error=str(exc))
 
     def set_tag_publisher(self, publish: Callable[[Tags], Awaitable[None]]) -> None:
         self._publish_tags = publish

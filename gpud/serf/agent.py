@@ -64,13 +64,19 @@ def serf_config(
     rpc_auth: str,
     keyring_file: str | None,
     snapshot_path: str,
+    advertise_is_local: bool = True,
 ) -> dict[str, Any]:
-    """Serf's JSON configuration for one start (pure)."""
+    """Serf's JSON configuration for one start (pure).
+
+    Behind NAT or port mapping the advertised address is not on a local interface, so serf
+    binds all addresses and still advertises the mapped one.
+    """
     serf = config.serf
     gossip = f"{advertise_addr}:{serf.bind_port}"
+    bind_addr = advertise_addr if advertise_is_local else "0.0.0.0"
     result: dict[str, Any] = {
         "node_name": node_name,
-        "bind": gossip,
+        "bind": f"{bind_addr}:{serf.bind_port}",
         "advertise": gossip,
         "rpc_addr": f"127.0.0.1:{serf.rpc_port}",
         "rpc_auth": rpc_auth,
@@ -177,6 +183,7 @@ class SerfAgent:
             rpc_auth=self._token,
             keyring_file=str(self.keyring_file) if key is not None else None,
             snapshot_path=str(self.dir / "snapshot"),
+            advertise_is_local=self.ctx.advertise_is_local,
         )
         self._published = dict(config["tags"])
         write_private(self.config_file, json.dumps(config, indent=2))
@@ -292,6 +299,7 @@ class SerfAgent:
         """Advertise ``new_addr`` from now on: restart serf with it."""
         log.info(self._log, "re-advertising", old=self.ctx.advertise_addr, new=new_addr)
         self.ctx.advertise_addr = new_addr
+        self.ctx.advertise_is_local = True  # a re-advertised address comes from a local interface
         self.ready.clear()
         self.supervisor.restart()
 
