@@ -239,6 +239,7 @@ async def test_dial_back_only_to_members_in_our_view(key_file: Path):
             await bait.wait_closed()
         assert accepted == []
         assert a.service.server.rejected == 2
+        assert "mallory" not in a.service.prober.inbound_at
 
 
 async def raw_post(

@@ -355,16 +355,19 @@ class PeerApiServer:
         request[_PEER_NODE] = node
         request[_PEER_BODY] = body
         try:
-            return await handler(request)
+            response = await handler(request)
         except msgspec.DecodeError as exc:
             return self._reject(request, 400, f"malformed JSON body: {exc}")
         except msgspec.ValidationError as exc:
             return self._reject(request, 400, f"invalid body: {exc}")
+        # Any request we answered proves the sender reaches our advertised address and port;
+        # rejected ones change nothing.
+        if response.status == 200 and self._on_inbound is not None:
+            self._on_inbound(node)
+        return response
 
     async def _ping(self, request: web.Request) -> web.Response:
         body = msgspec.json.decode(request[_PEER_BODY] or b"{}", type=PingRequest)
-        if self._on_inbound is not None:
-            self._on_inbound(request[_PEER_NODE])
         reply = PingReply(
             echo=body.echo[:256],
             name=self._ctx.node_name,
