@@ -428,6 +428,8 @@ class PortsService:
         if self._claim is not None:
             await self.ctx.update_tags(blk=self._claim.blk, bc=self._claim.confirmed_at)
         while True:
+            # Cleared before reading the members: a change from now on wakes the next round.
+            self._wake_claim.clear()
             now = time.monotonic()
             views = self._views()
             blk = blocks.decide(me, addr, self._claim, views, self._n_blocks)
@@ -449,7 +451,6 @@ class PortsService:
                 settled_since = now
             elif not self._confirmed.is_set() and now - settled_since >= self.cfg.settle_s:
                 await self._confirm(blk)
-            self._wake_claim.clear()
             try:
                 await asyncio.wait_for(self._wake_claim.wait(), CLAIM_TICK_S)
             except TimeoutError:
