@@ -8,8 +8,9 @@ import shutil
 import signal
 from pathlib import Path
 
-import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from gpud.config import RayConfig
 from gpud.ray import service as ray_service
@@ -34,9 +35,14 @@ async def test_ray_missing_gives_a_clear_status(tmp_path: Path) -> None:
         assert status.process.process.state == "stopped" and status.process.target is None
         assert a.ctx.tags.rv is False and a.ctx.tags.ray == "none"
         assert "no eligible head" in a.election.plan.reason
-        # The API body is the same struct as JSON.
-        body = msgspec.json.decode(msgspec.json.encode(status))
-        assert body["summary"] == status.summary
+        # GET /v1/ray serves the same struct as JSON.
+        app = web.Application()
+        app.add_routes(a.routes())
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            response = await client.get("/v1/ray")
+            assert response.status == 200
+            body = await response.json()
+        assert body["ray_available"] is False and "not found" in body["summary"]
     finally:
         await nodes.stop_all()
 
@@ -98,6 +104,20 @@ async def test_elected_head_runs_ray_and_fails_over(
         new_pid = new.supervisor.status().process.pid
         assert new_pid is not None
         pgids.append(new_pid)
+
+        # The other voter dies too: 1 of 3 alive is no majority, so the head steps down and
+        # stops its Ray (its own process group), and announces no head role.
+        nodes.down.add("c")
+        await nodes.stop("c")
+        await wait_for(
+            lambda: new.ctx.tags.ray == "none" and new.status().process.process.pid is None,
+            60,
+            "the head without a majority to stop Ray",
+        )
+        assert group_members(new_pid) == []
+        status = new.status()
+        assert status.action == "step_down" or "no majority" in (status.reason or "")
+        assert "majority" in status.summary
     finally:
         await nodes.stop_all()
     await asyncio.sleep(0.5)

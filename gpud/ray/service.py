@@ -137,9 +137,18 @@ class HeadElection:
             refusal: str | None = f"{from_node} asked for a vote for {request.candidate}"
         else:
             refusal = vote_refusal(request.candidate, request.term, members, self._verdict)
-        reply = await self.store.vote(
-            request, voter=me, own_known=len(known_members(members)), refusal=refusal
-        )
+        try:
+            reply = await self.store.vote(
+                request, voter=me, own_known=len(known_members(members)), refusal=refusal
+            )
+        except OSError as exc:  # a vote that cannot be made durable is not given
+            log.error(_log, "cannot persist vote", error=str(exc))
+            reply = VoteReply(
+                voter=me,
+                term=self.store.state.term,
+                granted=False,
+                reason=f"cannot persist the vote: {exc.strerror}",
+            )
         log.info(
             _log,
             "vote",
