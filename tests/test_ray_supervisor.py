@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import time
@@ -88,9 +89,20 @@ def test_port_names() -> None:
     assert len(set(head)) == len(head) and set(worker) < set(head)
 
 
-def test_temp_dir_is_short() -> None:
-    path = temp_dir_for("/tmp/gpud-ray", "x" * 300 + "/../evil")
-    assert len(path) <= len("/tmp/gpud-ray/") + 32 and "/.." not in path[len("/tmp/gpud-ray") :]
+def test_temp_dir_is_short_and_unique() -> None:
+    root = "/tmp/gpud-ray"
+    long_a = temp_dir_for("/tmp/gpud-ray", "x" * 300 + "a")
+    long_b = temp_dir_for("/tmp/gpud-ray", "x" * 300 + "b")
+    evil = temp_dir_for("/tmp/gpud-ray", "../../etc")
+    assert long_a != long_b
+    for path in (long_a, long_b, evil):
+        assert path.startswith("/tmp/gpud-ray/") and len(path) <= len("/tmp/gpud-ray/") + 24
+        name = path[len("/tmp/gpud-ray/") :]
+        assert "/" not in name and name not in (".", "..") and os.path.dirname(path) == root
+    assert temp_dir_for("/tmp/gpud-ray", "gpu-node-07") == "/tmp/gpud-ray/gpu-node-07"
+    # Ray's longest socket path under it stays below the 107-byte limit.
+    sockets = "/session_2026-11-23_13-35-16_414902_4194304/sockets/plasma_store"
+    assert len(long_a + sockets) <= 107
 
 
 async def test_missing_ray_is_reported() -> None:
@@ -181,7 +193,6 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
         assert head_pid is not None
         pgids.append(head_pid)
         head.set_target(None)  # keep the head supervisor from restarting it
-        import os
 
         os.killpg(head_pid, signal.SIGKILL)
         worker_pid_before = worker.status().process.pid

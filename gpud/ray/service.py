@@ -292,7 +292,7 @@ class RayService:
         self.supervisor = RaySupervisor(
             executable=config.executable,
             node_name=ctx.node_name,
-            node_ip=ctx.advertise_addr,
+            node_ip=ctx.advertise_addr,  # default; each target carries the current address
             ports=ports,
             temp_root=temp_root,
             num_cpus=config.num_cpus,
@@ -349,13 +349,16 @@ class RayService:
 
     def _watch_crash_loop(self) -> None:
         process = self.supervisor.status().process
+        target = self.supervisor.target
         if (
-            self.supervisor.target is not None
+            target is not None
+            and target.role == "head"
             and process.state == "backoff"
             and process.restarts >= CRASH_LOOP_RESTARTS
             and self.supervisor.gcs_ready_port == 0
         ):
             # Stop being a candidate for a while instead of holding the head role with no GCS.
+            # (A crashing worker just keeps retrying with backoff; its reason is in status.)
             self._crash_reason = f"Ray keeps crashing ({process.last_error}); retry later"
             self._unavailable_until = time.monotonic() + CRASH_COOLDOWN_S
             log.warning(_log, "ray crash loop", reason=self._crash_reason)
@@ -369,7 +372,7 @@ class RayService:
             return
         self.supervisor.num_gpus = tags.gpu
         if current.action == "lead":
-            self.supervisor.set_target(RayTarget(role="head"))
+            self.supervisor.set_target(RayTarget(role="head", node_ip=self.ctx.advertise_addr))
             ready = self.supervisor.gcs_ready_port
             if ready != tags.gcs:
                 await self.ctx.update_tags(gcs=ready)
@@ -379,7 +382,12 @@ class RayService:
             gcs = head.tags.gcs if head.tags else 0
             if gcs:
                 self.supervisor.set_target(
-                    RayTarget(role="worker", head_addr=head.addr, gcs_port=gcs)
+                    RayTarget(
+                        role="worker",
+                        head_addr=head.addr,
+                        gcs_port=gcs,
+                        node_ip=self.ctx.advertise_addr,
+                    )
                 )
             else:
                 target = self.supervisor.target

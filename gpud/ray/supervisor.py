@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -47,6 +48,7 @@ DEFAULT_WORKER_PORTS = 64
 # `ray health-check` imports Ray (about a second) and makes one GCS RPC.
 HEALTH_CHECK_TIMEOUT_S = 20.0
 READY_POLL_S = 0.5
+TEMP_NAME_MAX = 24
 
 
 class Lease(Protocol):
@@ -76,6 +78,9 @@ class RayTarget(msgspec.Struct, kw_only=True, frozen=True):
     # Worker only: the head's advertised address and GCS port.
     head_addr: str = ""
     gcs_port: int = 0
+    # This node's address for Ray (--node-ip-address); empty: the supervisor's default. Part
+    # of the target so that a changed advertised address restarts Ray on the new one.
+    node_ip: str = ""
 
 
 class RayPorts(msgspec.Struct, kw_only=True, frozen=True):
@@ -97,7 +102,12 @@ class RayProcessStatus(msgspec.Struct, kw_only=True):
 
 def temp_dir_for(root: str, node_name: str) -> str:
     """A short per-node temp dir: Ray's unix sockets live under it (107-byte path limit)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node_name)[:32] or "node"
+    # Ray adds ~62 bytes (/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store): with the
+    # default root that leaves 24 bytes for the name. Long names keep a hash to stay unique.
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node_name).lstrip(".") or "node"
+    if len(safe) > TEMP_NAME_MAX or safe != node_name:
+        digest = hashlib.blake2b(node_name.encode(), digest_size=4).hexdigest()
+        safe = f"{safe[: TEMP_NAME_MAX - 9]}-{digest}"
     return os.path.join(root, safe)
 
 
@@ -391,7 +401,7 @@ class RaySupervisor:
             target,
             self._ray_ports,
             node_name=self.node_name,
-            node_ip=self.node_ip,
+            node_ip=target.node_ip or self.node_ip,
             temp_dir=self.temp_dir,
             num_cpus=self.num_cpus,
             num_gpus=self.num_gpus,
@@ -411,7 +421,13 @@ class RaySupervisor:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._supervisor.run())
             if target.role == "head":
-                tg.create_task(self._watch_gcs(self._supervisor, self._ray_ports.named["port"]))
+                tg.create_task(
+                    self._watch_gcs(
+                        self._supervisor,
+                        target.node_ip or self.node_ip,
+                        self._ray_ports.named["port"],
+                    )
+                )
 
     async def _lease_ports(self, target: RayTarget) -> RayPorts:
         names = port_names(target.role, client_server=self.client_server)
@@ -426,7 +442,7 @@ class RaySupervisor:
             max_worker_port=max(workers.ports),
         )
 
-    async def _watch_gcs(self, supervisor: Supervisor, port: int) -> None:
+    async def _watch_gcs(self, supervisor: Supervisor, host: str, port: int) -> None:
         """Keep gcs_ready_port current: set once GCS answers, cleared when the process goes."""
         ready_pid: int | None = None
         began = time.monotonic()
@@ -436,7 +452,7 @@ class RaySupervisor:
                 ready_pid = None
                 self._set_ready(0)
             if pid is not None and ready_pid is None:
-                healthy = await gcs_healthy(self.executable, self.node_ip, port)
+                healthy = await gcs_healthy(self.executable, host, port)
                 if healthy and supervisor.status.pid == pid:
                     ready_pid = pid
                     self._set_ready(port)
