@@ -411,3 +411,70 @@ async def test_malformed_vote_request_is_refused(tmp_path: Path) -> None:
     reply = decode_reply(await handler("a", encode_request(request)) or b"")
     assert not reply.granted
     assert cluster.nodes["b"].store.state == VoteState()
+
+
+FIVE = ["a", "b", "c", "d", "e"]
+# Faults aimed at whoever is head at that moment (random sets rarely hit it), plus random cuts.
+events = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["isolate_head", "kill_head", "freeze_head", "heal", "revive", "cut", "thaw"]
+        ),
+        st.sets(st.sampled_from(FIVE), min_size=1, max_size=2),
+    ),
+    max_size=6,
+)
+
+
+@settings(
+    suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=25, deadline=None
+)
+@given(events, st.randoms(use_true_random=False))
+async def test_random_partitions_never_two_heads_per_term(
+    tmp_path_factory: pytest.TempPathFactory,
+    script: list[tuple[str, set[str]]],
+    rnd: random.Random,
+) -> None:
+    """5 nodes under random partitions, crashes and pauses, stepped in random order: no term
+    is ever announced by two different heads, and a healed cluster ends with one head."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), FIVE)
+    announced: dict[int, str] = {}
+
+    async def run_rounds(n: int) -> None:
+        for _ in range(n):
+            order = list(cluster.nodes)
+            rnd.shuffle(order)
+            for name in order:
+                if name in cluster.down or name in cluster.frozen:
+                    continue
+                cluster.refresh()
+                cluster.nodes[name]._next_stand = 0.0
+                await cluster.nodes[name].step()
+                for head, term in cluster.heads().items():
+                    assert announced.setdefault(term, head) == head, (term, head, announced)
+
+    await run_rounds(3)
+    for kind, group in script:
+        heads = [h for h in cluster.heads() if h not in cluster.frozen] or sorted(group)
+        head = heads[0]
+        if kind == "isolate_head":
+            cluster.net.cut({head} | group, set(FIVE) - {head} - group)
+        elif kind == "kill_head":
+            cluster.down.add(head)
+        elif kind == "freeze_head":
+            cluster.frozen.add(head)
+            cluster.net.cut({head}, set(FIVE) - {head})
+        elif kind == "heal":
+            cluster.net.heal()
+        elif kind == "revive":
+            cluster.down.clear()
+        elif kind == "cut":
+            cluster.net.cut(group, set(FIVE) - group)
+        else:
+            cluster.frozen.clear()
+        await run_rounds(3)
+    cluster.net.heal()
+    cluster.down.clear()
+    cluster.frozen.clear()
+    await run_rounds(4)
+    assert len(cluster.heads()) == 1
