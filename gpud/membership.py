@@ -22,7 +22,9 @@ from gpud.serf.rpc import SerfConnectionError, SerfMember, SerfRPC, SerfRPCError
 from gpud.tags import TagsError, decode
 
 MEMBER_EVENTS = "member-join,member-leave,member-failed,member-update,member-reap"
-REFRESH_INTERVAL_S = 30.0
+# Serf coalesces member events on RPC streams for 1-3 s; a members() read on loopback every
+# second is cheap and lets gpud see a failure as soon as memberlist declares it.
+REFRESH_INTERVAL_S = 1.0
 _STATUSES: frozenset[str] = frozenset(get_args(MemberStatus))
 
 
