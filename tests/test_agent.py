@@ -63,7 +63,7 @@ class RunningAgent:
         self.notify.settimeout(1.0)
         self.messages: list[str] = []
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="2000000")
-        self.log = open(tmp / "agent.log", "wb")  # noqa: SIM115
+        self.log = open(tmp / "agent.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpud", "agent", "--config", str(self.config_path)],
             env=env,
