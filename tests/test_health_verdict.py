@@ -18,6 +18,7 @@ from gpud.health.verdict import (
     detect_nat,
     judge_node,
     judge_pair,
+    majority_verdict,
     step,
 )
 
@@ -176,3 +177,19 @@ def test_target_selection(peers: list[str], mesh_max: int, k: int, seed: int, da
     assert len(targets) == min(
         len(peers), len({head, ring[at - 1], ring[(at + 1) % len(ring)]} - {None}) + k
     )
+
+
+@given(st.lists(st.sampled_from(["unknown", "passing", "critical"]), max_size=9), st.integers(0, 9))
+def test_majority_verdict_needs_more_than_half_of_all_observers(states, extra):
+    observers = len(states) + extra
+    verdict = majority_verdict(states, observers)
+    passing = states.count("passing")
+    critical = states.count("critical")
+    if verdict is True:
+        assert passing * 2 > observers
+    elif verdict is False:
+        assert critical * 2 > observers
+    else:
+        assert passing * 2 <= observers and critical * 2 <= observers
+    # Both majorities at once are impossible.
+    assert not (passing * 2 > observers and critical * 2 > observers)

@@ -28,6 +28,7 @@ from gpud.health.verdict import (
     detect_nat,
     judge_node,
     judge_pair,
+    majority_verdict,
 )
 from gpud.netcheck import NetCheck, NetworkStatus
 from gpud.netcheck import Problem as NetProblem
@@ -250,6 +251,14 @@ class HealthService:
 
     def status(self) -> HealthStatus:
         return self._status
+
+    def healthy_by_majority(self, node: str) -> bool | None:
+        """Data-path verdict on ``node`` from the alive members' probes of it (the matrix)."""
+        observers = {m.name for m in self._ctx.members.values() if m.alive and m.name != node}
+        states = {
+            e.src: e.state for e in self._status.matrix if e.dst == node and e.src in observers
+        }
+        return majority_verdict(list(states.values()), len(observers))
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/health", self._get_health)]

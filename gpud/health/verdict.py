@@ -203,3 +203,17 @@ def judge_node(
     if pairs and judged == 0:
         return "unknown", ["not enough probe results yet"]
     return "passing", reasons if pairs else ["no peers to probe"]
+
+
+def majority_verdict(states: list[DirectionState], observers: int) -> bool | None:
+    """Is a node reachable as seen by a majority of its ``observers``?
+
+    ``states`` holds one entry per observer that has an opinion. True when more than half of
+    all observers reach it, False when more than half cannot, None when nobody has a majority
+    (too few views yet, or opinions split): the caller then falls back to other evidence.
+    """
+    if sum(s == "passing" for s in states) * 2 > observers:
+        return True
+    if sum(s == "critical" for s in states) * 2 > observers:
+        return False
+    return None
