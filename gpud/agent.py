@@ -124,7 +124,19 @@ class Agent:
         return api.json_response(self.inventory)
 
     async def _get_doctor(self, request: web.Request) -> web.Response:
-        return api.json_response(await self.health.doctor())
+        from gpud.health.doctor import DoctorReport, Problem
+        from gpud.netcheck import check_now
+
+        report = await self.health.doctor(await check_now(self.ctx))
+        ports = [
+            Problem(
+                p.severity, "ports", f"{p.message} ({p.cause})" if p.cause else p.message, p.fix
+            )
+            for p in self.ports.problems()
+        ]
+        return api.json_response(
+            DoctorReport.of(self.ctx.node_name, report.peers_checked, report.problems + ports)
+        )
 
     async def _get_metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self._metrics(), content_type="text/plain")
@@ -249,4 +261,8 @@ def main(config: Config) -> int:
         return asyncio.run(Agent(config).run())
     except GpudError as exc:
         log.error(_log, str(exc))
+        return 1
+    except Exception:
+        # A component failed in a way it could not handle: exit non-zero so systemd restarts us.
+        _log.exception("agent failed")
         return 1

@@ -80,17 +80,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
     else:
-        problems = report.get("problems", [])
-        if not problems:
+        print(f"checked {report['peers_checked']} peer(s) from {report['node']}")
+        if report["ok"]:
             print("no problems found")
-        for problem in problems:
-            print(f"[{problem.get('severity', '?')}] {problem.get('message', '')}")
-            if problem.get("cause"):
-                print(f"    cause: {problem['cause']}")
-            if problem.get("fix"):
-                print(f"    fix:   {problem['fix']}")
-    critical = any(p.get("severity") == "critical" for p in report.get("problems", []))
-    return EXIT_PROBLEM if critical else EXIT_OK
+        for problem in report["problems"]:
+            print(f"[{problem['severity']}] {problem['subject']}: {problem['cause']}")
+            print(f"    fix: {problem['fix']}")
+    return EXIT_PROBLEM if report["critical"] else EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -152,13 +152,15 @@ def test_bad_requests_get_json_errors_and_change_nothing(agent: RunningAgent) ->
         agent.api("POST", "/v1/status", {})
     assert info.value.status == 405 and "use GET" in str(info.value)
     before = agent.api("GET", "/v1/status")["node"]["tags"]
-    for body in ({"owner": 5}, {"count": -1, "owner": "x"}, ["not", "an", "object"]):
+    leases_before = agent.api("GET", "/v1/ports/leases")
+    for body in ({"owner": 5}, {"count": -1, "owner": "x"}, ["not", "an", "object"], {"x": 1}):
         with pytest.raises(ApiRefused) as info:
             agent.api("POST", "/v1/ports/leases", body)
         assert 400 <= info.value.status < 500
-    assert agent.api("GET", "/v1/ports/leases") == [] or isinstance(
-        agent.api("GET", "/v1/ports/leases"), list | dict
-    )
+    with pytest.raises(ApiRefused) as info:
+        agent.api("DELETE", "/v1/ports/leases/no-such-lease")
+    assert info.value.status == 404
+    assert agent.api("GET", "/v1/ports/leases") == leases_before
     assert agent.api("GET", "/v1/status")["node"]["tags"] == before
     assert agent.proc.poll() is None
 
@@ -173,3 +175,17 @@ def test_sigterm_sends_stopping_and_stops_serf(agent: RunningAgent) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(serf_pid, 0)
     assert not os.path.exists(agent.socket_path)
+
+
+def test_doctor_on_a_lone_healthy_node(agent: RunningAgent) -> None:
+    agent.wait_message("READY=1")
+    result = subprocess.run(
+        [sys.executable, "-m", "gpud", "doctor", "--socket", agent.socket_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = agent.api("GET", "/v1/doctor")
+    assert report["node"] == "solo" and report["peers_checked"] == 0
+    assert result.returncode == (1 if report["critical"] else 0), result.stdout
+    assert "checked 0 peer(s) from solo" in result.stdout
