@@ -127,6 +127,29 @@ def _summary(section: Any) -> str:
     return " ".join(scalars) or "-"
 
 
+def _health_line(health: dict[str, Any]) -> str:
+    if "state" not in health or "peers" not in health:
+        return _summary(health)
+    out = [row for row in health["peers"] if row.get("direction") == "out"]
+    passing = sum(row.get("state") == "passing" for row in out)
+    line = f"{health['state']}, {passing}/{len(out)} peers reached over the data path"
+    if health.get("behind_nat"):
+        line += f"; BEHIND NAT: {health.get('nat_message', '')}"
+    problems = [p["message"] for p in health.get("pairs", []) if p.get("state") != "passing"]
+    return "\n         ".join([line, *problems])
+
+
+def _network_line(network: dict[str, Any]) -> str:
+    if "advertise" not in network:
+        return _summary(network)
+    line = (
+        f"{network['advertise']} on {network.get('interface') or '?'} "
+        f"(mtu {network.get('mtu')}, chosen by {network.get('chosen_by')})"
+    )
+    problems = [f"[{p['severity']}] {p['message']}" for p in network.get("problems", [])]
+    return "\n         ".join([line, *problems])
+
+
 def render_status(data: dict[str, Any]) -> str:
     node = data.get("node", {})
     members = data.get("members", [])
@@ -134,12 +157,14 @@ def render_status(data: dict[str, Any]) -> str:
     for member in members:
         counts[member.get("status", "?")] = counts.get(member.get("status", "?"), 0) + 1
     by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+    serf = node.get("serf", {}).get("supervisor", {}).get("state", "?")
     lines = [
-        f"node     {node.get('name')}  {node.get('addr')}  gpud {node.get('version')}  "
-        f"serf {node.get('serf', {}).get('state', '?')}",
+        f"node     {node.get('name')}  {node.get('addr')}  gpud {node.get('version')}  serf {serf}",
         f"members  {len(members)} ({by_status})",
+        f"health   {_health_line(data.get('health', {}))}",
+        f"network  {_network_line(data.get('network', {}))}",
     ]
-    for section in ("health", "network", "ports", "ray", "gpus"):
+    for section in ("ports", "ray", "gpus"):
         lines.append(f"{section:<8} {_summary(data.get(section))}")
     lines.append("")
     lines.append(render_members(members))

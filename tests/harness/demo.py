@@ -16,8 +16,13 @@ import sys
 import time
 from types import FrameType
 
-from tests.harness.gpud_node import Cluster, HarnessError
+from tests.harness.gpud_node import Cluster, GpudNode, HarnessError, wait_for
 from tests.harness.netns import cleanup_leftovers
+
+
+def _settled(node: GpudNode) -> bool:
+    status = node.api("/v1/status")
+    return status["ports"]["state"] == "confirmed" and status["health"]["state"] != "unknown"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -51,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         cluster.wait_converged(timeout=args.timeout)
         print(
             f"converged: every node sees {args.hosts} alive members after {time.monotonic() - started:.1f}s\n"
+        )
+        # Let block claims confirm and the first health verdicts come in (bounded).
+        wait_for(
+            lambda: all(_settled(node) for node in cluster.nodes),
+            args.timeout,
+            0.5,
+            what="block claims confirmed and health verdicts on every node",
         )
         for node in cluster.nodes:
             print(f"===== {node.name}  netns {node.host.netns}  addr {node.addr} =====")
