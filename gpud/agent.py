@@ -85,11 +85,14 @@ class Agent:
             self.components.append(self.ray)
 
     async def _address_changed(self, old: str | None, new: str | None) -> None:
+        """NetCheck saw the advertised address go (new None) or change: serf gossips the new
+        address (restart), the peer API moves to it, and health re-judges at once."""
         if new is None:
             log.error(_log, "advertised address disappeared", addr=old)
-            return
-        log.warning(_log, "re-advertising a new address", old=old, new=new)
-        self.serf.readvertise(new)
+        elif new != self.ctx.advertise_addr:
+            log.warning(_log, "re-advertising a new address", old=old, new=new)
+            self.serf.readvertise(new)
+        await self.health.readvertise()
 
     # -- local API -------------------------------------------------------------------------
 

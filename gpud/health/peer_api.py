@@ -292,6 +292,7 @@ class PeerApiServer:
         # Dial-backs make outbound connections: cap them so the API cannot amplify a flood.
         self._dial_backs = asyncio.Semaphore(8)
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self.bound_host: str | None = None
 
     def app(self) -> web.Application:
@@ -309,13 +310,22 @@ class PeerApiServer:
         """
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
+        try:
+            await self._listen()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
         port = self._ctx.config.peer.port
         host = self._ctx.advertise_addr
         try:
-            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            await site.start()
         except OSError as exc:
             if exc.errno != errno.EADDRNOTAVAIL:
-                await self._runner.cleanup()
                 raise
             log.warning(
                 _log,
@@ -324,14 +334,27 @@ class PeerApiServer:
                 port=port,
             )
             host = "0.0.0.0"
-            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
-        self.bound_host = host
+            site = web.TCPSite(self._runner, host, port, reuse_address=True)
+            await site.start()
+        self._site, self.bound_host = site, host
         log.info(_log, "peer API listening", addr=host, port=port)
+
+    async def follow_advertise(self) -> bool:
+        """Listen on the advertised address again after a re-advertise. Returns whether it
+        moved. A wildcard listener (NAT) already covers any address and stays."""
+        if self._site is None or self.bound_host in (self._ctx.advertise_addr, "0.0.0.0"):
+            return False
+        log.info(_log, "peer API moves", old=self.bound_host, new=self._ctx.advertise_addr)
+        await self._site.stop()
+        self._site = None
+        await self._listen()
+        return True
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._site = None
 
     def _reject(self, request: web.Request, status: int, reason: str) -> web.Response:
         self.rejected += 1

@@ -158,6 +158,16 @@ class HealthService:
             await self.server.stop()
             await self.client.close()
 
+    async def readvertise(self) -> HealthStatus:
+        """After the advertised address changed (or vanished): move the peer API to the new
+        address, probe from it, and re-judge at once so a lost address is critical now, not
+        at the next round."""
+        await self.server.follow_advertise()
+        await self.client.set_source_addr(self._source_addr(self._network_status()))
+        self._status = self._judge()
+        await self._publish(self._status)
+        return self._status
+
     async def _probe_loop(self) -> None:
         health = self._ctx.config.health
         while True:
