@@ -1,55 +1,37 @@
-"""Ports benchmark: lease throughput/latency over the Unix socket, and block-claim settle time.
+"""Ports benchmark against real gpud agents (each with its serf child) in harness namespaces.
 
-Leases: the ports component runs alone in a child process (`python -m gpud.ports.service`),
-serving its routes on a Unix socket; 1, 16 and 128 concurrent clients (one aiohttp session
-each) lease 1 port, check it against every port currently held, and release it.
+Leases: one agent in a namespace; 1, 16 and 128 concurrent clients (one aiohttp session each)
+on its Unix socket lease 1 port, check it against every port currently held, and release it.
 
-Claims: the gpud agent is not wired yet, so N real PortsService instances (claim loop, SQLite
-store) run in one process and exchange tags over a simulated gossip: every tag change reaches
-each other node after a delay drawn uniformly from [GOSSIP_MIN_S, GOSSIP_MAX_S] (Serf's LAN
-propagation plus the 1-3 s coalescing of member events), in order per pair. All nodes start at
-once on one address (worst case for collisions). Time = until every node's block is confirmed.
+Claims: N agents (N = 2, 4, 8) started at once in one namespace, sharing its one address (the
+worst case: every block claim can collide), joined into one Serf cluster, with the default
+ports.settle_s. Time = from launching the agents until every one reports a confirmed block and
+the N blocks are distinct; "ready" is when the last agent's API answered. Fresh namespace,
+state and node names per repeat. Needs root.
 
-    .venv/bin/python bench/ports.py [--json PATH] [--quick]
+    .venv/bin/python -m bench.ports [--repeats 3] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import random
-import select
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from gpud import config
-from gpud.context import Member, NodeContext
-from gpud.ports.service import PortsService
-from gpud.tags import Tags
+from gpud.config import PortsConfig
+from gpud.ports import blocks
+from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 
-ADDR = "127.0.0.1"
-GOSSIP_MIN_S = 0.2
-GOSSIP_MAX_S = 2.5
-
-
-def write_config(workdir: Path, name: str, block_size: int, settle_s: float) -> Path:
-    path = workdir / f"{name}.toml"
-    path.write_text(
-        f'[node]\nname = "{name}"\n[paths]\nstate_dir = "{workdir / name}"\n'
-        f'[api]\nsocket = "{workdir / name}.sock"\n'
-        f"[ports]\nrange_start = 14000\nrange_end = 26000\nblock_size = {block_size}\n"
-        f"reserve = false\nsettle_s = {settle_s}\n"
-    )
-    return path
+POLL_S = 0.1
+CLAIM_TIMEOUT_S = 120.0
+DEFAULTS = PortsConfig()
 
 
 async def lease_storm(sock: str, clients: int, total: int) -> dict[str, float | int]:
@@ -73,8 +55,10 @@ async def lease_storm(sock: str, clients: int, total: int) -> dict[str, float | 
                     raise RuntimeError(f"lease failed: {resp.status} {lease}")
                 duplicates += len(held.intersection(lease["ports"]))
                 held.update(lease["ports"])
+                resp = await http.delete(f"http://gpud/v1/ports/leases/{lease['id']}")
+                if resp.status != 204:
+                    raise RuntimeError(f"release failed: {resp.status} {await resp.text()}")
                 held.difference_update(lease["ports"])
-                await http.delete(f"http://gpud/v1/ports/leases/{lease['id']}")
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -90,132 +74,104 @@ async def lease_storm(sock: str, clients: int, total: int) -> dict[str, float | 
     }
 
 
-@contextlib.contextmanager
-def server(cfg: Path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud.ports.service", str(cfg), ADDR], stdout=subprocess.PIPE
+def _node(c: Cluster, name: str, i: int, overrides: dict[str, Any]) -> GpudNode:
+    """The i-th agent on the cluster's first host, with its own ports, directory and socket."""
+    node = GpudNode(
+        c.hosts[0],
+        c.workdir / name,
+        key=c.key,
+        join=[n.join_addr for n in c.nodes],
+        name=name,
+        serf_port=7946 + 10 * i,
+        rpc_port=7373 + 10 * i,
+        peer_port=7948 + 10 * i,
+        overrides=overrides,
     )
+    c.nodes.append(node)
+    return node
+
+
+def _confirmed_block(node: GpudNode) -> int | None:
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        if not ready or proc.stdout is None or not proc.stdout.readline().startswith(b"ready"):
-            raise RuntimeError("ports service did not start")
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
+        ports = node.api("/v1/status", timeout=2.0)["ports"]
+    except Exception:
+        return None
+    return ports["block"] if ports["state"] == "confirmed" else None
 
 
-class DelayedGossip:
-    """Tags reach each other node after a random delay, in order per (sender, receiver)."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.contexts: list[NodeContext] = []
-        # receiver -> sender -> (seq, tags) last delivered
-        self.views: dict[str, dict[str, tuple[int, Tags]]] = {}
-        self.seq = 0
-        self.last_due: dict[tuple[str, str], float] = {}
-
-    def join(self, ctx: NodeContext) -> None:
-        self.contexts.append(ctx)
-        self.views[ctx.node_name] = {}
-
-        async def publish(tags: Tags) -> None:
-            ctx.tags = tags
-            self.send(ctx, tags)
-
-        ctx.set_tag_publisher(publish)
-
-    def send(self, sender: NodeContext, tags: Tags) -> None:
-        loop = asyncio.get_running_loop()
-        self.seq += 1
-        for receiver in self.contexts:
-            key = (sender.node_name, receiver.node_name)
-            delay = 0.0 if receiver is sender else self.rng.uniform(GOSSIP_MIN_S, GOSSIP_MAX_S)
-            due = max(loop.time() + delay, self.last_due.get(key, 0.0))
-            self.last_due[key] = due
-            loop.call_at(due, self.deliver, receiver, sender.node_name, self.seq, tags)
-
-    def deliver(self, receiver: NodeContext, sender: str, seq: int, tags: Tags) -> None:
-        view = self.views[receiver.node_name]
-        if sender in view and view[sender][0] > seq:
-            return
-        view[sender] = (seq, tags)
-        receiver.set_members(
-            {
-                name: Member(name=name, addr=ADDR, port=7946, status="alive", tags=t)
-                for name, (_, t) in view.items()
-            }
-        )
-
-
-async def settle_run(n: int, settle_s: float, seed: int) -> dict[str, float | int]:
-    workdir = Path(tempfile.mkdtemp(prefix="gp-bench-"))
+def bench_leases(total: int) -> list[dict[str, float | int]]:
+    c = Cluster(1)
     try:
-        bus = DelayedGossip(random.Random(seed))
-        services = []
-        for i in range(n):
-            ctx = NodeContext(
-                config.load(str(write_config(workdir, f"s{seed}-n{i}", 400, settle_s))), ADDR
-            )
-            bus.join(ctx)
-            services.append(PortsService(ctx))
-        t0 = time.perf_counter()
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(s.run()) for s in services]
-            await asyncio.wait_for(asyncio.gather(*(s.ready() for s in services)), 120)
-            elapsed = time.perf_counter() - t0
-            # Confirmed blocks must be distinct and stay so once every view has caught up.
-            await asyncio.sleep(GOSSIP_MAX_S + 0.5)
-            held = [s.block_range() for s in services]
-            for task in tasks:
-                task.cancel()
-        distinct = len({(r.start if r else None) for r in held})
-        moves = sum(1 for s in services if s.ctx.tags.blk != _first_choice(s))
-        return {"nodes": n, "settle_s": elapsed, "distinct": distinct, "moved": moves}
+        c.network.start()
+        node = _node(c, "lease", 0, {"ports": {"block_size": 2000}, "log_level": "info"})
+        node.start()
+        wait_for(lambda: _confirmed_block(node) is not None, CLAIM_TIMEOUT_S, POLL_S, what="block")
+        return [asyncio.run(lease_storm(node.socket, n, total)) for n in (1, 16, 128)]
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        c.close()
 
 
-def _first_choice(service: PortsService) -> int:
-    from gpud.ports import blocks
-
-    return blocks.preference(service.ctx.node_name, blocks.block_count(service.cfg))[0]
-
-
-async def run(args: argparse.Namespace) -> dict[str, list[dict[str, float | int]]]:
-    total = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    total = 2000 if args.quick else 10000
-    trials = 1 if args.quick else 3
-    results: dict[str, list[dict[str, float | int]]] = {"leases": [], "claims": []}
-
-    workdir = Path(tempfile.mkdtemp(prefix="gp-bench-"))
+def claim_run(n: int, repeat: int) -> dict[str, float | int]:
+    c = Cluster(1)
     try:
-        cfg = write_config(workdir, "lease", 2000, 0.05)
-        with server(cfg):
-            for clients in (1, 16, 128):
-                results["leases"].append(
-                    await lease_storm(str(workdir / "lease.sock"), clients, total)
-                )
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        c.network.start()
+        overrides = {"ports": {"settle_s": DEFAULTS.settle_s}, "log_level": "info"}
+        nodes = [_node(c, f"r{repeat}n{i}", i, overrides) for i in range(n)]
+        for node in nodes:  # everyone joins everyone (the list was built as nodes were added)
+            node.config["serf"]["retry_join"] = [o.join_addr for o in nodes if o is not node]
+        t0 = time.monotonic()
+        ready: list[float] = []
+        with ThreadPoolExecutor(n) as pool:
+            starts = [pool.submit(node.start) for node in nodes]
 
-    settle_s = config.PortsConfig().settle_s
+            def settled() -> bool:
+                held = [_confirmed_block(node) for node in nodes]
+                return None not in held and len(set(held)) == n
+
+            for f in starts:
+                f.add_done_callback(lambda _f: ready.append(time.monotonic() - t0))
+            wait_for(settled, CLAIM_TIMEOUT_S, POLL_S, what=f"{n} distinct confirmed blocks")
+            elapsed = time.monotonic() - t0
+            for f in starts:
+                f.result()
+        n_blocks = blocks.block_count(DEFAULTS)
+        held = {node.name: _confirmed_block(node) for node in nodes}
+        moved = sum(1 for name, blk in held.items() if blocks.preference(name, n_blocks)[0] != blk)
+        return {"settle_s": elapsed, "ready_s": max(ready), "moved": moved}
+    finally:
+        c.close()
+
+
+def bench_claims(repeats: int) -> list[dict[str, Any]]:
+    out = []
     for n in (2, 4, 8):
-        runs = [await settle_run(n, settle_s, seed) for seed in range(trials)]
-        results["claims"].append(
+        runs = [claim_run(n, r) for r in range(repeats)]
+        settle = [r["settle_s"] for r in runs]
+        out.append(
             {
                 "nodes": n,
-                "ports.settle_s": settle_s,
-                "median_s": round(statistics.median(r["settle_s"] for r in runs), 2),
-                "max_s": round(max(r["settle_s"] for r in runs), 2),
-                "all_distinct": all(r["distinct"] == n for r in runs),
+                "ports.settle_s": DEFAULTS.settle_s,
+                "median_s": round(statistics.median(settle), 2),
+                "max_s": round(max(settle), 2),
+                "ready_median_s": round(statistics.median(r["ready_s"] for r in runs), 2),
                 "moved_median": statistics.median(r["moved"] for r in runs),
-                "trials": trials,
+                "repeats": repeats,
             }
         )
+    return out
 
-    print("lease allocator (Unix socket, lease 1 port + release, group-committed SQLite)")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="claim runs per size")
+    parser.add_argument("--quick", action="store_true", help="fewer leases, one claim run")
+    parser.add_argument("--json", help="write the results as JSON to this path")
+    args = parser.parse_args()
+    total = 2000 if args.quick else 10000
+    repeats = 1 if args.quick else args.repeats
+    results = {"leases": bench_leases(total), "claims": bench_claims(repeats)}
+
+    print("leases against a real agent (Unix socket, lease 1 port + release, SQLite group commit)")
     print(f"{'clients':>8} {'leases':>7} {'leases/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'dups':>5}")
     for r in results["leases"]:
         print(
@@ -223,24 +179,15 @@ async def run(args: argparse.Namespace) -> dict[str, list[dict[str, float | int]
             f"{r['p99_ms']:>7} {r['duplicates']:>5}"
         )
     print(
-        f"\nblock claims, N nodes on one address, simulated gossip delay "
-        f"U[{GOSSIP_MIN_S}, {GOSSIP_MAX_S}] s, ports.settle_s = {settle_s}"
+        f"\nblock claims: N real agents on one address started at once, real Serf gossip, "
+        f"ports.settle_s = {DEFAULTS.settle_s}; seconds from launch to N distinct confirmed blocks"
     )
-    print(f"{'nodes':>6} {'median s':>9} {'max s':>6} {'distinct':>9} {'moved':>6} {'trials':>7}")
+    print(f"{'nodes':>6} {'median s':>9} {'max s':>6} {'ready s':>8} {'moved':>6} {'repeats':>8}")
     for r in results["claims"]:
         print(
-            f"{r['nodes']:>6} {r['median_s']:>9} {r['max_s']:>6} {r['all_distinct']!s:>9} "
-            f"{r['moved_median']:>6} {r['trials']:>7}"
+            f"{r['nodes']:>6} {r['median_s']:>9} {r['max_s']:>6} {r['ready_median_s']:>8} "
+            f"{r['moved_median']:>6} {r['repeats']:>8}"
         )
-    return results
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results as JSON to this path")
-    parser.add_argument("--quick", action="store_true", help="fewer leases and trials")
-    args = parser.parse_args()
-    results = asyncio.run(run(args))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
