@@ -5,7 +5,8 @@ on its Unix socket lease 1 port, check it against every port currently held, and
 
 Claims: N agents (N = 2, 4, 8) started at once in one namespace, sharing its one address (the
 worst case: every block claim can collide), joined into one Serf cluster, with the default
-ports.settle_s. Time = from launching the agents until every one reports a confirmed block and
+ports.settle_s; node names either plain ("random" rendezvous order) or chosen so that
+all N prefer the same block first ("colliding": N-1 of them must move). Time = from launching the agents until every one reports a confirmed block and
 the N blocks are distinct; "ready" is when the last agent's API answered. Fresh namespace,
 state and node names per repeat. Needs root.
 
@@ -111,12 +112,26 @@ def bench_leases(total: int) -> list[dict[str, float | int]]:
         c.close()
 
 
-def claim_run(n: int, repeat: int) -> dict[str, float | int]:
+def colliding_names(n: int, repeat: int) -> list[str]:
+    """``n`` names whose rendezvous order all starts with the same block (every claim collides)."""
+    n_blocks = blocks.block_count(DEFAULTS)
+    by_first: dict[int, list[str]] = {}
+    for i in range(100_000):
+        name = f"r{repeat}c{i}"
+        group = by_first.setdefault(blocks.preference(name, n_blocks)[0], [])
+        group.append(name)
+        if len(group) == n:
+            return group
+    raise RuntimeError(f"no {n} colliding names")
+
+
+def claim_run(names: list[str]) -> dict[str, float | int]:
+    n = len(names)
     c = Cluster(1)
     try:
         c.network.start()
         overrides = {"ports": {"settle_s": DEFAULTS.settle_s}, "log_level": "info"}
-        nodes = [_node(c, f"r{repeat}n{i}", i, overrides) for i in range(n)]
+        nodes = [_node(c, name, i, overrides) for i, name in enumerate(names)]
         for node in nodes:  # everyone joins everyone (the list was built as nodes were added)
             node.config["serf"]["retry_join"] = [o.join_addr for o in nodes if o is not node]
         t0 = time.monotonic()
@@ -144,12 +159,18 @@ def claim_run(n: int, repeat: int) -> dict[str, float | int]:
 
 def bench_claims(repeats: int) -> list[dict[str, Any]]:
     out = []
-    for n in (2, 4, 8):
-        runs = [claim_run(n, r) for r in range(repeats)]
+    for names, n in ((name_set, n) for n in (2, 4, 8) for name_set in ("random", "colliding")):
+        runs = [
+            claim_run(
+                [f"r{r}n{i}" for i in range(n)] if names == "random" else colliding_names(n, r)
+            )
+            for r in range(repeats)
+        ]
         settle = [r["settle_s"] for r in runs]
         out.append(
             {
                 "nodes": n,
+                "names": names,
                 "ports.settle_s": DEFAULTS.settle_s,
                 "median_s": round(statistics.median(settle), 2),
                 "max_s": round(max(settle), 2),
@@ -182,10 +203,12 @@ def main() -> None:
         f"\nblock claims: N real agents on one address started at once, real Serf gossip, "
         f"ports.settle_s = {DEFAULTS.settle_s}; seconds from launch to N distinct confirmed blocks"
     )
-    print(f"{'nodes':>6} {'median s':>9} {'max s':>6} {'ready s':>8} {'moved':>6} {'repeats':>8}")
+    print(
+        f"{'nodes':>6} {'names':>10} {'median s':>9} {'max s':>6} {'ready s':>8} {'moved':>6} {'repeats':>8}"
+    )
     for r in results["claims"]:
         print(
-            f"{r['nodes']:>6} {r['median_s']:>9} {r['max_s']:>6} {r['ready_median_s']:>8} "
+            f"{r['nodes']:>6} {r['names']:>10} {r['median_s']:>9} {r['max_s']:>6} {r['ready_median_s']:>8} "
             f"{r['moved_median']:>6} {r['repeats']:>8}"
         )
     if args.json:

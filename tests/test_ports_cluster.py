@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -283,3 +285,33 @@ async def test_kill_9_during_a_lease_storm_against_the_agent(
     assert {final[i]["owner"] for i in set(final) - set(acked) - {alive_lease["id"]}} <= {"storm"}
     with contextlib.suppress(Exception):
         await asyncio.to_thread(node.terminate)
+
+
+def test_concurrent_reservations_in_one_namespace_all_stick(network: Callable[..., Any]) -> None:
+    """Agents sharing a namespace reserve their blocks at about the same moment: the sysctl's
+    read-merge-write must not lose any of them."""
+    host = network(1)[0]
+    writers = 12
+    start_at = time.time() + 2.0  # every writer sleeps until then, so their writes overlap
+    script = (
+        "import sys, time\n"
+        "from gpud.ports import reserve\n"
+        "lo = int(sys.argv[1])\n"
+        f"time.sleep(max(0.0, {start_at} - time.time()))\n"
+        "for k in range(20):\n"
+        "    r = reserve.reserve((lo + 2 * k, lo + 2 * k))\n"
+        "    assert r.error is None, r.error\n"
+    )
+    procs = [
+        host.popen([sys.executable, "-c", script, str(21000 + 100 * w)]) for w in range(writers)
+    ]
+    for proc in procs:
+        assert proc.wait(timeout=30) == 0
+    ranges = reserved_in(host)
+    missing = [
+        21000 + 100 * w + 2 * k
+        for w in range(writers)
+        for k in range(20)
+        if reserve.uncovered(ranges, (21000 + 100 * w + 2 * k,) * 2)
+    ]
+    assert missing == [], f"{len(missing)} reservations lost: {missing[:10]}"

@@ -5,17 +5,24 @@ so gpud reads it, merges its block in and writes the union back; it remembers wh
 added itself and, when its block moves, removes only those. The reservation is kept on shutdown
 on purpose: the claim survives restarts, and the block must not be handed out as ephemeral
 ports while gpud restarts. (Read-merge-write is not atomic against another writer doing the
-same at the same instant; the sysctl offers nothing better.)
+same at the same instant; the sysctl offers nothing better. gpud processes sharing a namespace,
+e.g. several nodes on one host, serialise their read-merge-writes with an flock on LOCK_FILE.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
 RESERVED_PORTS = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 LOCAL_PORT_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+# One lock for every namespace on the host's filesystem: serialising across namespaces costs
+# nothing worth keying it by namespace.
+LOCK_FILE = "/run/gpud-reserved-ports.lock"
 
 # Inclusive port ranges, as the sysctl writes them ("1000-1010,2000").
 PortRange = tuple[int, int]
@@ -97,8 +104,31 @@ def _describe(exc: OSError, path: str) -> str:
     return f"writing {path} failed: {exc.strerror or exc}"
 
 
-def reserve(block: PortRange, path: str = RESERVED_PORTS) -> Reservation:
+@contextlib.contextmanager
+def _locked(lock_file: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_file``; without one (no write access to create it)
+    go on unlocked: the sysctl write itself will then say what is wrong."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def reserve(
+    block: PortRange, path: str = RESERVED_PORTS, lock_file: str = LOCK_FILE
+) -> Reservation:
     """Add ``block`` to the reserved ports, keeping every entry already there."""
+    with _locked(lock_file):
+        return _reserve(block, path)
+
+
+def _reserve(block: PortRange, path: str) -> Reservation:
     try:
         with open(path) as f:
             current = parse_ranges(f.read())
@@ -115,11 +145,18 @@ def reserve(block: PortRange, path: str = RESERVED_PORTS) -> Reservation:
     return Reservation(added=added)
 
 
-def unreserve(owned: Iterable[PortRange], path: str = RESERVED_PORTS) -> str | None:
+def unreserve(
+    owned: Iterable[PortRange], path: str = RESERVED_PORTS, lock_file: str = LOCK_FILE
+) -> str | None:
     """Remove the ranges gpud added itself; returns an error message or None."""
     owned = list(owned)
     if not owned:
         return None
+    with _locked(lock_file):
+        return _unreserve(owned, path)
+
+
+def _unreserve(owned: list[PortRange], path: str) -> str | None:
     try:
         with open(path) as f:
             current = parse_ranges(f.read())
