@@ -86,6 +86,16 @@ def test_port_mapped_node_is_behind_nat_and_never_head(cluster: Callable[..., Cl
     # It publishes nat=1 in its tags, which head election reads.
     tags = mapped.api("/v1/status")["node"]["tags"]
     assert tags["nat"] is True and tags["hl"] == "critical"
+    # Serf binds all addresses when the advertised one is not local, so the mapped node joins:
+    # the others see it alive at its outer address.
+    wait_for(
+        lambda: all(mapped.name in n.alive_members() for n in c.nodes[:2]),
+        DETECT_S,
+        what="the others seeing the port-mapped node alive",
+        describe=c.describe,
+    )
+    seen = next(m for m in c[0].members() if m["name"] == mapped.name)
+    assert seen["addr"] == inner.advertise_addr
     doctor = mapped.api("/v1/doctor")
     assert any(
         p["subject"] == "network" and p["severity"] == "critical" for p in doctor["problems"]
