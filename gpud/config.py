@@ -111,6 +111,11 @@ class RayConfig(_Section):
     num_cpus: Annotated[int, msgspec.Meta(ge=0)] | None = None
     # Extra environment for `ray start` (e.g. RAY_* tuning variables).
     env: dict[str, str] = {}
+    # How long a candidate collects votes (the Serf query is waited out in full); unset:
+    # Serf's default (about 3 s for a few nodes). Shorter means a faster failover.
+    vote_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
+    # Parent of each node's Ray temp dir; Ray's unix socket paths live under it (107 bytes).
+    temp_root: str = "/tmp/gpud-ray"
 
 
 class Config(_Section):

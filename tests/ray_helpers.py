@@ -9,8 +9,9 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -18,6 +19,7 @@ import msgspec
 from gpud.config import Config, NodeConfig, PathsConfig, RayConfig
 from gpud.context import Member, NodeContext
 from gpud.ray.service import RayService
+from tests.harness.gpud_node import GpudNode
 
 QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
 
@@ -152,14 +154,12 @@ class Nodes:
         for i, (name, ray_config) in enumerate(ray.items()):
             config = Config(
                 node=NodeConfig(name=name),
-                ray=ray_config,
+                ray=msgspec.structs.replace(ray_config, temp_root=self.temp_root),
                 paths=PathsConfig(state_dir=str(root / name)),
             )
             ctx = NodeContext(config, advertise_addr=f"127.0.0.{i + 2}")
             ctx.tags = msgspec.structs.replace(ctx.tags, hl="passing")
-            self.services[name] = RayService(
-                ctx, self.net.transport(name), self.ports, temp_root=self.temp_root
-            )
+            self.services[name] = RayService(ctx, self.net.transport(name), self.ports)
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     def refresh(self) -> None:
@@ -212,3 +212,76 @@ async def wait_for(
         if time.monotonic() - began > timeout_s:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.3)
+
+
+# ---- namespace harness (real gpud agents) -------------------------------------------------
+
+RAY_EXECUTABLE = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray")
+
+
+def ray_overrides(temp_root: str, *, vote_timeout_s: float = 1.0) -> dict[str, object]:
+    """Cluster config overrides that turn Ray on, small: one CPU, no dashboard (gpud's
+    default), a short vote (a namespace LAN answers in milliseconds)."""
+    return {
+        "ray": {
+            "enabled": True,
+            "executable": RAY_EXECUTABLE,
+            "num_cpus": 1,
+            "temp_root": temp_root,
+            "vote_timeout_s": vote_timeout_s,
+        }
+    }
+
+
+class HeadView(msgspec.Struct, frozen=True):
+    """Which members some node's gossip view shows as Ray head: (name, term, gcs port)."""
+
+    observer: str
+    heads: tuple[tuple[str, int, int], ...]
+
+
+def head_views(nodes: Sequence[GpudNode]) -> list[HeadView]:
+    """Each running node's view of the heads (from the decoded tags of alive members)."""
+    views = []
+    for node in nodes:
+        if not node.running():
+            continue
+        heads = tuple(
+            sorted(
+                (m["name"], m["tags"]["term"], m["tags"]["gcs"])
+                for m in node.members()
+                if m["status"] == "alive" and m["tags"] and m["tags"]["ray"] == "head"
+            )
+        )
+        views.append(HeadView(node.name, heads))
+    return views
+
+
+def agreed_head(nodes: Sequence[GpudNode]) -> tuple[str, int, int] | None:
+    """The one head every given running node sees, with its GCS announced; else None."""
+    views = head_views(nodes)
+    if not views or any(len(v.heads) != 1 for v in views):
+        return None
+    first = views[0].heads[0]
+    if any(v.heads[0] != first for v in views) or first[2] == 0:
+        return None
+    return first
+
+
+def ray_node_names(node: GpudNode) -> set[str] | None:
+    """The Ray nodes that ``node``'s /v1/ray last saw alive in GCS (None: not asked yet)."""
+    seen = node.api("/v1/ray")["ray_nodes"]["nodes"]
+    return None if seen is None else {n["name"] for n in seen}
+
+
+def kill_host(node: GpudNode) -> None:
+    """kill -9 everything on the node's host: gpud, serf, Ray (every process in the namespace;
+    the harness made the namespace, so all of them are ours)."""
+    node.kill9()
+    listed = subprocess.run(
+        ["ip", "netns", "pids", node.host.netns], capture_output=True, text=True, timeout=10
+    )
+    pids = [int(p) for p in listed.stdout.split() if p.isdigit()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -62,6 +62,7 @@ TICK_S = 1.0
 RETRY_S = (1.0, 3.0)
 # How often to ask the GCS which Ray nodes are alive (bounded subprocess, cached).
 RAY_NODES_EVERY_S = 10.0
+NODES_POLL_S = 0.5
 # How often to look for a missing `ray` executable again.
 PROBE_EVERY_S = 60.0
 # Restarts without GCS ready after which a head gives up its eligibility for COOLDOWN_S.
@@ -277,15 +278,17 @@ class RayService:
         serf: QueryTransport,
         ports: PortLeaser,
         health: DataPathHealth | None = None,
-        *,
-        temp_root: str = "/tmp/gpud-ray",
     ) -> None:
         self.ctx = ctx
         config = ctx.config.ray
         verdict = health.healthy_by_majority if health is not None else None
         self._verdict = verdict
         self.election = HeadElection(
-            ctx, serf, VoteStore(ctx.config.state_dir / "ray-vote.json"), verdict
+            ctx,
+            serf,
+            VoteStore(ctx.config.state_dir / "ray-vote.json"),
+            verdict,
+            vote_timeout_s=config.vote_timeout_s,
         )
         self._wake = asyncio.Event()
         ctx.on_members_changed(lambda _members: self._wake.set())
@@ -294,7 +297,7 @@ class RayService:
             node_name=ctx.node_name,
             node_ip=ctx.advertise_addr,  # default; each target carries the current address
             ports=ports,
-            temp_root=temp_root,
+            temp_root=config.temp_root,
             num_cpus=config.num_cpus,
             num_gpus=ctx.tags.gpu,
             env=config.env,
@@ -408,7 +411,12 @@ class RayService:
                 self._nodes_at = time.monotonic()
             else:
                 self._nodes, self._nodes_at = RayNodesSeen(), None
-            await asyncio.sleep(RAY_NODES_EVERY_S)
+            # Ask again after RAY_NODES_EVERY_S, or at once when the GCS address changes (a
+            # new head), so status shows the new cluster without waiting out the interval.
+            for _ in range(int(RAY_NODES_EVERY_S / NODES_POLL_S)):
+                await asyncio.sleep(NODES_POLL_S)
+                if self._gcs_address() != address:
+                    break
 
     def _gcs_address(self) -> str | None:
         target = self.supervisor.target

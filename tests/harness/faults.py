@@ -89,13 +89,11 @@ def _install(
 def partition(a: Host, b: Host) -> Fault:
     """Drop everything between a and b, both directions."""
     fault = Fault(f"partition {a.name} <-/-> {b.name}")
+    # Inbound only, on both sides: a packet dropped on its way out fails the sender's send()
+    # with EPERM, which no real partition does, and memberlist then skips the failed probe
+    # instead of suspecting the peer, so Serf would never see the partition.
     for x, y in ((a, b), (b, a)):
-        _install(
-            fault,
-            x,
-            inbound=[f"ip saddr {y.advertise_addr} drop"],
-            outbound=[f"ip daddr {y.advertise_addr} drop"],
-        )
+        _install(fault, x, inbound=[f"ip saddr {y.advertise_addr} drop"])
     return fault
 
 

@@ -1,0 +1,209 @@
+"""Ray head election with real gpud agents, real serf and real `ray start` in namespaces.
+
+One 3-host cluster is shared by the checks that leave it whole (each starts by waiting for a
+steady cluster, so their order does not matter); the kill -9 test runs last on it and
+restarts the killed host afterwards. The port-mapping test has its own small cluster.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import faults
+from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.harness.netns import cleanup_leftovers
+from tests.ray_helpers import (
+    RAY_EXECUTABLE,
+    agreed_head,
+    head_views,
+    kill_host,
+    ray_node_names,
+    ray_overrides,
+)
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.ray,
+    pytest.mark.skipif(not Path(RAY_EXECUTABLE).exists(), reason=f"no {RAY_EXECUTABLE}"),
+]
+
+# Bounds for one wait on 2 busy cores: a Ray node takes ~10-20 s to start there.
+STEADY_S = 150.0
+FAILOVER_S = 120.0
+SERF_PORT, PEER_PORT = 7946, 7948
+
+
+def describe(nodes: list[GpudNode]) -> Callable[[], str]:
+    def text() -> str:
+        lines = [str(head_views(nodes))]
+        for node in nodes:
+            if node.running():
+                try:
+                    lines.append(f"{node.name}: {node.api('/v1/ray')['summary']}")
+                except Exception as exc:
+                    lines.append(f"{node.name}: <{exc}>")
+        return "\n".join(lines)
+
+    return text
+
+
+def wait_steady(nodes: list[GpudNode], timeout: float = STEADY_S) -> tuple[str, int, int]:
+    """Until all ``nodes`` agree on one ready head whose GCS shows all of them alive."""
+    names = {n.name for n in nodes}
+    by_name = {n.name: n for n in nodes}
+
+    def steady() -> tuple[str, int, int] | None:
+        head = agreed_head(nodes)
+        if head is None or ray_node_names(by_name[head[0]]) != names:
+            return None
+        return head
+
+    return wait_for(
+        steady, timeout, 1.0, what=f"one Ray cluster of {sorted(names)}", describe=describe(nodes)
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_harness_leftovers_removed: None) -> Iterator[Cluster]:
+    temp_root = tempfile.mkdtemp(prefix="grt-")  # short: Ray's socket paths live under it
+    cluster = Cluster(3, overrides=ray_overrides(temp_root))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+        shutil.rmtree(temp_root, ignore_errors=True)
+        cleanup_leftovers()
+
+
+def ray_process_ports(node: GpudNode) -> tuple[int, set[int]]:
+    """(pid, ports) of the `ray start` process gpud runs, the ports read from its cmdline."""
+    pid = node.api("/v1/ray")["process"]["process"]["pid"]
+    assert pid is not None, f"{node.name} runs no Ray process"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert "start" in argv and "--block" in argv, argv
+    flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    ports = {int(v) for k, v in flags.items() if k.endswith("-port") or k == "port"}
+    low, high = int(flags["min-worker-port"]), int(flags["max-worker-port"])
+    return pid, (ports - {low, high}) | set(range(low, high + 1))
+
+
+def test_one_head_three_ray_nodes_ports_inside_leases(ray_cluster: Cluster) -> None:
+    nodes = list(ray_cluster)
+    head, term, gcs = wait_steady(nodes)
+    # Exactly one head, the same term in every node's view (agreed_head checks the views).
+    assert all(v.heads == ((head, term, gcs),) for v in head_views(nodes))
+    head_node = next(n for n in nodes if n.name == head)
+    ray = head_node.api("/v1/ray")
+    assert ray["role"] == "head" and ray["head_address"] == f"{head_node.addr}:{gcs}"
+    assert {n["ip"] for n in ray["ray_nodes"]["nodes"]} == {n.addr for n in nodes}
+    for node in nodes:
+        status = node.api("/v1/ray")
+        assert status["role"] == ("head" if node is head_node else "worker")
+        assert status["term"] == term
+        _, ports = ray_process_ports(node)
+        leased = {p for lease in node.api("/v1/ports/leases") for p in lease["ports"]}
+        assert ports <= leased, f"{node.name}: Ray ports outside leases: {ports - leased}"
+        # The GCS port is a head's port only, and it is the one announced in the tags.
+        flags = status["process"]["ports"]["named"]
+        assert ("port" in flags) == (node is head_node)
+        if node is head_node:
+            assert flags["port"] == gcs
+
+
+def test_partition_minority_has_no_head_and_heals_to_one_cluster(ray_cluster: Cluster) -> None:
+    nodes = list(ray_cluster)
+    head, term, _ = wait_steady(nodes)
+    # Put the head in the minority when we can: then the majority must elect a new one.
+    minority = next(n for n in nodes if n.name == head)
+    majority = [n for n in nodes if n is not minority]
+    with faults.partition_groups([n.host for n in majority], [minority.host]):
+        new_head, new_term, _ = wait_for(
+            lambda: (seen := agreed_head(majority)) and seen[0] != head and seen,
+            FAILOVER_S,
+            1.0,
+            what=f"a ready head other than {head} on the majority side",
+            describe=describe(nodes),
+        )
+        assert new_head != head and new_term > term
+
+        def minority_headless() -> bool:
+            ray = minority.api("/v1/ray")
+            return ray["role"] != "head" and not any(
+                name == minority.name for name, *_ in head_views([minority])[0].heads
+            )
+
+        wait_for(
+            minority_headless,
+            FAILOVER_S,
+            1.0,
+            what=f"{minority.name} (cut off alone) to give up the head role",
+            describe=describe(nodes),
+        )
+        # Alone it never gathers a majority: it stays headless for a while.
+        for _ in range(5):
+            assert minority_headless(), describe(nodes)()
+            assert minority.api("/v1/ray")["action"] != "lead"
+            time.sleep(1.0)
+    healed_head, healed_term, _ = wait_steady(nodes)
+    assert healed_term >= new_term
+    assert healed_head in {n.name for n in majority}
+
+
+def test_kill9_head_host_new_head_with_survivors(ray_cluster: Cluster) -> None:
+    nodes = list(ray_cluster)
+    head, term, _ = wait_steady(nodes)
+    victim = next(n for n in nodes if n.name == head)
+    survivors = [n for n in nodes if n is not victim]
+    kill_host(victim)
+    try:
+        assert not victim.running()
+        new_head, new_term, _ = wait_steady(survivors, FAILOVER_S)
+        assert new_head != head and new_term > term
+    finally:
+        # Give the shared cluster its third host back (a fresh start of the same node).
+        victim.reap_children()
+        victim.start()
+    wait_steady(nodes)
+
+
+def test_port_mapped_node_never_becomes_head(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    temp_root = tempfile.mkdtemp(prefix="grn-")
+    try:
+        c = cluster(2, overrides=ray_overrides(temp_root))
+        inner = faults.port_mapped_host(c.hosts[1], [SERF_PORT + 10, PEER_PORT + 10])
+        mapped = c.add_node(
+            inner,
+            serf_port=SERF_PORT + 10,
+            rpc_port=7383,
+            peer_port=PEER_PORT + 10,
+            # The most preferred node of the cluster: only NAT keeps it from being head.
+            overrides={"ray": {"head": "prefer", "priority": 100}},
+        )
+        plain = [n for n in c if n is not mapped]
+        head, _, _ = wait_for(
+            lambda: agreed_head(list(c)),
+            STEADY_S,
+            1.0,
+            what="a ready head seen by all three nodes",
+            describe=describe(list(c)),
+        )
+        assert head in {n.name for n in plain}
+        ray = mapped.api("/v1/ray")
+        assert not ray["eligible"] and "NAT" in (ray["not_eligible_reason"] or ""), ray
+        # Keep watching: the preferred node must not take over once it is settled either.
+        for _ in range(10):
+            views = head_views(list(c))
+            assert all(mapped.name not in {h[0] for h in v.heads} for v in views), views
+            assert mapped.api("/v1/ray")["role"] != "head"
+            time.sleep(1.0)
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
