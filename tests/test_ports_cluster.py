@@ -181,12 +181,14 @@ def test_blocks_unique_per_address_reserved_and_kept_over_restart(
     leases = [
         node_api(node, "POST", "/v1/ports/leases", {"owner": "keep", "count": n}) for n in (1, 3)
     ]
+    bc_before = gossiped_blocks(on_shared[0])[node.name][1]
     node.restart()
     assert node.api("/v1/status")["ports"]["block"] == held[node.name]  # before gossip settles
     after = wait_for(
         lambda: settled(everyone), CLAIM_TIMEOUT_S, 0.5, what="claims after the restart"
     )
     assert after == held_all
+    assert gossiped_blocks(on_shared[0])[node.name] == (held[node.name], bc_before)
     kept = {lease["id"]: lease["ports"] for lease in node.api("/v1/ports/leases")}
     assert kept == {lease["id"]: lease["ports"] for lease in leases}
     ranges = reserved_in(shared)

@@ -462,7 +462,12 @@ class PortsService:
         return mine is not None and mine.tags is not None and mine.tags.blk == blk
 
     async def _confirm(self, blk: int) -> None:
-        confirmed_at = max(1, int(time.time()))
+        # A claim confirmed before a restart keeps its time: it ranks by when it was first
+        # confirmed, not by when this process came back.
+        if self._claim is not None and self._claim.blk == blk and self._claim.confirmed:
+            confirmed_at = self._claim.confirmed_at
+        else:
+            confirmed_at = max(1, int(time.time()))
         record = ClaimRecord(
             blk=blk,
             confirmed_at=confirmed_at,
