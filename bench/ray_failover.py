@@ -1,21 +1,25 @@
 """Ray head failover: how long from kill -9 of the head host until Ray works again.
 
-Three measurements, printed as numbers (and written as JSON with --json):
+Three modes, printed as numbers (and written as JSON with --json); median and max over
+--repeats failovers each:
 
-  managed     In-process gpud nodes (the real RayService, election over an in-process query
-              transport, real `ray start` on 127.0.0.x loopback addresses). The head "host" is
-              killed: SIGKILL of its Ray process group and its gpud task, and the others see it
-              failed at once. Measures (a) new head elected, (b) new GCS ready, (c) every
-              surviving Ray worker registered with the new GCS. Serf's own failure detection is
-              NOT included (add it: ~5.8 s for 3 agents, measured in DESIGN.md).
+  harness     Real gpud agents (real serf, real `ray start`) on 3 hosts in network namespaces
+              (tests/harness). kill -9 of every process on the head's host, then (a) the
+              surviving nodes agree on a new head, (b) they all see its GCS announced ready,
+              (c) the new GCS lists every surviving node alive. Serf's failure detection is
+              included. The killed host is restarted between rounds.
+  managed     In-process gpud nodes (RayService, election over an in-process query transport,
+              real `ray start` on 127.0.0.x); the others see the head failed at once, so Serf's
+              failure detection is NOT included.
   unmanaged   A plain Ray worker joined to a plain head; SIGKILL the head's process group and
               time until the worker's `ray start --block` exits by itself (Ray's
               RAY_gcs_rpc_server_reconnect_timeout_s, default 60 s). Nothing brings it back.
-  harness     TODO(integrator): the same (a)/(b)/(c) in network namespaces with real serf and
-              gpud agents, via the netns harness (kill -9 of the whole namespace's processes).
-              `measure_failover` below takes the probes that harness has to provide.
 
-Run:  .venv/bin/python bench/ray_failover.py [--mode managed|unmanaged|both] [--json out.json]
+(c) is polled with one GCS query per try (a Python subprocess, about 1-2 s on a busy host), so
+it may read up to one query late.
+
+Run (root, for the namespaces):  .venv/bin/python -m bench.ray_failover
+    [--mode harness unmanaged managed] [--repeats 3] [--vote-timeout 1.0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -41,7 +46,14 @@ sys.path.insert(0, str(ROOT))
 from gpud.config import RayConfig  # noqa: E402
 from gpud.ray import service as ray_service  # noqa: E402
 from gpud.ray.supervisor import alive_ray_nodes, gcs_healthy  # noqa: E402
-from tests.ray_helpers import Nodes, SimplePorts  # noqa: E402
+from tests.harness.gpud_node import Cluster, GpudNode  # noqa: E402
+from tests.ray_helpers import (  # noqa: E402
+    Nodes,
+    SimplePorts,
+    head_views,
+    kill_host,
+    ray_overrides,
+)
 
 RAY = str(ROOT / ".venv" / "bin" / "ray")
 
@@ -75,6 +87,9 @@ class FailoverProbes(Protocol):
         """Names of surviving nodes that should run a Ray worker."""
 
     async def kill_host(self, name: str) -> None: ...
+
+    async def ray_nodes(self, address: str) -> list[str]:
+        """Names of the Ray nodes the GCS at ``address`` reports alive (raises RuntimeError)."""
 
 
 async def _until(predicate: Callable[[], Awaitable[bool]], began: float, limit_s: float) -> float:
@@ -112,7 +127,7 @@ async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> F
     async def registered() -> bool:
         nonlocal seen_nodes
         try:
-            seen_nodes = [n.name for n in await alive_ray_nodes(RAY, address, timeout_s=3)]
+            seen_nodes = await cluster.ray_nodes(address)
         except RuntimeError:
             return False
         return expected <= set(seen_nodes)
@@ -162,6 +177,9 @@ class InProcessCluster:
         self.nodes.down.add(name)
         await self.nodes.stop(name)
 
+    async def ray_nodes(self, address: str) -> list[str]:
+        return [n.name for n in await alive_ray_nodes(RAY, address, timeout_s=3)]
+
 
 async def managed(ray_nodes: int) -> FailoverResult:
     ray_service.RAY_NODES_EVERY_S = 3600.0  # the bench asks the GCS itself
@@ -194,6 +212,112 @@ async def managed(ray_nodes: int) -> FailoverResult:
             return await measure_failover(cluster)
         finally:
             await nodes.stop_all()
+
+
+class HarnessCluster:
+    """FailoverProbes over real gpud agents (serf, Ray) in the netns harness. The bench runs in
+    the root namespace, which cannot reach the harness subnet: GCS is asked from inside a
+    surviving host's namespace."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def _running(self) -> list[GpudNode]:
+        return [n for n in self.cluster if n.running()]
+
+    def head(self) -> tuple[str, int, int] | None:
+        """The head every running node sees (one alive head, itself running); its GCS port
+        only once every running node has seen it announced."""
+        running = self._running()
+        names = {n.name for n in running}
+        seen = set()
+        for view in head_views(running):
+            heads = [h for h in view.heads if h[0] in names]
+            if len(heads) != 1:
+                return None
+            seen.add(heads[0])
+        if len({(name, term) for name, term, _ in seen}) != 1:
+            return None
+        name, term, _ = next(iter(seen))
+        return name, term, min(gcs for _, _, gcs in seen)
+
+    def head_address(self, name: str) -> str:
+        return next(n.addr for n in self.cluster if n.name == name)
+
+    def ray_workers(self) -> set[str]:
+        return {n.name for n in self._running()}
+
+    async def kill_host(self, name: str) -> None:
+        await asyncio.to_thread(kill_host, next(n for n in self.cluster if n.name == name))
+
+    async def ray_nodes(self, address: str) -> list[str]:
+        via = self._running()[0].host
+        nodes = await alive_ray_nodes(
+            RAY, address, timeout_s=3, argv_prefix=["ip", "netns", "exec", via.netns]
+        )
+        return [n.name for n in nodes]
+
+
+def _steady(cluster: Cluster, limit_s: float = 240.0) -> tuple[str, int, int]:
+    """Until every node agrees on a ready head whose GCS lists every node alive."""
+    probes = HarnessCluster(cluster)
+    names = {n.name for n in cluster}
+    began = time.monotonic()
+    while time.monotonic() - began < limit_s:
+        head = probes.head()
+        if head is not None and head[2]:
+            address = f"{probes.head_address(head[0])}:{head[2]}"
+            with contextlib.suppress(RuntimeError):
+                if names <= set(asyncio.run(probes.ray_nodes(address))):
+                    return head
+        time.sleep(1.0)
+    raise TimeoutError(f"no steady Ray cluster after {limit_s}s:\n{cluster.describe()}")
+
+
+def harness(repeats: int, vote_timeout_s: float) -> list[FailoverResult]:
+    """kill -9 the head host `repeats` times in one 3-host cluster; the killed host is
+    restarted (and the cluster steady again) before the next round."""
+    results = []
+    temp_root = tempfile.mkdtemp(prefix="grb-")
+    try:
+        with Cluster(3, overrides=ray_overrides(temp_root, vote_timeout_s=vote_timeout_s)) as c:
+            began = time.monotonic()
+            head = _steady(c)
+            print(f"harness: 3 hosts, head {head[0]}, up in {time.monotonic() - began:.1f}s")
+            for i in range(repeats):
+                result = asyncio.run(measure_failover(HarnessCluster(c)))
+                results.append(result)
+                print(f"harness #{i + 1}: {_line(result)}", flush=True)
+                victim = next(n for n in c if n.name == result.old_head)
+                victim.reap_children()
+                victim.start()
+                _steady(c)
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
+    return results
+
+
+def _line(result: FailoverResult) -> str:
+    return (
+        f"head {result.old_head} killed -> {result.new_head} (term {result.new_term}) elected "
+        f"{result.elected_s}s, GCS ready {result.gcs_ready_s}s, {result.surviving_ray_nodes} "
+        f"Ray nodes registered {result.workers_registered_s}s"
+    )
+
+
+class Spread(msgspec.Struct, kw_only=True):
+    n: int
+    median: float | None
+    max: float | None
+
+
+def spread(values: list[float | None]) -> Spread:
+    known = [v for v in values if v is not None]
+    return Spread(
+        n=len(values),
+        median=round(statistics.median(known), 2) if known else None,
+        max=max(known) if known else None,
+    )
 
 
 async def _alive_or_empty(address: str) -> list[str]:
@@ -295,34 +419,67 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
         shutil.rmtree(temp, ignore_errors=True)
 
 
-async def measure(args: argparse.Namespace) -> dict[str, object]:
+def measure(args: argparse.Namespace) -> dict[str, object]:
     results: dict[str, object] = {}
-    if args.mode in ("managed", "both"):
-        result = await managed(args.ray_nodes)
-        results["managed"] = result
-        print(
-            f"managed: head {result.old_head} killed -> {result.new_head} elected "
-            f"{result.elected_s}s, GCS ready {result.gcs_ready_s}s, "
-            f"{result.surviving_ray_nodes} Ray nodes registered {result.workers_registered_s}s"
-            " (plus Serf failure detection)",
-            flush=True,
-        )
-    if args.mode in ("unmanaged", "both"):
-        un = await unmanaged(args.reconnect_timeout)
-        results["unmanaged"] = un
-        print(
-            f"unmanaged: worker exited {un.worker_exit_s}s after head SIGKILL "
-            f"(code {un.worker_exit_code}, RAY_gcs_rpc_server_reconnect_timeout_s="
-            f"{un.reconnect_timeout_env or 'default'}); it never rejoins",
-            flush=True,
-        )
+    if "harness" in args.mode:
+        runs = harness(args.repeats, args.vote_timeout)
+        results["harness"] = {
+            "runs": runs,
+            "vote_timeout_s": args.vote_timeout,
+            "elected_s": spread([r.elected_s for r in runs]),
+            "gcs_ready_s": spread([r.gcs_ready_s for r in runs]),
+            "workers_registered_s": spread([r.workers_registered_s for r in runs]),
+        }
+    if "managed" in args.mode:
+        managed_runs = [asyncio.run(managed(args.ray_nodes)) for _ in range(args.repeats)]
+        for result in managed_runs:
+            print(f"managed: {_line(result)} (plus Serf failure detection)", flush=True)
+        results["managed"] = {
+            "runs": managed_runs,
+            "elected_s": spread([r.elected_s for r in managed_runs]),
+            "gcs_ready_s": spread([r.gcs_ready_s for r in managed_runs]),
+            "workers_registered_s": spread([r.workers_registered_s for r in managed_runs]),
+        }
+    if "unmanaged" in args.mode:
+        un_runs = []
+        for _ in range(args.repeats):
+            un = asyncio.run(unmanaged(args.reconnect_timeout))
+            un_runs.append(un)
+            print(
+                f"unmanaged: worker exited {un.worker_exit_s}s after head SIGKILL "
+                f"(code {un.worker_exit_code}, RAY_gcs_rpc_server_reconnect_timeout_s="
+                f"{un.reconnect_timeout_env or 'default'}); it never rejoins",
+                flush=True,
+            )
+        results["unmanaged"] = {
+            "runs": un_runs,
+            "worker_exit_s": spread([r.worker_exit_s for r in un_runs]),
+        }
+    print("summary (seconds after kill -9, median / max):")
+    for mode, result in results.items():
+        assert isinstance(result, dict)
+        for key, value in result.items():
+            if isinstance(value, Spread):
+                print(f"  {mode:9} {key:22} {value.median} / {value.max}  (n={value.n})")
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--mode", choices=["managed", "unmanaged", "both"], default="both")
+    parser.add_argument(
+        "--mode",
+        nargs="+",
+        choices=["harness", "managed", "unmanaged"],
+        default=["harness", "unmanaged"],
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="failovers per mode")
     parser.add_argument("--ray-nodes", type=int, default=3, help="managed: gpud nodes with Ray")
+    parser.add_argument(
+        "--vote-timeout",
+        type=float,
+        default=1.0,
+        help="harness: ray.vote_timeout_s (how long a candidate collects votes)",
+    )
     parser.add_argument(
         "--reconnect-timeout",
         default=None,
@@ -330,7 +487,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    results = asyncio.run(measure(args))
+    results = measure(args)
     if args.json:
         Path(args.json).write_bytes(msgspec.json.encode(results))
 

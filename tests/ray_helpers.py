@@ -274,14 +274,25 @@ def ray_node_names(node: GpudNode) -> set[str] | None:
     return None if seen is None else {n["name"] for n in seen}
 
 
-def kill_host(node: GpudNode) -> None:
-    """kill -9 everything on the node's host: gpud, serf, Ray (every process in the namespace;
-    the harness made the namespace, so all of them are ours)."""
-    node.kill9()
+def _live_pids_in(netns: str) -> list[int]:
     listed = subprocess.run(
-        ["ip", "netns", "pids", node.host.netns], capture_output=True, text=True, timeout=10
+        ["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=10
     )
-    pids = [int(p) for p in listed.stdout.split() if p.isdigit()]
-    for pid in pids:
+    live = []
+    for pid in (int(p) for p in listed.stdout.split() if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                live.append(pid)
+    return live
+
+
+def kill_host(node: GpudNode) -> list[int]:
+    """kill -9 everything on the node's host: GpudNode.kill9 (gpud and the process groups of
+    all its descendants: serf, Ray), then whatever still lives in the namespace (the harness
+    made it, so all of it is ours). Returns the pids that kill9 alone left alive."""
+    node.kill9()
+    leftovers = _live_pids_in(node.host.netns)
+    for pid in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    return leftovers

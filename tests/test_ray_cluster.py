@@ -161,9 +161,11 @@ def test_kill9_head_host_new_head_with_survivors(ray_cluster: Cluster) -> None:
     head, term, _ = wait_steady(nodes)
     victim = next(n for n in nodes if n.name == head)
     survivors = [n for n in nodes if n is not victim]
-    kill_host(victim)
+    leftovers = kill_host(victim)
     try:
         assert not victim.running()
+        # GpudNode.kill9 takes Ray down with gpud: nothing was left in the namespace.
+        assert leftovers == [], f"alive after kill9 on {victim.name}: {leftovers}"
         new_head, new_term, _ = wait_steady(survivors, FAILOVER_S)
         assert new_head != head and new_term > term
     finally:

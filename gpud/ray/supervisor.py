@@ -273,14 +273,19 @@ def python_of(executable: str) -> str | None:
 
 
 async def alive_ray_nodes(
-    executable: str, gcs_address: str, timeout_s: float = 10.0
+    executable: str,
+    gcs_address: str,
+    timeout_s: float = 10.0,
+    *,
+    argv_prefix: Sequence[str] = (),
 ) -> list[RayNode]:
-    """The nodes GCS reports alive (one subprocess, bounded). Raises RuntimeError with a reason."""
+    """The nodes GCS reports alive (one subprocess, bounded). Raises RuntimeError with a reason.
+    ``argv_prefix`` runs the query through a wrapper (e.g. `ip netns exec NS`)."""
     python = python_of(executable)
     if python is None:
         raise RuntimeError(f"cannot find the Python interpreter of {executable!r}")
     code, out = await _run_bounded(
-        [python, "-c", _NODES_SCRIPT, gcs_address, str(timeout_s)], timeout_s + 20
+        [*argv_prefix, python, "-c", _NODES_SCRIPT, gcs_address, str(timeout_s)], timeout_s + 20
     )
     if code != 0:
         last = out.splitlines()[-1] if out else ""
