@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gpud import client
 from gpud.config import PortsConfig
 from gpud.ports import blocks, reserve
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
@@ -176,8 +177,9 @@ def test_blocks_unique_per_address_reserved_and_kept_over_restart(
     for blk in set(held.values()) - {first_choice}:
         assert reserve.uncovered(reserved_in(other), block_ports(blk)) == [block_ports(blk)]
 
-    # 3. A restarted agent keeps its block and its leases.
-    node = on_shared[1]
+    # 3. A restarted agent keeps its block and its leases; one that had to move off its first
+    # choice, so that a fresh decision would not land there again.
+    node = next(n for n in on_shared if held[n.name] != first_choice)
     leases = [
         node_api(node, "POST", "/v1/ports/leases", {"owner": "keep", "count": n}) for n in (1, 3)
     ]
@@ -197,8 +199,6 @@ def test_blocks_unique_per_address_reserved_and_kept_over_restart(
 
 
 def node_api(node: GpudNode, method: str, path: str, body: Any = None) -> Any:
-    from gpud import client
-
     return client.request(node.socket, method, path, body, timeout=10)
 
 
@@ -241,7 +241,7 @@ async def test_kill_9_during_a_lease_storm_against_the_agent(
     acked: dict[str, list[int]] = {}
     killed = asyncio.Event()
 
-    async def client(http: aiohttp.ClientSession) -> None:
+    async def storm_client(http: aiohttp.ClientSession) -> None:
         for _ in range(100):
             try:
                 resp = await http.post(
@@ -259,7 +259,7 @@ async def test_kill_9_during_a_lease_storm_against_the_agent(
 
     sessions = [unix_session(node.socket) for _ in range(16)]
     try:
-        await asyncio.wait_for(asyncio.gather(*(client(s) for s in sessions)), 120)
+        await asyncio.wait_for(asyncio.gather(*(storm_client(s) for s in sessions)), 120)
     finally:
         for s in sessions:
             await s.close()

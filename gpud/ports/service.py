@@ -652,7 +652,7 @@ async def _standalone(config_path: str, addr: str) -> None:
 
 if __name__ == "__main__":
     # A lone node's ports component on the local API socket, without gossip (its claim settles
-    # alone): `python -m gpud.ports.service CONFIG ADDR`. Used by the crash test and the bench.
+    # alone): `python -m gpud.ports.service CONFIG ADDR`. Used by tests/test_ports_service.py.
     import sys
 
     log.setup("warning")
