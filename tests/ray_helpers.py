@@ -292,6 +292,11 @@ def kill_host(node: GpudNode) -> list[int]:
     made it, so all of it is ours). Returns the pids that kill9 alone left alive."""
     node.kill9()
     leftovers = _live_pids_in(node.host.netns)
+    for _ in range(20):  # SIGKILLed processes may take a moment to exit
+        if not leftovers:
+            break
+        time.sleep(0.1)
+        leftovers = _live_pids_in(node.host.netns)
     for pid in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

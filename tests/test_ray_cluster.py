@@ -94,6 +94,15 @@ def ray_process_ports(node: GpudNode) -> tuple[int, set[int]]:
     return pid, (ports - {low, high}) | set(range(low, high + 1))
 
 
+def listening_ports(node: GpudNode) -> dict[int, str]:
+    """Port -> owning process of every listening TCP / bound UDP socket in node's namespace."""
+    bound = {}
+    for line in node.host.run(["ss", "-ltnupH"]).stdout.splitlines():
+        fields = line.split()
+        bound[int(fields[4].rsplit(":", 1)[1])] = fields[-1]
+    return bound
+
+
 def test_one_head_three_ray_nodes_ports_inside_leases(ray_cluster: Cluster) -> None:
     nodes = list(ray_cluster)
     head, term, gcs = wait_steady(nodes)
@@ -110,6 +119,11 @@ def test_one_head_three_ray_nodes_ports_inside_leases(ray_cluster: Cluster) -> N
         _, ports = ray_process_ports(node)
         leased = {p for lease in node.api("/v1/ports/leases") for p in lease["ports"]}
         assert ports <= leased, f"{node.name}: Ray ports outside leases: {ports - leased}"
+        # And what really listens there: every TCP/UDP socket bound in the namespace is gpud's
+        # own (serf, its RPC, the peer API) or inside a lease.
+        own = {node.serf_port, node.config["serf"]["rpc_port"], node.peer_port}
+        bound = listening_ports(node)
+        assert set(bound) - own <= leased, {p: bound[p] for p in set(bound) - own - leased}
         # The GCS port is a head's port only, and it is the one announced in the tags.
         flags = status["process"]["ports"]["named"]
         assert ("port" in flags) == (node is head_node)
