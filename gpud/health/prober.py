@@ -125,6 +125,10 @@ class Prober:
                 )
             else:
                 outcome = await self._client.probe(addr, port)
+                if not outcome.ok:
+                    # One lost SYN costs the kernel a 1 s retransmit, longer than the probe
+                    # timeout: retry once at once so random loss does not count as failure.
+                    outcome = await self._client.probe(addr, port)
             record.last_out, record.last_out_at = outcome, time.time()
             record.out = step(record.out, outcome.ok, outcome.error, self._thresholds)
             if outcome.ok and self.rounds % VIEW_EVERY_ROUNDS == 0:
