@@ -189,10 +189,9 @@ def test_kill9_head_host_new_head_with_survivors(ray_cluster: Cluster) -> None:
     wait_steady(nodes)
 
 
-def test_port_mapped_node_never_becomes_head(
-    cluster: Callable[..., Cluster], tmp_path: Path
-) -> None:
+def test_port_mapped_node_never_becomes_head(cluster: Callable[..., Cluster]) -> None:
     temp_root = tempfile.mkdtemp(prefix="grn-")
+    c: Cluster | None = None
     try:
         c = cluster(2, overrides=ray_overrides(temp_root))
         inner = faults.port_mapped_host(c.hosts[1], [SERF_PORT + 10, PEER_PORT + 10])
@@ -222,4 +221,6 @@ def test_port_mapped_node_never_becomes_head(
             assert mapped.api("/v1/ray")["role"] != "head"
             time.sleep(1.0)
     finally:
+        if c is not None:
+            c.close()  # Ray first, or it writes into the temp root again after it is removed
         shutil.rmtree(temp_root, ignore_errors=True)
