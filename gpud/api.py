@@ -27,7 +27,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -42,7 +44,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(exc.status, exc.message)
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return error_response(405, f"method {request.method} not allowed on {request.path}; use {allowed}")
+        return error_response(
+            405, f"method {request.method} not allowed on {request.path}; use {allowed}"
+        )
     except web.HTTPNotFound:
         return error_response(404, f"no such endpoint: {request.path}")
     except web.HTTPException as exc:

@@ -69,4 +69,6 @@ def read_inventory() -> GpuInventory:
 
 
 def _unavailable(reason: str) -> GpuInventory:
-    return GpuInventory(nvml=f"unavailable ({reason})", summary=f"0 GPUs, nvml unavailable ({reason})")
+    return GpuInventory(
+        nvml=f"unavailable ({reason})", summary=f"0 GPUs, nvml unavailable ({reason})"
+    )

@@ -49,7 +49,7 @@ def test_full_file_round_trip() -> None:
         ("[ports]\nblock_size = 2", "ports.block_size"),
         ("[nodes]\nname = 'x'", "unknown field `nodes`"),
         ("[node]\nnmae = 'x'", "unknown field `nmae`"),
-        ('[node]\nadvertise = "eth0"', 'node.advertise: \'eth0\' is neither "auto" nor an IP'),
+        ('[node]\nadvertise = "eth0"', "node.advertise: 'eth0' is neither \"auto\" nor an IP"),
         ("[serf]\nbind_port = 70000", "serf.bind_port"),
         ('[serf]\nretry_join = ["not-an-ip"]', "serf.retry_join"),
         ('[ray]\nhead = "always"', "ray.head"),
