@@ -56,7 +56,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(500, "internal error; see the gpud journal")
 
 
-async def read_body(request: web.Request, schema: type[T], *, limit: int = 64 * 1024) -> T:
+async def read_body(
+    request: web.Request, schema: type[T], *, what: str = "body", limit: int = 64 * 1024
+) -> T:
     """Decode a JSON request body into ``schema``; ApiError(400/413) with the reason otherwise."""
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"body larger than {limit} bytes")
@@ -66,9 +68,9 @@ async def read_body(request: web.Request, schema: type[T], *, limit: int = 64 * 
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid body: {exc}") from None
+        raise ApiError(400, f"bad {what}: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"bad {what}: not valid JSON: {exc}") from None
 
 
 def make_app(routes: list[web.RouteDef]) -> web.Application:

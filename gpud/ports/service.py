@@ -13,14 +13,13 @@ import asyncio
 import errno
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
 from aiohttp import web
 
-from gpud import log
+from gpud import api, log
 from gpud.context import Member, NodeContext
 from gpud.errors import ApiError
 from gpud.ports import blocks, reserve
@@ -224,28 +223,24 @@ class PortsService:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/v1/ports", _api(self._get_ports)),
-            web.get("/v1/ports/leases", _api(self._get_leases)),
-            web.post("/v1/ports/leases", _api(self._post_lease)),
-            web.delete("/v1/ports/leases/{id}", _api(self._delete_lease)),
+            web.get("/v1/ports", self._get_ports),
+            web.get("/v1/ports/leases", self._get_leases),
+            web.post("/v1/ports/leases", self._post_lease),
+            web.delete("/v1/ports/leases/{id}", self._delete_lease),
         ]
 
     # ---- HTTP handlers ---------------------------------------------------------------------
 
     async def _get_ports(self, request: web.Request) -> web.Response:
         detail = PortsDetail(**self._status_fields(), leases=self.leases())
-        return _json(detail)
+        return api.json_response(detail)
 
     async def _get_leases(self, request: web.Request) -> web.Response:
-        return _json(self.leases())
+        return api.json_response(self.leases())
 
     async def _post_lease(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            lease_request = msgspec.json.decode(body, type=LeaseRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ApiError(400, f"bad lease request: {exc}") from None
-        return _json(await self._lease(lease_request), status=201)
+        lease_request = await api.read_body(request, LeaseRequest, what="lease request")
+        return api.json_response(await self._lease(lease_request), status=201)
 
     async def _delete_lease(self, request: web.Request) -> web.Response:
         await self.release(request.match_info["id"])
@@ -584,26 +579,6 @@ def _view(member: Member) -> blocks.ClaimView:
     )
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(data), status=status, content_type="application/json"
-    )
-
-
-def _api(
-    handler: Callable[[web.Request], Awaitable[web.Response]],
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Answer ApiError with its JSON error body here, whether or not the API has a middleware."""
-
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            return _json({"error": exc.message}, status=exc.status)
-
-    return wrapped
-
-
 def loopback_gossip(ctx: NodeContext) -> None:
     """Make a node without Serf its own only member, seeing its own tags (standalone, tests)."""
 
@@ -626,9 +601,7 @@ def loopback_gossip(ctx: NodeContext) -> None:
 
 async def serve_unix(service: PortsService, path: str) -> web.AppRunner:
     """Serve only the ports routes on a Unix socket (standalone use, tests and bench)."""
-    app = web.Application()
-    app.add_routes(service.routes())
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(api.make_app(service.routes()))
     await runner.setup()
     await web.UnixSite(runner, path).start()
     return runner
