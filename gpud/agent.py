@@ -127,18 +127,14 @@ class Agent:
         return api.json_response(self.inventory)
 
     async def _get_doctor(self, request: web.Request) -> web.Response:
-        from gpud.health.doctor import DoctorReport, Problem
+        from gpud.health.doctor import DoctorReport
         from gpud.netcheck import check_now
 
         report = await self.health.doctor(await check_now(self.ctx))
-        ports = [
-            Problem(
-                p.severity, "ports", f"{p.message} ({p.cause})" if p.cause else p.message, p.fix
-            )
-            for p in self.ports.problems()
-        ]
         return api.json_response(
-            DoctorReport.of(self.ctx.node_name, report.peers_checked, report.problems + ports)
+            DoctorReport.of(
+                self.ctx.node_name, report.peers_checked, report.problems + self.ports.problems()
+            )
         )
 
     async def _get_metrics(self, request: web.Request) -> web.Response:

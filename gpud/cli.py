@@ -84,7 +84,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if report["ok"]:
             print("no problems found")
         for problem in report["problems"]:
-            print(f"[{problem['severity']}] {problem['subject']}: {problem['cause']}")
+            print(f"[{problem['severity']}] {problem['subject']}: {problem['message']}")
             print(f"    fix: {problem['fix']}")
     return EXIT_PROBLEM if report["critical"] else EXIT_OK
 

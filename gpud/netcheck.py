@@ -28,6 +28,7 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP
 from gpud import log
 from gpud.config import Config, NodeConfig
 from gpud.errors import GpudError
+from gpud.problems import Problem, Severity
 
 if TYPE_CHECKING:
     from gpud.context import NodeContext
@@ -45,7 +46,6 @@ _WATCH_GROUPS = RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_LINK
 _WATCH_EVENTS = {"RTM_NEWADDR", "RTM_DELADDR", "RTM_NEWLINK", "RTM_DELLINK"}
 
 ChosenBy = Literal["config", "interface", "default-route", "only-address"]
-Severity = Literal["warning", "critical"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +112,6 @@ class Advertisement(msgspec.Struct, frozen=True, kw_only=True):
     # Interface that holds the address; "" when no local interface does (NAT, port mapping).
     interface: str
     chosen_by: ChosenBy
-
-
-class Problem(msgspec.Struct, frozen=True, kw_only=True):
-    severity: Severity
-    message: str
-    fix: str
 
 
 class PeerRoute(msgspec.Struct, frozen=True, kw_only=True):
@@ -334,6 +328,7 @@ def peer_route_problems(
         if route.error is not None:
             problems.append(
                 Problem(
+                    subject="network",
                     severity="warning",
                     message=f"no route to peer {route.peer} ({route.addr}): {route.error}",
                     fix="add a route to the peer's network or fix the peer's advertised address",
@@ -343,6 +338,7 @@ def peer_route_problems(
             if route.src is not None and normalize(route.src) != normalize(advertise):
                 problems.append(
                     Problem(
+                        subject="network",
                         severity="warning",
                         message=(
                             f"traffic to peer {route.peer} ({route.addr}) leaves from {route.src} "
@@ -358,6 +354,7 @@ def peer_route_problems(
             if interface and route.interface != interface:
                 problems.append(
                     Problem(
+                        subject="network",
                         severity="warning",
                         message=(
                             f"traffic to peer {route.peer} ({route.addr}) uses {route.interface}, "
@@ -370,6 +367,7 @@ def peer_route_problems(
             if reference is not None and route.mtu is not None and route.mtu != reference:
                 problems.append(
                     Problem(
+                        subject="network",
                         severity="warning",
                         message=(
                             f"MTU to peer {route.peer} ({route.addr}) is {route.mtu} on "
@@ -401,6 +399,7 @@ def assess(
         )
         problems.append(
             Problem(
+                subject="network",
                 severity="critical",
                 message=f"advertised address {state.address} was removed from {state.interface}",
                 fix=fix,
@@ -411,6 +410,7 @@ def assess(
         reason = not_local_reason(state.address)
         problems.append(
             Problem(
+                subject="network",
                 severity="warning",
                 message=reason,
                 fix=(
@@ -423,6 +423,7 @@ def assess(
     if link is not None and not link.up:
         problems.append(
             Problem(
+                subject="network",
                 severity="critical",
                 message=f"interface {link.name} holding the advertised address is down",
                 fix=f"ip link set {link.name} up",
@@ -431,6 +432,7 @@ def assess(
     elif link is not None and not link.carrier:
         problems.append(
             Problem(
+                subject="network",
                 severity="critical",
                 message=f"interface {link.name} holding the advertised address has no carrier",
                 fix=f"check the cable, switch port or peer end of {link.name}",

@@ -28,7 +28,7 @@ from gpud.health.peer_api import PATH_DIAL_BACK, PATH_PING, PATH_VIEW, PeerClien
 from gpud.health.prober import VIEW_EVERY_ROUNDS
 from gpud.health.service import HealthService
 from gpud.netcheck import NetworkStatus
-from gpud.netcheck import Problem as NetProblem
+from gpud.problems import Problem
 from gpud.tags import Tags
 
 INTERVAL_S = 0.2
@@ -319,10 +319,14 @@ def network_status(addr: str, *, local: bool | None, interface: str = "") -> Net
     reason = ""
     if local is False and not interface:
         reason = netcheck.not_local_reason(addr)
-        problems.append(NetProblem(severity="warning", message=reason, fix="host networking"))
+        problems.append(
+            Problem(subject="network", severity="warning", message=reason, fix="host networking")
+        )
     elif local is False:
         reason = f"advertised address {addr} was removed from {interface}"
-        problems.append(NetProblem(severity="critical", message=reason, fix="restore it"))
+        problems.append(
+            Problem(subject="network", severity="critical", message=reason, fix="restore it")
+        )
     return NetworkStatus(
         advertise=addr,
         chosen_by="config",
@@ -391,7 +395,7 @@ async def test_doctor_reports_problems_with_fixes(key_file: Path):
         await asyncio.sleep(INBOUND_WINDOW_S + 0.1)
         report = await a.service.doctor()
         assert report.critical and [p.subject for p in report.problems] == ["n3"]
-        assert "127.77.0.3" in report.problems[0].cause and report.problems[0].fix
+        assert "127.77.0.3" in report.problems[0].message and report.problems[0].fix
         # The doctor's one-shot verdicts leave the hysteresis of the probe loop alone.
         assert a.row("n3", "out").state == "passing"
 

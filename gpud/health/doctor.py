@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from gpud.health.verdict import NatVerdict, PairVerdict, Severity
-
-
-class Problem(msgspec.Struct):
-    severity: Severity
-    # What it concerns: a peer's name, or "network" for this node's own address and routes.
-    subject: str
-    cause: str
-    fix: str
+from gpud.health.verdict import NatVerdict, PairVerdict
+from gpud.problems import Problem
 
 
 class DoctorReport(msgspec.Struct):
@@ -36,10 +29,10 @@ class DoctorReport(msgspec.Struct):
 
 def nat_problem(nat: NatVerdict) -> Problem:
     return Problem(
-        "critical",
-        "network",
-        nat.message,
-        "run gpud and Ray with host networking (docker run --network host), or map every port "
+        severity="critical",
+        subject="network",
+        message=nat.message,
+        fix="run gpud and Ray with host networking (docker run --network host), or map every port "
         "1:1 and set node.advertise to the address peers reach",
     )
 
@@ -48,4 +41,4 @@ def pair_problem(peer: str, verdict: PairVerdict) -> Problem | None:
     """A problem for a pair that is warning or critical; None when passing or not yet known."""
     if verdict.state not in ("warning", "critical"):
         return None
-    return Problem(verdict.state, peer, verdict.message, verdict.fix)
+    return Problem(severity=verdict.state, subject=peer, message=verdict.message, fix=verdict.fix)

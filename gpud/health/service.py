@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gpud import log, secret
 from gpud.context import MemberStatus, NodeContext
-from gpud.health.doctor import DoctorReport, Problem, nat_problem, pair_problem
+from gpud.health.doctor import DoctorReport, nat_problem, pair_problem
 from gpud.health.peer_api import PeerApiServer, PeerClient
 from gpud.health.prober import PeerRecord, Prober, select_targets
 from gpud.health.verdict import (
@@ -31,7 +31,7 @@ from gpud.health.verdict import (
     majority_verdict,
 )
 from gpud.netcheck import NetCheck, NetworkStatus
-from gpud.netcheck import Problem as NetProblem
+from gpud.problems import Problem
 
 _log = log.get("health")
 
@@ -97,7 +97,7 @@ def nat_address_input(status: NetworkStatus | None) -> bool | None:
     return False if not status.interface else None
 
 
-def network_problems(status: NetworkStatus | None, nat: NatVerdict) -> list[NetProblem]:
+def network_problems(status: NetworkStatus | None, nat: NatVerdict) -> list[Problem]:
     """NetCheck's problems, less its not-local warning when our NAT verdict already says it."""
     if status is None:
         return []
@@ -299,9 +299,7 @@ class HealthService:
         nat = self._nat(us, network, [(r.out, r.inbound) for r in now.records.values()])
         if nat.behind_nat:
             problems.append(nat_problem(nat))
-        problems += [
-            Problem(p.severity, "network", p.message, p.fix) for p in network_problems(network, nat)
-        ]
+        problems += network_problems(network, nat)
         for name, record in sorted(now.records.items()):
             problem = pair_problem(name, self._pair(us, record))
             if problem is not None:

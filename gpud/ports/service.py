@@ -33,6 +33,7 @@ from gpud.ports.leases import (
     owner_alive,
     process_start,
 )
+from gpud.problems import Problem
 from gpud.tags import Tags
 
 logger = log.get("ports")
@@ -77,15 +78,6 @@ class PortsDetail(PortsStatus, kw_only=True):
     """GET /v1/ports: the status plus every lease."""
 
     leases: list[Lease]
-
-
-class Problem(msgspec.Struct, kw_only=True):
-    """One finding for `gpud doctor`."""
-
-    severity: Literal["warning", "critical"]
-    message: str
-    cause: str = ""
-    fix: str = ""
 
 
 @dataclass
@@ -194,6 +186,7 @@ class PortsService:
         """Findings for `gpud doctor`."""
         found = [
             Problem(
+                subject="ports",
                 severity="warning",
                 message=w,
                 fix="move ports.range_start/range_end below net.ipv4.ip_local_port_range",
@@ -203,9 +196,10 @@ class PortsService:
         if self._reservation not in ("reserved", "pending") and self.cfg.reserve:
             found.append(
                 Problem(
+                    subject="ports",
                     severity="warning",
-                    message=f"port block not reserved in the kernel: {self._reservation}",
-                    cause="the kernel may hand ports of the block to outbound connections",
+                    message=f"port block not reserved in the kernel: {self._reservation}; the "
+                    "kernel may hand ports of the block to outbound connections",
                     fix="run gpud as root with a writable /proc/sys/net, or reserve the block "
                     "with `sysctl net.ipv4.ip_local_reserved_ports`",
                 )
@@ -213,6 +207,7 @@ class PortsService:
         if self._state == "exhausted":
             found.append(
                 Problem(
+                    subject="ports",
                     severity="critical",
                     message=f"no free port block: all {self._n_blocks} blocks are claimed by "
                     f"nodes on {self.ctx.advertise_addr}",
