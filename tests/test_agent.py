@@ -189,3 +189,20 @@ def test_doctor_on_a_lone_healthy_node(agent: RunningAgent) -> None:
     assert report["node"] == "solo" and report["peers_checked"] == 0
     assert result.returncode == (1 if report["critical"] else 0), result.stdout
     assert "checked 0 peer(s) from solo" in result.stdout
+
+
+def test_metrics_are_prometheus_text(agent: RunningAgent) -> None:
+    from gpud.client import _UnixConnection
+
+    agent.wait_message("READY=1")
+    conn = _UnixConnection(agent.socket_path, 10)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+    assert 'gpud_members{status="alive"} 1' in body.splitlines()
+    assert "gpud_up 1" in body.splitlines()
