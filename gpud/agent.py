@@ -27,6 +27,7 @@ _log = log.get("agent")
 STATUS_INTERVAL_S = 5.0
 # How long serf may be down before the watchdog stops being fed (systemd then restarts gpud).
 SERF_DOWN_WATCHDOG_S = 60.0
+MEMBERS_READY_TIMEOUT_S = 10.0
 
 
 class NodeSection(msgspec.Struct, kw_only=True):
@@ -189,6 +190,12 @@ class Agent:
 
     async def _notify_loop(self) -> None:
         await self.serf.ready.wait()
+        # Ready once the member view holds this node, so a first `gpud status` is not empty.
+        seen_self = asyncio.Event()
+        self.ctx.on_members_changed(lambda m: seen_self.set() if self.ctx.node_name in m else None)
+        if self.ctx.node_name not in self.ctx.members:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen_self.wait(), MEMBERS_READY_TIMEOUT_S)
         self.notifier.ready(self._summary())
         log.info(_log, "ready", addr=self.ctx.advertise_addr, socket=self.config.socket_path)
         interval = min(STATUS_INTERVAL_S, self.notifier.watchdog_interval_s or STATUS_INTERVAL_S)
