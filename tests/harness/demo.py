@@ -13,16 +13,27 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tempfile
 import time
 from types import FrameType
 
 from tests.harness.gpud_node import Cluster, GpudNode, HarnessError, wait_for
 from tests.harness.netns import cleanup_leftovers
+from tests.ray_helpers import ray_overrides
 
 
 def _settled(node: GpudNode) -> bool:
     status = node.api("/v1/status")
     return status["ports"]["state"] == "confirmed" and status["health"]["state"] != "unknown"
+
+
+def _ray_joined(nodes: list[GpudNode]) -> bool:
+    rays = [node.api("/v1/ray") for node in nodes]
+    heads = [ray for ray in rays if ray["role"] == "head"]
+    if len(heads) != 1 or any(ray["role"] != "worker" for ray in rays if ray not in heads):
+        return False
+    seen = heads[0]["ray_nodes"]["nodes"] or []
+    return len(seen) == len(nodes)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -38,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for convergence"
     )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="also run Ray (the .venv's `ray`): elect a head and join every host to it",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.hosts <= 50:
         parser.error("--hosts must be 1..50")
@@ -45,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     cleanup_leftovers()
     started = time.monotonic()
-    cluster = Cluster(args.hosts, keep_workdir=args.keep)
+    overrides = ray_overrides(tempfile.mkdtemp(prefix="gpud-demo-ray-")) if args.ray else {}
+    cluster = Cluster(args.hosts, keep_workdir=args.keep, overrides=overrides)
     try:
         print(f"starting {args.hosts} gpud nodes in network namespaces ...", flush=True)
         cluster.start()
@@ -64,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             0.5,
             what="block claims confirmed and health verdicts on every node",
         )
+        if args.ray:
+            print("electing a Ray head and starting Ray on every host ...", flush=True)
+            wait_for(
+                lambda: _ray_joined(cluster.nodes),
+                args.timeout + 120,
+                1.0,
+                what="one Ray head whose GCS lists every host",
+            )
         for node in cluster.nodes:
             print(f"===== {node.name}  netns {node.host.netns}  addr {node.addr} =====")
             print(node.status_text().rstrip() + "\n", flush=True)
