@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpud.config import RayConfig  # noqa: E402
 from gpud.ray import service as ray_service  # noqa: E402
-from gpud.ray.supervisor import alive_ray_nodes, gcs_healthy  # noqa: E402
+from gpud.ray.supervisor import WORKER_PORT_NAMES, alive_ray_nodes, gcs_healthy  # noqa: E402
 from tests.harness.gpud_node import Cluster, GpudNode  # noqa: E402
 from tests.ray_helpers import (  # noqa: E402
     Nodes,
@@ -347,14 +347,7 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
     common = ["--block", "--disable-usage-stats", "--num-cpus=1", "--num-gpus=0"]
 
     async def ray_ports(head: bool) -> list[str]:
-        names = [
-            "node-manager-port",
-            "object-manager-port",
-            "metrics-export-port",
-            "dashboard-agent-grpc-port",
-            "dashboard-agent-listen-port",
-            "runtime-env-agent-port",
-        ] + (["port"] if head else [])
+        names = [*WORKER_PORT_NAMES, *(["port"] if head else [])]
         single = await ports.lease("bench", len(names))
         workers = await ports.lease("bench", 8, contiguous=True)
         return [f"--{n}={p}" for n, p in zip(names, single.ports, strict=True)] + [

@@ -135,39 +135,23 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
     assert install.reason is None and install.version.startswith("2."), install
     root = f"/tmp/gpud-ray-test-{tmp_path.name[-12:]}"
     ports = SimplePorts(23000, 24000)
-    head = RaySupervisor(
-        executable=RAY,
-        node_name="h1",
-        node_ip="127.0.0.2",
-        ports=ports,
-        temp_root=root,
-        num_cpus=1,
-        worker_ports=8,
-        grace_s=3,
-        client_server=install.client,
-    )
-    worker = RaySupervisor(
-        executable=RAY,
-        node_name="w1",
-        node_ip="127.0.0.3",
-        ports=ports,
-        temp_root=root,
-        num_cpus=1,
-        worker_ports=8,
-        grace_s=3,
-        client_server=install.client,
-    )
-    head2 = RaySupervisor(
-        executable=RAY,
-        node_name="h2",
-        node_ip="127.0.0.4",
-        ports=ports,
-        temp_root=root,
-        num_cpus=1,
-        worker_ports=8,
-        grace_s=3,
-        client_server=install.client,
-    )
+
+    def supervisor(name: str, ip: str) -> RaySupervisor:
+        return RaySupervisor(
+            executable=RAY,
+            node_name=name,
+            node_ip=ip,
+            ports=ports,
+            temp_root=root,
+            num_cpus=1,
+            worker_ports=8,
+            grace_s=3,
+            client_server=install.client,
+        )
+
+    head = supervisor("h1", "127.0.0.2")
+    worker = supervisor("w1", "127.0.0.3")
+    head2 = supervisor("h2", "127.0.0.4")
     tasks = [asyncio.create_task(s.run()) for s in (head, worker, head2)]
     pgids: list[int] = []
     try:
