@@ -139,26 +139,10 @@ class Agent:
         )
 
     async def _get_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._metrics(), content_type="text/plain")
+        from gpud import metrics
 
-    def _metrics(self) -> str:
-        lines = [
-            "# HELP gpud_members Cluster members by Serf status.",
-            "# TYPE gpud_members gauge",
-        ]
-        counts: dict[str, int] = {}
-        for member in self.ctx.members.values():
-            counts[member.status] = counts.get(member.status, 0) + 1
-        lines += [f'gpud_members{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
-        lines += [
-            "# HELP gpud_gpus GPUs reported by NVML.",
-            "# TYPE gpud_gpus gauge",
-            f"gpud_gpus {self.inventory.count}",
-            "# HELP gpud_up 1 while the agent runs.",
-            "# TYPE gpud_up gauge",
-            "gpud_up 1",
-        ]
-        return "\n".join(lines) + "\n"
+        text = metrics.render(msgspec.to_builtins(self.status()))
+        return web.Response(text=text, content_type="text/plain")
 
     def _routes(self) -> list[web.RouteDef]:
         routes = [

@@ -206,3 +206,11 @@ def test_metrics_are_prometheus_text(agent: RunningAgent) -> None:
     assert response.getheader("Content-Type", "").startswith("text/plain")
     assert 'gpud_members{status="alive"} 1' in body.splitlines()
     assert "gpud_up 1" in body.splitlines()
+    assert "gpud_ray_head 0" in body.splitlines()
+    assert (
+        sum(
+            line.startswith("gpud_health_state{") and line.endswith(" 1")
+            for line in body.splitlines()
+        )
+        == 1
+    )
