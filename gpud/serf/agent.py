@@ -150,8 +150,6 @@ class SerfAgent:
         self._last_error: str | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
         self._leaving = False
-        # Set by readvertise: the next serf announces the move before settling (see _announce_move).
-        self._moved = False
         self._log = log.get("serf")
         ctx.set_tag_publisher(self.publish_tags)
 
@@ -209,14 +207,8 @@ class SerfAgent:
                 log.error(self._log, "serf RPC unreachable", error=str(exc))
                 await self._wait_gone(child, None)
                 continue
-            self._last_error = None
-            if self._moved:
-                self._moved = False
-                await self._announce_move(rpc)
-                await rpc.close()
-                await self._wait_gone(child, None)
-                continue
             self.rpc = rpc
+            self._last_error = None
             try:
                 # Tags published while the connection was down reach serf now.
                 await self._send_tags(rpc, encode(self.ctx.tags))
@@ -308,30 +300,7 @@ class SerfAgent:
         log.info(self._log, "re-advertising", old=self.ctx.advertise_addr, new=new_addr)
         self.ctx.advertise_addr = new_addr
         self.ctx.advertise_is_local = True  # a re-advertised address comes from a local interface
-        self._moved = True
         self.ready.clear()
-        self.supervisor.restart()
-
-    async def _announce_move(self, rpc: SerfRPC) -> None:
-        """Make peers take our new address without waiting for the old entry to be reaped.
-
-        memberlist ignores a known node's new address while its old entry is alive, and takes
-        it from a node that has left. So the serf on the new address joins the peers we know,
-        leaves at once (peers mark us left if they have not declared us dead yet), and is
-        started again, rejoining at the new address.
-        """
-        peers = [
-            f"{m.addr}:{m.port}"
-            for m in self.ctx.members.values()
-            if m.name != self.ctx.node_name and m.status == "alive"
-        ]
-        try:
-            if peers:
-                await rpc.join(peers, timeout_s=self.ctx.config.serf.leave_timeout_s)
-            await rpc.leave(timeout_s=self.ctx.config.serf.leave_timeout_s)
-        except (SerfConnectionError, SerfRPCError) as exc:
-            log.warning(self._log, "could not announce the address change", error=str(exc))
-        log.info(self._log, "left at the new address; rejoining", addr=self.ctx.advertise_addr)
         self.supervisor.restart()
 
     async def leave(self) -> None:
