@@ -330,7 +330,18 @@ def harness(quick: bool) -> dict[str, Any]:
         result["detection"] = detection(cluster, repeats)
         result["loss_window_s"] = window_s
         result["false_critical"] = false_criticals(cluster, [0, 5, 10], window_s)
-        result["address_change"] = address_change(cluster)
+        # After the faults above this node carries a higher memberlist incarnation (it was
+        # suspected and refuted): the slow path of an address change.
+        result["address_change_after_faults"] = address_change(cluster)
+    fresh_runs = []
+    for _ in range(repeats):
+        with Cluster(3, overrides={"log_level": "info"}, node_overrides={2: auto}) as fresh:
+            fresh.wait_converged(60)
+            fresh_runs.append(address_change(fresh))
+    result["address_change"] = {
+        key: summary([run[key] for run in fresh_runs])
+        for key in ("readvertised_s", "others_see_new_addr_passing_s")
+    }
     result["cost"] = [cost(n, 10.0 if quick else 20.0) for n in sizes]
     return result
 
@@ -352,9 +363,14 @@ def table(result: dict[str, Any]) -> str:
     ):
         s = d[key]
         row(label, f"median {s['median']:.2f} max {s['max']:.2f} (n={s['n']})")
-    a = result["address_change"]
-    row("address change -> re-advertised (s)", f"{a['readvertised_s']:.2f}")
-    row("address change -> others see it passing (s)", f"{a['others_see_new_addr_passing_s']:.2f}")
+    for key, label in (
+        ("readvertised_s", "address change -> re-advertised (s)"),
+        ("others_see_new_addr_passing_s", "address change -> others see it passing (s)"),
+    ):
+        s = result["address_change"][key]
+        row(label, f"median {s['median']:.2f} max {s['max']:.2f} (n={s['n']})")
+    late = result["address_change_after_faults"]["others_see_new_addr_passing_s"]
+    row("  same, node suspected before (s)", f"{late:.2f}")
     for percent, v in result["false_critical"].items():
         row(
             f"false critical, {percent} loss, {result['loss_window_s']:g} s",
