@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from gpud import client
@@ -27,6 +26,7 @@ from gpud.config import PortsConfig
 from gpud.ports import blocks, reserve
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.harness.netns import Host
+from tests.lease_storm import lease_storm
 
 pytestmark = pytest.mark.netns
 
@@ -202,10 +202,6 @@ def node_api(node: GpudNode, method: str, path: str, body: Any = None) -> Any:
     return client.request(node.socket, method, path, body, timeout=10)
 
 
-def unix_session(sock: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock))
-
-
 async def test_kill_9_during_a_lease_storm_against_the_agent(
     bare_cluster: Callable[[int], Cluster],
 ) -> None:
@@ -238,32 +234,11 @@ async def test_kill_9_during_a_lease_storm_against_the_agent(
             p.kill()
             await p.wait()
 
-    acked: dict[str, list[int]] = {}
-    killed = asyncio.Event()
-
-    async def storm_client(http: aiohttp.ClientSession) -> None:
-        for _ in range(100):
-            try:
-                resp = await http.post(
-                    "http://gpud/v1/ports/leases", json={"owner": "storm", "count": 1}
-                )
-                lease = await resp.json()
-            except (aiohttp.ClientError, ConnectionError):
-                return
-            if resp.status != 201:
-                return
-            acked[lease["id"]] = lease["ports"]
-            if len(acked) >= 300 and not killed.is_set():
-                killed.set()
-                node.kill9()  # SIGKILL gpud and serf while other requests are in flight
-
-    sessions = [unix_session(node.socket) for _ in range(16)]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(storm_client(s) for s in sessions)), 120)
-    finally:
-        for s in sessions:
-            await s.close()
-    assert killed.is_set() and not node.running()
+    # SIGKILL gpud and serf while other requests are in flight.
+    acked = await lease_storm(
+        node.socket, clients=16, owner="storm", kill_after=300, kill=node.kill9
+    )
+    assert not node.running()
     assert node.proc is not None and node.proc.returncode == -9
     assert len(acked) >= 300
 

@@ -32,6 +32,7 @@ from gpud.ports import blocks
 from gpud.ports.leases import LeaseStore
 from gpud.ports.service import PortsService, loopback_gossip, serve_unix
 from gpud.tags import Tags
+from tests.lease_storm import lease_storm, unix_session
 
 ADDR = "127.0.0.1"
 
@@ -98,10 +99,6 @@ def server_process(cfg_path: Path) -> Iterator[subprocess.Popen[str]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-
-
-def unix_session(sock: Path) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock)))
 
 
 async def test_bad_requests_get_clear_errors_and_change_nothing(workdir: Path) -> None:
@@ -205,30 +202,14 @@ async def test_ten_thousand_concurrent_leases_never_duplicate(workdir: Path) -> 
 async def test_kill_9_during_a_lease_storm_loses_and_doubles_nothing(workdir: Path) -> None:
     cfg = write_config(workdir, block_size=2000)
     sock = workdir / "n1.sock"
-    acked: dict[str, list[int]] = {}
     with server_process(cfg) as proc:
-
-        async def client(http: aiohttp.ClientSession) -> None:
-            for _ in range(100):
-                try:
-                    resp = await http.post(
-                        "http://gpud/v1/ports/leases", json={"owner": "crash", "count": 1}
-                    )
-                    lease = await resp.json()
-                except (aiohttp.ClientError, ConnectionError):
-                    return
-                if resp.status != 201:
-                    return
-                acked[lease["id"]] = lease["ports"]
-                if len(acked) >= 400 and proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGKILL)
-
-        sessions = [unix_session(sock) for _ in range(24)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(client(s) for s in sessions)), 120)
-        finally:
-            for s in sessions:
-                await s.close()
+        acked = await lease_storm(
+            sock,
+            clients=24,
+            owner="crash",
+            kill_after=400,
+            kill=lambda: os.kill(proc.pid, signal.SIGKILL),
+        )
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
     assert len(acked) >= 400
