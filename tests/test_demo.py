@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -10,13 +11,12 @@ import pytest
 pytestmark = pytest.mark.netns
 
 
-def _gh_namespaces() -> set[str]:
+def _namespaces(prefix: str) -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    return {line.split()[0] for line in out.stdout.splitlines() if line.startswith("gh")}
+    return {line.split()[0] for line in out.stdout.splitlines() if line.startswith(prefix)}
 
 
 def test_demo_prints_status_from_every_host_and_tears_down() -> None:
-    before = _gh_namespaces()
     result = subprocess.run(
         [sys.executable, "-m", "tests.harness.demo", "--hosts", "2", "--timeout", "90"],
         capture_output=True,
@@ -29,4 +29,7 @@ def test_demo_prints_status_from_every_host_and_tears_down() -> None:
     assert result.stdout.count("members  2 (2 alive)") == 2
     assert result.stdout.count("health   passing") == 2
     assert "confirmed" in result.stdout
-    assert _gh_namespaces() <= before, "the demo left namespaces behind"
+    # The harness names its namespaces gh<id>- after the third octet of its subnet.
+    subnet = re.search(r"subnet 10\.77\.(\d+)\.0/24", result.stdout)
+    assert subnet, result.stdout
+    assert not _namespaces(f"gh{subnet.group(1)}-"), "the demo left namespaces behind"
