@@ -31,7 +31,6 @@ import os
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -40,22 +39,18 @@ from typing import Protocol
 
 import msgspec
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpud.config import RayConfig  # noqa: E402
-from gpud.ray import service as ray_service  # noqa: E402
-from gpud.ray.supervisor import WORKER_PORT_NAMES, alive_ray_nodes, gcs_healthy  # noqa: E402
-from tests.harness.gpud_node import Cluster, GpudNode  # noqa: E402
-from tests.ray_helpers import (  # noqa: E402
+from gpud.config import RayConfig
+from gpud.ray import service as ray_service
+from gpud.ray.supervisor import WORKER_PORT_NAMES, alive_ray_nodes, gcs_healthy
+from tests.harness.gpud_node import Cluster, GpudNode
+from tests.ray_helpers import (
+    RAY_EXECUTABLE,
     Nodes,
     SimplePorts,
     head_views,
     kill_host,
     ray_overrides,
 )
-
-RAY = str(ROOT / ".venv" / "bin" / "ray")
 
 
 class FailoverResult(msgspec.Struct, kw_only=True):
@@ -178,13 +173,13 @@ class InProcessCluster:
         await self.nodes.stop(name)
 
     async def ray_nodes(self, address: str) -> list[str]:
-        return [n.name for n in await alive_ray_nodes(RAY, address, timeout_s=3)]
+        return [n.name for n in await alive_ray_nodes(RAY_EXECUTABLE, address, timeout_s=3)]
 
 
 async def managed(ray_nodes: int) -> FailoverResult:
     ray_service.RAY_NODES_EVERY_S = 3600.0  # the bench asks the GCS itself
     with tempfile.TemporaryDirectory(prefix="gpud-ray-bench-") as state:
-        config = RayConfig(executable=RAY, num_cpus=1)
+        config = RayConfig(executable=RAY_EXECUTABLE, num_cpus=1)
         names = {f"n{i}": config for i in range(ray_nodes)}
         names["voter"] = RayConfig(enabled=False)  # an extra voter keeps a majority after a kill
         nodes = Nodes(Path(state), names, port_range=(25000, 26000))
@@ -253,7 +248,7 @@ class HarnessCluster:
     async def ray_nodes(self, address: str) -> list[str]:
         via = self._running()[0].host
         nodes = await alive_ray_nodes(
-            RAY, address, timeout_s=3, argv_prefix=["ip", "netns", "exec", via.netns]
+            RAY_EXECUTABLE, address, timeout_s=3, argv_prefix=["ip", "netns", "exec", via.netns]
         )
         return [n.name for n in nodes]
 
@@ -322,7 +317,7 @@ def spread(values: list[float | None]) -> Spread:
 
 async def _alive_or_empty(address: str) -> list[str]:
     try:
-        return [n.name for n in await alive_ray_nodes(RAY, address, timeout_s=3)]
+        return [n.name for n in await alive_ray_nodes(RAY_EXECUTABLE, address, timeout_s=3)]
     except RuntimeError:
         return []
 
@@ -359,7 +354,7 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
     gcs = int(next(f for f in head_flags if f.startswith("--port=")).split("=")[1])
     head = await _start(
         [
-            RAY,
+            RAY_EXECUTABLE,
             "start",
             "--head",
             "--include-dashboard=false",
@@ -373,13 +368,13 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
     worker: asyncio.subprocess.Process | None = None
     try:
         began = time.monotonic()
-        while not await gcs_healthy(RAY, "127.0.0.2", gcs):
+        while not await gcs_healthy(RAY_EXECUTABLE, "127.0.0.2", gcs):
             if time.monotonic() - began > 120:
                 raise TimeoutError("head GCS not ready")
             await asyncio.sleep(0.5)
         worker = await _start(
             [
-                RAY,
+                RAY_EXECUTABLE,
                 "start",
                 f"--address=127.0.0.2:{gcs}",
                 "--node-ip-address=127.0.0.3",

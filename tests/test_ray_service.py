@@ -14,10 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gpud.config import RayConfig
 from gpud.ray import service as ray_service
-from tests.ray_helpers import Nodes, group_members, wait_for
+from tests.ray_helpers import RAY_EXECUTABLE, Nodes, group_members, wait_for
 
-RAY = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray")
-needs_ray = pytest.mark.skipif(shutil.which(RAY) is None, reason="ray not installed in .venv")
+needs_ray = pytest.mark.skipif(
+    shutil.which(RAY_EXECUTABLE) is None, reason="ray not installed in .venv"
+)
 
 
 async def test_ray_missing_gives_a_clear_status(tmp_path: Path) -> None:
@@ -54,7 +55,7 @@ async def test_elected_head_runs_ray_and_fails_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ray_service, "RAY_NODES_EVERY_S", 2.0)
-    with_ray = RayConfig(executable=RAY, num_cpus=1)
+    with_ray = RayConfig(executable=RAY_EXECUTABLE, num_cpus=1)
     # c votes but runs no Ray: three voters, so one can die and a majority remains.
     nodes = Nodes(tmp_path, {"a": with_ray, "b": with_ray, "c": RayConfig(enabled=False)})
     for service in nodes.services.values():

@@ -23,10 +23,11 @@ from gpud.ray.supervisor import (
     ray_start_argv,
     temp_dir_for,
 )
-from tests.ray_helpers import SimplePorts, group_members
+from tests.ray_helpers import RAY_EXECUTABLE, SimplePorts, group_members
 
-RAY = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "ray")
-needs_ray = pytest.mark.skipif(shutil.which(RAY) is None, reason="ray not installed in .venv")
+needs_ray = pytest.mark.skipif(
+    shutil.which(RAY_EXECUTABLE) is None, reason="ray not installed in .venv"
+)
 
 
 def test_argv_uses_every_leased_port() -> None:
@@ -131,14 +132,14 @@ async def _wait_for(predicate, timeout_s: float, what: str) -> None:
 @needs_ray
 @pytest.mark.timeout(280)
 async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
-    install = await probe_ray(RAY)
+    install = await probe_ray(RAY_EXECUTABLE)
     assert install.reason is None and install.version.startswith("2."), install
     root = f"/tmp/gpud-ray-test-{tmp_path.name[-12:]}"
     ports = SimplePorts(23000, 24000)
 
     def supervisor(name: str, ip: str) -> RaySupervisor:
         return RaySupervisor(
-            executable=RAY,
+            executable=RAY_EXECUTABLE,
             node_name=name,
             node_ip=ip,
             ports=ports,
@@ -163,11 +164,11 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
         await _wait_for(head_ready, 90, "head GCS ready")
         gcs = head.gcs_ready_port
         assert head.ray_ports is not None and gcs == head.ray_ports.named["port"]
-        assert await gcs_healthy(RAY, "127.0.0.2", gcs)
+        assert await gcs_healthy(RAY_EXECUTABLE, "127.0.0.2", gcs)
         worker.set_target(RayTarget(role="worker", head_addr="127.0.0.2", gcs_port=gcs))
 
         async def two_nodes() -> bool:
-            nodes = await alive_ray_nodes(RAY, f"127.0.0.2:{gcs}")
+            nodes = await alive_ray_nodes(RAY_EXECUTABLE, f"127.0.0.2:{gcs}")
             return sorted(n.name for n in nodes) == ["h1", "w1"]
 
         await _wait_for(two_nodes, 90, "2 alive Ray nodes")
@@ -192,7 +193,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
         worker.set_target(RayTarget(role="worker", head_addr="127.0.0.4", gcs_port=gcs2))
 
         async def worker_moved() -> bool:
-            nodes = await alive_ray_nodes(RAY, f"127.0.0.4:{gcs2}")
+            nodes = await alive_ray_nodes(RAY_EXECUTABLE, f"127.0.0.4:{gcs2}")
             return sorted(n.name for n in nodes) == ["h2", "w1"]
 
         await _wait_for(worker_moved, 90, "worker registered with the new head")
@@ -214,7 +215,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
 
 async def test_no_ports_is_an_error_not_a_crash(tmp_path: Path) -> None:
     supervisor = RaySupervisor(
-        executable=RAY,
+        executable=RAY_EXECUTABLE,
         node_name="p1",
         node_ip="127.0.0.2",
         ports=SimplePorts(23990, 23992),
