@@ -14,10 +14,13 @@ from gpud.process import ChildProcess
 from gpud.serf.rpc import SerfConnectionError, SerfRPC
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both TCP and UDP on ``host`` (Serf gossips over both)."""
-    for _ in range(200):
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free for both TCP and UDP on ``host`` (Serf gossips over both)."""
+    found: list[int] = []
+    for _ in range(200 * count):
         port = random.randint(40000, 59000)
+        if port in found:
+            continue
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
                 tcp.bind((host, port))
@@ -25,8 +28,14 @@ def free_port(host: str = "127.0.0.1") -> int:
                 udp.bind((host, port))
         except OSError:
             continue
-        return port
+        found.append(port)
+        if len(found) == count:
+            return found
     raise RuntimeError("no free port found")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
 
 
 class RawSerf:

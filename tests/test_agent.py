@@ -16,22 +16,12 @@ import pytest
 
 from gpud import client
 from gpud.client import ApiRefused
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from tests.serf_util import free_ports
 
 
 class RunningAgent:
     def __init__(self, tmp: Path) -> None:
-        serf_port, rpc_port, peer_port = _free_ports(3)
+        serf_port, rpc_port, peer_port = free_ports(3)
         self.socket_path = str(tmp / "run" / "gpud.sock")
         self.config_path = tmp / "gpud.toml"
         self.config_path.write_text(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,17 +29,12 @@ from gpud.health.service import HealthService
 from gpud.netcheck import NetworkStatus
 from gpud.problems import Problem
 from gpud.tags import Tags
+from tests.serf_util import free_port
 
 INTERVAL_S = 0.2
 TIMEOUT_S = 0.5
 # How long a peer's last inbound probe counts as evidence (see Prober._inbound_evidence).
 INBOUND_WINDOW_S = 2 * INTERVAL_S + TIMEOUT_S
-
-
-def free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def make_config(name: str, peer_port: int, key_file: Path, **health: object) -> config_mod.Config:

@@ -26,6 +26,7 @@ import pytest
 
 from gpud import config as gpud_config
 from gpud.secret import parse_key
+from tests.serf_util import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "gpud.service"
@@ -310,22 +311,11 @@ def installed_deb(packages: Packages) -> Iterator[Packages]:
         _run("dpkg", "--purge", "gpud", check=False)
 
 
-def _free_tcp_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _run_agent_as_service_would(workdir: Path) -> None:
     """/usr/bin/gpud agent as user gpud with only CAP_NET_ADMIN (the unit's privileges), in a
     private netns (so its reserved-ports write touches no real host), with a NOTIFY_SOCKET
     this test listens on: READY=1 must come, then `gpud status` over the API socket."""
-    bind_port, rpc_port, peer_port = _free_tcp_ports(3)
+    bind_port, rpc_port, peer_port = free_ports(3)
     state, runtime = workdir / "state", workdir / "run"
     for directory in (state, runtime):
         directory.mkdir(mode=0o750)
