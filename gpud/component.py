@@ -1,0 +1,110 @@
+"""The one contract every component of a running agent implements.
+
+The agent builds `/v1/status`, `/v1/doctor`, `/metrics` and systemd's `STATUS=` line by
+iterating over its components; it names a component only where it constructs it. A new
+component therefore touches its own package and the one line in `agent.py` that builds it.
+
+Each component provides:
+- ``name``: its section's key in `/v1/status` (and the label of its summary);
+- ``status()``: its section, a msgspec Struct;
+- ``summary()``: one line for `gpud status` and `STATUS=`;
+- ``problems()``: what is wrong now, each with a stable ``code``;
+- ``diagnose()``: the same after fresh checks (what `gpud doctor` shows);
+- ``metrics()``: its Prometheus families;
+- ``routes()``: its local API routes;
+- ``run()``: its work, until cancelled.
+
+``ComponentBase`` supplies the defaults (no problems, no metrics, no routes, diagnose =
+problems) so a component overrides only what it has.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import msgspec
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+Severity = Literal["warning", "critical"]
+MetricKind = Literal["gauge", "counter"]
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True):
+    """One finding, in status and `gpud doctor`.
+
+    ``code`` is stable and machine-readable (``<component>.<what>``, e.g.
+    ``ports.block_exhausted``): tooling and other components match problems by it, never by
+    their text. ``message`` is the cause in words an operator can act on, ``fix`` the remedy.
+    """
+
+    code: str
+    severity: Severity
+    # What it is about: a component, a peer's name, a port.
+    subject: str = ""
+    message: str
+    fix: str
+    # Codes of problems this one explains better (the same cause seen with more evidence):
+    # those are left out of the report wherever this one appears.
+    supersedes: frozenset[str] = frozenset()
+
+
+def without_superseded(problems: list[Problem]) -> list[Problem]:
+    """``problems`` less those another problem in the list supersedes (pure)."""
+    dropped: set[str] = set()
+    for problem in problems:
+        dropped |= problem.supersedes
+    return [p for p in problems if p.code not in dropped]
+
+
+class Metric(msgspec.Struct, frozen=True, kw_only=True):
+    """One Prometheus family: ``samples`` are (labels, value) pairs."""
+
+    name: str
+    help: str
+    samples: list[tuple[dict[str, str], float]]
+    kind: MetricKind = "gauge"
+
+
+def gauge(name: str, help_text: str, value: float, **labels: str) -> Metric:
+    """A family with a single sample."""
+    return Metric(name=name, help=help_text, samples=[(labels, float(value))])
+
+
+class Component(Protocol):
+    """A long-running part of the agent (see the module docstring)."""
+
+    name: str
+
+    async def run(self) -> None: ...
+
+    def status(self) -> msgspec.Struct: ...
+
+    def summary(self) -> str: ...
+
+    def problems(self) -> list[Problem]: ...
+
+    async def diagnose(self) -> list[Problem]: ...
+
+    def metrics(self) -> list[Metric]: ...
+
+    def routes(self) -> list[web.RouteDef]: ...
+
+
+class ComponentBase:
+    """Defaults for the optional parts of the contract."""
+
+    name: str
+
+    def problems(self) -> list[Problem]:
+        return []
+
+    async def diagnose(self) -> list[Problem]:
+        return self.problems()
+
+    def metrics(self) -> list[Metric]:
+        return []
+
+    def routes(self) -> list[web.RouteDef]:
+        return []
