@@ -1,22 +1,224 @@
 """Children that gpud owns: started in their own process group, stopped by that group only.
 
 gpud never matches processes by name (no pkill, no `ray stop`): it signals the process groups
-it created itself, so other people's Ray or serf on the same host are never touched.
+it created itself, so other people's Ray or serf on the same host are never touched. A group
+is gpud's across its own crash too: `GroupRecord` persists (pgid, start time) of the running
+child, and the next gpud stops exactly that group (recognised by /proc) before starting anew.
+
+Also the one home of short bounded commands (`run_bounded`) and of the /proc/<pid>/stat parser.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 from gpud import log
+
+_log = log.get("process")
+
+
+class ChildStartError(Exception):
+    """A child factory cannot build its child now; the message says why (shown in status).
+
+    The Supervisor records it and retries with backoff, like a child that exited."""
+
+
+class ProcStat(msgspec.Struct, frozen=True):
+    """The fields gpud reads from /proc/<pid>/stat."""
+
+    # R, S, D, Z (zombie), X (dead), ...
+    state: str
+    pgid: int
+    # Clock ticks since boot (field 22): with the pid, it names one process across pid reuse.
+    start: int
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """/proc/<pid>/stat of ``pid``, or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses; fields resume after ")".
+    fields = stat.rpartition(")")[2].split()
+    return ProcStat(state=fields[0], pgid=int(fields[2]), start=int(fields[19]))
+
+
+def _live(stat: ProcStat | None) -> bool:
+    return stat is not None and stat.state not in ("Z", "X")
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of a running ``pid`` (to recognise a recycled pid later), or None."""
+    stat = proc_stat(pid)
+    return stat.start if stat is not None and _live(stat) else None
+
+
+def owner_alive(pid: int, pid_start: int | None) -> bool:
+    """Whether the process still runs: same pid, same start time (if known), not a zombie."""
+    stat = proc_stat(pid)
+    return stat is not None and _live(stat) and (pid_start is None or stat.start == pid_start)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids whose process group is ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat.pgid == pgid and _live(stat):
+                found.append(int(entry))
+    return found
+
+
+class CommandResult(msgspec.Struct, frozen=True):
+    # None: killed after the timeout.
+    code: int | None
+    stdout: str
+    stderr: str
+
+    @property
+    def last_line(self) -> str:
+        """The last line of stdout, else of stderr: what a short command has to say."""
+        lines = self.stdout.splitlines() or self.stderr.splitlines()
+        return lines[-1] if lines else ""
+
+
+async def run_bounded(
+    argv: Sequence[str], timeout_s: float, *, env: Mapping[str, str] | None = None
+) -> CommandResult:
+    """Run a short command in its own process group; kill the group after ``timeout_s``.
+
+    Raises OSError (FileNotFoundError, PermissionError) when the command cannot start."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # own group: a timeout kills whatever it started too
+    )
+    timed_out = False
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        timed_out = True
+        out, err = b"", f"timed out after {timeout_s:g}s".encode()
+    finally:
+        if proc.returncode is None or timed_out:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    return CommandResult(
+        code=None if timed_out else proc.returncode,
+        stdout=out.decode(errors="replace").strip(),
+        stderr=err.decode(errors="replace").strip(),
+    )
+
+
+class ChildGroup(msgspec.Struct, frozen=True):
+    """A child's process group as persisted: its leader's pid (= pgid) and start time."""
+
+    pgid: int
+    start: int
+
+
+class GroupRecord:
+    """The process group of one supervised child, persisted so that a restarted gpud finds it.
+
+    Written (atomically) right after the child starts, removed once it is stopped. A record
+    left behind means gpud died with the child running: `stop_leftover` stops that group.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> ChildGroup | None:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=ChildGroup)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning(_log, "unreadable child record, ignored", path=self.path, error=str(exc))
+            return None
+
+    def save(self, group: ChildGroup) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(msgspec.json.encode(group))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def leftover_members(group: ChildGroup) -> list[int]:
+    """Live members of ``group`` if it is still the group gpud started, else [] (pure read).
+
+    The leader alive with the recorded start time proves it. With the leader gone, Linux keeps
+    the number allocated while any process still has it as pgid, so members whose group is
+    ``pgid`` and that started no earlier than the leader are the ones it left behind."""
+    leader = proc_stat(group.pgid)
+    if _live(leader):
+        assert leader is not None
+        if leader.start != group.start or leader.pgid != group.pgid:
+            return []  # the pid was reused by another process: not ours
+    members = []
+    for pid in group_members(group.pgid):
+        stat = proc_stat(pid)
+        if stat is not None and stat.start >= group.start:
+            members.append(pid)
+    return members
+
+
+async def stop_group(pgid: int, grace_s: float, *, alive: Callable[[], bool]) -> None:
+    """SIGTERM process group ``pgid``, SIGKILL it if ``alive()`` after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    for _ in range(max(1, int(grace_s / 0.1))):
+        if not alive():
+            break
+        await asyncio.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    for _ in range(50):  # SIGKILLed processes take a moment to be reaped
+        if not alive():
+            return
+        await asyncio.sleep(0.1)
+
+
+async def stop_leftover(record: GroupRecord, grace_s: float) -> ChildGroup | None:
+    """Stop the group a crashed gpud left running (only that exact group); clear the record.
+
+    Returns the group it stopped, or None when there was nothing of ours left."""
+    group = record.load()
+    stopped = None
+    if group is not None and leftover_members(group):
+        log.warning(_log, "stopping a child left by a previous gpud", pgid=group.pgid)
+        await stop_group(group.pgid, grace_s, alive=lambda: bool(leftover_members(group)))
+        stopped = group
+    record.clear()
+    return stopped
 
 
 class ChildProcess:
@@ -35,6 +237,8 @@ class ChildProcess:
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self._proc: asyncio.subprocess.Process | None = None
+        # The running child's process group (with its leader's start time), once started.
+        self.group: ChildGroup | None = None
         self._pump: asyncio.Task[None] | None = None
         self._log = log.get(name)
 
@@ -58,6 +262,9 @@ class ChildProcess:
             start_new_session=True,  # own process group: we signal only what we started
         )
         self._pump = asyncio.create_task(self._forward_output(self._proc))
+        start = process_start(self._proc.pid)
+        if start is not None:
+            self.group = ChildGroup(pgid=self._proc.pid, start=start)
         log.info(self._log, "started", pid=self._proc.pid)
 
     async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
@@ -112,7 +319,9 @@ class Supervisor:
 
     ``make_child`` builds a fresh ChildProcess each start, so a restart picks up a new
     configuration (e.g. a new advertise address). ``ready`` (optional) is awaited after each
-    start; the backoff resets once a child has run for ``stable_s``.
+    start; the backoff resets once a child has run for ``stable_s``. With ``record``, the
+    running child's process group is persisted, and a group a crashed gpud left behind is
+    stopped before the first start (never two copies of one child).
     """
 
     def __init__(
@@ -124,9 +333,11 @@ class Supervisor:
         backoff_max_s: float = 30.0,
         stable_s: float = 30.0,
         grace_s: float = 10.0,
+        record: GroupRecord | None = None,
     ) -> None:
         self.name = name
         self._make_child = make_child
+        self._record = record
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._stable_s = stable_s
@@ -136,6 +347,13 @@ class Supervisor:
         self.status = SupervisorStatus()
         self._restart_now = asyncio.Event()
         self.started = asyncio.Event()
+        # When (monotonic) the child last failed: exited on its own or could not start.
+        self.failures: collections.deque[float] = collections.deque(maxlen=64)
+
+    def failures_within(self, window_s: float) -> int:
+        """How many times the child failed in the last ``window_s`` seconds."""
+        since = time.monotonic() - window_s
+        return sum(1 for t in self.failures if t >= since)
 
     def restart(self) -> None:
         """Stop the running child and start a fresh one at once (no backoff)."""
@@ -144,6 +362,8 @@ class Supervisor:
     async def run(self) -> None:
         backoff = self._backoff_initial_s
         try:
+            if self._record is not None:
+                await stop_leftover(self._record, self._grace_s)
             while True:
                 self.status.state = "starting"
                 self.status.next_start_in_s = None
@@ -151,10 +371,13 @@ class Supervisor:
                 try:
                     self.child = await self._make_child()
                     await self.child.start()
-                except (OSError, ValueError) as exc:
+                except (OSError, ChildStartError) as exc:
                     self.status.last_error = f"cannot start: {exc}"
+                    self.failures.append(time.monotonic())
                     log.error(self._log, "cannot start", error=str(exc))
                 else:
+                    if self._record is not None and self.child.group is not None:
+                        self._record.save(self.child.group)
                     self.status.state = "running"
                     self.status.pid = self.child.pid
                     self.started.set()
@@ -165,6 +388,10 @@ class Supervisor:
                         backoff = self._backoff_initial_s
                         continue
                     code = self.child.returncode
+                    # Its leader exited; what it started may linger in its group: stop that too.
+                    await self.child.stop(self._grace_s)
+                    self._forget(self.child)
+                    self.failures.append(time.monotonic())
                     self.status.last_exit_code = code
                     self.status.last_error = f"exited with code {code}"
                     log.warning(self._log, "exited", code=code)
@@ -192,10 +419,18 @@ class Supervisor:
         self._restart_now.clear()
         log.info(self._log, "restarting on request")
         await child.stop(self._grace_s)
+        self._forget(child)
         return True
+
+    def _forget(self, child: ChildProcess) -> None:
+        """The child's group is gone (it exited and was reaped): drop its record."""
+        if self._record is not None and child.group is not None:
+            if self._record.load() == child.group:
+                self._record.clear()
 
     async def stop(self) -> None:
         if self.child is not None:
             await asyncio.shield(self.child.stop(self._grace_s))
+            self._forget(self.child)
         self.status.state = "stopped"
         self.status.pid = None

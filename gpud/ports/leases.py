@@ -16,6 +16,10 @@ from typing import Annotated
 
 import msgspec
 
+# Re-exported for gpud.ports.service; the /proc parser lives in gpud.process.
+from gpud.process import owner_alive as owner_alive
+from gpud.process import process_start as process_start
+
 Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
@@ -189,28 +193,3 @@ class LeaseStore:
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, value),
                 )
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) of ``pid``, or None if there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses; fields resume after ")".
-    fields = stat.rpartition(")")[2].split()
-    return fields[0], int(fields[19])
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of a running ``pid`` (to recognise a recycled pid later), or None."""
-    stat = _proc_stat(pid)
-    return None if stat is None or stat[0] in ("Z", "X") else stat[1]
-
-
-def owner_alive(pid: int, pid_start: int | None) -> bool:
-    """Whether the lease owner still runs: same pid, same start time, not a zombie."""
-    stat = _proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return pid_start is None or stat[1] == pid_start
