@@ -118,6 +118,38 @@ class RayConfig(_Section):
     temp_root: str = "/tmp/gpud-ray"
 
 
+# ---- gpus (GPU health, gpud/gpus/) ----
+class GpusConfig(_Section):
+    # Module that provides NVML (nvidia-ml-py's "pynvml"; tests name a fake one).
+    nvml_module: str = "pynvml"
+    poll_interval_s: PositiveSeconds = 10.0
+    # An NVML call that has not answered after this long makes the GPUs' verdict "unknown".
+    nvml_timeout_s: PositiveSeconds = 10.0
+    # Kernel log to follow for NVRM Xid lines; sysfs PCI devices to count NVIDIA GPUs in.
+    kmsg_path: str = "/dev/kmsg"
+    pci_root: str = "/sys/bus/pci/devices"
+    # Hysteresis: polls a new, worse (or better) verdict must persist before it is taken.
+    # Lost GPUs, uncorrectable ECC and XIDs count at once.
+    polls_before_worse: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
+    polls_before_better: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # How long an XID counts toward the verdict.
+    xid_window_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] = 3600.0
+    # Degraded when the temperature is within this many degrees of the slowdown threshold.
+    temperature_margin_c: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    # Degraded above this power draw relative to the enforced limit.
+    power_limit_ratio: Annotated[float, msgspec.Meta(gt=0, le=10)] = 1.05
+    # Aggregate (lifetime) uncorrected ECC errors above which the GPU needs an inspection.
+    ecc_aggregate_uncorrected_max: Annotated[int, msgspec.Meta(ge=0)] = 10
+    # Retired pages (pre-Ampere) at which NVIDIA recommends an RMA.
+    retired_pages_max: Annotated[int, msgspec.Meta(ge=1)] = 60
+    # PCIe replays / NVLink errors per poll above which the link is degraded.
+    pcie_replay_growth_max: Annotated[int, msgspec.Meta(ge=0)] = 100
+    nvlink_error_growth_max: Annotated[int, msgspec.Meta(ge=0)] = 100
+    # Seconds a GPU lease whose owner pid is gone is kept before it is reclaimed.
+    zombie_grace_s: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 10.0
+    # ---- end gpus ----
+
+
 class Config(_Section):
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
@@ -128,6 +160,7 @@ class Config(_Section):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     ports: PortsConfig = msgspec.field(default_factory=PortsConfig)
     ray: RayConfig = msgspec.field(default_factory=RayConfig)
+    gpus: GpusConfig = msgspec.field(default_factory=GpusConfig)  # gpus: gpud/gpus/
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
