@@ -16,11 +16,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gpud import __version__, api, gpus, log
+from gpud import __version__, api, gpus, log, metrics, status
+from gpud.component import Component, ComponentBase, Disabled, Metric, gauge
 from gpud.config import Config
-from gpud.context import Component, NodeContext
+from gpud.context import NodeContext
 from gpud.errors import GpudError
 from gpud.notify import Notifier
+from gpud.status import NodeSection, StatusDocument, collect, doctor_report
 
 _log = log.get("agent")
 
@@ -30,19 +32,31 @@ SERF_DOWN_WATCHDOG_S = 60.0
 MEMBERS_READY_TIMEOUT_S = 10.0
 
 
-class NodeSection(msgspec.Struct, kw_only=True):
-    name: str
-    addr: str
-    version: str
-    pid: int
-    uptime_s: float
-    serf: Any
-    tags: Any
+class _GpuInventory(ComponentBase):
+    """The NVML inventory read at start, as a component (until GPU health lands)."""
 
+    name = "gpus"
 
-class DisabledSection(msgspec.Struct, kw_only=True):
-    state: str = "disabled"
-    summary: str
+    def __init__(self, inventory: gpus.GpuInventory) -> None:
+        self._inventory = inventory
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    def status(self) -> gpus.GpuInventory:
+        return self._inventory
+
+    def summary(self) -> str:
+        return self._inventory.summary or f"{self._inventory.count} GPU(s)"
+
+    def metrics(self) -> list[Metric]:
+        return [gauge("gpud_gpus", "GPUs reported by NVML.", self._inventory.count)]
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/gpus", self._get)]
+
+    async def _get(self, request: web.Request) -> web.Response:
+        return api.json_response(self._inventory)
 
 
 class Agent:
@@ -54,6 +68,7 @@ class Agent:
         self._serf_down_since: float | None = None
 
     def _build(self, advertise_addr: str, interface: str, inventory: gpus.GpuInventory) -> None:
+        """The one place that names the components: each is built here, in start order."""
         from gpud.health.service import HealthService
         from gpud.membership import Membership
         from gpud.netcheck import NetCheck
@@ -64,26 +79,26 @@ class Agent:
         ctx.advertise_is_local = bool(interface)
         ctx.tags = msgspec.structs.replace(ctx.tags, gpu=inventory.count)
         self.ctx = ctx
-        self.inventory = inventory
         self.serf = SerfAgent(ctx)
-        self.membership = Membership(ctx, self.serf)
         self.network = NetCheck(ctx, self._address_changed)
         self.health = HealthService(ctx, self.network)
-        self.ports = PortsService(ctx)
-        self.ray: Component | None = None
-        if self.config.ray.enabled:
-            from gpud.ray.service import RayService
-
-            self.ray = RayService(ctx, self.serf, self.ports, self.health)
+        ports = PortsService(ctx)
         self.components: list[Component] = [
             self.serf,
-            self.membership,
+            Membership(ctx, self.serf),
             self.network,
             self.health,
-            self.ports,
+            ports,
+            self._ray(ctx, ports),
+            _GpuInventory(inventory),
         ]
-        if self.ray is not None:
-            self.components.append(self.ray)
+
+    def _ray(self, ctx: NodeContext, ports: Any) -> Component:
+        if not self.config.ray.enabled:
+            return Disabled("ray", "ray.enabled = false")
+        from gpud.ray.service import RayService
+
+        return RayService(ctx, self.serf, ports, self.health)
 
     async def _address_changed(self, old: str | None, new: str | None) -> None:
         """NetCheck saw the advertised address go (new None) or change: serf gossips the new
@@ -97,57 +112,55 @@ class Agent:
 
     # -- local API -------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        ray = (
-            self.ray.status()
-            if self.ray
-            else DisabledSection(summary="disabled (ray.enabled = false)")
-        )
-        return {
-            "node": NodeSection(
+    def document(self) -> StatusDocument:
+        return StatusDocument(
+            node=NodeSection(
                 name=self.ctx.node_name,
                 addr=self.ctx.advertise_addr,
                 version=__version__,
                 pid=os.getpid(),
                 uptime_s=round(time.monotonic() - self.started, 1),
-                serf=self.serf.status(),
                 tags=self.ctx.tags,
             ),
-            "members": sorted(self.ctx.members.values(), key=lambda m: m.name),
-            "health": self.health.status(),
-            "network": self.network.status(),
-            "ports": self.ports.status(),
-            "ray": ray,
-            "gpus": self.inventory,
-        }
-
-    async def _get_status(self, request: web.Request) -> web.Response:
-        return api.json_response(self.status())
-
-    async def _get_gpus(self, request: web.Request) -> web.Response:
-        return api.json_response(self.inventory)
-
-    async def _get_doctor(self, request: web.Request) -> web.Response:
-        from gpud.health.doctor import DoctorReport
-        from gpud.netcheck import check_now
-
-        report = await self.health.doctor(await check_now(self.ctx))
-        return api.json_response(
-            DoctorReport.of(
-                self.ctx.node_name, report.peers_checked, report.problems + self.ports.problems()
-            )
+            members=sorted(self.ctx.members.values(), key=lambda m: m.name),
+            summaries={c.name: c.summary() for c in self.components},
+            problems=collect(p for c in self.components for p in c.problems()),
         )
 
-    async def _get_metrics(self, request: web.Request) -> web.Response:
-        from gpud import metrics
+    async def _get_status(self, request: web.Request) -> web.Response:
+        return api.json_response(status.encode(self.document(), self.components))
 
-        text = metrics.render(msgspec.to_builtins(self.status()))
+    async def _get_doctor(self, request: web.Request) -> web.Response:
+        found = await asyncio.gather(*(c.diagnose() for c in self.components))
+        report = doctor_report(
+            self.ctx.node_name, len(self.ctx.peers()), (p for ps in found for p in ps)
+        )
+        return api.json_response(report)
+
+    async def _get_metrics(self, request: web.Request) -> web.Response:
+        text = metrics.render(__version__, self._metrics())
         return web.Response(text=text, content_type="text/plain")
+
+    def _metrics(self) -> list[Metric]:
+        problems = self.document().problems
+        families = [
+            gauge("gpud_up", "1 while the agent runs.", 1),
+            Metric(
+                name="gpud_problems",
+                help="Current problems by severity.",
+                samples=[
+                    ({"severity": s}, sum(p.severity == s for p in problems))
+                    for s in ("warning", "critical")
+                ],
+            ),
+        ]
+        for component in self.components:
+            families += component.metrics()
+        return families
 
     def _routes(self) -> list[web.RouteDef]:
         routes = [
             web.get("/v1/status", self._get_status),
-            web.get("/v1/gpus", self._get_gpus),
             web.get("/v1/doctor", self._get_doctor),
             web.get("/metrics", self._get_metrics),
         ]
@@ -158,11 +171,7 @@ class Agent:
     # -- lifecycle -------------------------------------------------------------------------
 
     def _summary(self) -> str:
-        alive = sum(1 for m in self.ctx.members.values() if m.alive)
-        return (
-            f"{alive}/{len(self.ctx.members)} members alive, health {self.ctx.tags.hl}, "
-            f"ray {self.ctx.tags.ray}, {self.inventory.count} GPU(s)"
-        )
+        return status.one_line(self.document())
 
     def _serf_healthy(self) -> bool:
         if self.serf.ready.is_set():

@@ -7,42 +7,30 @@ pyroute2, NVML) load only for `gpud agent`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-EXIT_OK = 0
-EXIT_PROBLEM = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
+from gpud.client import (
+    CONFIG_HELP,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    api_get,
+    client_command,
+    print_json,
+)
+from gpud.ports.cli import add_commands as ports_commands
+from gpud.text import escape
 
-STATUS_SECTIONS = ("node", "members", "health", "network", "ports", "ray", "gpus")
+if TYPE_CHECKING:
+    from gpud.component import Problem
+    from gpud.context import Member
+    from gpud.status import StatusDocument
 
-
-def _socket_path(args: argparse.Namespace) -> str:
-    if args.socket:
-        return args.socket
-    from gpud import config
-
-    return config.load(config.config_path(args.config), missing_ok=True).socket_path
-
-
-def api_get(args: argparse.Namespace, path: str) -> Any:
-    from gpud import client
-
-    return client.request(_socket_path(args), "GET", path)
-
-
-def api_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    from gpud import client
-
-    return client.request(_socket_path(args), method, path, body)
-
-
-def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+# Each package's `add_commands(sub)`: its client commands (`gpud ports ...`).
+CLIENT_COMMAND_GROUPS = (ports_commands,)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -58,16 +46,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    data = api_get(args, "/v1/status")
     if args.json:
-        print_json(data)
-    else:
-        print(render_status(data))
+        print_json(api_get(args, "/v1/status"))
+        return EXIT_OK
+    from gpud.status import StatusDocument
+
+    print(render_status(api_get(args, "/v1/status", StatusDocument)))
     return EXIT_OK
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    members = api_get(args, "/v1/members")["members"]
+    from gpud.membership import MembersResponse
+
+    members = api_get(args, "/v1/members", MembersResponse).members
     if args.json:
         print_json(members)
     else:
@@ -76,17 +67,17 @@ def cmd_members(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = api_get(args, "/v1/doctor")
+    from gpud.status import DoctorReport
+
+    report = api_get(args, "/v1/doctor", DoctorReport)
     if args.json:
         print_json(report)
     else:
-        print(f"checked {report['peers_checked']} peer(s) from {report['node']}")
-        if report["ok"]:
+        print(f"checked {report.peers_checked} peer(s) from {escape(report.node)}")
+        if report.ok:
             print("no problems found")
-        for problem in report["problems"]:
-            print(f"[{problem['severity']}] {problem['subject']}: {problem['message']}")
-            print(f"    fix: {problem['fix']}")
-    return EXIT_PROBLEM if report["critical"] else EXIT_OK
+        print(render_problems(report.problems))
+    return EXIT_PROBLEM if report.critical else EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -103,71 +94,38 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def render_members(members: list[dict[str, Any]]) -> str:
+def render_members(members: list[Member]) -> str:
     lines = [f"{'NAME':<20} {'ADDRESS':<22} {'STATUS':<8} {'GPUS':>4}  {'RAY':<7} TAGS"]
     for member in members:
-        tags = member.get("tags") or {}
-        addr = f"{member.get('addr')}:{member.get('port')}"
-        note = (
-            member.get("tags_error") or f"health={tags.get('hl', '?')} block={tags.get('blk', '?')}"
-        )
+        tags = member.tags
+        addr = f"{member.addr}:{member.port}"
+        if tags is None:
+            gpus, ray, note = "-", "-", member.tags_error or "no tags"
+        else:
+            gpus, ray, note = str(tags.gpu), tags.ray, f"health={tags.hl} block={tags.blk}"
         lines.append(
-            f"{member.get('name', '?'):<20} {addr:<22} {member.get('status', '?'):<8} "
-            f"{tags.get('gpu', '-')!s:>4}  {tags.get('ray', '-'):<7} {note}"
+            f"{escape(member.name):<20} {addr:<22} {member.status:<8} {gpus:>4}  {ray:<7} "
+            f"{escape(note)}"
         )
     return "\n".join(lines)
 
 
-def _summary(section: Any) -> str:
-    if not isinstance(section, dict):
-        return str(section)
-    if "summary" in section:
-        return str(section["summary"])
-    scalars = [f"{k}={v}" for k, v in section.items() if isinstance(v, str | int | float | bool)]
-    return " ".join(scalars) or "-"
+def render_problems(problems: list[Problem]) -> str:
+    lines = []
+    for problem in problems:
+        subject = f" {escape(problem.subject)}:" if problem.subject else ""
+        lines.append(f"[{problem.severity}]{subject} {escape(problem.message)}")
+        lines.append(f"    fix: {escape(problem.fix)}  ({problem.code})")
+    return "\n".join(lines)
 
 
-def _health_line(health: dict[str, Any]) -> str:
-    if "state" not in health or "peers" not in health:
-        return _summary(health)
-    out = [row for row in health["peers"] if row.get("direction") == "out"]
-    passing = sum(row.get("state") == "passing" for row in out)
-    line = f"{health['state']}, {passing}/{len(out)} peers reached over the data path"
-    if health.get("behind_nat"):
-        line += f"; BEHIND NAT: {health.get('nat_message', '')}"
-    problems = [p["message"] for p in health.get("pairs", []) if p.get("state") != "passing"]
-    return "\n         ".join([line, *problems])
-
-
-def _network_line(network: dict[str, Any]) -> str:
-    if "advertise" not in network:
-        return _summary(network)
-    line = (
-        f"{network['advertise']} on {network.get('interface') or '?'} "
-        f"(mtu {network.get('mtu')}, chosen by {network.get('chosen_by')})"
-    )
-    problems = [f"[{p['severity']}] {p['message']}" for p in network.get("problems", [])]
-    return "\n         ".join([line, *problems])
-
-
-def render_status(data: dict[str, Any]) -> str:
-    node = data.get("node", {})
-    members = data.get("members", [])
-    counts: dict[str, int] = {}
-    for member in members:
-        counts[member.get("status", "?")] = counts.get(member.get("status", "?"), 0) + 1
-    by_status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
-    serf = node.get("serf", {}).get("supervisor", {}).get("state", "?")
-    lines = [
-        f"node     {node.get('name')}  {node.get('addr')}  gpud {node.get('version')}  serf {serf}",
-        f"members  {len(members)} ({by_status})",
-        f"health   {_health_line(data.get('health', {}))}",
-        f"network  {_network_line(data.get('network', {}))}",
-    ]
-    for section in ("ports", "ray", "gpus"):
-        lines.append(f"{section:<8} {_summary(data.get(section))}")
-    lines.append("")
-    lines.append(render_members(members))
+def render_status(doc: StatusDocument) -> str:
+    node = doc.node
+    lines = [f"node     {escape(node.name)}  {node.addr}  gpud {escape(node.version)}"]
+    lines += [f"{name:<8} {escape(text)}" for name, text in doc.summaries.items()]
+    if doc.problems:
+        lines += ["", f"{len(doc.problems)} problem(s):", render_problems(doc.problems)]
+    lines += ["", render_members(doc.members)]
     return "\n".join(lines)
 
 
@@ -179,34 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def client_command(
-        name: str, help_text: str, handler: Callable[..., int]
-    ) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument(
-            "--config", help="config file (default: $GPUD_CONFIG or /etc/gpud/gpud.toml)"
-        )
-        cmd.add_argument("--socket", help="local API socket (default: from the config)")
-        cmd.add_argument("--json", action="store_true", help="print JSON as the API returns it")
-        cmd.set_defaults(func=handler)
-        return cmd
-
     agent = sub.add_parser("agent", help="run the daemon in the foreground (systemd runs this)")
-    agent.add_argument(
-        "--config", help="config file (default: $GPUD_CONFIG or /etc/gpud/gpud.toml)"
-    )
+    agent.add_argument("--config", help=CONFIG_HELP)
     agent.add_argument("--check-config", action="store_true", help="validate the config and exit")
     agent.set_defaults(func=cmd_agent)
 
-    client_command("status", "one-screen summary of this node and the cluster", cmd_status)
-    client_command("members", "cluster members as this node sees them", cmd_members)
+    client_command(sub, "status", "one-screen summary of this node and the cluster", cmd_status)
+    client_command(sub, "members", "cluster members as this node sees them", cmd_members)
     client_command(
-        "doctor", "run the network checks now; print each problem with its fix", cmd_doctor
+        sub,
+        "doctor",
+        "run every check now; print each problem with its cause and fix (exit 1 if critical)",
+        cmd_doctor,
     )
-
-    from gpud.ports import cli as ports_cli
-
-    ports_cli.add_commands(sub, client_command)
+    for add_commands in CLIENT_COMMAND_GROUPS:
+        add_commands(sub)
 
     sub.add_parser("keygen", help="print a new cluster key").set_defaults(func=cmd_keygen)
     sub.add_parser("version", help="print gpud's version").set_defaults(func=cmd_version)

@@ -1,15 +1,31 @@
-"""A small synchronous client for the local Unix-socket API (stdlib only: the CLI starts fast)."""
+"""The client side of the local Unix-socket API: the HTTP client and all CLI plumbing.
+
+Every client command (`gpud status`, `gpud ports ...`, ...) registers itself with
+``client_command`` and talks to the daemon through ``api_get``/``api_call``; replies are
+decoded into typed structs, so a reply of an unexpected shape is one clear line, never a
+traceback. Stdlib and msgspec only: the CLI must start fast.
+"""
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import socket
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
 
 from gpud.errors import GpudError
 
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+
+T = TypeVar("T")
 
 
 class DaemonNotRunning(GpudError):
@@ -72,3 +88,70 @@ def request(
         message = data.get("error") if isinstance(data, dict) else None
         raise ApiRefused(response.status, message or f"HTTP {response.status}")
     return data
+
+
+# ---- CLI plumbing -------------------------------------------------------------------------
+
+CONFIG_HELP = "config file (default: $GPUD_CONFIG or /etc/gpud/gpud.toml)"
+
+
+def client_options(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """--config, --socket and --json. ``nested``: on a sub-action (`gpud ports lease`), where
+    SUPPRESS keeps values given before the action (`gpud ports --socket S lease`)."""
+    default: Any = argparse.SUPPRESS if nested else None
+    parser.add_argument("--config", default=default, help=CONFIG_HELP)
+    parser.add_argument(
+        "--socket", default=default, help="local API socket (default: from the config)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if nested else False,
+        help="print JSON as the API returns it",
+    )
+
+
+def client_command(
+    sub: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """Register a client command on the top-level subparsers."""
+    cmd = sub.add_parser(name, help=help_text, description=help_text)
+    client_options(cmd)
+    cmd.set_defaults(func=handler)
+    return cmd
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if getattr(args, "socket", None):
+        return args.socket
+    from gpud import config
+
+    # A --config that names a missing file is an error; only the default may be absent.
+    explicit = getattr(args, "config", None)
+    return config.load(config.config_path(explicit), missing_ok=explicit is None).socket_path
+
+
+def api_get(args: argparse.Namespace, path: str, type: type[T] = Any) -> T:  # noqa: A002
+    return api_call(args, "GET", path, type=type)
+
+
+def api_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    type: type[T] = Any,  # noqa: A002
+) -> T:
+    """Call the daemon and decode the reply as ``type`` (a msgspec-compatible type)."""
+    data = request(socket_path(args), method, path, body)
+    try:
+        return msgspec.convert(data, type=type)
+    except msgspec.ValidationError as exc:
+        raise GpudError(
+            f"gpud answered {method} {path} with a reply this client does not understand "
+            f"({exc}); is the daemon the same version as this command?"
+        ) from None
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(data)).decode() + "\n")

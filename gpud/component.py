@@ -20,6 +20,7 @@ problems) so a component overrides only what it has.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
@@ -108,3 +109,26 @@ class ComponentBase:
 
     def routes(self) -> list[web.RouteDef]:
         return []
+
+
+class DisabledSection(msgspec.Struct, kw_only=True):
+    state: str = "disabled"
+    summary: str
+
+
+class Disabled(ComponentBase):
+    """A component switched off in the config: its section says so, and it does nothing."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self._section = DisabledSection(summary=f"disabled ({reason})")
+
+    async def run(self) -> None:
+        # Runs like any component (the agent stops when one ends), doing nothing.
+        await asyncio.Event().wait()
+
+    def status(self) -> DisabledSection:
+        return self._section
+
+    def summary(self) -> str:
+        return self._section.summary

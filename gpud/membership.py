@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from gpud import log
+from gpud.component import ComponentBase, Metric, Problem
 from gpud.context import Member, MemberStatus, NodeContext
 from gpud.serf.agent import SerfAgent
 from gpud.serf.rpc import SerfConnectionError, SerfMember, SerfRPC, SerfRPCError
@@ -76,7 +77,7 @@ def count(members: dict[str, Member]) -> MembershipStatus:
     )
 
 
-class Membership:
+class Membership(ComponentBase):
     """Component "membership": keeps ctx.members current from Serf."""
 
     name = "membership"
@@ -134,6 +135,43 @@ class Membership:
         result = count(self.ctx.members)
         result.last_error = self._last_error
         return result
+
+    def summary(self) -> str:
+        counts = self.status()
+        by_status = {
+            "alive": counts.alive,
+            "leaving": counts.leaving,
+            "left": counts.left,
+            "failed": counts.failed,
+        }
+        listed = ", ".join(f"{n} {s}" for s, n in by_status.items() if n) or "none"
+        return f"{counts.total} ({listed})"
+
+    def problems(self) -> list[Problem]:
+        undecodable = [m.name for m in self.ctx.members.values() if m.tags_error is not None]
+        if not undecodable:
+            return []
+        return [
+            Problem(
+                code="membership.foreign_tags",
+                severity="warning",
+                subject=", ".join(undecodable),
+                message=f"{len(undecodable)} member(s) gossip tags gpud cannot read: not gpud, "
+                "or another gpud tag version",
+                fix="upgrade every host to the same gpud version, or remove foreign serf agents "
+                "holding the cluster key",
+            )
+        ]
+
+    def metrics(self) -> list[Metric]:
+        counts = Counter(m.status for m in self.ctx.members.values())
+        return [
+            Metric(
+                name="gpud_members",
+                help="Cluster members by Serf status.",
+                samples=[({"status": s}, n) for s, n in sorted(counts.items())],
+            )
+        ]
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/members", self._get_members)]

@@ -108,7 +108,9 @@ def test_ready_status_watchdog_and_api(agent: RunningAgent) -> None:
     assert os.stat(agent.socket_path).st_mode & 0o777 == 0o660
 
     status = agent.api("GET", "/v1/status")
-    assert set(status) == {"node", "members", "health", "network", "ports", "ray", "gpus"}
+    sections = {"serf", "membership", "network", "health", "ports", "ray", "gpus"}
+    assert set(status) == {"node", "members", "summaries", "problems", *sections}
+    assert set(status["summaries"]) == sections
     assert status["node"]["name"] == "solo"
     assert status["gpus"]["count"] == 0 and status["gpus"]["nvml"].startswith("unavailable")
     assert status["ray"]["state"] == "disabled"
@@ -157,7 +159,7 @@ def test_bad_requests_get_json_errors_and_change_nothing(agent: RunningAgent) ->
 
 def test_sigterm_sends_stopping_and_stops_serf(agent: RunningAgent) -> None:
     agent.wait_message("READY=1")
-    serf_pid = agent.api("GET", "/v1/status")["node"]["serf"]["supervisor"]["pid"]
+    serf_pid = agent.api("GET", "/v1/status")["serf"]["supervisor"]["pid"]
     assert serf_pid
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.wait_message("STOPPING=1") == "STOPPING=1"
@@ -196,7 +198,8 @@ def test_metrics_are_prometheus_text(agent: RunningAgent) -> None:
     assert response.getheader("Content-Type", "").startswith("text/plain")
     assert 'gpud_members{status="alive"} 1' in body.splitlines()
     assert "gpud_up 1" in body.splitlines()
-    assert "gpud_ray_head 0" in body.splitlines()
+    assert "gpud_gpus 0" in body.splitlines()
+    assert 'gpud_problems{severity="critical"} 0' in body.splitlines()
     assert (
         sum(
             line.startswith("gpud_health_state{") and line.endswith(" 1")

@@ -20,6 +20,7 @@ import pytest
 
 from gpud import config as config_mod
 from gpud import netcheck, secret
+from gpud.component import Problem
 from gpud.context import Member, NodeContext
 from gpud.health import peer_api
 from gpud.health.auth import sign
@@ -27,7 +28,6 @@ from gpud.health.peer_api import PATH_DIAL_BACK, PATH_PING, PATH_VIEW, PeerClien
 from gpud.health.prober import VIEW_EVERY_ROUNDS
 from gpud.health.service import HealthService
 from gpud.netcheck import NetworkStatus
-from gpud.problems import Problem
 from gpud.tags import Tags
 from tests.serf_util import free_port
 
@@ -314,12 +314,24 @@ def network_status(addr: str, *, local: bool | None, interface: str = "") -> Net
     if local is False and not interface:
         reason = netcheck.not_local_reason(addr)
         problems.append(
-            Problem(subject="network", severity="warning", message=reason, fix="host networking")
+            Problem(
+                code="network.address_not_local",
+                subject="network",
+                severity="warning",
+                message=reason,
+                fix="host networking",
+            )
         )
     elif local is False:
         reason = f"advertised address {addr} was removed from {interface}"
         problems.append(
-            Problem(subject="network", severity="critical", message=reason, fix="restore it")
+            Problem(
+                code="network.address_removed",
+                subject="network",
+                severity="critical",
+                message=reason,
+                fix="restore it",
+            )
         )
     return NetworkStatus(
         advertise=addr,
@@ -344,9 +356,13 @@ async def test_advertised_address_not_local_means_behind_nat(key_file: Path):
         # NetCheck's own not-local warning is not repeated next to the NAT verdict.
         assert status.reasons == [status.nat_message]
         assert nodes[0].ctx.tags.nat is True and nodes[0].ctx.tags.hl == "critical"
-        report = await nodes[0].service.doctor()
-        assert report.critical and [p.subject for p in report.problems] == ["network"]
-        assert "host networking" in report.problems[0].fix
+        problems = await nodes[0].service.diagnose()
+        assert [(p.code, p.severity, p.subject) for p in problems] == [
+            ("health.behind_nat", "critical", "network")
+        ]
+        assert "host networking" in problems[0].fix
+        # It explains NetCheck's not-local warning, which the report then leaves out.
+        assert problems[0].supersedes == {"network.address_not_local"}
 
 
 async def test_removed_address_is_critical_but_not_nat(key_file: Path):
@@ -357,10 +373,8 @@ async def test_removed_address_is_critical_but_not_nat(key_file: Path):
         assert not status.behind_nat and nodes[0].ctx.tags.nat is False
         assert status.state == "critical"
         assert status.reasons == ["advertised address 127.77.0.1 was removed from eth0"]
-        report = await nodes[0].service.doctor()
-        assert [(p.severity, p.subject, p.fix) for p in report.problems] == [
-            ("critical", "network", "restore it")
-        ]
+        # The removed address is NetCheck's problem (it reports it); health adds none.
+        assert await nodes[0].service.diagnose() == []
 
 
 async def test_peers_reached_but_no_way_back_means_behind_nat(key_file: Path):
@@ -383,13 +397,14 @@ async def test_doctor_reports_problems_with_fixes(key_file: Path):
     async with cluster(key_file, 3) as nodes:
         a, _, c = nodes
         await rounds(nodes, 2)
-        report = await a.service.doctor()
-        assert report.ok and not report.critical and report.peers_checked == 2
+        assert await a.service.diagnose() == []
         await c.service.server.stop()
         await asyncio.sleep(INBOUND_WINDOW_S + 0.1)
-        report = await a.service.doctor()
-        assert report.critical and [p.subject for p in report.problems] == ["n3"]
-        assert "127.77.0.3" in report.problems[0].message and report.problems[0].fix
+        problems = await a.service.diagnose()
+        assert [(p.subject, p.severity, p.code) for p in problems] == [
+            ("n3", "critical", "health.data-path")
+        ]
+        assert "127.77.0.3" in problems[0].message and problems[0].fix
         # The doctor's one-shot verdicts leave the hysteresis of the probe loop alone.
         assert a.row("n3", "out").state == "passing"
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gpud.config import NodeConfig
 from gpud.errors import GpudError
+from gpud.netcheck.assess import peer_route_problems
 from gpud.netcheck import (
     AddressInfo,
     AdvertiseState,
@@ -24,7 +25,6 @@ from gpud.netcheck import (
     effective_mtu,
     initial_state,
     interface_holding,
-    peer_route_problems,
     reconcile,
 )
 

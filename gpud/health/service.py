@@ -12,11 +12,12 @@ import msgspec
 from aiohttp import web
 
 from gpud import log, secret
+from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import MemberStatus, NodeContext
-from gpud.health.doctor import DoctorReport, nat_problem, pair_problem
 from gpud.health.peer_api import PeerApiServer, PeerClient
 from gpud.health.prober import PeerRecord, Prober, select_targets
 from gpud.health.verdict import (
+    HEALTH_STATES,
     Direction,
     DirectionState,
     Endpoint,
@@ -31,7 +32,6 @@ from gpud.health.verdict import (
     majority_verdict,
 )
 from gpud.netcheck import NetCheck, NetworkStatus
-from gpud.problems import Problem
 
 _log = log.get("health")
 
@@ -97,16 +97,54 @@ def nat_address_input(status: NetworkStatus | None) -> bool | None:
     return False if not status.interface else None
 
 
+# NetCheck's code for an advertised address that is on no local interface: our NAT verdict
+# explains the same thing with more evidence, so it supersedes that problem.
+ADDRESS_NOT_LOCAL = "network.address_not_local"
+
+
 def network_problems(status: NetworkStatus | None, nat: NatVerdict) -> list[Problem]:
     """NetCheck's problems, less its not-local warning when our NAT verdict already says it."""
     if status is None:
         return []
-    return [
-        p for p in status.problems if not (nat.behind_nat and p.message == status.address_reason)
-    ]
+    return [p for p in status.problems if not (nat.behind_nat and p.code == ADDRESS_NOT_LOCAL)]
 
 
-class HealthService:
+def nat_problem(nat: NatVerdict) -> Problem:
+    return Problem(
+        code="health.behind_nat",
+        severity="critical",
+        subject="network",
+        message=nat.message,
+        fix="run gpud and Ray with host networking (docker run --network host), or map every port "
+        "1:1 and set node.advertise to the address peers reach",
+        supersedes=frozenset({ADDRESS_NOT_LOCAL}),
+    )
+
+
+def pair_problem(peer: str, verdict: PairVerdict | PairRow) -> Problem | None:
+    """A problem for a pair that is warning or critical; None when passing or not yet known."""
+    if verdict.state not in ("warning", "critical"):
+        return None
+    return Problem(
+        code=f"health.{verdict.kind}",
+        severity=verdict.state,
+        subject=peer,
+        message=verdict.message,
+        fix=verdict.fix,
+    )
+
+
+def health_problems(status: HealthStatus, nat: NatVerdict | None = None) -> list[Problem]:
+    """The NAT verdict and every pair that is not passing (pure)."""
+    problems = [nat_problem(nat)] if nat is not None and nat.behind_nat else []
+    for pair in status.pairs:
+        problem = pair_problem(pair.peer, pair)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+class HealthService(ComponentBase):
     """Component "health". ``network`` is the NetCheck component, or a callable returning its
     NetworkStatus (None while unknown)."""
 
@@ -129,6 +167,7 @@ class HealthService:
             ctx, self._key, self.client, self.prober.view_rows, on_inbound=self.prober.note_inbound
         )
         self._status = HealthStatus("unknown", ["not started"], False, "", 0, [], [], [])
+        self._nat_verdict: NatVerdict | None = None
 
     @property
     def us(self) -> Endpoint:
@@ -209,6 +248,7 @@ class HealthService:
         verdicts = [(name, self._pair(us, r)) for name, r in records]
         network = self._network_status()
         nat = self._nat(us, network, [(r.out, r.inbound) for _, r in records])
+        self._nat_verdict = nat
         state, reasons = judge_node(
             self.prober.rounds > 0,
             [v for _, v in verdicts],
@@ -262,6 +302,49 @@ class HealthService:
     def status(self) -> HealthStatus:
         return self._status
 
+    def summary(self) -> str:
+        status = self._status
+        out = [row for row in status.peers if row.direction == "out"]
+        passing = sum(row.state == "passing" for row in out)
+        line = f"{status.state}, {passing}/{len(out)} peers reached over the data path"
+        return line + ("; BEHIND NAT" if status.behind_nat else "")
+
+    def problems(self) -> list[Problem]:
+        return health_problems(self._status, self._nat_verdict)
+
+    def metrics(self) -> list[Metric]:
+        status = self._status
+        return [
+            Metric(
+                name="gpud_health_state",
+                help="This node's health verdict (1 for the current state).",
+                samples=[({"state": s}, float(status.state == s)) for s in HEALTH_STATES],
+            ),
+            gauge(
+                "gpud_behind_nat",
+                "1 when this node is behind NAT or port mapping.",
+                float(status.behind_nat),
+            ),
+            Metric(
+                name="gpud_peer_reachable",
+                help="1 when the data path to (out) or from (in) a peer passes, 0 when critical.",
+                samples=[
+                    ({"peer": p.peer, "direction": p.direction}, float(p.state == "passing"))
+                    for p in status.peers
+                    if p.state in ("passing", "critical")
+                ],
+            ),
+            Metric(
+                name="gpud_peer_rtt_milliseconds",
+                help="Round-trip time of the last successful probe to a peer.",
+                samples=[
+                    ({"peer": p.peer}, p.rtt_ms)
+                    for p in status.peers
+                    if p.direction == "out" and p.rtt_ms is not None
+                ],
+            ),
+        ]
+
     def healthy_by_majority(self, node: str) -> bool | None:
         """Data-path verdict on ``node`` from the alive members' probes of it (the matrix)."""
         observers = {m.name for m in self._ctx.members.values() if m.alive and m.name != node}
@@ -276,12 +359,11 @@ class HealthService:
     async def _get_health(self, request: web.Request) -> web.Response:
         return web.Response(body=msgspec.json.encode(self._status), content_type="application/json")
 
-    async def doctor(self, network: NetworkStatus | None = None) -> DoctorReport:
-        """Probe every peer now (no hysteresis: each result counts) and report the network's
-        problems: those of ``network`` (e.g. from a fresh ``netcheck.check_now``), else of the
-        NetCheck this service was given."""
+    async def diagnose(self) -> list[Problem]:
+        """Probe every peer now (no hysteresis: each result counts) and report the NAT verdict
+        and every pair that is not passing."""
         us = self.us
-        network = network or self._network_status()
+        network = self._network_status()
         await self.client.set_source_addr(self._source_addr(network))
         health = self._ctx.config.health
         now = Prober(
@@ -295,16 +377,14 @@ class HealthService:
         now.sync(self._ctx.members, self._ctx.node_name)
         names = list(now.records)
         await now.run_round(names, full_mesh=len(names) + 1 <= health.full_mesh_max)
-        problems: list[Problem] = []
-        nat = self._nat(us, network, [(r.out, r.inbound) for r in now.records.values()])
-        if nat.behind_nat:
-            problems.append(nat_problem(nat))
-        problems += network_problems(network, nat)
-        for name, record in sorted(now.records.items()):
+        records = sorted(now.records.items())
+        nat = self._nat(us, network, [(r.out, r.inbound) for _, r in records])
+        problems = [nat_problem(nat)] if nat.behind_nat else []
+        for name, record in records:
             problem = pair_problem(name, self._pair(us, record))
             if problem is not None:
                 problems.append(problem)
-        return DoctorReport.of(self._ctx.node_name, len(names), problems)
+        return problems
 
 
 def _rows(record: PeerRecord) -> list[PeerRow]:

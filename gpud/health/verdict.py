@@ -15,6 +15,7 @@ from gpud.context import MemberStatus
 
 DirectionState = Literal["unknown", "passing", "critical"]
 HealthState = Literal["unknown", "passing", "warning", "critical"]
+HEALTH_STATES: tuple[HealthState, ...] = ("unknown", "passing", "warning", "critical")
 Severity = Literal["warning", "critical"]
 PairKind = Literal[
     "unknown",  # not enough results yet

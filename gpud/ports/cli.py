@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
+
+from gpud.client import api_call, api_get, client_command, client_options, print_json
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
-    from gpud.cli import api_get, print_json
-
     if args.ports_command == "lease":
         return cmd_lease(args)
     if args.ports_command == "release":
@@ -34,8 +33,6 @@ def cmd_ports(args: argparse.Namespace) -> int:
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
-    from gpud.cli import api_call, print_json
-
     body = {
         "owner": args.owner,
         "count": args.count,
@@ -52,8 +49,6 @@ def cmd_lease(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from gpud.cli import api_call
-
     api_call(args, "DELETE", f"/v1/ports/leases/{args.lease_id}")
     return 0
 
@@ -74,16 +69,9 @@ def _ports_text(ports: list[int]) -> str:
     return ",".join(parts)
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: options given before the subcommand (`gpud ports --socket S lease`) survive.
-    parser.add_argument("--config", default=argparse.SUPPRESS, help="config file")
-    parser.add_argument("--socket", default=argparse.SUPPRESS, help="local API socket")
-    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-
-
-def add_commands(sub: Any, client_command: Callable[..., argparse.ArgumentParser]) -> None:
+def add_commands(sub: Any) -> None:
     """Register `gpud ports ...` on the top-level subparsers."""
-    ports = client_command("ports", "this node's port block and leases", cmd_ports)
+    ports = client_command(sub, "ports", "this node's port block and leases", cmd_ports)
     actions = ports.add_subparsers(dest="ports_command", metavar="ACTION")
     lease = actions.add_parser(
         "lease", help="lease ports of this node's block; prints them on one line"
@@ -94,7 +82,7 @@ def add_commands(sub: Any, client_command: Callable[..., argparse.ArgumentParser
     lease.add_argument(
         "--pid", type=int, default=None, help="owner process: the lease ends when it exits"
     )
-    _client_options(lease)
+    client_options(lease, nested=True)
     release = actions.add_parser("release", help="release a lease by its id")
     release.add_argument("lease_id", metavar="ID")
-    _client_options(release)
+    client_options(release, nested=True)

@@ -1,0 +1,108 @@
+"""The package structure: no import cycle anywhere under gpud/ (lazy imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gpud"
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
+    """gpud modules that ``path`` imports at run time (module level or inside functions)."""
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    me = module_name(path, root)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if _type_checking_only(node, parents):
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            for alias in node.names:
+                # `from gpud import log` imports the module gpud.log.
+                candidate = f"{base}.{alias.name}"
+                found.add(candidate if candidate in modules else base)
+    return {name for name in found if name in modules and name != me}
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    root = package.parent
+    paths = sorted(package.rglob("*.py"))
+    modules = {module_name(p, root) for p in paths}
+    return {module_name(p, root): imports_of(p, modules, root) for p in paths}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a list of modules (first == last), or None (iterative DFS)."""
+    done: set[str] = set()
+    for start in sorted(graph):
+        if start in done:
+            continue
+        path: list[str] = [start]
+        on_path = {start}
+        stack = [iter(sorted(graph[start]))]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                finished = path.pop()
+                on_path.discard(finished)
+                done.add(finished)
+                continue
+            if nxt in on_path:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt in done:
+                continue
+            path.append(nxt)
+            on_path.add(nxt)
+            stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_no_import_cycle_under_gpud() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_sees_a_cycle(tmp_path: Path) -> None:
+    pkg = tmp_path / "gpud"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from gpud import b\n")
+    (pkg / "b.py").write_text("def f():\n    from gpud.sub import c\n")
+    (pkg / "sub" / "c.py").write_text("from ..a import x\n")
+    (pkg / "d.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import gpud.a\n"
+    )
+    graph = import_graph(pkg)
+    assert graph["gpud.d"] == set()
+    assert find_cycle(graph) == ["gpud.a", "gpud.b", "gpud.sub.c", "gpud.a"]
+
+
+@pytest.mark.parametrize("edges", [{"x": {"y"}, "y": set()}, {"x": set()}])
+def test_no_cycle_in_a_dag(edges: dict[str, set[str]]) -> None:
+    assert find_cycle(edges) is None
