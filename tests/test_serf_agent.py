@@ -5,27 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
+import socket
 import stat
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from gpud.context import NodeContext
+from gpud.preflight import PortConflict
 from gpud.secret import keygen
 from gpud.serf.agent import (
     SerfAgent,
     default_query_timeout_s,
+    rpc_listener,
     serf_config,
     unwrap_query,
     wrap_query,
 )
 from gpud.serf.rpc import SerfConnectionError
 from gpud.tags import Tags, TagsError, encode
-from tests.serf_util import node_config, wait_until
+from tests.serf_util import free_port, node_config, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -173,3 +178,82 @@ async def test_missing_binary_is_reported_not_crashed(tmp_path: Path) -> None:
         assert "'/nonexistent/serf' not found" in (status.last_error or "")
         assert not status.rpc_connected and not agent.ready.is_set()
         assert not task.done()
+
+
+def _codes(agent: SerfAgent) -> list[str]:
+    return [p.code for p in agent.problems()]
+
+
+async def test_rpc_squatter_gets_no_token_and_is_named(tmp_path: Path) -> None:
+    """A process listening on serf's RPC port before serf starts is a port conflict naming its
+    pid; gpud never connects to it (the token never leaves)."""
+    config = node_config(tmp_path, "n1")
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", config.serf.rpc_port))
+    squatter.listen(8)
+    squatter.setblocking(False)
+    agent = SerfAgent(NodeContext(config, "127.0.0.1"))
+    try:
+        async with running(agent):
+            await wait_until(lambda: "serf.port_conflict" in _codes(agent), 10)
+            [problem] = [p for p in agent.problems() if p.code == "serf.port_conflict"]
+            assert f"pid {os.getpid()}" in problem.message
+            assert f"127.0.0.1:{config.serf.rpc_port}/tcp (serf.rpc_port)" in problem.message
+            assert "port conflict" in agent.summary() or "in use by" in agent.summary()
+            await asyncio.sleep(1.0)
+            assert not agent.ready.is_set()
+            with pytest.raises(BlockingIOError):
+                squatter.accept()  # nobody ever connected: no handshake, no token
+    finally:
+        squatter.close()
+
+
+def test_rpc_listener_tells_our_serf_from_a_squatter() -> None:
+    """The check made before every RPC authentication: a listener counts as serf only if the
+    socket belongs to our serf child's pid."""
+    port = free_port()
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        assert rpc_listener(port, stranger.pid) == "nobody"
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+            listener.listen(1)
+            # This process holds it: ours if our "child" is this process, a conflict otherwise.
+            assert rpc_listener(port, os.getpid()) == "ours"
+            conflict = rpc_listener(port, stranger.pid)
+            assert isinstance(conflict, PortConflict)
+            [holder] = conflict.holders
+            assert holder.pid == os.getpid() and holder.uid == os.getuid()
+            assert conflict.problem().code == "serf.port_conflict"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+async def test_hung_serf_is_reported_within_seconds(tmp_path: Path) -> None:
+    """SIGSTOP the serf child: status says its RPC is unreachable within a few seconds; after
+    SIGCONT it reconnects. No task exception goes unretrieved on the way."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    agent = SerfAgent(NodeContext(node_config(tmp_path, "n1"), "127.0.0.1"))
+    async with running(agent):
+        await asyncio.wait_for(agent.ready.wait(), 15)
+        await wait_until(lambda: agent.status().members == 1, 10)
+        assert agent.problems() == [] and agent.summary() == "serf running, 1 members"
+        pid = agent.supervisor.child.pid
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            started = loop.time()
+            await wait_until(lambda: "serf.rpc_unreachable" in _codes(agent), 10)
+            took = loop.time() - started
+            status = agent.status()
+            assert not status.rpc_connected and "RPC unreachable" in status.summary
+            assert took < 6, took
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        await wait_until(lambda: agent.status().rpc_connected, 15)
+        assert agent.problems() == [] and agent.supervisor.child.pid == pid
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [c for c in unhandled if "never retrieved" in str(c.get("message"))], unhandled

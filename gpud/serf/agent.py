@@ -22,17 +22,17 @@ import secrets
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import msgspec
-from aiohttp import web
 
-from gpud import log
+from gpud import log, preflight
+from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import Config
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
-from gpud.process import ChildProcess, Supervisor, SupervisorStatus
+from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
 from gpud.secret import cluster_key
 from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
 from gpud.tags import Tags, encode
@@ -41,8 +41,14 @@ QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
 
 # How long a fresh serf may take before its RPC port answers.
 RPC_CONNECT_DEADLINE_S = 20.0
-# How often the member count in status() is refreshed (also a liveness check of the RPC).
-MEMBER_COUNT_INTERVAL_S = 5.0
+# How often the member count in status() is refreshed: also the liveness check of serf's RPC,
+# so a hung (SIGSTOPped) serf shows as unreachable within interval + timeout.
+MEMBER_COUNT_INTERVAL_S = 2.0
+RPC_PING_TIMEOUT_S = 2.0
+# How often a connection to a live but unreachable serf is retried.
+RPC_RETRY_S = 2.0
+# Where the packages install their own serf (not on PATH, so it never meets a stand-alone one).
+PACKAGED_SERF = "/usr/libexec/gpud/serf"
 _SERF_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "err"}
 
 
@@ -53,6 +59,7 @@ class SerfStatus(msgspec.Struct, kw_only=True):
     members: int | None
     last_error: str | None
     config_file: str
+    summary: str = ""
 
 
 def serf_config(
@@ -129,7 +136,57 @@ def unwrap_query(data: bytes) -> tuple[str, bytes]:
     return "", data
 
 
-class SerfAgent:
+class RpcSquatted(SerfConnectionError):
+    """Something other than our serf child listens on the RPC port: it never gets the token."""
+
+    def __init__(self, conflict: preflight.PortConflict) -> None:
+        super().__init__(conflict.describe())
+        self.conflict = conflict
+
+
+def serf_binary(configured: str) -> str | None:
+    """The serf to run: ``serf.binary`` if set, else the packaged one, else `serf` on PATH."""
+    if configured:
+        return shutil.which(configured)
+    if os.access(PACKAGED_SERF, os.X_OK):
+        return PACKAGED_SERF
+    return shutil.which("serf")
+
+
+def rpc_listener(
+    port: int, child_pid: int, proc: Path = Path("/proc")
+) -> Literal["nobody", "ours"] | preflight.PortConflict:
+    """Who listens on 127.0.0.1:``port``: nobody yet, only our serf child (``child_pid``), or
+    someone else (the conflict naming the other holders)."""
+    listeners = [
+        row
+        for row in preflight.sockets_on("tcp", port, proc)
+        if row.local in ("127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1")
+    ]
+    if not listeners:
+        return "nobody"
+    own = preflight.socket_inodes(child_pid, proc)
+    foreign = {row.inode for row in listeners if row.inode not in own}
+    if not foreign:
+        return "ours"
+    pids = preflight.pids_holding(foreign, proc)
+    holders = [
+        preflight.Holder(
+            uid=row.uid,
+            pid=pids.get(row.inode),
+            command=preflight.command_of(pids[row.inode], proc) if row.inode in pids else "",
+        )
+        for row in listeners
+        if row.inode in foreign
+    ]
+    need = preflight.PortNeed(
+        component="serf", purpose="serf RPC", field="serf.rpc_port", proto="tcp",
+        host="127.0.0.1", port=port,
+    )  # fmt: skip
+    return preflight.PortConflict(need=need, error="not our serf", holders=holders)
+
+
+class SerfAgent(ComponentBase):
     """Component "serf": the supervised `serf agent` and the RPC connection to it."""
 
     name = "serf"
@@ -148,6 +205,10 @@ class SerfAgent:
         self._published: dict[str, str] = {}
         self._members: int | None = None
         self._last_error: str | None = None
+        # Ports another process holds (found before a start, or a squatter on the RPC port).
+        self._conflicts: list[preflight.PortConflict] = []
+        # Set while serf's RPC does not answer although its process lives (hung, SIGSTOPped).
+        self._unanswered: str | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
         self._leaving = False
         self._log = log.get("serf")
@@ -157,20 +218,34 @@ class SerfAgent:
 
     async def _make_child(self) -> ChildProcess:
         if self._leaving:
-            raise ValueError("not restarting serf: this node has left the cluster")
+            raise ChildStartError("not restarting serf: this node has left the cluster")
         binary = self.ctx.config.serf.binary
-        path = shutil.which(binary)
+        path = serf_binary(binary)
         if path is None:
             raise FileNotFoundError(
-                f"serf executable {binary!r} not found (install the `serf` package "
-                "or set serf.binary)"
+                f"serf executable {binary or 'serf'!r} not found (install gpud's package, "
+                "which bundles it, or set serf.binary)"
             )
+        # Our previous child is gone (the Supervisor stops it before making the next), so a
+        # port that cannot be bound now is another process's: say whose instead of letting
+        # serf fail with "address already in use".
+        self._conflicts = [
+            c
+            for c in preflight.check(
+                self.ctx.config, self.ctx.advertise_addr, self.ctx.advertise_is_local
+            )
+            if c.need.component == "serf"
+        ]
+        if self._conflicts:
+            for conflict in self._conflicts:
+                log.error(self._log, "port conflict", problem=conflict.describe())
+            raise ChildStartError(preflight.summary(self._conflicts))
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._token = secrets.token_urlsafe(32)
         try:
             key = cluster_key(self.ctx.config)
         except ConfigError as exc:  # the Supervisor reports it and retries with backoff
-            raise ValueError(str(exc)) from None
+            raise ChildStartError(str(exc)) from None
         if key is not None:
             write_private(self.keyring_file, json.dumps([base64.b64encode(key).decode()]))
         elif self.keyring_file.exists():
@@ -198,17 +273,28 @@ class SerfAgent:
             tg.create_task(self._keep_connected())
 
     async def _keep_connected(self) -> None:
+        previous: ChildProcess | None = None
         while True:
             child = await self._running_child()
+            if child is not previous:  # a new serf: what the old one did no longer applies
+                self._unanswered = None
+                previous = child
             try:
                 rpc = await self._connect(child)
             except (SerfConnectionError, SerfRPCError) as exc:
+                if isinstance(exc, RpcSquatted):
+                    self._conflicts = [exc.conflict]
+                if str(exc) != self._last_error:  # once per cause, not once per retry
+                    log.error(self._log, "serf RPC unreachable, not connected", error=str(exc))
                 self._last_error = str(exc)
-                log.error(self._log, "serf RPC unreachable", error=str(exc))
-                await self._wait_gone(child, None)
+                # Retry while serf lives (a hung serf may come back), at once when it exits.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_gone(child, None), RPC_RETRY_S)
                 continue
             self.rpc = rpc
             self._last_error = None
+            self._conflicts = []
+            self._unanswered = None
             try:
                 # Tags published while the connection was down reach serf now.
                 await self._send_tags(rpc, encode(self.ctx.tags))
@@ -229,7 +315,9 @@ class SerfAgent:
                 self.rpc = None
                 await rpc.close()
             if child is self.supervisor.child and child.returncode is None:
-                log.warning(self._log, "serf RPC connection lost, reconnecting")
+                log.warning(
+                    self._log, "serf RPC connection lost, reconnecting", error=self._last_error
+                )
                 await asyncio.sleep(0.5)
 
     async def _running_child(self) -> ChildProcess:
@@ -258,6 +346,10 @@ class SerfAgent:
         finally:
             for waiter in waits:
                 waiter.cancel()
+                # Retrieve what a finished waiter raised, or asyncio logs "Task exception was
+                # never retrieved" when it is collected.
+                if waiter.done() and not waiter.cancelled():
+                    waiter.exception()
 
     async def _connect(self, child: ChildProcess) -> SerfRPC:
         loop = asyncio.get_running_loop()
@@ -265,7 +357,15 @@ class SerfAgent:
         port = self.ctx.config.serf.rpc_port
         while True:
             try:
+                # The token goes only to a listener our own serf child holds.
+                owner = rpc_listener(port, child.pid or -1)
+                if isinstance(owner, preflight.PortConflict):
+                    raise RpcSquatted(owner)
+                if owner == "nobody":
+                    raise SerfConnectionError(f"serf RPC is not listening on 127.0.0.1:{port} yet")
                 return await SerfRPC.connect("127.0.0.1", port, self._token)
+            except RpcSquatted:
+                raise
             except SerfConnectionError:
                 if loop.time() > deadline:
                     raise
@@ -274,8 +374,20 @@ class SerfAgent:
                 await asyncio.sleep(0.2)
 
     async def _count_members(self, rpc: SerfRPC) -> None:
+        """Refresh the member count; a serf that stops answering (hung, SIGSTOPped) is shown
+        as unreachable at once and the connection is dropped (then re-made when it answers)."""
         while True:
-            self._members = len(await rpc.members())
+            try:
+                members = await asyncio.wait_for(rpc.members(), RPC_PING_TIMEOUT_S)
+            except TimeoutError:
+                self._unanswered = (
+                    f"serf RPC unreachable: no answer within {RPC_PING_TIMEOUT_S:g} s "
+                    f"(serf pid {self.supervisor.status.pid} is alive but hung or stopped)"
+                )
+                log.error(self._log, "serf RPC does not answer", timeout_s=RPC_PING_TIMEOUT_S)
+                raise SerfConnectionError(self._unanswered) from None
+            self._members = len(members)
+            self._unanswered = None
             await asyncio.sleep(MEMBER_COUNT_INTERVAL_S)
 
     # -- tags
@@ -360,11 +472,67 @@ class SerfAgent:
         supervisor = msgspec.structs.replace(self.supervisor.status)
         return SerfStatus(
             supervisor=supervisor,
-            rpc_connected=self.rpc is not None and not self.rpc.closed,
+            rpc_connected=self._rpc_answering(),
             members=self._members,
             last_error=self._last_error or supervisor.last_error,
             config_file=str(self.config_file),
+            summary=self.summary(),
         )
 
-    def routes(self) -> list[web.RouteDef]:
-        return []
+    def _rpc_answering(self) -> bool:
+        return self.rpc is not None and not self.rpc.closed and self._unanswered is None
+
+    def summary(self) -> str:
+        problems = self.problems()
+        if problems:
+            return f"serf: {problems[0].message}"
+        state = self.supervisor.status.state
+        if state != "running" or self.rpc is None:
+            return f"serf {state}, RPC not connected"
+        return f"serf running, {self._members if self._members is not None else '?'} members"
+
+    def problems(self) -> list[Problem]:
+        """Port conflicts, a hung or unreachable RPC, or serf not running — the cause first."""
+        if self._leaving:
+            return []
+        found = [c.problem() for c in self._conflicts]
+        supervisor = self.supervisor.status
+        if self._unanswered is not None:
+            found.append(
+                Problem(
+                    code="serf.rpc_unreachable",
+                    severity="critical",
+                    subject="serf",
+                    message=self._unanswered,
+                    fix="if it stays so, `systemctl restart gpud` (the watchdog restarts gpud "
+                    "after 60 s without serf)",
+                )
+            )
+        elif supervisor.state in ("backoff", "failed") and not found:
+            found.append(
+                Problem(
+                    code="serf.down",
+                    severity="critical",
+                    subject="serf",
+                    message=f"serf is not running ({supervisor.state}): "
+                    f"{supervisor.last_error or 'no reason recorded'}",
+                    fix="see serf's output in `journalctl -u gpud`",
+                )
+            )
+        elif supervisor.state == "running" and self.rpc is None and self._last_error and not found:
+            found.append(
+                Problem(
+                    code="serf.rpc_unreachable",
+                    severity="critical",
+                    subject="serf",
+                    message=f"serf RPC unreachable: {self._last_error}",
+                    fix="see serf's output in `journalctl -u gpud`",
+                )
+            )
+        return found
+
+    def metrics(self) -> list[Metric]:
+        return [
+            gauge("gpud_serf_rpc_up", "1 while serf's RPC answers", self._rpc_answering()),
+            gauge("gpud_serf_members", "members serf knows, any status", self._members or 0),
+        ]
