@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from gpud import __version__, api, gpus, log, metrics, status
+from gpud import __version__, api, gpus, log, metrics, preflight, status
 from gpud.component import Component, ComponentBase, Disabled, Metric, gauge
 from gpud.config import Config
 from gpud.context import NodeContext
@@ -202,6 +202,13 @@ class Agent:
         from gpud.netcheck import resolve_advertise
 
         advertise_addr, interface = resolve_advertise(self.config)
+        # -- preflight (operations issue): a port another process holds fails the start at once,
+        # naming the port and its holder (STATUS=, journal at error, exit 1), instead of serf
+        # failing quietly while the unit hangs in `activating`.
+        if conflicts := preflight.check(self.config, advertise_addr, bool(interface)):
+            self.notifier.status(f"failed: {preflight.summary(conflicts)}")
+            raise preflight.PortConflictError(conflicts)
+        # -- end preflight
         inventory = await asyncio.to_thread(gpus.read_inventory)
         self._build(advertise_addr, interface, inventory)
         log.info(
