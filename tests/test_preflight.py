@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from gpud.preflight import check, needed_ports, parse_proc_net, summary
-from tests.serf_util import node_config
+from tests.serf_util import free_ports, node_config
 
 # Two rows of a real /proc/net/tcp: 127.0.0.1:7373 listening (uid 0), 10.0.0.5:7946 established.
 PROC_NET_TCP = """\
@@ -75,3 +79,55 @@ def test_free_ports_pass_and_held_ports_name_their_holder(tmp_path: Path) -> Non
         line = summary(conflicts)
         assert "\n" not in line and f":{config.peer.port}/tcp (peer.port)" in line
     assert check(config, "127.0.0.1", True) == []
+
+
+def test_agent_with_a_held_port_fails_fast_and_says_why(tmp_path: Path) -> None:
+    """The unit must fail, not hang in `activating`: exit non-zero within seconds, STATUS= and
+    an error line naming the port and the process holding it."""
+    serf_port, rpc_port, peer_port = free_ports(3)
+    config = tmp_path / "gpud.toml"
+    config.write_text(
+        f"""
+        [node]
+        name = "solo"
+        advertise = "127.0.0.1"
+        [serf]
+        bind_port = {serf_port}
+        rpc_port = {rpc_port}
+        [peer]
+        port = {peer_port}
+        [paths]
+        state_dir = "{tmp_path / "state"}"
+        runtime_dir = "{tmp_path / "run"}"
+        [ray]
+        enabled = false
+        """
+    )
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        socket.socket() as squatter,
+    ):
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(0)
+        squatter.bind(("127.0.0.1", serf_port))
+        squatter.listen(1)
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "gpud", "agent", "--config", str(config)],
+            env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock")),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        took = time.monotonic() - started
+        messages = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(notify.recv(4096).decode())
+    assert result.returncode != 0 and took < 30, (result.returncode, took)
+    where = f"127.0.0.1:{serf_port}/tcp (serf.bind_port) is in use by pid {os.getpid()}"
+    [status] = [m for m in messages if m.startswith("STATUS=failed: port conflict")]
+    assert where in status and not any(m.startswith("READY=1") for m in messages)
+    [line] = [line for line in result.stderr.splitlines() if "port conflict" in line]
+    assert "level=error" in line and where in line
+    assert not (tmp_path / "state" / "serf" / "serf.json").exists()  # nothing was started
