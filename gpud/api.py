@@ -1,16 +1,29 @@
-"""The local API: JSON over HTTP on a Unix socket (aiohttp).
+"""The local API: JSON over HTTP on a Unix socket (aiohttp), and what both of gpud's HTTP
+servers share: connection limits, idle/header timeouts, bounded logging, JSON errors.
 
 Components contribute their own routes; this module adds /v1/status, /v1/gpus and /metrics,
 and turns every error into a JSON body: `{"error": "..."}` with a fitting status.
+
+Nobody outside can exhaust the daemon: every listener admits at most ``total`` connections and
+``per_source`` from one source (an IP address, or a uid on the Unix socket), closes a connection
+that sends no complete request within ``idle_timeout_s``, and the listeners' caps together stay
+well under the process's descriptor limit, so the local API keeps answering while the peer API
+is flooded. aiohttp's own error logging goes through a rate-limited structured log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import grp
+import logging
 import os
+import resource
 import socket
-from collections.abc import Awaitable, Callable
+import struct
+import time
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,8 +64,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(404, f"no such endpoint: {request.path}")
     except web.HTTPException as exc:
         return error_response(exc.status, exc.reason)
-    except Exception:
-        _log.exception("request failed", extra={"gpud_fields": {"path": request.path}})
+    except Exception as exc:
+        # A bug, not the caller's fault: log it with its traceback, but never a storm of them.
+        _internal_errors.event(logging.ERROR, "request failed", exc=exc, path=request.path)
         return error_response(500, "internal error; see the gpud journal")
 
 
@@ -71,6 +85,345 @@ async def read_body(
         raise ApiError(400, f"bad {what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"bad {what}: not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"bad {what}: {invalid_utf8(exc)}") from None
+
+
+def invalid_utf8(exc: UnicodeDecodeError) -> str:
+    """The message for a body that is not UTF-8 (msgspec raises UnicodeDecodeError for it)."""
+    return f"not valid UTF-8 at byte {exc.start} (JSON must be UTF-8)"
+
+
+# ---- bounded logging ---------------------------------------------------------------------
+
+# Events logged per window by one RateLimitedLog; the rest are counted and the count goes out
+# with the next logged one.
+LOG_BURST = 5
+LOG_WINDOW_S = 60.0
+
+
+class RateLimitedLog:
+    """A structured log that writes at most ``burst`` lines per ``window_s``, counting the rest:
+    a flood of bad requests costs a handful of journal lines, not millions."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = LOG_BURST,
+        window_s: float = LOG_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._window_s = window_s
+        self._clock = clock
+        self._window_start = float("-inf")
+        self._logged = 0
+        self.suppressed = 0
+
+    def event(
+        self, level: int, msg: str, *, exc: BaseException | None = None, **fields: Any
+    ) -> bool:
+        """Log ``msg`` unless this window's burst is spent; returns whether it was logged."""
+        now = self._clock()
+        if now - self._window_start > self._window_s:
+            self._window_start, self._logged = now, 0
+        if self._logged >= self._burst:
+            self.suppressed += 1
+            return False
+        self._logged += 1
+        fields["suppressed_before"] = self.suppressed
+        self.suppressed = 0
+        extra = {"gpud_fields": fields}  # gpud.log's structured fields
+        if exc is not None:
+            self._logger.log(level, msg, exc_info=exc, extra=extra)
+        else:
+            self._logger.log(level, msg, extra=extra)
+        return True
+
+
+_internal_errors = RateLimitedLog(_log)
+
+
+class _AiohttpLog:
+    """Stands in for aiohttp's server logger (the ``logger`` of its request handler): what it
+    reports about malformed requests and dropped connections becomes one rate-limited line with
+    the exception's type and message, never a multi-line traceback per request."""
+
+    def __init__(self, limited: RateLimitedLog, server: str) -> None:
+        self._limited = limited
+        self._server = server
+
+    def _event(self, level: int, msg: str, *args: Any, exc_info: Any = None, **_: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        fields: dict[str, Any] = {"server": self._server}
+        if exc is not None:
+            fields["error"] = f"{type(exc).__name__}: {exc}"
+        text = msg % args if args else msg
+        self._limited.event(level, text, **fields)
+
+    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._event(logging.WARNING, msg, *args, **kw)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._event(logging.WARNING, msg, *args, **kw)
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._event(logging.WARNING, msg, *args, **kw)
+
+    def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        pass
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        pass
+
+
+# ---- connection limits -----------------------------------------------------------------
+
+
+class ConnectionLimits(msgspec.Struct, frozen=True, kw_only=True):
+    # Connections open at once on one listener, and from one source (IP address or uid).
+    total: int
+    per_source: int
+    # A connection that sends no complete request for this long (from accept, or since its
+    # last response) is closed: covers idle, half-open and slow-header (slowloris) clients.
+    idle_timeout_s: float
+    # Sources not held to per_source (root on the local socket: root owns the host anyway).
+    exempt: frozenset[int | str] = frozenset()
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (call once at start); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def local_limits(nofile: int) -> ConnectionLimits:
+    """The local socket: an eighth of the descriptors; root is never locked out by a user."""
+    return ConnectionLimits(
+        total=max(16, min(256, nofile // 8)),
+        per_source=32,
+        idle_timeout_s=30.0,
+        exempt=frozenset({0}),
+    )
+
+
+def peer_limits(nofile: int) -> ConnectionLimits:
+    """The peer API: at most a quarter of the descriptors, so a flood of it leaves the local
+    API, serf's RPC and the children their share. Peers use a handful of connections each."""
+    return ConnectionLimits(
+        total=max(16, min(1024, nofile // 4)), per_source=32, idle_timeout_s=10.0
+    )
+
+
+class ConnectionGuard:
+    """Counts open connections per source and refuses those over the limits (no I/O)."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self._open: dict[Hashable, int] = {}
+        self.total = 0
+        self.refused = 0
+
+    def admit(self, source: Hashable) -> str | None:
+        """None if the connection may proceed (and is now counted), else why it may not."""
+        limits = self.limits
+        reason = None
+        if self.total >= limits.total:
+            reason = f"{self.total} connections open (limit {limits.total})"
+        elif source not in limits.exempt and self._open.get(source, 0) >= limits.per_source:
+            reason = f"{limits.per_source} connections open from this source (the limit)"
+        if reason is not None:
+            self.refused += 1
+            return reason
+        self.total += 1
+        self._open[source] = self._open.get(source, 0) + 1
+        return None
+
+    def release(self, source: Hashable) -> None:
+        self.total -= 1
+        left = self._open[source] - 1
+        if left:
+            self._open[source] = left
+        else:
+            del self._open[source]
+
+    def open_from(self, source: Hashable) -> int:
+        return self._open.get(source, 0)
+
+
+class PeerCredentials(msgspec.Struct, frozen=True):
+    """The process on the other end of a Unix socket, as the kernel reports it (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("3i")
+
+
+def _socket_credentials(sock: Any) -> PeerCredentials | None:
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return PeerCredentials(*_UCRED.unpack(raw))
+
+
+def _tcp_source(transport: asyncio.BaseTransport) -> Hashable:
+    peer = transport.get_extra_info("peername")
+    return peer[0] if peer else "?"
+
+
+def _uid_source(transport: asyncio.BaseTransport) -> Hashable:
+    creds = _socket_credentials(transport.get_extra_info("socket"))
+    return creds.uid if creds is not None else "?"
+
+
+class _GuardedProtocol(asyncio.Protocol):
+    """Admits a connection through the guard, then hands it to aiohttp's request handler."""
+
+    def __init__(
+        self,
+        guard: ConnectionGuard,
+        source_of: Callable[[asyncio.BaseTransport], Hashable],
+        refused: Callable[[Hashable, str], None],
+        handler_factory: Callable[[], asyncio.Protocol],
+    ) -> None:
+        self._guard = guard
+        self._source_of = source_of
+        self._refused = refused
+        self._factory = handler_factory
+        self._inner: asyncio.Protocol | None = None
+        self._source: Hashable = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        source = self._source_of(transport)
+        reason = self._guard.admit(source)
+        if reason is not None:
+            # abort(): no lingering, the descriptor is free again at once.
+            transport.abort()  # type: ignore[attr-defined]
+            self._refused(source, reason)
+            return
+        self._source = source
+        self._inner = self._factory()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._guard.release(self._source)
+            self._inner.connection_lost(exc)
+            self._inner = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class _GuardedSite(web.BaseSite):
+    def __init__(
+        self,
+        server: GuardedServer,
+        name: str,
+        source_of: Callable[[asyncio.BaseTransport], Hashable],
+        listen: Callable[[Callable[[], asyncio.Protocol]], Awaitable[asyncio.Server]],
+    ) -> None:
+        super().__init__(server.runner)
+        self._gs = server
+        self._name = name
+        self._source_of = source_of
+        self._listen = listen
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+        handler_factory = self._runner.server
+        assert handler_factory is not None
+        factory = functools.partial(
+            _GuardedProtocol, self._gs.guard, self._source_of, self._gs.refused, handler_factory
+        )
+        self._server = await self._listen(factory)
+
+
+class GuardedServer:
+    """One aiohttp application behind connection limits, with aiohttp's logging bounded.
+
+    Used by both servers (local socket, peer API): what an outsider can cost is the same."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        limits: ConnectionLimits,
+        *,
+        name: str,
+        logger: logging.Logger = _log,
+    ) -> None:
+        self.name = name
+        self.guard = ConnectionGuard(limits)
+        self.log = RateLimitedLog(logger)
+        self.runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            # aiohttp arms this at accept and after each response: it is both the idle and
+            # the header timeout (a client trickling a request is closed when it runs out).
+            keepalive_timeout=limits.idle_timeout_s,
+            logger=_AiohttpLog(self.log, name),
+        )
+
+    def refused(self, source: Hashable, reason: str) -> None:
+        self.log.event(
+            logging.WARNING, "connection refused", server=self.name, source=source, reason=reason
+        )
+
+    async def setup(self) -> None:
+        await self.runner.setup()
+
+    async def listen_tcp(self, host: str, port: int) -> web.BaseSite:
+        loop = asyncio.get_running_loop()
+
+        async def listen(factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+            return await loop.create_server(factory, host, port, reuse_address=True, backlog=512)
+
+        site = _GuardedSite(self, f"http://{host}:{port}", _tcp_source, listen)
+        await site.start()
+        return site
+
+    async def listen_unix(self, path: str) -> web.BaseSite:
+        loop = asyncio.get_running_loop()
+
+        async def listen(factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+            return await loop.create_unix_server(factory, path, backlog=512)
+
+        site = _GuardedSite(self, f"http://unix:{path}:", _uid_source, listen)
+        await site.start()
+        return site
+
+    async def cleanup(self) -> None:
+        await self.runner.cleanup()
 
 
 def make_app(routes: list[web.RouteDef]) -> web.Application:
@@ -84,10 +437,10 @@ async def serve_unix(app: web.Application, path: str, *, mode: int, group: str) 
     sock_path = Path(path)
     sock_path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_socket(sock_path)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.UnixSite(runner, path)
-    await site.start()
+    server = GuardedServer(app, local_limits(fd_limit()), name="local API")
+    await server.setup()
+    await server.listen_unix(path)
+    runner = server.runner
     os.chmod(path, mode)
     try:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
@@ -100,8 +453,13 @@ async def serve_unix(app: web.Application, path: str, *, mode: int, group: str) 
 
 def _remove_stale_socket(path: Path) -> None:
     """Remove a socket left by a crashed gpud; refuse if another gpud still answers on it."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
+    from gpud.errors import GpudError
+
+    # Never delete what gpud did not create: only a socket is ours to replace.
+    if path.is_symlink() or not path.is_socket():
+        raise GpudError(f"api.socket: {path} exists and is not a socket; not removing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -111,6 +469,4 @@ def _remove_stale_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    from gpud.errors import GpudError
-
     raise GpudError(f"another gpud is already listening on {path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
@@ -17,14 +18,13 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from gpud import log
+from gpud import api, log
 from gpud.context import NodeContext
 from gpud.health.auth import AuthError, Verifier, sign
 
 MAX_BODY_BYTES = 16 * 1024
 # Rejections logged per window; the rest are counted and reported with the next logged one.
-REJECT_LOG_BURST = 5
-REJECT_LOG_WINDOW_S = 60.0
+REJECT_LOG_BURST = api.LOG_BURST
 
 PATH_PING = "/peer/v1/ping"
 PATH_DIAL_BACK = "/peer/v1/dial-back"
@@ -134,33 +134,6 @@ async def probe_tcp(
     except OSError:
         pass
     return ProbeOutcome(ok=True, rtt_ms=rtt_ms)
-
-
-class _RejectLog:
-    """Logs rejected requests at most REJECT_LOG_BURST times per window, counting the rest."""
-
-    def __init__(self) -> None:
-        self._window_start = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def reject(self, remote: str | None, path: str, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._window_start > REJECT_LOG_WINDOW_S:
-            self._window_start, self._logged = now, 0
-        if self._logged >= REJECT_LOG_BURST:
-            self._suppressed += 1
-            return
-        self._logged += 1
-        log.warning(
-            _log,
-            "peer API request rejected",
-            remote=remote,
-            path=path,
-            reason=reason,
-            suppressed_before=self._suppressed,
-        )
-        self._suppressed = 0
 
 
 class PeerClient:
@@ -287,12 +260,12 @@ class PeerApiServer:
         self._client = client
         self._view = view
         self._on_inbound = on_inbound
-        self._rejects = _RejectLog()
+        self._rejects = api.RateLimitedLog(_log, burst=REJECT_LOG_BURST)
         self.rejected = 0
         # Dial-backs make outbound connections: cap them so the API cannot amplify a flood.
         self._dial_backs = asyncio.Semaphore(8)
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._server: api.GuardedServer | None = None
+        self._site: web.BaseSite | None = None
         self.bound_host: str | None = None
 
     def app(self) -> web.Application:
@@ -308,22 +281,22 @@ class PeerApiServer:
         Behind NAT / port mapping the advertised address is not local; then listen on all
         addresses so a 1:1 port mapping still reaches us (the NAT verdict reports the problem).
         """
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
+        limits = api.peer_limits(api.fd_limit())
+        self._server = api.GuardedServer(self.app(), limits, name="peer API", logger=_log)
+        await self._server.setup()
         try:
             await self._listen()
         except OSError:
-            await self._runner.cleanup()
-            self._runner = None
+            await self._server.cleanup()
+            self._server = None
             raise
 
     async def _listen(self) -> None:
-        assert self._runner is not None
+        assert self._server is not None
         port = self._ctx.config.peer.port
         host = self._ctx.advertise_addr
         try:
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
-            await site.start()
+            site = await self._server.listen_tcp(host, port)
         except OSError as exc:
             if exc.errno != errno.EADDRNOTAVAIL:
                 raise
@@ -334,8 +307,7 @@ class PeerApiServer:
                 port=port,
             )
             host = "0.0.0.0"
-            site = web.TCPSite(self._runner, host, port, reuse_address=True)
-            await site.start()
+            site = await self._server.listen_tcp(host, port)
         self._site, self.bound_host = site, host
         log.info(_log, "peer API listening", addr=host, port=port)
 
@@ -351,14 +323,25 @@ class PeerApiServer:
         return True
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.cleanup()
+            self._server = None
             self._site = None
+
+    @property
+    def guard(self) -> api.ConnectionGuard | None:
+        """Open and refused connections (None before start)."""
+        return self._server.guard if self._server is not None else None
 
     def _reject(self, request: web.Request, status: int, reason: str) -> web.Response:
         self.rejected += 1
-        self._rejects.reject(request.remote, request.path, reason)
+        self._rejects.event(
+            logging.WARNING,
+            "peer API request rejected",
+            remote=request.remote,
+            path=request.path,
+            reason=reason,
+        )
         return web.json_response({"error": reason}, status=status)
 
     @web.middleware
@@ -383,6 +366,8 @@ class PeerApiServer:
             return self._reject(request, 400, f"malformed JSON body: {exc}")
         except msgspec.ValidationError as exc:
             return self._reject(request, 400, f"invalid body: {exc}")
+        except UnicodeDecodeError as exc:
+            return self._reject(request, 400, f"malformed JSON body: {api.invalid_utf8(exc)}")
         # Any request we answered proves the sender reaches our advertised address and port;
         # rejected ones change nothing.
         if response.status == 200 and self._on_inbound is not None:
