@@ -1,0 +1,726 @@
+"""The gpus component: polls NVML, follows NVML XID events and the kernel log, judges every GPU
+and the node, publishes the healthy GPU count in the tags, and leases healthy GPUs.
+
+Lease and release requests go through one queue; a writer task applies a whole batch to the
+in-memory bookkeeping and commits it in one state-store transaction (group commit), then
+answers every request of the batch: a lease is on disk before anyone sees it, and one writer
+decides, so concurrent requests cannot get the same GPU (the store's primary key on the UUID
+would refuse a duplicate anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gpud import api, log
+from gpud.component import ComponentBase, Metric, Problem
+from gpud.context import NodeContext
+from gpud.errors import ApiError
+from gpud.gpus import kmsg
+from gpud.gpus import nvml as nvml_io
+from gpud.gpus.leases import (
+    GpuLease,
+    GpuLeaseRequest,
+    GpuLeaseTable,
+    StoredGpuLease,
+    choose_gpus,
+)
+from gpud.gpus.signals import GpuReadings, NodeReadings, Signal, XidEvent, number, signals_of
+from gpud.gpus.verdict import (
+    Assessment,
+    Finding,
+    GpuState,
+    NodeVerdict,
+    Track,
+    Verdict,
+    assess,
+    recent,
+    split_xids,
+)
+from gpud.gpus.xid import ACTION_TEXT, RepairAction, describe
+from gpud.ports.leases import new_lease_id, owner_alive, process_start
+from gpud.state import StateStore, open_store
+
+logger = log.get("gpus")
+
+# XIDs kept in memory (status shows them; the verdict counts those inside xid_window_s).
+MAX_XIDS = 1000
+# How long a failed watcher (no NVML, no /dev/kmsg access) waits before it tries again.
+WATCH_RETRY_S = 30.0
+STATES: tuple[GpuState, ...] = ("healthy", "degraded", "unhealthy", "unknown")
+
+
+class FindingView(msgspec.Struct, kw_only=True):
+    code: str
+    state: GpuState
+    reason: str
+    action: RepairAction
+    fix: str
+
+
+class GpuStatus(msgspec.Struct, kw_only=True):
+    index: int
+    uuid: str
+    name: str
+    pci: str
+    state: GpuState
+    reason: str
+    action: RepairAction
+    fix: str
+    findings: list[FindingView]
+    # Lease id holding this GPU, if any.
+    lease: str | None
+    signals: list[Signal]
+    xids: list[XidEvent]
+
+
+class GpusStatus(msgspec.Struct, kw_only=True):
+    """The `gpus` section of gpud status."""
+
+    summary: str
+    state: GpuState
+    reasons: list[str]
+    action: RepairAction
+    fix: str
+    nvml: str
+    driver_version: str | None
+    cuda_version: str | None
+    count: int
+    healthy: int
+    leased: int
+    pci_functions: int | None
+    # "watching", or why that source is not used (the other still is).
+    nvml_events: str
+    kmsg: str
+    # Unix seconds of the last finished poll; None before the first.
+    polled_at: float | None
+    gpus: list[GpuStatus]
+    # XIDs whose PCI address matches no GPU NVML lists.
+    unmatched_xids: list[XidEvent]
+
+
+class GpusDetail(GpusStatus, kw_only=True):
+    """GET /v1/gpus: the status plus every lease."""
+
+    leases: list[GpuLease]
+
+
+@dataclass
+class _Op:
+    """A queued lease (request set) or release (lease_id set)."""
+
+    future: asyncio.Future[GpuLease | None]
+    request: GpuLeaseRequest | None = None
+    pid_start: int | None = None
+    lease_id: str | None = None
+    reason: str = "released"
+
+
+@dataclass
+class _Batch:
+    added: list[StoredGpuLease] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    results: list[tuple[_Op, GpuLease | ApiError | None]] = field(default_factory=list)
+
+
+def _load_nvml(name: str) -> tuple[Any, str]:
+    try:
+        return nvml_io.load(name), ""
+    except Exception as exc:
+        return None, f"NVML module {name!r} not importable: {exc}"
+
+
+class GpuService(ComponentBase):
+    name = "gpus"
+
+    def __init__(
+        self, ctx: NodeContext, nvml: Any = None, *, store: StateStore | None = None
+    ) -> None:
+        """``nvml``: the NVML module (tests pass a fake); None imports ``gpus.nvml_module``."""
+        self.ctx = ctx
+        self.cfg = ctx.config.gpus
+        if nvml is None:
+            self._nvml, self._nvml_error = _load_nvml(self.cfg.nvml_module)
+        else:
+            self._nvml, self._nvml_error = nvml, ""
+        self._table = GpuLeaseTable(store or open_store(ctx.config.state_dir))
+        self._leases: dict[str, StoredGpuLease] = {s.lease.id: s for s in self._table.load()}
+        self._used: dict[str, str] = {
+            uuid: s.lease.id for s in self._leases.values() for uuid in s.lease.gpus
+        }
+        self._readings: NodeReadings | None = None
+        self._polled_at: float | None = None
+        self._assessment: Assessment | None = None
+        self._xids: collections.deque[XidEvent] = collections.deque(maxlen=MAX_XIDS)
+        self._xid_totals: dict[str, int] = {}
+        self._events_state = "starting"
+        self._kmsg_state = "starting"
+        self._stop = threading.Event()
+        self._hung: asyncio.Future[NodeReadings] | None = None
+        self._polled = asyncio.Event()
+        self._pending: list[_Op] = []
+        self._wake_writer = asyncio.Event()
+        self._dead_since: dict[str, float] = {}
+
+    # ---- in-process API (agent, Ray, deployments) -------------------------------------------
+
+    async def ready(self) -> None:
+        """Wait until the first poll has been judged."""
+        await self._polled.wait()
+
+    def node_verdict(self) -> NodeVerdict:
+        """The node's GPU verdict; an ``unhealthy`` node must not become Ray head."""
+        if self._assessment is None:
+            return NodeVerdict(
+                state="unknown", reasons=["no poll yet"], action="none", healthy_gpus=0, gpus=0
+            )
+        return self._assessment.verdict
+
+    def healthy_uuids(self) -> list[str]:
+        """UUIDs of the GPUs whose verdict is healthy, in index order (for Ray's
+        CUDA_VISIBLE_DEVICES and --num-gpus)."""
+        gpus = self._readings.gpus if self._readings else []
+        return [g.uuid for g in gpus if self._state_of(g.uuid) == "healthy"]
+
+    def leases(self) -> list[GpuLease]:
+        return [s.lease for s in self._leases.values()]
+
+    async def lease(self, owner: str, count: int, *, pid: int | None = None) -> GpuLease:
+        """Lease ``count`` whole healthy GPUs; durable when this returns."""
+        try:
+            request = msgspec.convert({"owner": owner, "count": count, "pid": pid}, GpuLeaseRequest)
+        except msgspec.ValidationError as exc:
+            raise ApiError(400, f"bad GPU lease request: {exc}") from None
+        return await self._lease(request)
+
+    async def release(self, lease_id: str) -> None:
+        if lease_id not in self._leases:
+            raise ApiError(404, f"no GPU lease with id {lease_id!r}")
+        await self._submit(_Op(future=self._future(), lease_id=lease_id))
+
+    async def poll(self) -> None:
+        """Read every signal once and judge it (the poll loop calls this; so can tests)."""
+        readings = await self._read()
+        await self._judge(readings, time.time())
+
+    # ---- component contract ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._writer())
+                tg.create_task(self._zombie_loop())
+                tg.create_task(self._watch_events())
+                tg.create_task(self._watch_kmsg())
+                tg.create_task(self._poll_loop())
+        finally:
+            self._stop.set()
+
+    def status(self) -> GpusStatus:
+        return GpusStatus(**self._status_fields())
+
+    def summary(self) -> str:
+        v = self.node_verdict()
+        if self._readings is not None and not self._readings.nvml_available:
+            text = f"0 GPUs, NVML unavailable ({self._readings.nvml})"
+            return text if v.state == "healthy" else f"{text}; {v.state}: {v.reasons[0]}"
+        text = f"{v.healthy_gpus}/{v.gpus} GPUs healthy, node {v.state}"
+        return text if v.state == "healthy" else f"{text}: {v.reasons[0]}"
+
+    def problems(self) -> list[Problem]:
+        found: list[Problem] = []
+        seen: set[tuple[str, str]] = set()
+
+        def add(subject: str, verdict: Verdict) -> None:
+            for f in verdict.findings:
+                if f.state == "healthy" or (f.code, subject) in seen:
+                    continue
+                seen.add((f.code, subject))
+                found.append(
+                    Problem(
+                        code=f"gpus.{f.code}",
+                        severity="critical" if f.state == "unhealthy" else "warning",
+                        subject=subject,
+                        message=f.reason,
+                        fix=f"{f.fix_text} (repair action: {f.action})",
+                    )
+                )
+
+        if self._assessment is not None and self._assessment.node.verdict is not None:
+            add("gpus", self._assessment.node.verdict)
+        for gpu in self._readings.gpus if self._readings else []:
+            track = self._track(gpu.uuid)
+            if track is not None and track.verdict is not None:
+                add(f"GPU {gpu.index} {gpu.uuid}", track.verdict)
+        return found
+
+    def metrics(self) -> list[Metric]:
+        families: dict[str, tuple[str, list[tuple[dict[str, str], float]], str]] = {}
+
+        def put(
+            name: str, help_text: str, labels: dict[str, str], value: Any, kind: str = "gauge"
+        ) -> None:
+            sample = number(value)
+            if sample is None and isinstance(value, bool):
+                sample = float(value)
+            if sample is None:
+                return
+            families.setdefault(name, (help_text, [], kind))[1].append((labels, sample))
+
+        for gpu in self._readings.gpus if self._readings else []:
+            labels = {"gpu": str(gpu.index), "UUID": gpu.uuid, "modelName": gpu.name}
+            put("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (C).", labels, gpu.temperature_c)
+            put("DCGM_FI_DEV_POWER_USAGE", "Power draw (W).", labels, gpu.power_w)
+            put(
+                "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+                "Uncorrected ECC errors since the driver loaded.",
+                labels,
+                gpu.ecc_volatile_uncorrected,
+            )
+            put(
+                "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
+                "Uncorrected ECC errors over the GPU's lifetime.",
+                labels,
+                gpu.ecc_aggregate_uncorrected,
+            )
+            put(
+                "DCGM_FI_DEV_ROW_REMAP_PENDING",
+                "1 while a row remap waits for a GPU reset.",
+                labels,
+                gpu.row_remap_pending,
+            )
+            put(
+                "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+                "1 when row remapping failed.",
+                labels,
+                gpu.row_remap_failure,
+            )
+            put(
+                "DCGM_FI_DEV_RETIRED_SBE",
+                "Pages retired for single-bit errors.",
+                labels,
+                gpu.retired_pages_sbe,
+            )
+            put(
+                "DCGM_FI_DEV_RETIRED_DBE",
+                "Pages retired for double-bit errors.",
+                labels,
+                gpu.retired_pages_dbe,
+            )
+            put(
+                "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+                "PCIe replays.",
+                labels,
+                gpu.pcie_replay_count,
+                "counter",
+            )
+            put("DCGM_FI_DEV_PCIE_LINK_WIDTH", "Current PCIe link width.", labels, gpu.pcie_width)
+            put("DCGM_FI_DEV_PCIE_LINK_GEN", "Current PCIe link generation.", labels, gpu.pcie_gen)
+            put(
+                "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+                "Bit mask of NVML clock-event reasons.",
+                labels,
+                gpu.clock_event_mask,
+            )
+            put(
+                "DCGM_FI_DEV_NVLINK_ERROR_COUNT_TOTAL",
+                "Sum of NVLink DL error counters (replay, recovery, CRC).",
+                labels,
+                gpu.nvlink_errors,
+            )
+            last = self._last_xid(gpu.uuid)
+            put(
+                "DCGM_FI_DEV_XID_ERRORS",
+                "Number of the last XID seen on the GPU (0: none).",
+                labels,
+                last,
+            )
+            put(
+                "gpud_gpu_xid_total",
+                "XIDs seen on the GPU since gpud started (NVML events and kernel log).",
+                labels,
+                self._xid_totals.get(gpu.uuid, 0),
+                "counter",
+            )
+            state = self._state_of(gpu.uuid)
+            for s in STATES:
+                put(
+                    "gpud_gpu_health_state",
+                    "1 for the GPU's current verdict.",
+                    {**labels, "state": s},
+                    int(s == state),
+                )
+        v = self.node_verdict()
+        put("gpud_gpus", "GPUs NVML reports.", {}, v.gpus)
+        put("gpud_gpus_healthy", "GPUs whose verdict is healthy.", {}, v.healthy_gpus)
+        put("gpud_gpus_leased", "GPUs held by leases.", {}, len(self._used))
+        for s in STATES:
+            put(
+                "gpud_gpus_node_state",
+                "1 for the node's GPU verdict.",
+                {"state": s},
+                int(s == v.state),
+            )
+        return [
+            Metric(name=name, help=help_text, samples=samples, kind=kind)  # type: ignore[arg-type]
+            for name, (help_text, samples, kind) in families.items()
+        ]
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/gpus", self._get_gpus),
+            web.get("/v1/gpus/leases", self._get_leases),
+            web.post("/v1/gpus/leases", self._post_lease),
+            web.delete("/v1/gpus/leases/{id}", self._delete_lease),
+        ]
+
+    # ---- HTTP handlers ---------------------------------------------------------------------
+
+    async def _get_gpus(self, request: web.Request) -> web.Response:
+        return api.json_response(GpusDetail(**self._status_fields(), leases=self.leases()))
+
+    async def _get_leases(self, request: web.Request) -> web.Response:
+        return api.json_response(self.leases())
+
+    async def _post_lease(self, request: web.Request) -> web.Response:
+        body = await api.read_body(request, GpuLeaseRequest, what="GPU lease request")
+        return api.json_response(await self._lease(body), status=201)
+
+    async def _delete_lease(self, request: web.Request) -> web.Response:
+        await self.release(request.match_info["id"])
+        return web.Response(status=204)
+
+    # ---- polling and judging ---------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception as exc:
+                # A bug or an unforeseen failure must not end GPU monitoring: say so and retry.
+                log.error(logger, "GPU poll failed", error=repr(exc))
+            await asyncio.sleep(self.cfg.poll_interval_s)
+
+    async def _read(self) -> NodeReadings:
+        pci = await asyncio.to_thread(kmsg.count_nvidia_pci, Path(self.cfg.pci_root))
+        if self._nvml is None:
+            return NodeReadings(nvml=self._nvml_error, nvml_available=False, pci_functions=pci)
+        if self._hung is not None and not self._hung.done():
+            return self._unanswered("an earlier NVML call has still not returned")
+        future = asyncio.ensure_future(asyncio.to_thread(nvml_io.read_node, self._nvml, pci))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.cfg.nvml_timeout_s)
+        except TimeoutError:
+            # The thread cannot be stopped; no new NVML call starts until it returns.
+            self._hung = future
+            future.add_done_callback(lambda f: f.exception())
+            return self._unanswered(f"NVML did not answer within {self.cfg.nvml_timeout_s:g} s")
+        except Exception as exc:
+            return NodeReadings(
+                nvml="ok",
+                nvml_available=True,
+                pci_functions=pci,
+                errors={"poll": f"{type(exc).__name__}: {exc}"},
+            )
+
+    def _unanswered(self, reason: str) -> NodeReadings:
+        """Readings for a poll NVML did not answer: the known GPUs, each unreadable."""
+        known = self._readings.gpus if self._readings else []
+        return NodeReadings(
+            nvml="ok",
+            nvml_available=True,
+            driver_version=self._readings.driver_version if self._readings else None,
+            cuda_version=self._readings.cuda_version if self._readings else None,
+            gpus=[
+                GpuReadings(
+                    index=g.index, uuid=g.uuid, name=g.name, pci=g.pci, errors={"nvml": reason}
+                )
+                for g in known
+            ],
+            pci_functions=None,
+            errors={} if known else {"nvml": reason},
+        )
+
+    async def _judge(self, readings: NodeReadings, now: float) -> None:
+        before = self._assessment
+        after = assess(readings, self._readings, self._xids, before, now, self.cfg)
+        for gpu in readings.gpus:
+            old = before.gpus.get(gpu.uuid) if before else None
+            self._log_change(f"GPU {gpu.index} {gpu.uuid}", old, after.gpus[gpu.uuid])
+        self._log_change("node", before.node if before else None, after.node)
+        self._assessment, self._readings, self._polled_at = after, readings, now
+        self._polled.set()
+        await self.ctx.update_tags(gpu=after.verdict.healthy_gpus)
+
+    @staticmethod
+    def _log_change(subject: str, before: Track | None, after: Track) -> None:
+        old = before.verdict.state if before is not None and before.verdict else None
+        new = after.verdict
+        if new is None or old == new.state:
+            return
+        emit = log.info if new.state == "healthy" else log.warning
+        emit(
+            logger,
+            "GPU verdict changed",
+            subject=subject,
+            state=new.state,
+            was=old,
+            reason=new.reason,
+            action=new.action,
+        )
+
+    def _track(self, uuid: str) -> Track | None:
+        return self._assessment.gpus.get(uuid) if self._assessment else None
+
+    def _state_of(self, uuid: str) -> GpuState:
+        track = self._track(uuid)
+        return track.verdict.state if track is not None and track.verdict else "unknown"
+
+    def _last_xid(self, uuid: str) -> int:
+        mine, _ = split_xids(self._readings, self._xids) if self._readings else ({}, [])
+        events = mine.get(uuid, [])
+        return max(events, key=lambda e: e.at).xid if events else 0
+
+    # ---- XID sources -----------------------------------------------------------------------
+
+    def _add_xid(self, event: XidEvent) -> None:
+        self._xids.append(event)
+        gpus = self._readings.gpus if self._readings else []
+        uuid = event.uuid or next((g.uuid for g in gpus if g.pci and g.pci == event.pci), "")
+        if uuid:
+            self._xid_totals[uuid] = self._xid_totals.get(uuid, 0) + 1
+        info = describe(event.xid)
+        log.warning(
+            logger,
+            "XID",
+            xid=event.xid,
+            meaning=info.name,
+            action=info.action,
+            source=event.source,
+            uuid=event.uuid,
+            pci=event.pci,
+            message=event.message,
+        )
+
+    async def _watch_events(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def deliver(event: XidEvent) -> None:
+            loop.call_soon_threadsafe(self._add_xid, event)
+
+        while not self._stop.is_set():
+            if self._nvml is None:
+                self._events_state = self._nvml_error
+                return
+            self._events_state = "watching"
+            reason = await asyncio.to_thread(
+                nvml_io.watch_xid_events, self._nvml, deliver, self._stop, time.time
+            )
+            if not reason:
+                return
+            self._events_state = f"not used: {reason}; XIDs come from the kernel log only"
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    async def _watch_kmsg(self) -> None:
+        loop = asyncio.get_running_loop()
+        boot = kmsg.boot_time()
+
+        def on_record(record: str) -> None:
+            event = kmsg.parse_xid(record, boot_time=boot)
+            if event is not None:
+                loop.call_soon_threadsafe(self._add_xid, event)
+
+        while not self._stop.is_set():
+            self._kmsg_state = "watching"
+            try:
+                await asyncio.to_thread(kmsg.follow, self.cfg.kmsg_path, on_record, self._stop)
+                return
+            except OSError as exc:
+                self._kmsg_state = (
+                    f"not used: cannot read {self.cfg.kmsg_path} ({exc.strerror or exc}); "
+                    "run gpud as root to see kernel XIDs"
+                )
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    # ---- leases ----------------------------------------------------------------------------
+
+    def _future(self) -> asyncio.Future[GpuLease | None]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _lease(self, request: GpuLeaseRequest) -> GpuLease:
+        pid_start = None
+        if request.pid is not None:
+            pid_start = process_start(request.pid)
+            if pid_start is None:
+                raise ApiError(400, f"pid {request.pid} is not a running process")
+        if not self._polled.is_set():
+            raise ApiError(503, "GPU health is not known yet (first poll running); retry shortly")
+        lease = await self._submit(_Op(future=self._future(), request=request, pid_start=pid_start))
+        assert lease is not None
+        return lease
+
+    async def _submit(self, op: _Op) -> GpuLease | None:
+        self._pending.append(op)
+        self._wake_writer.set()
+        return await op.future
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            ops, self._pending = self._pending, []
+            batch = _Batch()
+            for op in ops:
+                batch.results.append((op, self._apply(op, batch)))
+            try:
+                if batch.added or batch.removed:
+                    await asyncio.to_thread(self._table.commit, batch.added, batch.removed)
+            except Exception as exc:
+                log.error(logger, "GPU lease commit failed", error=repr(exc))
+                # Back to what is on disk; nothing of this batch happened.
+                self._leases = {s.lease.id: s for s in self._table.load()}
+                self._used = {u: s.lease.id for s in self._leases.values() for u in s.lease.gpus}
+                failure = ApiError(500, f"GPU lease store write failed: {exc}")
+                batch.results = [(op, failure) for op, _ in batch.results]
+            else:
+                for lease_id in batch.removed:
+                    self._leases.pop(lease_id, None)
+                    self._dead_since.pop(lease_id, None)
+                for item in batch.added:
+                    self._leases[item.lease.id] = item
+            for op, result in batch.results:
+                if op.future.done():
+                    continue
+                if isinstance(result, ApiError):
+                    op.future.set_exception(result)
+                else:
+                    op.future.set_result(result)
+
+    def _apply(self, op: _Op, batch: _Batch) -> GpuLease | ApiError | None:
+        """Apply one op to the in-memory bookkeeping; the batch's commit makes it real."""
+        if op.request is None:
+            item = self._leases.get(op.lease_id or "")
+            if item is None or op.lease_id in batch.removed:
+                return ApiError(404, f"no GPU lease with id {op.lease_id!r}")
+            for uuid in item.lease.gpus:
+                self._used.pop(uuid, None)
+            batch.removed.append(item.lease.id)
+            log.info(
+                logger,
+                "GPU lease " + op.reason,
+                id=item.lease.id,
+                owner=item.lease.owner,
+                gpus=",".join(item.lease.gpus),
+            )
+            return None
+        request = op.request
+        healthy = self.healthy_uuids()
+        chosen = choose_gpus(healthy, set(self._used), request.count)
+        if chosen is None:
+            free = len([u for u in healthy if u not in self._used])
+            total = len(self._readings.gpus) if self._readings else 0
+            return ApiError(
+                409,
+                f"cannot lease {request.count} GPU(s): {free} of {total} are healthy and "
+                f"unleased ({len(healthy)} healthy, {len(self._used)} leased); see `gpud gpus`",
+            )
+        lease = GpuLease(
+            id=new_lease_id(),
+            owner=request.owner,
+            gpus=chosen,
+            pid=request.pid,
+            created=time.time(),
+        )
+        for uuid in chosen:
+            self._used[uuid] = lease.id
+        batch.added.append(StoredGpuLease(lease=lease, pid_start=op.pid_start))
+        return lease
+
+    async def _zombie_loop(self) -> None:
+        interval = min(max(self.cfg.zombie_grace_s / 2, 0.2), 5.0)
+        while True:
+            now = time.monotonic()
+            for item in list(self._leases.values()):
+                lease = item.lease
+                if lease.pid is None or owner_alive(lease.pid, item.pid_start):
+                    self._dead_since.pop(lease.id, None)
+                    continue
+                since = self._dead_since.setdefault(lease.id, now)
+                if now - since >= self.cfg.zombie_grace_s:
+                    self._dead_since.pop(lease.id, None)
+                    op = _Op(
+                        future=self._future(),
+                        lease_id=lease.id,
+                        reason=f"reclaimed (owner pid {lease.pid} is gone)",
+                    )
+                    self._pending.append(op)
+                    self._wake_writer.set()
+                    # Its outcome is logged by the writer; a concurrent release is fine too.
+                    op.future.add_done_callback(lambda f: f.exception())
+            await asyncio.sleep(interval)
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def _status_fields(self) -> dict[str, object]:
+        readings = self._readings
+        v = self.node_verdict()
+        now = time.time()
+        xids, orphans = split_xids(readings, self._xids) if readings else ({}, list(self._xids))
+        gpus = []
+        for gpu in readings.gpus if readings else []:
+            track = self._track(gpu.uuid)
+            verdict = track.verdict if track is not None and track.verdict else None
+            findings: tuple[Finding, ...] = verdict.findings if verdict else ()
+            gpus.append(
+                GpuStatus(
+                    index=gpu.index,
+                    uuid=gpu.uuid,
+                    name=gpu.name,
+                    pci=gpu.pci,
+                    state=verdict.state if verdict else "unknown",
+                    reason=verdict.reason if verdict else "no poll yet",
+                    action=verdict.action if verdict else "none",
+                    fix=ACTION_TEXT[verdict.action] if verdict else "",
+                    findings=[
+                        FindingView(
+                            code=f.code,
+                            state=f.state,
+                            reason=f.reason,
+                            action=f.action,
+                            fix=f.fix_text,
+                        )
+                        for f in findings
+                    ],
+                    lease=self._used.get(gpu.uuid),
+                    signals=signals_of(gpu),
+                    xids=recent(xids.get(gpu.uuid, []), now, self.cfg.xid_window_s),
+                )
+            )
+        return {
+            "summary": self.summary(),
+            "state": v.state,
+            "reasons": list(v.reasons),
+            "action": v.action,
+            "fix": ACTION_TEXT[v.action],
+            "nvml": readings.nvml if readings else (self._nvml_error or "not polled yet"),
+            "driver_version": readings.driver_version if readings else None,
+            "cuda_version": readings.cuda_version if readings else None,
+            "count": len(readings.gpus) if readings else 0,
+            "healthy": v.healthy_gpus,
+            "leased": len(self._used),
+            "pci_functions": readings.pci_functions if readings else None,
+            "nvml_events": self._events_state,
+            "kmsg": self._kmsg_state,
+            "polled_at": self._polled_at,
+            "gpus": gpus,
+            "unmatched_xids": recent(orphans, now, self.cfg.xid_window_s),
+        }

@@ -1,0 +1,141 @@
+"""What gpud reads about each GPU: plain data, no I/O.
+
+Every reading is a value, ``"not supported"`` (the GPU model or driver does not have it: never
+an error) or ``None`` (not read: NVML failed unexpectedly, the reason is in ``errors``).
+``SOURCES`` names where each reading comes from; `/v1/gpus` shows both side by side.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+NotSupported = Literal["not supported"]
+NOT_SUPPORTED: NotSupported = "not supported"
+
+# How a lost GPU shows itself through NVML ("" while it answers).
+LostKind = Literal["", "gpu_is_lost", "reset_required"]
+XidSource = Literal["nvml-event", "kmsg"]
+
+
+class GpuReadings(msgspec.Struct, kw_only=True):
+    """One poll of one GPU."""
+
+    index: int
+    uuid: str
+    name: str = ""
+    # Normalised PCI address "0000:3b:00" (domain:bus:device), the form NVRM's Xid lines use.
+    pci: str = ""
+    memory_total_mib: int | NotSupported | None = None
+    memory_used_mib: int | NotSupported | None = None
+    lost: LostKind = ""
+    persistence_mode: bool | NotSupported | None = None
+    ecc_mode: bool | NotSupported | None = None
+    ecc_volatile_uncorrected: int | NotSupported | None = None
+    ecc_aggregate_uncorrected: int | NotSupported | None = None
+    row_remap_pending: bool | NotSupported | None = None
+    row_remap_failure: bool | NotSupported | None = None
+    # Pre-Ampere page retirement: pages retired for single-bit (multiple) and double-bit ECC.
+    retired_pages_sbe: int | NotSupported | None = None
+    retired_pages_dbe: int | NotSupported | None = None
+    retired_pages_pending: bool | NotSupported | None = None
+    temperature_c: int | NotSupported | None = None
+    slowdown_temperature_c: int | NotSupported | None = None
+    # Bit mask of NVML clock-event (throttle) reasons and the names of the active bad ones.
+    clock_event_mask: int | NotSupported | None = None
+    clock_events: list[str] | NotSupported | None = None
+    power_w: float | NotSupported | None = None
+    power_limit_w: float | NotSupported | None = None
+    pcie_width: int | NotSupported | None = None
+    pcie_max_width: int | NotSupported | None = None
+    pcie_gen: int | NotSupported | None = None
+    pcie_max_gen: int | NotSupported | None = None
+    pcie_replay_count: int | NotSupported | None = None
+    # NVLink links reported inactive, and the sum of their DL error counters (replay,
+    # recovery, CRC). "not supported" on GPUs without NVLink.
+    nvlink_links: int | NotSupported | None = None
+    nvlink_down: list[int] | NotSupported | None = None
+    nvlink_errors: int | NotSupported | None = None
+    # Reading name -> why it could not be read (an unexpected NVML error).
+    errors: dict[str, str] = {}
+
+
+class NodeReadings(msgspec.Struct, kw_only=True):
+    """One poll of the whole node."""
+
+    # "ok", or why NVML cannot be used ("NVML Shared Library Not Found", ...).
+    nvml: str
+    nvml_available: bool
+    driver_version: str | None = None
+    # CUDA driver API version as "12.4".
+    cuda_version: str | None = None
+    gpus: list[GpuReadings] = []
+    # NVIDIA display/3D functions under /sys/bus/pci/devices; None if sysfs could not be read.
+    pci_functions: int | None = None
+    # Node-wide unexpected errors (device count, driver version): reading -> reason.
+    errors: dict[str, str] = {}
+
+
+class XidEvent(msgspec.Struct, frozen=True, kw_only=True):
+    xid: int
+    source: XidSource
+    # Wall-clock seconds when it happened (kmsg: derived from its boot-relative timestamp).
+    at: float
+    # GPU UUID when known (NVML events), else the PCI address from the kernel line.
+    uuid: str = ""
+    pci: str = ""
+    message: str = ""
+
+
+class Signal(msgspec.Struct, frozen=True, kw_only=True):
+    """One reading as `/v1/gpus` shows it."""
+
+    name: str
+    value: int | float | bool | str | list[int] | list[str] | None
+    source: str
+
+
+SOURCES: dict[str, str] = {
+    "lost": "NVML NVML_ERROR_GPU_IS_LOST / NVML_ERROR_RESET_REQUIRED on any call",
+    "memory_total_mib": "nvmlDeviceGetMemoryInfo",
+    "memory_used_mib": "nvmlDeviceGetMemoryInfo",
+    "persistence_mode": "nvmlDeviceGetPersistenceMode",
+    "ecc_mode": "nvmlDeviceGetEccMode (current)",
+    "ecc_volatile_uncorrected": "nvmlDeviceGetTotalEccErrors(UNCORRECTED, VOLATILE)",
+    "ecc_aggregate_uncorrected": "nvmlDeviceGetTotalEccErrors(UNCORRECTED, AGGREGATE)",
+    "row_remap_pending": "nvmlDeviceGetRemappedRows",
+    "row_remap_failure": "nvmlDeviceGetRemappedRows",
+    "retired_pages_sbe": "nvmlDeviceGetRetiredPages(MULTIPLE_SINGLE_BIT_ECC_ERRORS)",
+    "retired_pages_dbe": "nvmlDeviceGetRetiredPages(DOUBLE_BIT_ECC_ERROR)",
+    "retired_pages_pending": "nvmlDeviceGetRetiredPagesPendingStatus",
+    "temperature_c": "nvmlDeviceGetTemperature(GPU)",
+    "slowdown_temperature_c": "nvmlDeviceGetTemperatureThreshold(SLOWDOWN)",
+    "clock_event_mask": "nvmlDeviceGetCurrentClocksEventReasons",
+    "clock_events": "nvmlDeviceGetCurrentClocksEventReasons",
+    "power_w": "nvmlDeviceGetPowerUsage",
+    "power_limit_w": "nvmlDeviceGetEnforcedPowerLimit",
+    "pcie_width": "nvmlDeviceGetCurrPcieLinkWidth",
+    "pcie_max_width": "nvmlDeviceGetMaxPcieLinkWidth",
+    "pcie_gen": "nvmlDeviceGetCurrPcieLinkGeneration",
+    "pcie_max_gen": "nvmlDeviceGetMaxPcieLinkGeneration",
+    "pcie_replay_count": "nvmlDeviceGetPcieReplayCounter",
+    "nvlink_links": "nvmlDeviceGetNvLinkState",
+    "nvlink_down": "nvmlDeviceGetNvLinkState",
+    "nvlink_errors": "nvmlDeviceGetNvLinkErrorCounter(DL_REPLAY, DL_RECOVERY, DL_CRC_FLIT, DL_CRC_DATA)",
+}
+
+
+def signals_of(gpu: GpuReadings) -> list[Signal]:
+    """Every reading of ``gpu`` with its source, in a fixed order."""
+    return [
+        Signal(name=name, value=getattr(gpu, name), source=source)
+        for name, source in SOURCES.items()
+    ]
+
+
+def number(value: object) -> float | None:
+    """``value`` if it is a real reading (not "not supported", not missing), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
