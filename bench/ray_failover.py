@@ -40,8 +40,9 @@ from typing import Protocol
 import msgspec
 
 from gpud.config import RayConfig
-from gpud.ray import service as ray_service
-from gpud.ray.supervisor import WORKER_PORT_NAMES, alive_ray_nodes, gcs_healthy
+from gpud.ray.probes import alive_ray_nodes, gcs_healthy
+from gpud.ray.service import RayServiceSettings
+from gpud.ray.supervisor import WORKER_PORT_NAMES, SupervisorSettings
 from tests.harness.gpud_node import Cluster, GpudNode
 from tests.ray_helpers import (
     RAY_EXECUTABLE,
@@ -177,15 +178,15 @@ class InProcessCluster:
 
 
 async def managed(ray_nodes: int) -> FailoverResult:
-    ray_service.RAY_NODES_EVERY_S = 3600.0  # the bench asks the GCS itself
     with tempfile.TemporaryDirectory(prefix="gpud-ray-bench-") as state:
         config = RayConfig(executable=RAY_EXECUTABLE, num_cpus=1)
         names = {f"n{i}": config for i in range(ray_nodes)}
         names["voter"] = RayConfig(enabled=False)  # an extra voter keeps a majority after a kill
-        nodes = Nodes(Path(state), names, port_range=(25000, 26000))
-        for s in nodes.services.values():
-            s.supervisor._grace_s = 3.0
-            s.supervisor._worker_ports = 8
+        settings = RayServiceSettings(
+            supervisor=SupervisorSettings(grace_s=3.0, worker_ports=8),
+            nodes_every_s=3600.0,  # the bench asks the GCS itself
+        )
+        nodes = Nodes(Path(state), names, port_range=(25000, 26000), settings=settings)
         cluster = InProcessCluster(nodes)
         nodes.start()
         try:

@@ -15,7 +15,6 @@ import collections
 import contextlib
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Literal
 import msgspec
 
 from gpud import log
+from gpud.state import Key, StateStore
 
 _log = log.get("process")
 
@@ -137,39 +137,23 @@ class ChildGroup(msgspec.Struct, frozen=True):
 class GroupRecord:
     """The process group of one supervised child, persisted so that a restarted gpud finds it.
 
-    Written (atomically) right after the child starts, removed once it is stopped. A record
-    left behind means gpud died with the child running: `stop_leftover` stops that group.
+    Stored under ``key`` (declared by the owning component) right after the child starts,
+    removed once it is stopped. A record left behind means gpud died with the child running:
+    `stop_leftover` stops that group.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, store: StateStore, key: Key[ChildGroup]) -> None:
+        self._store = store
+        self._key = key
 
     def load(self) -> ChildGroup | None:
-        try:
-            return msgspec.json.decode(self.path.read_bytes(), type=ChildGroup)
-        except FileNotFoundError:
-            return None
-        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning(_log, "unreadable child record, ignored", path=self.path, error=str(exc))
-            return None
+        return self._store.get(self._key)
 
     def save(self, group: ChildGroup) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(msgspec.json.encode(group))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        self._store.put(self._key, group)
 
     def clear(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self._store.put(self._key, None)
 
 
 def leftover_members(group: ChildGroup) -> list[int]:
@@ -377,7 +361,7 @@ class Supervisor:
                     log.error(self._log, "cannot start", error=str(exc))
                 else:
                     if self._record is not None and self.child.group is not None:
-                        self._record.save(self.child.group)
+                        await asyncio.to_thread(self._record.save, self.child.group)
                     self.status.state = "running"
                     self.status.pid = self.child.pid
                     self.started.set()

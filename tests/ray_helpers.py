@@ -11,17 +11,20 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 
-from gpud.config import Config, NodeConfig, PathsConfig, RayConfig
+from gpud.config import RayConfig
 from gpud.context import Member, NodeContext
-from gpud.ray.service import RayService
+from gpud.process import group_members
+from gpud.ray.service import RayService, RayServiceSettings
+from gpud.serf.agent import QueryHandler
+from tests.harness.config import config_for
 from tests.harness.gpud_node import GpudNode
 
-QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
+__all__ = ["group_members"]  # tests assert clean stops with it
 
 
 class SimpleLease(msgspec.Struct):
@@ -124,27 +127,16 @@ def kill_group(pid: int | None) -> None:
         pass
 
 
-def group_members(pgid: int) -> list[int]:
-    """Pids whose process group is ``pgid`` (reads /proc; for asserting clean stops)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
 class Nodes:
     """In-process gpud nodes sharing one membership (computed from each other's tags)."""
 
     def __init__(
-        self, root: Path, ray: dict[str, RayConfig], port_range: tuple[int, int] = (24000, 25000)
+        self,
+        root: Path,
+        ray: dict[str, RayConfig],
+        port_range: tuple[int, int] = (24000, 25000),
+        *,
+        settings: RayServiceSettings | None = None,
     ) -> None:
         self.net = LoopbackNetwork()
         self.down: set[str] = set()
@@ -152,14 +144,13 @@ class Nodes:
         self.services: dict[str, RayService] = {}
         self.temp_root = f"/tmp/gpud-ray-svc-{os.getpid()}"
         for i, (name, ray_config) in enumerate(ray.items()):
-            config = Config(
-                node=NodeConfig(name=name),
-                ray=msgspec.structs.replace(ray_config, temp_root=self.temp_root),
-                paths=PathsConfig(state_dir=str(root / name)),
-            )
+            ray_section = msgspec.to_builtins(ray_config) | {"temp_root": self.temp_root}
+            config = config_for(name, root / name, {"ray": ray_section})
             ctx = NodeContext(config, advertise_addr=f"127.0.0.{i + 2}")
             ctx.tags = msgspec.structs.replace(ctx.tags, hl="passing")
-            self.services[name] = RayService(ctx, self.net.transport(name), self.ports)
+            self.services[name] = RayService(
+                ctx, self.net.transport(name), self.ports, settings=settings
+            )
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     def refresh(self) -> None:
@@ -197,21 +188,6 @@ class Nodes:
         for name in list(self.tasks):
             await self.stop(name)
         shutil.rmtree(self.temp_root, ignore_errors=True)
-
-
-async def wait_for(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str
-) -> float:
-    began = time.monotonic()
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return time.monotonic() - began
-        if time.monotonic() - began > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.3)
 
 
 # ---- namespace harness (real gpud agents) -------------------------------------------------

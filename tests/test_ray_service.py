@@ -13,8 +13,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gpud.config import RayConfig
-from gpud.ray import service as ray_service
-from tests.ray_helpers import RAY_EXECUTABLE, Nodes, group_members, wait_for
+from gpud.ray.service import RayServiceSettings
+from gpud.ray.supervisor import SupervisorSettings
+from tests.harness.wait import async_wait_for as wait_for
+from tests.ray_helpers import RAY_EXECUTABLE, Nodes, group_members
 
 needs_ray = pytest.mark.skipif(
     shutil.which(RAY_EXECUTABLE) is None, reason="ray not installed in .venv"
@@ -27,7 +29,7 @@ async def test_ray_missing_gives_a_clear_status(tmp_path: Path) -> None:
     try:
         a = nodes.services["a"]
         await wait_for(
-            lambda: a.status().action == "wait" and a._install is not None, 20, "a settled"
+            lambda: a.status().action == "wait" and a.install is not None, 20, what="a settled"
         )
         status = a.status()
         assert not status.ray_available and not status.eligible
@@ -51,16 +53,17 @@ async def test_ray_missing_gives_a_clear_status(tmp_path: Path) -> None:
 @pytest.mark.ray
 @needs_ray
 @pytest.mark.timeout(280)
-async def test_elected_head_runs_ray_and_fails_over(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ray_service, "RAY_NODES_EVERY_S", 2.0)
+async def test_elected_head_runs_ray_and_fails_over(tmp_path: Path) -> None:
     with_ray = RayConfig(executable=RAY_EXECUTABLE, num_cpus=1)
     # c votes but runs no Ray: three voters, so one can die and a majority remains.
-    nodes = Nodes(tmp_path, {"a": with_ray, "b": with_ray, "c": RayConfig(enabled=False)})
-    for service in nodes.services.values():
-        service.supervisor._grace_s = 3.0
-        service.supervisor._worker_ports = 8
+    settings = RayServiceSettings(
+        supervisor=SupervisorSettings(grace_s=3.0, worker_ports=8), nodes_every_s=2.0
+    )
+    nodes = Nodes(
+        tmp_path,
+        {"a": with_ray, "b": with_ray, "c": RayConfig(enabled=False)},
+        settings=settings,
+    )
     nodes.start()
     pgids: list[int] = []
     try:
@@ -75,7 +78,7 @@ async def test_elected_head_runs_ray_and_fails_over(
                     return name
             return None
 
-        await wait_for(lambda: head_ready() is not None, 120, "a head with GCS ready")
+        await wait_for(lambda: head_ready() is not None, 120, what="a head with GCS ready")
         head = head_ready()
         assert head in ("a", "b")
         worker = "b" if head == "a" else "a"
@@ -85,7 +88,7 @@ async def test_elected_head_runs_ray_and_fails_over(
             seen = nodes.services[worker].status().ray_nodes.nodes or []
             return sorted(n.name for n in seen) == ["a", "b"]
 
-        await wait_for(two_ray_nodes, 120, "the GCS reporting both Ray nodes alive")
+        await wait_for(two_ray_nodes, 120, what="the GCS reporting both Ray nodes alive")
         status = nodes.services[worker].status()
         assert status.role == "worker" and status.head == head and status.reason is None
         assert status.head_address is not None and "worker of" in status.summary
@@ -99,7 +102,9 @@ async def test_elected_head_runs_ray_and_fails_over(
         os.killpg(head_pid, signal.SIGKILL)
         nodes.down.add(head)
         await nodes.stop(head)
-        await wait_for(lambda: head_ready() == worker, 120, "the survivor as head with GCS ready")
+        await wait_for(
+            lambda: head_ready() == worker, 120, what="the survivor as head with GCS ready"
+        )
         new = nodes.services[worker]
         assert new.ctx.tags.term == term + 1
         new_pid = new.supervisor.status().process.pid
@@ -113,7 +118,7 @@ async def test_elected_head_runs_ray_and_fails_over(
         await wait_for(
             lambda: new.ctx.tags.ray == "none" and new.status().process.process.pid is None,
             60,
-            "the head without a majority to stop Ray",
+            what="the head without a majority to stop Ray",
         )
         assert group_members(new_pid) == []
         status = new.status()

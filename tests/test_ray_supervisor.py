@@ -7,22 +7,21 @@ import contextlib
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
+from gpud.ray.probes import alive_ray_nodes, gcs_healthy, probe_ray
 from gpud.ray.supervisor import (
     RayPorts,
     RaySupervisor,
     RayTarget,
-    alive_ray_nodes,
-    gcs_healthy,
+    SupervisorSettings,
     port_names,
-    probe_ray,
     ray_start_argv,
     temp_dir_for,
 )
+from tests.harness.wait import async_wait_for
 from tests.ray_helpers import RAY_EXECUTABLE, SimplePorts, group_members
 
 needs_ray = pytest.mark.skipif(
@@ -120,14 +119,6 @@ async def test_unrunnable_ray_is_reported(tmp_path: Path) -> None:
     assert "broken install" in install.reason and "(3)" in install.reason
 
 
-async def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.5)
-
-
 @pytest.mark.ray
 @needs_ray
 @pytest.mark.timeout(280)
@@ -145,8 +136,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
             ports=ports,
             temp_root=root,
             num_cpus=1,
-            worker_ports=8,
-            grace_s=3,
+            settings=SupervisorSettings(worker_ports=8, grace_s=3),
             client_server=install.client,
         )
 
@@ -161,7 +151,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
         async def head_ready() -> bool:
             return head.gcs_ready_port != 0
 
-        await _wait_for(head_ready, 90, "head GCS ready")
+        await async_wait_for(head_ready, 90, what="head GCS ready")
         gcs = head.gcs_ready_port
         assert head.ray_ports is not None and gcs == head.ray_ports.named["port"]
         assert await gcs_healthy(RAY_EXECUTABLE, "127.0.0.2", gcs)
@@ -171,7 +161,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
             nodes = await alive_ray_nodes(RAY_EXECUTABLE, f"127.0.0.2:{gcs}")
             return sorted(n.name for n in nodes) == ["h1", "w1"]
 
-        await _wait_for(two_nodes, 90, "2 alive Ray nodes")
+        await async_wait_for(two_nodes, 90, what="2 alive Ray nodes")
 
         # kill -9 the head's whole process group: GCS is gone.
         head_pid = head.status().process.pid
@@ -187,7 +177,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
         async def head2_ready() -> bool:
             return head2.gcs_ready_port != 0
 
-        await _wait_for(head2_ready, 90, "second head GCS ready")
+        await async_wait_for(head2_ready, 90, what="second head GCS ready")
         gcs2 = head2.gcs_ready_port
         # Told about the new head, the worker restarts at once toward it.
         worker.set_target(RayTarget(role="worker", head_addr="127.0.0.4", gcs_port=gcs2))
@@ -196,7 +186,7 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
             nodes = await alive_ray_nodes(RAY_EXECUTABLE, f"127.0.0.4:{gcs2}")
             return sorted(n.name for n in nodes) == ["h2", "w1"]
 
-        await _wait_for(worker_moved, 90, "worker registered with the new head")
+        await async_wait_for(worker_moved, 90, what="worker registered with the new head")
         assert worker.status().process.pid != worker_pid_before
         pgids += [p for p in (worker.status().process.pid, head2.status().process.pid) if p]
     finally:
@@ -220,7 +210,7 @@ async def test_no_ports_is_an_error_not_a_crash(tmp_path: Path) -> None:
         node_ip="127.0.0.2",
         ports=SimplePorts(23990, 23992),
         temp_root=str(tmp_path),
-        backoff_initial_s=0.1,
+        settings=SupervisorSettings(backoff_initial_s=0.1),
     )
     task = asyncio.create_task(supervisor.run())
     try:
@@ -229,7 +219,7 @@ async def test_no_ports_is_an_error_not_a_crash(tmp_path: Path) -> None:
         async def failed() -> bool:
             return supervisor.status().error is not None
 
-        await _wait_for(failed, 10, "a ports error")
+        await async_wait_for(failed, 10, what="a ports error")
         assert "port range exhausted" in (supervisor.status().error or "")
         assert not task.done()
     finally:
@@ -249,9 +239,7 @@ async def test_crashing_ray_backs_off_with_reason(tmp_path: Path) -> None:
         node_ip="127.0.0.2",
         ports=ports,
         temp_root=str(tmp_path),
-        worker_ports=4,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.2,
+        settings=SupervisorSettings(worker_ports=4, backoff_initial_s=0.05, backoff_max_s=0.2),
     )
     task = asyncio.create_task(supervisor.run())
     try:
@@ -261,7 +249,7 @@ async def test_crashing_ray_backs_off_with_reason(tmp_path: Path) -> None:
             process = supervisor.status().process
             return process.restarts >= 3 and process.state in ("backoff", "starting", "running")
 
-        await _wait_for(crash_looping, 20, "restarts with backoff")
+        await async_wait_for(crash_looping, 20, what="restarts with backoff")
         process = supervisor.status().process
         assert process.last_exit_code == 1 and "exited with code 1" in (process.last_error or "")
         assert supervisor.gcs_ready_port == 0
@@ -270,7 +258,7 @@ async def test_crashing_ray_backs_off_with_reason(tmp_path: Path) -> None:
         async def released() -> bool:
             return ports.leases == {}
 
-        await _wait_for(released, 10, "leases released once Ray is not wanted")
+        await async_wait_for(released, 10, what="leases released once Ray is not wanted")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,242 +1,68 @@
-"""The "ray" component: head election over Serf queries, and this node's Ray process.
+"""The "ray" component: this node's part in the Ray cluster, on the component contract.
 
-HeadElection is the I/O around the pure election (gpud.ray.election): it answers vote
-queries, stands when the plan says so, and keeps this node's ray/term tags current. RayService
-turns each plan into a Ray target (head, worker toward the announced head, or nothing) for the
-RaySupervisor, announces the GCS port once the head's GCS answers, and serves /v1/ray.
+RayService wires three parts that know nothing of each other: the head election
+(gpud.ray.head_election), the target decision (gpud.ray.target, pure) and the Ray process
+(gpud.ray.supervisor). It announces the GCS port once the head's GCS answers, asks the GCS
+which Ray nodes are alive, and reports problems (`ray_problems`, pure) and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import msgspec
 from aiohttp import web
 
 from gpud import log
-from gpud.context import Member, NodeContext
-from gpud.ray.election import (
-    DataPathVerdict,
-    Plan,
-    highest_term,
-    ineligible_reason,
-    known_members,
-    plan,
-    quorum,
-    vote_refusal,
-)
+from gpud.component import ComponentBase, Metric, Problem, gauge
+from gpud.context import NodeContext
+from gpud.process import GroupRecord
+from gpud.ray.election import Plan, ineligible_reason
+from gpud.ray.head_election import RETRY_S, HeadElection, QueryTransport
+from gpud.ray.probes import RayInstall, RayNode, alive_ray_nodes, probe_ray
 from gpud.ray.supervisor import (
+    RAY_CHILD,
     PortLeaser,
-    RayInstall,
-    RayNode,
     RayProcessStatus,
     RaySupervisor,
-    RayTarget,
-    alive_ray_nodes,
-    probe_ray,
+    SupervisorSettings,
 )
-from gpud.ray.votes import (
-    VOTE_QUERY,
-    VoteReply,
-    VoteRequest,
-    VoteStore,
-    decode_reply,
-    decode_request,
-    encode_reply,
-    encode_request,
-)
+from gpud.ray.target import decide_target
+from gpud.ray.votes import VoteStore
+from gpud.state import open_store
 from gpud.tags import RayRole
 
 _log = log.get("ray")
 
-QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
 # Seconds between election steps when nothing else wakes the loop.
 TICK_S = 1.0
-# A candidate that lost waits a random time in this range before standing again, so two
-# candidates with different views do not split the vote forever.
-RETRY_S = (1.0, 3.0)
-# How often to ask the GCS which Ray nodes are alive (bounded subprocess, cached).
-RAY_NODES_EVERY_S = 10.0
 NODES_POLL_S = 0.5
 # How often to look for a missing `ray` executable again.
 PROBE_EVERY_S = 60.0
-# Restarts without GCS ready after which a head gives up its eligibility for COOLDOWN_S.
+# Ray failures (exits or failed starts) within CRASH_WINDOW_S that make a crash loop; a head
+# in a crash loop gives up its eligibility for CRASH_COOLDOWN_S.
 CRASH_LOOP_RESTARTS = 3
+CRASH_WINDOW_S = 300.0
 CRASH_COOLDOWN_S = 300.0
 
 
-class QueryTransport(Protocol):
-    """The slice of gpud.serf.agent the election needs (the test transport implements it too)."""
+class RayServiceSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Timings of the ray component; tests and benches pass their own."""
 
-    async def query(
-        self, name: str, payload: bytes, *, timeout_s: float | None = None
-    ) -> dict[str, bytes]: ...
-
-    def on_query(self, name: str, handler: QueryHandler) -> None: ...
+    supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+    # How often to ask the GCS which Ray nodes are alive (a bounded subprocess).
+    nodes_every_s: float = 10.0
+    # A candidate that lost waits a random time in this range before standing again.
+    retry_s: tuple[float, float] = RETRY_S
 
 
 class DataPathHealth(Protocol):
     """The health component's verdict on a node, as seen by a majority of its peers."""
 
     def healthy_by_majority(self, node: str) -> bool | None: ...
-
-
-class HeadElection:
-    """One node's side of the election: votes when asked, stands when the plan says so."""
-
-    def __init__(
-        self,
-        ctx: NodeContext,
-        serf: QueryTransport,
-        store: VoteStore,
-        verdict: DataPathVerdict | None = None,
-        *,
-        vote_timeout_s: float | None = None,
-    ) -> None:
-        self.ctx = ctx
-        self._serf = serf
-        self.store = store
-        self._verdict = verdict
-        self._vote_timeout_s = vote_timeout_s
-        self._next_stand = 0.0
-        self.plan = Plan(action="wait", term=store.state.term, reason="starting")
-        self.last_election: str = ""
-        serf.on_query(VOTE_QUERY, self._on_vote)
-
-    def view(self) -> dict[str, Member]:
-        """The membership with this node's own entry carrying its current tags."""
-        members = dict(self.ctx.members)
-        own = members.get(self.ctx.node_name)
-        members[self.ctx.node_name] = Member(
-            name=self.ctx.node_name,
-            addr=self.ctx.advertise_addr,
-            port=own.port if own else 0,
-            status="alive",
-            tags=self.ctx.tags,
-        )
-        return members
-
-    async def _on_vote(self, from_node: str, payload: bytes) -> bytes | None:
-        me = self.ctx.node_name
-        try:
-            request = decode_request(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            reply = VoteReply(
-                voter=me,
-                term=self.store.state.term,
-                granted=False,
-                reason=f"malformed vote request: {exc}",
-            )
-            return encode_reply(reply)
-        members = self.view()
-        if request.candidate != from_node:
-            refusal: str | None = f"{from_node} asked for a vote for {request.candidate}"
-        else:
-            refusal = vote_refusal(request.candidate, request.term, members, self._verdict)
-        try:
-            reply = await self.store.vote(
-                request, voter=me, own_known=len(known_members(members)), refusal=refusal
-            )
-        except OSError as exc:  # a vote that cannot be made durable is not given
-            log.error(_log, "cannot persist vote", error=str(exc))
-            reply = VoteReply(
-                voter=me,
-                term=self.store.state.term,
-                granted=False,
-                reason=f"cannot persist the vote: {exc.strerror}",
-            )
-        log.info(
-            _log,
-            "vote",
-            candidate=request.candidate,
-            term=request.term,
-            granted=reply.granted,
-            reason=reply.reason,
-        )
-        return encode_reply(reply)
-
-    async def step(self) -> Plan:
-        """Adopt higher terms, compute the plan, act on it (tags, candidacy); return it."""
-        members = self.view()
-        announced = highest_term(members, 0)
-        if announced > self.store.state.term:
-            await self.store.adopt_term(announced)
-        current = plan(self.ctx.node_name, members, self.store.state.term, self._verdict)
-        if current.action == "stand":
-            if time.monotonic() >= self._next_stand:
-                await self._stand(current.term, members)
-            current = plan(self.ctx.node_name, self.view(), self.store.state.term, self._verdict)
-        await self._announce(current, members)
-        self.plan = current
-        return current
-
-    async def _announce(self, current: Plan, members: Mapping[str, Member]) -> None:
-        tags = self.ctx.tags
-        if current.action == "lead":
-            return
-        if current.action == "follow" and current.head is not None:
-            head = members[current.head]
-            term = head.tags.term if head.tags else tags.term
-            # Only a node that can run Ray joins the head's Ray cluster.
-            role: RayRole = "worker" if tags.rv else "none"
-            await self.ctx.update_tags(ray=role, term=term, gcs=0)
-        elif tags.ray != "none" or tags.gcs:
-            # Step down, or no head to follow: this node runs no Ray and keeps no head role.
-            await self.ctx.update_tags(ray="none", gcs=0, term=max(tags.term, current.term))
-
-    async def _stand(self, term: int, members: Mapping[str, Member]) -> None:
-        me = self.ctx.node_name
-        known = known_members(members)
-        request = VoteRequest(term=term, candidate=me, known=len(known))
-        own = await self.store.vote(request, voter=me, own_known=len(known), refusal=None)
-        if not own.granted:
-            log.info(_log, "not standing", term=term, reason=own.reason)
-            return
-        try:
-            replies = await self._serf.query(
-                VOTE_QUERY, encode_request(request), timeout_s=self._vote_timeout_s
-            )
-        except Exception as exc:  # serf down or restarting: no votes this round
-            log.warning(_log, "vote query failed", error=str(exc))
-            replies = {}
-        names = {m.name for m in known}
-        granted = {me}
-        refusals: list[str] = []
-        for node, payload in replies.items():
-            try:
-                reply = decode_reply(payload)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                refusals.append(f"{node}: malformed reply")
-                continue
-            if reply.term > term:
-                await self.store.adopt_term(reply.term)
-            if reply.granted and reply.term == term and reply.voter == node and node in names:
-                granted.add(node)
-            elif not reply.granted:
-                refusals.append(f"{node}: {reply.reason}")
-        needed = quorum(len(known))
-        if len(granted) >= needed:
-            self.last_election = f"won term {term} with {len(granted)} of {len(known)} votes"
-            log.info(_log, "elected head", term=term, votes=len(granted), known=len(known))
-            await self.ctx.update_tags(ray="head", term=term, gcs=0)
-            return
-        self.last_election = (
-            f"lost term {term}: {len(granted)} of {needed} needed votes; " + "; ".join(refusals)
-        )[:500]
-        log.info(
-            _log,
-            "election lost",
-            term=term,
-            votes=len(granted),
-            needed=needed,
-            refusals="; ".join(refusals),
-        )
-        self._next_stand = time.monotonic() + random.uniform(*RETRY_S)
 
 
 class RayNodesSeen(msgspec.Struct, kw_only=True):
@@ -251,15 +77,21 @@ class RayStatus(msgspec.Struct, kw_only=True):
     role: RayRole
     term: int
     head: str | None = None
+    # The node the election waits for, while there is no head.
+    candidate: str | None = None
     # head_addr:gcs_port once the head's GCS is ready.
     head_address: str | None = None
-    # The election plan: lead, stand, follow, step_down or wait.
+    # The election plan: lead, stand, follow, step_down or wait, and its reason.
     action: str
+    election_reason: str = ""
     eligible: bool
     not_eligible_reason: str | None = None
     ray_available: bool
     ray_version: str = ""
     process: RayProcessStatus
+    # Ray exits and failed starts in the last CRASH_WINDOW_S, and restarts since gpud started.
+    recent_failures: int = 0
+    restarts_total: int = 0
     ray_nodes: RayNodesSeen
     last_election: str = ""
     # Why this node runs no Ray / has no head (None when all is well).
@@ -267,7 +99,7 @@ class RayStatus(msgspec.Struct, kw_only=True):
     summary: str
 
 
-class RayService:
+class RayService(ComponentBase):
     """Component "ray"."""
 
     name = "ray"
@@ -278,17 +110,21 @@ class RayService:
         serf: QueryTransport,
         ports: PortLeaser,
         health: DataPathHealth | None = None,
+        *,
+        settings: RayServiceSettings | None = None,
     ) -> None:
         self.ctx = ctx
+        self.settings = settings or RayServiceSettings()
         config = ctx.config.ray
         verdict = health.healthy_by_majority if health is not None else None
         self._verdict = verdict
         self.election = HeadElection(
             ctx,
             serf,
-            VoteStore(ctx.config.state_dir / "ray-vote.json"),
+            VoteStore(open_store(ctx.config.state_dir)),
             verdict,
             vote_timeout_s=config.vote_timeout_s,
+            retry_s=self.settings.retry_s,
         )
         self._wake = asyncio.Event()
         ctx.on_members_changed(lambda _members: self._wake.set())
@@ -302,8 +138,10 @@ class RayService:
             num_gpus=ctx.tags.gpu,
             env=config.env,
             on_change=self._wake.set,
+            settings=self.settings.supervisor,
+            record=GroupRecord(open_store(ctx.config.state_dir), RAY_CHILD),
         )
-        self._install: RayInstall | None = None
+        self.install: RayInstall | None = None
         self._unavailable_until = 0.0
         self._crash_reason: str | None = None
         self._nodes = RayNodesSeen()
@@ -322,7 +160,7 @@ class RayService:
             return
         while True:
             install = await probe_ray(self.ctx.config.ray.executable)
-            self._install = install
+            self.install = install
             self.supervisor.client_server = install.client
             if install.reason is not None:
                 log.warning(_log, "ray not available", reason=install.reason)
@@ -332,7 +170,7 @@ class RayService:
             await asyncio.sleep(PROBE_EVERY_S)
 
     def _ray_usable(self) -> bool:
-        install = self._install
+        install = self.install
         return (
             self.ctx.config.ray.enabled
             and install is not None
@@ -351,53 +189,39 @@ class RayService:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
 
     def _watch_crash_loop(self) -> None:
-        process = self.supervisor.status().process
         target = self.supervisor.target
+        failures = self.supervisor.failures_within(CRASH_WINDOW_S)
         if (
             target is not None
             and target.role == "head"
-            and process.state == "backoff"
-            and process.restarts >= CRASH_LOOP_RESTARTS
+            and failures >= CRASH_LOOP_RESTARTS
             and self.supervisor.gcs_ready_port == 0
         ):
             # Stop being a candidate for a while instead of holding the head role with no GCS.
-            # (A crashing worker just keeps retrying with backoff; its reason is in status.)
-            self._crash_reason = f"Ray keeps crashing ({process.last_error}); retry later"
+            # (A crashing worker keeps retrying with backoff; ray.crash_loop says why.)
+            last = self.supervisor.status().process.last_error
+            self._crash_reason = f"Ray keeps crashing ({last}); retry later"
             self._unavailable_until = time.monotonic() + CRASH_COOLDOWN_S
             log.warning(_log, "ray crash loop", reason=self._crash_reason)
         elif time.monotonic() >= self._unavailable_until:
             self._crash_reason = None
 
     async def _apply(self, current: Plan) -> None:
-        tags = self.ctx.tags
-        if not self._ray_usable():
-            self.supervisor.set_target(None)
-            return
-        self.supervisor.num_gpus = tags.gpu
-        if current.action == "lead":
-            self.supervisor.set_target(RayTarget(role="head", node_ip=self.ctx.advertise_addr))
-            ready = self.supervisor.gcs_ready_port
-            if ready != tags.gcs:
-                await self.ctx.update_tags(gcs=ready)
-                log.info(_log, "head gcs announced", gcs=ready, term=tags.term)
-        elif current.action == "follow" and current.head is not None:
-            head = self.election.view()[current.head]
-            gcs = head.tags.gcs if head.tags else 0
-            if gcs:
-                self.supervisor.set_target(
-                    RayTarget(
-                        role="worker",
-                        head_addr=head.addr,
-                        gcs_port=gcs,
-                        node_ip=self.ctx.advertise_addr,
-                    )
-                )
-            else:
-                target = self.supervisor.target
-                if target is not None and target.head_addr != head.addr:
-                    self.supervisor.set_target(None)
-        else:
-            self.supervisor.set_target(None)
+        self.supervisor.num_gpus = self.ctx.tags.gpu
+        self.supervisor.set_target(
+            decide_target(
+                current,
+                self.election.view(),
+                usable=self._ray_usable(),
+                node_ip=self.ctx.advertise_addr,
+                running=self.supervisor.target,
+            )
+        )
+        target = self.supervisor.target
+        ready = self.supervisor.gcs_ready_port if target and target.role == "head" else 0
+        if current.action == "lead" and ready != self.ctx.tags.gcs:
+            await self.ctx.update_tags(gcs=ready)
+            log.info(_log, "head gcs announced", gcs=ready, term=self.ctx.tags.term)
 
     async def _nodes_loop(self) -> None:
         while True:
@@ -411,9 +235,9 @@ class RayService:
                 self._nodes_at = time.monotonic()
             else:
                 self._nodes, self._nodes_at = RayNodesSeen(), None
-            # Ask again after RAY_NODES_EVERY_S, or at once when the GCS address changes (a
-            # new head), so status shows the new cluster without waiting out the interval.
-            for _ in range(int(RAY_NODES_EVERY_S / NODES_POLL_S)):
+            # Ask again after nodes_every_s, or at once when the GCS address changes (a new
+            # head), so status shows the new cluster without waiting out the interval.
+            for _ in range(max(1, int(self.settings.nodes_every_s / NODES_POLL_S))):
                 await asyncio.sleep(NODES_POLL_S)
                 if self._gcs_address() != address:
                     break
@@ -432,7 +256,7 @@ class RayService:
         current = self.election.plan
         members = self.election.view()
         own_reason = ineligible_reason(members[self.ctx.node_name], self._verdict)
-        install = self._install
+        install = self.install
         if not self.ctx.config.ray.enabled:
             own_reason = "ray.enabled = false in the config"
         elif install is None:
@@ -446,27 +270,36 @@ class RayService:
         if head is not None and head.tags is not None and head.tags.gcs:
             head_address = f"{head.addr}:{head.tags.gcs}"
         process = self.supervisor.status()
+        failures = self.supervisor.failures_within(CRASH_WINDOW_S)
         reason = self._reason(current, process, own_reason)
         nodes = msgspec.structs.replace(
             self._nodes,
             age_s=round(time.monotonic() - self._nodes_at, 1) if self._nodes_at else None,
         )
+        if failures >= CRASH_LOOP_RESTARTS and process.target is not None:
+            summary = _crash_summary(tags.ray, tags.term, process, failures)
+        else:
+            summary = _summary(tags.ray, tags.term, current, head_address, process, nodes, reason)
         return RayStatus(
             enabled=self.ctx.config.ray.enabled,
             role=tags.ray,
             term=tags.term,
             head=current.head,
+            candidate=current.candidate,
             head_address=head_address,
             action=current.action,
+            election_reason=current.reason,
             eligible=own_reason is None,
             not_eligible_reason=own_reason,
             ray_available=install is not None and install.reason is None,
             ray_version=install.version if install else "",
             process=process,
+            recent_failures=failures,
+            restarts_total=self.supervisor.restarts_total,
             ray_nodes=nodes,
             last_election=self.election.last_election,
             reason=reason,
-            summary=_summary(tags.ray, tags.term, current, head_address, process, nodes, reason),
+            summary=summary,
         )
 
     def _reason(
@@ -486,6 +319,25 @@ class RayService:
             return f"waiting for {current.head} to announce its GCS"
         return None
 
+    def summary(self) -> str:
+        return self.status().summary
+
+    def problems(self) -> list[Problem]:
+        return ray_problems(self.status(), self.ctx.node_name)
+
+    def metrics(self) -> list[Metric]:
+        tags = self.ctx.tags
+        return [
+            gauge("gpud_ray_head", "1 while this node is the Ray head.", tags.ray == "head"),
+            gauge("gpud_ray_term", "Ray head election term.", tags.term),
+            Metric(
+                name="gpud_ray_restarts_total",
+                help="Restarts of this node's Ray process since gpud started.",
+                samples=[({}, float(self.supervisor.restarts_total))],
+                kind="counter",
+            ),
+        ]
+
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/ray", self._get_ray)]
 
@@ -493,6 +345,17 @@ class RayService:
         return web.Response(
             body=msgspec.json.encode(self.status()), content_type="application/json"
         )
+
+
+def _nodes_text(nodes: RayNodesSeen) -> str:
+    """ ", N Ray nodes alive", or why the count is not known."""
+    if nodes.nodes is not None:
+        return f", {len(nodes.nodes)} Ray nodes alive"
+    if nodes.error is not None:
+        return f", Ray nodes unknown ({nodes.error})"
+    if nodes.gcs_address is None:
+        return ", Ray nodes unknown (no GCS to ask yet)"
+    return ", Ray nodes not counted yet"
 
 
 def _summary(
@@ -504,13 +367,119 @@ def _summary(
     nodes: RayNodesSeen,
     reason: str | None,
 ) -> str:
-    alive = f", {len(nodes.nodes)} Ray nodes alive" if nodes.nodes is not None else ""
     state = process.process.state
     if role == "head":
         gcs = f"GCS {head_address} ready" if head_address else "GCS starting"
-        text = f"head, term {term}, {gcs}, ray {state}{alive}"
+        text = f"head, term {term}, {gcs}, ray {state}{_nodes_text(nodes)}"
     elif role == "worker":
-        text = f"worker of {current.head} ({head_address or 'GCS not ready'}), term {term}, ray {state}{alive}"
+        text = (
+            f"worker of {current.head} ({head_address or 'GCS not ready'}), term {term}, "
+            f"ray {state}{_nodes_text(nodes)}"
+        )
     else:
         text = f"no Ray role, term {term}"
     return f"{text}: {reason}" if reason else text
+
+
+def _crash_summary(role: RayRole, term: int, process: RayProcessStatus, failures: int) -> str:
+    # A Ray that keeps restarting is never "running", even in the moment it happens to be up.
+    return (
+        f"{role if role != 'none' else 'no Ray role'}, term {term}, ray crash loop "
+        f"({failures} failures in {CRASH_WINDOW_S / 60:.0f} min; last: "
+        f"{process.process.last_error or process.error})"
+    )
+
+
+def _eligibility_fix(reason: str) -> str:
+    if "not found" in reason or "cannot run" in reason or "--version" in reason:
+        return "install Ray on this host, or point ray.executable at its `ray`"
+    if "NAT" in reason:
+        return (
+            "advertise an address assigned to a local interface (host networking, no port "
+            "mapping); a node behind NAT can be a worker but not the head"
+        )
+    if "data path" in reason or "critical health" in reason:
+        return "see the health section of `gpud status`: peers cannot reach this node"
+    if "keeps crashing" in reason:
+        return "see ray.crash_loop: fix what makes Ray exit; gpud retries after a cool-down"
+    if "ray.head" in reason:
+        return 'set ray.head to allow this node to lead (it is "never")'
+    if "ray.enabled" in reason:
+        return "set ray.enabled = true on this node"
+    return "see the ray section of `gpud status` on this node"
+
+
+def ray_problems(status: RayStatus, node: str) -> list[Problem]:
+    """What is wrong with Ray on this node, from its status (pure)."""
+    if not status.enabled:
+        return []
+    found: list[Problem] = []
+    process = status.process
+    target = process.target
+    crash_loop = target is not None and status.recent_failures >= CRASH_LOOP_RESTARTS
+    last = process.error or process.process.last_error
+    if crash_loop:
+        assert target is not None
+        found.append(
+            Problem(
+                code="ray.crash_loop",
+                severity="critical",
+                subject=node,
+                message=(
+                    f"Ray ({target.role}) failed {status.recent_failures} times in the last "
+                    f"{CRASH_WINDOW_S / 60:.0f} min; last: {last}"
+                ),
+                fix=(
+                    f"read this node's journal (component=ray-{target.role}) for the Ray "
+                    "component that fails; check the ray installation, its temp dir and "
+                    "that its leased ports are free"
+                ),
+                supersedes=frozenset({"ray.down"}),
+            )
+        )
+    if target is not None and process.process.state != "running" and last is not None:
+        retry = process.process.next_start_in_s
+        found.append(
+            Problem(
+                code="ray.down",
+                severity="critical" if target.role == "head" else "warning",
+                subject=node,
+                message=f"Ray {target.role} is not running: {last}"
+                + (f"; next start in {retry:g}s" if retry is not None else ""),
+                fix=f"read this node's journal (component=ray-{target.role}) for why it exits",
+            )
+        )
+    # No head and nobody standing: the election cannot produce one (a candidate is still
+    # being elected otherwise).
+    no_head = status.head is None and status.candidate is None and status.action == "wait"
+    if status.not_eligible_reason is not None and (
+        no_head or status.role == "head" or status.action == "step_down"
+    ):
+        # It matters when nobody can lead, or when this node leads (it is about to step down).
+        found.append(
+            Problem(
+                code="ray.not_eligible",
+                severity="warning",
+                subject=node,
+                message=f"this node may not be Ray head: {status.not_eligible_reason}",
+                fix=_eligibility_fix(status.not_eligible_reason),
+            )
+        )
+    if no_head and status.election_reason not in ("", "starting"):
+        majority = "majority" in status.election_reason
+        found.append(
+            Problem(
+                code="ray.no_head",
+                severity="critical",
+                subject="cluster",
+                message=f"no Ray head: {status.election_reason}",
+                fix=(
+                    "bring enough members back (or let the dead ones leave) so that a majority "
+                    "of the known members is alive"
+                    if majority
+                    else "make at least one node eligible (see ray.not_eligible in "
+                    "`gpud doctor` on each node)"
+                ),
+            )
+        )
+    return found

@@ -2,26 +2,37 @@
 
 One RaySupervisor runs at most one Ray node (head or worker). A new target (head, or worker
 toward another head) restarts it at once; crashes restart it with backoff (gpud.process).
-gpud stops Ray by signalling the process group it created; it never runs `ray stop`.
+gpud stops Ray by signalling the process group it created; it never runs `ray stop`. That
+group is persisted (``record``): a Ray node a crashed gpud left running is stopped before
+this one starts another, so one gpud node never runs two Ray nodes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
 import re
-import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import msgspec
 
 from gpud import log
-from gpud.process import ChildProcess, Supervisor, SupervisorStatus
+from gpud.process import (
+    ChildGroup,
+    ChildProcess,
+    GroupRecord,
+    Supervisor,
+    SupervisorStatus,
+    stop_leftover,
+)
+from gpud.ray.probes import gcs_healthy
+from gpud.state import Key
 
 _log = log.get("ray")
 
@@ -43,10 +54,10 @@ def port_names(role: Literal["head", "worker"], *, client_server: bool) -> tuple
     return ("port", *(["ray-client-server-port"] if client_server else []), *WORKER_PORT_NAMES)
 
 
+# The running Ray node's process group (see GroupRecord): one gpud node, one Ray node.
+RAY_CHILD = Key("ray.child", ChildGroup)
 # Worker processes (one port each) a Ray node may run at once.
 DEFAULT_WORKER_PORTS = 64
-# `ray health-check` imports Ray (about a second) and makes one GCS RPC.
-HEALTH_CHECK_TIMEOUT_S = 20.0
 READY_POLL_S = 0.5
 TEMP_NAME_MAX = 24
 
@@ -69,6 +80,17 @@ class PortLeaser(Protocol):
     ) -> Lease: ...
 
     async def release(self, lease_id: object) -> None: ...
+
+
+class SupervisorSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """How the Ray process is run; tests and benches pass smaller values."""
+
+    # Worker processes (one leased port each) the Ray node may run at once.
+    worker_ports: int = DEFAULT_WORKER_PORTS
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # SIGTERM to SIGKILL when stopping Ray (Ray drains for up to 30 s on its own).
+    grace_s: float = 10.0
 
 
 class RayTarget(msgspec.Struct, kw_only=True, frozen=True):
@@ -145,154 +167,6 @@ def ray_start_argv(
     return argv
 
 
-async def _run_bounded(argv: Sequence[str], timeout_s: float) -> tuple[int | None, str]:
-    """Run a short command in its own process group; (exit code or None on timeout, output)."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        return None, f"timed out after {timeout_s:.0f}s"
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-    return proc.returncode, out.decode(errors="replace").strip()
-
-
-class RayInstall(msgspec.Struct, kw_only=True):
-    """What the configured `ray` executable can do."""
-
-    # None when `ray --version` runs; otherwise why Ray is not available.
-    reason: str | None = None
-    version: str = ""
-    # Ray Client (ray[client]) importable: then its server port must be passed explicitly,
-    # or Ray binds 10001; without it `ray start` refuses the flag.
-    client: bool = False
-
-
-_CLIENT_PROBE = (
-    "from ray._private.utils import get_ray_client_dependency_error as e; "
-    "print('client' if e() is None else 'noclient')"
-)
-
-
-async def probe_ray(executable: str, timeout_s: float = 60.0) -> RayInstall:
-    """Run `<executable> --version` (bounded) and check for Ray Client support."""
-    resolved = shutil.which(executable)
-    if resolved is None:
-        return RayInstall(reason=f"ray executable {executable!r} not found")
-    try:
-        code, out = await _run_bounded([resolved, "--version"], timeout_s)
-    except OSError as exc:
-        return RayInstall(reason=f"ray executable {resolved} cannot run: {exc.strerror}")
-    last = out.splitlines()[-1] if out else ""
-    if code != 0:
-        status = "timeout" if code is None else code
-        return RayInstall(reason=f"`{resolved} --version` failed ({status}): {last}"[:300])
-    python = python_of(resolved)
-    client = True  # unknown interpreter: pass the port; Ray names the problem if it objects
-    if python is not None:
-        with contextlib.suppress(OSError):
-            probe_code, probe_out = await _run_bounded([python, "-c", _CLIENT_PROBE], timeout_s)
-            client = probe_code == 0 and probe_out.splitlines()[-1:] == ["client"]
-    return RayInstall(version=last.removeprefix("ray, version ").strip(), client=client)
-
-
-async def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
-async def gcs_healthy(executable: str, host: str, port: int) -> bool:
-    """GCS readiness: a TCP connect (cheap, filters the first second), then `ray health-check`,
-    which opens a GcsClient and reads the cluster version from GCS's KV store over gRPC, so a
-    GCS that accepts connections but cannot serve yet does not pass (KubeRay probes the same way).
-    """
-    if not await tcp_open(host, port):
-        return False
-    try:
-        code, _ = await _run_bounded(
-            [executable, "health-check", f"--address={host}:{port}"], HEALTH_CHECK_TIMEOUT_S
-        )
-    except OSError:
-        return False
-    return code == 0
-
-
-_NODES_SCRIPT = """
-import json, sys
-from ray._raylet import GcsClient
-from ray.core.generated.gcs_pb2 import GcsNodeInfo
-client = GcsClient(address=sys.argv[1])
-infos = client.get_all_node_info(
-    timeout=float(sys.argv[2]), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
-).values()
-print(json.dumps([
-    {"name": i.node_name, "ip": i.node_manager_address, "head": i.is_head_node}
-    for i in infos
-]))
-"""
-
-
-class RayNode(msgspec.Struct, kw_only=True):
-    name: str
-    ip: str
-    head: bool
-
-
-def python_of(executable: str) -> str | None:
-    """The interpreter of the `ray` console script (its shebang): it can import that Ray."""
-    resolved = shutil.which(executable)
-    if resolved is None:
-        return None
-    try:
-        with open(resolved, "rb") as f:
-            first = f.readline(512)
-    except OSError:
-        return None
-    if not first.startswith(b"#!"):
-        return None
-    parts = first[2:].decode(errors="replace").split()
-    return parts[0] if parts and os.path.isabs(parts[0]) else None
-
-
-async def alive_ray_nodes(
-    executable: str,
-    gcs_address: str,
-    timeout_s: float = 10.0,
-    *,
-    argv_prefix: Sequence[str] = (),
-) -> list[RayNode]:
-    """The nodes GCS reports alive (one subprocess, bounded). Raises RuntimeError with a reason.
-    ``argv_prefix`` runs the query through a wrapper (e.g. `ip netns exec NS`)."""
-    python = python_of(executable)
-    if python is None:
-        raise RuntimeError(f"cannot find the Python interpreter of {executable!r}")
-    code, out = await _run_bounded(
-        [*argv_prefix, python, "-c", _NODES_SCRIPT, gcs_address, str(timeout_s)], timeout_s + 20
-    )
-    if code != 0:
-        last = out.splitlines()[-1] if out else ""
-        raise RuntimeError(f"asking GCS {gcs_address} for nodes failed: {last}"[:300])
-    return msgspec.json.decode(out.splitlines()[-1], type=list[RayNode])
-
-
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -313,12 +187,10 @@ class RaySupervisor:
         num_cpus: int | None = None,
         num_gpus: int = 0,
         env: dict[str, str] | None = None,
-        worker_ports: int = DEFAULT_WORKER_PORTS,
         client_server: bool = True,
         on_change: Callable[[], None] | None = None,
-        backoff_initial_s: float = 1.0,
-        backoff_max_s: float = 60.0,
-        grace_s: float = 10.0,
+        settings: SupervisorSettings | None = None,
+        record: GroupRecord | None = None,
     ) -> None:
         self.executable = executable
         self.node_name = node_name
@@ -328,12 +200,14 @@ class RaySupervisor:
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self._env = {**os.environ, **(env or {})}
-        self._worker_ports = worker_ports
         # Whether this Ray has Ray Client (see RayInstall.client).
         self.client_server = client_server
         self._on_change = on_change or (lambda: None)
-        self._backoff = (backoff_initial_s, backoff_max_s)
-        self._grace_s = grace_s
+        self.settings = settings or SupervisorSettings()
+        self._record = record
+        # Failures (monotonic times) and restarts of the Ray processes of earlier targets.
+        self._past_failures: collections.deque[float] = collections.deque(maxlen=64)
+        self._past_restarts = 0
         self._target: RayTarget | None = None
         self._target_changed = asyncio.Event()
         self._supervisor: Supervisor | None = None
@@ -361,6 +235,18 @@ class RaySupervisor:
             self._target = target
             self._target_changed.set()
 
+    @property
+    def restarts_total(self) -> int:
+        """Restarts of Ray since gpud started, over every target."""
+        current = self._supervisor.status.restarts if self._supervisor else 0
+        return self._past_restarts + current
+
+    def failures_within(self, window_s: float) -> int:
+        """How often Ray exited on its own or could not start in the last ``window_s``."""
+        since = time.monotonic() - window_s
+        current = self._supervisor.failures if self._supervisor else ()
+        return sum(1 for t in (*self._past_failures, *current) if t >= since)
+
     def status(self) -> RayProcessStatus:
         process = self._supervisor.status if self._supervisor else SupervisorStatus()
         return RayProcessStatus(
@@ -373,6 +259,8 @@ class RaySupervisor:
         )
 
     async def run(self) -> None:
+        if self._record is not None:
+            await stop_leftover(self._record, self.settings.grace_s)
         try:
             while True:
                 self._target_changed.clear()
@@ -388,7 +276,7 @@ class RaySupervisor:
                 except* Exception as group:
                     self._error = f"cannot run Ray: {_first_leaf(group)}"
                     log.error(_log, "cannot run ray", error=self._error)
-                    await asyncio.sleep(self._backoff[0])
+                    await asyncio.sleep(self.settings.backoff_initial_s)
                     self._target_changed.set()
                 finally:
                     # A worker whose head changed has nothing to drain: kill it now, so it
@@ -419,9 +307,10 @@ class RaySupervisor:
         self._supervisor = Supervisor(
             f"ray-{target.role}",
             make_child,
-            backoff_initial_s=self._backoff[0],
-            backoff_max_s=self._backoff[1],
-            grace_s=self._grace_s,
+            backoff_initial_s=self.settings.backoff_initial_s,
+            backoff_max_s=self.settings.backoff_max_s,
+            grace_s=self.settings.grace_s,
+            record=self._record,
         )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._supervisor.run())
@@ -439,7 +328,9 @@ class RaySupervisor:
         owner = f"ray-{target.role}"
         single = await self._ports.lease(owner, len(names))
         self._leases.append(single.id)
-        workers = await self._ports.lease(f"{owner}-workers", self._worker_ports, contiguous=True)
+        workers = await self._ports.lease(
+            f"{owner}-workers", self.settings.worker_ports, contiguous=True
+        )
         self._leases.append(workers.id)
         return RayPorts(
             named=dict(zip(names, single.ports, strict=True)),
@@ -474,6 +365,9 @@ class RaySupervisor:
             if fast and self._supervisor.child is not None:
                 self._supervisor.child.signal_group(signal.SIGKILL)
             await self._supervisor.stop()
+            self._past_failures.extend(self._supervisor.failures)
+            self._past_restarts += self._supervisor.status.restarts
+            self._supervisor = None
         self._set_ready(0)
         leases, self._leases = self._leases, []
         for lease_id in leases:

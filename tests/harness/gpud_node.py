@@ -17,12 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from gpud import client, secret
+from tests.harness.config import merge, to_toml
 from tests.harness.netns import HarnessError, Host, Network, children_of, group_alive
+from tests.harness.wait import WaitAbort, WaitTimeout, wait_for
+
+__all__ = ["Cluster", "GpudNode", "HarnessError", "WaitAbort", "WaitTimeout", "wait_for"]
 
 SERF_PORT = 7946
 RPC_PORT = 7373
@@ -33,96 +37,6 @@ STOP_TIMEOUT_S = 15.0
 MAX_SOCKET_PATH = 100
 
 T = TypeVar("T")
-
-
-class WaitTimeout(HarnessError):
-    pass
-
-
-class WaitAbort(HarnessError):
-    """Raised by a wait_for predicate to stop waiting at once (e.g. the process died)."""
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float,
-    interval: float = 0.5,
-    *,
-    what: str = "condition",
-    describe: Callable[[], str] | None = None,
-) -> T:
-    """Call ``predicate`` until it returns something truthy (returned) or ``timeout`` passes.
-
-    Exceptions from the predicate count as "not yet" and are kept, except WaitAbort, which
-    propagates at once. On timeout raises
-    WaitTimeout naming ``what``, the last value or exception, and ``describe()`` if given (e.g.
-    the last status seen)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            last = predicate()
-        except WaitAbort:
-            raise
-        except Exception as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-    detail = f"{type(last).__name__}: {last}" if isinstance(last, Exception) else repr(last)
-    message = (
-        f"timed out after {timeout:.1f}s ({attempts} tries) waiting for {what}; last: {detail}"
-    )
-    if describe is not None:
-        try:
-            message += "\n" + describe()
-        except Exception as exc:
-            message += f"\n(describe failed: {exc})"
-    raise WaitTimeout(message)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return (
-            "{"
-            + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
-            + "}"
-        )
-    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
-
-
-def to_toml(config: Mapping[str, Any]) -> str:
-    """Top-level scalars, then one [section] per mapping value (gpud's config is two levels)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in config.items() if not isinstance(v, Mapping)]
-    for section, values in config.items():
-        if isinstance(values, Mapping):
-            lines.append(f"\n[{section}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
-    return "\n".join(lines) + "\n"
-
-
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` into a copy of ``base`` (mappings merge, everything else replaces)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 class GpudNode:

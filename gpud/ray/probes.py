@@ -1,0 +1,132 @@
+"""What gpud asks Ray, each a bounded subprocess (gpud.process.run_bounded) or a TCP connect:
+is the `ray` executable usable, does a GCS answer, which Ray nodes does a GCS see alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Sequence
+
+import msgspec
+
+from gpud.netprobe import tcp_connect
+from gpud.process import run_bounded
+
+# `ray health-check` imports Ray (about a second) and makes one GCS RPC.
+HEALTH_CHECK_TIMEOUT_S = 20.0
+GCS_CONNECT_TIMEOUT_S = 1.0
+
+
+class RayInstall(msgspec.Struct, kw_only=True):
+    """What the configured `ray` executable can do."""
+
+    # None when `ray --version` runs; otherwise why Ray is not available.
+    reason: str | None = None
+    version: str = ""
+    # Ray Client (ray[client]) importable: then its server port must be passed explicitly,
+    # or Ray binds 10001; without it `ray start` refuses the flag.
+    client: bool = False
+
+
+_CLIENT_PROBE = (
+    "from ray._private.utils import get_ray_client_dependency_error as e; "
+    "print('client' if e() is None else 'noclient')"
+)
+
+
+async def probe_ray(executable: str, timeout_s: float = 60.0) -> RayInstall:
+    """Run `<executable> --version` (bounded) and check for Ray Client support."""
+    resolved = shutil.which(executable)
+    if resolved is None:
+        return RayInstall(reason=f"ray executable {executable!r} not found")
+    try:
+        result = await run_bounded([resolved, "--version"], timeout_s)
+    except OSError as exc:
+        return RayInstall(reason=f"ray executable {resolved} cannot run: {exc.strerror}")
+    if result.code != 0:
+        status = "timeout" if result.code is None else result.code
+        last = result.stderr.splitlines()[-1:] or [result.last_line]
+        return RayInstall(reason=f"`{resolved} --version` failed ({status}): {last[0]}"[:300])
+    python = python_of(resolved)
+    client = True  # unknown interpreter: pass the port; Ray names the problem if it objects
+    if python is not None:
+        with contextlib.suppress(OSError):
+            probe = await run_bounded([python, "-c", _CLIENT_PROBE], timeout_s)
+            client = probe.code == 0 and probe.last_line == "client"
+    return RayInstall(version=result.last_line.removeprefix("ray, version ").strip(), client=client)
+
+
+async def gcs_healthy(executable: str, host: str, port: int) -> bool:
+    """GCS readiness: a TCP connect (cheap, filters the first second), then `ray health-check`,
+    which opens a GcsClient and reads the cluster version from GCS's KV store over gRPC, so a
+    GCS that accepts connections but cannot serve yet does not pass (KubeRay probes the same way).
+    """
+    if not (await tcp_connect(host, port, GCS_CONNECT_TIMEOUT_S)).ok:
+        return False
+    try:
+        result = await run_bounded(
+            [executable, "health-check", f"--address={host}:{port}"], HEALTH_CHECK_TIMEOUT_S
+        )
+    except OSError:
+        return False
+    return result.code == 0
+
+
+_NODES_SCRIPT = """
+import json, sys
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+client = GcsClient(address=sys.argv[1])
+infos = client.get_all_node_info(
+    timeout=float(sys.argv[2]), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
+).values()
+print(json.dumps([
+    {"name": i.node_name, "ip": i.node_manager_address, "head": i.is_head_node}
+    for i in infos
+]))
+"""
+
+
+class RayNode(msgspec.Struct, kw_only=True):
+    name: str
+    ip: str
+    head: bool
+
+
+def python_of(executable: str) -> str | None:
+    """The interpreter of the `ray` console script (its shebang): it can import that Ray."""
+    resolved = shutil.which(executable)
+    if resolved is None:
+        return None
+    try:
+        with open(resolved, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    parts = first[2:].decode(errors="replace").split()
+    return parts[0] if parts and os.path.isabs(parts[0]) else None
+
+
+async def alive_ray_nodes(
+    executable: str,
+    gcs_address: str,
+    timeout_s: float = 10.0,
+    *,
+    argv_prefix: Sequence[str] = (),
+) -> list[RayNode]:
+    """The nodes GCS reports alive (one subprocess, bounded). Raises RuntimeError with a reason.
+    ``argv_prefix`` runs the query through a wrapper (e.g. `ip netns exec NS`)."""
+    python = python_of(executable)
+    if python is None:
+        raise RuntimeError(f"cannot find the Python interpreter of {executable!r}")
+    result = await run_bounded(
+        [*argv_prefix, python, "-c", _NODES_SCRIPT, gcs_address, str(timeout_s)], timeout_s + 20
+    )
+    if result.code != 0:
+        last = result.stderr.splitlines()[-1:] or [result.last_line]
+        raise RuntimeError(f"asking GCS {gcs_address} for nodes failed: {last[0]}"[:300])
+    return msgspec.json.decode(result.last_line, type=list[RayNode])

@@ -1,0 +1,43 @@
+"""Which Ray process this node should run, from the election's plan (pure).
+
+The election (gpud.ray.head_election) decides who is head; this turns its plan into a
+RayTarget for the supervisor (gpud.ray.supervisor), which knows nothing of elections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gpud.context import Member
+from gpud.ray.election import Plan
+from gpud.ray.supervisor import RayTarget
+
+
+def decide_target(
+    current: Plan,
+    members: Mapping[str, Member],
+    *,
+    usable: bool,
+    node_ip: str,
+    running: RayTarget | None,
+) -> RayTarget | None:
+    """The Ray node to run now (None: none). ``running`` is the current target.
+
+    A worker whose head has not (re)announced its GCS keeps running toward that same head
+    (its GCS may be restarting), but never toward a head that is no longer the head.
+    """
+    if not usable:
+        return None
+    if current.action == "lead":
+        return RayTarget(role="head", node_ip=node_ip)
+    if current.action != "follow" or current.head is None:
+        return None
+    head = members.get(current.head)
+    if head is None:
+        return None
+    gcs = head.tags.gcs if head.tags else 0
+    if gcs:
+        return RayTarget(role="worker", head_addr=head.addr, gcs_port=gcs, node_ip=node_ip)
+    if running is not None and running.role == "worker" and running.head_addr == head.addr:
+        return running
+    return None

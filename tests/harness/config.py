@@ -1,0 +1,66 @@
+"""The one way to build a test config: a dict of TOML sections, merged with overrides.
+
+Namespace tests write it to a file for a real gpud (`to_toml`); in-process tests turn it into
+a `Config` through the same parser (`config_for`), so both pass gpud's own validation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gpud.config import Config, parse
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+            + "}"
+        )
+    raise TypeError(f"cannot write {type(value).__name__} to TOML: {value!r}")
+
+
+def to_toml(config: Mapping[str, Any]) -> str:
+    """Top-level scalars, then one [section] per mapping value (gpud's config is two levels).
+    A None value is left out (TOML has no null): the field keeps gpud's default."""
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in config.items()
+        if v is not None and not isinstance(v, Mapping)
+    ]
+    for section, values in config.items():
+        if isinstance(values, Mapping):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None)
+    return "\n".join(lines) + "\n"
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``overrides`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_for(
+    name: str, state_dir: Path | str, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """An in-process node's Config: its name and state dir, plus ``overrides``."""
+    base = {"node": {"name": name}, "paths": {"state_dir": str(state_dir)}}
+    return parse(to_toml(merge(base, overrides or {})), source=f"test config of {name}")
