@@ -37,6 +37,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from gpud import config
 
     cfg = config.load(config.config_path(args.config), missing_ok=args.config is None)
+    config.check_host(cfg)  # state dir and cluster key: the agent's host, not a client's
     if args.check_config:
         print(f"{config.config_path(args.config)}: ok")
         return EXIT_OK

@@ -45,12 +45,15 @@ class ClusterConfig(_Section):
 
 
 class SerfConfig(_Section):
-    # The `serf` executable (Debian package `serf`).
-    binary: str = "serf"
-    bind_port: Port = 7946
+    # The `serf` executable. Empty: the one the package bundles (/usr/libexec/gpud/serf),
+    # else `serf` on PATH.
+    binary: str = ""
+    # Not serf's own defaults (7946, also Docker Swarm's gossip port, and 7373), so that a
+    # stand-alone serf or a Swarm node on the same host never fights gpud's serf.
+    bind_port: Port = 7951
     # Serf RPC listens on 127.0.0.1 only, with a fresh random auth token each start.
-    rpc_port: Port = 7373
-    # Addresses ("ip" or "ip:port") to join at start and to retry until one answers.
+    rpc_port: Port = 7374
+    # Addresses ("ip" or "ip:port"; without a port, bind_port) to join at start and to retry.
     retry_join: list[str] = []
     retry_interval_s: PositiveSeconds = 5.0
     # Seconds to wait for a graceful leave on shutdown.
@@ -83,7 +86,7 @@ class HealthConfig(_Section):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     # Up to this many members every node probes every peer; above it, each round probes the
     # Ray head, its ring neighbours and `random_peers` random peers (cost O(k), not O(N)).
-    full_mesh_max: Annotated[int, msgspec.Meta(ge=2)] = 32
+    full_mesh_max: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 32
     random_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
 
 
@@ -195,13 +198,14 @@ def load(path: str, *, missing_ok: bool = False) -> Config:
 
 
 def parse(raw: bytes | str, *, source: str = "<config>") -> Config:
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 (byte {exc.start}): save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8: {exc}") from None
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -235,19 +239,92 @@ def validate(config: Config) -> Config:
             f"ports: range {ports.range_start}-{ports.range_end} is smaller than one block "
             f"({ports.block_size} ports)"
         )
+    _check_node_name(config.node.name)
     for entry in config.serf.retry_join:
-        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        host, port = split_host_port(entry)
         try:
-            ipaddress.ip_address(host.strip("[]"))
-            if port:
-                int(port)
+            ipaddress.ip_address(host)
+            if port is not None and not 1 <= int(port) <= 65535:
+                raise ValueError
         except ValueError:
             raise ConfigError(
-                f"serf.retry_join: {entry!r} is not an address or address:port"
+                f"serf.retry_join: {entry!r} is not an address or address:port (port 1-65535)"
             ) from None
+    _check_socket_path(config)
     own = {config.serf.bind_port, config.serf.rpc_port, config.peer.port}
     if len(own) != 3:
         raise ConfigError("serf.bind_port, serf.rpc_port and peer.port must all differ")
     if any(ports.range_start <= p < ports.range_end for p in own):
         raise ConfigError("serf and peer ports must lie outside the ports range")
+    return config
+
+
+# Serf and the peer API carry node names; these are what both accept, kept short for tags.
+NODE_NAME_MAX = 128
+# sockaddr_un.sun_path: 108 bytes including the terminating NUL.
+SOCKET_PATH_MAX = 107
+
+
+def split_host_port(entry: str) -> tuple[str, str | None]:
+    """("10.0.0.1", "7951") from "10.0.0.1:7951", ("::1", None) from "::1" or "[::1]" (pure)."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, None
+
+
+def _check_node_name(name: str) -> None:
+    if not name:
+        return  # the host name
+    if len(name) > NODE_NAME_MAX:
+        raise ConfigError(f"node.name: longer than {NODE_NAME_MAX} characters")
+    bad = [c for c in name if not (c.isascii() and (c.isalnum() or c in "-_."))]
+    if bad:
+        raise ConfigError(
+            f"node.name: {name!r} contains {bad[0]!r}; use letters, digits, '-', '_' and '.'"
+        )
+
+
+def _check_socket_path(config: Config) -> None:
+    path = config.socket_path
+    field = "api.socket" if config.api.socket else "paths.runtime_dir"
+    if len(path.encode()) > SOCKET_PATH_MAX:
+        raise ConfigError(
+            f"{field}: socket path {path!r} is {len(path.encode())} bytes; a Unix socket path "
+            f"has at most {SOCKET_PATH_MAX}"
+        )
+    resolved = Path(os.path.abspath(path))
+    for pseudo in ("/proc", "/sys", "/dev"):
+        if resolved.is_relative_to(pseudo):
+            raise ConfigError(
+                f"{field}: socket path {path!r} is under {pseudo}, which holds no sockets"
+            )
+
+
+def check_host(config: Config) -> Config:
+    """What only this host can tell (``gpud agent`` and ``--check-config``, not client
+    commands): the state dir can be a directory, the cluster key is readable and valid."""
+    state = config.state_dir
+    for parent in (state, *state.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"paths.state_dir: {parent} exists and is not a directory")
+            break
+    sock = Path(config.socket_path)
+    if (sock.exists() or sock.is_symlink()) and (sock.is_symlink() or not sock.is_socket()):
+        raise ConfigError(
+            f"{'api.socket' if config.api.socket else 'paths.runtime_dir'}: {sock} exists and is "
+            "not a socket; gpud will not replace it"
+        )
+    from gpud.secret import cluster_key  # secret imports this module
+
+    try:
+        cluster_key(config)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"cluster.key_file {config.cluster.key_file}: not base64 text (`gpud keygen`)"
+        ) from None
     return config

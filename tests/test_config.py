@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +17,10 @@ from gpud.errors import ConfigError
 
 def test_empty_file_gives_defaults() -> None:
     cfg = config.parse("")
-    assert cfg.serf.bind_port == 7946
+    # Not serf's own defaults (7946 is also Docker Swarm's, 7373 serf's RPC): a stand-alone
+    # serf on the same host must not collide with gpud's.
+    assert (cfg.serf.bind_port, cfg.serf.rpc_port, cfg.peer.port) == (7951, 7374, 7948)
+    assert cfg.serf.binary == ""
     assert cfg.ports.range_end <= 32768, "default port space must stay below the ephemeral range"
     assert cfg.socket_path == "/run/gpud/gpud.sock"
 
@@ -54,12 +61,27 @@ def test_full_file_round_trip() -> None:
         ('[serf]\nretry_join = ["not-an-ip"]', "serf.retry_join"),
         ('[ray]\nhead = "always"', "ray.head"),
         ("[ports]\nrange_start = 30000\nrange_end = 30010", "smaller than one block"),
-        ("[peer]\nport = 7946", "must all differ"),
+        ("[peer]\nport = 7951", "must all differ"),
         ("[peer]\nport = 20001", "outside the ports range"),
         ("x = ", "not valid TOML"),
+        (b"[node]\nname = '\xff'", "not UTF-8"),
+        ('[serf]\nretry_join = ["10.0.0.1:99999"]', "serf.retry_join: '10.0.0.1:99999'"),
+        ('[serf]\nretry_join = ["10.0.0.1:-1"]', "serf.retry_join: '10.0.0.1:-1'"),
+        ('[serf]\nretry_join = ["10.0.0.1:0"]', "serf.retry_join"),
+        ("[health]\nfull_mesh_max = 1000000000000000000000000000000", "health.full_mesh_max"),
+        ('[node]\nname = "gpu 01"', "node.name: 'gpu 01' contains ' '"),
+        ('[node]\nname = "a/b"', "node.name: 'a/b' contains '/'"),
+        ('[node]\nname = "a\\nb"', "node.name: 'a\\nb' contains '\\n'"),
+        (f'[node]\nname = "{"n" * 129}"', "node.name: longer than 128"),
+        (f'[api]\nsocket = "/tmp/{"s" * 103}"', "api.socket: socket path"),
+        (f'[paths]\nruntime_dir = "/tmp/{"r" * 100}"', "paths.runtime_dir: socket path"),
+        (
+            '[api]\nsocket = "/proc/self/gpud.sock"',
+            "api.socket: socket path '/proc/self/gpud.sock' is under /proc",
+        ),
     ],
 )
-def test_bad_config_names_the_field(text: str, needle: str) -> None:
+def test_bad_config_names_the_field(text: str | bytes, needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.parse(text, source="gpud.toml")
     message = str(info.value)
@@ -71,7 +93,7 @@ def test_bad_config_names_the_field(text: str, needle: str) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         config.load(str(tmp_path / "nope.toml"))
-    assert config.load(str(tmp_path / "nope.toml"), missing_ok=True).serf.rpc_port == 7373
+    assert config.load(str(tmp_path / "nope.toml"), missing_ok=True).serf.rpc_port == 7374
 
 
 def test_config_path_precedence(monkeypatch) -> None:
@@ -107,6 +129,98 @@ def test_bad_cli_arguments_exit_2_without_traceback() -> None:
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
         assert "usage: gpud" in result.stderr
+
+
+def test_good_edge_values_pass() -> None:
+    cfg = config.parse(
+        f'''
+        [node]
+        name = "{"n" * 128}"
+        [serf]
+        retry_join = ["10.0.0.1:65535", "10.0.0.2", "[fd00::1]:7951", "fd00::2"]
+        [api]
+        socket = "/tmp/{"s" * 102}"
+        '''
+    )
+    assert len(cfg.socket_path) == 107 and config.split_host_port("fd00::2") == ("fd00::2", None)
+
+
+@pytest.mark.parametrize(
+    ("setup", "needle"),
+    [
+        ("state_file", "paths.state_dir: "),
+        ("key_missing", "cluster.key_file: cannot read"),
+        ("key_not_base64", "not base64"),
+        ("key_short", "key is 16 bytes, expected 32"),
+        ("key_binary", "not base64"),
+        ("key_dir", "cluster.key_file: cannot read"),
+        ("socket_is_file", "api.socket: "),
+    ],
+)
+def test_host_problems_fail_check_config_and_agent_with_exit_2(
+    tmp_path: Path, setup: str, needle: str
+) -> None:
+    """What only the host can tell is checked by --check-config and by the agent before it
+    starts: one line naming the field, exit 2, and nothing on disk is touched."""
+    state = tmp_path / "state"
+    key = tmp_path / "cluster.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    sock = tmp_path / "gpud.sock"
+    if setup == "state_file":
+        state.write_text("not a directory")
+    elif setup == "key_missing":
+        key.unlink()
+    elif setup == "key_not_base64":
+        key.write_text("hunter2!\n")
+    elif setup == "key_short":
+        key.write_text(base64.b64encode(os.urandom(16)).decode())
+    elif setup == "key_binary":
+        key.write_bytes(b"\xff\xfe" * 20)
+    elif setup == "key_dir":
+        key.unlink()
+        key.mkdir()
+    elif setup == "socket_is_file":
+        sock.write_text("precious")
+    cfg = tmp_path / "gpud.toml"
+    cfg.write_text(
+        f'''
+        [cluster]
+        key_file = "{key}"
+        [api]
+        socket = "{sock}"
+        [paths]
+        state_dir = "{state}"
+        [ray]
+        enabled = false
+        '''
+    )
+    for argv in (["--check-config"], []):
+        result = _gpud("agent", "--config", str(cfg), *argv)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    if setup == "socket_is_file":
+        assert sock.read_text() == "precious"
+
+
+def test_stale_socket_removal_never_deletes_a_regular_file(tmp_path: Path) -> None:
+    from gpud.api import _remove_stale_socket
+    from gpud.errors import GpudError
+
+    precious = tmp_path / "precious"
+    precious.write_text("data")
+    link = tmp_path / "link.sock"
+    link.symlink_to(precious)
+    for path in (precious, link):
+        with pytest.raises(GpudError, match="is not a socket; not removing it"):
+            _remove_stale_socket(path)
+    assert precious.read_text() == "data" and link.is_symlink()
+    # A socket nobody answers on (a crashed gpud's) is removed.
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    _remove_stale_socket(stale)
+    assert not stale.exists()
 
 
 def test_client_commands_without_daemon_exit_3(tmp_path) -> None:

@@ -56,7 +56,7 @@ def mode(path: Path) -> int:
 
 
 def test_serf_config_is_pure_and_complete(tmp_path: Path) -> None:
-    config = node_config(tmp_path, "n1", retry_join=["127.0.0.9:7946"])
+    config = node_config(tmp_path, "n1", retry_join=["127.0.0.9:7946", "127.0.0.8", "::1"])
     tags = Tags(pp=7948, gpu=8)
     generated = serf_config(
         config,
@@ -71,7 +71,8 @@ def test_serf_config_is_pure_and_complete(tmp_path: Path) -> None:
     assert generated["bind"] == generated["advertise"] == f"127.0.0.1:{port}"
     assert generated["rpc_addr"] == f"127.0.0.1:{config.serf.rpc_port}"
     assert generated["tags"] == encode(tags)
-    assert generated["retry_join"] == ["127.0.0.9:7946"]
+    # Without a port: gpud's gossip port, never serf's default 7946 (a stand-alone serf's).
+    assert generated["retry_join"] == ["127.0.0.9:7946", f"127.0.0.8:{port}", f"[::1]:{port}"]
     assert generated["leave_on_terminate"] is False
     assert generated["skip_leave_on_interrupt"] is True
     assert "keyring_file" not in generated and "encrypt_key" not in generated

@@ -29,7 +29,7 @@ import msgspec
 
 from gpud import log, preflight
 from gpud.component import ComponentBase, Metric, Problem, gauge
-from gpud.config import Config
+from gpud.config import Config, split_host_port
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
 from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
@@ -92,7 +92,8 @@ def serf_config(
         "snapshot_path": snapshot_path,
         # After our own graceful leave a restarted gpud should still rejoin from the snapshot.
         "rejoin_after_leave": True,
-        "retry_join": list(serf.retry_join),
+        # An entry without a port means gpud's gossip port, not serf's default 7946.
+        "retry_join": [join_address(entry, serf.bind_port) for entry in serf.retry_join],
         "retry_interval": f"{serf.retry_interval_s}s",
         # gpud leaves gracefully over RPC on SIGTERM; a signal to serf is never a leave.
         "leave_on_terminate": False,
@@ -104,6 +105,12 @@ def serf_config(
     if keyring_file is not None:
         result["keyring_file"] = keyring_file
     return result
+
+
+def join_address(entry: str, default_port: int) -> str:
+    """``entry`` ("ip", "ip:port", "[v6]:port") as serf's "host:port" (pure)."""
+    host, port = split_host_port(entry)
+    return f"[{host}]:{port or default_port}" if ":" in host else f"{host}:{port or default_port}"
 
 
 def default_query_timeout_s(members: int, gossip_interval_s: float = 0.2) -> float:
