@@ -1,9 +1,11 @@
-"""Block assignment: hypothesis properties of the pure claim function, driven by a gossip model.
+"""Block claims: hypothesis properties of the claim state machine, driven by a gossip model.
 
-The model: rounds; in each round every live node decides from the claims it saw at the end of
-the previous round. Nodes join in a random order at random rounds; for the first rounds each
+Every node runs ``blocks.step``, the function the service's claim loop runs, and its actions
+are carried out on the model. The model: rounds; in each round every live node steps on the
+claims gossip showed at the end of the previous round. Nodes join in a random order at random rounds; for the first rounds each
 node sees only a random subset of the others (views disagree), afterwards everyone sees the
-same claims. A node confirms a block once it has held it uncontested for SETTLE rounds.
+same claims. A node confirms a block once gossip has carried its claim, uncontested, for
+SETTLE rounds.
 """
 
 from __future__ import annotations
@@ -15,41 +17,89 @@ from hypothesis import strategies as st
 
 from gpud.config import PortsConfig
 from gpud.ports import blocks
-from gpud.ports.blocks import Claim, ClaimView
+from gpud.ports.blocks import (
+    Announce,
+    Claim,
+    ClaimInput,
+    ClaimState,
+    ClaimView,
+    Confirm,
+    Drop,
+    Reserve,
+)
 
 SETTLE = 2
+# Offset of the wall clock over the model's monotonic clock (rounds).
+CLOCK = 10_000
 
 
 @dataclass
 class SimNode:
+    """One node's claim-loop variables; ``blocks.step`` moves them, as in the service."""
+
     name: str
     addr: str
     claim: Claim | None = None
-    held_rounds: int = 0
+    state: ClaimState = "claiming"
+    settled_since: float = 0.0
+    # Its tags (what gossip carries of its claim): only an Announce action changes them.
+    published: tuple[int, int] = (blocks.NO_BLOCK, 0)
+    persisted: Claim | None = None
     status: str = "alive"
 
     def view(self) -> ClaimView:
+        blk, bc = self.published
         return ClaimView(
-            name=self.name,
-            addr=self.addr,
-            status=self.status,
-            blk=self.claim.blk if self.claim else blocks.NO_BLOCK,
-            confirmed_at=self.claim.confirmed_at if self.claim else 0,
+            name=self.name, addr=self.addr, status=self.status, blk=blk, confirmed_at=bc
         )
 
+    def snapshot(self) -> tuple:
+        return (self.claim, self.state, self.settled_since, self.published)
 
-def step(node: SimNode, views: list[ClaimView], n_blocks: int, now: int) -> None:
-    blk = blocks.decide(node.name, node.addr, node.claim, views, n_blocks)
-    if blk is None:
-        node.claim, node.held_rounds = None, 0
-    elif node.claim is None or node.claim.blk != blk:
-        node.claim, node.held_rounds = Claim(blk=blk), 0
-    elif blocks.contested(node.name, node.addr, blk, views, n_blocks):
-        node.held_rounds = 0
-    elif not node.claim.confirmed:
-        node.held_rounds += 1
-        if node.held_rounds >= SETTLE:
-            node.claim = Claim(blk=blk, confirmed_at=now)
+
+def step(node: SimNode, views: list[ClaimView], n_blocks: int, now: int) -> blocks.ClaimOutput:
+    """One round of the service's claim loop for ``node``: the same pure step, its actions
+    carried out on the model (tags, the persisted claim)."""
+    out = blocks.step(
+        ClaimInput(
+            me=node.name,
+            addr=node.addr,
+            n_blocks=n_blocks,
+            settle_s=SETTLE,
+            reserve=True,
+            claim=node.claim,
+            state=node.state,
+            settled_since=node.settled_since,
+            published=node.published,
+            views=tuple(views),
+            # The monotonic clock counts rounds; the wall clock is offset (confirmed_at > 0).
+            now=now - CLOCK,
+            wall_now=now,
+        )
+    )
+    kinds = [type(a) for a in out.actions]
+    for action in out.actions:
+        if isinstance(action, Announce):
+            node.published = (action.blk, action.bc)
+        elif isinstance(action, Confirm):
+            node.persisted = Claim(blk=action.blk, confirmed_at=action.confirmed_at)
+        elif isinstance(action, Drop):
+            assert node.claim is not None and action.blk == node.claim.blk
+            if action.was_confirmed:
+                node.persisted = None
+    # Well-formed: a confirmation is persisted, then announced, then reserved; only on entering
+    # "confirmed"; a drop comes first.
+    if Confirm in kinds:
+        assert out.state == "confirmed" and node.state != "confirmed"
+        assert kinds[-3:] == [Confirm, Announce, Reserve] or kinds[-2:] == [Confirm, Reserve]
+    assert Reserve not in kinds or Confirm in kinds
+    assert Drop not in kinds or kinds.index(Drop) == 0
+    node.claim, node.state, node.settled_since = out.claim, out.state, out.settled_since
+    # What gossip shows matches the claim once the actions are done.
+    assert node.published == (
+        (node.claim.blk, node.claim.confirmed_at) if node.claim else (blocks.NO_BLOCK, 0)
+    )
+    return out
 
 
 def simulate(
@@ -61,24 +111,24 @@ def simulate(
     max_rounds: int,
     clock: int = 100,
 ) -> int:
-    """Run until nothing changes with agreeing views; returns the rounds taken."""
+    """Run until nothing changes with agreeing views; returns the last round."""
     for rnd in range(max_rounds):
         live = [n for n in nodes if join_round[n.name] <= rnd and n.status == "alive"]
         snapshot = [n.view() for n in nodes if join_round[n.name] <= rnd]
-        before = [(n.claim, n.held_rounds) for n in nodes]
+        before = [n.snapshot() for n in nodes]
         for node in live:
             if rnd < partial_rounds:
                 views = [v for v in snapshot if seen.get((node.name, v.name), True)]
             else:
                 views = snapshot
-            step(node, views, n_blocks, now=clock + rnd)
+            step(node, views, n_blocks, now=CLOCK + clock + rnd)
         all_joined = all(join_round[n.name] <= rnd for n in nodes)
-        settled = all(n.claim is None or n.claim.confirmed for n in live)
+        settled = all(n.claim is None or n.state == "confirmed" for n in live)
         if (
             all_joined
             and rnd >= partial_rounds
             and settled
-            and before == [(n.claim, n.held_rounds) for n in nodes]
+            and before == [n.snapshot() for n in nodes]
         ):
             return rnd
     raise AssertionError(f"claims did not settle in {max_rounds} rounds")
@@ -144,15 +194,31 @@ def test_views_agree_then_no_shared_block_per_address(params: tuple) -> None:
 @given(cluster)
 def test_restart_keeps_block(params: tuple) -> None:
     nodes, join_round, seen, n_blocks, partial = build(params)
-    simulate(nodes, join_round, partial, seen, n_blocks, max_rounds=200)
+    rounds = simulate(nodes, join_round, partial, seen, n_blocks, max_rounds=200)
     views = [n.view() for n in nodes]
     for node in nodes:
         if node.claim is None:
             continue
-        # Restart: the node comes back with only its persisted (confirmed) claim.
-        persisted = Claim(blk=node.claim.blk, confirmed_at=node.claim.confirmed_at)
-        assert blocks.decide(node.name, node.addr, persisted, views, n_blocks) == node.claim.blk
-        # Its first announcement survives the others' next decisions: nobody else moves onto it.
+        # What it persisted is what it holds.
+        assert node.persisted == node.claim
+        # Restart: the node comes back with only its persisted claim and fresh tags.
+        again = SimNode(
+            name=node.name, addr=node.addr, claim=node.persisted, settled_since=rounds + 1
+        )
+        out = step(again, views, n_blocks, now=CLOCK + rounds + 1)
+        assert out.claim == node.claim and out.state == "claiming"
+        # It announces its claim with its first confirmation time at once ...
+        assert Announce(blk=node.claim.blk, bc=node.claim.confirmed_at) in out.actions
+        # ... and re-confirms it after the settle time with that same time.
+        for t in range(2, SETTLE + 3):
+            step(
+                again,
+                [*[v for v in views if v.name != node.name], again.view()],
+                n_blocks,
+                now=CLOCK + rounds + t,
+            )
+        assert again.state == "confirmed" and again.persisted == node.claim
+        # Its announcement survives the others' next decisions: nobody else moves onto it.
         for other in nodes:
             if other is not node and other.claim is not None and other.addr == node.addr:
                 assert (

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from gpud.ports import reserve
 from gpud.ports.leases import Lease, LeaseStore, StoredLease, choose_ports, new_lease_id
+from gpud.state import StateStore
 
 BLOCK = range(21200, 21232)
 
@@ -105,21 +106,20 @@ def _lease(ports: list[int], pid: int | None = None) -> StoredLease:
 
 
 def test_store_persists_and_refuses_duplicate_ports(tmp_path: Path) -> None:
-    path = tmp_path / "ports.db"
-    store = LeaseStore(path)
+    state = StateStore(tmp_path)
+    store = LeaseStore(state)
     first, second = _lease([21200, 21201]), _lease([21202], pid=42)
     store.commit([first, second], [])
     with pytest.raises(Exception, match="UNIQUE"):
         store.commit([_lease([21203]), _lease([21201])], [])
-    store.set_meta("claim", b"x")
-    store.close()
-    reopened = LeaseStore(path)
+    state.close()
+    state = StateStore(tmp_path)
+    reopened = LeaseStore(state)
     loaded = reopened.load()
     # The failed transaction left nothing behind (21203 is not there).
     assert sorted(loaded, key=lambda s: s.lease.id) == sorted(
         [first, second], key=lambda s: s.lease.id
     )
-    assert reopened.get_meta("claim") == b"x"
     reopened.commit([], [first.lease.id])
     assert reopened.load() == [second]
-    reopened.close()
+    state.close()

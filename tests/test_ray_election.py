@@ -20,7 +20,7 @@ from gpud.ray.election import (
     quorum,
     vote_refusal,
 )
-from gpud.ray.service import HeadElection
+from gpud.ray.head_election import HeadElection
 from gpud.ray.votes import (
     VoteReply,
     VoteRequest,
@@ -31,6 +31,7 @@ from gpud.ray.votes import (
     decode_reply,
     encode_reply,
 )
+from gpud.state import StateStore
 from gpud.tags import Tags
 from tests.ray_helpers import LoopbackNetwork
 
@@ -195,11 +196,11 @@ async def test_never_two_heads_in_one_term(
     """5 voters (durable stores), requests in any order, random objections, random restarts:
     no term ever has two candidates with a majority of grants."""
     root = tmp_path_factory.mktemp("votes")
-    stores = [VoteStore(root / f"v{i}.json") for i in range(5)]
+    stores = [VoteStore(StateStore(root / f"v{i}")) for i in range(5)]
     grants: dict[tuple[int, str], set[int]] = {}
     for voter, request, objects, restart in deliveries:
-        if restart:  # crash + restart: the state comes back from the file
-            stores[voter] = VoteStore(root / f"v{voter}.json")
+        if restart:  # crash + restart: the state comes back from the store
+            stores[voter] = VoteStore(StateStore(root / f"v{voter}"))
         reply = await stores[voter].vote(
             request, voter=f"v{voter}", own_known=5, refusal="objection" if objects else None
         )
@@ -229,23 +230,24 @@ def test_decide_vote_rules(state: VoteState, request: VoteRequest, own_known: in
 
 
 async def test_vote_store_survives_restart_and_rejects_corruption(tmp_path: Path) -> None:
-    path = tmp_path / "ray-vote.json"
-    store = VoteStore(path)
+    store = VoteStore(StateStore(tmp_path))
     first = await store.vote(
         VoteRequest(term=3, candidate="a", known=3), voter="v", own_known=3, refusal=None
     )
     assert first.granted
-    reopened = VoteStore(path)
+    reopened = VoteStore(StateStore(tmp_path))
     assert reopened.state == VoteState(term=3, voted_for="a")
     second = await reopened.vote(
         VoteRequest(term=3, candidate="b", known=3), voter="v", own_known=3, refusal=None
     )
     assert not second.granted and "already voted for a" in second.reason
     await reopened.adopt_term(5)
-    assert VoteStore(path).state == VoteState(term=5)
-    path.write_text("{not json")
+    assert VoteStore(StateStore(tmp_path)).state == VoteState(term=5)
+    # A corrupt vote file of gpud 0.1.0 stops the start instead of being voted over.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "ray-vote.json").write_text("{not json")
     with pytest.raises(VoteStateError, match="corrupt"):
-        VoteStore(path)
+        VoteStore(StateStore(tmp_path / "old"))
 
 
 def test_reply_payload_fits_serf_limit() -> None:
@@ -272,8 +274,11 @@ class Cluster:
             )
             ctx = NodeContext(config, advertise_addr=f"10.77.0.{i + 1}")
             ctx.tags = Tags(rv=True, hl="passing", **tags)  # type: ignore[arg-type]
-            store = VoteStore(config.state_dir / "ray-vote.json")
-            self.nodes[name] = HeadElection(ctx, self.net.transport(name), store)
+            store = VoteStore(StateStore(config.state_dir))
+            # No random pause before standing again: the test steps the nodes itself.
+            self.nodes[name] = HeadElection(
+                ctx, self.net.transport(name), store, retry_s=(0.0, 0.0)
+            )
 
     def refresh(self) -> None:
         for a, election in self.nodes.items():
@@ -297,7 +302,6 @@ class Cluster:
                 if name in self.down or name in self.frozen:
                     continue
                 self.refresh()
-                election._next_stand = 0.0  # no retry pause in a stepped test
                 await election.step()
         self.refresh()
 
@@ -448,7 +452,6 @@ async def test_random_partitions_never_two_heads_per_term(
                 if name in cluster.down or name in cluster.frozen:
                     continue
                 cluster.refresh()
-                cluster.nodes[name]._next_stand = 0.0
                 await cluster.nodes[name].step()
                 for head, term in cluster.heads().items():
                     assert announced.setdefault(term, head) == head, (term, head, announced)

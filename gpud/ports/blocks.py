@@ -16,6 +16,10 @@ claims one block, unique among the nodes that share its host address. There is n
 
 Members that are "failed" keep their block until they are reaped; "left" members and members
 that are gone hold nothing.
+
+``step`` is the whole claim state machine (claiming, confirmed, exhausted; the settle timer;
+conflicts) as one pure function: the claim loop of ``gpud.ports.service`` feeds it the
+members and clocks and carries out the actions it returns, and the property tests drive it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import msgspec
 
@@ -31,6 +36,8 @@ from gpud.config import PortsConfig
 # Member statuses that still hold a block ("failed" ones may come back until Serf reaps them).
 HOLDING_STATUSES = frozenset({"alive", "leaving", "failed"})
 NO_BLOCK = -1
+
+ClaimState = Literal["claiming", "confirmed", "exhausted"]
 
 
 class ClaimView(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +60,17 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def confirmed(self) -> bool:
         return self.confirmed_at > 0
+
+
+class ClaimRecord(msgspec.Struct, kw_only=True):
+    """The persisted claim, with the geometry it was made under (a config change voids it)."""
+
+    blk: int
+    # Unix seconds of the confirmation (announced as tag `bc`; earlier wins a conflict).
+    confirmed_at: int = 1
+    range_start: int
+    range_end: int
+    block_size: int
 
 
 def block_count(ports: PortsConfig) -> int:
@@ -125,3 +143,110 @@ def decide(
 def contested(me: str, my_addr: str, blk: int, views: Iterable[ClaimView], n_blocks: int) -> bool:
     """Whether another same-address member claims ``blk`` too (the claim is not settled)."""
     return any(v.blk == blk for v in rivals(me, my_addr, views, n_blocks))
+
+
+# ---- the claim state machine ------------------------------------------------------------------
+
+
+class Drop(msgspec.Struct, frozen=True, tag=True):
+    """Give up ``blk`` (lost a conflict, or no block left): forget the persisted claim if it
+    was confirmed, remove the kernel reservation gpud added for it."""
+
+    blk: int
+    was_confirmed: bool
+
+
+class Confirm(msgspec.Struct, frozen=True, tag=True):
+    """Persist the claim of ``blk``, confirmed at ``confirmed_at``; then it may be used."""
+
+    blk: int
+    confirmed_at: int
+
+
+class Announce(msgspec.Struct, frozen=True, tag=True):
+    """Gossip tags ``blk`` and ``bc`` (NO_BLOCK and 0: no claim)."""
+
+    blk: int
+    bc: int
+
+
+class Reserve(msgspec.Struct, frozen=True, tag=True):
+    """Keep the kernel from using ``blk`` for ephemeral ports."""
+
+    blk: int
+
+
+Action = Drop | Confirm | Announce | Reserve
+
+
+class ClaimInput(msgspec.Struct, frozen=True, kw_only=True):
+    me: str
+    addr: str
+    n_blocks: int
+    settle_s: float
+    # Reserve a confirmed block in the kernel (ports.reserve).
+    reserve: bool
+    claim: Claim | None
+    state: ClaimState
+    # Monotonic time since which the claim has been announced and uncontested.
+    settled_since: float
+    # What this node announces now (its tags `blk`, `bc`).
+    published: tuple[int, int]
+    # The members as gossip shows them, this node among them (its view shows what gossip
+    # carries of its own claim).
+    views: tuple[ClaimView, ...]
+    # Monotonic clock (settle timer) and wall clock (Unix seconds, for confirmed_at).
+    now: float
+    wall_now: int
+
+
+class ClaimOutput(msgspec.Struct, frozen=True, kw_only=True):
+    claim: Claim | None
+    state: ClaimState
+    settled_since: float
+    # To carry out in order; each must be done before the next (persist before announce).
+    actions: tuple[Action, ...]
+
+
+def step(inp: ClaimInput) -> ClaimOutput:
+    """One round of the claim state machine (pure)."""
+    claim, state, settled_since = inp.claim, inp.state, inp.settled_since
+    actions: list[Action] = []
+    confirmed_now: int | None = None
+    blk = decide(inp.me, inp.addr, claim, inp.views, inp.n_blocks)
+    if blk is None:
+        if claim is not None:
+            actions.append(Drop(blk=claim.blk, was_confirmed=claim.confirmed))
+        claim, state = None, "exhausted"
+    elif claim is None or blk != claim.blk:
+        if claim is not None:
+            actions.append(Drop(blk=claim.blk, was_confirmed=claim.confirmed))
+        claim, state, settled_since = Claim(blk=blk), "claiming", inp.now
+    elif not _announced(inp.me, blk, inp.views) or contested(
+        inp.me, inp.addr, blk, inp.views, inp.n_blocks
+    ):
+        # The settle time counts only once gossip carries our claim and nobody else on this
+        # address claims the block.
+        settled_since = inp.now
+    elif state != "confirmed" and inp.now - settled_since >= inp.settle_s:
+        # A claim confirmed before a restart keeps its time: it ranks by when it was first
+        # confirmed, not by when this process came back.
+        confirmed_at = claim.confirmed_at if claim.confirmed else max(1, inp.wall_now)
+        claim, state = Claim(blk=blk, confirmed_at=confirmed_at), "confirmed"
+        actions.append(Confirm(blk=blk, confirmed_at=confirmed_at))
+        confirmed_now = blk
+    # Announce whatever differs from what gossip is told: a new claim, a confirmation, a drop,
+    # and after a restart the persisted claim with its confirmation time.
+    wanted = (claim.blk, claim.confirmed_at) if claim is not None else (NO_BLOCK, 0)
+    if wanted != inp.published:
+        actions.append(Announce(blk=wanted[0], bc=wanted[1]))
+    if inp.reserve and confirmed_now is not None:
+        actions.append(Reserve(blk=confirmed_now))
+    return ClaimOutput(
+        claim=claim, state=state, settled_since=settled_since, actions=tuple(actions)
+    )
+
+
+def _announced(me: str, blk: int, views: Iterable[ClaimView]) -> bool:
+    """Whether gossip already shows ``me`` claiming ``blk``."""
+    return any(v.name == me and v.blk == blk for v in views)

@@ -1,14 +1,13 @@
-"""Port leases inside this node's block: schemas, pure bookkeeping, and the crash-safe store.
+"""Port leases inside this node's block: schemas, pure bookkeeping, and their tables.
 
-A lease is written to SQLite (WAL, synchronous=FULL) before it is returned. The ``port`` column
-of ``lease_ports`` is the primary key, so even a bug above cannot make the store hold one port
-in two leases.
+A lease is written to the state store (``gpud.state``) before it is returned. The ``port``
+column of ``ports_lease_ports`` is the primary key, so even a bug above cannot make the store
+hold one port in two leases.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Annotated
 
 import msgspec
 
-# Re-exported for gpud.ports.service; the /proc parser lives in gpud.process.
-from gpud.process import owner_alive as owner_alive
-from gpud.process import process_start as process_start
+from gpud.ports.blocks import ClaimRecord
+from gpud.ports.reserve import PortRange
+from gpud.state import Key, StateError, StateStore, Transaction
 
 Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
@@ -102,94 +101,92 @@ def free_count(block: Sequence[int], used: set[int]) -> int:
     return sum(1 for port in block if port not in used)
 
 
+LEASE_TABLES_VERSION = 1
+# `port` is the primary key of ports_lease_ports: the store cannot hold one port in two leases.
+LEASE_TABLES = (
+    """CREATE TABLE ports_leases (
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER, pid_start INTEGER,
+        created REAL NOT NULL)""",
+    """CREATE TABLE ports_lease_ports (
+        port INTEGER PRIMARY KEY,
+        lease_id TEXT NOT NULL REFERENCES ports_leases(id) ON DELETE CASCADE)""",
+)
+# This node's confirmed block claim, and the ranges gpud itself added to the kernel's reserved
+# ports (so that it removes only those when its block moves).
+CLAIM = Key("ports.claim", ClaimRecord)
+RESERVED = Key("ports.reserved", list[PortRange])
+# gpud 0.1.0 kept leases and claim in a file of their own; imported on first start.
+LEGACY_DB = "ports.db"
+
+
 class LeaseStore:
-    """Leases and this node's block claim in one SQLite file; every write is durable on return."""
+    """The lease tables of the state store; every write is durable on return."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # check_same_thread=False: commits run in a worker thread, one at a time.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS leases (
-                id TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER, pid_start INTEGER,
-                created REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS lease_ports (
-                port INTEGER PRIMARY KEY,
-                lease_id TEXT NOT NULL REFERENCES leases(id) ON DELETE CASCADE);
-            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-            """
-        )
-        self._db.execute("PRAGMA foreign_keys=ON")
-        # Writes come from worker threads; one statement sequence at a time.
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
+        state.ensure_table("ports_leases", LEASE_TABLES_VERSION, *LEASE_TABLES)
+        state.import_file(state.state_dir / LEGACY_DB, _import_legacy_db)
 
     def load(self) -> list[StoredLease]:
-        with self._lock:
-            return self._load()
-
-    def _load(self) -> list[StoredLease]:
-        ports: dict[str, list[int]] = {}
-        for port, lease_id in self._db.execute(
-            "SELECT port, lease_id FROM lease_ports ORDER BY port"
-        ):
-            ports.setdefault(lease_id, []).append(port)
-        return [
-            StoredLease(
-                lease=Lease(
-                    id=lid, owner=owner, ports=ports.get(lid, []), pid=pid, created=created
-                ),
-                pid_start=pid_start,
-            )
-            for lid, owner, pid, pid_start, created in self._db.execute(
-                "SELECT id, owner, pid, pid_start, created FROM leases ORDER BY created, id"
-            )
-        ]
+        return _read(self._state.query)
 
     def commit(self, added: Iterable[StoredLease], removed: Iterable[str]) -> None:
         """Add and remove leases in one durable transaction (all or nothing)."""
-        with self._lock:
-            self._commit(added, removed)
+        with self._state.transaction() as tx:
+            _write(tx, added, removed, "ports_")
 
-    def _commit(self, added: Iterable[StoredLease], removed: Iterable[str]) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for lease_id in removed:
-                db.execute("DELETE FROM lease_ports WHERE lease_id = ?", (lease_id,))
-                db.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
-            for item in added:
-                lease = item.lease
-                db.execute(
-                    "INSERT INTO leases (id, owner, pid, pid_start, created) VALUES (?,?,?,?,?)",
-                    (lease.id, lease.owner, lease.pid, item.pid_start, lease.created),
-                )
-                db.executemany(
-                    "INSERT INTO lease_ports (port, lease_id) VALUES (?, ?)",
-                    [(port, lease.id) for port in lease.ports],
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
-    def get_meta(self, key: str) -> bytes | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+def _read(query: Callable[[str], list[tuple]], prefix: str = "ports_") -> list[StoredLease]:
+    ports: dict[str, list[int]] = {}
+    for port, lease_id in query(f"SELECT port, lease_id FROM {prefix}lease_ports ORDER BY port"):
+        ports.setdefault(lease_id, []).append(port)
+    return [
+        StoredLease(
+            lease=Lease(id=lid, owner=owner, ports=ports.get(lid, []), pid=pid, created=created),
+            pid_start=pid_start,
+        )
+        for lid, owner, pid, pid_start, created in query(
+            f"SELECT id, owner, pid, pid_start, created FROM {prefix}leases ORDER BY created, id"
+        )
+    ]
 
-    def set_meta(self, key: str, value: bytes | None) -> None:
-        with self._lock:
-            if value is None:
-                self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
-            else:
-                self._db.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key, value),
-                )
+
+def _write(
+    tx: Transaction, added: Iterable[StoredLease], removed: Iterable[str], prefix: str
+) -> None:
+    for lease_id in removed:
+        tx.execute(f"DELETE FROM {prefix}lease_ports WHERE lease_id = ?", (lease_id,))
+        tx.execute(f"DELETE FROM {prefix}leases WHERE id = ?", (lease_id,))
+    for item in added:
+        lease = item.lease
+        tx.execute(
+            f"INSERT INTO {prefix}leases (id, owner, pid, pid_start, created) VALUES (?,?,?,?,?)",
+            (lease.id, lease.owner, lease.pid, item.pid_start, lease.created),
+        )
+        tx.executemany(
+            f"INSERT INTO {prefix}lease_ports (port, lease_id) VALUES (?, ?)",
+            [(port, lease.id) for port in lease.ports],
+        )
+
+
+def _import_legacy_db(tx: Transaction, path: Path) -> None:
+    """Copy 0.1.0's ports.db (tables leases, lease_ports, meta) into the store."""
+    # A normal open (not read-only), so that a WAL left by a crash of 0.1.0 is recovered; the
+    # last close checkpoints it into the file that is then renamed.
+    old = sqlite3.connect(path)
+    try:
+        # 0.1.0's tables are ours without the "ports_" prefix.
+        leases = _read(lambda sql: old.execute(sql).fetchall(), prefix="")
+        meta = {key: bytes(value) for key, value in old.execute("SELECT key, value FROM meta")}
+    except sqlite3.Error as exc:
+        raise StateError(f"{path}: cannot read gpud 0.1.0's lease store: {exc}") from None
+    finally:
+        old.close()
+    _write(tx, leases, [], "ports_")
+    try:
+        if "claim" in meta:
+            tx.put(CLAIM, msgspec.json.decode(meta["claim"], type=ClaimRecord))
+        if "reserved" in meta:
+            tx.put(RESERVED, msgspec.json.decode(meta["reserved"], type=list[PortRange]))
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise StateError(f"{path}: gpud 0.1.0's claim does not decode: {exc}") from None

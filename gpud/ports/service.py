@@ -1,8 +1,8 @@
 """The ports component: claims this node's block, reserves it in the kernel, leases ports.
 
 Lease and release requests go through one queue; a writer task applies a whole batch to the
-in-memory bookkeeping and commits it in one durable SQLite transaction (group commit), then
-answers every request of the batch. So a lease is on disk before anyone sees it, and concurrent
+in-memory bookkeeping and commits it in one durable transaction of the state store (group
+commit), then answers every request of the batch. So a lease is on disk before anyone sees it, and concurrent
 requests cannot get the same port (one writer decides, and the store's primary key on the port
 would refuse a duplicate anyway).
 """
@@ -14,47 +14,36 @@ import errno
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import msgspec
 from aiohttp import web
 
 from gpud import api, log
+from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import Member, NodeContext
 from gpud.errors import ApiError
 from gpud.ports import blocks, reserve
+from gpud.ports.blocks import ClaimRecord, ClaimState
 from gpud.ports.leases import (
+    CLAIM,
+    RESERVED,
     Lease,
     LeaseRequest,
     LeaseStore,
     StoredLease,
     choose_ports,
     new_lease_id,
-    owner_alive,
-    process_start,
 )
-from gpud.problems import Problem
+from gpud.process import owner_alive, process_start
+from gpud.state import open_store
 from gpud.tags import Tags
 
 logger = log.get("ports")
 
-CLAIM_KEY = "claim"
-RESERVED_KEY = "reserved"
 # How often the claim loop looks at membership when nothing wakes it.
 CLAIM_TICK_S = 0.5
-
-ClaimState = Literal["claiming", "confirmed", "exhausted"]
-
-
-class ClaimRecord(msgspec.Struct, kw_only=True):
-    """The persisted claim, with the geometry it was made under (a config change voids it)."""
-
-    blk: int
-    # Unix seconds of the confirmation (announced as tag `bc`; earlier wins a conflict).
-    confirmed_at: int = 1
-    range_start: int
-    range_end: int
-    block_size: int
+# A confirmed block with fewer free ports than this share is a warning (ports.block_nearly_full).
+NEARLY_FULL_SHARE = 0.1
 
 
 class PortsStatus(msgspec.Struct, kw_only=True):
@@ -109,23 +98,21 @@ def _bind_ok(family: socket.AddressFamily, kind: socket.SocketKind, addr: str, p
         sock.close()
 
 
-class PortsService:
+class PortsService(ComponentBase):
     name = "ports"
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.config.ports
         self._n_blocks = blocks.block_count(self.cfg)
-        self._store = LeaseStore(ctx.config.state_dir / "ports.db")
+        self._state_store = open_store(ctx.config.state_dir)
+        self._store = LeaseStore(self._state_store)
         self._leases: dict[str, StoredLease] = {s.lease.id: s for s in self._store.load()}
         self._used: set[int] = {p for s in self._leases.values() for p in s.lease.ports}
         self._claim = self._load_claim()
         self._state: ClaimState = "claiming"
         self._confirmed = asyncio.Event()
-        self._reserved: list[reserve.PortRange] = [
-            tuple(r)  # type: ignore[misc]
-            for r in msgspec.json.decode(self._store.get_meta(RESERVED_KEY) or b"[]")
-        ]
+        self._reserved: list[reserve.PortRange] = self._state_store.get(RESERVED) or []
         self._reservation = "pending" if self.cfg.reserve else "disabled (ports.reserve = false)"
         self._pending: list[_Op] = []
         self._wake_writer = asyncio.Event()
@@ -171,21 +158,21 @@ class PortsService:
 
     async def run(self) -> None:
         self.ctx.on_members_changed(lambda _members: self._wake_claim.set())
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._writer())
-                tg.create_task(self._claim_loop())
-                tg.create_task(self._zombie_loop())
-        finally:
-            self._store.close()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._writer())
+            tg.create_task(self._claim_loop())
+            tg.create_task(self._zombie_loop())
 
     def status(self) -> PortsStatus:
         return PortsStatus(**self._status_fields())
 
+    def summary(self) -> str:
+        return str(self._status_fields()["summary"])
+
     def problems(self) -> list[Problem]:
-        """Findings for `gpud doctor`."""
         found = [
             Problem(
+                code="ports.range_overlaps_ephemeral",
                 subject="ports",
                 severity="warning",
                 message=w,
@@ -196,6 +183,7 @@ class PortsService:
         if self._reservation not in ("reserved", "pending") and self.cfg.reserve:
             found.append(
                 Problem(
+                    code="ports.block_not_reserved",
                     subject="ports",
                     severity="warning",
                     message=f"port block not reserved in the kernel: {self._reservation}; the "
@@ -207,6 +195,7 @@ class PortsService:
         if self._state == "exhausted":
             found.append(
                 Problem(
+                    code="ports.block_exhausted",
                     subject="ports",
                     severity="critical",
                     message=f"no free port block: all {self._n_blocks} blocks are claimed by "
@@ -214,7 +203,44 @@ class PortsService:
                     fix="widen ports.range_start/range_end or lower ports.block_size",
                 )
             )
+        nearly_full = self._nearly_full()
+        if nearly_full is not None:
+            found.append(nearly_full)
         return found
+
+    def _nearly_full(self) -> Problem | None:
+        block, _, free = self._usage()
+        if block is None or self._state != "confirmed":
+            return None
+        if free >= max(1, len(block) * NEARLY_FULL_SHARE):
+            return None
+        by_owner: dict[str, int] = {}
+        for item in self._leases.values():
+            by_owner[item.lease.owner] = by_owner.get(item.lease.owner, 0) + len(item.lease.ports)
+        owners = ", ".join(
+            f"{owner} ({n})" for owner, n in sorted(by_owner.items(), key=lambda kv: -kv[1])
+        )
+        return Problem(
+            code="ports.block_nearly_full",
+            subject="ports",
+            severity="warning",
+            message=f"block {self._claim.blk if self._claim else '?'} has {free} of "
+            f"{len(block)} ports free; leased by {owners or 'nobody (ports bound by others)'}",
+            fix="release leases that are no longer used (`gpud ports release ID`), or raise "
+            "ports.block_size",
+        )
+
+    def metrics(self) -> list[Metric]:
+        _, leased, free = self._usage()
+        return [
+            gauge("gpud_ports_leased", "Ports leased from this node's block.", leased),
+            gauge("gpud_ports_free", "Ports still free in this node's block.", free),
+            gauge(
+                "gpud_ports_block_claimed",
+                "1 while this node holds a confirmed port block.",
+                float(self._state == "confirmed"),
+            ),
+        ]
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -395,10 +421,9 @@ class PortsService:
     # ---- block claim -----------------------------------------------------------------------
 
     def _load_claim(self) -> blocks.Claim | None:
-        raw = self._store.get_meta(CLAIM_KEY)
-        if raw is None:
+        record = self._state_store.get(CLAIM)
+        if record is None:
             return None
-        record = msgspec.json.decode(raw, type=ClaimRecord)
         geometry = (self.cfg.range_start, self.cfg.range_end, self.cfg.block_size)
         if (record.range_start, record.range_end, record.block_size) != geometry:
             log.warning(
@@ -409,98 +434,93 @@ class PortsService:
             return None
         return blocks.Claim(blk=record.blk, confirmed_at=max(1, record.confirmed_at))
 
-    def _views(self) -> list[blocks.ClaimView]:
-        return [_view(m) for m in self.ctx.members.values()]
+    def _views(self) -> tuple[blocks.ClaimView, ...]:
+        return tuple(_view(m) for m in self.ctx.members.values())
 
     async def _claim_loop(self) -> None:
+        """Thin I/O around ``blocks.step``: feed it members and clocks, carry out its actions."""
         settled_since = time.monotonic()
-        me, addr = self.ctx.node_name, self.ctx.advertise_addr
-        if self._claim is not None:
-            await self.ctx.update_tags(blk=self._claim.blk, bc=self._claim.confirmed_at)
         while True:
             # Cleared before reading the members: a change from now on wakes the next round.
             self._wake_claim.clear()
-            now = time.monotonic()
-            views = self._views()
-            blk = blocks.decide(me, addr, self._claim, views, self._n_blocks)
-            if blk is None:
-                if self._state != "exhausted":
-                    log.error(logger, "no free port block", blocks=self._n_blocks, addr=addr)
-                await self._drop_claim()
-                self._state = "exhausted"
-            elif self._claim is None or blk != self._claim.blk:
-                await self._drop_claim()
-                self._claim = blocks.Claim(blk=blk)
-                self._state = "claiming"
-                settled_since = now
-                log.info(logger, "claiming port block", blk=blk)
-                await self.ctx.update_tags(blk=blk, bc=0)
-            elif not self._announced(blk) or blocks.contested(me, addr, blk, views, self._n_blocks):
-                # The settle time counts only once gossip carries our claim and nobody
-                # else on this address claims the block.
-                settled_since = now
-            elif not self._confirmed.is_set() and now - settled_since >= self.cfg.settle_s:
-                await self._confirm(blk)
+            out = blocks.step(
+                blocks.ClaimInput(
+                    me=self.ctx.node_name,
+                    addr=self.ctx.advertise_addr,
+                    n_blocks=self._n_blocks,
+                    settle_s=self.cfg.settle_s,
+                    reserve=self.cfg.reserve,
+                    claim=self._claim,
+                    state=self._state,
+                    settled_since=settled_since,
+                    published=(self.ctx.tags.blk, self.ctx.tags.bc),
+                    views=self._views(),
+                    now=time.monotonic(),
+                    wall_now=int(time.time()),
+                )
+            )
+            if out.state != "confirmed":
+                # No lease from a block being given up, while it is given up.
+                self._confirmed.clear()
+            for action in out.actions:
+                await self._act(action)
+            if out.state != self._state:
+                self._log_state(out)
+            self._claim, self._state, settled_since = out.claim, out.state, out.settled_since
+            if self._state == "confirmed":
+                self._confirmed.set()
             try:
                 await asyncio.wait_for(self._wake_claim.wait(), CLAIM_TICK_S)
             except TimeoutError:
                 pass
 
-    def _announced(self, blk: int) -> bool:
-        """Whether gossip already shows this node claiming ``blk``."""
-        mine = self.ctx.members.get(self.ctx.node_name)
-        return mine is not None and mine.tags is not None and mine.tags.blk == blk
+    async def _act(self, action: blocks.Action) -> None:
+        match action:
+            case blocks.Drop(blk=blk, was_confirmed=was_confirmed):
+                if was_confirmed:
+                    log.error(
+                        logger,
+                        "lost a confirmed port block to another node on this address; "
+                        "leases in it stay until released",
+                        blk=blk,
+                    )
+                    await asyncio.to_thread(self._state_store.put, CLAIM, None)
+                if self._reserved:
+                    error = await asyncio.to_thread(reserve.unreserve, self._reserved)
+                    if error is None:
+                        self._reserved = []
+                        await asyncio.to_thread(self._state_store.put, RESERVED, [])
+            case blocks.Confirm(blk=blk, confirmed_at=confirmed_at):
+                record = ClaimRecord(
+                    blk=blk,
+                    confirmed_at=confirmed_at,
+                    range_start=self.cfg.range_start,
+                    range_end=self.cfg.range_end,
+                    block_size=self.cfg.block_size,
+                )
+                await asyncio.to_thread(self._state_store.put, CLAIM, record)
+            case blocks.Announce(blk=blk, bc=bc):
+                await self.ctx.update_tags(blk=blk, bc=bc)
+            case blocks.Reserve(blk=blk):
+                await asyncio.to_thread(self._reserve, blk)
 
-    async def _confirm(self, blk: int) -> None:
-        # A claim confirmed before a restart keeps its time: it ranks by when it was first
-        # confirmed, not by when this process came back.
-        if self._claim is not None and self._claim.blk == blk and self._claim.confirmed:
-            confirmed_at = self._claim.confirmed_at
-        else:
-            confirmed_at = max(1, int(time.time()))
-        record = ClaimRecord(
-            blk=blk,
-            confirmed_at=confirmed_at,
-            range_start=self.cfg.range_start,
-            range_end=self.cfg.range_end,
-            block_size=self.cfg.block_size,
-        )
-        await asyncio.to_thread(self._store.set_meta, CLAIM_KEY, msgspec.json.encode(record))
-        self._claim = blocks.Claim(blk=blk, confirmed_at=confirmed_at)
-        await self.ctx.update_tags(blk=blk, bc=confirmed_at)
-        if self.cfg.reserve:
-            await asyncio.to_thread(self._reserve, blk)
-        self._state = "confirmed"
-        self._confirmed.set()
-        rng = blocks.block_range(self.cfg, blk)
-        log.info(
-            logger,
-            "port block confirmed",
-            blk=blk,
-            first=rng.start,
-            last=rng.stop - 1,
-            reservation=self._reservation,
-        )
-
-    async def _drop_claim(self) -> None:
-        """Give up the current claim (lost a conflict, or no block left)."""
-        if self._claim is None:
-            return
-        if self._claim.confirmed:
+    def _log_state(self, out: blocks.ClaimOutput) -> None:
+        if out.state == "exhausted":
             log.error(
-                logger,
-                "lost a confirmed port block to another node on this address; "
-                "leases in it stay until released",
-                blk=self._claim.blk,
+                logger, "no free port block", blocks=self._n_blocks, addr=self.ctx.advertise_addr
             )
-            await asyncio.to_thread(self._store.set_meta, CLAIM_KEY, None)
-        if self._reserved:
-            error = await asyncio.to_thread(reserve.unreserve, self._reserved)
-            if error is None:
-                await self._save_reserved([])
-        self._claim = None
-        self._confirmed.clear()
-        await self.ctx.update_tags(blk=blocks.NO_BLOCK, bc=0)
+        elif out.state == "claiming" and out.claim is not None:
+            log.info(logger, "claiming port block", blk=out.claim.blk)
+        elif out.state == "confirmed" and out.claim is not None:
+            rng = blocks.block_range(self.cfg, out.claim.blk)
+            log.info(
+                logger,
+                "port block confirmed",
+                blk=out.claim.blk,
+                first=rng.start,
+                last=rng.stop - 1,
+                reservation=self._reservation,
+            )
 
     def _reserve(self, blk: int) -> None:
         rng = blocks.block_range(self.cfg, blk)
@@ -512,11 +532,7 @@ class PortsService:
         self._reservation = "reserved"
         if result.added:
             self._reserved = reserve.merge([*self._reserved, *result.added])
-            self._store.set_meta(RESERVED_KEY, msgspec.json.encode(self._reserved))
-
-    async def _save_reserved(self, ranges: list[reserve.PortRange]) -> None:
-        self._reserved = ranges
-        await asyncio.to_thread(self._store.set_meta, RESERVED_KEY, msgspec.json.encode(ranges))
+            self._state_store.put(RESERVED, self._reserved)
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -532,10 +548,16 @@ class PortsService:
             "outbound connections may take those ports unless the block is reserved"
         ]
 
-    def _status_fields(self) -> dict[str, object]:
+    def _usage(self) -> tuple[range | None, int, int]:
+        """The block in use (or None), its leased ports, its free ports."""
         block = self.block_range()
-        leased = len(self._used & set(block)) if block is not None else 0
-        free = len(block) - leased if block is not None else 0
+        if block is None:
+            return None, 0, 0
+        leased = len(self._used & set(block))
+        return block, leased, len(block) - leased
+
+    def _status_fields(self) -> dict[str, object]:
+        block, leased, free = self._usage()
         if block is None:
             summary = (
                 f"no free block among {self._n_blocks} on {self.ctx.advertise_addr}"
@@ -547,7 +569,11 @@ class PortsService:
                 f"block {self._claim.blk if self._claim else '?'} ({block.start}-{block.stop - 1}) "
                 f"{self._state}, {leased} leased, {free} free"
             )
-        if self.cfg.reserve and self._reservation not in ("reserved", "pending"):
+        if not self.cfg.reserve:
+            summary += ", not reserved (ports.reserve = false)"
+        elif self._reservation == "reserved":
+            summary += ", reserved"
+        elif self._reservation != "pending":
             summary += ", not reserved in the kernel"
         return {
             "summary": summary,

@@ -7,12 +7,12 @@ make it vote twice in one term (that is what keeps two heads from winning the sa
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import msgspec
 
 from gpud.errors import GpudError
+from gpud.state import Key, StateError, StateStore, Transaction
 
 # The Serf query every gpud answers with its vote.
 VOTE_QUERY = "gpud-ray-vote"
@@ -44,7 +44,7 @@ class VoteReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class VoteStateError(GpudError):
-    """The vote state file cannot be read or written; the node must not vote."""
+    """The vote state cannot be read or written; the node must not vote."""
 
 
 def decide_vote(
@@ -99,42 +99,27 @@ def decode_reply(payload: bytes) -> VoteReply:
     return msgspec.json.decode(payload, type=VoteReply)
 
 
+# The voter's promise, in the state store.
+VOTE = Key("ray.vote", VoteState)
+# gpud 0.1.0 kept the vote in a file of its own; imported on first start.
+LEGACY_FILE = "ray-vote.json"
+
+
 class VoteStore:
-    """The voter's state file (msgspec JSON), written atomically: tmp + fsync + rename + dir fsync."""
+    """The voter's state in the state store; every change is durable before it is answered."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
         self._lock = asyncio.Lock()
-        self.state = self._load()
-
-    def _load(self) -> VoteState:
         try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return VoteState()
-        except OSError as exc:
-            raise VoteStateError(f"{self.path}: cannot read: {exc.strerror}") from None
-        try:
-            return msgspec.json.decode(raw, type=VoteState)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            store.import_file(store.state_dir / LEGACY_FILE, _import_legacy_file)
+            self.state = store.get(VOTE) or VoteState()
+        except StateError as exc:
             # Refusing to start beats voting twice: an operator must look at it.
-            raise VoteStateError(f"{self.path}: corrupt vote state: {exc}") from None
+            raise VoteStateError(str(exc)) from None
 
     def _save(self, state: VoteState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, msgspec.json.encode(state))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self._store.put(VOTE, state)
 
     async def vote(
         self, request: VoteRequest, *, voter: str, own_known: int, refusal: str | None
@@ -156,3 +141,13 @@ class VoteStore:
                 new = VoteState(term=term)
                 await asyncio.to_thread(self._save, new)
                 self.state = new
+
+
+def _import_legacy_file(tx: Transaction, path: Path) -> None:
+    try:
+        state = msgspec.json.decode(path.read_bytes(), type=VoteState)
+    except OSError as exc:
+        raise VoteStateError(f"{path}: cannot read: {exc.strerror}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise VoteStateError(f"{path}: corrupt vote state: {exc}") from None
+    tx.put(VOTE, state)
