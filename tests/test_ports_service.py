@@ -31,6 +31,7 @@ from gpud.context import Member, NodeContext
 from gpud.ports import blocks
 from gpud.ports.leases import LeaseStore
 from gpud.ports.service import PortsService, loopback_gossip, serve_unix
+from gpud.state import StateStore
 from gpud.tags import Tags
 from tests.lease_storm import lease_storm, unix_session
 
@@ -213,11 +214,11 @@ async def test_kill_9_during_a_lease_storm_loses_and_doubles_nothing(workdir: Pa
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
     assert len(acked) >= 400
-    store = LeaseStore(workdir / "n1" / "ports.db")
+    state = StateStore(workdir / "n1")
     try:
-        stored = {s.lease.id: s.lease.ports for s in store.load()}
+        stored = {s.lease.id: s.lease.ports for s in LeaseStore(state).load()}
     finally:
-        store.close()
+        state.close()
     for lease_id, ports in acked.items():
         assert stored.get(lease_id) == ports, f"acknowledged lease {lease_id} lost"
     all_ports = [p for ports in stored.values() for p in ports]

@@ -3,16 +3,24 @@ see its README) is moved into the state store on first start, and nothing is los
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from gpud import client
+from gpud.errors import GpudError
 from gpud.ports.blocks import ClaimRecord
 from gpud.ports.leases import CLAIM, RESERVED, LeaseStore
 from gpud.ray.votes import VoteRequest, VoteState, VoteStore
 from gpud.state import StateStore
+from tests.serf_util import free_ports
 
 FIXTURE = Path(__file__).parent / "fixtures" / "state-0.1.0"
 
@@ -113,4 +121,51 @@ def test_a_crash_mid_migration_migrates_again_correctly(tmp_path: Path, crash: s
     )
     assert state.get(CLAIM) == EXPECTED_CLAIM
     assert not (state_dir / "ports.db").exists()
+    state.close()
+
+
+def test_a_real_gpud_on_a_0_1_0_state_dir_comes_back_with_its_block_leases_and_vote(
+    tmp_path: Path,
+) -> None:
+    """`gpud agent` (with its real serf child) upgraded in place: same block, same
+    confirmation time in its tags, every lease served, the vote kept."""
+    state_dir = fixture_copy(tmp_path)
+    serf_port, rpc_port, peer_port = free_ports(3)
+    sock = tmp_path / "run" / "gpud.sock"
+    cfg = tmp_path / "gpud.toml"
+    # The ports geometry is 0.1.0's default, under which the fixture's claim was made.
+    cfg.write_text(
+        f'[node]\nname = "n1"\nadvertise = "127.0.0.1"\n'
+        f"[serf]\nbind_port = {serf_port}\nrpc_port = {rpc_port}\n[peer]\nport = {peer_port}\n"
+        f'[paths]\nstate_dir = "{state_dir}"\nruntime_dir = "{tmp_path / "run"}"\n'
+        "[ports]\nreserve = false\nsettle_s = 0.5\n[ray]\nenabled = false\n"
+    )
+    with open(tmp_path / "agent.log", "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpud", "agent", "--config", str(cfg)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            ports: dict = {}
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and ports.get("state") != "confirmed":
+                assert proc.poll() is None, (tmp_path / "agent.log").read_text()[-3000:]
+                try:
+                    ports = client.request(str(sock), "GET", "/v1/ports", timeout=5)
+                except (OSError, GpudError):
+                    pass
+                time.sleep(0.2)
+            assert ports.get("state") == "confirmed", (tmp_path / "agent.log").read_text()[-3000:]
+            assert ports["block"] == EXPECTED_CLAIM.blk
+            assert {lease["owner"]: lease["ports"] for lease in ports["leases"]} == EXPECTED_LEASES
+            status = client.request(str(sock), "GET", "/v1/status", timeout=5)
+            tags = status["node"]["tags"]
+            assert (tags["blk"], tags["bc"]) == (EXPECTED_CLAIM.blk, EXPECTED_CLAIM.confirmed_at)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    state = StateStore(state_dir)
+    assert VoteStore(state).state == VoteState(term=3, voted_for="n2")
     state.close()
