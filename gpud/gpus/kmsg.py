@@ -85,10 +85,9 @@ def count_nvidia_pci(root: Path = PCI_ROOT) -> int | None:
     return count
 
 
-def follow(
-    path: str, on_record: Callable[[str], None], stop: threading.Event, *, from_start: bool = True
-) -> None:
-    """Call ``on_record`` for each record of ``path`` until ``stop`` is set.
+def follow(path: str, on_record: Callable[[str], None], stop: threading.Event | None) -> None:
+    """Call ``on_record`` for each record of ``path`` until ``stop`` is set (``None``: until
+    the records there now are read).
 
     /dev/kmsg hands out one record per read and EAGAIN when there is none (opened non-blocking,
     so ``stop`` is seen within POLL_S); EPIPE means records were overwritten before we read
@@ -96,10 +95,8 @@ def follow(
     followed as it grows. Raises OSError if ``path`` cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        if not from_start:
-            os.lseek(fd, 0, os.SEEK_END)
         pending = b""
-        while not stop.is_set():
+        while stop is None or not stop.is_set():
             try:
                 chunk = os.read(fd, 8192)
             except BlockingIOError:
@@ -109,6 +106,8 @@ def follow(
                     continue
                 raise
             if not chunk:
+                if stop is None:
+                    return
                 stop.wait(POLL_S)
                 continue
             pending += chunk
