@@ -1,0 +1,238 @@
+"""Which nodes run which replica: one pure function that every node evaluates on the same inputs.
+
+There is no scheduler process. Every node computes `place(specs, nodes, current)` from the same
+gossiped inputs and gets the same answer, so nodes agree on an assignment without talking about
+it. Nothing here depends on input order, dict order or randomness: specs are taken by name,
+replicas by index, and ties between nodes are broken by a rendezvous hash of
+(deployment, replica, node), which also keeps a replica's preferred nodes stable as other nodes
+come and go.
+
+Rules, in order of precedence:
+1. Never more GPUs on a node than it has healthy and free for deployments (all deployments
+   counted together), and a node is in at most one multi-node replica (each multi-node replica
+   is its own Ray cluster; a node's Ray process belongs to one cluster). Single-node replicas
+   may share a node while GPUs last.
+2. Sticky: a replica announced in `current` keeps its nodes while all of them are still
+   eligible (alive, healthy, verified, matching the selector) and the rules above hold. Views
+   that conflict (two replicas announcing more than a node has) are settled in (deployment,
+   replica) order: the first keeps its nodes, the later one is placed again.
+3. A replica that must be (re)placed keeps what it can of its previous nodes, so losing one
+   host of a two-host replica moves one node, not two.
+4. Spread: new nodes come from hosts holding the fewest nodes of the same deployment, so the
+   replicas of one deployment land on different hosts when capacity allows.
+5. A replica that cannot be placed is pending, with a reason an operator can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
+
+import msgspec
+
+from gpud.deployments.spec import DeploymentSpec
+
+ReplicaKey = tuple[str, int]  # (deployment name, replica index)
+
+
+class NodeView(msgspec.Struct, frozen=True, kw_only=True):
+    """A node placement may use: already filtered to alive, healthy, verified members."""
+
+    name: str
+    # The host it runs on (its advertised address): several gpud nodes may share one host, and
+    # spreading replicas over nodes on one host protects nothing.
+    host: str
+    # Healthy GPUs that no one but deployments may use (leased to nothing else).
+    gpus: int
+    labels: dict[str, str] = {}
+
+
+class Placed(msgspec.Struct, frozen=True, kw_only=True):
+    deployment: str
+    replica: int
+    nodes: tuple[str, ...]
+    gpus_per_node: int
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.deployment, self.replica)
+
+
+class Pending(msgspec.Struct, frozen=True, kw_only=True):
+    deployment: str
+    replica: int
+    reason: str
+
+
+class Assignment(msgspec.Struct, frozen=True, kw_only=True):
+    placed: tuple[Placed, ...]
+    pending: tuple[Pending, ...]
+
+    def current(self) -> dict[ReplicaKey, tuple[str, ...]]:
+        """This assignment as the `current` input of the next round."""
+        return {p.key: p.nodes for p in self.placed}
+
+    def on_node(self, node: str) -> list[Placed]:
+        return [p for p in self.placed if node in p.nodes]
+
+
+class PlacementError(ValueError):
+    """The inputs contradict themselves (e.g. two nodes with one name)."""
+
+
+_NO_NODES: Final[tuple[str, ...]] = ()
+
+
+def score(deployment: str, replica: int, node: str) -> int:
+    """Rendezvous (highest-random-weight) score of `node` for one replica."""
+    digest = hashlib.blake2b(f"{deployment}\x00{replica}\x00{node}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big")
+
+
+def current_from_claims(
+    claims: Mapping[str, Iterable[ReplicaKey]],
+) -> dict[ReplicaKey, tuple[str, ...]]:
+    """Group what each node announces ("I am in replica web/0") into replica -> nodes."""
+    groups: dict[ReplicaKey, list[str]] = {}
+    for node, keys in claims.items():
+        for key in keys:
+            groups.setdefault(key, []).append(node)
+    return {key: tuple(sorted(nodes)) for key, nodes in groups.items()}
+
+
+def place(
+    specs: Iterable[DeploymentSpec],
+    nodes: Iterable[NodeView],
+    current: Mapping[ReplicaKey, Sequence[str]],
+) -> Assignment:
+    """The assignment of every replica of every spec. Pure and order-independent."""
+    by_name = _unique(nodes)
+    ordered = sorted(specs, key=lambda s: s.name)
+    if len({s.name for s in ordered}) != len(ordered):
+        raise PlacementError("two specs with one name; merge versions before placing")
+    free = {name: n.gpus for name, n in by_name.items()}
+    in_group: set[str] = set()  # nodes held by a multi-node replica
+    placed: dict[ReplicaKey, Placed] = {}
+
+    # Sticky pass first, so a new replica never takes what a serving one holds.
+    for spec in ordered:
+        for replica in range(spec.replicas):
+            kept = tuple(current.get((spec.name, replica), _NO_NODES))
+            if len(kept) != spec.nodes_per_replica or len(set(kept)) != len(kept):
+                continue
+            if all(_fits(spec, by_name.get(n), free, in_group) for n in kept):
+                placed[(spec.name, replica)] = _take(spec, replica, kept, free, in_group)
+
+    pending: list[Pending] = []
+    for spec in ordered:
+        hosts_used = Counter(
+            by_name[n].host for p in placed.values() if p.deployment == spec.name for n in p.nodes
+        )
+        for replica in range(spec.replicas):
+            if (spec.name, replica) in placed:
+                continue
+            previous = tuple(current.get((spec.name, replica), _NO_NODES))
+            chosen = _choose(spec, replica, by_name, free, in_group, hosts_used, previous)
+            if chosen is None:
+                pending.append(
+                    Pending(
+                        deployment=spec.name,
+                        replica=replica,
+                        reason=_reason(spec, by_name, free, in_group),
+                    )
+                )
+                continue
+            placed[(spec.name, replica)] = _take(spec, replica, chosen, free, in_group)
+            hosts_used.update(by_name[n].host for n in chosen)
+
+    return Assignment(placed=tuple(placed[k] for k in sorted(placed)), pending=tuple(pending))
+
+
+def _unique(nodes: Iterable[NodeView]) -> dict[str, NodeView]:
+    by_name: dict[str, NodeView] = {}
+    for node in nodes:
+        if node.name in by_name:
+            raise PlacementError(f"node {node.name!r} appears twice in the membership view")
+        if node.gpus < 0:
+            raise PlacementError(f"node {node.name!r}: negative GPU count {node.gpus}")
+        by_name[node.name] = node
+    return by_name
+
+
+def _matches(spec: DeploymentSpec, node: NodeView) -> bool:
+    return all(node.labels.get(k) == want for k, want in spec.selector.items())
+
+
+def _fits(
+    spec: DeploymentSpec, node: NodeView | None, free: Mapping[str, int], in_group: set[str]
+) -> bool:
+    if node is None or not _matches(spec, node) or free[node.name] < spec.gpus_per_node:
+        return False
+    return not (spec.nodes_per_replica > 1 and node.name in in_group)
+
+
+def _take(
+    spec: DeploymentSpec,
+    replica: int,
+    chosen: tuple[str, ...],
+    free: dict[str, int],
+    in_group: set[str],
+) -> Placed:
+    for name in chosen:
+        free[name] -= spec.gpus_per_node
+        if spec.nodes_per_replica > 1:
+            in_group.add(name)
+    return Placed(
+        deployment=spec.name, replica=replica, nodes=chosen, gpus_per_node=spec.gpus_per_node
+    )
+
+
+def _choose(
+    spec: DeploymentSpec,
+    replica: int,
+    by_name: Mapping[str, NodeView],
+    free: dict[str, int],
+    in_group: set[str],
+    hosts_used: Counter[str],
+    previous: tuple[str, ...],
+) -> tuple[str, ...] | None:
+    candidates = [n for n in by_name.values() if _fits(spec, n, free, in_group)]
+    if len(candidates) < spec.nodes_per_replica:
+        return None
+    chosen: list[str] = []
+    used = Counter(hosts_used)
+    # Multi-node replicas are exclusive, so one node cannot be picked twice; single-node
+    # replicas pick one node. Greedy: previous nodes first and in their old order (so a kept
+    # rank 0 stays rank 0), then fewest of this deployment on the host, then the hash.
+    for _ in range(spec.nodes_per_replica):
+        best = min(
+            (n for n in candidates if n.name not in chosen),
+            key=lambda n: (
+                previous.index(n.name) if n.name in previous else len(previous),
+                used[n.host],
+                -score(spec.name, replica, n.name),
+                n.name,
+            ),
+        )
+        chosen.append(best.name)
+        used[best.host] += 1
+    return tuple(chosen)
+
+
+def _reason(
+    spec: DeploymentSpec, by_name: Mapping[str, NodeView], free: dict[str, int], in_group: set[str]
+) -> str:
+    available = sum(1 for n in by_name.values() if _fits(spec, n, free, in_group))
+    grouped = sum(1 for n in by_name.values() if _fits(spec, n, free, set())) - available
+    n = spec.nodes_per_replica
+    what = f"{n} node{'s' if n != 1 else ''}"
+    if spec.gpus_per_node:
+        g = spec.gpus_per_node
+        what += f" with {g} free GPU{'s' if g != 1 else ''}"
+    if spec.selector:
+        labels = ", ".join(f"{k}={v}" for k, v in spec.selector.items())
+        what += f" matching {{{labels}}}"
+    held = f" ({grouped} more are in other multi-node replicas)" if grouped else ""
+    return f"needs {what}; {available} available{held}"
