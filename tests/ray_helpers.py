@@ -18,7 +18,7 @@ import msgspec
 
 from gpud.config import RayConfig
 from gpud.context import Member, NodeContext
-from gpud.process import group_members
+from gpud.process import group_members, process_start
 from gpud.ray.service import RayService, RayServiceSettings
 from gpud.serf.agent import QueryHandler
 from tests.harness.config import config_for
@@ -116,15 +116,6 @@ class LoopbackTransport:
                     replies[node] = response
         await asyncio.sleep(0)
         return replies
-
-
-def kill_group(pid: int | None) -> None:
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 class Nodes:
@@ -256,9 +247,8 @@ def _live_pids_in(netns: str) -> list[int]:
     )
     live = []
     for pid in (int(p) for p in listed.stdout.split() if p.isdigit()):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
-                live.append(pid)
+        if process_start(pid) is not None:  # running, not a zombie
+            live.append(pid)
     return live
 
 

@@ -7,12 +7,17 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from gpud.process import GroupRecord, leftover_members, process_start
 from gpud.ray.probes import alive_ray_nodes, gcs_healthy, probe_ray
 from gpud.ray.supervisor import (
+    RAY_CHILD,
     RayPorts,
     RaySupervisor,
     RayTarget,
@@ -21,6 +26,7 @@ from gpud.ray.supervisor import (
     ray_start_argv,
     temp_dir_for,
 )
+from gpud.state import StateStore
 from tests.harness.wait import async_wait_for
 from tests.ray_helpers import RAY_EXECUTABLE, SimplePorts, group_members
 
@@ -263,3 +269,98 @@ async def test_crashing_ray_backs_off_with_reason(tmp_path: Path) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# A stand-in gpud that runs a Ray head with its group recorded, to be kill -9ed.
+_GPUD_WITH_RAY = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from gpud.process import GroupRecord
+    from gpud.ray.supervisor import RAY_CHILD, RaySupervisor, RayTarget, SupervisorSettings
+    from gpud.state import StateStore
+    from tests.ray_helpers import RAY_EXECUTABLE, SimplePorts
+
+    async def main():
+        state, root = Path(sys.argv[1]), sys.argv[2]
+        supervisor = RaySupervisor(
+            executable=RAY_EXECUTABLE, node_name="old", node_ip="127.0.0.5",
+            ports=SimplePorts(22000, 22500), temp_root=root, num_cpus=1,
+            settings=SupervisorSettings(worker_ports=4), client_server=False,
+            record=GroupRecord(StateStore(state), RAY_CHILD),
+        )
+        supervisor.set_target(RayTarget(role="head"))
+        await supervisor.run()
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.ray
+@needs_ray
+@pytest.mark.timeout(240)
+async def test_ray_left_by_a_killed_gpud_is_stopped_before_a_new_one(tmp_path: Path) -> None:
+    """kill -9 of gpud alone leaves its `ray start` group running; the next gpud stops exactly
+    that group before it starts Ray, so one gpud node never runs two Ray nodes."""
+    root = f"/tmp/gpud-ray-test-{tmp_path.name[-12:]}"
+    state = tmp_path / "state"
+    gpud = subprocess.Popen(  # noqa: ASYNC220 -- the stand-in gpud, killed below
+        [sys.executable, "-c", _GPUD_WITH_RAY, str(state), root],
+        cwd=Path(__file__).parents[1],
+    )
+    store = StateStore(state)
+    record = GroupRecord(store, RAY_CHILD)
+    supervisor = None
+    task = None
+    try:
+        old = await async_wait_for(record.load, 90, 0.5, what="the old Ray's group record")
+
+        async def old_gcs_up() -> bool:
+            return await gcs_healthy(RAY_EXECUTABLE, "127.0.0.5", 22000)
+
+        await async_wait_for(old_gcs_up, 90, 1.0, what="the old head's GCS")
+        os.kill(gpud.pid, signal.SIGKILL)
+        gpud.wait(10)
+        orphans = leftover_members(old)
+        assert orphans, "kill -9 of gpud alone should leave its Ray group running"
+
+        supervisor = RaySupervisor(
+            executable=RAY_EXECUTABLE,
+            node_name="new",
+            node_ip="127.0.0.5",
+            ports=SimplePorts(22500, 23000),
+            temp_root=root,
+            num_cpus=1,
+            settings=SupervisorSettings(worker_ports=4, grace_s=3),
+            client_server=False,
+            record=record,
+        )
+        supervisor.set_target(RayTarget(role="head"))
+        task = asyncio.create_task(supervisor.run())
+
+        async def new_head_ready() -> bool:
+            return supervisor.gcs_ready_port != 0
+
+        await async_wait_for(new_head_ready, 120, what="the new head's GCS")
+        # The old group is gone (every pid of it), the new one is recorded in its place.
+        assert group_members(old.pgid) == [] and all(process_start(p) is None for p in orphans)
+        new = record.load()
+        assert new is not None and new != old and new.pgid == supervisor.status().process.pid
+        gcs = supervisor.gcs_ready_port
+
+        async def one_ray_node() -> bool:
+            nodes = await alive_ray_nodes(RAY_EXECUTABLE, f"127.0.0.5:{gcs}")
+            return [n.name for n in nodes] == ["new"]
+
+        await async_wait_for(one_ray_node, 60, 1.0, what="exactly the new Ray node alive")
+    finally:
+        if gpud.poll() is None:
+            gpud.kill()
+        gpud.wait(10)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        shutil.rmtree(root, ignore_errors=True)
+    assert record.load() is None  # a clean stop leaves no record
