@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gpud.health.auth import H_NONCE, H_SIGNATURE, H_TIME, AuthError, Verifier, sign
+from gpud.health.auth import (
+    H_NONCE,
+    H_SIGNATURE,
+    H_TIME,
+    NONCES_PER_SOURCE,
+    AuthError,
+    Verifier,
+    sign,
+)
 
 KEY = b"k" * 32
 NOW = 1_800_000_000.0
@@ -56,12 +66,100 @@ def test_clock_skew_is_generous_but_bounded():
             verifier.verify("POST", "/p", stale, b"", now=NOW)
 
 
-def test_full_nonce_cache_never_lets_a_forgotten_nonce_replay():
-    verifier = Verifier(KEY, cache_size=4)
+def test_a_full_source_is_throttled_and_never_forgets_a_live_nonce():
+    verifier = Verifier(KEY, per_source=4)
     sent = [sign(KEY, "n1", "POST", "/p", b"", now=NOW + i) for i in range(10)]
+    outcomes = []
     for i, headers in enumerate(sent):
-        verifier.verify("POST", "/p", headers, b"", now=NOW + i)
-    for headers in sent:
-        with pytest.raises(AuthError, match="replayed"):
-            verifier.verify("POST", "/p", headers, b"", now=NOW + 10)
-    assert len(verifier._seen) <= 4
+        try:
+            outcomes.append(verifier.verify("POST", "/p", headers, b"", source="a", now=NOW + i))
+        except AuthError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[:4] == ["n1"] * 4
+    assert all("too many requests from a" in o for o in outcomes[4:])
+    for headers in sent[:4]:
+        for source in ("a", "b"):
+            with pytest.raises(AuthError, match="replayed"):
+                verifier.verify("POST", "/p", headers, b"", source=source, now=NOW + 10)
+    assert verifier.remembered == 4
+    # Once its nonces are too old to replay, the source is served again.
+    late = sign(KEY, "n1", "POST", "/p", b"", now=NOW + 125)
+    assert verifier.verify("POST", "/p", late, b"", source="a", now=NOW + 125) == "n1"
+
+
+def test_future_stamps_beyond_a_small_skew_are_refused():
+    verifier = Verifier(KEY, max_future_s=15)
+    ahead = sign(KEY, "n1", "POST", "/p", b"", now=NOW + 16)
+    with pytest.raises(AuthError, match="off"):
+        verifier.verify("POST", "/p", ahead, b"", now=NOW)
+    assert verifier.remembered == 0
+
+
+def test_the_replay_floor_freeze_attack_fails():
+    """Issue 10: 32,769 valid requests stamped +119 s froze the floor for ~2 minutes."""
+    verifier = Verifier(KEY)
+    for i in range(32769):
+        headers = sign(KEY, "rogue", "POST", "/p", b"", now=NOW + 119)
+        with pytest.raises(AuthError, match="off"):
+            verifier.verify("POST", "/p", headers, b"", source="10.0.0.66", now=NOW + i * 1e-4)
+    # The same flood as far ahead as is allowed raises only the flooder's own floor.
+    for i in range(3000):
+        headers = sign(KEY, "rogue", "POST", "/p", b"", now=NOW + 14.9)
+        try:
+            verifier.verify("POST", "/p", headers, b"", source="10.0.0.66", now=NOW + i * 1e-4)
+        except AuthError as exc:
+            assert i >= NONCES_PER_SOURCE and "too many requests" in str(exc)
+    assert verifier.held("10.0.0.66") == NONCES_PER_SOURCE
+    honest = sign(KEY, "n2", "POST", "/p", b"", now=NOW + 1)
+    assert verifier.verify("POST", "/p", honest, b"", source="10.0.0.2", now=NOW + 1) == "n2"
+    # Even the flooder's own address is served again once its stamps are too old to replay.
+    later = sign(KEY, "rogue", "POST", "/p", b"", now=NOW + 135)
+    assert verifier.verify("POST", "/p", later, b"", source="10.0.0.66", now=NOW + 135) == "rogue"
+
+
+def test_any_installed_key_is_accepted_while_rotating():
+    old, new = b"o" * 32, b"n" * 32
+    keys = [old, new]
+    verifier = Verifier(lambda: keys)
+    for key in (old, new):
+        headers = sign(key, "n1", "POST", "/p", b"", now=NOW)
+        assert verifier.verify("POST", "/p", headers, b"", now=NOW) == "n1"
+    keys.remove(old)
+    with pytest.raises(AuthError, match="bad signature"):
+        verifier.verify("POST", "/p", sign(old, "n1", "POST", "/p", b"", now=NOW), b"", now=NOW)
+
+
+# One request: (source index, stamp offset from the clock, clock advance before it).
+_requests = st.lists(
+    st.tuples(st.integers(0, 3), st.floats(-130, 20), st.floats(0, 30)), max_size=80
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_requests)
+def test_no_replay_ever_passes_and_no_source_freezes_another(requests):
+    verifier = Verifier(KEY, per_source=4, cache_size=200)
+    now = NOW
+    accepted: list[tuple[str, dict[str, str], float]] = []
+    for step, (src, offset, advance) in enumerate(requests):
+        now += advance
+        source = f"10.0.0.{src}"
+        headers = sign(KEY, "n", "POST", "/p", b"", now=now + offset)
+        try:
+            verifier.verify("POST", "/p", headers, b"", source=source, now=now)
+        except AuthError:
+            # Refused only outside the window (stamps are rounded to ms) or when this very
+            # source holds its quota of live nonces.
+            assert not -119.99 <= offset <= 14.99 or verifier.held(source) == 4
+        else:
+            accepted.append((source, headers, now + offset))
+        # Whatever the other sources did, an honest peer is served.
+        fresh = sign(KEY, "h", "POST", "/p", b"", now=now)
+        honest = f"192.0.2.{step}"
+        assert verifier.verify("POST", "/p", fresh, b"", source=honest, now=now) == "h"
+    # No accepted request passes again, from its own address or another one.
+    for source, headers, _ in accepted:
+        for replay_from in (source, "10.0.0.9"):
+            with pytest.raises(AuthError):
+                verifier.verify("POST", "/p", headers, b"", source=replay_from, now=now)
+    assert verifier.remembered <= 200

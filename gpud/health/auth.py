@@ -2,29 +2,48 @@
 
 A request carries its sender's node name, a timestamp, a random nonce and an HMAC-SHA256 over
 method, path, node, timestamp, nonce and the SHA-256 of the body. The verifier rejects missing
-or wrong signatures, timestamps outside the allowed clock skew and nonces it has seen before.
+or wrong signatures, timestamps outside the freshness window and nonces it has seen before.
+
+Replay state cannot be frozen, and no nonce is forgotten while it could still pass. A nonce is
+refused while it is remembered, whichever address replays it, and it is remembered until its
+stamp is too old to pass the timestamp check. Memory is bounded per source address (the TCP
+peer, which a sender cannot choose freely once the handshake is done): a source that holds
+NONCES_PER_SOURCE live nonces is refused until they age out. So a flood, even of valid requests,
+throttles only the flooder's own address, never another node's, and for at most the window
+after it stops; stamps more than MAX_FUTURE_S ahead are refused outright (they would stay in
+memory longest). An honest peer sends far fewer requests than that per window.
+While rotating the cluster key the verifier accepts a signature by any installed key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 H_NODE = "X-Gpud-Node"
 H_TIME = "X-Gpud-Timestamp"
 H_NONCE = "X-Gpud-Nonce"
 H_SIGNATURE = "X-Gpud-Signature"
 
-# Generous: NTP-less hosts drift, and a peer with a skewed clock should still be probed.
+# Generous into the past: a request in flight, or from a peer whose clock runs behind.
 MAX_CLOCK_SKEW_S = 120.0
-# Enough for ~130 requests/s over the skew window; beyond it the floor below takes over.
-NONCE_CACHE_SIZE = 32768
+# Tight into the future: a peer whose clock runs more ahead than this must fix its clock; a
+# future stamp would otherwise stay replayable, and in memory, longest.
+MAX_FUTURE_S = 15.0
+# Nonces remembered per source: a peer sends a few requests per probe interval (~2 s), so this
+# covers the whole window many times over; beyond it that source's own floor takes over.
+NONCES_PER_SOURCE = 2048
+# Nonces remembered in all. A source beyond it is refused ("busy") until stamps age out; one
+# flooding source can never reach it alone.
+NONCE_CACHE_SIZE = 65536
 _MAX_NODE_NAME = 128
 _NONCE_HEX = 32
+
+Keys = bytes | Sequence[bytes] | Callable[[], Sequence[bytes]]
 
 
 class AuthError(Exception):
@@ -53,24 +72,30 @@ def sign(
 
 
 class Verifier:
-    """Checks signed requests and remembers nonces, in bounded memory.
-
-    When the nonce cache is full the oldest nonce is dropped and its timestamp becomes a floor:
-    requests stamped at or before it are refused, so a dropped nonce can never be replayed.
-    """
+    """Checks signed requests and remembers nonces per source address, in bounded memory."""
 
     def __init__(
         self,
-        key: bytes,
+        keys: Keys,
         *,
         max_skew_s: float = MAX_CLOCK_SKEW_S,
+        max_future_s: float = MAX_FUTURE_S,
+        per_source: int = NONCES_PER_SOURCE,
         cache_size: int = NONCE_CACHE_SIZE,
     ) -> None:
-        self._key = key
+        if callable(keys):
+            self._keys = keys
+        else:
+            fixed = [keys] if isinstance(keys, bytes) else list(keys)
+            self._keys = lambda: fixed
         self._max_skew_s = max_skew_s
+        self._max_future_s = max_future_s
+        self._per_source = per_source
         self._cache_size = cache_size
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._floor = float("-inf")
+        # Per source address: (stamp, nonce) of its live nonces, a heap (oldest stamp first).
+        self._sources: dict[str, list[tuple[float, str]]] = {}
+        # Every remembered nonce, whichever source used it (a replay may come from anywhere).
+        self._all: set[str] = set()
 
     def verify(
         self,
@@ -79,9 +104,12 @@ class Verifier:
         headers: Mapping[str, str],
         body: bytes,
         *,
+        source: str = "",
         now: float | None = None,
     ) -> str:
-        """The sender's node name; raises AuthError. Only a valid request consumes its nonce."""
+        """The sender's node name; raises AuthError. Only a valid request consumes its nonce.
+
+        ``source`` is the address the request came from (its replay state is kept apart)."""
         now = time.time() if now is None else now
         node, stamp, nonce, signature = (
             headers.get(h) for h in (H_NODE, H_TIME, H_NONCE, H_SIGNATURE)
@@ -94,23 +122,52 @@ class Verifier:
             sent = float(stamp)
         except ValueError:
             raise AuthError("malformed timestamp") from None
-        expected = _mac(self._key, method, path, node, stamp, nonce, body)
-        if not hmac.compare_digest(expected, signature):
+        if not any(
+            hmac.compare_digest(_mac(key, method, path, node, stamp, nonce, body), signature)
+            for key in self._keys()
+        ):
             raise AuthError("bad signature (not signed with this cluster's key)")
-        if not abs(now - sent) <= self._max_skew_s:
-            raise AuthError(f"timestamp {now - sent:+.0f} s off (clock skew or a stale request)")
-        if nonce in self._seen or sent <= self._floor:
+        if not now - self._max_skew_s <= sent <= now + self._max_future_s:
+            raise AuthError(
+                f"timestamp {sent - now:+.0f} s off (accepted: -{self._max_skew_s:g} to "
+                f"+{self._max_future_s:g} s; clock skew or a stale request: sync clocks with NTP)"
+            )
+        if nonce in self._all:
             raise AuthError("replayed request (nonce already used)")
-        self._remember(nonce, sent, now)
+        self._remember(source, nonce, sent, now)
         return node
 
-    def _remember(self, nonce: str, sent: float, now: float) -> None:
-        # Nonces older than the skew window cannot pass the timestamp check again: forget them.
-        while self._seen:
-            oldest, at = next(iter(self._seen.items()))
-            if now - at <= self._max_skew_s and len(self._seen) < self._cache_size:
-                break
-            del self._seen[oldest]
-            if now - at <= self._max_skew_s:
-                self._floor = max(self._floor, at)
-        self._seen[nonce] = sent
+    def _remember(self, source: str, nonce: str, sent: float, now: float) -> None:
+        if len(self._all) >= self._cache_size:
+            self._forget_stale(now)
+            if len(self._all) >= self._cache_size:
+                raise AuthError("too many requests from too many sources; retry shortly")
+        heap = self._sources.setdefault(source, [])
+        self._expire(heap, now)
+        if len(heap) >= self._per_source:
+            raise AuthError(
+                f"too many requests from {source or 'this source'} "
+                f"({self._per_source} within {self._max_skew_s:g} s); slow down"
+            )
+        heapq.heappush(heap, (sent, nonce))
+        self._all.add(nonce)
+
+    def _expire(self, heap: list[tuple[float, str]], now: float) -> None:
+        """Forget nonces whose stamps can no longer pass the timestamp check."""
+        while heap and heap[0][0] < now - self._max_skew_s:
+            self._all.discard(heapq.heappop(heap)[1])
+
+    def _forget_stale(self, now: float) -> None:
+        for source in list(self._sources):
+            heap = self._sources[source]
+            self._expire(heap, now)
+            if not heap:
+                del self._sources[source]
+
+    @property
+    def remembered(self) -> int:
+        return len(self._all)
+
+    def held(self, source: str) -> int:
+        """Live nonces remembered for ``source``."""
+        return len(self._sources.get(source, ()))

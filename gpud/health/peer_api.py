@@ -355,7 +355,9 @@ class PeerApiServer:
         except web.HTTPRequestEntityTooLarge:
             return self._reject(request, 413, f"body over {MAX_BODY_BYTES} bytes")
         try:
-            node = self._verifier.verify(request.method, request.path, request.headers, body)
+            node = self._verifier.verify(
+                request.method, request.path, request.headers, body, source=request.remote or ""
+            )
         except AuthError as exc:
             return self._reject(request, 401, str(exc))
         request[_PEER_NODE] = node
