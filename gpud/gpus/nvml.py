@@ -21,6 +21,7 @@ from typing import Any
 from gpud.gpus.kmsg import normalise_pci
 from gpud.gpus.signals import (
     NOT_SUPPORTED,
+    UNREAD_UUID_PREFIX,
     GpuReadings,
     LostKind,
     NodeReadings,
@@ -109,12 +110,14 @@ def read_gpu(nvml: Nvml, index: int) -> GpuReadings:
             else ""
         )
         if lost:
-            return GpuReadings(index=index, uuid=f"index-{index}", lost=lost)
+            return GpuReadings(index=index, uuid=f"{UNREAD_UUID_PREFIX}{index}", lost=lost)
         return GpuReadings(
-            index=index, uuid=f"index-{index}", errors={"handle": f"{type(exc).__name__}: {exc}"}
+            index=index,
+            uuid=f"{UNREAD_UUID_PREFIX}{index}",
+            errors={"handle": f"{type(exc).__name__}: {exc}"},
         )
     r = _Reader(nvml, handle)
-    gpu = GpuReadings(index=index, uuid=f"index-{index}")
+    gpu = GpuReadings(index=index, uuid=f"{UNREAD_UUID_PREFIX}{index}")
     try:
         uuid = r.get("uuid", nvml.nvmlDeviceGetUUID)
         if isinstance(uuid, str | bytes):

@@ -34,7 +34,15 @@ from gpud.gpus.leases import (
     StoredGpuLease,
     choose_gpus,
 )
-from gpud.gpus.signals import GpuReadings, NodeReadings, Signal, XidEvent, number, signals_of
+from gpud.gpus.signals import (
+    GpuReadings,
+    NodeReadings,
+    Signal,
+    XidEvent,
+    carry_identity,
+    number,
+    signals_of,
+)
 from gpud.gpus.verdict import (
     Assessment,
     Finding,
@@ -47,7 +55,8 @@ from gpud.gpus.verdict import (
     split_xids,
 )
 from gpud.gpus.xid import ACTION_TEXT, RepairAction, describe
-from gpud.ports.leases import new_lease_id, owner_alive, process_start
+from gpud.ports.leases import new_lease_id
+from gpud.process import owner_alive, process_start
 from gpud.state import StateStore, open_store
 
 logger = log.get("gpus")
@@ -209,7 +218,7 @@ class GpuService(ComponentBase):
 
     async def poll(self) -> None:
         """Read every signal once and judge it (the poll loop calls this; so can tests)."""
-        readings = await self._read()
+        readings = carry_identity(await self._read(), self._readings)
         await self._judge(readings, time.time())
 
     # ---- component contract ----------------------------------------------------------------
@@ -418,7 +427,7 @@ class GpuService(ComponentBase):
             return self._unanswered("an earlier NVML call has still not returned")
         future = asyncio.ensure_future(asyncio.to_thread(nvml_io.read_node, self._nvml, pci))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.cfg.nvml_timeout_s)
+            readings = await asyncio.wait_for(asyncio.shield(future), self.cfg.nvml_timeout_s)
         except TimeoutError:
             # The thread cannot be stopped; no new NVML call starts until it returns.
             self._hung = future
@@ -431,6 +440,11 @@ class GpuService(ComponentBase):
                 pci_functions=pci,
                 errors={"poll": f"{type(exc).__name__}: {exc}"},
             )
+        failure = readings.errors.get("device_count")
+        if failure and self._readings is not None and self._readings.gpus:
+            # Not "the GPUs are gone": we could not ask. Keep them, each unreadable.
+            return self._unanswered(f"cannot count the GPUs: {failure}")
+        return readings
 
     def _unanswered(self, reason: str) -> NodeReadings:
         """Readings for a poll NVML did not answer: the known GPUs, each unreadable."""

@@ -139,3 +139,19 @@ def number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
+
+
+UNREAD_UUID_PREFIX = "index-"
+
+
+def carry_identity(readings: NodeReadings, previous: NodeReadings | None) -> NodeReadings:
+    """A lost GPU cannot tell NVML its UUID any more: give it the identity (UUID, name, PCI
+    address) the same index had in the previous poll, so its verdict and lease stay with it."""
+    if previous is None:
+        return readings
+    before = {g.index: g for g in previous.gpus}
+    for gpu in readings.gpus:
+        old = before.get(gpu.index)
+        if gpu.uuid.startswith(UNREAD_UUID_PREFIX) and old is not None:
+            gpu.uuid, gpu.name, gpu.pci = old.uuid, gpu.name or old.name, gpu.pci or old.pci
+    return readings

@@ -340,7 +340,7 @@ def node_findings(
         )
         for name, error in sorted(readings.errors.items())
     ]
-    if pci > len(readings.gpus):
+    if pci > len(readings.gpus) and "device_count" not in readings.errors:
         found.append(
             Finding(
                 code="missing",
