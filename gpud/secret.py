@@ -13,9 +13,12 @@ import hashlib
 import hmac
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gpud.config import Config
 from gpud.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gpud.config import Config
 
 KEY_BYTES = 32
 
