@@ -279,6 +279,69 @@ def _socket_credentials(sock: Any) -> PeerCredentials | None:
     return PeerCredentials(*_UCRED.unpack(raw))
 
 
+# Linux's SO_PEERGROUPS (4.13+): the peer's supplementary groups at connect time. Python's
+# socket module does not name it.
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GID = struct.Struct("I")
+
+
+def peer_credentials(request: web.Request) -> PeerCredentials:
+    """Who is on the other end of a local-API request (the kernel's word, not the caller's)."""
+    transport = request.transport
+    creds = _socket_credentials(transport.get_extra_info("socket")) if transport else None
+    if creds is None:
+        raise ApiError(403, "the caller's credentials are unknown (not a Unix-socket request)")
+    return creds
+
+
+def _peer_groups(request: web.Request, creds: PeerCredentials) -> set[int]:
+    groups = {creds.gid}
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    with contextlib.suppress(OSError):
+        # Python caps the buffer at 1024 bytes: the first 256 groups.
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+        groups.update(g for (g,) in _GID.iter_unpack(raw[: len(raw) // 4 * 4]))
+    return groups
+
+
+def may_change_state(creds: PeerCredentials, groups: set[int], admin_gid: int | None) -> bool:
+    """Root, or a member of the admin group (pure; ``admin_gid`` None: the group does not exist)."""
+    return creds.uid == 0 or (admin_gid is not None and admin_gid in groups)
+
+
+def require_admin(request: web.Request, admin_group: str) -> PeerCredentials:
+    """The caller, if it may change state (root or a member of ``admin_group``); else 403."""
+    creds = peer_credentials(request)
+    try:
+        admin_gid: int | None = grp.getgrnam(admin_group).gr_gid
+    except KeyError:
+        admin_gid = None
+    if not may_change_state(creds, _peer_groups(request, creds), admin_gid):
+        raise ApiError(
+            403,
+            f"uid {creds.uid} may only read: changing state needs root or membership in group "
+            f"{admin_group!r} (api.admin_group)",
+        )
+    return creds
+
+
+def require_owner(creds: PeerCredentials, owner_uid: int | None, what: str) -> None:
+    """403 unless the caller is root or the uid that created ``what``."""
+    if creds.uid != 0 and owner_uid != creds.uid:
+        owner = "root" if owner_uid is None else f"uid {owner_uid}"
+        raise ApiError(403, f"{what} belongs to {owner}; only its owner or root may change it")
+
+
+def require_pid_of(creds: PeerCredentials, pid: int) -> None:
+    """400/403 unless ``pid`` runs as the caller's uid (root may name any process)."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        raise ApiError(400, f"pid {pid} is not a running process") from None
+    if creds.uid != 0 and uid != creds.uid:
+        raise ApiError(403, f"pid {pid} runs as uid {uid}, not as you (uid {creds.uid})")
+
+
 def _tcp_source(transport: asyncio.BaseTransport) -> Hashable:
     peer = transport.get_extra_info("peername")
     return peer[0] if peer else "?"

@@ -30,6 +30,8 @@ class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     count: Annotated[int, msgspec.Meta(ge=1)]
     contiguous: bool = False
     pid: Pid | None = None
+    # Set by the API from the caller's SO_PEERCRED (a uid in the body is overwritten): issue 10.
+    uid: int | None = None
 
 
 class Lease(msgspec.Struct, kw_only=True):
@@ -38,6 +40,8 @@ class Lease(msgspec.Struct, kw_only=True):
     ports: list[int]
     pid: int | None
     created: float
+    # The uid that leased it (None: root or a lease from before uids were recorded): issue 10.
+    uid: int | None = None
 
 
 class StoredLease(msgspec.Struct, kw_only=True):

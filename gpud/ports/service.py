@@ -259,13 +259,25 @@ class PortsService(ComponentBase):
     async def _get_leases(self, request: web.Request) -> web.Response:
         return api.json_response(self.leases())
 
+    # --- issue 10 (trust): only root or api.admin_group leases; only the owner releases ---
     async def _post_lease(self, request: web.Request) -> web.Response:
+        caller = api.require_admin(request, self.ctx.config.api.admin_group)
         lease_request = await api.read_body(request, LeaseRequest, what="lease request")
+        if lease_request.pid is not None:
+            api.require_pid_of(caller, lease_request.pid)
+        lease_request = msgspec.structs.replace(lease_request, uid=caller.uid)
         return api.json_response(await self._lease(lease_request), status=201)
 
     async def _delete_lease(self, request: web.Request) -> web.Response:
-        await self.release(request.match_info["id"])
+        caller = api.require_admin(request, self.ctx.config.api.admin_group)
+        lease_id = request.match_info["id"]
+        item = self._leases.get(lease_id)
+        if item is not None:
+            api.require_owner(caller, item.lease.uid, f"lease {lease_id}")
+        await self.release(lease_id)
         return web.Response(status=204)
+
+    # --- end issue 10 ---
 
     # ---- leases ----------------------------------------------------------------------------
 
@@ -369,6 +381,7 @@ class PortsService(ComponentBase):
             ports=ports,
             pid=request.pid,
             created=time.time(),
+            uid=request.uid,
         )
         batch.added.append(StoredLease(lease=lease, pid_start=op.pid_start))
         return lease
