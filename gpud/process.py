@@ -39,6 +39,7 @@ class ProcStat(msgspec.Struct, frozen=True):
 
     # R, S, D, Z (zombie), X (dead), ...
     state: str
+    ppid: int
     pgid: int
     # Clock ticks since boot (field 22): with the pid, it names one process across pid reuse.
     start: int
@@ -52,7 +53,9 @@ def proc_stat(pid: int) -> ProcStat | None:
         return None
     # The command name (field 2) may contain spaces and parentheses; fields resume after ")".
     fields = stat.rpartition(")")[2].split()
-    return ProcStat(state=fields[0], pgid=int(fields[2]), start=int(fields[19]))
+    return ProcStat(
+        state=fields[0], ppid=int(fields[1]), pgid=int(fields[2]), start=int(fields[19])
+    )
 
 
 def _live(stat: ProcStat | None) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from gpud import config as gpud_config
+from gpud.process import proc_stat
 from tests.harness import faults
 from tests.harness.gpud_node import (
     Cluster,
@@ -355,10 +356,8 @@ def _pids_in(netns: str) -> list[int]:
 
 
 def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return "gone"
+    stat = proc_stat(pid)
+    return "gone" if stat is None else stat.state
 
 
 # ---- pure helpers (no namespaces needed) ----

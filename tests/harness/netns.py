@@ -33,6 +33,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+from gpud.process import proc_stat
+
 PREFIX = "gh"
 STATE_DIR = Path("/run/gpud-harness")
 NETNS_DIR = Path("/run/netns")
@@ -62,19 +64,13 @@ def sh(
 
 
 def _proc_start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[19])
+    stat = proc_stat(pid)
+    return None if stat is None else stat.start
 
 
 def _pgid_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[2])
+    stat = proc_stat(pid)
+    return None if stat is None else stat.pgid
 
 
 def _netns_inode(pid_or_name: int | str) -> int | None:
@@ -95,11 +91,9 @@ def children_of(pid: int) -> list[int]:
     """All descendants of ``pid`` (from /proc parent links)."""
     parent: dict[int, list[int]] = {}
     for p in _all_pids():
-        try:
-            ppid = int(Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parent.setdefault(ppid, []).append(p)
+        stat = proc_stat(p)
+        if stat is not None:
+            parent.setdefault(stat.ppid, []).append(p)
     found: list[int] = []
     todo = list(parent.get(pid, []))
     while todo:
@@ -135,10 +129,8 @@ def _kill_pids(pids: Sequence[int], grace_s: float) -> None:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
-        return True
+    stat = proc_stat(pid)
+    return stat is None or stat.state == "Z"
 
 
 def _delete_netns(names: Sequence[str], grace_s: float) -> None:
