@@ -13,11 +13,10 @@ import signal
 import time
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from gpud import __version__, api, gpus, log, metrics, preflight, status
-from gpud.component import Component, ComponentBase, Disabled, Metric, gauge
+from gpud import __version__, api, log, metrics, preflight, status
+from gpud.component import Component, Disabled, Metric, gauge
 from gpud.config import Config
 from gpud.context import NodeContext
 from gpud.errors import GpudError
@@ -32,33 +31,6 @@ SERF_DOWN_WATCHDOG_S = 60.0
 MEMBERS_READY_TIMEOUT_S = 10.0
 
 
-class _GpuInventory(ComponentBase):
-    """The NVML inventory read at start, as a component (until GPU health lands)."""
-
-    name = "gpus"
-
-    def __init__(self, inventory: gpus.GpuInventory) -> None:
-        self._inventory = inventory
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()
-
-    def status(self) -> gpus.GpuInventory:
-        return self._inventory
-
-    def summary(self) -> str:
-        return self._inventory.summary or f"{self._inventory.count} GPU(s)"
-
-    def metrics(self) -> list[Metric]:
-        return [gauge("gpud_gpus", "GPUs reported by NVML.", self._inventory.count)]
-
-    def routes(self) -> list[web.RouteDef]:
-        return [web.get("/v1/gpus", self._get)]
-
-    async def _get(self, request: web.Request) -> web.Response:
-        return api.json_response(self._inventory)
-
-
 class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -67,8 +39,9 @@ class Agent:
         self._stop = asyncio.Event()
         self._serf_down_since: float | None = None
 
-    def _build(self, advertise_addr: str, interface: str, inventory: gpus.GpuInventory) -> None:
+    def _build(self, advertise_addr: str, interface: str) -> None:
         """The one place that names the components: each is built here, in start order."""
+        from gpud.gpus.service import GpuService
         from gpud.health.service import HealthService
         from gpud.membership import Membership
         from gpud.netcheck import NetCheck
@@ -77,7 +50,6 @@ class Agent:
 
         ctx = NodeContext(self.config, advertise_addr)
         ctx.advertise_is_local = bool(interface)
-        ctx.tags = msgspec.structs.replace(ctx.tags, gpu=inventory.count)
         self.ctx = ctx
         self.serf = SerfAgent(ctx)
         self.network = NetCheck(ctx, self._address_changed)
@@ -90,7 +62,7 @@ class Agent:
             self.health,
             ports,
             self._ray(ctx, ports),
-            _GpuInventory(inventory),
+            GpuService(ctx),
         ]
 
     def _ray(self, ctx: NodeContext, ports: Any) -> Component:
@@ -209,8 +181,7 @@ class Agent:
             self.notifier.status(f"failed: {preflight.summary(conflicts)}")
             raise preflight.PortConflictError(conflicts)
         # -- end preflight
-        inventory = await asyncio.to_thread(gpus.read_inventory)
-        self._build(advertise_addr, interface, inventory)
+        self._build(advertise_addr, interface)
         log.info(
             _log,
             "starting",
@@ -218,7 +189,6 @@ class Agent:
             addr=advertise_addr,
             interface=interface,
             version=__version__,
-            gpus=inventory.nvml,
         )
         if not self.config.cluster.key_file:
             log.warning(

@@ -21,6 +21,7 @@ from gpud.client import (
     client_command,
     print_json,
 )
+from gpud.gpus.cli import add_commands as gpus_commands
 from gpud.ports.cli import add_commands as ports_commands
 from gpud.text import escape
 
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
     from gpud.context import Member
     from gpud.status import StatusDocument
 
-# Each package's `add_commands(sub)`: its client commands (`gpud ports ...`).
-CLIENT_COMMAND_GROUPS = (ports_commands,)
+# Each package's `add_commands(sub)`: its client commands (`gpud ports ...`, `gpud gpus ...`).
+CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

