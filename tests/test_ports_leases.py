@@ -99,16 +99,18 @@ def test_parse_kernel_format() -> None:
     assert reserve.parse_ranges("\n") == []
 
 
-def _lease(ports: list[int], pid: int | None = None) -> StoredLease:
+def _lease(ports: list[int], pid: int | None = None, uid: int | None = None) -> StoredLease:
     return StoredLease(
-        lease=Lease(id=new_lease_id(), owner="t", ports=ports, pid=pid, created=1.0), pid_start=7
+        lease=Lease(id=new_lease_id(), owner="t", ports=ports, pid=pid, created=1.0, uid=uid),
+        pid_start=7,
     )
 
 
 def test_store_persists_and_refuses_duplicate_ports(tmp_path: Path) -> None:
     state = StateStore(tmp_path)
     store = LeaseStore(state)
-    first, second = _lease([21200, 21201]), _lease([21202], pid=42)
+    # The owner's uid survives a restart: only that uid (or root) may release the lease.
+    first, second = _lease([21200, 21201]), _lease([21202], pid=42, uid=1234)
     store.commit([first, second], [])
     with pytest.raises(Exception, match="UNIQUE"):
         store.commit([_lease([21203]), _lease([21201])], [])

@@ -110,7 +110,7 @@ LEASE_TABLES_VERSION = 1
 LEASE_TABLES = (
     """CREATE TABLE ports_leases (
         id TEXT PRIMARY KEY, owner TEXT NOT NULL, pid INTEGER, pid_start INTEGER,
-        created REAL NOT NULL)""",
+        created REAL NOT NULL, uid INTEGER)""",
     """CREATE TABLE ports_lease_ports (
         port INTEGER PRIMARY KEY,
         lease_id TEXT NOT NULL REFERENCES ports_leases(id) ON DELETE CASCADE)""",
@@ -144,13 +144,18 @@ def _read(query: Callable[[str], list[tuple]], prefix: str = "ports_") -> list[S
     ports: dict[str, list[int]] = {}
     for port, lease_id in query(f"SELECT port, lease_id FROM {prefix}lease_ports ORDER BY port"):
         ports.setdefault(lease_id, []).append(port)
+    # 0.1.0's table (prefix "") has no uid column: its leases read as uid None.
+    uid = "uid" if prefix else "NULL"
     return [
         StoredLease(
-            lease=Lease(id=lid, owner=owner, ports=ports.get(lid, []), pid=pid, created=created),
+            lease=Lease(
+                id=lid, owner=owner, ports=ports.get(lid, []), pid=pid, created=created, uid=uid_
+            ),
             pid_start=pid_start,
         )
-        for lid, owner, pid, pid_start, created in query(
-            f"SELECT id, owner, pid, pid_start, created FROM {prefix}leases ORDER BY created, id"
+        for lid, owner, pid, pid_start, created, uid_ in query(
+            f"SELECT id, owner, pid, pid_start, created, {uid} FROM {prefix}leases "
+            "ORDER BY created, id"
         )
     ]
 
@@ -164,8 +169,9 @@ def _write(
     for item in added:
         lease = item.lease
         tx.execute(
-            f"INSERT INTO {prefix}leases (id, owner, pid, pid_start, created) VALUES (?,?,?,?,?)",
-            (lease.id, lease.owner, lease.pid, item.pid_start, lease.created),
+            f"INSERT INTO {prefix}leases (id, owner, pid, pid_start, created, uid) "
+            "VALUES (?,?,?,?,?,?)",
+            (lease.id, lease.owner, lease.pid, item.pid_start, lease.created, lease.uid),
         )
         tx.executemany(
             f"INSERT INTO {prefix}lease_ports (port, lease_id) VALUES (?, ?)",
