@@ -9,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpud.config import Config, NodeConfig, PathsConfig
 from gpud.context import Member, NodeContext
 from gpud.ray.election import (
     choose_candidate,
@@ -33,6 +32,7 @@ from gpud.ray.votes import (
 )
 from gpud.state import StateStore
 from gpud.tags import Tags
+from tests.harness.config import config_for
 from tests.ray_helpers import LoopbackNetwork
 
 NAMES = [f"n{i}" for i in range(7)]
@@ -271,9 +271,7 @@ class Cluster:
         self.left: set[str] = set()
         self.nodes: dict[str, HeadElection] = {}
         for i, name in enumerate(names):
-            config = Config(
-                node=NodeConfig(name=name), paths=PathsConfig(state_dir=str(root / name))
-            )
+            config = config_for(name, root / name)
             ctx = NodeContext(config, advertise_addr=f"10.77.0.{i + 1}")
             ctx.tags = Tags(rv=True, hl="passing", **tags)  # type: ignore[arg-type]
             store = VoteStore(StateStore(config.state_dir))
