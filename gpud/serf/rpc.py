@@ -211,6 +211,19 @@ class Coordinate(msgspec.Struct, kw_only=True, rename="pascal"):
     height: float
 
 
+class KeyringReply(msgspec.Struct, kw_only=True, rename="pascal"):
+    """Serf's keyResponse: how many nodes answered and what failed where."""
+
+    messages: dict[str, str] | None = None
+    # list-keys: each installed key (base64) -> how many nodes hold it.
+    keys: dict[str, int] | None = None
+    num_nodes: int = 0
+    num_err: int = 0
+    num_resp: int = 0
+    # The header's error ("2/3 nodes reported failure"), empty when every node succeeded.
+    error: str = ""
+
+
 class SerfProtocolError(SerfRPCError):
     """A reply body that does not have the documented shape."""
 
@@ -397,6 +410,7 @@ class SerfRPC:
         kind: ReplyKind = "bare",
         timeout_s: float | None = None,
         records: asyncio.Queue[Any] | None = None,
+        raise_error: bool = True,
     ) -> Frame:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         seq = self._send(command, body, kind)
@@ -414,7 +428,7 @@ class SerfRPC:
             self._records.pop(seq, None)
             failure = self._failure or SerfConnectionError("connection lost")
             raise type(failure)(f"serf {command}: {failure}") from None
-        if frame.error:
+        if frame.error and raise_error:
             self._records.pop(seq, None)
             raise SerfRPCError(command, frame.error)
         return frame
@@ -469,6 +483,27 @@ class SerfRPC:
         frame = await self._call("get-coordinate", {"Node": node}, kind="body")
         body = _convert("get-coordinate", frame.body, dict[str, Any])
         return _convert("get-coordinate", body.get("Coord"), Coordinate) if body.get("Ok") else None
+
+    # Keyring: each runs a cluster-wide query; Serf reports per-node failures in the body
+    # (Messages) next to the header's error, so both come back in a KeyringReply.
+
+    async def install_key(self, key: str, timeout_s: float = 30.0) -> KeyringReply:
+        return await self._keyring("install-key", {"Key": key}, timeout_s)
+
+    async def use_key(self, key: str, timeout_s: float = 30.0) -> KeyringReply:
+        return await self._keyring("use-key", {"Key": key}, timeout_s)
+
+    async def remove_key(self, key: str, timeout_s: float = 30.0) -> KeyringReply:
+        return await self._keyring("remove-key", {"Key": key}, timeout_s)
+
+    async def list_keys(self, timeout_s: float = 30.0) -> KeyringReply:
+        return await self._keyring("list-keys", None, timeout_s)
+
+    async def _keyring(self, command: str, body: Any, timeout_s: float) -> KeyringReply:
+        frame = await self._call(command, body, kind="body", timeout_s=timeout_s, raise_error=False)
+        reply = _convert(command, frame.body, KeyringReply)
+        reply.error = frame.error
+        return reply
 
     async def stats(self) -> dict[str, dict[str, str]]:
         frame = await self._call("stats", kind="body")
