@@ -6,8 +6,9 @@
 writes dist/gpud_<version>_<arch>.deb and dist/gpud-<version>.<arch>.rpm, where <version> is
 <pyproject version>-<revision>. The staged tree holds a self-contained virtualenv at
 /opt/gpud (gpud and its runtime dependencies, not Ray), /usr/bin/gpud, the systemd unit,
-sysusers.d and tmpfiles.d entries and /etc/gpud/gpud.toml. The deb depends on Debian's serf;
-the rpm carries the serf binary of the installed Debian package, with its copyright file.
+sysusers.d and tmpfiles.d entries, /etc/gpud/gpud.toml, the man page, the copyright file
+listing every bundled distribution with its license, and the serf binary of the installed
+Debian package at /usr/libexec/gpud/serf (off PATH, so it never meets a stand-alone serf).
 
 Virtualenvs are not relocatable, so the venv is built at the staging path with the target's
 interpreter (/usr/bin/python3.11) and every reference to the staging path is then rewritten
@@ -18,8 +19,11 @@ staging path): the maintainer scripts compile it on the target.
 from __future__ import annotations
 
 import argparse
+import email.parser
+import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,11 +45,15 @@ SERF_COPYRIGHT = Path("/usr/share/doc/serf/copyright")
 DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 STAGE_MARKER = ".gpud-stage-complete"
+SERF_TARGET = "usr/libexec/gpud/serf"
+MAINTAINER = "gpud developers <gpud@localhost>"
+# What the venv keeps in bin/: gpud and the interpreter links the maintainer scripts use.
+KEEP_IN_BIN = {"gpud", "python", "python3", "python3.11"}
 
 
-def run(*cmd: str | Path, cwd: Path | None = None) -> str:
+def run(*cmd: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
-        [str(c) for c in cmd], cwd=cwd, check=False, capture_output=True, text=True
+        [str(c) for c in cmd], cwd=cwd, env=env, check=False, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise SystemExit(
@@ -90,7 +98,15 @@ def stage(root: Path) -> Path:
         # Resolves [project].dependencies only; Ray is an optional extra and stays out.
         run(python, "-m", "pip", "install", "--quiet", "--no-compile", wheel)
     run(python, "-m", "pip", "uninstall", "--quiet", "--yes", "pip", "setuptools")
+    _prune_payload(venv)
+    man = man_page(venv)  # before relocation: the scripts still run from the staging path
     _make_relocated(venv, str(venv), PREFIX)
+    licenses = bundled_licenses(venv)
+    _write_copyright(root / "usr/share/doc/gpud/copyright", licenses)
+    _install(SERF_BINARY, root / SERF_TARGET)
+    (root / SERF_TARGET).chmod(0o755)
+    _write_gz(root / "usr/share/doc/gpud/changelog.gz", (PACKAGING / "changelog").read_bytes())
+    _write_gz(root / "usr/share/man/man1/gpud.1.gz", man.encode())
 
     _install(SYSTEMD / "gpud.service", root / "usr/lib/systemd/system/gpud.service")
     _install(SYSTEMD / "gpud.sysusers", root / "usr/lib/sysusers.d/gpud.conf")
@@ -102,6 +118,143 @@ def stage(root: Path) -> Path:
     _normalize_modes(root)
     (root / STAGE_MARKER).touch()
     return root
+
+
+def _prune_payload(venv: Path) -> None:
+    """Drop what gpud never runs: other console scripts, activate*, C headers, test suites."""
+    for path in (venv / "bin").iterdir():
+        if path.name not in KEEP_IN_BIN:
+            path.unlink()
+    shutil.rmtree(venv / "include", ignore_errors=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    for path in sorted(site.rglob("*"), reverse=True):
+        if path.suffix in (".h", ".c", ".pyx", ".pxd") and path.is_file():
+            path.unlink()
+        elif path.is_dir() and path.name in ("tests", "test") and path.parent != site:
+            shutil.rmtree(path)
+    for path in site.glob("*/_test*.py"):
+        path.unlink()
+
+
+def bundled_licenses(venv: Path) -> dict[str, tuple[str, str]]:
+    """distribution -> (version, SPDX license) for every distribution in the venv."""
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    found: dict[str, tuple[str, str]] = {}
+    for metadata in sorted(site.glob("*.dist-info/METADATA")):
+        meta = email.parser.Parser().parsestr(metadata.read_text(errors="replace"))
+        name = meta["Name"]
+        # An SPDX expression, else an SPDX-looking License field, else the trove classifiers.
+        license_ = meta.get("License-Expression") or ""
+        header = (meta.get("License") or "").strip()
+        if not license_ and re.fullmatch(r"[A-Za-z0-9.+-]+-[0-9.]+(-or-later)?", header):
+            license_ = header
+        if not license_:
+            license_ = _license_from_classifiers(meta.get_all("Classifier") or [])
+        if not license_:
+            raise SystemExit(f"build: {name} {meta['Version']} states no license we can read")
+        found[name] = (meta["Version"], license_)
+    return found
+
+
+_CLASSIFIER_SPDX = {
+    "Apache Software License": "Apache-2.0",
+    "MIT License": "MIT",
+    "BSD License": "BSD-3-Clause",
+    "Python Software Foundation License": "PSF-2.0",
+    "GNU General Public License v2 or later (GPLv2+)": "GPL-2.0-or-later",
+    "Mozilla Public License 2.0 (MPL 2.0)": "MPL-2.0",
+}
+
+
+def _license_from_classifiers(classifiers: list[str]) -> str:
+    spdx = [
+        _CLASSIFIER_SPDX[c.rsplit(" :: ", 1)[-1]]
+        for c in classifiers
+        if c.startswith("License ::") and c.rsplit(" :: ", 1)[-1] in _CLASSIFIER_SPDX
+    ]
+    return " OR ".join(dict.fromkeys(spdx))
+
+
+def _write_copyright(dest: Path, licenses: dict[str, tuple[str, str]]) -> None:
+    """A machine-readable (DEP-5) copyright file: gpud, each bundled distribution, serf."""
+    lines = [
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/",
+        "Upstream-Name: gpud",
+        f"Upstream-Contact: {MAINTAINER}",
+        "",
+        "Files: *",
+        "Copyright: gpud developers",
+        "License: Apache-2.0",
+        "",
+    ]
+    for name, (version, license_) in sorted(licenses.items(), key=lambda i: i[0].lower()):
+        if name == "gpud":
+            continue
+        lines += [
+            f"Files: opt/gpud/lib/python3.11/site-packages/{name} {version}",
+            f"Copyright: the {name} authors (see its dist-info directory)",
+            f"License: {license_}",
+            "",
+        ]
+    lines += [
+        f"Files: {SERF_TARGET}",
+        "Copyright: HashiCorp, Inc. (Debian's serf package; its copyright file follows)",
+        "License: MPL-2.0",
+        "",
+    ]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(lines) + "\n" + SERF_COPYRIGHT.read_text())
+
+
+def license_expression(licenses: dict[str, tuple[str, str]]) -> str:
+    """The rpm License: every license in the payload, serf's MPL-2.0 included (pure)."""
+    terms = {"Apache-2.0", "MPL-2.0"} | {
+        f"({lic})" if " " in lic else lic for _, lic in licenses.values()
+    }
+    return " AND ".join(sorted(terms))
+
+
+def man_page(venv: Path) -> str:
+    """gpud(1), from the CLI's own --help output (so it cannot drift from the CLI)."""
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "80", "LC_ALL": "C.UTF-8"}  # same text everywhere
+
+    def helptext(*args: str) -> str:
+        return run(venv / "bin" / "gpud", *args, "--help", env=env)
+
+    top = helptext()
+    commands = dict.fromkeys(re.findall(r"^    ([a-z]+)\s", top, re.M))
+    sections = [(f"gpud {c}", helptext(c)) for c in commands]
+    out = [
+        '.TH GPUD 1 "" "gpud" "User Commands"',
+        ".SH NAME",
+        "gpud \\- node daemon for GPU clusters",
+        ".SH SYNOPSIS",
+        ".nf",
+        _roff(top),
+        ".fi",
+    ]
+    for title, text in sections:
+        out += [f".SH {title.upper()}", ".nf", _roff(text), ".fi"]
+    out += [
+        ".SH FILES",
+        "/etc/gpud/gpud.toml, /etc/gpud/cluster.key, /run/gpud/gpud.sock, /var/lib/gpud",
+        ".SH SEE ALSO",
+        "/usr/share/doc/gpud/README.md",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _roff(text: str) -> str:
+    """``text`` as literal roff lines: backslashes escaped, no line read as a request."""
+    lines = [line.replace("\\", "\\e") for line in text.splitlines()]
+    return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in lines)
+
+
+def _write_gz(dest: Path, data: bytes) -> None:
+    """gzip without a timestamp or name, so the same input gives the same bytes."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+        gz.write(data)
 
 
 def _install(src: Path, dest: Path) -> None:
@@ -162,6 +315,7 @@ def build_deb(staged: Path, work: Path, out: Path, version: str) -> Path:
         .replace("@VERSION@", version)
         .replace("@ARCH@", DEB_ARCH.get(machine_arch(), machine_arch()))
         .replace("@INSTALLED_SIZE@", str(size_kib))
+        .replace("@MAINTAINER@", MAINTAINER)
     )
     (control / "conffiles").write_text("/etc/gpud/gpud.toml\n")
     for script in ("postinst", "prerm", "postrm"):
@@ -183,11 +337,7 @@ def build_rpm(staged: Path, work: Path, out: Path, version: str) -> Path:
     upstream, _, release = version.partition("-")
     root = work / "rpm-root"
     _link_tree(staged, root)
-    shutil.copy2(SERF_BINARY, root / "usr/bin/serf")
-    license_dir = root / "usr/share/licenses/gpud"
-    license_dir.mkdir(parents=True)
-    shutil.copyfile(SERF_COPYRIGHT, license_dir / "serf-copyright")
-    (license_dir / "serf-copyright").chmod(0o644)
+    licenses = bundled_licenses(root / PREFIX.lstrip("/"))
     topdir = work / "rpmbuild"
     if topdir.exists():
         shutil.rmtree(topdir)
@@ -199,6 +349,8 @@ def build_rpm(staged: Path, work: Path, out: Path, version: str) -> Path:
         .replace("@RELEASE@", release or "1")
         .replace("@STAGE@", str(root))
         .replace("@SYSUSERS@", (SYSTEMD / "gpud.sysusers").read_text().strip())
+        .replace("@LICENSE@", license_expression(licenses))
+        .replace("@PACKAGER@", MAINTAINER)
     )
     run(
         "rpmbuild", "-bb", "--quiet",

@@ -193,7 +193,10 @@ def test_deb_metadata_files_and_modes(packages: Packages) -> None:
     field = _run("dpkg-deb", "--field", packages.deb, "Package", "Version", "Depends").stdout
     assert "Package: gpud" in field and f"Version: {_project_version()}-1" in field
     depends = [d.strip() for d in field.split("Depends:")[1].strip().split(",")]
-    assert depends[:2] == ["python3.11", "serf"], depends
+    # serf is bundled: Debian's serf package would start its own serf.service on 7946/7373.
+    assert depends[0] == "python3.11" and not any(d.startswith("serf") for d in depends)
+    maintainer = _run("dpkg-deb", "--field", packages.deb, "Maintainer").stdout.strip()
+    assert maintainer == "gpud developers <gpud@localhost>"
     assert not any(d.startswith("ray") or "vllm" in d for d in depends)
 
     with tempfile.TemporaryDirectory() as control:
@@ -205,7 +208,10 @@ def test_deb_metadata_files_and_modes(packages: Packages) -> None:
         postinst = Path(control, "postinst").read_text()
         assert "deb-systemd-helper enable 'gpud.service'" in postinst
         assert "if [ -d /run/systemd/system ]" in postinst
-        assert "deb-systemd-helper purge" in Path(control, "postrm").read_text()
+        postrm = Path(control, "postrm").read_text()
+        assert "deb-systemd-helper purge" in postrm
+        assert "userdel" not in postrm and "groupdel" not in postrm  # the system user stays
+        assert "reserve.unreserve" in Path(control, "prerm").read_text()
 
     entries = _deb_contents(packages.deb)
     expected = {
@@ -219,7 +225,17 @@ def test_deb_metadata_files_and_modes(packages: Packages) -> None:
         "/opt/gpud/bin/python3.11": "lrwxrwxrwx root/root",
     }
     assert {path: entries.get(path) for path in expected} == expected
-    assert "/usr/bin/serf" not in entries  # Debian's serf package provides it
+    # serf off PATH, so it never meets a stand-alone serf; its license in the copyright file.
+    assert entries["/usr/libexec/gpud/serf"] == "-rwxr-xr-x root/root"
+    assert "/usr/bin/serf" not in entries
+    for doc in ("copyright", "changelog.gz"):
+        assert f"/usr/share/doc/gpud/{doc}" in entries, doc
+    assert "/usr/share/man/man1/gpud.1.gz" in entries
+    # Only what gpud runs: no other console scripts, activate*, headers or test suites.
+    bin_files = {p.rsplit("/", 1)[1] for p in entries if p.startswith("/opt/gpud/bin/")}
+    assert bin_files == {"gpud", "python", "python3", "python3.11"}, bin_files
+    assert not any(p.endswith((".h", ".c")) or "/tests/" in p for p in entries)
+    assert not any(p.startswith("/opt/gpud/include") for p in entries)
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in entries)
     site = "/opt/gpud/lib/python3.11/site-packages"
     for module in ("gpud", "aiohttp", "msgspec", "msgpack", "pyroute2", "sdnotify"):
@@ -239,8 +255,13 @@ def test_rpm_metadata_files_and_scriptlets(packages: Packages) -> None:
         ).stdout.splitlines()
     )  # fmt: skip
     assert files["/etc/gpud/gpud.toml"] == "-rw-r--r-- root cn"  # config(noreplace)
-    assert files["/usr/bin/serf"] == "-rwxr-xr-x root "
-    assert files["/usr/share/licenses/gpud/serf-copyright"] == "-rw-r--r-- root l"
+    assert files["/usr/libexec/gpud/serf"] == "-rwxr-xr-x root "
+    mode, _, flags = files["/usr/share/doc/gpud/copyright"].rpartition(" ")
+    assert mode == "-rw-r--r-- root" and "l" in flags  # %license
+    license_ = _run("rpm", "-qp", "--qf", "%{LICENSE}", packages.rpm).stdout
+    for term in ("Apache-2.0", "MPL-2.0", "MIT", "BSD-3-Clause", "PSF-2.0", "GPL-2.0-or-later"):
+        assert term in license_, (term, license_)
+    assert "localhost/gpud" not in _run("rpm", "-qip", packages.rpm).stdout
     assert files["/var/lib/gpud"] == "drwxr-x--- gpud "
     assert files["/run/gpud"] == "drwxr-x--- gpud g"
     assert files["/usr/lib/systemd/system/gpud.service"].startswith("-rw-r--r-- root")
@@ -267,7 +288,7 @@ def test_rpm_installs_into_scratch_root(packages: Packages, tmp_path: Path) -> N
     _run("rpm", "--root", root, "--initdb")
     _run("rpm", "--root", root, "-i", "--nodeps", "--noscripts", packages.rpm)
     assert _run("rpm", "--root", root, "-q", "gpud").stdout.startswith("gpud-")
-    assert (root / "usr/bin/serf").read_bytes() == Path("/usr/bin/serf").read_bytes()
+    assert (root / "usr/libexec/gpud/serf").read_bytes() == Path("/usr/bin/serf").read_bytes()
     assert os.readlink(root / "usr/bin/gpud") == "/opt/gpud/bin/gpud"
     assert (root / "etc/gpud/gpud.toml").read_text() == DEFAULT_CONFIG.read_text()
     assert (root / "usr/lib/systemd/system/gpud.service").read_text() == UNIT.read_text()
@@ -299,11 +320,7 @@ def installed_deb(packages: Packages) -> Iterator[Packages]:
     _need("dpkg", "systemctl", "systemd-sysusers", "deb-systemd-helper")
     if _dpkg_status() != "not-installed" or Path("/opt/gpud").exists():
         pytest.skip("gpud is already installed on this machine; not touching it")
-    try:
-        pwd.getpwnam("gpud")
-        pytest.skip("a gpud user already exists on this machine; not touching it")
-    except KeyError:
-        pass
+    # A gpud system user may be left from an earlier purge (Debian keeps system users).
     try:
         _run("dpkg", "-i", packages.deb)
         yield packages
@@ -430,7 +447,6 @@ def test_deb_remove_keeps_state_and_purge_removes_it(installed_deb: Packages) ->
     assert _dpkg_status() == "not-installed"
     for gone in ("/etc/gpud", "/var/lib/gpud", str(WANTS_LINK), "/etc/systemd/system/gpud.service"):
         assert not os.path.lexists(gone), gone
-    with pytest.raises(KeyError):
-        pwd.getpwnam("gpud")
-    with pytest.raises(KeyError):
-        grp.getgrnam("gpud")
+    # Debian keeps system users on purge: operators keep their group membership.
+    pwd.getpwnam("gpud")
+    grp.getgrnam("gpud")
