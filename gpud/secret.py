@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +52,10 @@ def cluster_key(config: Config) -> bytes | None:
     return parse_key(text, source=f"cluster.key_file {path}")
 
 
+def _derive(base: bytes, purpose: str) -> bytes:
+    return hmac.new(base, f"gpud/{purpose}/v1".encode(), hashlib.sha256).digest()
+
+
 def derive(config: Config, purpose: str) -> bytes:
     """A key for one purpose. Without a key file it derives from the cluster name only, which
     keeps test clusters apart but is no protection; the agent warns about that."""
@@ -58,4 +63,51 @@ def derive(config: Config, purpose: str) -> bytes:
         cluster_key(config)
         or hashlib.sha256(b"gpud-unkeyed:" + config.cluster.name.encode()).digest()
     )
-    return hmac.new(base, f"gpud/{purpose}/v1".encode(), hashlib.sha256).digest()
+    return _derive(base, purpose)
+
+
+def keyring_keys(path: Path) -> list[bytes]:
+    """The gossip keys in Serf's keyring file, primary first (Serf writes them in that order).
+    [] when the file is missing or unreadable (the caller falls back to the cluster key)."""
+    try:
+        texts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(texts, list):
+        return []
+    keys = []
+    for text in texts:
+        try:
+            keys.append(parse_key(str(text), source=str(path)))
+        except ConfigError:
+            continue
+    return keys
+
+
+class PeerApiKeys:
+    """The peer-API keys, one derived from each gossip key in Serf's keyring, primary first.
+
+    While a rotation is under way (``gpud keys install`` / ``use`` / ``remove``) the keyring
+    holds the old and the new key: peers accept both and sign with the primary, so a node that
+    already uses the new key and one that does not yet still talk. Re-read when the file
+    changes (Serf rewrites it on every keyring change)."""
+
+    def __init__(self, config: Config, keyring_file: Path | None) -> None:
+        self._fallback = derive(config, "peer-api")
+        self._file = keyring_file
+        self._stamp: tuple[int, int] | None = None
+        self._keys = [self._fallback]
+
+    def __call__(self) -> list[bytes]:
+        if self._file is None:
+            return self._keys
+        try:
+            st = self._file.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            keys = [_derive(k, "peer-api") for k in keyring_keys(self._file)]
+            self._keys = keys or [self._fallback]
+        return self._keys

@@ -80,3 +80,33 @@ async def test_rotate_the_gossip_key_without_a_restart(keyed_cluster):
     # Serf persisted it: the keyring file now holds only the new key.
     for agent in agents:
         assert json.loads((agent.dir / "keyring.json").read_text()) == [new]
+
+
+def test_peer_api_keys_follow_the_keyring(tmp_path):
+    from gpud import config as config_mod
+    from gpud.health.auth import AuthError, Verifier, sign, signing_key
+
+    old, new = secret.keygen(), secret.keygen()
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text(old)
+    cfg = config_mod.parse(f'[cluster]\nkey_file = "{key_file}"')
+    keyring = tmp_path / "keyring.json"
+    # Not written yet (serf not started): the cluster key, as before rotation existed.
+    keys = secret.PeerApiKeys(cfg, keyring)
+    assert keys() == [secret.derive(cfg, "peer-api")]
+    verifier = Verifier(keys)
+    on_old = signing_key(keys)
+
+    def accepted(key: bytes, now: float) -> bool:
+        try:
+            verifier.verify("POST", "/p", sign(key, "n", "POST", "/p", b"", now=now), b"", now=now)
+        except AuthError:
+            return False
+        return True
+
+    keyring.write_text(json.dumps([new, old]))  # installed and in use here, old still known
+    on_new = signing_key(keys)
+    assert on_new != on_old
+    assert accepted(on_old, 1e9) and accepted(on_new, 1e9)
+    keyring.write_text(json.dumps([new]) + "\n")  # old removed
+    assert accepted(on_new, 1e9) and not accepted(on_old, 1e9)

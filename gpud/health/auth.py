@@ -46,6 +46,13 @@ _NONCE_HEX = 32
 Keys = bytes | Sequence[bytes] | Callable[[], Sequence[bytes]]
 
 
+def signing_key(keys: Keys) -> bytes:
+    """The key to sign with: the only one, or the keyring's primary (its first)."""
+    if isinstance(keys, bytes):
+        return keys
+    return (keys() if callable(keys) else keys)[0]
+
+
 class AuthError(Exception):
     """The request is not from a gpud of this cluster (the message says why)."""
 

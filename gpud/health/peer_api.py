@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gpud import api, log
 from gpud.context import NodeContext
-from gpud.health.auth import AuthError, Verifier, sign
+from gpud.health.auth import AuthError, Keys, Verifier, sign, signing_key
 
 MAX_BODY_BYTES = 16 * 1024
 # Rejections logged per window; the rest are counted and reported with the next logged one.
@@ -140,8 +140,9 @@ class PeerClient:
     """Signed calls to other gpuds' peer APIs over one aiohttp session."""
 
     def __init__(
-        self, key: bytes, node_name: str, timeout_s: float, *, source_addr: str | None = None
+        self, key: Keys, node_name: str, timeout_s: float, *, source_addr: str | None = None
     ) -> None:
+        # bytes, or the keyring's keys (signing uses the primary, the first).
         self._key = key
         self._node = node_name
         self.timeout_s = timeout_s
@@ -187,7 +188,7 @@ class PeerClient:
     ) -> _Reply:
         timeout_s = timeout_s or self.timeout_s
         raw = msgspec.json.encode(body)
-        headers = sign(self._key, self._node, "POST", path, raw)
+        headers = sign(signing_key(self._key), self._node, "POST", path, raw)
         headers["Content-Type"] = "application/json"
         host = f"[{addr}]" if ":" in addr else addr
         try:
@@ -249,7 +250,7 @@ class PeerApiServer:
     def __init__(
         self,
         ctx: NodeContext,
-        key: bytes,
+        key: Keys,
         client: PeerClient,
         view: Callable[[], list[ViewRow]],
         *,
