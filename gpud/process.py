@@ -257,7 +257,7 @@ class ChildProcess:
     async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            log.info(self._log, line.decode(errors="replace").rstrip())
+            log.child_output(self._log, line.decode(errors="replace"))  # at the child's level
 
     async def wait(self) -> int:
         assert self._proc is not None
