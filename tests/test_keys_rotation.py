@@ -110,3 +110,34 @@ def test_peer_api_keys_follow_the_keyring(tmp_path):
     assert accepted(on_old, 1e9) and accepted(on_new, 1e9)
     keyring.write_text(json.dumps([new]) + "\n")  # old removed
     assert accepted(on_new, 1e9) and not accepted(on_old, 1e9)
+
+
+@pytest.mark.asyncio
+async def test_keys_api_rotates_and_refuses_bad_input(keyed_cluster, tmp_path):
+    from gpud import api, client
+    from gpud.serf import keys
+
+    old, _agents, rpcs = keyed_cluster
+    new = secret.keygen()
+    app = api.make_app(keys.routes(lambda: rpcs[0], lambda: "gpud-admin"))
+    server = api.GuardedServer(app, api.local_limits(api.fd_limit()), name="test API")
+    await server.setup()
+    sock = str(tmp_path / "api.sock")
+    await server.listen_unix(sock)
+
+    def call(method: str, path: str, body: object = None) -> object:
+        return client.request(sock, method, path, body, timeout=30)
+
+    try:
+        await wait_until(lambda: keys_are(rpcs[0], {old: 3}), 15)
+        with pytest.raises(client.ApiRefused, match="not base64"):
+            await asyncio.to_thread(call, "POST", "/v1/keys/install", {"key": "no pe"})
+        with pytest.raises(client.ApiRefused, match="primary"):
+            await asyncio.to_thread(call, "POST", "/v1/keys/remove", {"key": old})
+        for action, key in (("install", new), ("use", new), ("remove", old)):
+            reply = await asyncio.to_thread(call, "POST", f"/v1/keys/{action}", {"key": key})
+            assert reply["failed"] == 0 and reply["nodes"] == 3, reply
+        assert (await asyncio.to_thread(call, "GET", "/v1/keys"))["keys"] == {new: 3}
+        assert await alive(rpcs[1], 3)
+    finally:
+        await server.cleanup()
