@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from gpud import api, log
-from gpud.context import NodeContext
+from gpud.context import Member, NodeContext
 from gpud.health.auth import AuthError, Keys, Verifier, sign, signing_key
 
 MAX_BODY_BYTES = 16 * 1024
@@ -136,8 +137,59 @@ async def probe_tcp(
     return ProbeOutcome(ok=True, rtt_ms=rtt_ms)
 
 
+def identity_mismatch(name: str, addr: str, reply: PingReply) -> str | None:
+    """Why an authenticated ping from ``addr`` does not prove it is gpud node ``name`` (pure)."""
+    if reply.name != name:
+        return f"{addr} answered as {reply.name!r}, not as {name!r}"
+    if reply.addr != addr:
+        return f"{name} answered with address {reply.addr}, not {addr} as gossip announces it"
+    return None
+
+
+def _address_class(addr: str) -> str:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return "invalid"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+        return "not a host"
+    return "host"
+
+
+def dial_back_refusal(
+    member: Member | None, caller: str, self_name: str, self_addr: str
+) -> str | None:
+    """Why we must not dial ``caller`` back (pure), None if we may.
+
+    We dial only alive members, only at the address gossip has for them and their announced
+    peer port, never ourselves, and never a loopback or link-local address unless we are on
+    one too (a test cluster on loopback): a member's word must not make us connect to our own
+    serf RPC or to arbitrary host:port pairs."""
+    if member is None or member.name == self_name:
+        return f"{caller!r} is not a member in our view"
+    if member.status != "alive":
+        return f"{caller!r} is {member.status}; only alive members are dialled"
+    if member.tags is None or not member.tags.pp:
+        return f"{caller!r} announces no peer port"
+    kind = _address_class(member.addr)
+    if kind != "host" and kind != _address_class(self_addr):
+        return f"{caller!r} announces a {kind} address ({member.addr}); never dialled"
+    if member.addr == self_addr:
+        return f"{caller!r} announces our own address ({member.addr})"
+    return None
+
+
 class PeerClient:
-    """Signed calls to other gpuds' peer APIs over one aiohttp session."""
+    """Signed calls to other gpuds' peer APIs over one aiohttp session.
+
+    It also remembers which members proved who they are: a member is a verified gpud node once
+    it answered our authenticated ping as the name gossip gives it, at the address gossip gives
+    it (`verified`). Election, port blocks and dial-backs consult that, never a member's tags.
+    """
 
     def __init__(
         self, key: Keys, node_name: str, timeout_s: float, *, source_addr: str | None = None
@@ -148,6 +200,17 @@ class PeerClient:
         self.timeout_s = timeout_s
         self.source_addr = source_addr
         self._session: aiohttp.ClientSession | None = None
+        # name -> (addr, port, wall time) of the last ping that proved the name there.
+        self._verified: dict[str, tuple[str, int, float]] = {}
+
+    def verified(self, name: str, addr: str, port: int | None = None) -> bool:
+        """Has ``name`` answered our authenticated ping as itself at ``addr`` (and ``port``)?"""
+        proof = self._verified.get(name)
+        return proof is not None and proof[0] == addr and (port is None or proof[1] == port)
+
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s proof (it left the cluster)."""
+        self._verified.pop(name, None)
 
     async def set_source_addr(self, addr: str | None) -> None:
         """Bind future probes' sockets to ``addr`` (None: let the kernel choose)."""
@@ -231,17 +294,27 @@ class PeerClient:
     async def view(self, addr: str, port: int) -> ViewReply:
         return await self._call(addr, port, PATH_VIEW, ViewRequest(), ViewReply)
 
-    async def probe(self, addr: str, port: int) -> ProbeOutcome:
-        """The data-path probe: TCP connect, then an authenticated ping; RTT of the ping."""
+    async def probe(self, addr: str, port: int, *, expect: str | None = None) -> ProbeOutcome:
+        """The data-path probe: TCP connect, then an authenticated ping; RTT of the ping.
+
+        With ``expect`` (the member's name) the ping must also answer as that node at ``addr``;
+        then the member counts as verified (`verified`)."""
         tcp = await probe_tcp(addr, port, self.timeout_s, source_addr=self.source_addr)
         if not tcp.ok:
             return tcp
         start = time.perf_counter()
         try:
-            await self.ping(addr, port)
+            reply = await self.ping(addr, port)
         except PeerCallError as exc:
             return ProbeOutcome(ok=False, error=f"ping: {exc}")
-        return ProbeOutcome(ok=True, rtt_ms=(time.perf_counter() - start) * 1000)
+        rtt_ms = (time.perf_counter() - start) * 1000
+        if expect is not None:
+            mismatch = identity_mismatch(expect, addr, reply)
+            if mismatch is not None:
+                self.forget(expect)
+                return ProbeOutcome(ok=False, rtt_ms=rtt_ms, error=f"not that node: {mismatch}")
+            self._verified[expect] = (addr, port, time.time())
+        return ProbeOutcome(ok=True, rtt_ms=rtt_ms)
 
 
 class PeerApiServer:
@@ -392,13 +465,21 @@ class PeerApiServer:
         msgspec.json.decode(request[_PEER_BODY] or b"{}", type=DialBackRequest)
         caller = request[_PEER_NODE]
         member = self._ctx.members.get(caller)
-        if member is None or member.name == self._ctx.node_name:
-            return self._reject(request, 403, f"{caller!r} is not a member in our view")
-        if member.tags is None or not member.tags.pp:
-            return self._reject(request, 403, f"{caller!r} announces no peer port")
+        refusal = dial_back_refusal(member, caller, self._ctx.node_name, self._ctx.advertise_addr)
+        if refusal is not None:
+            return self._reject(request, 403, refusal)
+        assert member is not None and member.tags is not None
+        addr, port = member.addr, member.tags.pp
+        known = self._client.verified(caller, addr, port)
         async with self._dial_backs:
-            outcome = await self._client.probe(member.addr, member.tags.pp)
-        reply = DialBackReply(addr=member.addr, port=member.tags.pp, outcome=outcome)
+            outcome = await self._client.probe(addr, port, expect=caller)
+        if not outcome.ok and not known:
+            # Never proven to be a gpud there: say no more than that, or the dial-back would be
+            # a port-scan oracle for whoever can name an address and port in gossip.
+            outcome = ProbeOutcome(
+                ok=False, error=f"no gpud answered as {caller!r} at {addr}:{port}"
+            )
+        reply = DialBackReply(addr=addr, port=port, outcome=outcome)
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 
     async def _view_handler(self, request: web.Request) -> web.Response:

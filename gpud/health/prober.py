@@ -101,6 +101,7 @@ class Prober:
         for name in list(self.records):
             if name not in keep:
                 del self.records[name]
+                self._client.forget(name)
         for name, member in keep.items():
             record = self.records.get(name)
             if record is None:
@@ -124,11 +125,12 @@ class Prober:
                     ok=False, error="the peer announces no peer API port in its tags"
                 )
             else:
-                outcome = await self._client.probe(addr, port)
+                name = record.member.name
+                outcome = await self._client.probe(addr, port, expect=name)
                 if not outcome.ok:
                     # One lost SYN costs the kernel a 1 s retransmit, longer than the probe
                     # timeout: retry once at once so random loss does not count as failure.
-                    outcome = await self._client.probe(addr, port)
+                    outcome = await self._client.probe(addr, port, expect=name)
             record.last_out, record.last_out_at = outcome, time.time()
             record.out = step(record.out, outcome.ok, outcome.error, self._thresholds)
             if outcome.ok and self.rounds % VIEW_EVERY_ROUNDS == 0:
@@ -182,6 +184,15 @@ class Prober:
             record.inbound_source = "inbound probes"
             return False, f"no probe from {name} has reached us for {window:g} s"
         return None
+
+    def verified(self, name: str) -> bool:
+        """Is ``name`` a verified gpud node: it answered our authenticated ping as itself, at
+        the address and peer port gossip announces for it now. A member we do not track (left,
+        never seen, or ourselves) is not. Election, port blocks and dial-backs ask this."""
+        record = self.records.get(name)
+        if record is None or not record.port:
+            return False
+        return self._client.verified(name, record.member.addr, record.port)
 
     def view_rows(self) -> list[ViewRow]:
         fresh_after = time.time() - VIEW_FRESH_INTERVALS * self._interval_s
