@@ -470,12 +470,13 @@ class PeerApiServer:
             return self._reject(request, 403, refusal)
         assert member is not None and member.tags is not None
         addr, port = member.addr, member.tags.pp
-        known = self._client.verified(caller, addr, port)
+        # Details of a failure are safe to tell the caller when the target is the caller itself
+        # (the request came from that address) or a gpud we verified there before; otherwise
+        # the dial-back would be a port-scan oracle for whoever can name a host:port in gossip.
+        candid = request.remote == addr or self._client.verified(caller, addr, port)
         async with self._dial_backs:
             outcome = await self._client.probe(addr, port, expect=caller)
-        if not outcome.ok and not known:
-            # Never proven to be a gpud there: say no more than that, or the dial-back would be
-            # a port-scan oracle for whoever can name an address and port in gossip.
+        if not outcome.ok and not candid:
             outcome = ProbeOutcome(
                 ok=False, error=f"no gpud answered as {caller!r} at {addr}:{port}"
             )
