@@ -32,8 +32,10 @@ MEMBERS_READY_TIMEOUT_S = 10.0
 
 
 class Agent:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # re-read on reload (SIGHUP); None: reload refused
+        self._reload_requested = asyncio.Event()
         self.notifier = Notifier()
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -203,10 +205,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(c.run(), name=c.name) for c in self.components]
                 tasks.append(tg.create_task(self._notify_loop(), name="notify"))
+                tasks.append(tg.create_task(self._reload_loop(), name="reload"))
                 stop = tg.create_task(self._stop.wait())
                 await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 await self._shutdown(tasks)
@@ -217,6 +221,50 @@ class Agent:
                 os.unlink(self.config.socket_path)
         log.info(_log, "stopped")
         return 0
+
+    # -- reload (operations issue): `systemctl reload gpud` sends SIGHUP ---------------------
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            if self.notifier.ready_sent:
+                self.notifier.reloading()
+            await self._reload()
+            if self.notifier.ready_sent:
+                self.notifier.ready(self._summary())
+
+    async def _reload(self) -> None:
+        """Re-read the config; apply what can change live (config.LIVE_FIELDS), name the rest."""
+        from gpud import config as config_module
+
+        if self.config_path is None:
+            log.error(_log, "reload refused: the agent was not started from a config file")
+            return
+        try:
+            new = config_module.check_host(config_module.load(self.config_path))
+        except GpudError as exc:
+            log.error(_log, "reload refused, configuration unchanged", error=str(exc))
+            return
+        plan = config_module.reload_plan(self.config, new)
+        self.config = self.ctx.config = plan.config
+        log.set_level(plan.config.log_level)
+        if "serf.retry_join" in plan.live:
+            await self.serf.join(plan.config.serf.retry_join)
+        await self.ctx.update_tags(pri=plan.config.ray.priority)
+        for component in self.components:
+            reconfigure = getattr(component, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(plan.config)
+        log.info(_log, "reloaded", applied=",".join(plan.live) or "nothing changed")
+        if plan.restart:
+            log.warning(
+                _log,
+                "changed settings need `systemctl restart gpud`",
+                fields=",".join(plan.restart),
+            )
+
+    # -- end reload
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         """STOPPING=1, a graceful serf leave, then every child stopped by its component."""
@@ -231,10 +279,10 @@ class Agent:
                 await task
 
 
-def main(config: Config) -> int:
+def main(config: Config, config_path: str | None = None) -> int:
     log.setup(config.log_level)
     try:
-        return asyncio.run(Agent(config).run())
+        return asyncio.run(Agent(config, config_path).run())
     except GpudError as exc:
         log.error(_log, str(exc))
         return 1

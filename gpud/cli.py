@@ -44,7 +44,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return EXIT_OK
     from gpud import agent
 
-    return agent.main(cfg)
+    return agent.main(cfg, config.config_path(args.config))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
-"""The systemd notify protocol: READY, STATUS, WATCHDOG, STOPPING (a no-op outside systemd)."""
+"""The systemd notify protocol: READY, STATUS, RELOADING, WATCHDOG, STOPPING (a no-op outside
+systemd)."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import sdnotify
 
@@ -10,6 +12,7 @@ import sdnotify
 class Notifier:
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.ready_sent = False
         self._notifier = sdnotify.SystemdNotifier()
         self.watchdog_interval_s = _watchdog_interval()
         # Children (serf, Ray) must not inherit the socket: only gpud speaks for the unit.
@@ -22,9 +25,15 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self._send(f"READY=1\nSTATUS={status}")
+        self.ready_sent = True
 
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
+
+    def reloading(self) -> None:
+        """Before re-reading the config; READY=1 (``ready``) ends the reload."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading the configuration")
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")

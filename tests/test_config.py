@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpud import config
 from gpud.errors import ConfigError
@@ -229,3 +232,45 @@ def test_client_commands_without_daemon_exit_3(tmp_path) -> None:
         assert result.returncode == 3, (command, result.stderr)
         assert result.stderr.startswith("gpud: gpud is not running")
         assert "Traceback" not in result.stderr
+
+
+_LIVE_CHANGES = {
+    "log_level": "debug",
+    "health.failures_before_critical": 7,
+    "health.interval_s": 0.5,
+    "serf.retry_join": ["10.0.0.9"],
+    "ray.priority": 5,
+}
+_RESTART_CHANGES = {
+    "serf.bind_port": 7952,
+    "peer.port": 7949,
+    "ray.head": "never",
+    "node.name": "renamed",
+    "ports.block_size": 200,
+}
+
+
+def _with(cfg: config.Config, path: str, value: object) -> config.Config:
+    section, _, field = path.rpartition(".")
+    if not section:
+        return msgspec.structs.replace(cfg, **{field: value})
+    sub = msgspec.structs.replace(getattr(cfg, section), **{field: value})
+    return msgspec.structs.replace(cfg, **{section: sub})
+
+
+@given(
+    live=st.sets(st.sampled_from(sorted(_LIVE_CHANGES))),
+    restart=st.sets(st.sampled_from(sorted(_RESTART_CHANGES))),
+)
+def test_reload_applies_exactly_the_live_fields(live: set[str], restart: set[str]) -> None:
+    old = config.parse("")
+    new = old
+    for path in live:
+        new = _with(new, path, _LIVE_CHANGES[path])
+    for path in restart:
+        new = _with(new, path, _RESTART_CHANGES[path])
+    plan = config.reload_plan(old, new)
+    assert set(plan.live) == live and set(plan.restart) == restart
+    # What runs now: the new live values, the old everything else.
+    assert config.changed_fields(old, plan.config) == plan.live
+    assert config.changed_fields(plan.config, new) == plan.restart

@@ -47,6 +47,7 @@ MEMBER_COUNT_INTERVAL_S = 2.0
 RPC_PING_TIMEOUT_S = 2.0
 # How often a connection to a live but unreachable serf is retried.
 RPC_RETRY_S = 2.0
+JOIN_TIMEOUT_S = 10.0
 # Where the packages install their own serf (not on PATH, so it never meets a stand-alone one).
 PACKAGED_SERF = "/usr/libexec/gpud/serf"
 _SERF_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "err"}
@@ -411,6 +412,21 @@ class SerfAgent(ComponentBase):
         stale = [key for key in self._published if key not in encoded]
         await rpc.tags(add=encoded, delete=stale)
         self._published = dict(encoded)
+
+    # -- reload
+
+    async def join(self, entries: list[str]) -> None:
+        """Join ``entries`` now (a reload changed serf.retry_join; the next serf start retries
+        them as its retry_join). A failure is logged: serf keeps the members it has."""
+        rpc = self.rpc
+        if rpc is None or not entries:
+            return
+        addrs = [join_address(entry, self.ctx.config.serf.bind_port) for entry in entries]
+        try:
+            joined = await rpc.join(addrs, timeout_s=JOIN_TIMEOUT_S)
+            log.info(self._log, "joined", addrs=",".join(addrs), reached=joined)
+        except (SerfConnectionError, SerfRPCError) as exc:
+            log.warning(self._log, "join failed", addrs=",".join(addrs), error=str(exc))
 
     # -- address changes and shutdown
 
