@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from gpud import secret
 from gpud.context import Member
-from gpud.health.peer_api import PingReply, dial_back_refusal, identity_mismatch
+from gpud.health.peer_api import PATH_PING, PingReply, dial_back_refusal, identity_mismatch
 from gpud.tags import Tags
-from tests.test_health_loopback import cluster, key_file, rounds  # noqa: F401 -- fixtures
+from tests.test_health_loopback import cluster, key_file, raw_post, rounds  # noqa: F401 -- fixtures
 
 
 def member(name: str = "n2", addr: str = "10.0.0.2", status: str = "alive", pp: int = 7948):
@@ -71,3 +72,15 @@ async def test_a_member_is_verified_only_as_itself_at_its_own_address(key_file: 
         n1.ctx.set_members({n.name: n.member() for n in nodes} | {"n2": rogue})
         n1.service.prober.sync(n1.ctx.members, "n1")
         assert not prober.verified("n2")
+
+
+@pytest.mark.asyncio
+async def test_peer_api_answers_invalid_utf8_with_a_400(key_file: Path):  # noqa: F811
+    async with cluster(key_file, 2) as nodes:
+        a = nodes[0]
+        key = secret.derive(a.ctx.config, "peer-api")
+        body = b'{"echo": "\xff\xfe"}'
+        status, reply = await raw_post(
+            a.ctx.advertise_addr, a.ctx.config.peer.port, PATH_PING, body, key
+        )
+        assert status == 400 and b"not valid UTF-8" in reply
