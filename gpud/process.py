@@ -204,7 +204,7 @@ async def stop_leftover(record: GroupRecord, grace_s: float) -> ChildGroup | Non
         log.warning(_log, "stopping a child left by a previous gpud", pgid=group.pgid)
         await stop_group(group.pgid, grace_s, alive=lambda: bool(leftover_members(group)))
         stopped = group
-    record.clear()
+    await asyncio.to_thread(record.clear)
     return stopped
 
 
@@ -377,7 +377,7 @@ class Supervisor:
                     code = self.child.returncode
                     # Its leader exited; what it started may linger in its group: stop that too.
                     await self.child.stop(self._grace_s)
-                    self._forget(self.child)
+                    await self._forget(self.child)
                     self.failures.append(time.monotonic())
                     self.status.last_exit_code = code
                     self.status.last_error = f"exited with code {code}"
@@ -406,18 +406,18 @@ class Supervisor:
         self._restart_now.clear()
         log.info(self._log, "restarting on request")
         await child.stop(self._grace_s)
-        self._forget(child)
+        await self._forget(child)
         return True
 
-    def _forget(self, child: ChildProcess) -> None:
+    async def _forget(self, child: ChildProcess) -> None:
         """The child's group is gone (it exited and was reaped): drop its record."""
         if self._record is not None and child.group is not None:
             if self._record.load() == child.group:
-                self._record.clear()
+                await asyncio.to_thread(self._record.clear)  # a disk flush: off the loop
 
     async def stop(self) -> None:
         if self.child is not None:
             await asyncio.shield(self.child.stop(self._grace_s))
-            self._forget(self.child)
+            await self._forget(self.child)
         self.status.state = "stopped"
         self.status.pid = None
