@@ -55,7 +55,7 @@ class Agent:
         self.ctx = ctx
         self.serf = SerfAgent(ctx)
         self.network = NetCheck(ctx, self._address_changed)
-        self.health = HealthService(ctx, self.network)
+        self.health = HealthService(ctx, self.network, keyring_file=self.serf.keyring_file)
         ports = PortsService(ctx)
         self.components: list[Component] = [
             self.serf,
@@ -196,6 +196,7 @@ class Agent:
             log.warning(
                 _log, "no cluster.key_file: gossip is unencrypted and peers unauthenticated"
             )
+        api.raise_fd_limit()
         runner = await api.serve_unix(
             api.make_app(self._routes()),
             self.config.socket_path,

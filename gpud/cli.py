@@ -23,6 +23,7 @@ from gpud.client import (
 )
 from gpud.gpus.cli import add_commands as gpus_commands
 from gpud.ports.cli import add_commands as ports_commands
+from gpud.serf.cli import add_commands as keys_commands
 from gpud.text import escape
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from gpud.status import StatusDocument
 
 # Each package's `add_commands(sub)`: its client commands (`gpud ports ...`, `gpud gpus ...`).
-CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands)
+CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands, keys_commands)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ async def scenario(workdir: Path) -> dict[str, object]:
         await proc.communicate(nft.encode())
         assert proc.returncode == 0, "nft refused the rule"
         await rounds([a, b], ROUNDS)
-        doctor_b = await b.service.doctor()
+        doctor_b = await b.service.diagnose()
         return {
             "port_a": a.ctx.config.peer.port,
             "port_b": port_b,
@@ -98,9 +98,9 @@ def test_one_way_firewall_is_reported_from_both_sides():
     # One peer alone: a one-way firewall, not (yet) evidence of NAT.
     assert not result["a"]["behind_nat"] and not result["b"]["behind_nat"]
     assert result["a"]["state"] == result["b"]["state"] == "warning"
-    doctor = result["doctor_b"]
-    assert not doctor["critical"] and [p["severity"] for p in doctor["problems"]] == ["warning"]
-    assert f"allow inbound TCP {port_b}" in doctor["problems"][0]["fix"]
+    problems = result["doctor_b"]
+    assert [(p["severity"], p["code"]) for p in problems] == [("warning", "health.in-failing")]
+    assert f"allow inbound TCP {port_b}" in problems[0]["fix"]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import msgspec
@@ -151,7 +152,12 @@ class HealthService(ComponentBase):
     name = "health"
 
     def __init__(
-        self, ctx: NodeContext, network: NetworkSource | None = None, *, seed: int | None = None
+        self,
+        ctx: NodeContext,
+        network: NetworkSource | None = None,
+        *,
+        keyring_file: Path | None = None,
+        seed: int | None = None,
     ) -> None:
         self._ctx = ctx
         self._network = network
@@ -159,7 +165,8 @@ class HealthService(ComponentBase):
         self._thresholds = Thresholds(
             health.failures_before_critical, health.successes_before_passing
         )
-        self._key = secret.derive(ctx.config, "peer-api")
+        # Keys from every gossip key in Serf's keyring, so peers keep talking during a rotation.
+        self._key = secret.PeerApiKeys(ctx.config, keyring_file)
         self._rng = random.Random(seed)
         self.client = PeerClient(self._key, ctx.node_name, health.timeout_s)
         self.prober = Prober(self.client, self._thresholds, health.concurrency, health.interval_s)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import msgpack
 import msgspec
+from aiohttp import web
 
 from gpud import log, preflight
 from gpud.component import ComponentBase, Metric, Problem, gauge
@@ -504,6 +505,12 @@ class SerfAgent(ComponentBase):
 
     def _rpc_answering(self) -> bool:
         return self.rpc is not None and not self.rpc.closed and self._unanswered is None
+
+    def routes(self) -> list[web.RouteDef]:
+        """`gpud keys ...`: the keyring over Serf's RPC (admin only)."""
+        from gpud.serf import keys
+
+        return keys.routes(lambda: self.rpc, lambda: self.ctx.config.api.admin_group)
 
     def summary(self) -> str:
         problems = self.problems()
