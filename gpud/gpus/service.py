@@ -59,7 +59,7 @@ from gpud.ports.leases import new_lease_id
 from gpud.process import owner_alive, process_start
 from gpud.state import StateStore, open_store
 
-logger = log.get("gpus")
+_log = log.get("gpus")
 
 # XIDs kept in memory (status shows them; the verdict counts those inside xid_window_s).
 MAX_XIDS = 1000
@@ -416,7 +416,7 @@ class GpuService(ComponentBase):
                 await self.poll()
             except Exception as exc:
                 # A bug or an unforeseen failure must not end GPU monitoring: say so and retry.
-                log.error(logger, "GPU poll failed", error=repr(exc))
+                log.error(_log, "GPU poll failed", error=repr(exc))
             await asyncio.sleep(self.cfg.poll_interval_s)
 
     async def _read(self) -> NodeReadings:
@@ -483,7 +483,7 @@ class GpuService(ComponentBase):
             return
         emit = log.info if new.state == "healthy" else log.warning
         emit(
-            logger,
+            _log,
             "GPU verdict changed",
             subject=subject,
             state=new.state,
@@ -514,7 +514,7 @@ class GpuService(ComponentBase):
             self._xid_totals[uuid] = self._xid_totals.get(uuid, 0) + 1
         info = describe(event.xid)
         log.warning(
-            logger,
+            _log,
             "XID",
             xid=event.xid,
             meaning=info.name,
@@ -599,7 +599,7 @@ class GpuService(ComponentBase):
                 if batch.added or batch.removed:
                     await asyncio.to_thread(self._table.commit, batch.added, batch.removed)
             except Exception as exc:
-                log.error(logger, "GPU lease commit failed", error=repr(exc))
+                log.error(_log, "GPU lease commit failed", error=repr(exc))
                 # Back to what is on disk; nothing of this batch happened.
                 self._leases = {s.lease.id: s for s in self._table.load()}
                 self._used = {u: s.lease.id for s in self._leases.values() for u in s.lease.gpus}
@@ -629,7 +629,7 @@ class GpuService(ComponentBase):
                 self._used.pop(uuid, None)
             batch.removed.append(item.lease.id)
             log.info(
-                logger,
+                _log,
                 "GPU lease " + op.reason,
                 id=item.lease.id,
                 owner=item.lease.owner,

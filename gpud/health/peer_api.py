@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import aiohttp
 import msgspec
@@ -22,6 +22,8 @@ from aiohttp import web
 from gpud import api, log
 from gpud.context import Member, NodeContext
 from gpud.health.auth import AuthError, Keys, Verifier, sign, signing_key
+from gpud.health.verdict import DirectionState
+from gpud.netprobe import describe_os_error, tcp_connect
 
 MAX_BODY_BYTES = 16 * 1024
 # Rejections logged per window; the rest are counted and reported with the next logged one.
@@ -31,7 +33,6 @@ PATH_PING = "/peer/v1/ping"
 PATH_DIAL_BACK = "/peer/v1/dial-back"
 PATH_VIEW = "/peer/v1/view"
 
-DirectionState = Literal["unknown", "passing", "critical"]
 
 _log = log.get("health")
 _Reply = TypeVar("_Reply")
@@ -97,44 +98,6 @@ class ViewReply(msgspec.Struct):
 
 class PeerCallError(Exception):
     """A peer API call failed; the message is an operator-readable cause."""
-
-
-def _describe_os_error(exc: OSError) -> str:
-    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
-        return "connection refused (nothing listens, or a firewall rejects)"
-    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return f"no route ({exc.strerror})"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "source address not available on this host"
-    return exc.strerror or str(exc)
-
-
-async def probe_tcp(
-    addr: str,
-    port: int,
-    timeout: float,  # noqa: ASYNC109 -- a per-probe budget, the API callers (Ray GCS checks) use
-    *,
-    source_addr: str | None = None,
-) -> ProbeOutcome:
-    """TCP connect to addr:port and close; usable for any announced service port (Ray GCS)."""
-    start = time.perf_counter()
-    local = (source_addr, 0) if source_addr else None
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(addr, port, local_addr=local)
-    except TimeoutError:
-        return ProbeOutcome(
-            ok=False, error=f"TCP connect timed out after {timeout:g} s (packets dropped?)"
-        )
-    except OSError as exc:
-        return ProbeOutcome(ok=False, error=f"TCP connect: {_describe_os_error(exc)}")
-    rtt_ms = (time.perf_counter() - start) * 1000
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return ProbeOutcome(ok=True, rtt_ms=rtt_ms)
 
 
 def identity_mismatch(name: str, addr: str, reply: PingReply) -> str | None:
@@ -268,7 +231,7 @@ class PeerClient:
         except TimeoutError:
             raise PeerCallError(f"no answer within {timeout_s:g} s") from None
         except aiohttp.ClientConnectorError as exc:
-            raise PeerCallError(_describe_os_error(exc.os_error)) from None
+            raise PeerCallError(describe_os_error(exc.os_error)) from None
         except aiohttp.ClientError as exc:
             raise PeerCallError(f"HTTP error: {exc}") from None
         try:
@@ -299,9 +262,9 @@ class PeerClient:
 
         With ``expect`` (the member's name) the ping must also answer as that node at ``addr``;
         then the member counts as verified (`verified`)."""
-        tcp = await probe_tcp(addr, port, self.timeout_s, source_addr=self.source_addr)
+        tcp = await tcp_connect(addr, port, self.timeout_s, source_addr=self.source_addr)
         if not tcp.ok:
-            return tcp
+            return ProbeOutcome(ok=False, rtt_ms=tcp.rtt_ms, error=tcp.error)
         start = time.perf_counter()
         try:
             reply = await self.ping(addr, port)

@@ -11,12 +11,12 @@ from typing import Literal
 
 import msgspec
 
+from gpud.component import Severity
 from gpud.context import MemberStatus
 
 DirectionState = Literal["unknown", "passing", "critical"]
 HealthState = Literal["unknown", "passing", "warning", "critical"]
 HEALTH_STATES: tuple[HealthState, ...] = ("unknown", "passing", "warning", "critical")
-Severity = Literal["warning", "critical"]
 PairKind = Literal[
     "unknown",  # not enough results yet
     "ok",  # both directions pass

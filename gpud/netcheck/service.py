@@ -30,7 +30,7 @@ from gpud.netcheck.netlink import (
     route_to,
 )
 
-logger = log.get("netcheck")
+_log = log.get("netcheck")
 
 
 class NetCheck(ComponentBase):
@@ -112,7 +112,7 @@ class NetCheck(ComponentBase):
                 await self._watch()
             except (OSError, NetlinkError) as exc:
                 # ENOBUFS: events overflowed the socket; a fresh socket and snapshot recover.
-                log.warning(logger, "netlink watch failed, reopening", error=str(exc))
+                log.warning(_log, "netlink watch failed, reopening", error=str(exc))
                 # Back off only while failures come in quick succession.
                 backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, 10.0)
                 await asyncio.sleep(backoff)
@@ -144,13 +144,13 @@ class NetCheck(ComponentBase):
         if change is None:
             return
         if change.severity == "critical":
-            log.error(logger, f"critical: {change.message}", old=change.old, new=change.new)
+            log.error(_log, f"critical: {change.message}", old=change.old, new=change.new)
         else:
-            log.warning(logger, change.message, old=change.old, new=change.new)
+            log.warning(_log, change.message, old=change.old, new=change.new)
         try:
             await self._on_address_change(change.old, change.new)
         except Exception as exc:  # the agent's handler failing must not stop the watch
-            log.error(logger, "address-change handler failed", error=repr(exc))
+            log.error(_log, "address-change handler failed", error=repr(exc))
 
     async def _read_routes(self, ipr: AsyncIPRoute, host: HostNetwork) -> list[RouteInfo]:
         return [await route_to(ipr, name, addr, host) for name, addr in peer_addrs(self._ctx)]
@@ -167,7 +167,7 @@ class NetCheck(ComponentBase):
                 async with open_ipr(self._netns) as ipr:
                     self._routes = await self._read_routes(ipr, host)
             except (OSError, NetlinkError) as exc:
-                log.warning(logger, "route check failed", error=str(exc))
+                log.warning(_log, "route check failed", error=str(exc))
                 continue
             self._host = host
             self._publish()

@@ -38,7 +38,7 @@ from gpud.process import owner_alive, process_start
 from gpud.state import open_store
 from gpud.tags import Tags
 
-logger = log.get("ports")
+_log = log.get("ports")
 
 # How often the claim loop looks at membership when nothing wakes it.
 CLAIM_TICK_S = 0.5
@@ -122,7 +122,7 @@ class PortsService(ComponentBase):
         self._bind_checks = self._bind_checks_for(ctx.advertise_addr)
         self._warnings = self._config_warnings()
         for warning in self._warnings:
-            log.warning(logger, warning)
+            log.warning(_log, warning)
 
     # ---- in-process API -------------------------------------------------------------------
 
@@ -322,7 +322,7 @@ class PortsService(ComponentBase):
                 if batch.added or batch.removed:
                     await asyncio.to_thread(self._store.commit, batch.added, batch.removed)
             except Exception as exc:
-                log.error(logger, "lease store commit failed", error=exc)
+                log.error(_log, "lease store commit failed", error=exc)
                 # Back to what is on disk; nothing of this batch happened.
                 self._leases = {s.lease.id: s for s in self._store.load()}
                 self._used = {p for s in self._leases.values() for p in s.lease.ports}
@@ -351,7 +351,7 @@ class PortsService(ComponentBase):
             self._used.difference_update(item.lease.ports)
             batch.removed.append(item.lease.id)
             log.info(
-                logger,
+                _log,
                 "lease " + op.reason,
                 id=item.lease.id,
                 owner=item.lease.owner,
@@ -440,7 +440,7 @@ class PortsService(ComponentBase):
         geometry = (self.cfg.range_start, self.cfg.range_end, self.cfg.block_size)
         if (record.range_start, record.range_end, record.block_size) != geometry:
             log.warning(
-                logger,
+                _log,
                 "ports range changed in the config: the old block claim is void",
                 blk=record.blk,
             )
@@ -492,7 +492,7 @@ class PortsService(ComponentBase):
             case blocks.Drop(blk=blk, was_confirmed=was_confirmed):
                 if was_confirmed:
                     log.error(
-                        logger,
+                        _log,
                         "lost a confirmed port block to another node on this address; "
                         "leases in it stay until released",
                         blk=blk,
@@ -520,14 +520,14 @@ class PortsService(ComponentBase):
     def _log_state(self, out: blocks.ClaimOutput) -> None:
         if out.state == "exhausted":
             log.error(
-                logger, "no free port block", blocks=self._n_blocks, addr=self.ctx.advertise_addr
+                _log, "no free port block", blocks=self._n_blocks, addr=self.ctx.advertise_addr
             )
         elif out.state == "claiming" and out.claim is not None:
-            log.info(logger, "claiming port block", blk=out.claim.blk)
+            log.info(_log, "claiming port block", blk=out.claim.blk)
         elif out.state == "confirmed" and out.claim is not None:
             rng = blocks.block_range(self.cfg, out.claim.blk)
             log.info(
-                logger,
+                _log,
                 "port block confirmed",
                 blk=out.claim.blk,
                 first=rng.start,
@@ -540,7 +540,7 @@ class PortsService(ComponentBase):
         result = reserve.reserve((rng.start, rng.stop - 1))
         if result.error is not None:
             self._reservation = result.error
-            log.warning(logger, "cannot reserve the port block", error=result.error)
+            log.warning(_log, "cannot reserve the port block", error=result.error)
             return
         self._reservation = "reserved"
         if result.added:
