@@ -57,22 +57,23 @@ class Agent:
         self.network = NetCheck(ctx, self._address_changed)
         self.health = HealthService(ctx, self.network, keyring_file=self.serf.keyring_file)
         ports = PortsService(ctx)
+        gpus = GpuService(ctx)
         self.components: list[Component] = [
             self.serf,
             Membership(ctx, self.serf),
             self.network,
             self.health,
             ports,
-            self._ray(ctx, ports),
-            GpuService(ctx),
+            self._ray(ctx, ports, gpus),
+            gpus,
         ]
 
-    def _ray(self, ctx: NodeContext, ports: Any) -> Component:
+    def _ray(self, ctx: NodeContext, ports: Any, gpus: Any) -> Component:
         if not self.config.ray.enabled:
             return Disabled("ray", "ray.enabled = false")
         from gpud.ray.service import RayService
 
-        return RayService(ctx, self.serf, ports, self.health)
+        return RayService(ctx, self.serf, ports, self.health, healthy_gpus=gpus.healthy_uuids)
 
     async def _address_changed(self, old: str | None, new: str | None) -> None:
         """NetCheck saw the advertised address go (new None) or change: serf gossips the new

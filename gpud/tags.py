@@ -18,6 +18,7 @@ MAX_TAGS_BYTES = 512
 
 RayRole = Literal["none", "head", "worker"]
 HealthSummary = Literal["unknown", "passing", "warning", "critical"]
+GpuHealthSummary = Literal["unknown", "healthy", "degraded", "unhealthy"]
 HeadPreference = Literal["auto", "prefer", "never"]
 
 
@@ -45,6 +46,8 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     nat: bool = False
     # This node's own health summary.
     hl: HealthSummary = "unknown"
+    # The node's GPU verdict; an unhealthy node is never Ray head.
+    gh: GpuHealthSummary = "unknown"
 
 
 _DEFAULTS = Tags()

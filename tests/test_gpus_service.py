@@ -167,6 +167,8 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         await until(lambda: service.ctx.tags.gpu == 6, "tags carry 6 healthy GPUs")
         assert service.ctx.members["n1"].tags is not None  # gossiped (loopback)
         assert service.ctx.members["n1"].tags.gpu == 6
+        # The node verdict is gossiped too (tag gh): election reads it for head eligibility.
+        assert service.ctx.members["n1"].tags.gh == service.node_verdict().state != "unknown"
         assert samples(service, "DCGM_FI_DEV_ROW_REMAP_PENDING")["2"] == 1
         assert health_state(service, 2) == "unhealthy" and health_state(service, 5) == "degraded"
         text = metrics.render("test", service.metrics())

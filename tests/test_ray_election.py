@@ -163,6 +163,11 @@ def test_order_prefers_prefer_then_priority() -> None:
     assert choose_candidate(members)[0].name == "c"  # type: ignore[union-attr]
     reasons = choose_candidate({"e": member("e", nat=True)})[1]
     assert "NAT" in reasons["e"]
+    # Unhealthy GPUs (the GPU component's verdict in tag gh) keep a node from being head;
+    # degraded ones do not.
+    reasons = choose_candidate({"g": member("g", gh="unhealthy")})[1]
+    assert "GPUs are unhealthy" in reasons["g"]
+    assert ineligible_reason(member("h", gh="degraded")) is None
     assert ineligible_reason(member("f"), lambda _: False) is not None
     assert current_head({}) is None and quorum(4) == 3 and quorum(3) == 2
 

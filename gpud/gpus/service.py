@@ -473,7 +473,7 @@ class GpuService(ComponentBase):
         self._log_change("node", before.node if before else None, after.node)
         self._assessment, self._readings, self._polled_at = after, readings, now
         self._polled.set()
-        await self.ctx.update_tags(gpu=after.verdict.healthy_gpus)
+        await self.ctx.update_tags(gpu=after.verdict.healthy_gpus, gh=after.verdict.state)
 
     @staticmethod
     def _log_change(subject: str, before: Track | None, after: Track) -> None:

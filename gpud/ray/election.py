@@ -66,6 +66,8 @@ def ineligible_reason(member: Member, verdict: DataPathVerdict | None = None) ->
         return "Ray is not available on it"
     if tags.nat:
         return "behind NAT or port mapping (advertised address is not local)"
+    if tags.gh == "unhealthy":
+        return "its GPUs are unhealthy (see `gpud gpus` on it)"
     healthy = verdict(member.name) if verdict is not None else None
     if healthy is False:
         return "data path not healthy as seen by a majority of its peers"

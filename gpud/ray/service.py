@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -111,9 +112,13 @@ class RayService(ComponentBase):
         ports: PortLeaser,
         health: DataPathHealth | None = None,
         *,
+        healthy_gpus: Callable[[], list[str]] | None = None,
         settings: RayServiceSettings | None = None,
     ) -> None:
+        """``healthy_gpus``: UUIDs of the healthy GPUs (the GPU component's); Ray gets only
+        those (CUDA_VISIBLE_DEVICES and --num-gpus). None: every GPU the tags count."""
         self.ctx = ctx
+        self._healthy_gpus = healthy_gpus
         self.settings = settings or RayServiceSettings()
         config = ctx.config.ray
         verdict = health.healthy_by_majority if health is not None else None
@@ -207,7 +212,11 @@ class RayService(ComponentBase):
             self._crash_reason = None
 
     async def _apply(self, current: Plan) -> None:
-        self.supervisor.num_gpus = self.ctx.tags.gpu
+        if self._healthy_gpus is None:
+            self.supervisor.num_gpus = self.ctx.tags.gpu
+        else:
+            self.supervisor.visible_gpus = self._healthy_gpus()
+            self.supervisor.num_gpus = len(self.supervisor.visible_gpus)
         self.supervisor.set_target(
             decide_target(
                 current,

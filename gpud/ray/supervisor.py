@@ -199,6 +199,8 @@ class RaySupervisor:
         self.temp_dir = temp_dir_for(temp_root, node_name)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+        # UUIDs Ray may use (CUDA_VISIBLE_DEVICES); None leaves the environment's choice.
+        self.visible_gpus: list[str] | None = None
         self._env = {**os.environ, **(env or {})}
         # Whether this Ray has Ray Client (see RayInstall.client).
         self.client_server = client_server
@@ -302,7 +304,10 @@ class RaySupervisor:
 
         async def make_child() -> ChildProcess:
             os.makedirs(self.temp_dir, exist_ok=True)
-            return ChildProcess(f"ray-{target.role}", argv, env=self._env)
+            env = self._env
+            if self.visible_gpus is not None:
+                env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(self.visible_gpus)}
+            return ChildProcess(f"ray-{target.role}", argv, env=env)
 
         self._supervisor = Supervisor(
             f"ray-{target.role}",
