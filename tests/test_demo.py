@@ -26,7 +26,7 @@ def test_demo_prints_status_from_every_host_and_tears_down() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for host in ("h0", "h1"):
         assert f"===== {host}  netns" in result.stdout
-    assert result.stdout.count("members  2 (2 alive)") == 2
+    assert result.stdout.count("membership 2 (2 alive)") == 2
     assert result.stdout.count("health   passing") == 2
     assert "confirmed" in result.stdout
     # The harness names its namespaces gh<id>- after the third octet of its subnet.
