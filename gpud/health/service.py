@@ -276,7 +276,15 @@ class HealthService(ComponentBase):
     @staticmethod
     def _pair(us: Endpoint, record: PeerRecord) -> PairVerdict:
         peer = Endpoint(record.member.name, record.member.addr, record.port)
-        return judge_pair(us, peer, record.member.status, record.out, record.inbound)
+        tags = record.member.tags
+        return judge_pair(
+            us,
+            peer,
+            record.member.status,
+            record.out,
+            record.inbound,
+            peer_nat=tags is not None and tags.nat,
+        )
 
     @staticmethod
     def _nat(

@@ -79,11 +79,33 @@ class PairVerdict(msgspec.Struct, frozen=True):
     fix: str = ""
 
 
+FailureCause = Literal["refused", "timeout", "other"]
+
+
+def failure_cause(reason: str) -> FailureCause:
+    """What a failed connect says about the far end, from gpud.netprobe's and the peer
+    client's wording: refused means the host answered and nothing listens (or a firewall
+    rejects); a timeout means nothing answered at all (a stopped process or a dropping
+    firewall)."""
+    if "connection refused" in reason:
+        return "refused"
+    if "timed out" in reason or "no answer within" in reason:
+        return "timeout"
+    return "other"
+
+
 def judge_pair(
-    us: Endpoint, peer: Endpoint, serf: MemberStatus, out: Direction, inbound: Direction
+    us: Endpoint,
+    peer: Endpoint,
+    serf: MemberStatus,
+    out: Direction,
+    inbound: Direction,
+    *,
+    peer_nat: bool = False,
 ) -> PairVerdict:
     """Verdict for one pair from our probes (out), the evidence that the peer reaches us (in)
-    and Serf's status of the peer; the two directions are judged separately.
+    and Serf's status of the peer; the two directions are judged separately. ``peer_nat``: the
+    peer's own tags say it is behind NAT (its advertised address may not be routable).
 
     A direction counts as cleanly passing only while its latest result passed: a peer that just
     died still has a passing in-direction for a round or two, and must not look one-way."""
@@ -92,6 +114,16 @@ def judge_pair(
     out_ok, in_ok = out.state == "passing", inbound.state == "passing"
     in_still_ok = in_ok and inbound.fail_streak == 0
     serf_failed = serf == "failed"
+    if out_bad and peer_nat:
+        # Its address is private: no firewall rule or restart here can make it reachable.
+        return PairVerdict(
+            "warning" if in_still_ok else "critical",
+            "out-failing" if in_still_ok else ("down" if serf_failed else "data-path"),
+            f"{name} advertises a private address that is not reachable from here and reports "
+            f"itself behind NAT: run it with host networking ({peer} {out.reason})",
+            f"run gpud and Ray on {name} with host networking (docker run --network host), or "
+            "map every port 1:1 and set node.advertise on it to an address peers reach",
+        )
     if out_bad and not in_still_ok:
         if serf_failed:
             return PairVerdict(
@@ -100,12 +132,31 @@ def judge_pair(
                 f"{name} is down: Serf marks it failed and {peer} does not answer ({out.reason})",
                 f"check that the host {peer.addr} is up and gpud runs on it (systemctl status gpud)",
             )
+        seen = f"Serf sees {name} alive (its gossip port works) but its peer API {peer}"
+        back = f", and {name} cannot reach us either ({inbound.reason})" if in_bad else ""
+        cause = failure_cause(out.reason)
+        if cause == "refused":
+            return PairVerdict(
+                "critical",
+                "data-path",
+                f"gpud is not running on {name}: {seen} refuses connections ({out.reason}){back}",
+                f"start gpud on {name} (systemctl start gpud; journalctl -u gpud says why it "
+                f"stopped); if it runs, a firewall on {peer.addr} rejects TCP {peer.port}",
+            )
+        if cause == "timeout":
+            return PairVerdict(
+                "critical",
+                "data-path",
+                f"gpud on {name} is hung or a firewall drops: {seen} does not answer "
+                f"({out.reason}){back}",
+                f"on {name} check that gpud is not stopped or overloaded (systemctl status "
+                f"gpud); if it is fine, open TCP {peer.port} and the Ray ports between "
+                f"{us.addr} and {peer.addr}",
+            )
         return PairVerdict(
             "critical",
             "data-path",
-            f"Serf sees {name} alive (its gossip port works) but its peer API {peer} does not "
-            f"answer ({out.reason})"
-            + (f", and {name} cannot reach us either ({inbound.reason})" if in_bad else ""),
+            f"{seen} does not answer ({out.reason}){back}",
             f"a firewall passes gossip but blocks other ports: open TCP {peer.port} and the Ray "
             f"ports between {us.addr} and {peer.addr}",
         )
