@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs what gpud's demo and test suite need on a fresh Debian machine (run as root):
-# Debian packages (serf, nftables, iproute2, rpm tooling) and a virtualenv in .venv.
+# Debian packages (serf, nftables, iproute2, rpm tooling, systemd-nspawn, debootstrap) and a
+# virtualenv in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-packages=(serf nftables iproute2 procps rpm dpkg-dev python3 python3-venv systemd)
+# systemd-container and debootstrap: the real-systemd test boots a Debian 12 root with the deb.
+packages=(serf nftables iproute2 procps rpm dpkg-dev python3 python3-venv systemd
+  systemd-container debootstrap)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
