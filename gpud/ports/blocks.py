@@ -17,6 +17,16 @@ claims one block, unique among the nodes that share its host address. There is n
 Members that are "failed" keep their block until they are reaped; "left" members and members
 that are gone hold nothing.
 
+A member's word about itself is not enough to take a block (issue 10):
+- only verified gpud nodes (they answered this node's signed ping as themselves, at their
+  address) can make this node give up or skip a block; a block held only by an unverified
+  member is free, though a node still prefers a block nobody holds;
+- a confirmation time must be plausible against when this node first saw that claim: an
+  announced ``bc`` more than ``CLAIM_SKEW_S`` before the first sighting counts as the first
+  sighting. So a claim that appeared after a confirmed block cannot take it by announcing an
+  earlier time. This node ranks its own claim the same way (after a restart its claim appears
+  anew to the others, so it yields to one confirmed while it was away, as they decide too).
+
 ``step`` is the whole claim state machine (claiming, confirmed, exhausted; the settle timer;
 conflicts) as one pure function: the claim loop of ``gpud.ports.service`` feeds it the
 members and clocks and carries out the actions it returns, and the property tests drive it.
@@ -36,6 +46,9 @@ from gpud.config import PortsConfig
 # Member statuses that still hold a block ("failed" ones may come back until Serf reaps them).
 HOLDING_STATUSES = frozenset({"alive", "leaving", "failed"})
 NO_BLOCK = -1
+# How much earlier than its first sighting a confirmation time may be (gossip delay: a claim is
+# seen unconfirmed at least ports.settle_s before it is confirmed, so this is only slack).
+CLAIM_SKEW_S = 5
 
 ClaimState = Literal["claiming", "confirmed", "exhausted"]
 
@@ -49,6 +62,12 @@ class ClaimView(msgspec.Struct, frozen=True, kw_only=True):
     blk: int = NO_BLOCK
     # Unix seconds the claim was confirmed; 0: not confirmed.
     confirmed_at: int = 0
+    # A verified gpud node of this cluster (see the module doc); unverified members never
+    # make this node give up or skip a block.
+    verified: bool = True
+    # Unix seconds this node first saw ``name`` claim ``blk``; 0: unknown (the claim was there
+    # before this node had joined), and the announced time is taken as it is.
+    first_seen: int = 0
 
 
 class Claim(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,12 +113,24 @@ def preference(name: str, n_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(range(n_blocks), key=lambda blk: (-score(name, blk), blk)))
 
 
+def plausible_confirmed_at(confirmed_at: int, first_seen: int) -> int:
+    """The confirmation time this node believes: an announced time more than CLAIM_SKEW_S
+    before this node first saw the claim is replaced by that first sighting."""
+    if confirmed_at > 0 and first_seen > 0 and confirmed_at < first_seen - CLAIM_SKEW_S:
+        return first_seen
+    return confirmed_at
+
+
 def _rank(name: str, blk: int, confirmed_at: int) -> tuple[bool, int, int, str]:
     return (confirmed_at > 0, -confirmed_at, score(name, blk), name)
 
 
+def _view_rank(v: ClaimView) -> tuple[bool, int, int, str]:
+    return _rank(v.name, v.blk, plausible_confirmed_at(v.confirmed_at, v.first_seen))
+
+
 def rivals(me: str, my_addr: str, views: Iterable[ClaimView], n_blocks: int) -> list[ClaimView]:
-    """Other members on my address that hold a valid block."""
+    """Other members on my address that hold a valid block (verified or not)."""
     return [
         v
         for v in views
@@ -110,10 +141,22 @@ def rivals(me: str, my_addr: str, views: Iterable[ClaimView], n_blocks: int) -> 
     ]
 
 
-def wins(me: str, claim: Claim, contenders: Sequence[ClaimView]) -> bool:
-    """Whether my claim outranks every other claimant of the same block."""
-    mine = _rank(me, claim.blk, claim.confirmed_at)
-    return all(mine > _rank(v.name, v.blk, v.confirmed_at) for v in contenders)
+def _own_first_seen(me: str, blk: int, views: Iterable[ClaimView]) -> int:
+    return next((v.first_seen for v in views if v.name == me and v.blk == blk), 0)
+
+
+def _my_rank(me: str, claim: Claim, views: Iterable[ClaimView]) -> tuple[bool, int, int, str]:
+    seen = _own_first_seen(me, claim.blk, views)
+    return _rank(me, claim.blk, plausible_confirmed_at(claim.confirmed_at, seen))
+
+
+def wins(
+    me: str, claim: Claim, contenders: Sequence[ClaimView], views: Iterable[ClaimView] = ()
+) -> bool:
+    """Whether my claim outranks every other claimant of the same block (``views`` give my own
+    claim's first sighting)."""
+    mine = _my_rank(me, claim, views)
+    return all(mine > _view_rank(v) for v in contenders)
 
 
 def decide(
@@ -128,21 +171,57 @@ def decide(
     ``current`` is this node's present claim (the persisted one after a restart); ``views`` are
     the members as gossip shows them (this node among them or not: it is skipped).
     """
+    views = tuple(views)
     others = rivals(me, my_addr, views, n_blocks)
+    trusted = [v for v in others if v.verified]
     if current is not None and 0 <= current.blk < n_blocks:
-        contenders = [v for v in others if v.blk == current.blk]
-        if wins(me, current, contenders):
+        contenders = [v for v in trusted if v.blk == current.blk]
+        if wins(me, current, contenders, views):
             return current.blk
-    taken = {v.blk for v in others}
-    for blk in preference(me, n_blocks):
-        if blk not in taken:
-            return blk
+    # A block nobody holds first; failing that, one that only unverified members hold.
+    for taken in ({v.blk for v in others}, {v.blk for v in trusted}):
+        for blk in preference(me, n_blocks):
+            if blk not in taken:
+                return blk
     return None
 
 
 def contested(me: str, my_addr: str, blk: int, views: Iterable[ClaimView], n_blocks: int) -> bool:
-    """Whether another same-address member claims ``blk`` too (the claim is not settled)."""
-    return any(v.blk == blk for v in rivals(me, my_addr, views, n_blocks))
+    """Whether another same-address verified member claims ``blk`` too (not settled)."""
+    return any(v.blk == blk and v.verified for v in rivals(me, my_addr, views, n_blocks))
+
+
+class Refusal(msgspec.Struct, frozen=True, kw_only=True):
+    """A same-address member claims this node's confirmed block and this node keeps it."""
+
+    name: str
+    addr: str
+    blk: int
+    reason: str
+
+
+def refusals(
+    me: str, my_addr: str, claim: Claim, views: Iterable[ClaimView], n_blocks: int
+) -> tuple[Refusal, ...]:
+    """Claims of my confirmed block that I do not yield to: from unverified members, or ones
+    that would win only by a confirmation time earlier than I first saw them."""
+    views = tuple(views)
+    mine = _my_rank(me, claim, views)
+    found = []
+    for v in rivals(me, my_addr, views, n_blocks):
+        if v.blk != claim.blk:
+            continue
+        if not v.verified:
+            reason = "it is not a verified gpud node (it did not answer our signed ping as itself)"
+        elif _rank(v.name, v.blk, v.confirmed_at) > mine >= _view_rank(v):
+            reason = (
+                f"it announces confirmation at {v.confirmed_at}, before this node first saw "
+                f"its claim at {v.first_seen}"
+            )
+        else:
+            continue
+        found.append(Refusal(name=v.name, addr=v.addr, blk=v.blk, reason=reason))
+    return tuple(found)
 
 
 # ---- the claim state machine ------------------------------------------------------------------
@@ -206,6 +285,8 @@ class ClaimOutput(msgspec.Struct, frozen=True, kw_only=True):
     settled_since: float
     # To carry out in order; each must be done before the next (persist before announce).
     actions: tuple[Action, ...]
+    # Claims of this node's confirmed block that it refused (shown as problems).
+    refused: tuple[Refusal, ...] = ()
 
 
 def step(inp: ClaimInput) -> ClaimOutput:
@@ -242,8 +323,17 @@ def step(inp: ClaimInput) -> ClaimOutput:
         actions.append(Announce(blk=wanted[0], bc=wanted[1]))
     if inp.reserve and confirmed_now is not None:
         actions.append(Reserve(blk=confirmed_now))
+    refused = (
+        refusals(inp.me, inp.addr, claim, inp.views, inp.n_blocks)
+        if claim is not None and claim.confirmed
+        else ()
+    )
     return ClaimOutput(
-        claim=claim, state=state, settled_since=settled_since, actions=tuple(actions)
+        claim=claim,
+        state=state,
+        settled_since=settled_since,
+        actions=tuple(actions),
+        refused=refused,
     )
 
 
