@@ -56,7 +56,7 @@ class Agent:
         self.serf = SerfAgent(ctx)
         self.network = NetCheck(ctx, self._address_changed)
         self.health = HealthService(ctx, self.network, keyring_file=self.serf.keyring_file)
-        ports = PortsService(ctx)
+        ports = PortsService(ctx, verified=self.health.prober.verified)
         gpus = GpuService(ctx)
         self.components: list[Component] = [
             self.serf,

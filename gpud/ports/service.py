@@ -13,6 +13,7 @@ import asyncio
 import errno
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -44,6 +45,9 @@ _log = log.get("ports")
 CLAIM_TICK_S = 0.5
 # A confirmed block with fewer free ports than this share is a warning (ports.block_nearly_full).
 NEARLY_FULL_SHARE = 0.1
+# Claims first seen within this long after this node first saw another member were there
+# before it joined: their first sighting says nothing about when they appeared.
+JOIN_GRACE_S = 15.0
 
 
 class PortsStatus(msgspec.Struct, kw_only=True):
@@ -101,8 +105,16 @@ def _bind_ok(family: socket.AddressFamily, kind: socket.SocketKind, addr: str, p
 class PortsService(ComponentBase):
     name = "ports"
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, verified: Callable[[str], bool] | None = None) -> None:
         self.ctx = ctx
+        # Is a member a verified gpud node (HealthService.prober.verified)? Without a prober
+        # (standalone, tests) every member is taken at its word.
+        self._verified = verified or (lambda _name: True)
+        # (member, block) -> Unix seconds this node first saw that claim (0: before it joined).
+        self._first_seen: dict[tuple[str, int], int] = {}
+        # Wall time this node first saw another member (None: not yet).
+        self._joined_at: float | None = None
+        self._refused: tuple[blocks.Refusal, ...] = ()
         self.cfg = ctx.config.ports
         self._n_blocks = blocks.block_count(self.cfg)
         self._state_store = open_store(ctx.config.state_dir)
@@ -190,6 +202,18 @@ class PortsService(ComponentBase):
                     "kernel may hand ports of the block to outbound connections",
                     fix="run gpud as root with a writable /proc/sys/net, or reserve the block "
                     "with `sysctl net.ipv4.ip_local_reserved_ports`",
+                )
+            )
+        for refusal in self._refused:
+            found.append(
+                Problem(
+                    code="ports.claim_refused",
+                    subject=refusal.name,
+                    severity="warning",
+                    message=f"{refusal.name} at {refusal.addr} claims this node's port block "
+                    f"{refusal.blk}; refused: {refusal.reason}",
+                    fix=f"find what runs the member {refusal.name} at {refusal.addr}: it holds "
+                    "the cluster key; if it is not yours, rotate the key (`gpud keys`)",
                 )
             )
         if self._state == "exhausted":
@@ -448,7 +472,32 @@ class PortsService(ComponentBase):
         return blocks.Claim(blk=record.blk, confirmed_at=max(1, record.confirmed_at))
 
     def _views(self) -> tuple[blocks.ClaimView, ...]:
-        return tuple(_view(m) for m in self.ctx.members.values())
+        """The members' claims, each with whether it is a verified gpud node and when this
+        node first saw it (the bookkeeping ``blocks`` judges confirmation times against)."""
+        now = time.time()
+        me = self.ctx.node_name
+        members = self.ctx.members
+        if self._joined_at is None and any(
+            m.name != me and m.status == "alive" for m in members.values()
+        ):
+            self._joined_at = now
+        joining = self._joined_at is None or now - self._joined_at < JOIN_GRACE_S
+        claims = {(m.name, m.tags.blk) for m in members.values() if m.tags is not None}
+        # A claim that disappears is new when it comes back.
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in claims}
+        for name, blk in claims:
+            if (name, blk) not in self._first_seen:
+                # This node's own claim is always dated: after a restart it is new to the others.
+                unknown = joining and name != me
+                self._first_seen[(name, blk)] = 0 if unknown else int(now)
+        return tuple(
+            _view(
+                m,
+                verified=m.name == me or self._verified(m.name),
+                first_seen=self._first_seen.get((m.name, m.tags.blk if m.tags else -1), 0),
+            )
+            for m in members.values()
+        )
 
     async def _claim_loop(self) -> None:
         """Thin I/O around ``blocks.step``: feed it members and clocks, carry out its actions."""
@@ -480,6 +529,7 @@ class PortsService(ComponentBase):
             if out.state != self._state:
                 self._log_state(out)
             self._claim, self._state, settled_since = out.claim, out.state, out.settled_since
+            self._note_refusals(out.refused)
             if self._state == "confirmed":
                 self._confirmed.set()
             try:
@@ -516,6 +566,20 @@ class PortsService(ComponentBase):
                 await self.ctx.update_tags(blk=blk, bc=bc)
             case blocks.Reserve(blk=blk):
                 await asyncio.to_thread(self._reserve, blk)
+
+    def _note_refusals(self, refused: tuple[blocks.Refusal, ...]) -> None:
+        known = {(r.name, r.blk) for r in self._refused}
+        for r in refused:
+            if (r.name, r.blk) not in known:
+                log.warning(
+                    _log,
+                    "refused a claim of this node's port block",
+                    member=r.name,
+                    addr=r.addr,
+                    blk=r.blk,
+                    reason=r.reason,
+                )
+        self._refused = refused
 
     def _log_state(self, out: blocks.ClaimOutput) -> None:
         if out.state == "exhausted":
@@ -602,7 +666,7 @@ class PortsService(ComponentBase):
         }
 
 
-def _view(member: Member) -> blocks.ClaimView:
+def _view(member: Member, *, verified: bool, first_seen: int) -> blocks.ClaimView:
     tags = member.tags
     return blocks.ClaimView(
         name=member.name,
@@ -610,6 +674,8 @@ def _view(member: Member) -> blocks.ClaimView:
         status=member.status,
         blk=tags.blk if tags is not None else blocks.NO_BLOCK,
         confirmed_at=tags.bc if tags is not None else 0,
+        verified=verified,
+        first_seen=first_seen,
     )
 
 
