@@ -73,7 +73,14 @@ class Agent:
             return Disabled("ray", "ray.enabled = false")
         from gpud.ray.service import RayService
 
-        return RayService(ctx, self.serf, ports, self.health, healthy_gpus=gpus.healthy_uuids)
+        return RayService(
+            ctx,
+            self.serf,
+            ports,
+            self.health,
+            healthy_gpus=gpus.healthy_uuids,
+            verified=self.health.prober.verified,
+        )
 
     async def _address_changed(self, old: str | None, new: str | None) -> None:
         """NetCheck saw the advertised address go (new None) or change: serf gossips the new

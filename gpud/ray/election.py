@@ -7,12 +7,14 @@ health verdicts and the node's persisted term, and acts on the returned Plan.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Literal
 
 import msgspec
 
 from gpud.context import Member
+from gpud.health.verdict import DirectionState, majority_verdict
+from gpud.ray.votes import VoteCertificate, VoteState, valid_voters
 
 # Verdict of the health component for a node: True/False = healthy/unhealthy as seen by a
 # majority of its peers; None = no verdict yet (fall back to the node's own `hl` tag).
@@ -118,14 +120,63 @@ def choose_candidate(
     return (min(eligible, key=rank_key) if eligible else None), reasons
 
 
+# ---- Ray health decides the head (issue 11 item 2) ----
+# Part of the reason a head of a GCS its workers cannot reach steps down (the service keeps
+# such a head out of the next election for a while).
+GCS_UNREACHABLE = "a majority of its workers cannot reach its GCS"
+
+
+def workers_reach_gcs(head: Member, members: Mapping[str, Member]) -> bool | None:
+    """Do a majority of ``head``'s Ray workers (alive members tagged ray=worker in its term)
+    reach its GCS, by their ``hg`` tags? None without a majority either way (or no workers)."""
+    term = head.tags.term if head.tags is not None else -1
+    views = [
+        m.tags.hg
+        for m in members.values()
+        if m.name != head.name
+        and m.alive
+        and m.tags is not None
+        and m.tags.ray == "worker"
+        and m.tags.term == term
+    ]
+    if not views:
+        return None
+    states: list[DirectionState] = [
+        "passing" if v == "ok" else "critical" for v in views if v != "unknown"
+    ]
+    return majority_verdict(states, len(views))
+
+
+def head_ray_reason(
+    head: Member, members: Mapping[str, Member], verdict: DataPathVerdict | None = None
+) -> str | None:
+    """Why the head in office must give up the role, or None to keep it. Its workers' direct
+    GCS checks come first: a majority that cannot reach its GCS deposes it (when some other
+    member could lead); a majority that reaches it keeps it even while its gpud does not
+    answer data-path probes (frozen or slow), since Ray itself works."""
+    gcs = workers_reach_gcs(head, members)
+    if gcs is False:
+        others = {name: m for name, m in members.items() if name != head.name}
+        if choose_candidate(others, verdict)[0] is not None:
+            return GCS_UNREACHABLE
+    return ineligible_reason(head, None if gcs else verdict)
+
+
+# ---- end of the Ray health rule ----
+
+
 def plan(
     me: str,
     members: Mapping[str, Member],
     own_term: int,
     verdict: DataPathVerdict | None = None,
+    *,
+    pending: Collection[str] = (),
 ) -> Plan:
-    """Decide this node's next step. ``members`` must include this node with its current tags;
-    ``own_term`` is the highest term this node has voted or stood in (persisted)."""
+    """Decide this node's next step. ``members`` must include this node with its current tags
+    (and only members that count: see `screen`); ``own_term`` is the highest term this node
+    has voted or stood in (persisted). ``pending``: alive members not verified yet that may
+    still prove to be gpud nodes; this node does not stand while there are any."""
     # Terms announced in tags decide who is in office; the persisted vote term only makes sure
     # a new candidacy uses a term this node has not voted in yet.
     announced = highest_term(members, 0)
@@ -147,7 +198,7 @@ def plan(
             reason=f"{head.name} is head of the higher term {head_term}",
         )
     if head is not None and head_term >= announced:
-        reason = ineligible_reason(head, verdict)
+        reason = head_ray_reason(head, members, verdict)
         if reason is None:
             action: Action = "lead" if head.name == me else "follow"
             return Plan(action=action, term=head_term, head=head.name)
@@ -165,6 +216,16 @@ def plan(
         summary = "; ".join(f"{name}: {why}" for name, why in sorted(reasons.items()))
         return Plan(action="wait", term=announced, reason=f"no eligible head: {summary}"[:500])
     if candidate.name == me:
+        if pending:
+            # Standing now would count a majority of only the members verified so far (at
+            # start: ourselves alone); let the prober verify the others first.
+            waiting = ", ".join(sorted(pending))
+            return Plan(
+                action="wait",
+                term=announced,
+                candidate=me,
+                reason=f"verifying {waiting} as gpud nodes before standing"[:500],
+            )
         return Plan(action="stand", term=max(own_term, announced) + 1, candidate=me)
     return Plan(
         action="wait",
@@ -197,7 +258,93 @@ def vote_refusal(
         and head.name != candidate
         and head.tags is not None
         and head.tags.term >= term - 1
-        and ineligible_reason(head, verdict) is None
+        and head_ray_reason(head, members, verdict) is None
     ):
         return f"{head.name} is an eligible head of term {head.tags.term}"
+    return None
+
+
+# ---- trust: which members count, which claims are believed (issue 10) -----------------------
+
+# Is this member a verified gpud node of this cluster (it answered our authenticated peer API
+# as itself at its gossiped address)? The health component's Prober.verified.
+Verified = Callable[[str], bool]
+
+# A term more than this above the highest term the other members and this node vouch for is
+# ignored: honest terms grow by one per election round, so a jump this far is a forged claim.
+TERM_BOUND = 64
+
+
+class Screened(msgspec.Struct, kw_only=True, frozen=True):
+    """The members the election decides on, and the claims it ignored (name -> why)."""
+
+    members: dict[str, Member]
+    ignored: dict[str, str]
+
+
+def screen(
+    me: str, members: Mapping[str, Member], own_term: int, verified: Verified | None
+) -> Screened:
+    """This node plus the members verified as gpud nodes (``verified`` None: all of them).
+
+    A member that was verified and then failed still counts (a real node that died); one that
+    never was is left out entirely: it never counts toward a majority, is never followed and
+    never gets a vote. A counted member whose term is more than TERM_BOUND above what the
+    others (and ``own_term``) vouch for keeps counting, but its term and head claim are
+    ignored. Alive unverified members announcing themselves head are reported in ``ignored``.
+    """
+    kept: dict[str, Member] = {}
+    ignored: dict[str, str] = {}
+    for name, member in members.items():
+        if name == me or verified is None or verified(name):
+            kept[name] = member
+        elif member.alive and member.tags is not None and member.tags.ray == "head":
+            ignored[name] = (
+                f"announces itself Ray head of term {member.tags.term} from {member.addr} "
+                "but is not a verified gpud node of this cluster"
+            )
+    terms = {name: m.tags.term for name, m in kept.items() if m.tags is not None}
+    for name, term in terms.items():
+        if name == me:
+            continue
+        vouched = max([own_term, *(t for other, t in terms.items() if other != name)])
+        if term > vouched + TERM_BOUND:
+            member = kept[name]
+            assert member.tags is not None
+            role = "none" if member.tags.ray == "head" else member.tags.ray
+            tags = msgspec.structs.replace(member.tags, term=vouched, ray=role)
+            kept[name] = msgspec.structs.replace(member, tags=tags)
+            ignored[name] = (
+                f"announces term {term}, more than {TERM_BOUND} above the highest term "
+                f"{vouched} other members vouch for"
+            )
+    return Screened(members=kept, ignored=ignored)
+
+
+def proof_refusal(
+    head: str,
+    term: int,
+    own_vote: VoteState,
+    certificate: VoteCertificate | None,
+    keys: Sequence[bytes],
+) -> str | None:
+    """Why this node may not follow ``head`` as head of ``term``, or None when a majority of
+    votes it can check backs that term: its own persisted vote for ``head`` in ``term``, or
+    ``head``'s certificate with valid signatures from a majority of the members it counted."""
+    if own_vote.term == term and own_vote.voted_for == head:
+        return None
+    if certificate is None:
+        return f"{head} showed no vote certificate for term {term}"
+    if certificate.head != head or certificate.term != term:
+        return (
+            f"{head}'s certificate is for {certificate.head} in term {certificate.term}, "
+            f"not term {term}"
+        )
+    voters = valid_voters(certificate, keys)
+    needed = quorum(certificate.known)
+    if len(voters) < needed:
+        return (
+            f"{head}'s certificate for term {term} has {len(voters)} valid votes of "
+            f"{needed} needed ({certificate.known} members)"
+        )
     return None

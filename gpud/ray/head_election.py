@@ -7,6 +7,7 @@ nothing itself and knows nothing of the Ray process.
 
 from __future__ import annotations
 
+import hmac
 import random
 import time
 from collections.abc import Mapping
@@ -14,26 +15,37 @@ from typing import Protocol
 
 import msgspec
 
-from gpud import log
+from gpud import log, secret
+from gpud.component import Problem
 from gpud.context import Member, NodeContext
 from gpud.ray.election import (
     DataPathVerdict,
     Plan,
+    Screened,
+    Verified,
     highest_term,
     known_members,
     plan,
+    proof_refusal,
     quorum,
+    screen,
     vote_refusal,
 )
 from gpud.ray.votes import (
+    CERT_QUERY,
     VOTE_QUERY,
+    CertificateRequest,
+    VoteCertificate,
     VoteReply,
     VoteRequest,
     VoteStore,
+    decode_certificate,
     decode_reply,
     decode_request,
+    encode_certificate,
     encode_reply,
     encode_request,
+    vote_signature,
 )
 from gpud.serf.agent import QueryHandler
 from gpud.tags import RayRole
@@ -43,6 +55,11 @@ _log = log.get("ray")
 # A candidate that lost waits a random time in this range before standing again, so two
 # candidates with different views do not split the vote forever.
 RETRY_S = (1.0, 3.0)
+# An alive member that has not been verified as a gpud node within this long of first being
+# seen is not one (gpud answers the first probe round); until then nobody stands.
+PENDING_S = 15.0
+# A follower asks a head for its certificate at most this often while it cannot verify it.
+CERT_RETRY_S = 2.0
 
 
 class QueryTransport(Protocol):
@@ -65,19 +82,34 @@ class HeadElection:
         store: VoteStore,
         verdict: DataPathVerdict | None = None,
         *,
+        verified: Verified | None = None,
+        vote_key: bytes | None = None,
         vote_timeout_s: float | None = None,
         retry_s: tuple[float, float] = RETRY_S,
     ) -> None:
+        """``verified``: is a member a verified gpud node (None: trust every member, for
+        in-process tests). ``vote_key``: signs and checks votes (default: the cluster's)."""
         self.ctx = ctx
         self._serf = serf
         self.store = store
         self._verdict = verdict
+        self._verified = verified
+        self._vote_key = vote_key or secret.derive(ctx.config, "vote")
+        # Members as first seen (monotonic), for the pending grace; claims ignored last step;
+        # the head this node will not follow and why; the (head, term) already proven.
+        self._first_seen: dict[str, float] = {}
+        self.ignored: dict[str, str] = {}
+        self.unproven: tuple[str, str] | None = None
+        self._proven: tuple[str, int] | None = None
+        self._fetched: VoteCertificate | None = None
+        self._next_fetch = 0.0
         self._vote_timeout_s = vote_timeout_s
         self._retry_s = retry_s
         self._next_stand = 0.0
         self.plan = Plan(action="wait", term=store.state.term, reason="starting")
         self.last_election: str = ""
         serf.on_query(VOTE_QUERY, self._on_vote)
+        serf.on_query(CERT_QUERY, self._on_certificate)
 
     def view(self) -> dict[str, Member]:
         """The membership with this node's own entry carrying its current tags."""
@@ -92,6 +124,26 @@ class HeadElection:
         )
         return members
 
+    def screened(self) -> Screened:
+        """`view` less the members that do not count (see gpud.ray.election.screen)."""
+        return screen(self.ctx.node_name, self.view(), self.store.state.term, self._verified)
+
+    def _pending(self, members: Mapping[str, Member]) -> list[str]:
+        """Alive unverified members still inside their PENDING_S grace."""
+        now = time.monotonic()
+        seen = {name: self._first_seen.get(name, now) for name in members}
+        self._first_seen = seen
+        if self._verified is None:
+            return []
+        return [
+            name
+            for name, member in members.items()
+            if name != self.ctx.node_name
+            and member.alive
+            and now - seen[name] < PENDING_S
+            and not self._verified(name)
+        ]
+
     async def _on_vote(self, from_node: str, payload: bytes) -> bytes | None:
         me = self.ctx.node_name
         try:
@@ -104,9 +156,11 @@ class HeadElection:
                 reason=f"malformed vote request: {exc}",
             )
             return encode_reply(reply)
-        members = self.view()
+        members = self.screened().members
         if request.candidate != from_node:
             refusal: str | None = f"{from_node} asked for a vote for {request.candidate}"
+        elif from_node not in members:
+            refusal = f"{from_node} is not a verified gpud node of this cluster"
         else:
             refusal = vote_refusal(request.candidate, request.term, members, self._verdict)
         try:
@@ -121,6 +175,15 @@ class HeadElection:
                 granted=False,
                 reason=f"cannot persist the vote: {exc.strerror}",
             )
+        if reply.granted:
+            sig = vote_signature(
+                self._vote_key,
+                voter=me,
+                candidate=request.candidate,
+                term=request.term,
+                known=request.known,
+            )
+            reply = msgspec.structs.replace(reply, sig=sig)
         log.info(
             _log,
             "vote",
@@ -133,18 +196,115 @@ class HeadElection:
 
     async def step(self) -> Plan:
         """Adopt higher terms, compute the plan, act on it (tags, candidacy); return it."""
-        members = self.view()
+        screened = self.screened()
+        members = screened.members
+        self.ignored = screened.ignored
+        for name, why in screened.ignored.items():
+            log.warning(_log, "claim ignored", member=name, reason=why)
         announced = highest_term(members, 0)
         if announced > self.store.state.term:
             await self.store.adopt_term(announced)
-        current = plan(self.ctx.node_name, members, self.store.state.term, self._verdict)
+        pending = self._pending(self.view())
+        me, verdict = self.ctx.node_name, self._verdict
+        current = plan(me, members, self.store.state.term, verdict, pending=pending)
         if current.action == "stand":
             if time.monotonic() >= self._next_stand:
                 await self._stand(current.term, members)
-            current = plan(self.ctx.node_name, self.view(), self.store.state.term, self._verdict)
+            members = self.screened().members
+            current = plan(me, members, self.store.state.term, verdict, pending=pending)
+        if current.action == "follow":
+            current = await self._check_office(current)
         await self._announce(current, members)
         self.plan = current
         return current
+
+    async def _check_office(self, current: Plan) -> Plan:
+        """``current`` (follow) when a majority of checkable votes backs the head's term;
+        else wait, and `unproven` says why (a head's word about itself is not enough)."""
+        head, term = current.head, current.term
+        assert head is not None
+        if self._proven == (head, term):
+            return current
+        keys = [self._vote_key]
+        refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
+        if refusal is not None and time.monotonic() >= self._next_fetch:
+            self._next_fetch = time.monotonic() + CERT_RETRY_S
+            self._fetched = await self._fetch_certificate(head, term)
+            refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
+        if refusal is None:
+            self._proven, self.unproven = (head, term), None
+            return current
+        if self.unproven != (head, refusal):
+            log.warning(_log, "head not followed", head=head, term=term, reason=refusal)
+        self.unproven = (head, refusal)
+        return Plan(action="wait", term=term, reason=f"not following {head}: {refusal}"[:500])
+
+    async def _fetch_certificate(self, head: str, term: int) -> VoteCertificate | None:
+        request = msgspec.json.encode(CertificateRequest(head=head, term=term))
+        try:
+            replies = await self._serf.query(CERT_QUERY, request, timeout_s=self._vote_timeout_s)
+        except Exception as exc:  # serf down or restarting: ask again later
+            log.warning(_log, "certificate query failed", error=str(exc))
+            return None
+        payload = replies.get(head)
+        if payload is None:
+            return None
+        try:
+            return decode_certificate(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+
+    async def _on_certificate(self, from_node: str, payload: bytes) -> bytes | None:
+        """The head answers with its certificate for the asked term; everyone else stays
+        silent."""
+        try:
+            request = msgspec.json.decode(payload, type=CertificateRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        cert = self.store.certificate
+        me = self.ctx.node_name
+        if cert is None or request.head != me or (cert.head, cert.term) != (me, request.term):
+            return None
+        try:
+            return encode_certificate(cert)
+        except ValueError as exc:
+            log.warning(_log, "certificate not sent", error=str(exc))
+            return None
+
+    def problems(self) -> list[Problem]:
+        """Claims this node refused to believe (issue 10): rogue heads, wild terms, heads
+        that could not prove their office."""
+        found = [
+            Problem(
+                code="ray.unverified_head" if "not a verified" in why else "ray.implausible_term",
+                severity="warning",
+                subject=name,
+                message=f"{name} {why}; ignored",
+                fix=(
+                    f"find what runs as {name}: a gpud node answers the peer API (check its "
+                    "peer port and cluster key); anything else holds the cluster key and must "
+                    "be removed, and the key rotated (`gpud keys`)"
+                ),
+            )
+            for name, why in sorted(self.ignored.items())
+        ]
+        if self.unproven is not None and self.plan.action == "wait":
+            head, why = self.unproven
+            found.append(
+                Problem(
+                    code="ray.unproven_head",
+                    severity="critical",
+                    subject=head,
+                    message=f"not following Ray head {head}: {why}",
+                    fix=(
+                        f"check `gpud status` on {head}: a head elected by gpud serves its "
+                        "vote certificate; if it is not a gpud node, remove it and rotate the "
+                        "cluster key"
+                    ),
+                    supersedes=frozenset({"ray.no_head"}),
+                )
+            )
+        return found
 
     async def _announce(self, current: Plan, members: Mapping[str, Member]) -> None:
         tags = self.ctx.tags
@@ -177,6 +337,12 @@ class HeadElection:
             replies = {}
         names = {m.name for m in known}
         granted = {me}
+
+        def signature(voter: str) -> str:
+            key = self._vote_key
+            return vote_signature(key, voter=voter, candidate=me, term=term, known=len(known))
+
+        votes = {me: signature(me)}
         refusals: list[str] = []
         for node, payload in replies.items():
             try:
@@ -184,16 +350,26 @@ class HeadElection:
             except (msgspec.ValidationError, msgspec.DecodeError):
                 refusals.append(f"{node}: malformed reply")
                 continue
-            if reply.term > term:
+            if reply.term > term and node in names:  # only counted members move our term
                 await self.store.adopt_term(reply.term)
             if reply.granted and reply.term == term and reply.voter == node and node in names:
-                granted.add(node)
+                if hmac.compare_digest(reply.sig, signature(node)):
+                    granted.add(node)
+                    votes[node] = reply.sig
+                else:
+                    refusals.append(f"{node}: vote not signed with this cluster's key")
             elif not reply.granted:
                 refusals.append(f"{node}: {reply.reason}")
         needed = quorum(len(known))
         if len(granted) >= needed:
             self.last_election = f"won term {term} with {len(granted)} of {len(known)} votes"
             log.info(_log, "elected head", term=term, votes=len(granted), known=len(known))
+            # A majority of signatures is proof enough (own vote first): a small certificate.
+            kept = [me, *sorted(votes.keys() - {me})][:needed]
+            cert = VoteCertificate(
+                head=me, term=term, known=len(known), votes={v: votes[v] for v in kept}
+            )
+            await self.store.save_certificate(cert)
             await self.ctx.update_tags(ray="head", term=term, gcs=0)
             return
         self.last_election = (

@@ -7,6 +7,10 @@ make it vote twice in one term (that is what keeps two heads from winning the sa
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -41,6 +45,9 @@ class VoteReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     term: int
     granted: bool
     reason: str = ""
+    # A granted vote: vote_signature(voter, candidate, term, known). The candidate keeps the
+    # signed votes as its certificate, so nodes that did not vote can check its office.
+    sig: str = ""
 
 
 class VoteStateError(GpudError):
@@ -99,8 +106,79 @@ def decode_reply(payload: bytes) -> VoteReply:
     return msgspec.json.decode(payload, type=VoteReply)
 
 
+# ---- proof of office: signed votes and the head's certificate -----------------------------
+
+# The Serf query a follower asks a head with for its certificate (only that head answers).
+CERT_QUERY = "gpud-ray-cert"
+# Signature length: 16 bytes of HMAC-SHA256 (22 characters unpadded) keep certificates small.
+SIG_BYTES = 16
+
+
+class CertificateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    head: str
+    term: int
+
+
+class VoteCertificate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The signed votes that made ``head`` head of ``term``: voter -> signature. ``known`` is
+    the member count the candidate stood with; every vote signs it, so it cannot be shrunk."""
+
+    head: str
+    term: int
+    known: int
+    votes: dict[str, str]
+
+
+def vote_signature(key: bytes, *, voter: str, candidate: str, term: int, known: int) -> str:
+    """The voter's signature on its vote (HMAC under the cluster's vote key)."""
+    message = msgspec.json.encode(["gpud-ray-vote/v1", voter, candidate, term, known])
+    digest = hmac.new(key, message, hashlib.sha256).digest()[:SIG_BYTES]
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def signature_valid(
+    keys: Sequence[bytes], sig: str, *, voter: str, candidate: str, term: int, known: int
+) -> bool:
+    return any(
+        hmac.compare_digest(
+            sig,
+            vote_signature(key, voter=voter, candidate=candidate, term=term, known=known),
+        )
+        for key in keys
+    )
+
+
+def valid_voters(cert: VoteCertificate, keys: Sequence[bytes]) -> set[str]:
+    """The voters whose signatures in ``cert`` check out (pure)."""
+    return {
+        voter
+        for voter, sig in cert.votes.items()
+        if signature_valid(
+            keys, sig, voter=voter, candidate=cert.head, term=cert.term, known=cert.known
+        )
+    }
+
+
+def encode_certificate(cert: VoteCertificate) -> bytes:
+    """Raises ValueError when the certificate does not fit a Serf query response."""
+    data = msgspec.json.encode(cert)
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"vote certificate of {len(cert.votes)} votes is {len(data)} bytes, "
+            f"more than Serf's {MAX_PAYLOAD_BYTES}"
+        )
+    return data
+
+
+def decode_certificate(payload: bytes) -> VoteCertificate:
+    """Raises msgspec.ValidationError/DecodeError on malformed payloads."""
+    return msgspec.json.decode(payload, type=VoteCertificate)
+
+
 # The voter's promise, in the state store.
 VOTE = Key("ray.vote", VoteState)
+# The certificate of the term this node last won (a restarted head still proves its office).
+CERTIFICATE = Key("ray.certificate", VoteCertificate)
 # gpud 0.1.0 kept the vote in a file of its own; imported on first start.
 LEGACY_FILE = "ray-vote.json"
 
@@ -114,6 +192,7 @@ class VoteStore:
         try:
             store.import_file(store.state_dir / LEGACY_FILE, _import_legacy_file)
             self.state = store.get(VOTE) or VoteState()
+            self.certificate = store.get(CERTIFICATE)
         except StateError as exc:
             # Refusing to start beats voting twice: an operator must look at it.
             raise VoteStateError(str(exc)) from None
@@ -133,6 +212,11 @@ class VoteStore:
                 await asyncio.to_thread(self._save, new)
                 self.state = new
             return reply
+
+    async def save_certificate(self, cert: VoteCertificate) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._store.put, CERTIFICATE, cert)
+            self.certificate = cert
 
     async def adopt_term(self, term: int) -> None:
         """Move to a higher term seen in gossip, with no vote cast in it yet."""
