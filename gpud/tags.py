@@ -20,6 +20,7 @@ RayRole = Literal["none", "head", "worker"]
 HealthSummary = Literal["unknown", "passing", "warning", "critical"]
 GpuHealthSummary = Literal["unknown", "healthy", "degraded", "unhealthy"]
 HeadPreference = Literal["auto", "prefer", "never"]
+GcsReachSummary = Literal["unknown", "ok", "fail"]
 
 
 class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
@@ -35,6 +36,12 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     bc: int = 0
     # Number of GPUs NVML reports.
     gpu: int = 0
+    # -- deployments (gpud/deployments/service.py): digest of the node's spec records (peers
+    # whose digest differs fetch them over the peer API), and the replicas it runs with their
+    # ports ("web.0:20001;web.1:20005").
+    dv: str = ""
+    dp: str = ""
+    # -- end deployments
     # Ray: role, election term, GCS port once the head's GCS answers (0: not ready).
     ray: RayRole = "none"
     term: int = 0
@@ -48,6 +55,11 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     hl: HealthSummary = "unknown"
     # The node's GPU verdict; an unhealthy node is never Ray head.
     gh: GpuHealthSummary = "unknown"
+    # Ray worker only: its node-manager port (the head probes it when the worker is missing
+    # from its GCS), and whether it reaches the GCS of the head of its term (the election
+    # deposes a head whose GCS a majority of its workers cannot reach).
+    nm: int = 0
+    hg: GcsReachSummary = "unknown"
 
 
 _DEFAULTS = Tags()

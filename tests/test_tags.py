@@ -24,6 +24,8 @@ tag_values = st.builds(
     rv=st.booleans(),
     nat=st.booleans(),
     hl=st.sampled_from(["unknown", "passing", "warning", "critical"]),
+    nm=st.integers(min_value=0, max_value=65535),
+    hg=st.sampled_from(["unknown", "ok", "fail"]),
 )
 
 

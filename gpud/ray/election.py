@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 from gpud.context import Member
+from gpud.health.verdict import DirectionState, majority_verdict
 from gpud.ray.votes import VoteCertificate, VoteState, valid_voters
 
 # Verdict of the health component for a node: True/False = healthy/unhealthy as seen by a
@@ -119,6 +120,51 @@ def choose_candidate(
     return (min(eligible, key=rank_key) if eligible else None), reasons
 
 
+# ---- Ray health decides the head (issue 11 item 2) ----
+# Part of the reason a head of a GCS its workers cannot reach steps down (the service keeps
+# such a head out of the next election for a while).
+GCS_UNREACHABLE = "a majority of its workers cannot reach its GCS"
+
+
+def workers_reach_gcs(head: Member, members: Mapping[str, Member]) -> bool | None:
+    """Do a majority of ``head``'s Ray workers (alive members tagged ray=worker in its term)
+    reach its GCS, by their ``hg`` tags? None without a majority either way (or no workers)."""
+    term = head.tags.term if head.tags is not None else -1
+    views = [
+        m.tags.hg
+        for m in members.values()
+        if m.name != head.name
+        and m.alive
+        and m.tags is not None
+        and m.tags.ray == "worker"
+        and m.tags.term == term
+    ]
+    if not views:
+        return None
+    states: list[DirectionState] = [
+        "passing" if v == "ok" else "critical" for v in views if v != "unknown"
+    ]
+    return majority_verdict(states, len(views))
+
+
+def head_ray_reason(
+    head: Member, members: Mapping[str, Member], verdict: DataPathVerdict | None = None
+) -> str | None:
+    """Why the head in office must give up the role, or None to keep it. Its workers' direct
+    GCS checks come first: a majority that cannot reach its GCS deposes it (when some other
+    member could lead); a majority that reaches it keeps it even while its gpud does not
+    answer data-path probes (frozen or slow), since Ray itself works."""
+    gcs = workers_reach_gcs(head, members)
+    if gcs is False:
+        others = {name: m for name, m in members.items() if name != head.name}
+        if choose_candidate(others, verdict)[0] is not None:
+            return GCS_UNREACHABLE
+    return ineligible_reason(head, None if gcs else verdict)
+
+
+# ---- end of the Ray health rule ----
+
+
 def plan(
     me: str,
     members: Mapping[str, Member],
@@ -152,7 +198,7 @@ def plan(
             reason=f"{head.name} is head of the higher term {head_term}",
         )
     if head is not None and head_term >= announced:
-        reason = ineligible_reason(head, verdict)
+        reason = head_ray_reason(head, members, verdict)
         if reason is None:
             action: Action = "lead" if head.name == me else "follow"
             return Plan(action=action, term=head_term, head=head.name)
@@ -212,7 +258,7 @@ def vote_refusal(
         and head.name != candidate
         and head.tags is not None
         and head.tags.term >= term - 1
-        and ineligible_reason(head, verdict) is None
+        and head_ray_reason(head, members, verdict) is None
     ):
         return f"{head.name} is an eligible head of term {head.tags.term}"
     return None

@@ -20,10 +20,24 @@ from aiohttp import web
 from gpud import log
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import NodeContext
+from gpud.health.verdict import Direction, Thresholds, step
+from gpud.netprobe import TcpProbe, tcp_connect
 from gpud.process import GroupRecord
-from gpud.ray.election import Plan, ineligible_reason
+from gpud.ray.election import GCS_UNREACHABLE, Plan, ineligible_reason, workers_reach_gcs
 from gpud.ray.head_election import RETRY_S, HeadElection, QueryTransport
 from gpud.ray.probes import RayInstall, RayNode, alive_ray_nodes, probe_ray
+from gpud.ray.reach import (
+    GcsReach,
+    MissingWorker,
+    expected_workers,
+    gcs_reach_problem,
+    gcs_reach_tag,
+    missing_worker_problem,
+    record_gcs_probe,
+    record_worker_poll,
+    registered,
+    registration_problem,
+)
 from gpud.ray.supervisor import (
     RAY_CHILD,
     PortLeaser,
@@ -94,6 +108,14 @@ class RayStatus(msgspec.Struct, kw_only=True):
     recent_failures: int = 0
     restarts_total: int = 0
     ray_nodes: RayNodesSeen
+    # Worker: its probes of the head's GCS port over the data path (None when not a worker).
+    gcs_reach: GcsReach | None = None
+    # Head: members tagged as its workers, checked against its GCS (missing ones probed).
+    workers: list[MissingWorker] = msgspec.field(default_factory=list)
+    # Whether this node's own Ray is alive in the GCS (passing), or missing (critical).
+    registration: Direction = msgspec.field(default_factory=Direction)
+    # Head: a majority of its workers cannot reach its GCS, yet no other node could lead.
+    gcs_unreachable_kept: bool = False
     last_election: str = ""
     # Why this node runs no Ray / has no head (None when all is well).
     reason: str | None = None
@@ -155,6 +177,14 @@ class RayService(ComponentBase):
         self._crash_reason: str | None = None
         self._nodes = RayNodesSeen()
         self._nodes_at: float | None = None
+        # Issue 11 item 1: Ray's own ports, judged with the health component's hysteresis.
+        health = ctx.config.health
+        self._thresholds = Thresholds(
+            health.failures_before_critical, health.successes_before_passing
+        )
+        self._reach: GcsReach | None = None
+        self._workers: dict[str, MissingWorker] = {}
+        self._registration = Direction()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -162,6 +192,7 @@ class RayService(ComponentBase):
             tg.create_task(self._probe_loop())
             tg.create_task(self._nodes_loop())
             tg.create_task(self._election_loop())
+            tg.create_task(self._reach_loop())
 
     async def _probe_loop(self) -> None:
         if not self.ctx.config.ray.enabled:
@@ -193,9 +224,17 @@ class RayService(ComponentBase):
             self._watch_crash_loop()
             await self.ctx.update_tags(rv=self._ray_usable())
             current = await self.election.step()
+            self._note_deposed(current)
             await self._apply(current)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
+
+    def _note_deposed(self, current: Plan) -> None:
+        if current.action == "step_down" and GCS_UNREACHABLE in current.reason:
+            # Stay out of the next election: its GCS port is still blocked for the workers.
+            self._crash_reason = f"{GCS_UNREACHABLE} (stepped down); retry later"
+            self._unavailable_until = time.monotonic() + CRASH_COOLDOWN_S
+            log.warning(_log, "ray head deposed by its workers", reason=current.reason)
 
     def _watch_crash_loop(self) -> None:
         target = self.supervisor.target
@@ -243,17 +282,96 @@ class RayService(ComponentBase):
                 try:
                     nodes = await alive_ray_nodes(self.ctx.config.ray.executable, address)
                     self._nodes = RayNodesSeen(nodes=nodes, gcs_address=address)
+                    self._workers = await self._check_workers(nodes, self._workers)
+                    self._registration = step(
+                        self._registration,
+                        registered(self.ctx.node_name, nodes),
+                        f"not alive in GCS {address}",
+                        self._thresholds,
+                    )
                 except (RuntimeError, OSError, msgspec.DecodeError) as exc:
                     self._nodes = RayNodesSeen(error=str(exc), gcs_address=address)
                 self._nodes_at = time.monotonic()
             else:
                 self._nodes, self._nodes_at = RayNodesSeen(), None
+                self._workers, self._registration = {}, Direction()
             # Ask again after nodes_every_s, or at once when the GCS address changes (a new
             # head), so status shows the new cluster without waiting out the interval.
             for _ in range(max(1, int(self.settings.nodes_every_s / NODES_POLL_S))):
                 await asyncio.sleep(NODES_POLL_S)
                 if self._gcs_address() != address:
                     break
+
+    async def _check_workers(
+        self,
+        nodes: list[RayNode],
+        previous: dict[str, MissingWorker],
+        thresholds: Thresholds | None = None,
+    ) -> dict[str, MissingWorker]:
+        """Head only: each member tagged as our worker, present in the GCS or not; the
+        node-manager port of a missing one is probed to tell a dead Ray from a blocked one."""
+        target = self.supervisor.target
+        if target is None or target.role != "head":
+            return {}
+        thresholds = thresholds or self._thresholds
+        checked: dict[str, MissingWorker] = {}
+        for member in expected_workers(self.ctx.members, self.ctx.node_name, self.ctx.tags.term):
+            present = registered(member.name, nodes)
+            nm = member.tags.nm if member.tags is not None else 0
+            probe = None
+            if not present and nm:
+                probe = await tcp_connect(member.addr, nm, self.ctx.config.health.timeout_s)
+            checked[member.name] = record_worker_poll(
+                previous.get(member.name), member, present, probe, thresholds
+            )
+        return checked
+
+    async def _reach_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            self._reach = await self._probe_gcs(self._reach, self._thresholds)
+            await self._publish_reach()
+            await asyncio.sleep(
+                max(0.0, self.ctx.config.health.interval_s - (time.monotonic() - started))
+            )
+
+    async def _probe_gcs(self, reach: GcsReach | None, thresholds: Thresholds) -> GcsReach | None:
+        """Worker only: one connect to the head's GCS port from the advertised address (the
+        path Ray uses); after a failure, one to the head's peer API, which tells a blocked
+        GCS port from a head that is down."""
+        target = self.supervisor.target
+        if target is None or target.role != "worker" or not target.gcs_port:
+            return None
+        head = self.election.plan.head or ""
+        if reach is None or (reach.head_addr, reach.gcs_port, reach.head) != (
+            target.head_addr,
+            target.gcs_port,
+            head,
+        ):
+            reach = GcsReach(head=head, head_addr=target.head_addr, gcs_port=target.gcs_port)
+        timeout = self.ctx.config.health.timeout_s
+        source = None if self.ctx.tags.nat else self.ctx.advertise_addr
+        probe = TcpProbe(ok=False)
+        # One lost SYN costs a 1 s retransmit, longer than the timeout: one retry at once.
+        for _ in range(2):
+            probe = await tcp_connect(
+                target.head_addr, target.gcs_port, timeout, source_addr=source
+            )
+            if probe.ok:
+                break
+        peer_api = None
+        member = self.ctx.members.get(head)
+        if not probe.ok and member is not None and member.tags is not None and member.tags.pp:
+            peer_api = await tcp_connect(member.addr, member.tags.pp, timeout, source_addr=source)
+        return record_gcs_probe(reach, probe, peer_api, thresholds)
+
+    async def _publish_reach(self) -> None:
+        ports = self.supervisor.status().ports
+        nm = ports.named.get("node-manager-port", 0) if ports is not None else 0
+        try:
+            await self.ctx.update_tags(hg=gcs_reach_tag(self._reach), nm=nm)
+        except Exception as exc:  # a gossip hiccup must not stop the probe loop
+            log.warning(_log, "could not publish ray reach tags", error=str(exc))
 
     def _gcs_address(self) -> str | None:
         target = self.supervisor.target
@@ -289,10 +407,18 @@ class RayService(ComponentBase):
             self._nodes,
             age_s=round(time.monotonic() - self._nodes_at, 1) if self._nodes_at else None,
         )
+        own = members.get(self.ctx.node_name)
+        kept = (
+            tags.ray == "head"
+            and own is not None
+            and workers_reach_gcs(own, members) is False
+            and current.action == "lead"
+        )
         if failures >= CRASH_LOOP_RESTARTS and process.target is not None:
             summary = _crash_summary(tags.ray, tags.term, process, failures)
         else:
             summary = _summary(tags.ray, tags.term, current, head_address, process, nodes, reason)
+            summary += _reach_text(self._reach, list(self._workers.values()))
         return RayStatus(
             enabled=self.ctx.config.ray.enabled,
             role=tags.ray,
@@ -310,6 +436,10 @@ class RayService(ComponentBase):
             recent_failures=failures,
             restarts_total=self.supervisor.restarts_total,
             ray_nodes=nodes,
+            gcs_reach=self._reach,
+            workers=sorted(self._workers.values(), key=lambda w: w.name),
+            registration=self._registration,
+            gcs_unreachable_kept=kept,
             last_election=self.election.last_election,
             reason=reason,
             summary=summary,
@@ -339,9 +469,56 @@ class RayService(ComponentBase):
         # The election's own findings: claims it refused to believe (rogue heads, wild terms).
         return ray_problems(self.status(), self.ctx.node_name) + self.election.problems()
 
+    async def diagnose(self) -> list[Problem]:
+        """Ray's ports checked now, each result counting at once (no hysteresis): a worker
+        probes its head's GCS, the head asks its GCS and probes the workers missing there."""
+        now = Thresholds(1, 1)
+        status = self.status()
+        reach = await self._probe_gcs(None, now)
+        workers: dict[str, MissingWorker] = {}
+        registration = Direction()
+        address = self._gcs_address()
+        if address is not None:
+            try:
+                nodes = await alive_ray_nodes(self.ctx.config.ray.executable, address)
+            except (RuntimeError, OSError, msgspec.DecodeError):
+                pass  # already in the status (ray_nodes.error); the probes above still count
+            else:
+                workers = await self._check_workers(nodes, {}, now)
+                registration = step(Direction(), registered(self.ctx.node_name, nodes), "", now)
+        fresh = msgspec.structs.replace(
+            status,
+            gcs_reach=reach,
+            workers=sorted(workers.values(), key=lambda w: w.name),
+            registration=registration,
+        )
+        return ray_problems(fresh, self.ctx.node_name)
+
     def metrics(self) -> list[Metric]:
         tags = self.ctx.tags
+        reach = self._reach
+        nodes = self._nodes.nodes
         return [
+            Metric(
+                name="gpud_ray_gcs_reachable",
+                help="Worker: 1 while its head's GCS port answers over the data path, 0 when "
+                "critical (absent while unknown or not a worker).",
+                samples=[
+                    ({"head": reach.head, "address": reach.address}, float(state == "passing"))
+                    for state in [reach.direction.state if reach else "unknown"]
+                    if reach is not None and state != "unknown"
+                ],
+            ),
+            Metric(
+                name="gpud_ray_nodes_alive",
+                help="Ray nodes the GCS reports alive (absent while unknown).",
+                samples=[({}, float(len(nodes)))] if nodes is not None else [],
+            ),
+            gauge(
+                "gpud_ray_workers_missing",
+                "Head: members tagged as its Ray workers that its GCS does not list alive.",
+                sum(w.direction.state == "critical" for w in self._workers.values()),
+            ),
             gauge("gpud_ray_head", "1 while this node is the Ray head.", tags.ray == "head"),
             gauge("gpud_ray_term", "Ray head election term.", tags.term),
             Metric(
@@ -395,6 +572,17 @@ def _summary(
     return f"{text}: {reason}" if reason else text
 
 
+def _reach_text(reach: GcsReach | None, workers: list[MissingWorker]) -> str:
+    """ "; GCS ... unreachable" for a worker, "; N workers missing from GCS: ..." for a head."""
+    text = ""
+    if reach is not None and reach.direction.state == "critical":
+        text += f"; GCS {reach.address} unreachable ({reach.direction.reason})"
+    missing = [w.name for w in workers if w.direction.state == "critical"]
+    if missing:
+        text += f"; {len(missing)} workers missing from GCS: {', '.join(missing)}"
+    return text
+
+
 def _crash_summary(role: RayRole, term: int, process: RayProcessStatus, failures: int) -> str:
     # A Ray that keeps restarting is never "running", even in the moment it happens to be up.
     return (
@@ -414,6 +602,8 @@ def _eligibility_fix(reason: str) -> str:
         )
     if "data path" in reason or "critical health" in reason:
         return "see the health section of `gpud status`: peers cannot reach this node"
+    if GCS_UNREACHABLE in reason:
+        return "open this node's GCS port to the workers (see ray.gcs_unreachable on them)"
     if "keeps crashing" in reason:
         return "see ray.crash_loop: fix what makes Ray exit; gpud retries after a cool-down"
     if "ray.head" in reason:
@@ -463,6 +653,7 @@ def ray_problems(status: RayStatus, node: str) -> list[Problem]:
                 fix=f"read this node's journal (component=ray-{target.role}) for why it exits",
             )
         )
+    found += _reach_problems(status, node)
     # No head and nobody standing: the election cannot produce one (a candidate is still
     # being elected otherwise).
     no_head = status.head is None and status.candidate is None and status.action == "wait"
@@ -494,6 +685,38 @@ def ray_problems(status: RayStatus, node: str) -> list[Problem]:
                     else "make at least one node eligible (see ray.not_eligible in "
                     "`gpud doctor` on each node)"
                 ),
+            )
+        )
+    return found
+
+
+def _reach_problems(status: RayStatus, node: str) -> list[Problem]:
+    """Ray's own ports: the worker's GCS probes, the head's tagged workers missing from its
+    GCS, this node missing from the GCS, and a head kept although its workers cannot reach it."""
+    found: list[Problem] = []
+    source = status.process.target.node_ip if status.process.target else ""
+    reach = gcs_reach_problem(node, source or "this node", status.gcs_reach)
+    if reach is not None:
+        found.append(reach)
+    gcs = status.ray_nodes.gcs_address or "?"
+    if status.role == "head":
+        for worker in status.workers:
+            problem = missing_worker_problem(node, gcs, worker)
+            if problem is not None:
+                found.append(problem)
+    running = status.process.process.state == "running"
+    registration = registration_problem(node, gcs, status.registration, running)
+    if registration is not None:
+        found.append(registration)
+    if status.gcs_unreachable_kept:
+        found.append(
+            Problem(
+                code="ray.head_gcs_unreachable",
+                severity="critical",
+                subject=node,
+                message=f"{GCS_UNREACHABLE}; {node} stays head: no other node is eligible",
+                fix="open this node's GCS port to the workers (see ray.gcs_unreachable on "
+                "them), or make another node eligible to lead",
             )
         )
     return found

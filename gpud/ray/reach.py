@@ -1,0 +1,209 @@
+"""Does the workload's data path work: pure verdicts on Ray's own ports (issue 11 item 1).
+
+Three checks, each through the health component's hysteresis (gpud.health.verdict.step):
+- a worker connects to its head's GCS port from its advertised address every round;
+- the head compares the members whose tags say they are its Ray workers with the nodes its
+  GCS reports alive, and probes the node-manager port of any that is missing;
+- every node looks for itself among the nodes the GCS reports alive.
+
+Nothing here does I/O; gpud.ray.service runs the probes and feeds the results in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from gpud.component import Problem
+from gpud.context import Member
+from gpud.health.verdict import Direction, Thresholds, failure_cause, step
+from gpud.netprobe import TcpProbe
+from gpud.ray.probes import RayNode
+from gpud.tags import GcsReachSummary
+
+
+class GcsReach(msgspec.Struct, kw_only=True):
+    """A worker's view of its head's GCS port over the data path."""
+
+    head: str
+    head_addr: str
+    gcs_port: int
+    direction: Direction = msgspec.field(default_factory=Direction)
+    # The head's peer API on the last failed round: None (not asked), True (it answers),
+    # False (it does not either), with its error.
+    peer_api_answers: bool | None = None
+    peer_api_error: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.head_addr}:{self.gcs_port}"
+
+
+def record_gcs_probe(
+    reach: GcsReach, probe: TcpProbe, peer_api: TcpProbe | None, thresholds: Thresholds
+) -> GcsReach:
+    """Add one round's GCS connect (and, after a failure, the head's peer API connect)."""
+    return msgspec.structs.replace(
+        reach,
+        direction=step(reach.direction, probe.ok, probe.error, thresholds),
+        peer_api_answers=None if peer_api is None else peer_api.ok,
+        peer_api_error="" if peer_api is None else peer_api.error,
+    )
+
+
+def gcs_reach_tag(reach: GcsReach | None) -> GcsReachSummary:
+    """What a worker gossips about its head's GCS (tag ``hg``)."""
+    if reach is None or reach.direction.state == "unknown":
+        return "unknown"
+    return "ok" if reach.direction.state == "passing" else "fail"
+
+
+def _short(reason: str) -> str:
+    cause = failure_cause(reason)
+    return {"refused": "connection refused", "timeout": "timed out"}.get(cause, reason)
+
+
+def gcs_reach_problem(node: str, node_addr: str, reach: GcsReach | None) -> Problem | None:
+    """``ray.gcs_unreachable`` once the worker's GCS probes are critical; the head's peer API
+    tells a blocked GCS port (host answers) from a host or path that is down."""
+    if reach is None or reach.direction.state != "critical":
+        return None
+    head, port = reach.head, reach.gcs_port
+    seen = f"{node} cannot reach GCS {reach.address} ({_short(reach.direction.reason)})"
+    refused = failure_cause(reach.direction.reason) == "refused"
+    if reach.peer_api_answers is False:
+        message = (
+            f"{seen} and {head}'s peer API does not answer either ({reach.peer_api_error}): "
+            f"{head} or the path to it is down"
+        )
+        fix = f"see the health section of `gpud status`: {head} is not reachable from {node}"
+    elif refused:
+        message = (
+            f"{seen} while {head}'s peer API answers: nothing listens on tcp/{port} on {head} "
+            "(its GCS is down) or a firewall on it rejects"
+        )
+        fix = f"check Ray on {head} (`gpud status` there); if it runs, open tcp/{port} on {head}"
+    else:
+        message = (
+            f"{seen} while {head}'s peer API answers: a firewall on {head} blocks tcp/{port}"
+            if reach.peer_api_answers
+            else f"{seen}: a firewall on {head} or on the path blocks tcp/{port}"
+        )
+        fix = (
+            f"open TCP {port} and the Ray ports on {head} ({reach.head_addr}) for {node_addr}; "
+            "until then Ray on this node cannot join"
+        )
+    return Problem(
+        code="ray.gcs_unreachable",
+        severity="critical",
+        subject=head,
+        message=message,
+        fix=fix,
+        supersedes=frozenset({"ray.down", "ray.crash_loop"}),
+    )
+
+
+def expected_workers(members: Mapping[str, Member], head: str, term: int) -> list[Member]:
+    """Alive members whose tags say they are Ray workers of ``head``'s term."""
+    return sorted(
+        (
+            m
+            for m in members.values()
+            if m.name != head
+            and m.alive
+            and m.tags is not None
+            and m.tags.ray == "worker"
+            and m.tags.term == term
+        ),
+        key=lambda m: m.name,
+    )
+
+
+def registered(name: str, nodes: Iterable[RayNode]) -> bool:
+    """Is the gpud node ``name`` among the Ray nodes (Ray runs with --node-name=<name>)."""
+    return any(n.name == name for n in nodes)
+
+
+class MissingWorker(msgspec.Struct, kw_only=True):
+    """A member whose tags say it is our Ray worker, checked against our GCS."""
+
+    name: str
+    addr: str
+    node_manager_port: int = 0
+    # passing: alive in our GCS; critical: missing for failures_before_critical polls.
+    direction: Direction = msgspec.field(default_factory=Direction)
+    # The node-manager port probe on the last poll that missed it ("" when not probed).
+    probe_error: str = ""
+    probe_ok: bool = False
+
+
+def record_worker_poll(
+    previous: MissingWorker | None,
+    member: Member,
+    present: bool,
+    node_manager: TcpProbe | None,
+    thresholds: Thresholds,
+) -> MissingWorker:
+    """Add one poll of the head's GCS for a tagged worker; ``node_manager`` is the probe of
+    its node-manager port when it was missing (None when it was present or announces none)."""
+    base = previous or MissingWorker(name=member.name, addr=member.addr)
+    nm = member.tags.nm if member.tags is not None else 0
+    reason = "" if present else f"not alive in the GCS; node-manager: {node_manager}"
+    return msgspec.structs.replace(
+        base,
+        addr=member.addr,
+        node_manager_port=nm,
+        direction=step(base.direction, present, reason, thresholds),
+        probe_ok=node_manager is not None and node_manager.ok,
+        probe_error=node_manager.error if node_manager is not None else "",
+    )
+
+
+def missing_worker_problem(head: str, gcs: str, worker: MissingWorker) -> Problem | None:
+    """``ray.worker_missing`` on the head once a tagged worker stays missing from its GCS."""
+    if worker.direction.state != "critical":
+        return None
+    name, nm = worker.name, worker.node_manager_port
+    seen = f"{name} says it is a Ray worker of {head} but is not alive in its GCS {gcs}"
+    if not nm:
+        return Problem(
+            code="ray.worker_missing",
+            severity="warning",
+            subject=name,
+            message=f"{seen}; it announces no node-manager port (its Ray has not started)",
+            fix=f"see `gpud doctor` on {name} for why its Ray does not start",
+        )
+    where = f"{worker.addr}:{nm}"
+    if worker.probe_ok:
+        why = f"its node-manager {where} answers: Ray runs there but has not registered"
+        fix = f"see `gpud doctor` on {name}: its Ray cannot reach this GCS or is restarting"
+    elif failure_cause(worker.probe_error) == "refused":
+        why = f"its node-manager {where} refuses connections: its Ray is not running"
+        fix = f"see `gpud doctor` on {name} for why its Ray exits"
+    else:
+        why = f"its node-manager {where} does not answer ({_short(worker.probe_error)})"
+        fix = f"open the Ray ports on {name} ({worker.addr}) for this head, starting with tcp/{nm}"
+    return Problem(
+        code="ray.worker_missing",
+        severity="warning",
+        subject=name,
+        message=f"{seen}; {why}",
+        fix=fix,
+    )
+
+
+def registration_problem(
+    node: str, gcs: str, direction: Direction, process_running: bool
+) -> Problem | None:
+    """``ray.not_registered``: this node's Ray runs but its GCS does not list it alive."""
+    if not process_running or direction.state != "critical":
+        return None
+    return Problem(
+        code="ray.not_registered",
+        severity="critical",
+        subject=node,
+        message=f"Ray runs on {node} but GCS {gcs} does not list it alive",
+        fix="check that the Ray ports of this node are open to the head (see `gpud doctor` "
+        "on the head); gpud restarts Ray when it exits",
+    )
