@@ -43,6 +43,7 @@ class Agent:
 
     def _build(self, advertise_addr: str, interface: str) -> None:
         """The one place that names the components: each is built here, in start order."""
+        from gpud.deployments.service import DeploymentService
         from gpud.gpus.service import GpuService
         from gpud.health.service import HealthService
         from gpud.membership import Membership
@@ -66,6 +67,9 @@ class Agent:
             ports,
             self._ray(ctx, ports, gpus),
             gpus,
+            DeploymentService(
+                ctx, ports=ports, gpus=gpus, health=self.health, network=self.network
+            ),
         ]
 
     def _ray(self, ctx: NodeContext, ports: Any, gpus: Any) -> Component:

@@ -21,6 +21,7 @@ from gpud.client import (
     client_command,
     print_json,
 )
+from gpud.deployments.cli import add_commands as deploy_commands
 from gpud.gpus.cli import add_commands as gpus_commands
 from gpud.ports.cli import add_commands as ports_commands
 from gpud.serf.cli import add_commands as keys_commands
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from gpud.status import StatusDocument
 
 # Each package's `add_commands(sub)`: its client commands (`gpud ports ...`, `gpud gpus ...`).
-CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands, keys_commands)
+CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands, keys_commands, deploy_commands)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

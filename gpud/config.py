@@ -157,6 +157,19 @@ class GpusConfig(_Section):
     # ---- end gpus ----
 
 
+# ---- deployments (gpud/deployments/) ----
+class DeploymentsConfig(_Section):
+    # Operator public keys (base64 Ed25519, from `gpud deploy keygen`): this host runs a spec
+    # only if one of them signed it. Keep the list the same on every host.
+    operators: list[str] = []
+    # Absolute paths a `command` engine's argv[0] may name on this host (exact match).
+    command_allow: list[str] = []
+    # Replication/placement loop and readiness probes.
+    interval_s: PositiveSeconds = 1.0
+    probe_timeout_s: PositiveSeconds = 2.0
+    # ---- end deployments ----
+
+
 class Config(_Section):
     node: NodeConfig = msgspec.field(default_factory=NodeConfig)
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
@@ -168,6 +181,7 @@ class Config(_Section):
     ports: PortsConfig = msgspec.field(default_factory=PortsConfig)
     ray: RayConfig = msgspec.field(default_factory=RayConfig)
     gpus: GpusConfig = msgspec.field(default_factory=GpusConfig)  # gpus: gpud/gpus/
+    deployments: DeploymentsConfig = msgspec.field(default_factory=DeploymentsConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

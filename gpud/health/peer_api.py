@@ -239,6 +239,15 @@ class PeerClient:
         except msgspec.DecodeError as exc:
             raise PeerCallError(f"malformed reply from {addr}:{port}: {exc}") from None
 
+    # -- deployments (gpud/deployments/service.py): other components' signed peer calls
+    async def call(
+        self, addr: str, port: int, path: str, body: msgspec.Struct, reply: type[_Reply]
+    ) -> _Reply:
+        """A signed call to a route another component added with `PeerApiServer.add_route`."""
+        return await self._call(addr, port, path, body, reply)
+
+    # -- end deployments
+
     async def ping(self, addr: str, port: int, echo: str = "") -> PingReply:
         return await self._call(addr, port, PATH_PING, PingRequest(echo=echo), PingReply)
 
@@ -304,12 +313,33 @@ class PeerApiServer:
         self._server: api.GuardedServer | None = None
         self._site: web.BaseSite | None = None
         self.bound_host: str | None = None
+        self._extra: list[tuple[str, Callable[[bytes], Awaitable[bytes]]]] = []
+
+    # -- deployments (gpud/deployments/service.py): routes of other components, before start
+    def add_route(self, path: str, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+        """Serve POST ``path`` (authenticated like every peer route): ``handler`` gets the
+        request body and returns the JSON reply; msgspec errors become a 400."""
+        self._extra.append((path, handler))
+
+    @staticmethod
+    def _wrap(
+        handler: Callable[[bytes], Awaitable[bytes]],
+    ) -> Callable[..., Awaitable[web.Response]]:
+        async def serve(request: web.Request) -> web.Response:
+            body = await handler(request[_PEER_BODY])
+            return web.Response(body=body, content_type="application/json")
+
+        return serve
+
+    # -- end deployments
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authenticate])
         app.router.add_post(PATH_PING, self._ping)
         app.router.add_post(PATH_DIAL_BACK, self._dial_back)
         app.router.add_post(PATH_VIEW, self._view_handler)
+        for path, handler in self._extra:
+            app.router.add_post(path, self._wrap(handler))
         return app
 
     async def start(self) -> None:

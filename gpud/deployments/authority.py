@@ -1,0 +1,92 @@
+"""Who may make a host run a deployment: operators, by Ed25519 signature of the spec.
+
+A spec makes every matching host run a command, so holding the cluster key (enough to gossip
+and to answer the peer API) is not enough: a node runs a spec only if it verifies the
+signature of one of the operator public keys in its own config (`[deployments] operators`).
+The signature covers the canonical JSON of the spec (`spec.encode`), which every node
+recomputes from the record it holds, so it survives any number of hops unchanged.
+
+Keys are raw Ed25519 keys in base64: a private key file holds one line, a public key is one
+short string to paste into every host's config.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gpud.deployments.spec import DeploymentSpec, encode
+from gpud.errors import GpudError
+
+
+class AuthorityError(GpudError):
+    """A key or signature that cannot be used (malformed), with the reason."""
+
+
+def keygen() -> tuple[str, str]:
+    """A new (private, public) key pair, both base64 of the raw 32-byte keys."""
+    private = Ed25519PrivateKey.generate()
+    raw_private = private.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+    return _b64(raw_private), public_of(private)
+
+
+def public_of(private: Ed25519PrivateKey) -> str:
+    raw = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return _b64(raw)
+
+
+def load_private(text: str) -> Ed25519PrivateKey:
+    """A private key file: the base64 key alone, or `gpud deploy keygen`'s output as is."""
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    found = [w[-1] for w in lines if len(w) == 1 or (len(w) == 2 and w[0] == "private")]
+    if len(found) != 1:
+        raise AuthorityError("expected one private key (the line `private KEY`, or KEY alone)")
+    raw = _unb64(found[0], 32, "private key")
+    return Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def sign(spec: DeploymentSpec, private: Ed25519PrivateKey) -> tuple[str, str]:
+    """(operator public key, signature) for ``spec``."""
+    return public_of(private), _b64(private.sign(encode(spec)))
+
+
+def refusal(spec: DeploymentSpec, operator: str, signature: str, trusted: Iterable[str]) -> str:
+    """Why this node must not run ``spec`` ("" when a trusted operator signed it). Pure."""
+    if not operator or not signature:
+        return "not signed by an operator; apply it with `gpud deploy apply --key FILE`"
+    if operator not in set(trusted):
+        return (
+            f"signed by operator key {operator[:12]}..., which is not in this host's "
+            "[deployments] operators"
+        )
+    try:
+        public = Ed25519PublicKey.from_public_bytes(_unb64(operator, 32, "operator key"))
+        public.verify(_unb64(signature, 64, "signature"), encode(spec))
+    except (AuthorityError, InvalidSignature, ValueError):
+        return f"the signature does not verify with operator key {operator[:12]}..."
+    return ""
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str, size: int, what: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise AuthorityError(f"{what} is not base64") from None
+    if len(raw) != size:
+        raise AuthorityError(f"{what} must be {size} bytes, got {len(raw)}")
+    return raw

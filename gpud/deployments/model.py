@@ -1,0 +1,120 @@
+"""Schemas shared by the daemon, the CLI and the peer API (msgspec only: the CLI starts fast)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from gpud.deployments.version import Record
+
+# base64 of a raw Ed25519 public key (32 bytes) or signature (64 bytes).
+B64 = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9+/=]*$")]
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """A record as stored and replicated: the record plus the operator's signature of its spec.
+
+    The signature covers `spec.encode(record.spec)` (the canonical JSON), so it travels through
+    any number of nodes unchanged; a node runs the spec only if `operator` is one of its
+    trusted keys and the signature verifies. Tombstones carry no signature.
+    """
+
+    record: Record
+    operator: B64 = ""
+    signature: B64 = ""
+
+
+class ApplyRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of POST /v1/deployments as JSON (a raw TOML body is accepted too, unsigned or with
+    the X-Gpud-Operator / X-Gpud-Signature headers)."""
+
+    spec: Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+    operator: B64 = ""
+    signature: B64 = ""
+
+
+class PeerRecordsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class PeerRecordsReply(msgspec.Struct, kw_only=True):
+    name: str
+    digest: str
+    entries: list[Entry]
+
+
+ReplicaState = Literal["pending", "starting", "ready", "failed", "refused"]
+
+
+class ReplicaView(msgspec.Struct, kw_only=True):
+    index: int
+    state: ReplicaState
+    # Empty while pending.
+    node: str = ""
+    addr: str = ""
+    port: int = 0
+    # GPU UUIDs and process details: known only on the node that runs the replica.
+    gpus: list[str] = []
+    pid: int | None = None
+    restarts: int = 0
+    last_error: str = ""
+    # Why it is pending, refused or failed.
+    reason: str = ""
+    # This node's last probe of the health path over the data path (None: not probed yet).
+    probe_ok: bool | None = None
+    probe_error: str = ""
+
+
+class DeploymentView(msgspec.Struct, kw_only=True):
+    name: str
+    version: str
+    origin: str
+    digest: str
+    engine: str
+    model: str
+    replicas: int
+    nodes_per_replica: int
+    gpus_per_node: int
+    health_path: str
+    # "active", or "refused" with the reason (unsigned, untrusted operator, not allowed here).
+    state: Literal["active", "refused"]
+    reason: str = ""
+    operator: str = ""
+    replica_views: list[ReplicaView] = []
+
+
+class DeploymentsList(msgspec.Struct, kw_only=True):
+    node: str
+    digest: str
+    lamport: int
+    deployments: list[DeploymentView]
+    # Names deleted (tombstones), for `gpud deploy list --json`.
+    deleted: list[str] = []
+
+
+class Endpoint(msgspec.Struct, kw_only=True):
+    replica: int
+    node: str
+    addr: str
+    port: int
+    url: str
+
+
+class EndpointsReply(msgspec.Struct, kw_only=True):
+    name: str
+    endpoints: list[Endpoint]
+
+
+class TargetGroup(msgspec.Struct, kw_only=True):
+    """One Prometheus file_sd target group."""
+
+    targets: list[str]
+    labels: dict[str, str]
+
+
+class ApplyReply(msgspec.Struct, kw_only=True):
+    name: str
+    version: str
+    digest: str
+    changed: bool

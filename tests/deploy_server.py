@@ -1,0 +1,59 @@
+"""The `command` engine's test server: a tiny OpenAI-style HTTP server (no GPU, no vLLM).
+
+Run by gpud as a replica: ``deploy_server.py --port {port} --host {host_ip} --model {model}``.
+Serves GET /health (200) and GET /v1/models, and reports what gpud gave it (CUDA_VISIBLE_DEVICES,
+NCCL_SOCKET_IFNAME) under /v1/models so tests can check the environment end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--model", default="test-model")
+    args = parser.parse_args()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self._reply(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self._reply(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": args.model, "object": "model"}],
+                        "gpud": {
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "nccl_socket_ifname": os.environ.get("NCCL_SOCKET_IFNAME"),
+                            "vllm_host_ip": os.environ.get("VLLM_HOST_IP"),
+                            "pid": os.getpid(),
+                        },
+                    },
+                )
+            else:
+                self._reply(404, {"error": "not found"})
+
+        def _reply(self, status: int, body: dict[str, object]) -> None:
+            raw = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: object) -> None:
+            pass  # probes every second would flood gpud's log
+
+    ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

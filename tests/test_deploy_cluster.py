@@ -1,0 +1,178 @@
+"""Deployments on real gpud + serf in the namespace harness, with fake GPUs (fake NVML).
+
+One cluster of 3 hosts with 2 fake GPUs each, the `command` engine running tests/deploy_server.py:
+apply R=2 N=1 G=1 on host A -> both endpoints ready from every host; an unsigned spec and a
+command outside the allow list are refused on every host with the reason; kill -9 a host that
+runs a replica -> the replica is re-placed and ready again; delete on host B -> gone everywhere,
+and the killed host catches up on rejoin (the delete survives, nothing runs there).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpud.deployments import authority
+from tests import fake_nvml
+from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+
+pytestmark = pytest.mark.netns
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER = str(REPO / "tests" / "deploy_server.py")
+READY_S = 90.0
+
+
+def spec_text(name: str, *, replicas: int = 2, argv0: str = sys.executable) -> str:
+    command = [argv0, SERVER, "--port", "{port}", "--host", "{host_ip}", "--model", "{model}"]
+    return (
+        f'name = "{name}"\nengine = "command"\nmodel = "test-model"\nreplicas = {replicas}\n'
+        f"gpus_per_node = 1\ncommand = {json.dumps(command)}\n"
+    )
+
+
+def endpoints(node: GpudNode, name: str) -> list[dict[str, Any]]:
+    return node.api(f"/v1/deployments/{name}/endpoints")["endpoints"]
+
+
+def status(node: GpudNode, name: str) -> dict[str, Any]:
+    result = node.cli("deploy", "status", name, "--json", check=False)
+    return json.loads(result.stdout)
+
+
+def ready_everywhere(nodes: list[GpudNode], name: str, replicas: int) -> dict[str, Any]:
+    """Every node lists ``replicas`` ready endpoints on distinct nodes, all the same."""
+    seen = [sorted((e["node"], e["port"]) for e in endpoints(n, name)) for n in nodes]
+    first = seen[0]
+    ok = len(first) == replicas and len({e[0] for e in first}) == replicas
+    return ok and all(s == first for s in seen) and {"endpoints": first}
+
+
+def test_deploy_apply_refuse_failover_delete(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nvml = tmp_path / "nvml.json"
+    fake_nvml.write_state(nvml, fake_nvml.node(2))
+    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
+    private, public = authority.keygen()
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(private + "\n")
+    c: Cluster = cluster(
+        3,
+        overrides={
+            "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 0.5},
+            "deployments": {"operators": [public], "command_allow": [sys.executable]},
+        },
+    )
+    c.wait_converged()
+    a, b, _ = c.nodes
+
+    def describe() -> str:
+        return "\n".join(
+            f"{n.name}: {n.cli('deploy', 'status', 'echo', check=False).stdout}"
+            for n in c
+            if n.running()
+        )
+
+    # A bad spec is a 400 naming the field, and nothing changes.
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec_text("echo").replace("replicas = 2", "replicas = -1"))
+    result = a.cli("deploy", "apply", str(bad), check=False)
+    assert result.returncode != 0 and "replicas" in result.stderr, result.stderr
+    assert a.api("/v1/deployments")["deployments"] == []
+
+    spec = tmp_path / "echo.toml"
+    spec.write_text(spec_text("echo"))
+    started = time.monotonic()
+    a.cli("deploy", "apply", str(spec), "--key", str(key_file))
+    found = wait_for(
+        lambda: ready_everywhere(c.nodes, "echo", 2),
+        READY_S,
+        0.5,
+        what="2 ready replicas",
+        describe=describe,
+    )
+    print(f"apply -> 2 replicas ready on every node: {time.monotonic() - started:.1f} s")
+
+    # The server runs with the leased GPU and the verified interface (read over the data path
+    # from another host).
+    node_name, port = found["endpoints"][0]
+    runner = next(n for n in c if n.name == node_name)
+    other = next(n for n in c if n.name != node_name)
+    fetch = other.host.run(
+        [
+            sys.executable,
+            "-c",
+            f"import urllib.request;print(urllib.request.urlopen("
+            f"'http://{runner.addr}:{port}/v1/models',timeout=5).read().decode())",
+        ]
+    )
+    info = json.loads(fetch.stdout)["gpud"]
+    assert info["cuda_visible_devices"].startswith("GPU-"), info
+    assert info["nccl_socket_ifname"] and info["vllm_host_ip"] == runner.addr, info
+
+    # Unsigned, and a command outside the allow list: refused everywhere, with the reason.
+    unsigned = tmp_path / "unsigned.toml"
+    unsigned.write_text(spec_text("unsigned", replicas=1))
+    b.cli("deploy", "apply", str(unsigned))
+    outside = tmp_path / "outside.toml"
+    outside.write_text(spec_text("outside", replicas=1, argv0="/bin/sh"))
+    b.cli("deploy", "apply", str(outside), "--key", str(key_file))
+    for name, reason in (("unsigned", "not signed"), ("outside", "command_allow")):
+        for node in c:
+            view = wait_for(
+                lambda node=node, name=name: status(node, name),
+                30,
+                0.5,
+                what=f"{name} on {node.name}",
+            )
+            assert view["state"] == "refused" and reason in view["reason"], view
+            assert all(r["state"] == "refused" for r in view["replica_views"]), view
+
+    # kill -9 a host that runs a replica: it is re-placed on the free host and ready again.
+    victim = runner
+    survivors = [n for n in c if n is not victim]
+    killed = time.monotonic()
+    victim.kill9()
+    wait_for(
+        lambda: (
+            (r := ready_everywhere(survivors, "echo", 2))
+            and victim.name not in {e[0] for e in r["endpoints"]}
+        ),
+        READY_S,
+        0.5,
+        what="replica re-placed after kill -9",
+        describe=describe,
+    )
+    print(f"kill -9 -> ready again: {time.monotonic() - killed:.1f} s")
+
+    # Delete on another host than the one that applied: gone everywhere.
+    deleter = next(n for n in survivors if n is not a) if a in survivors else survivors[0]
+    deleter.cli("deploy", "delete", "echo")
+    for node in survivors:
+        wait_for(
+            lambda node=node: (
+                "echo" in node.api("/v1/deployments")["deleted"]
+                and node.api("/v1/status")["deployments"]["running_here"] == 0
+            ),
+            30,
+            0.5,
+            what=f"echo deleted on {node.name}",
+        )
+    # The killed host catches up on rejoin: the delete reached it, nothing runs there.
+    victim.reap_children()
+    victim.start()
+    wait_for(
+        lambda: "echo" in victim.api("/v1/deployments")["deleted"],
+        60,
+        0.5,
+        what="the delete reaching the rejoined host",
+    )
+    time.sleep(3)
+    assert victim.api("/v1/status")["deployments"]["running_here"] == 0
+    assert victim.cli("deploy", "status", "echo", check=False).returncode != 0
