@@ -42,12 +42,6 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     dv: str = ""
     dp: str = ""
     # -- end deployments
-    # -- deployments (gpud/deployments/service.py): digest of the node's spec records (peers
-    # whose digest differs fetch them over the peer API), and the replicas it runs with their
-    # ports ("web.0:20001;web.1:20005").
-    dv: str = ""
-    dp: str = ""
-    # -- end deployments
     # Ray: role, election term, GCS port once the head's GCS answers (0: not ready).
     ray: RayRole = "none"
     term: int = 0
