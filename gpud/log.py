@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Any
 
+from gpud.text import escape
+
 _FIELDS = "gpud_fields"
 # Go's log package as serf and memberlist use it: "2026/11/23 21:00:00 [WARN] memberlist: ...".
 _GO_LOG = re.compile(
@@ -95,9 +97,13 @@ class _KeyValueFormatter(logging.Formatter):
 
 
 def _quote(value: str) -> str:
+    """One field value (or message) on one line: plain when it is a simple token, else quoted
+    with backslashes and quotes escaped and every unprintable character (newline, ESC, other
+    control characters) written as an escape, so text from outside (gossiped names, lease
+    owners, serf's output) can neither split a line nor drive the terminal that shows it."""
     if value and all(c.isalnum() or c in "._-:/@[],+" for c in value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return '"' + escape(value.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def setup(level: str = "info") -> None:

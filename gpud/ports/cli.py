@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from gpud.client import api_call, api_get, client_command, client_options, print_json
+from gpud.text import escape
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
@@ -17,19 +18,26 @@ def cmd_ports(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
         return 0
-    print(data.get("summary", "-"))
-    print(f"reservation: {data.get('reservation')}")
+    print(escape(str(data.get("summary", "-"))))
+    print(f"reservation: {escape(str(data.get('reservation')))}")
     for warning in data.get("warnings", []):
-        print(f"warning: {warning}")
+        print(f"warning: {escape(str(warning))}")
     leases = data.get("leases", [])
     if leases:
-        print(f"{'ID':<17} {'OWNER':<24} {'PID':>7}  PORTS")
-        for lease in leases:
-            pid = lease.get("pid") or "-"
-            print(
-                f"{lease['id']:<17} {lease['owner']:<24} {pid!s:>7}  {_ports_text(lease['ports'])}"
-            )
+        print(render_leases(leases))
     return 0
+
+
+def render_leases(leases: list[dict[str, Any]]) -> str:
+    """The lease table; owners are free text from any caller, so they are escaped."""
+    lines = [f"{'ID':<17} {'OWNER':<24} {'PID':>7}  PORTS"]
+    for lease in leases:
+        pid = lease.get("pid") or "-"
+        lines.append(
+            f"{escape(str(lease['id'])):<17} {escape(str(lease['owner'])):<24} {pid!s:>7}  "
+            f"{_ports_text(lease['ports'])}"
+        )
+    return "\n".join(lines)
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
