@@ -342,7 +342,9 @@ class DeploymentService(ComponentBase):
                 continue
             if member.name != self.ctx.node_name and not self._health.prober.verified(member.name):
                 continue
-            gpus = tags.gpu if tags.gh == "healthy" else 0
+            # `gpu` counts the healthy GPUs; a node whose verdict is unknown or unhealthy
+            # offers none (it may still run replicas that need no GPU).
+            gpus = tags.gpu if tags.gh in ("healthy", "degraded") else 0
             views.append(placement.NodeView(name=member.name, host=member.addr, gpus=gpus))
         return views
 

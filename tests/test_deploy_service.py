@@ -1,0 +1,159 @@
+"""The deployments component in-process: operator signatures, the stored record set (durable
+across a restart, Lamport clock included), the API's refusals (bad spec, no majority), and
+the pure helpers it gossips with (claims tag, majority rule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpud.context import Member, NodeContext
+from gpud.deployments import authority, spec
+from gpud.deployments.service import (
+    DeploymentService,
+    format_claims,
+    majority_refusal,
+    parse_claims,
+)
+from gpud.deployments.store import set_digest
+from gpud.errors import ApiError
+from gpud.gpus.service import GpuService
+from gpud.health.service import HealthService
+from gpud.ports.service import PortsService
+from gpud.state import StateStore
+from tests import fake_nvml
+from tests.harness.config import config_for
+
+SPEC = b"""
+name = "echo"
+engine = "command"
+replicas = 2
+gpus_per_node = 1
+command = ["/usr/bin/srv", "--port", "{port}"]
+"""
+
+
+def service(tmp_path: Path, store: StateStore, **deployments: object) -> DeploymentService:
+    cfg = config_for("n1", tmp_path / "state", {"deployments": deployments})
+    ctx = NodeContext(cfg, "127.0.0.1")
+    ctx.members = {"n1": Member(name="n1", addr="127.0.0.1", port=7946, status="alive")}
+    return DeploymentService(
+        ctx,
+        ports=PortsService(ctx),
+        gpus=GpuService(ctx, fake_nvml, store=store),
+        health=HealthService(ctx),
+        store=store,
+    )
+
+
+# ---- authority -----------------------------------------------------------------------------
+
+
+def test_signature_verifies_only_for_that_spec_and_a_trusted_key() -> None:
+    private, public = authority.keygen()
+    s = spec.load_spec(SPEC)
+    operator, signature = authority.sign(s, authority.load_private(private))
+    assert operator == public
+    assert authority.refusal(s, operator, signature, [public]) == ""
+    assert "not signed" in authority.refusal(s, "", "", [public])
+    assert "not in this host" in authority.refusal(s, operator, signature, [])
+    other = spec.load_spec(SPEC.replace(b"replicas = 2", b"replicas = 3"))
+    assert "does not verify" in authority.refusal(other, operator, signature, [public])
+    assert "does not verify" in authority.refusal(s, operator, "AAAA", [public])
+
+
+def test_private_key_file_is_the_key_or_keygen_output() -> None:
+    private, public = authority.keygen()
+    text = f"private {private}\npublic  {public}\n# comment line\n"
+    assert authority.public_of(authority.load_private(text)) == public
+    assert authority.public_of(authority.load_private(private + "\n")) == public
+    with pytest.raises(authority.AuthorityError):
+        authority.load_private("private not-base64!\n")
+
+
+# ---- pure helpers --------------------------------------------------------------------------
+
+names = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
+
+
+@given(st.dictionaries(st.tuples(names, st.integers(0, 255)), st.integers(1, 65535)))
+def test_claims_tag_round_trips(claims: dict[tuple[str, int], int]) -> None:
+    assert parse_claims(format_claims(claims)) == claims
+
+
+def test_malformed_claims_are_skipped() -> None:
+    assert parse_claims("") == {}
+    assert parse_claims("web.0:20001;junk;a.b:c;x.1:") == {("web", 0): 20001}
+
+
+@given(st.lists(st.sampled_from(["alive", "failed", "leaving", "left"]), max_size=12))
+def test_apply_needs_a_strict_majority_of_known_members(statuses: list[str]) -> None:
+    members = [Member(name=f"m{i}", addr="10.0.0.1", port=1, status=s) for i, s in
+               enumerate(statuses)]  # fmt: skip
+    known = 1 + sum(s != "left" for s in statuses)  # this node counts as alive and known
+    alive = 1 + statuses.count("alive")
+    assert (majority_refusal(members, "self") == "") == (alive * 2 > known)
+
+
+# ---- the component ---------------------------------------------------------------------------
+
+
+async def test_apply_delete_persist_and_refuse(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    svc = service(tmp_path, store)
+    with pytest.raises(ApiError) as bad:
+        await svc.apply(SPEC.replace(b"replicas = 2", b"replicas = -1"))
+    assert bad.value.status == 400 and "replicas" in bad.value.message
+    assert svc.listing().deployments == [] and svc.status().lamport == 0
+
+    first = await svc.apply(SPEC)
+    again = await svc.apply(SPEC)
+    assert first.changed and not again.changed and again.version == first.version
+    view = svc.view("echo")
+    assert view.state == "refused" and "not signed" in view.reason
+
+    # No majority: 1 of 3 known members alive -> 409, nothing changes.
+    svc.ctx.members.update(
+        {n: Member(name=n, addr="10.0.0.9", port=1, status="failed") for n in ("n2", "n3")}
+    )
+    with pytest.raises(ApiError) as refused:
+        await svc.delete("echo")
+    assert refused.value.status == 409 and "majority" in refused.value.message
+    del svc.ctx.members["n2"], svc.ctx.members["n3"]
+
+    deleted = await svc.delete("echo")
+    store.close()
+
+    # A restart keeps the tombstone and the clock: the next apply orders after the delete.
+    store = StateStore(tmp_path / "state")
+    restarted = service(tmp_path, store)
+    assert restarted.listing().deleted == ["echo"]
+    assert restarted.status().digest == set_digest(restarted._entries) != ""
+    reapplied = await restarted.apply(SPEC)
+    assert int(reapplied.version.split("@")[0]) > int(deleted.version.split("@")[0])
+    store.close()
+
+
+async def test_signed_spec_runs_only_with_allowed_command(tmp_path: Path) -> None:
+    private, public = authority.keygen()
+    key = authority.load_private(private)
+    s = spec.load_spec(SPEC)
+    operator, signature = authority.sign(s, key)
+    store = StateStore(tmp_path / "state")
+    svc = service(tmp_path, store, operators=[public], command_allow=["/usr/bin/srv"])
+    with pytest.raises(ApiError) as forged:
+        await svc.apply(SPEC.replace(b"replicas = 2", b"replicas = 3"), operator, signature)
+    assert forged.value.status == 400
+    await svc.apply(SPEC, operator, signature)
+    assert svc.view("echo").state == "active"
+    store.close()
+
+    store = StateStore(tmp_path / "state")
+    elsewhere = service(tmp_path, store, operators=[public], command_allow=["/usr/bin/other"])
+    view = elsewhere.view("echo")
+    assert view.state == "refused" and "command_allow" in view.reason
+    assert [p.code for p in elsewhere.problems()] == ["deployments.refused"]
+    store.close()
