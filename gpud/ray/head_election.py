@@ -129,7 +129,8 @@ class HeadElection:
         return screen(self.ctx.node_name, self.view(), self.store.state.term, self._verified)
 
     def _pending(self, members: Mapping[str, Member]) -> list[str]:
-        """Alive unverified members still inside their PENDING_S grace."""
+        """Alive unverified members that announce a peer API (as every gpud does) and are
+        still inside their PENDING_S grace."""
         now = time.monotonic()
         seen = {name: self._first_seen.get(name, now) for name in members}
         self._first_seen = seen
@@ -140,6 +141,8 @@ class HeadElection:
             for name, member in members.items()
             if name != self.ctx.node_name
             and member.alive
+            and member.tags is not None
+            and member.tags.pp > 0
             and now - seen[name] < PENDING_S
             and not self._verified(name)
         ]
@@ -198,9 +201,10 @@ class HeadElection:
         """Adopt higher terms, compute the plan, act on it (tags, candidacy); return it."""
         screened = self.screened()
         members = screened.members
-        self.ignored = screened.ignored
         for name, why in screened.ignored.items():
-            log.warning(_log, "claim ignored", member=name, reason=why)
+            if self.ignored.get(name) != why:
+                log.warning(_log, "claim ignored", member=name, reason=why)
+        self.ignored = screened.ignored
         announced = highest_term(members, 0)
         if announced > self.store.state.term:
             await self.store.adopt_term(announced)
