@@ -14,7 +14,6 @@ import asyncio
 import collections
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,9 @@ from gpud.gpus.verdict import (
     split_xids,
 )
 from gpud.gpus.xid import ACTION_TEXT, RepairAction, describe
+from gpud.leasebook import LeaseBook
 from gpud.ports.leases import new_lease_id
-from gpud.process import owner_alive, process_start
+from gpud.process import process_start
 from gpud.state import StateStore, open_store
 
 _log = log.get("gpus")
@@ -123,24 +123,6 @@ class GpusDetail(GpusStatus, kw_only=True):
     leases: list[GpuLease]
 
 
-@dataclass
-class _Op:
-    """A queued lease (request set) or release (lease_id set)."""
-
-    future: asyncio.Future[GpuLease | None]
-    request: GpuLeaseRequest | None = None
-    pid_start: int | None = None
-    lease_id: str | None = None
-    reason: str = "released"
-
-
-@dataclass
-class _Batch:
-    added: list[StoredGpuLease] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    results: list[tuple[_Op, GpuLease | ApiError | None]] = field(default_factory=list)
-
-
 def _load_nvml(name: str) -> tuple[Any, str]:
     try:
         return nvml_io.load(name), ""
@@ -161,11 +143,23 @@ class GpuService(ComponentBase):
             self._nvml, self._nvml_error = _load_nvml(self.cfg.nvml_module)
         else:
             self._nvml, self._nvml_error = nvml, ""
-        self._table = GpuLeaseTable(store or open_store(ctx.config.state_dir))
-        self._leases: dict[str, StoredGpuLease] = {s.lease.id: s for s in self._table.load()}
-        self._used: dict[str, str] = {
-            uuid: s.lease.id for s in self._leases.values() for uuid in s.lease.gpus
-        }
+        self._book: LeaseBook[GpuLeaseRequest, StoredGpuLease] = LeaseBook(
+            "GPU lease",
+            GpuLeaseTable(store or open_store(ctx.config.state_dir)),
+            allocate=self._allocate,
+            on_release=self._free,
+            reindex=self._reindex,
+            describe=lambda item: {
+                "id": item.lease.id,
+                "owner": item.lease.owner,
+                "gpus": ",".join(item.lease.gpus),
+            },
+            grace_s=lambda: self.cfg.zombie_grace_s,
+            logger=_log,
+        )
+        # GPU UUID -> the lease holding it.
+        self._used: dict[str, str] = {}
+        self._reindex(self._book.leases)
         self._readings: NodeReadings | None = None
         self._polled_at: float | None = None
         self._assessment: Assessment | None = None
@@ -176,9 +170,6 @@ class GpuService(ComponentBase):
         self._stop = threading.Event()
         self._hung: asyncio.Future[NodeReadings] | None = None
         self._polled = asyncio.Event()
-        self._pending: list[_Op] = []
-        self._wake_writer = asyncio.Event()
-        self._dead_since: dict[str, float] = {}
 
     # ---- in-process API (agent, Ray, deployments) -------------------------------------------
 
@@ -201,7 +192,7 @@ class GpuService(ComponentBase):
         return [g.uuid for g in gpus if self._state_of(g.uuid) == "healthy"]
 
     def leases(self) -> list[GpuLease]:
-        return [s.lease for s in self._leases.values()]
+        return [s.lease for s in self._book.leases.values()]
 
     async def lease(self, owner: str, count: int, *, pid: int | None = None) -> GpuLease:
         """Lease ``count`` whole healthy GPUs; durable when this returns."""
@@ -212,9 +203,7 @@ class GpuService(ComponentBase):
         return await self._lease(request)
 
     async def release(self, lease_id: str) -> None:
-        if lease_id not in self._leases:
-            raise ApiError(404, f"no GPU lease with id {lease_id!r}")
-        await self._submit(_Op(future=self._future(), lease_id=lease_id))
+        await self._book.release(lease_id)
 
     async def poll(self) -> None:
         """Read every signal once and judge it (the poll loop calls this; so can tests)."""
@@ -226,8 +215,7 @@ class GpuService(ComponentBase):
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._writer())
-                tg.create_task(self._zombie_loop())
+                tg.create_task(self._book.run())
                 tg.create_task(self._watch_events())
                 tg.create_task(self._watch_kmsg())
                 tg.create_task(self._poll_loop())
@@ -567,9 +555,6 @@ class GpuService(ComponentBase):
 
     # ---- leases ----------------------------------------------------------------------------
 
-    def _future(self) -> asyncio.Future[GpuLease | None]:
-        return asyncio.get_running_loop().create_future()
-
     async def _lease(self, request: GpuLeaseRequest) -> GpuLease:
         pid_start = None
         if request.pid is not None:
@@ -578,65 +563,19 @@ class GpuService(ComponentBase):
                 raise ApiError(400, f"pid {request.pid} is not a running process")
         if not self._polled.is_set():
             raise ApiError(503, "GPU health is not known yet (first poll running); retry shortly")
-        lease = await self._submit(_Op(future=self._future(), request=request, pid_start=pid_start))
-        assert lease is not None
-        return lease
+        return await self._book.lease(request, pid_start)
 
-    async def _submit(self, op: _Op) -> GpuLease | None:
-        self._pending.append(op)
-        self._wake_writer.set()
-        return await op.future
+    def _reindex(self, leases: dict[str, StoredGpuLease]) -> None:
+        self._used = {u: s.lease.id for s in leases.values() for u in s.lease.gpus}
 
-    async def _writer(self) -> None:
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer.clear()
-            ops, self._pending = self._pending, []
-            batch = _Batch()
-            for op in ops:
-                batch.results.append((op, self._apply(op, batch)))
-            try:
-                if batch.added or batch.removed:
-                    await asyncio.to_thread(self._table.commit, batch.added, batch.removed)
-            except Exception as exc:
-                log.error(_log, "GPU lease commit failed", error=repr(exc))
-                # Back to what is on disk; nothing of this batch happened.
-                self._leases = {s.lease.id: s for s in self._table.load()}
-                self._used = {u: s.lease.id for s in self._leases.values() for u in s.lease.gpus}
-                failure = ApiError(500, f"GPU lease store write failed: {exc}")
-                batch.results = [(op, failure) for op, _ in batch.results]
-            else:
-                for lease_id in batch.removed:
-                    self._leases.pop(lease_id, None)
-                    self._dead_since.pop(lease_id, None)
-                for item in batch.added:
-                    self._leases[item.lease.id] = item
-            for op, result in batch.results:
-                if op.future.done():
-                    continue
-                if isinstance(result, ApiError):
-                    op.future.set_exception(result)
-                else:
-                    op.future.set_result(result)
+    def _free(self, item: StoredGpuLease) -> None:
+        for uuid in item.lease.gpus:
+            self._used.pop(uuid, None)
 
-    def _apply(self, op: _Op, batch: _Batch) -> GpuLease | ApiError | None:
-        """Apply one op to the in-memory bookkeeping; the batch's commit makes it real."""
-        if op.request is None:
-            item = self._leases.get(op.lease_id or "")
-            if item is None or op.lease_id in batch.removed:
-                return ApiError(404, f"no GPU lease with id {op.lease_id!r}")
-            for uuid in item.lease.gpus:
-                self._used.pop(uuid, None)
-            batch.removed.append(item.lease.id)
-            log.info(
-                _log,
-                "GPU lease " + op.reason,
-                id=item.lease.id,
-                owner=item.lease.owner,
-                gpus=",".join(item.lease.gpus),
-            )
-            return None
-        request = op.request
+    def _allocate(
+        self, request: GpuLeaseRequest, pid_start: int | None
+    ) -> StoredGpuLease | ApiError:
+        """Whole healthy GPUs for one request (the lease book commits it)."""
         healthy = self.healthy_uuids()
         chosen = choose_gpus(healthy, set(self._used), request.count)
         if chosen is None:
@@ -656,31 +595,7 @@ class GpuService(ComponentBase):
         )
         for uuid in chosen:
             self._used[uuid] = lease.id
-        batch.added.append(StoredGpuLease(lease=lease, pid_start=op.pid_start))
-        return lease
-
-    async def _zombie_loop(self) -> None:
-        interval = min(max(self.cfg.zombie_grace_s / 2, 0.2), 5.0)
-        while True:
-            now = time.monotonic()
-            for item in list(self._leases.values()):
-                lease = item.lease
-                if lease.pid is None or owner_alive(lease.pid, item.pid_start):
-                    self._dead_since.pop(lease.id, None)
-                    continue
-                since = self._dead_since.setdefault(lease.id, now)
-                if now - since >= self.cfg.zombie_grace_s:
-                    self._dead_since.pop(lease.id, None)
-                    op = _Op(
-                        future=self._future(),
-                        lease_id=lease.id,
-                        reason=f"reclaimed (owner pid {lease.pid} is gone)",
-                    )
-                    self._pending.append(op)
-                    self._wake_writer.set()
-                    # Its outcome is logged by the writer; a concurrent release is fine too.
-                    op.future.add_done_callback(lambda f: f.exception())
-            await asyncio.sleep(interval)
+        return StoredGpuLease(lease=lease, pid_start=pid_start)
 
     # ---- status ----------------------------------------------------------------------------
 
