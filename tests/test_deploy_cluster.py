@@ -19,6 +19,7 @@ import pytest
 
 from gpud.deployments import authority
 from tests import fake_nvml
+from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 
 pytestmark = pytest.mark.netns
@@ -176,3 +177,46 @@ def test_deploy_apply_refuse_failover_delete(
     time.sleep(3)
     assert victim.api("/v1/status")["deployments"]["running_here"] == 0
     assert victim.cli("deploy", "status", "echo", check=False).returncode != 0
+
+
+def test_deploy_minority_refused_and_partition_heals_to_one_state(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """Apply on A, partition C off: apply on C (minority) is a 409; apply on A and delete on B
+    go on; after the heal every node holds the same records."""
+    c: Cluster = cluster(3)
+    c.wait_converged()
+    a, b, lone = c.nodes
+    files = {}
+    for name in ("one", "two", "three"):
+        files[name] = tmp_path / f"{name}.toml"
+        files[name].write_text(spec_text(name, replicas=1))
+    a.cli("deploy", "apply", str(files["one"]))
+    wait_for(
+        lambda: all(
+            [d["name"] for d in n.api("/v1/deployments")["deployments"]] == ["one"] for n in c
+        ),
+        30,
+        0.5,
+        what="'one' on every node",
+    )
+    with faults.partition_groups([lone.host], [a.host, b.host]):
+        wait_for(lambda: lone.alive_members() == {lone.name}, 60, 0.5, what="C alone")
+        wait_for(lambda: a.alive_members() == {a.name, b.name}, 60, 0.5, what="A sees C gone")
+        refused = lone.cli("deploy", "apply", str(files["two"]), check=False)
+        assert refused.returncode != 0 and "majority" in refused.stderr, refused.stderr
+        a.cli("deploy", "apply", str(files["three"]))
+        b.cli("deploy", "delete", "one")
+    c.wait_converged()
+
+    def listing(n: GpudNode) -> tuple[str, list[str], list[str]]:
+        doc = n.api("/v1/deployments")
+        return doc["digest"], [d["name"] for d in doc["deployments"]], doc["deleted"]
+
+    wait_for(
+        lambda: all(listing(n) == listing(a) for n in c) and listing(a)[1:] == (["three"], ["one"]),
+        60,
+        0.5,
+        what="one record set on every node after the heal",
+        describe=lambda: str([listing(n) for n in c]),
+    )
