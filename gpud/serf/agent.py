@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from gpud.config import Config, split_host_port
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
 from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
-from gpud.secret import cluster_key
+from gpud.secret import cluster_key, keyring_keys
 from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
 from gpud.tags import Tags, encode
 
@@ -107,6 +108,21 @@ def serf_config(
     if keyring_file is not None:
         result["keyring_file"] = keyring_file
     return result
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A name for a key that does not reveal it (pure)."""
+    return hashlib.sha256(b"gpud-keyring-seed:" + key).hexdigest()
+
+
+def keep_keyring(existing: list[bytes], key: bytes, seeded: str) -> bool:
+    """Whether serf's keyring (``existing``, primary first) survives a start with cluster key
+    ``key`` (pure). It does when it holds the key (a rotation under way, or finished and the key
+    file updated), or when it was seeded from this very key and rotated since (only serf,
+    through `gpud keys`, changes it). A changed cluster.key_file otherwise wins."""
+    if not existing:
+        return False
+    return key in existing or seeded == key_fingerprint(key)
 
 
 def join_address(entry: str, default_port: int) -> str:
@@ -206,6 +222,8 @@ class SerfAgent(ComponentBase):
         self.config_file = self.dir / "serf.json"
         self.token_file = self.dir / "rpc_auth"
         self.keyring_file = self.dir / "keyring.json"
+        # Fingerprint of the cluster key gpud last wrote into the keyring (see keep_keyring).
+        self.keyring_seed_file = self.dir / "keyring.seed"
         self.ready = asyncio.Event()
         self.rpc: SerfRPC | None = None
         self.supervisor = Supervisor("serf", self._make_child)
@@ -256,9 +274,10 @@ class SerfAgent(ComponentBase):
         except ConfigError as exc:  # the Supervisor reports it and retries with backoff
             raise ChildStartError(str(exc)) from None
         if key is not None:
-            write_private(self.keyring_file, json.dumps([base64.b64encode(key).decode()]))
+            self._seed_keyring(key)
         elif self.keyring_file.exists():
             self.keyring_file.unlink()
+            self.keyring_seed_file.unlink(missing_ok=True)
         config = serf_config(
             self.ctx.config,
             node_name=self.ctx.node_name,
@@ -273,6 +292,26 @@ class SerfAgent(ComponentBase):
         write_private(self.config_file, json.dumps(config, indent=2))
         write_private(self.token_file, self._token + "\n")
         return ChildProcess("serf", [path, "agent", "-config-file", str(self.config_file)])
+
+    def _seed_keyring(self, key: bytes) -> None:
+        """Write the cluster key as serf's keyring, unless the keyring there must be kept: it
+        holds the key, or it was rotated (`gpud keys`) since gpud seeded it from this key."""
+        existing = keyring_keys(self.keyring_file)
+        try:
+            seeded = self.keyring_seed_file.read_text().strip()
+        except OSError:
+            seeded = ""
+        if keep_keyring(existing, key, seeded):
+            if key not in existing:
+                log.warning(
+                    self._log,
+                    "keeping serf's rotated keyring; cluster.key_file no longer holds a key "
+                    "of it: write the new primary key there (gpud keys list)",
+                    keyring=str(self.keyring_file),
+                )
+            return
+        write_private(self.keyring_file, json.dumps([base64.b64encode(key).decode()]))
+        write_private(self.keyring_seed_file, key_fingerprint(key) + "\n")
 
     # -- running
 
