@@ -291,23 +291,27 @@ def screen(
     never was is left out entirely: it never counts toward a majority, is never followed and
     never gets a vote. A counted member whose term is more than TERM_BOUND above what the
     others (and ``own_term``) vouch for keeps counting, but its term and head claim are
-    ignored. Alive unverified members announcing themselves head are reported in ``ignored``.
+    ignored. Unverified members alive in serf that announce themselves head are reported in
+    ``ignored`` (whatever the data path says of them).
     """
     kept: dict[str, Member] = {}
     ignored: dict[str, str] = {}
     for name, member in members.items():
         if name == me or verified is None or verified(name):
             kept[name] = member
-        elif member.alive and member.tags is not None and member.tags.ray == "head":
+        elif member.status == "alive" and member.tags is not None and member.tags.ray == "head":
             ignored[name] = (
                 f"announces itself Ray head of term {member.tags.term} from {member.addr} "
                 "but is not a verified gpud node of this cluster"
             )
     terms = {name: m.tags.term for name, m in kept.items() if m.tags is not None}
+    # The two highest (term, name): the highest term among the *others* of any member.
+    top = sorted(((t, n) for n, t in terms.items()), reverse=True)[:2]
     for name, term in terms.items():
         if name == me:
             continue
-        vouched = max([own_term, *(t for other, t in terms.items() if other != name)])
+        others = [t for t, n in top if n != name][:1]
+        vouched = max([own_term, *others])
         if term > vouched + TERM_BOUND:
             member = kept[name]
             assert member.tags is not None
