@@ -243,6 +243,27 @@ def test_deb_metadata_files_and_modes(packages: Packages) -> None:
     assert not any(p.startswith((f"{site}/ray", f"{site}/vllm", f"{site}/pip")) for p in entries)
 
 
+def test_payload_is_exactly_the_lock(packages: Packages) -> None:
+    """Every bundled distribution is pinned with hashes in packaging/requirements.lock, and
+    nothing else is bundled (the same version builds the same payload)."""
+    lock = (ROOT / "packaging" / "requirements.lock").read_text()
+    pinned = set(re.findall(r"^([a-z0-9-]+)==(\S+) \\$", lock, re.M))
+    assert pinned and all(
+        re.search(
+            rf"^{re.escape(n)}=={re.escape(v)} \\\n    --hash=sha256:[0-9a-f]{{64}}", lock, re.M
+        )
+        for n, v in pinned
+    )
+    site = "/opt/gpud/lib/python3.11/site-packages/"
+    bundled = {
+        (name.replace("_", "-").lower(), version)
+        for path in _deb_contents(packages.deb)
+        if path.startswith(site) and path.endswith(".dist-info")
+        for name, version in [path.removeprefix(site).removesuffix(".dist-info").rsplit("-", 1)]
+    }
+    assert bundled - {("gpud", _project_version())} == pinned
+
+
 def test_rpm_metadata_files_and_scriptlets(packages: Packages) -> None:
     requires = _run("rpm", "-qp", "--requires", packages.rpm).stdout.split("\n")
     assert "/usr/bin/python3.11" in requires and "systemd" in requires
