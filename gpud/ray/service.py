@@ -492,7 +492,7 @@ class RayService(ComponentBase):
             workers=sorted(workers.values(), key=lambda w: w.name),
             registration=registration,
         )
-        return ray_problems(fresh, self.ctx.node_name)
+        return ray_problems(fresh, self.ctx.node_name) + self.election.problems()
 
     def metrics(self) -> list[Metric]:
         tags = self.ctx.tags
