@@ -42,6 +42,9 @@ class ClusterConfig(_Section):
     # File holding the cluster secret (base64, from `gpud keygen`). It encrypts gossip and
     # derives the key that authenticates the peer API. Empty: no encryption (test clusters only).
     key_file: str = ""
+    # Consent to run without key_file (a test cluster): without it an unkeyed node reports a
+    # critical problem (serf.unencrypted) and never runs Ray.
+    insecure: bool = False
 
 
 class SerfConfig(_Section):
@@ -281,6 +284,17 @@ def validate(config: Config) -> Config:
 NODE_NAME_MAX = 128
 # sockaddr_un.sun_path: 108 bytes including the terminating NUL.
 SOCKET_PATH_MAX = 107
+
+
+UNENCRYPTED = "gossip is unencrypted and anyone on the network can join and become Ray head"
+
+
+def unkeyed_refusal(config: Config) -> str | None:
+    """Why this node must not act on gossip as a cluster (run Ray): no cluster key and no
+    explicit cluster.insecure = true (pure). None: keyed, or a consenting test cluster."""
+    if config.cluster.key_file or config.cluster.insecure:
+        return None
+    return f"{UNENCRYPTED} (no cluster.key_file, and cluster.insecure is not set)"
 
 
 def split_host_port(entry: str) -> tuple[str, str | None]:

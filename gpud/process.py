@@ -218,11 +218,14 @@ class ChildProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
+        # Sees every output line too (serf's key mismatches are read from its output).
+        self.on_line = on_line
         self._proc: asyncio.subprocess.Process | None = None
         # The running child's process group (with its leader's start time), once started.
         self.group: ChildGroup | None = None
@@ -257,7 +260,10 @@ class ChildProcess:
     async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            log.child_output(self._log, line.decode(errors="replace"))  # at the child's level
+            text = line.decode(errors="replace")
+            log.child_output(self._log, text)  # at the child's level
+            if self.on_line is not None:
+                self.on_line(text)
 
     async def wait(self) -> int:
         assert self._proc is not None

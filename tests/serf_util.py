@@ -124,6 +124,9 @@ def node_config(
         [node]
         name = "{name}"
         advertise = "{ip}"
+        [cluster]
+        # An unkeyed test cluster, on purpose.
+        insecure = true
         [paths]
         state_dir = "{tmp / name}"
         [serf]

@@ -29,6 +29,8 @@ class RunningAgent:
             [node]
             name = "solo"
             advertise = "127.0.0.1"
+            [cluster]
+            insecure = true
             [serf]
             bind_port = {serf_port}
             rpc_port = {rpc_port}

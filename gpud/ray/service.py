@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gpud import log
 from gpud.component import ComponentBase, Metric, Problem, gauge
+from gpud.config import UNENCRYPTED, unkeyed_refusal
 from gpud.context import NodeContext
 from gpud.health.verdict import Direction, Thresholds, step
 from gpud.netprobe import TcpProbe, tcp_connect
@@ -213,6 +214,8 @@ class RayService(ComponentBase):
         install = self.install
         return (
             self.ctx.config.ray.enabled
+            # --- issue 10.10 (trust): never Ray on an unkeyed cluster without consent ---
+            and unkeyed_refusal(self.ctx.config) is None
             and install is not None
             and install.reason is None
             and time.monotonic() >= self._unavailable_until
@@ -390,6 +393,8 @@ class RayService(ComponentBase):
         install = self.install
         if not self.ctx.config.ray.enabled:
             own_reason = "ray.enabled = false in the config"
+        elif unkeyed_refusal(self.ctx.config) is not None:  # issue 10.10 (trust)
+            own_reason = unkeyed_refusal(self.ctx.config)
         elif install is None:
             own_reason = own_reason or "checking the ray executable"
         elif install.reason is not None:
@@ -593,6 +598,8 @@ def _crash_summary(role: RayRole, term: int, process: RayProcessStatus, failures
 
 
 def _eligibility_fix(reason: str) -> str:
+    if UNENCRYPTED in reason:  # issue 10.10 (trust)
+        return "set cluster.key_file on every host (`gpud keygen`), or cluster.insecure = true"
     if "not found" in reason or "cannot run" in reason or "--version" in reason:
         return "install Ray on this host, or point ray.executable at its `ray`"
     if "NAT" in reason:

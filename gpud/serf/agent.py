@@ -19,8 +19,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +33,7 @@ from aiohttp import web
 
 from gpud import log, preflight
 from gpud.component import ComponentBase, Metric, Problem, gauge
-from gpud.config import Config, split_host_port
+from gpud.config import UNENCRYPTED, Config, split_host_port
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
 from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
@@ -53,6 +55,14 @@ JOIN_TIMEOUT_S = 10.0
 # Where the packages install their own serf (not on PATH, so it never meets a stand-alone one).
 PACKAGED_SERF = "/usr/libexec/gpud/serf"
 _SERF_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "err"}
+# memberlist's words when gossip is encrypted with a key this node lacks: a peer's message
+# ("failed to receive: ... from=ADDR:PORT", "Decrypt packet failed: ... from=ADDR:PORT"), or
+# this node's own join ("Failed to join ADDR: ...", a continuation line of "Join failed").
+_NO_KEY = "No installed keys could decrypt the message"
+_FROM = re.compile(re.escape(_NO_KEY) + r".*?\bfrom=(?P<addr>\S+)")
+_JOIN = re.compile(r"Failed to join (?P<addr>\S+?): " + re.escape(_NO_KEY))
+# How long one undecryptable message keeps its problem up (serf retries every few seconds).
+UNDECRYPTABLE_MEMORY_S = 60.0
 
 
 class SerfStatus(msgspec.Struct, kw_only=True):
@@ -108,6 +118,21 @@ def serf_config(
     if keyring_file is not None:
         result["keyring_file"] = keyring_file
     return result
+
+
+def undecryptable(line: str) -> tuple[Literal["join", "from"], str] | None:
+    """From one line of serf's output: gossip it could not decrypt, as ("join", address it
+    failed to join) or ("from", address that sent it), without the port (pure)."""
+    if _NO_KEY not in line:
+        return None
+    match = _JOIN.search(line)
+    if match:
+        return "join", match["addr"]
+    match = _FROM.search(line)
+    if match:
+        host, _ = split_host_port(match["addr"])
+        return "from", host
+    return None
 
 
 def key_fingerprint(key: bytes) -> str:
@@ -238,6 +263,8 @@ class SerfAgent(ComponentBase):
         self._unanswered: str | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
         self._leaving = False
+        # Address -> (kind, monotonic time) of the last gossip serf could not decrypt.
+        self._undecryptable: dict[str, tuple[str, float]] = {}
         self._log = log.get("serf")
         ctx.set_tag_publisher(self.publish_tags)
 
@@ -291,7 +318,17 @@ class SerfAgent(ComponentBase):
         self._published = dict(config["tags"])
         write_private(self.config_file, json.dumps(config, indent=2))
         write_private(self.token_file, self._token + "\n")
-        return ChildProcess("serf", [path, "agent", "-config-file", str(self.config_file)])
+        return ChildProcess(
+            "serf",
+            [path, "agent", "-config-file", str(self.config_file)],
+            on_line=self._note_output,
+        )
+
+    def _note_output(self, line: str) -> None:
+        found = undecryptable(line)
+        if found is not None:
+            kind, addr = found
+            self._undecryptable[addr] = (kind, time.monotonic())
 
     def _seed_keyring(self, key: bytes) -> None:
         """Write the cluster key as serf's keyring, unless the keyring there must be kept: it
@@ -564,7 +601,7 @@ class SerfAgent(ComponentBase):
         """Port conflicts, a hung or unreachable RPC, or serf not running — the cause first."""
         if self._leaving:
             return []
-        found = [c.problem() for c in self._conflicts]
+        found = [c.problem() for c in self._conflicts] + self._trust_problems()
         supervisor = self.supervisor.status
         if self._unanswered is not None:
             found.append(
@@ -598,6 +635,60 @@ class SerfAgent(ComponentBase):
                     fix="see serf's output in `journalctl -u gpud`",
                 )
             )
+        return found
+
+    def _trust_problems(self) -> list[Problem]:
+        """An unkeyed cluster without consent, and gossip that cannot be decrypted: this node
+        is the odd one (critical) when it sees no other member alive, else the sender is."""
+        found: list[Problem] = []
+        if not self.ctx.config.cluster.key_file and not self.ctx.config.cluster.insecure:
+            found.append(
+                Problem(
+                    code="serf.unencrypted",
+                    severity="critical",
+                    subject="cluster",
+                    message=UNENCRYPTED,
+                    fix="make a key with `gpud keygen`, install it 0600 for the service user "
+                    "on every host and set cluster.key_file; for a test cluster set "
+                    "cluster.insecure = true",
+                )
+            )
+        now = time.monotonic()
+        recent = {
+            addr: kind
+            for addr, (kind, at) in self._undecryptable.items()
+            if now - at < UNDECRYPTABLE_MEMORY_S
+        }
+        self._undecryptable = {a: v for a, v in self._undecryptable.items() if a in recent}
+        if not recent:
+            return found
+        me = self.ctx.node_name
+        alone = not any(m.status == "alive" for n, m in self.ctx.members.items() if n != me)
+        if alone:
+            addrs = ", ".join(sorted(recent))
+            found.append(
+                Problem(
+                    code="serf.key_mismatch",
+                    severity="critical",
+                    subject=me,
+                    message=f"cannot join {addrs}: its gossip cannot be decrypted; "
+                    "cluster.key differs",
+                    fix="put the cluster's key (cluster.key_file of a working node) in this "
+                    "host's cluster.key_file and restart gpud",
+                )
+            )
+            return found
+        found += [
+            Problem(
+                code="serf.undecryptable_gossip",
+                severity="warning",
+                subject=addr,
+                message=f"a host at {addr} sends gossip we cannot decrypt",
+                fix=f"give the host at {addr} this cluster's key (its cluster.key_file "
+                "differs), or find out who runs it if it is not yours",
+            )
+            for addr in sorted(recent)
+        ]
         return found
 
     def metrics(self) -> list[Metric]:

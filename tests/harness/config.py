@@ -62,5 +62,10 @@ def config_for(
     name: str, state_dir: Path | str, overrides: Mapping[str, Any] | None = None
 ) -> Config:
     """An in-process node's Config: its name and state dir, plus ``overrides``."""
-    base = {"node": {"name": name}, "paths": {"state_dir": str(state_dir)}}
+    # Unkeyed on purpose (in-process test clusters): say so, as a test cluster must.
+    base = {
+        "node": {"name": name},
+        "cluster": {"insecure": True},
+        "paths": {"state_dir": str(state_dir)},
+    }
     return parse(to_toml(merge(base, overrides or {})), source=f"test config of {name}")
