@@ -42,6 +42,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     cfg = config.load(config.config_path(args.config), missing_ok=args.config is None)
     config.check_host(cfg)  # state dir and cluster key: the agent's host, not a client's
     if args.check_config:
+        for warning in config.host_warnings(cfg):  # issue 10.8: the key's readers
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{config.config_path(args.config)}: ok")
         return EXIT_OK
     from gpud import agent

@@ -362,6 +362,64 @@ def check_host(config: Config) -> Config:
     return config
 
 
+def key_file_mode_warning(
+    path: str,
+    mode: int,
+    group: str,
+    group_members: list[str],
+    operator_groups: set[str],
+    service_users: set[str],
+) -> str | None:
+    """Why the cluster key file is readable by more than root and the service (pure): by
+    every user, or by a group that operators are in (the socket or admin group, or one with
+    members besides the service). None: only root and the service can read it."""
+    if mode & 0o004:
+        return f"cluster.key_file {path} is readable by every user (mode {mode & 0o777:04o})"
+    if not mode & 0o040:
+        return None
+    others = sorted(set(group_members) - service_users)
+    if group in operator_groups or others:
+        who = f"members {', '.join(others)}" if others else "the operators of the local API"
+        return (
+            f"cluster.key_file {path} is readable by group {group} (mode {mode & 0o777:04o}), "
+            f"which holds {who}: they can join the cluster and become Ray head"
+        )
+    return None
+
+
+def host_warnings(config: Config) -> list[str]:
+    """What this host's setup risks without being wrong (``--check-config`` prints them, the
+    agent reports them as problems): a cluster key readable beyond root and the service."""
+    import grp
+    import pwd
+
+    path = config.cluster.key_file
+    if not path:
+        return []
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []  # check_host reports an unreadable key
+    try:
+        entry = grp.getgrgid(st.st_gid)
+        group, members = entry.gr_name, list(entry.gr_mem)
+    except KeyError:
+        group, members = str(st.st_gid), []
+    try:
+        running = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        running = ""
+    warning = key_file_mode_warning(
+        path,
+        st.st_mode,
+        group,
+        members,
+        operator_groups={config.api.socket_group, config.api.admin_group},
+        service_users={"root", "gpud", running},
+    )
+    return [warning] if warning else []
+
+
 # What `systemctl reload gpud` (SIGHUP) applies without a restart; every other change waits
 # for one (a restart is a leave and a rejoin, so reload avoids it where it can).
 LIVE_FIELDS = ("log_level", "health", "serf.retry_join", "ray.priority")

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from gpud import log, preflight
 from gpud.component import ComponentBase, Metric, Problem, gauge
-from gpud.config import UNENCRYPTED, Config, split_host_port
+from gpud.config import UNENCRYPTED, Config, host_warnings, split_host_port
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
 from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
@@ -265,6 +265,8 @@ class SerfAgent(ComponentBase):
         self._leaving = False
         # Address -> (kind, monotonic time) of the last gossip serf could not decrypt.
         self._undecryptable: dict[str, tuple[str, float]] = {}
+        # The cluster key file readable beyond root and the service (checked at each start).
+        self._key_warnings: list[str] = []
         self._log = log.get("serf")
         ctx.set_tag_publisher(self.publish_tags)
 
@@ -300,6 +302,9 @@ class SerfAgent(ComponentBase):
             key = cluster_key(self.ctx.config)
         except ConfigError as exc:  # the Supervisor reports it and retries with backoff
             raise ChildStartError(str(exc)) from None
+        self._key_warnings = host_warnings(self.ctx.config)
+        for warning in self._key_warnings:
+            log.warning(self._log, warning)
         if key is not None:
             self._seed_keyring(key)
         elif self.keyring_file.exists():
@@ -653,6 +658,17 @@ class SerfAgent(ComponentBase):
                     "cluster.insecure = true",
                 )
             )
+        found += [
+            Problem(
+                code="config.key_file_mode",
+                severity="warning",
+                subject="cluster.key_file",
+                message=warning,
+                fix=f"chown gpud:gpud {self.ctx.config.cluster.key_file} && chmod 0600 "
+                f"{self.ctx.config.cluster.key_file}",
+            )
+            for warning in self._key_warnings
+        ]
         now = time.monotonic()
         recent = {
             addr: kind
