@@ -419,7 +419,8 @@ def test_deb_installs_files_user_key_and_enables_unit(installed_deb: Packages) -
     state = os.stat("/var/lib/gpud")
     assert (stat.S_IMODE(state.st_mode), state.st_uid) == (0o750, user.pw_uid)
     key = os.stat("/etc/gpud/cluster.key")
-    assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o640, 0, user.pw_gid)
+    # Root and the service only: operators are in group gpud (issue 10.8).
+    assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o600, user.pw_uid, user.pw_gid)
     parse_key(Path("/etc/gpud/cluster.key").read_text(), source="/etc/gpud/cluster.key")
     assert WANTS_LINK.is_symlink()  # postinst enabled it, as Debian packages do
     assert list(Path("/opt/gpud/lib/python3.11/site-packages/gpud").glob("__pycache__/*.pyc"))
@@ -451,10 +452,16 @@ def test_deb_upgrade_keeps_config_and_key(installed_deb: Packages) -> None:
     key_text = Path("/etc/gpud/cluster.key").read_text()
     edited = config.read_text() + "\n# operator edit\n"
     config.write_text(edited)
+    # As older versions left it: 0640 root:gpud, readable by the socket group's operators.
+    gpud_user = pwd.getpwnam("gpud")
+    os.chown("/etc/gpud/cluster.key", 0, gpud_user.pw_gid)
+    os.chmod("/etc/gpud/cluster.key", 0o640)
     _run("dpkg", "-i", installed_deb.deb_upgrade)
     assert _dpkg_status() == f"install ok installed {_project_version()}-2"
     assert config.read_text() == edited
     assert Path("/etc/gpud/cluster.key").read_text() == key_text
+    key = os.stat("/etc/gpud/cluster.key")
+    assert (stat.S_IMODE(key.st_mode), key.st_uid) == (0o600, gpud_user.pw_uid)
     assert WANTS_LINK.is_symlink()
 
 
