@@ -2,9 +2,10 @@
 
 One cluster of 3 hosts with 2 fake GPUs each, the `command` engine running tests/deploy_server.py:
 apply R=2 N=1 G=1 on host A -> both endpoints ready from every host; an unsigned spec and a
-command outside the allow list are refused on every host with the reason; kill -9 a host that
-runs a replica -> the replica is re-placed and ready again; delete on host B -> gone everywhere,
-and the killed host catches up on rejoin (the delete survives, nothing runs there).
+command outside the allow list are refused on every host with the reason; a spec change rolls
+one replica at a time; kill -9 a host that runs a replica -> the replica is re-placed and ready
+again; delete on host B -> gone everywhere, and the killed host catches up on rejoin (the delete
+survives, nothing runs there).
 """
 
 from __future__ import annotations
@@ -134,6 +135,22 @@ def test_deploy_apply_refuse_failover_delete(
             )
             assert view["state"] == "refused" and reason in view["reason"], view
             assert all(r["state"] == "refused" for r in view["replica_views"]), view
+
+    # A spec change rolls: one replica at a time, never fewer than R-1 ready on any node.
+    spec.write_text(spec_text("echo").replace('"test-model"', '"test-model-2"'))
+    a.cli("deploy", "apply", str(spec), "--key", str(key_file))
+    new = a.api("/v1/deployments/echo")["digest"][:4]
+    fewest_ready = 2
+
+    def rolled() -> bool:
+        nonlocal fewest_ready
+        views = [n.api("/v1/deployments/echo")["replica_views"] for n in c]
+        for replicas in views:
+            fewest_ready = min(fewest_ready, sum(r["state"] == "ready" for r in replicas))
+        return all(r["state"] == "ready" and r["spec"] == new for v in views for r in v)
+
+    wait_for(rolled, READY_S, 0.2, what="the spec change rolled out", describe=describe)
+    assert fewest_ready >= 1
 
     # kill -9 a host that runs a replica: it is re-placed on the free host and ready again.
     victim = runner

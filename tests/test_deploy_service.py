@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from gpud.context import Member, NodeContext
 from gpud.deployments import authority, spec
 from gpud.deployments.service import (
+    Claim,
     DeploymentService,
     format_claims,
     majority_refusal,
+    may_roll,
     parse_claims,
 )
 from gpud.deployments.store import set_digest
@@ -79,14 +81,51 @@ def test_private_key_file_is_the_key_or_keygen_output() -> None:
 names = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
 
 
-@given(st.dictionaries(st.tuples(names, st.integers(0, 255)), st.integers(1, 65535)))
-def test_claims_tag_round_trips(claims: dict[tuple[str, int], int]) -> None:
+claims_st = st.builds(Claim, st.integers(1, 65535), st.from_regex(r"\A[0-9a-f]{4}\Z"))
+
+
+@given(st.dictionaries(st.tuples(names, st.integers(0, 255)), claims_st))
+def test_claims_tag_round_trips(claims: dict[tuple[str, int], Claim]) -> None:
     assert parse_claims(format_claims(claims)) == claims
 
 
 def test_malformed_claims_are_skipped() -> None:
     assert parse_claims("") == {}
-    assert parse_claims("web.0:20001;junk;a.b:c;x.1:") == {("web", 0): 20001}
+    assert parse_claims("web.0:20001:ab12;junk;a.b:c;x.1:") == {("web", 0): Claim(20001, "ab12")}
+
+
+@given(st.integers(1, 8), st.data())
+def test_rolling_update_takes_down_one_replica_at_a_time(
+    replicas: int, data: st.DataObject
+) -> None:
+    """Every node decides for its own replica with `may_roll`, all in the same instant (the
+    worst case); replicas on the new spec get ready in any order. Never more than one replica
+    is down, and the roll finishes."""
+    state = {i: ("old", True) for i in range(replicas)}  # index -> (spec, ready)
+    for _ in range(4 * replicas):
+        rolling = [
+            i
+            for i, (spec_, _) in state.items()
+            if spec_ == "old" and may_roll(i, {j: v for j, v in state.items() if j != i}, "new")
+        ]
+        for i in rolling:
+            state[i] = ("new", False)
+        assert sum(not ready for _, ready in state.values()) <= 1, state
+        starting = [i for i, (_, ready) in state.items() if not ready]
+        if starting and data.draw(st.booleans()):
+            state[starting[0]] = ("new", True)
+        if all(v == ("new", True) for v in state.values()):
+            return
+    # Readiness may have been withheld by the draws; once granted, the roll completes.
+    for _ in range(replicas + 1):
+        for i, (spec_, _) in state.items():
+            if spec_ == "old" and may_roll(i, {j: v for j, v in state.items() if j != i}, "new"):
+                state[i] = ("new", False)
+        assert sum(not ready for _, ready in state.values()) <= 1, state
+        state = {
+            i: ("new", True) if spec_ == "new" else (spec_, r) for i, (spec_, r) in state.items()
+        }
+    assert all(v == ("new", True) for v in state.values()), state
 
 
 @given(st.lists(st.sampled_from(["alive", "failed", "leaving", "left"]), max_size=12))

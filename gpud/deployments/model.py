@@ -61,6 +61,9 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     last_error: str = ""
     # Why it is pending, refused or failed.
     reason: str = ""
+    # Leading hex digits of the digest of the spec this replica runs (differs from the
+    # deployment's digest while a spec change rolls).
+    spec: str = ""
     # This node's last probe of the health path over the data path (None: not probed yet).
     probe_ok: bool | None = None
     probe_error: str = ""

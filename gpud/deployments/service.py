@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -67,6 +67,8 @@ VLLM_PORT_BAND = 16
 # What a replica's process inherits from gpud's environment; the spec and gpud set the rest.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 GROUPS_TABLE = "deployments_groups"
+# Hex digits of a spec's digest announced per replica (enough to tell old from new).
+DIGEST_CHARS = 4
 
 
 class SectionStatus(msgspec.Struct, kw_only=True):
@@ -123,19 +125,38 @@ class _Replica:
         return f"{self.key[0]}.{self.key[1]}"
 
 
-def parse_claims(raw: str) -> dict[placement.ReplicaKey, int]:
-    """The `dp` tag ("web.0:20001;web.1:20005") as replica -> port; malformed parts skipped."""
-    claims: dict[placement.ReplicaKey, int] = {}
+class Claim(NamedTuple):
+    """What a node announces about a replica it runs."""
+
+    port: int
+    # The first DIGEST_CHARS hex digits of the digest of the spec it runs (rolling updates).
+    spec: str
+
+
+def parse_claims(raw: str) -> dict[placement.ReplicaKey, Claim]:
+    """The `dp` tag ("web.0:20001:3fa2;web.1:20005:3fa2"); malformed parts are skipped."""
+    claims: dict[placement.ReplicaKey, Claim] = {}
     for part in raw.split(";"):
         name, _, rest = part.partition(".")
-        index, _, port = rest.partition(":")
+        index, _, rest = rest.partition(":")
+        port, _, digest = rest.partition(":")
         if name and index.isdigit() and port.isdigit():
-            claims[(name, int(index))] = int(port)
+            claims[(name, int(index))] = Claim(int(port), digest)
     return claims
 
 
-def format_claims(claims: dict[placement.ReplicaKey, int]) -> str:
-    return ";".join(f"{name}.{index}:{port}" for (name, index), port in sorted(claims.items()))
+def format_claims(claims: dict[placement.ReplicaKey, Claim]) -> str:
+    return ";".join(
+        f"{name}.{index}:{c.port}:{c.spec}" for (name, index), c in sorted(claims.items())
+    )
+
+
+def may_roll(replica: int, others: Mapping[int, tuple[str, bool]], new_spec: str) -> bool:
+    """Whether ``replica`` may restart with the new spec now (pure): only once every other
+    placed replica with a lower index runs the new spec and is ready, so a spec change takes
+    down one replica at a time, and a new spec that never gets ready stops the roll at the
+    first replica. ``others``: replica index -> (spec it announces, ready)."""
+    return all(spec == new_spec and ready for j, (spec, ready) in others.items() if j < replica)
 
 
 def majority_refusal(members: Iterable[Any], self_name: str) -> str:
@@ -348,15 +369,38 @@ class DeploymentService(ComponentBase):
             views.append(placement.NodeView(name=member.name, host=member.addr, gpus=gpus))
         return views
 
-    def _claims(self) -> dict[str, dict[placement.ReplicaKey, int]]:
+    def _claims(self) -> dict[str, dict[placement.ReplicaKey, Claim]]:
         """What each alive member announces it runs (this node: what it runs now)."""
         claims = {
             m.name: parse_claims(m.tags.dp)
             for m in self.ctx.members.values()
             if m.alive and m.tags is not None and m.name != self.ctx.node_name
         }
-        claims[self.ctx.node_name] = {k: r.port for k, r in self._running.items() if r.port}
+        claims[self.ctx.node_name] = self._own_claims()
         return claims
+
+    def _own_claims(self) -> dict[placement.ReplicaKey, Claim]:
+        return {
+            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS])
+            for k, r in self._running.items()
+            if r.port
+        }
+
+    def _may_roll(self, key: placement.ReplicaKey, entry: Entry) -> bool:
+        claims = self._claims()
+        others = {}
+        for p in self._assignment.placed:
+            if p.deployment != key[0] or p.replica == key[1]:
+                continue
+            claim = claims.get(p.nodes[0], {}).get(p.key)
+            probe = self._probes.get(p.key)
+            ready = (
+                claim is not None
+                and probe is not None
+                and probe[:3] == (p.nodes[0], claim.port, True)
+            )
+            others[p.replica] = (claim.spec if claim else "", ready)
+        return may_roll(key[1], others, entry.record.digest[:DIGEST_CHARS])
 
     async def _reconcile(self) -> None:
         specs = self._runnable()
@@ -374,6 +418,8 @@ class DeploymentService(ComponentBase):
             entry = self._entries[key[0]]
             running = self._running.get(key)
             if running is not None and running.entry.record.digest != entry.record.digest:
+                if not self._may_roll(key, entry):
+                    continue  # keeps serving the old spec until the lower replicas are ready
                 await self._stop_replica(key, "spec changed")
                 running = None
             if running is None:
@@ -450,7 +496,7 @@ class DeploymentService(ComponentBase):
         replica.lease_ids = []
 
     async def _publish(self) -> None:
-        claims = format_claims({k: r.port for k, r in self._running.items() if r.port})
+        claims = format_claims(self._own_claims())
         try:
             await self.ctx.update_tags(dv=self._digest, dp=claims)
         except ValueError as exc:  # TagsError: too many replicas here to announce
@@ -465,10 +511,10 @@ class DeploymentService(ComponentBase):
         out = {}
         for placed in self._assignment.placed:
             node = placed.nodes[0]
-            port = claims.get(node, {}).get(placed.key)
+            claim = claims.get(node, {}).get(placed.key)
             member = self.ctx.members.get(node)
-            if port and member is not None:
-                out[placed.key] = (node, member.addr, port)
+            if claim is not None and member is not None:
+                out[placed.key] = (node, member.addr, claim.port)
         return out
 
     async def _probe_loop(self) -> None:
@@ -539,6 +585,7 @@ class DeploymentService(ComponentBase):
             ]
         placed = {p.replica: p for p in self._assignment.placed if p.deployment == s.name}
         pending = {p.replica: p for p in self._assignment.pending if p.deployment == s.name}
+        claims = self._claims()
         views = []
         for i in range(s.replicas):
             if i in pending or i not in placed:
@@ -550,6 +597,8 @@ class DeploymentService(ComponentBase):
             view = ReplicaView(
                 index=i, state="starting", node=node, addr=member.addr if member else ""
             )
+            claim = claims.get(node, {}).get((s.name, i))
+            view.spec = claim.spec if claim else ""
             probe = self._probes.get((s.name, i))
             if probe is not None and probe[0] == node:
                 view.port, view.probe_ok, view.probe_error = probe[1], probe[2], probe[3]
