@@ -56,6 +56,8 @@ _log = log.get("ray")
 # Seconds between election steps when nothing else wakes the loop.
 TICK_S = 1.0
 NODES_POLL_S = 0.5
+# `gpud doctor` asks the GCS for its nodes within this bound.
+DIAGNOSE_NODES_TIMEOUT_S = 5.0
 # How often to look for a missing `ray` executable again.
 PROBE_EVERY_S = 60.0
 # Ray failures (exits or failed starts) within CRASH_WINDOW_S that make a crash loop; a head
@@ -483,9 +485,13 @@ class RayService(ComponentBase):
         workers: dict[str, MissingWorker] = {}
         registration = Direction()
         address = self._gcs_address()
-        if address is not None:
+        # A GCS this worker cannot reach has nothing more to say (and would take its full
+        # timeout to say so): doctor must answer within the CLI's 30 s.
+        if address is not None and (reach is None or reach.direction.state == "passing"):
             try:
-                nodes = await alive_ray_nodes(self.ctx.config.ray.executable, address)
+                nodes = await alive_ray_nodes(
+                    self.ctx.config.ray.executable, address, DIAGNOSE_NODES_TIMEOUT_S
+                )
             except (RuntimeError, OSError, msgspec.DecodeError):
                 pass  # already in the status (ray_nodes.error); the probes above still count
             else:

@@ -1,0 +1,251 @@
+"""Ray's own ports, with real gpud + serf + `ray start` in namespaces (issue 11 items 1, 2).
+
+- The head's GCS port blocked (nftables drop on the head; gossip and peer API open): every
+  worker says it cannot reach the GCS and why, in `gpud status`, /v1/ray, `gpud doctor` and
+  /metrics; the head notes the tagged workers missing from its GCS; with nobody else eligible
+  it stays head and says why, otherwise it is re-elected away.
+- A worker's node-manager and object-manager ports blocked: its Ray fails on that host with
+  the reason, and the head reports the worker missing with its node-manager port probed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpud.ray.election import GCS_UNREACHABLE
+from tests.harness import faults
+from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.ray_helpers import RAY_EXECUTABLE, agreed_head, head_views, ray_node_names, ray_overrides
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.ray,
+    pytest.mark.skipif(not Path(RAY_EXECUTABLE).exists(), reason=f"no {RAY_EXECUTABLE}"),
+]
+
+# Bounds for one wait on 2 busy cores: a Ray node takes ~10-20 s to start there; a raylet
+# gives up on an unreachable GCS after ~60 s and the head polls its GCS every 10 s.
+STEADY_S = 180.0
+DIAGNOSE_S = 60.0
+MISSING_S = 240.0
+NEVER = {"ray": {"head": "never"}}
+PREFER = {"ray": {"head": "prefer"}}
+
+
+class _Unix(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self._path)
+
+
+def metrics_text(node: GpudNode) -> str:
+    conn = _Unix(node.socket)
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def problems(node: GpudNode, code: str) -> list[dict[str, Any]]:
+    return [p for p in node.api("/v1/status")["problems"] if p["code"] == code]
+
+
+def describe(nodes: list[GpudNode]) -> Callable[[], str]:
+    def text() -> str:
+        lines = [str(head_views(nodes))]
+        for node in nodes:
+            try:
+                status = node.api("/v1/status")
+                codes = [p["code"] for p in status["problems"]]
+                lines.append(f"{node.name}: {status['ray']['summary']} {codes}")
+            except Exception as exc:
+                lines.append(f"{node.name}: <{exc}>")
+        return "\n".join(lines)
+
+    return text
+
+
+def wait_steady(nodes: list[GpudNode]) -> tuple[str, int, int]:
+    """Until all ``nodes`` agree on one ready head whose GCS shows all of them alive."""
+    names = {n.name for n in nodes}
+    by_name = {n.name: n for n in nodes}
+
+    def steady() -> tuple[str, int, int] | None:
+        head = agreed_head(nodes)
+        if head is None or ray_node_names(by_name[head[0]]) != names:
+            return None
+        return head
+
+    return wait_for(
+        steady, STEADY_S, 1.0, what=f"one Ray cluster of {sorted(names)}", describe=describe(nodes)
+    )
+
+
+@pytest.fixture
+def temp_root() -> Iterator[str]:
+    root = tempfile.mkdtemp(prefix="grh-")  # short: Ray's socket paths live under it
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_blocked_gcs_port_is_diagnosed_and_the_head_kept_when_nobody_else_may_lead(
+    cluster: Callable[..., Cluster], temp_root: str
+) -> None:
+    c = cluster(
+        3, overrides=ray_overrides(temp_root), node_overrides={0: PREFER, 1: NEVER, 2: NEVER}
+    )
+    nodes = list(c)
+    h0, workers = nodes[0], nodes[1:]
+    head, _term, gcs = wait_steady(nodes)
+    assert head == h0.name
+    for w in workers:
+        assert w.api("/v1/ray")["gcs_reach"]["direction"]["state"] == "passing"
+    assert "gpud_ray_workers_missing 0\n" in metrics_text(h0)
+    with faults.block_port(h0.host, gcs):
+
+        def all_diagnosed() -> bool:
+            return all(problems(w, "ray.gcs_unreachable") for w in workers)
+
+        wait_for(
+            all_diagnosed,
+            DIAGNOSE_S,
+            0.5,
+            what="ray.gcs_unreachable on both workers",
+            describe=describe(nodes),
+        )
+        for w in workers:
+            (problem,) = problems(w, "ray.gcs_unreachable")
+            assert problem["message"] == (
+                f"{w.name} cannot reach GCS {h0.addr}:{gcs} (timed out) while {h0.name}'s peer "
+                f"API answers: a firewall on {h0.name} blocks tcp/{gcs}"
+            ), problem
+            assert problem["severity"] == "critical" and problem["fix"]
+            ray = w.api("/v1/ray")
+            assert ray["gcs_reach"]["direction"]["state"] == "critical", ray
+            assert "unreachable" in ray["summary"], ray["summary"]
+            reachable = f'gpud_ray_gcs_reachable{{head="{h0.name}",address="{h0.addr}:{gcs}"}}'
+            assert f"{reachable} 0\n" in metrics_text(w)
+            doctor = w.cli("doctor", check=False, timeout=120)
+            assert doctor.returncode != 0, doctor.stdout + doctor.stderr
+            assert "ray.gcs_unreachable" in doctor.stdout, doctor.stdout + doctor.stderr
+            assert f"tcp/{gcs}" in doctor.stdout
+        # Nobody else may lead: the head stays and says why, instead of leaving no Ray at all.
+        wait_for(
+            lambda: problems(h0, "ray.head_gcs_unreachable"),
+            DIAGNOSE_S,
+            0.5,
+            what="ray.head_gcs_unreachable on the head",
+            describe=describe(nodes),
+        )
+        assert agreed_head(nodes) is not None and agreed_head(nodes)[0] == h0.name  # type: ignore[index]
+        # The workers' raylets give up on the GCS; the head notes them missing, probed.
+        wait_for(
+            lambda: (
+                {p["subject"] for p in problems(h0, "ray.worker_missing")}
+                == {w.name for w in workers}
+            ),
+            MISSING_S,
+            1.0,
+            what="both workers missing from the head's GCS",
+            describe=describe(nodes),
+        )
+        for problem in problems(h0, "ray.worker_missing"):
+            assert (
+                "is not alive in its GCS" in problem["message"]
+                and "node-manager" in (problem["message"])
+            ), problem
+        assert "Ray nodes alive" in h0.api("/v1/ray")["summary"]
+        assert "gpud_ray_workers_missing 2" in metrics_text(h0)
+    # Healed: the workers reach the GCS again and rejoin.
+    wait_steady(nodes)
+    wait_for(
+        lambda: not any(problems(w, "ray.gcs_unreachable") for w in workers),
+        DIAGNOSE_S,
+        0.5,
+        what="ray.gcs_unreachable cleared",
+        describe=describe(nodes),
+    )
+
+
+def test_blocked_gcs_port_re_elects_the_head(
+    cluster: Callable[..., Cluster], temp_root: str
+) -> None:
+    c = cluster(3, overrides=ray_overrides(temp_root), node_overrides={0: PREFER})
+    nodes = list(c)
+    h0 = nodes[0]
+    head, term, gcs = wait_steady(nodes)
+    assert head == h0.name
+    with faults.block_port(h0.host, gcs):
+
+        def new_head() -> tuple[str, int, int] | None:
+            found = agreed_head(nodes)
+            return found if found is not None and found[0] != h0.name else None
+
+        moved, new_term, _ = wait_for(
+            new_head, STEADY_S, 0.5, what="a head other than h0", describe=describe(nodes)
+        )
+        assert new_term > term
+        ray = h0.api("/v1/ray")
+        assert GCS_UNREACHABLE in (ray["not_eligible_reason"] or ""), ray
+        # The survivors form one Ray cluster under the new head.
+        survivors = [n for n in nodes if n is not h0]
+        by_name = {n.name: n for n in nodes}
+        wait_for(
+            lambda: ray_node_names(by_name[moved]) == {n.name for n in survivors},
+            STEADY_S,
+            1.0,
+            what="survivors registered with the new head",
+            describe=describe(nodes),
+        )
+
+
+def test_blocked_worker_ray_ports_are_diagnosed_on_the_worker_and_the_head(
+    cluster: Callable[..., Cluster], temp_root: str
+) -> None:
+    c = cluster(3, overrides=ray_overrides(temp_root), node_overrides={0: PREFER})
+    nodes = list(c)
+    h0, h2 = nodes[0], nodes[2]
+    head, _term, _gcs = wait_steady(nodes)
+    assert head == h0.name
+    named = h2.api("/v1/ray")["process"]["ports"]["named"]
+    nm, om = named["node-manager-port"], named["object-manager-port"]
+    on_worker = ("ray.crash_loop", "ray.down", "ray.not_registered")
+    seen: dict[str, dict[str, Any]] = {}
+
+    def both_diagnosed() -> bool:
+        # The worker's Ray fails and restarts on the same leased ports: record what each
+        # host said at any moment, since a restart briefly looks fine again.
+        for problem in h2.api("/v1/status")["problems"]:
+            if problem["code"] in on_worker:
+                seen.setdefault("worker", problem)
+        for problem in problems(h0, "ray.worker_missing"):
+            if problem["subject"] == h2.name:
+                seen.setdefault("head", problem)
+        return {"worker", "head"} <= seen.keys()
+
+    with faults.block_port(h2.host, nm), faults.block_port(h2.host, om):
+        wait_for(
+            both_diagnosed,
+            MISSING_S,
+            0.5,
+            what="the blocked worker diagnosed on both",
+            describe=describe(nodes),
+        )
+    worker, missing = seen["worker"], seen["head"]
+    assert worker["subject"] == h2.name and worker["message"], worker
+    assert f"node-manager {h2.addr}:{nm}" in missing["message"], missing
+    wait_steady(nodes)
