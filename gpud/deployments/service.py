@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -69,6 +70,8 @@ PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 GROUPS_TABLE = "deployments_groups"
 # Hex digits of a spec's digest announced per replica (enough to tell old from new).
 DIGEST_CHARS = 4
+# A replica that could not start (no free GPU or port yet) is tried again after this long.
+START_RETRY_S = 5.0
 
 
 class SectionStatus(msgspec.Struct, kw_only=True):
@@ -119,6 +122,7 @@ class _Replica:
         self.supervisor: Supervisor | None = None
         self.task: asyncio.Task[None] | None = None
         self.error = ""
+        self.failed_at = 0.0
 
     @property
     def id(self) -> str:
@@ -417,6 +421,11 @@ class DeploymentService(ComponentBase):
         for key in sorted(wanted):
             entry = self._entries[key[0]]
             running = self._running.get(key)
+            if running is not None and running.task is None:
+                if time.monotonic() - running.failed_at < START_RETRY_S:
+                    continue
+                del self._running[key]  # could not start: try again
+                running = None
             if running is not None and running.entry.record.digest != entry.record.digest:
                 if not self._may_roll(key, entry):
                     continue  # keeps serving the old spec until the lower replicas are ready
@@ -460,6 +469,7 @@ class DeploymentService(ComponentBase):
             )
         except (ApiError, engines.EngineError) as exc:
             replica.error = f"cannot start: {exc}"
+            replica.failed_at = time.monotonic()
             log.warning(_log, "replica not started", replica=replica.id, error=str(exc))
             await self._release(replica)
             return
