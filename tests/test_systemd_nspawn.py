@@ -282,6 +282,11 @@ def test_reload_and_journal_priorities(machine: Machine) -> None:
     assert any(r["PRIORITY"] == "6" and "msg=ready" in str(r.get("MESSAGE")) for r in records)
     # No line carries a literal "<N>" (journald took the prefix as the priority).
     assert not any(str(r.get("MESSAGE", "")).startswith("<") for r in records)
+    messages = [str(r.get("MESSAGE", "")) for r in records]
+    # serf's own lines arrive parsed: no Go timestamps or "[INFO]" inside, no blank msg="".
+    serf_lines = [m for m in messages if "component=serf " in m]
+    assert serf_lines and not any("[INFO]" in m or 'msg=""' in m for m in serf_lines)
+    assert not any("never retrieved" in m or "Traceback" in m for m in messages)
 
 
 def test_a_port_conflict_fails_the_start_and_names_the_holder(machine: Machine) -> None:
