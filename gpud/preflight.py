@@ -227,10 +227,15 @@ def holders_of(proto: Proto, port: int, proc: Path = Path("/proc")) -> list[Hold
     return result
 
 
-def check(config: Config, advertise_addr: str, advertise_is_local: bool) -> list[PortConflict]:
-    """The conflicts on every port gpud needs, each with its holders; empty when all are free."""
+def check(
+    config: Config, advertise_addr: str, advertise_is_local: bool, component: str | None = None
+) -> list[PortConflict]:
+    """The conflicts on every port gpud needs (or ``component``'s only), each with its
+    holders; empty when all are free."""
     conflicts: list[PortConflict] = []
     for need in needed_ports(config, advertise_addr, advertise_is_local):
+        if component is not None and need.component != component:
+            continue
         exc = bind_error(need)
         if exc is None:
             continue

@@ -285,13 +285,9 @@ class SerfAgent(ComponentBase):
         # Our previous child is gone (the Supervisor stops it before making the next), so a
         # port that cannot be bound now is another process's: say whose instead of letting
         # serf fail with "address already in use".
-        self._conflicts = [
-            c
-            for c in preflight.check(
-                self.ctx.config, self.ctx.advertise_addr, self.ctx.advertise_is_local
-            )
-            if c.need.component == "serf"
-        ]
+        self._conflicts = preflight.check(
+            self.ctx.config, self.ctx.advertise_addr, self.ctx.advertise_is_local, "serf"
+        )
         if self._conflicts:
             for conflict in self._conflicts:
                 log.error(self._log, "port conflict", problem=conflict.describe())
