@@ -178,6 +178,9 @@ async def test_missing_binary_is_reported_not_crashed(tmp_path: Path) -> None:
         status = agent.status()
         assert "'/nonexistent/serf' not found" in (status.last_error or "")
         assert not status.rpc_connected and not agent.ready.is_set()
+        [problem] = agent.problems()
+        assert problem.code == "serf.down" and "'/nonexistent/serf' not found" in problem.message
+        assert agent.summary().startswith("serf is not running (backoff)")
         assert not task.done()
 
 
@@ -241,7 +244,7 @@ async def test_hung_serf_is_reported_within_seconds(tmp_path: Path) -> None:
     async with running(agent):
         await asyncio.wait_for(agent.ready.wait(), 15)
         await wait_until(lambda: agent.status().members == 1, 10)
-        assert agent.problems() == [] and agent.summary() == "serf running, 1 members"
+        assert agent.problems() == [] and agent.summary() == "running, 1 members"
         pid = agent.supervisor.child.pid
         os.killpg(pid, signal.SIGSTOP)
         try:

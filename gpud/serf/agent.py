@@ -591,12 +591,12 @@ class SerfAgent(ComponentBase):
 
     def summary(self) -> str:
         problems = self.problems()
-        if problems:
-            return f"serf: {problems[0].message}"
+        if problems:  # the cause, first
+            return problems[0].message
         state = self.supervisor.status.state
         if state != "running" or self.rpc is None:
-            return f"serf {state}, RPC not connected"
-        return f"serf running, {self._members if self._members is not None else '?'} members"
+            return f"{state}, RPC not connected"
+        return f"running, {self._members if self._members is not None else '?'} members"
 
     def problems(self) -> list[Problem]:
         """Port conflicts, a hung or unreachable RPC, or serf not running — the cause first."""
