@@ -5,11 +5,13 @@ as before, and a restarted node and its peers agree on who keeps a block."""
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpud.ports import blocks
 from gpud.ports.blocks import Claim, ClaimInput, ClaimView, Drop
+from tests.test_ports_blocks import CLOCK, SimNode, step
 
 ADDR = "10.77.0.1"
 N_BLOCKS = 8
@@ -198,3 +200,70 @@ def test_a_returning_node_and_the_holder_agree(blk, t_a, gap_b, gap_r, join_dela
     b_out = run_step("b", b_claim, at_b)
     assert a_out.claim is not None and a_out.claim.blk != blk
     assert b_out.claim == b_claim
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(2, 6),
+    n_blocks=st.integers(1, 8),
+    verify_after=st.integers(0, int(blocks.UNVERIFIED_WAIT_S) - 5),
+)
+def test_nodes_starting_together_never_share_a_confirmed_block_while_unverified(
+    n, n_blocks, verify_after
+):
+    """Same-address gpuds that start together see each other's claims at once but are verified
+    only after ``verify_after`` rounds (1 s each; the prober's first signed pings): a confirmed
+    block is never held by two of them at any round, and in the end each has its own."""
+    nodes = [SimNode(name=f"g{i}", addr=ADDR) for i in range(n)]
+    claimed_since = dict.fromkeys((x.name for x in nodes), 0.0)
+    for rnd in range(200):
+        verified = rnd >= verify_after
+        snapshot = [msgspec.structs.replace(x.view(), verified=verified) for x in nodes]
+        before = [x.snapshot() for x in nodes]
+        for node in nodes:
+            out = blocks.step(
+                ClaimInput(
+                    me=node.name,
+                    addr=ADDR,
+                    n_blocks=n_blocks,
+                    settle_s=2,
+                    reserve=False,
+                    claim=node.claim,
+                    state=node.state,
+                    settled_since=node.settled_since,
+                    claimed_since=claimed_since[node.name],
+                    published=node.published,
+                    views=tuple(snapshot),
+                    now=float(rnd),
+                    wall_now=CLOCK + rnd,
+                )
+            )
+            for action in out.actions:
+                if isinstance(action, blocks.Announce):
+                    node.published = (action.blk, action.bc)
+            node.claim, node.state = out.claim, out.state
+            node.settled_since, claimed_since[node.name] = out.settled_since, out.claimed_since
+        held = [x.claim.blk for x in nodes if x.claim is not None and x.state == "confirmed"]
+        assert len(held) == len(set(held)), f"round {rnd}: {held}"
+        if verified and before == [x.snapshot() for x in nodes] and rnd > verify_after + 5:
+            break
+    confirmed = sum(x.state == "confirmed" for x in nodes)
+    assert confirmed == min(n, n_blocks)
+
+
+def test_unverified_claims_stall_a_newcomer_only_for_a_while():
+    """Every block is claimed by unverified members (rogues, or gpuds not verified yet): a
+    newcomer waits UNVERIFIED_WAIT_S for them to be verified, then confirms a block anyway."""
+    views = [
+        ClaimView(name=f"r{b}", addr=ADDR, status="alive", blk=b, confirmed_at=5, verified=False)
+        for b in range(N_BLOCKS)
+    ]
+    node = SimNode(name="new", addr=ADDR)
+    wait = int(blocks.UNVERIFIED_WAIT_S)
+    # The model's monotonic clock is the round; the claim is made in round 0.
+    for rnd in range(wait):
+        step(node, [*views, node.view()], N_BLOCKS, now=CLOCK + rnd)
+        assert node.state == "claiming"
+    for rnd in range(wait, wait + 5):
+        step(node, [*views, node.view()], N_BLOCKS, now=CLOCK + rnd)
+    assert node.state == "confirmed" and node.claim is not None

@@ -49,6 +49,9 @@ NO_BLOCK = -1
 # How much earlier than its first sighting a confirmation time may be (gossip delay: a claim is
 # seen unconfirmed at least ports.settle_s before it is confirmed, so this is only slack).
 CLAIM_SKEW_S = 5
+# How long a new claim waits for unverified same-address claimants of its block to be verified
+# (the prober's first signed pings take a few seconds) before it ignores them.
+UNVERIFIED_WAIT_S = 30.0
 
 ClaimState = Literal["claiming", "confirmed", "exhausted"]
 
@@ -186,9 +189,19 @@ def decide(
     return None
 
 
-def contested(me: str, my_addr: str, blk: int, views: Iterable[ClaimView], n_blocks: int) -> bool:
-    """Whether another same-address verified member claims ``blk`` too (not settled)."""
-    return any(v.blk == blk and v.verified for v in rivals(me, my_addr, views, n_blocks))
+def contested(
+    me: str, my_addr: str, claim: Claim, views: Iterable[ClaimView], n_blocks: int, young: bool
+) -> bool:
+    """Whether another same-address member claims my block too, so it is not settled.
+
+    A verified one always contests. An unverified one contests only a claim never confirmed
+    and ``young`` (made less than UNVERIFIED_WAIT_S ago): it may be a gpud that started with us
+    and is not verified yet (wait for it rather than confirm a block both would use), but it can
+    neither keep a confirmed (or restarted) node from its block nor stall a newcomer for long."""
+    on_mine = [v for v in rivals(me, my_addr, views, n_blocks) if v.blk == claim.blk]
+    if any(v.verified for v in on_mine):
+        return True
+    return bool(on_mine) and not claim.confirmed and young
 
 
 class Refusal(msgspec.Struct, frozen=True, kw_only=True):
@@ -269,6 +282,8 @@ class ClaimInput(msgspec.Struct, frozen=True, kw_only=True):
     state: ClaimState
     # Monotonic time since which the claim has been announced and uncontested.
     settled_since: float
+    # Monotonic time the present claim was made (see contested).
+    claimed_since: float = 0.0
     # What this node announces now (its tags `blk`, `bc`).
     published: tuple[int, int]
     # The members as gossip shows them, this node among them (its view shows what gossip
@@ -283,6 +298,7 @@ class ClaimOutput(msgspec.Struct, frozen=True, kw_only=True):
     claim: Claim | None
     state: ClaimState
     settled_since: float
+    claimed_since: float = 0.0
     # To carry out in order; each must be done before the next (persist before announce).
     actions: tuple[Action, ...]
     # Claims of this node's confirmed block that it refused (shown as problems).
@@ -292,6 +308,7 @@ class ClaimOutput(msgspec.Struct, frozen=True, kw_only=True):
 def step(inp: ClaimInput) -> ClaimOutput:
     """One round of the claim state machine (pure)."""
     claim, state, settled_since = inp.claim, inp.state, inp.settled_since
+    claimed_since = inp.claimed_since
     actions: list[Action] = []
     confirmed_now: int | None = None
     blk = decide(inp.me, inp.addr, claim, inp.views, inp.n_blocks)
@@ -303,8 +320,14 @@ def step(inp: ClaimInput) -> ClaimOutput:
         if claim is not None:
             actions.append(Drop(blk=claim.blk, was_confirmed=claim.confirmed))
         claim, state, settled_since = Claim(blk=blk), "claiming", inp.now
+        claimed_since = inp.now
     elif not _announced(inp.me, blk, inp.views) or contested(
-        inp.me, inp.addr, blk, inp.views, inp.n_blocks
+        inp.me,
+        inp.addr,
+        claim,
+        inp.views,
+        inp.n_blocks,
+        young=inp.now - claimed_since < UNVERIFIED_WAIT_S,
     ):
         # The settle time counts only once gossip carries our claim and nobody else on this
         # address claims the block.
@@ -332,6 +355,7 @@ def step(inp: ClaimInput) -> ClaimOutput:
         claim=claim,
         state=state,
         settled_since=settled_since,
+        claimed_since=claimed_since,
         actions=tuple(actions),
         refused=refused,
     )

@@ -501,7 +501,7 @@ class PortsService(ComponentBase):
 
     async def _claim_loop(self) -> None:
         """Thin I/O around ``blocks.step``: feed it members and clocks, carry out its actions."""
-        settled_since = time.monotonic()
+        settled_since = claimed_since = time.monotonic()
         while True:
             # Cleared before reading the members: a change from now on wakes the next round.
             self._wake_claim.clear()
@@ -515,6 +515,7 @@ class PortsService(ComponentBase):
                     claim=self._claim,
                     state=self._state,
                     settled_since=settled_since,
+                    claimed_since=claimed_since,
                     published=(self.ctx.tags.blk, self.ctx.tags.bc),
                     views=self._views(),
                     now=time.monotonic(),
@@ -529,6 +530,7 @@ class PortsService(ComponentBase):
             if out.state != self._state:
                 self._log_state(out)
             self._claim, self._state, settled_since = out.claim, out.state, out.settled_since
+            claimed_since = out.claimed_since
             self._note_refusals(out.refused)
             if self._state == "confirmed":
                 self._confirmed.set()
