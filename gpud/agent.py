@@ -84,6 +84,7 @@ class Agent:
             self.health,
             healthy_gpus=gpus.healthy_uuids,
             verified=self.health.prober.verified,
+            keyring_file=self.serf.keyring_file,
         )
 
     async def _address_changed(self, old: str | None, new: str | None) -> None:

@@ -92,8 +92,12 @@ class PeerApiKeys:
     already uses the new key and one that does not yet still talk. Re-read when the file
     changes (Serf rewrites it on every keyring change)."""
 
-    def __init__(self, config: Config, keyring_file: Path | None) -> None:
-        self._fallback = derive(config, "peer-api")
+    def __init__(
+        self, config: Config, keyring_file: Path | None, purpose: str = "peer-api"
+    ) -> None:
+        # ``purpose``: "peer-api", or "vote" (Ray head election votes, same rotation rules).
+        self._purpose = purpose
+        self._fallback = derive(config, purpose)
         self._file = keyring_file
         self._stamp: tuple[int, int] | None = None
         self._keys = [self._fallback]
@@ -108,6 +112,6 @@ class PeerApiKeys:
             stamp = None
         if stamp != self._stamp:
             self._stamp = stamp
-            keys = [_derive(k, "peer-api") for k in keyring_keys(self._file)]
+            keys = [_derive(k, self._purpose) for k in keyring_keys(self._file)]
             self._keys = keys or [self._fallback]
         return self._keys

@@ -23,7 +23,13 @@ from gpud.ray.election import (
     vote_refusal,
 )
 from gpud.ray.head_election import HeadElection
-from gpud.ray.votes import VoteCertificate, VoteState, VoteStore, vote_signature
+from gpud.ray.votes import (
+    VoteCertificate,
+    VoteState,
+    VoteStore,
+    signature_valid,
+    vote_signature,
+)
 from gpud.state import StateStore
 from gpud.tags import Tags
 from tests.harness.config import config_for
@@ -152,7 +158,9 @@ def test_a_head_without_proof_is_never_followed(
 class TrustCluster:
     """N HeadElections over a loopback transport; ``rogues`` are members nobody verified."""
 
-    def __init__(self, root: Path, names: list[str], *, vote_keys: dict[str, bytes] | None = None):
+    def __init__(
+        self, root: Path, names: list[str], *, vote_keys: dict[str, bytes] | None = None
+    ) -> None:
         self.net = LoopbackNetwork()
         self.rogues: dict[str, Member] = {}
         self.absent: set[str] = set()
@@ -166,7 +174,7 @@ class TrustCluster:
                 self.net.transport(name),
                 VoteStore(StateStore(config.state_dir)),
                 verified=lambda n: n in self.nodes and n not in self.absent,
-                vote_key=(vote_keys or {}).get(name),
+                vote_keys=own_key((vote_keys or {}).get(name)),
                 retry_s=(0.0, 0.0),
             )
 
@@ -195,6 +203,11 @@ class TrustCluster:
 
     def heads(self) -> dict[str, int]:
         return {n: e.ctx.tags.term for n, e in self.nodes.items() if e.ctx.tags.ray == "head"}
+
+
+def own_key(key: bytes | None):  # type: ignore[no-untyped-def]
+    """A node's vote keys: ``key`` alone, or None for the cluster's default."""
+    return None if key is None else lambda: [key]
 
 
 def rogue(name: str, status: str = "alive", **tags: object) -> Member:
@@ -261,3 +274,15 @@ async def test_nobody_stands_while_a_member_awaits_verification(tmp_path: Path) 
     await a.step()
     assert a.plan.action == "wait" and "verifying b, c" in a.plan.reason
     assert a.ctx.tags.ray == "none"
+
+
+def test_votes_check_across_a_key_rotation(tmp_path: Path) -> None:
+    """Vote keys come from serf's keyring like the peer API's (signed with the primary,
+    checked with every key), and never equal the peer-API keys."""
+    old, new = b"o" * 32, b"n" * 32
+    sig = vote_signature(old, voter="v", candidate="h", term=3, known=3)
+    assert signature_valid([new, old], sig, voter="v", candidate="h", term=3, known=3)
+    assert not signature_valid([new], sig, voter="v", candidate="h", term=3, known=3)
+    config = config_for("a", tmp_path)
+    vote = secret.PeerApiKeys(config, None, purpose="vote")()
+    assert vote == [secret.derive(config, "vote")] != secret.PeerApiKeys(config, None)()

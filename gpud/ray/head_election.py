@@ -7,10 +7,9 @@ nothing itself and knows nothing of the Ray process.
 
 from __future__ import annotations
 
-import hmac
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -45,6 +44,7 @@ from gpud.ray.votes import (
     encode_certificate,
     encode_reply,
     encode_request,
+    signature_valid,
     vote_signature,
 )
 from gpud.serf.agent import QueryHandler
@@ -83,18 +83,21 @@ class HeadElection:
         verdict: DataPathVerdict | None = None,
         *,
         verified: Verified | None = None,
-        vote_key: bytes | None = None,
+        vote_keys: Callable[[], list[bytes]] | None = None,
         vote_timeout_s: float | None = None,
         retry_s: tuple[float, float] = RETRY_S,
     ) -> None:
         """``verified``: is a member a verified gpud node (None: trust every member, for
-        in-process tests). ``vote_key``: signs and checks votes (default: the cluster's)."""
+        in-process tests). ``vote_keys``: the keys that check votes, the first signs them
+        (secret.PeerApiKeys for "vote": one per key in serf's keyring, so votes still check
+        while the cluster key rotates; default: the cluster key's)."""
         self.ctx = ctx
         self._serf = serf
         self.store = store
         self._verdict = verdict
         self._verified = verified
-        self._vote_key = vote_key or secret.derive(ctx.config, "vote")
+        fixed = [secret.derive(ctx.config, "vote")]
+        self._vote_keys = vote_keys or (lambda: fixed)
         # Members as first seen (monotonic), for the pending grace; claims ignored last step;
         # the head this node will not follow and why; the (head, term) already proven.
         self._first_seen: dict[str, float] = {}
@@ -180,7 +183,7 @@ class HeadElection:
             )
         if reply.granted:
             sig = vote_signature(
-                self._vote_key,
+                self._vote_keys()[0],
                 voter=me,
                 candidate=request.candidate,
                 term=request.term,
@@ -229,7 +232,7 @@ class HeadElection:
         assert head is not None
         if self._proven == (head, term):
             return current
-        keys = [self._vote_key]
+        keys = self._vote_keys()
         refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
         if refusal is not None and time.monotonic() >= self._next_fetch:
             self._next_fetch = time.monotonic() + CERT_RETRY_S
@@ -342,11 +345,14 @@ class HeadElection:
         names = {m.name for m in known}
         granted = {me}
 
-        def signature(voter: str) -> str:
-            key = self._vote_key
-            return vote_signature(key, voter=voter, candidate=me, term=term, known=len(known))
+        keys = self._vote_keys()
 
-        votes = {me: signature(me)}
+        def signed_by(voter: str, sig: str) -> bool:
+            return signature_valid(
+                keys, sig, voter=voter, candidate=me, term=term, known=len(known)
+            )
+
+        votes = {me: vote_signature(keys[0], voter=me, candidate=me, term=term, known=len(known))}
         refusals: list[str] = []
         for node, payload in replies.items():
             try:
@@ -357,7 +363,7 @@ class HeadElection:
             if reply.term > term and node in names:  # only counted members move our term
                 await self.store.adopt_term(reply.term)
             if reply.granted and reply.term == term and reply.voter == node and node in names:
-                if hmac.compare_digest(reply.sig, signature(node)):
+                if signed_by(node, reply.sig):
                     granted.add(node)
                     votes[node] = reply.sig
                 else:

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import msgspec
 from aiohttp import web
 
-from gpud import log
+from gpud import log, secret
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import UNENCRYPTED, unkeyed_refusal
 from gpud.context import NodeContext
@@ -140,11 +141,13 @@ class RayService(ComponentBase):
         healthy_gpus: Callable[[], list[str]] | None = None,
         settings: RayServiceSettings | None = None,
         verified: Callable[[str], bool] | None = None,
+        keyring_file: Path | None = None,
     ) -> None:
         """``healthy_gpus``: UUIDs of the healthy GPUs (the GPU component's); Ray gets only
         those (CUDA_VISIBLE_DEVICES and --num-gpus). None: every GPU the tags count.
         ``verified``: is a member a verified gpud node (the health prober's); only those count
-        in the election (None: every member, for tests without a health component)."""
+        in the election (None: every member, for tests without a health component).
+        ``keyring_file``: serf's keyring; votes are signed with keys derived from it."""
         self.ctx = ctx
         self._healthy_gpus = healthy_gpus
         self.settings = settings or RayServiceSettings()
@@ -157,6 +160,7 @@ class RayService(ComponentBase):
             VoteStore(open_store(ctx.config.state_dir)),
             verdict,
             verified=verified,
+            vote_keys=secret.PeerApiKeys(ctx.config, keyring_file, purpose="vote"),
             vote_timeout_s=config.vote_timeout_s,
             retry_s=self.settings.retry_s,
         )
