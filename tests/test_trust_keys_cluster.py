@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,13 @@ from gpud.config import UNENCRYPTED
 from gpud.serf.agent import undecryptable
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.ray_helpers import ray_overrides
+from tests.test_ports_cluster import bare_cluster  # noqa: F401 -- fixture
 
 pytestmark = pytest.mark.netns
 
 
 def problems(node: GpudNode, code: str) -> list[dict[str, Any]]:
     return [p for p in node.api("/v1/status")["problems"] if p["code"] == code]
-
-
-@pytest.fixture
-def bare_cluster(
-    _harness_leftovers_removed: None, tmp_path: Path
-) -> Iterator[Callable[[int], Cluster]]:
-    made: list[Cluster] = []
-
-    def make(hosts: int) -> Cluster:
-        c = Cluster(hosts, workdir=tmp_path / f"c{len(made)}")
-        made.append(c)
-        c.network.start()
-        return c
-
-    try:
-        yield make
-    finally:
-        for c in reversed(made):
-            c.close()
 
 
 def test_serf_lines_are_recognised() -> None:
@@ -62,7 +43,7 @@ def test_serf_lines_are_recognised() -> None:
     assert undecryptable("[INFO] agent: joining: [10.0.0.10:7946] replay: false") is None
 
 
-def test_a_mis_keyed_host_is_critical_and_its_peers_warn(bare_cluster) -> None:
+def test_a_mis_keyed_host_is_critical_and_its_peers_warn(bare_cluster) -> None:  # noqa: F811
     c: Cluster = bare_cluster(3)
     good = [c.add_node(host, start=False) for host in c.hosts[:2]]
     odd_host = c.hosts[2]
@@ -104,7 +85,7 @@ def test_a_mis_keyed_host_is_critical_and_its_peers_warn(bare_cluster) -> None:
         assert not problems(node, "serf.key_mismatch")
 
 
-def test_an_unkeyed_node_is_loud_and_never_runs_ray(bare_cluster, tmp_path: Path) -> None:
+def test_an_unkeyed_node_is_loud_and_never_runs_ray(bare_cluster, tmp_path: Path) -> None:  # noqa: F811
     c: Cluster = bare_cluster(2)
     ray = ray_overrides(str(tmp_path / "ray"))
     unkeyed = c.add_node(c.hosts[0], overrides={"cluster": {"key_file": ""}, **ray})
