@@ -176,3 +176,34 @@ def test_missing_worker_is_reported_with_its_node_manager_probe():
     assert "its Ray is not running" in missing_worker_problem("h0", "g", dead).message  # type: ignore[union-attr]
     back = record_worker_poll(record_worker_poll(worker, h1, True, None, TH), h1, True, None, TH)
     assert back.direction.state == "passing" and missing_worker_problem("h0", "g", back) is None
+
+
+def test_a_worker_the_gcs_still_lists_but_whose_node_manager_is_blocked_is_reported():
+    h1 = cluster(["ok"])["h1"]
+    worker = None
+    for _ in range(TH.failures_before_critical):
+        worker = record_worker_poll(worker, h1, True, TIMED_OUT, TH)
+    problem = missing_worker_problem("h0", "10.0.0.10:26400", worker)  # type: ignore[arg-type]
+    assert problem is not None
+    assert problem.message.startswith(
+        "h1 is listed alive in GCS 10.0.0.10:26400 but this head cannot reach its Ray; "
+        "its node-manager 10.0.0.11:30001 does not answer (timed out)"
+    )
+    assert "a firewall on h1 blocks tcp/30001" in problem.fix
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([OK, TIMED_OUT, REFUSED, None]))))
+def test_worker_check_is_critical_only_after_a_run_of_bad_polls(polls):
+    h1 = cluster(["ok"])["h1"]
+    worker = None
+    bad_run = good_run = 0
+    for in_gcs, probe in polls:
+        worker = record_worker_poll(worker, h1, in_gcs, probe, TH)
+        good = in_gcs and (probe is None or probe.ok)
+        bad_run, good_run = (0, good_run + 1) if good else (bad_run + 1, 0)
+        if bad_run >= TH.failures_before_critical:
+            assert worker.direction.state == "critical"
+            assert missing_worker_problem("h0", "g", worker) is not None
+        if good_run >= TH.successes_before_passing:
+            assert worker.direction.state == "passing"
+            assert missing_worker_problem("h0", "g", worker) is None

@@ -249,3 +249,44 @@ def test_blocked_worker_ray_ports_are_diagnosed_on_the_worker_and_the_head(
     assert worker["subject"] == h2.name and worker["message"], worker
     assert f"node-manager {h2.addr}:{nm}" in missing["message"], missing
     wait_steady(nodes)
+
+
+def test_port_mapped_node_crash_looping_ray_is_reported_with_the_reason(
+    cluster: Callable[..., Cluster], temp_root: str
+) -> None:
+    # Only gossip and the peer API are mapped into the inner namespace: Ray cannot work there.
+    serf_port, peer_port = 7956, 7958
+    c = cluster(2, overrides=ray_overrides(temp_root))
+    inner = faults.port_mapped_host(c.hosts[1], [serf_port, peer_port])
+    mapped = c.add_node(inner, serf_port=serf_port, rpc_port=7383, peer_port=peer_port)
+    plain = [n for n in c if n is not mapped]
+    nodes = list(c)
+    head = wait_for(
+        lambda: agreed_head(nodes), STEADY_S, 1.0, what="a ready head", describe=describe(nodes)
+    )[0]
+    head_node = next(n for n in plain if n.name == head)
+    seen: dict[str, dict[str, Any]] = {}
+
+    def both_diagnosed() -> bool:
+        for problem in mapped.api("/v1/status")["problems"]:
+            if problem["code"] in ("ray.crash_loop", "ray.down", "ray.not_registered"):
+                seen.setdefault("mapped", problem)
+                summary = mapped.api("/v1/ray")["summary"]
+                # Never a bare "ray running": the summary carries why it is not working.
+                assert "ray running" not in summary or any(
+                    why in summary for why in ("crash loop", "not alive in GCS")
+                ), summary
+        for problem in problems(head_node, "ray.worker_missing"):
+            if problem["subject"] == mapped.name:
+                seen.setdefault("head", problem)
+        return {"mapped", "head"} <= seen.keys()
+
+    wait_for(
+        both_diagnosed,
+        MISSING_S,
+        0.5,
+        what="the port-mapped node's Ray diagnosed",
+        describe=describe(nodes),
+    )
+    assert seen["mapped"]["message"], seen
+    assert f"{mapped.name} says it is a Ray worker of {head}" in seen["head"]["message"], seen

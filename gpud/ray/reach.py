@@ -126,14 +126,17 @@ def registered(name: str, nodes: Iterable[RayNode]) -> bool:
 
 
 class MissingWorker(msgspec.Struct, kw_only=True):
-    """A member whose tags say it is our Ray worker, checked against our GCS."""
+    """A member whose tags say it is our Ray worker, checked against our GCS and probed on
+    its node-manager port (a GCS can list a node alive for a while after its Ray is gone)."""
 
     name: str
     addr: str
     node_manager_port: int = 0
-    # passing: alive in our GCS; critical: missing for failures_before_critical polls.
+    # passing: alive in our GCS and its node-manager answers; critical: not so for
+    # failures_before_critical polls in a row.
     direction: Direction = msgspec.field(default_factory=Direction)
-    # The node-manager port probe on the last poll that missed it ("" when not probed).
+    in_gcs: bool = False
+    # The node-manager port probe of the last poll ("" when not probed).
     probe_error: str = ""
     probe_ok: bool = False
 
@@ -141,31 +144,39 @@ class MissingWorker(msgspec.Struct, kw_only=True):
 def record_worker_poll(
     previous: MissingWorker | None,
     member: Member,
-    present: bool,
+    in_gcs: bool,
     node_manager: TcpProbe | None,
     thresholds: Thresholds,
 ) -> MissingWorker:
-    """Add one poll of the head's GCS for a tagged worker; ``node_manager`` is the probe of
-    its node-manager port when it was missing (None when it was present or announces none)."""
+    """Add one poll of the head's GCS for a tagged worker and the probe of its node-manager
+    port (None when it announces none)."""
     base = previous or MissingWorker(name=member.name, addr=member.addr)
     nm = member.tags.nm if member.tags is not None else 0
-    reason = "" if present else f"not alive in the GCS; node-manager: {node_manager}"
+    answers = node_manager is not None and node_manager.ok
+    ok = in_gcs and (answers or node_manager is None)
+    reason = "" if ok else f"in GCS: {in_gcs}; node-manager: {node_manager}"
     return msgspec.structs.replace(
         base,
         addr=member.addr,
         node_manager_port=nm,
-        direction=step(base.direction, present, reason, thresholds),
-        probe_ok=node_manager is not None and node_manager.ok,
+        direction=step(base.direction, ok, reason, thresholds),
+        in_gcs=in_gcs,
+        probe_ok=answers,
         probe_error=node_manager.error if node_manager is not None else "",
     )
 
 
 def missing_worker_problem(head: str, gcs: str, worker: MissingWorker) -> Problem | None:
-    """``ray.worker_missing`` on the head once a tagged worker stays missing from its GCS."""
+    """``ray.worker_missing`` on the head once a tagged worker stays missing from its GCS, or
+    listed there while its node-manager port does not answer the head."""
     if worker.direction.state != "critical":
         return None
     name, nm = worker.name, worker.node_manager_port
-    seen = f"{name} says it is a Ray worker of {head} but is not alive in its GCS {gcs}"
+    seen = (
+        f"{name} is listed alive in GCS {gcs} but this head cannot reach its Ray"
+        if worker.in_gcs
+        else f"{name} says it is a Ray worker of {head} but is not alive in its GCS {gcs}"
+    )
     if not nm:
         return Problem(
             code="ray.worker_missing",
@@ -183,7 +194,10 @@ def missing_worker_problem(head: str, gcs: str, worker: MissingWorker) -> Proble
         fix = f"see `gpud doctor` on {name} for why its Ray exits"
     else:
         why = f"its node-manager {where} does not answer ({_short(worker.probe_error)})"
-        fix = f"open the Ray ports on {name} ({worker.addr}) for this head, starting with tcp/{nm}"
+        fix = (
+            f"open the Ray ports on {name} ({worker.addr}) for this head: a firewall on "
+            f"{name} blocks tcp/{nm}"
+        )
     return Problem(
         code="ray.worker_missing",
         severity="warning",

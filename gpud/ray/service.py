@@ -21,7 +21,7 @@ from aiohttp import web
 from gpud import log, secret
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import UNENCRYPTED, unkeyed_refusal
-from gpud.context import NodeContext
+from gpud.context import Member, NodeContext
 from gpud.health.verdict import Direction, Thresholds, step
 from gpud.netprobe import TcpProbe, tcp_connect
 from gpud.process import GroupRecord
@@ -317,23 +317,27 @@ class RayService(ComponentBase):
         previous: dict[str, MissingWorker],
         thresholds: Thresholds | None = None,
     ) -> dict[str, MissingWorker]:
-        """Head only: each member tagged as our worker, present in the GCS or not; the
-        node-manager port of a missing one is probed to tell a dead Ray from a blocked one."""
+        """Head only: each member tagged as our worker, in the GCS or not, and its node-manager
+        port probed (which tells a dead Ray from a blocked one, and finds a node the GCS still
+        lists after its Ray is gone)."""
         target = self.supervisor.target
         if target is None or target.role != "head":
             return {}
         thresholds = thresholds or self._thresholds
-        checked: dict[str, MissingWorker] = {}
-        for member in expected_workers(self.ctx.members, self.ctx.node_name, self.ctx.tags.term):
-            present = registered(member.name, nodes)
+        expected = expected_workers(self.ctx.members, self.ctx.node_name, self.ctx.tags.term)
+        timeout = self.ctx.config.health.timeout_s
+
+        async def node_manager(member: Member) -> TcpProbe | None:
             nm = member.tags.nm if member.tags is not None else 0
-            probe = None
-            if not present and nm:
-                probe = await tcp_connect(member.addr, nm, self.ctx.config.health.timeout_s)
-            checked[member.name] = record_worker_poll(
-                previous.get(member.name), member, present, probe, thresholds
+            return await tcp_connect(member.addr, nm, timeout) if nm else None
+
+        probes = await asyncio.gather(*(node_manager(m) for m in expected))
+        return {
+            m.name: record_worker_poll(
+                previous.get(m.name), m, registered(m.name, nodes), probe, thresholds
             )
-        return checked
+            for m, probe in zip(expected, probes, strict=True)
+        }
 
     async def _reach_loop(self) -> None:
         while True:
@@ -429,7 +433,9 @@ class RayService(ComponentBase):
             summary = _crash_summary(tags.ray, tags.term, process, failures)
         else:
             summary = _summary(tags.ray, tags.term, current, head_address, process, nodes, reason)
-            summary += _reach_text(self._reach, list(self._workers.values()))
+            summary += _reach_text(
+                self._reach, list(self._workers.values()), self._registration, nodes.gcs_address
+            )
         return RayStatus(
             enabled=self.ctx.config.ray.enabled,
             role=tags.ray,
@@ -587,9 +593,17 @@ def _summary(
     return f"{text}: {reason}" if reason else text
 
 
-def _reach_text(reach: GcsReach | None, workers: list[MissingWorker]) -> str:
-    """ "; GCS ... unreachable" for a worker, "; N workers missing from GCS: ..." for a head."""
+def _reach_text(
+    reach: GcsReach | None,
+    workers: list[MissingWorker],
+    registration: Direction,
+    gcs: str | None,
+) -> str:
+    """ "; GCS ... unreachable" for a worker, "; N workers missing from GCS: ..." for a head,
+    "; not alive in GCS ..." for a node whose Ray runs but is not registered."""
     text = ""
+    if registration.state == "critical":
+        text += f"; not alive in GCS {gcs}"
     if reach is not None and reach.direction.state == "critical":
         text += f"; GCS {reach.address} unreachable ({reach.direction.reason})"
     missing = [w.name for w in workers if w.direction.state == "critical"]
