@@ -249,14 +249,16 @@ async def test_hung_serf_is_reported_within_seconds(tmp_path: Path) -> None:
         os.killpg(pid, signal.SIGSTOP)
         try:
             started = loop.time()
-            await wait_until(lambda: "serf.rpc_unreachable" in _codes(agent), 10)
+            await wait_until(lambda: "serf.rpc_unreachable" in _codes(agent), 20)
             took = loop.time() - started
             status = agent.status()
             assert not status.rpc_connected and "RPC unreachable" in status.summary
-            assert took < 6, took
+            # By design within MEMBER_COUNT_INTERVAL_S + RPC_PING_TIMEOUT_S (4 s); slack for
+            # a loaded 2-core CI machine.
+            assert took < 10, took
         finally:
             os.killpg(pid, signal.SIGCONT)
-        await wait_until(lambda: agent.status().rpc_connected, 15)
+        await wait_until(lambda: agent.status().rpc_connected, 30)
         assert agent.problems() == [] and agent.supervisor.child.pid == pid
     gc.collect()
     await asyncio.sleep(0)
