@@ -267,9 +267,7 @@ class Agent:
             await self.serf.join(plan.config.serf.retry_join)
         await self.ctx.update_tags(pri=plan.config.ray.priority)
         for component in self.components:
-            reconfigure = getattr(component, "reconfigure", None)
-            if reconfigure is not None:
-                reconfigure(plan.config)
+            component.reconfigure(plan.config)
         log.info(_log, "reloaded", applied=",".join(plan.live) or "nothing changed")
         if plan.restart:
             log.warning(

@@ -12,6 +12,7 @@ Each component provides:
 - ``diagnose()``: the same after fresh checks (what `gpud doctor` shows);
 - ``metrics()``: its Prometheus families;
 - ``routes()``: its local API routes;
+- ``reconfigure(config)``: apply the live settings of a reloaded config (SIGHUP);
 - ``run()``: its work, until cancelled.
 
 ``ComponentBase`` supplies the defaults (no problems, no metrics, no routes, diagnose =
@@ -27,6 +28,8 @@ import msgspec
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from gpud.config import Config
 
 Severity = Literal["warning", "critical"]
 MetricKind = Literal["gauge", "counter"]
@@ -92,6 +95,8 @@ class Component(Protocol):
 
     def routes(self) -> list[web.RouteDef]: ...
 
+    def reconfigure(self, config: Config) -> None: ...
+
 
 class ComponentBase:
     """Defaults for the optional parts of the contract."""
@@ -109,6 +114,9 @@ class ComponentBase:
 
     def routes(self) -> list[web.RouteDef]:
         return []
+
+    def reconfigure(self, config: Config) -> None:
+        """Nothing of this component changes live (the default)."""
 
 
 class DisabledSection(msgspec.Struct, kw_only=True):
