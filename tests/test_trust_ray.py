@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,8 @@ from gpud.ray.votes import (
     VoteCertificate,
     VoteState,
     VoteStore,
+    certificate_page,
+    decode_certificate,
     signature_valid,
     vote_signature,
 )
@@ -286,3 +289,41 @@ def test_votes_check_across_a_key_rotation(tmp_path: Path) -> None:
     config = config_for("a", tmp_path)
     vote = secret.PeerApiKeys(config, None, purpose="vote")()
     assert vote == [secret.derive(config, "vote")] != secret.PeerApiKeys(config, None)()
+
+
+@given(st.lists(st.text(min_size=1, max_size=200), max_size=60, unique=True))
+def test_certificate_pages_fit_serf_and_cover_every_vote(voters: list[str]) -> None:
+    cert = VoteCertificate(
+        head="h" * 200,
+        term=10**6,
+        known=2 * len(voters),
+        votes={v: vote_signature(KEY, voter=v, candidate="h", term=1, known=1) for v in voters},
+    )
+    seen: dict[str, str] = {}
+    for _ in range(len(voters) + 1):
+        data = certificate_page(cert, len(seen))
+        assert len(data) <= 1024
+        page = decode_certificate(data)
+        if not page.votes:
+            break
+        seen |= page.votes
+    assert seen == cert.votes
+
+
+async def test_a_certificate_larger_than_one_serf_response_comes_in_pages(
+    tmp_path: Path,
+) -> None:
+    # Names near gpud's 128-character limit: 7 votes of ~150 bytes take two pages.
+    names = [f"{i:02d}{'n' * 120}" for i in range(13)]
+    cluster = TrustCluster(tmp_path, names)
+    late = names[-1]
+    cluster.absent = {late}
+    await cluster.rounds()
+    ((head, term),) = cluster.heads().items()
+    cert = cluster.nodes[head].store.certificate
+    assert cert is not None and len(msgspec.json.encode(cert)) > 1024
+    cluster.absent = set()
+    await cluster.rounds(3)
+    joined = cluster.nodes[late]
+    assert joined.plan.action == "follow" and joined.plan.head == head
+    assert joined.ctx.tags.term == term

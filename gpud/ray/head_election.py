@@ -38,10 +38,10 @@ from gpud.ray.votes import (
     VoteReply,
     VoteRequest,
     VoteStore,
+    certificate_page,
     decode_certificate,
     decode_reply,
     decode_request,
-    encode_certificate,
     encode_reply,
     encode_request,
     signature_valid,
@@ -58,8 +58,10 @@ RETRY_S = (1.0, 3.0)
 # An alive member that has not been verified as a gpud node within this long of first being
 # seen is not one (gpud answers the first probe round); until then nobody stands.
 PENDING_S = 15.0
-# A follower asks a head for its certificate at most this often while it cannot verify it.
+# A follower asks a head for its certificate at most this often while it cannot verify it,
+# in at most this many pages (each one Serf query; a page holds about 20-40 votes).
 CERT_RETRY_S = 2.0
+CERT_PAGES_MAX = 16
 
 
 class QueryTransport(Protocol):
@@ -247,19 +249,31 @@ class HeadElection:
         return Plan(action="wait", term=term, reason=f"not following {head}: {refusal}"[:500])
 
     async def _fetch_certificate(self, head: str, term: int) -> VoteCertificate | None:
-        request = msgspec.json.encode(CertificateRequest(head=head, term=term))
-        try:
-            replies = await self._serf.query(CERT_QUERY, request, timeout_s=self._vote_timeout_s)
-        except Exception as exc:  # serf down or restarting: ask again later
-            log.warning(_log, "certificate query failed", error=str(exc))
-            return None
-        payload = replies.get(head)
-        if payload is None:
-            return None
-        try:
-            return decode_certificate(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
+        """``head``'s certificate for ``term``, page by page until it holds a majority of the
+        members it counted (or the head sends no more); None when it sends nothing."""
+        cert: VoteCertificate | None = None
+        for _ in range(CERT_PAGES_MAX):
+            first = len(cert.votes) if cert is not None else 0
+            request = msgspec.json.encode(CertificateRequest(head=head, term=term, first=first))
+            try:
+                replies = await self._serf.query(
+                    CERT_QUERY, request, timeout_s=self._vote_timeout_s
+                )
+                page = decode_certificate(replies[head])
+            except KeyError:  # the head did not answer
+                break
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                break
+            except Exception as exc:  # serf down or restarting: ask again later
+                log.warning(_log, "certificate query failed", error=str(exc))
+                break
+            if (page.head, page.term) != (head, term) or not page.votes:
+                break
+            votes = {**(cert.votes if cert is not None else {}), **page.votes}
+            cert = msgspec.structs.replace(page, votes=votes)
+            if len(votes) >= quorum(cert.known):
+                break
+        return cert
 
     async def _on_certificate(self, from_node: str, payload: bytes) -> bytes | None:
         """The head answers with its certificate for the asked term; everyone else stays
@@ -272,11 +286,7 @@ class HeadElection:
         me = self.ctx.node_name
         if cert is None or request.head != me or (cert.head, cert.term) != (me, request.term):
             return None
-        try:
-            return encode_certificate(cert)
-        except ValueError as exc:
-            log.warning(_log, "certificate not sent", error=str(exc))
-            return None
+        return certificate_page(cert, request.first)
 
     def problems(self) -> list[Problem]:
         """Claims this node refused to believe (issue 10): rogue heads, wild terms, heads

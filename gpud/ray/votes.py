@@ -117,6 +117,9 @@ SIG_BYTES = 16
 class CertificateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     head: str
     term: int
+    # A certificate larger than one Serf response comes in pages: the votes from this index
+    # on (voters in name order).
+    first: int = 0
 
 
 class VoteCertificate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -159,15 +162,16 @@ def valid_voters(cert: VoteCertificate, keys: Sequence[bytes]) -> set[str]:
     }
 
 
-def encode_certificate(cert: VoteCertificate) -> bytes:
-    """Raises ValueError when the certificate does not fit a Serf query response."""
-    data = msgspec.json.encode(cert)
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise ValueError(
-            f"vote certificate of {len(cert.votes)} votes is {len(data)} bytes, "
-            f"more than Serf's {MAX_PAYLOAD_BYTES}"
-        )
-    return data
+def certificate_page(cert: VoteCertificate, first: int) -> bytes:
+    """The votes of ``cert`` from index ``first`` on (voters in name order), as many as fit one
+    Serf response; no votes past the end."""
+    page = msgspec.structs.replace(cert, votes={})
+    for voter in sorted(cert.votes)[first:]:
+        more = msgspec.structs.replace(page, votes={**page.votes, voter: cert.votes[voter]})
+        if len(msgspec.json.encode(more)) > MAX_PAYLOAD_BYTES:
+            break
+        page = more
+    return msgspec.json.encode(page)
 
 
 def decode_certificate(payload: bytes) -> VoteCertificate:
