@@ -110,7 +110,7 @@ def test_ready_status_watchdog_and_api(agent: RunningAgent) -> None:
     assert os.stat(agent.socket_path).st_mode & 0o777 == 0o660
 
     status = agent.api("GET", "/v1/status")
-    sections = {"serf", "membership", "network", "health", "ports", "ray", "gpus"}
+    sections = {"serf", "membership", "network", "health", "ports", "ray", "gpus", "deployments"}
     assert set(status) == {"node", "members", "summaries", "problems", *sections}
     assert set(status["summaries"]) == sections
     assert status["node"]["name"] == "solo"

@@ -28,7 +28,16 @@ def test_three_hosts_converge_with_decoded_tags(cluster: Callable[..., Cluster])
 
     for node in c:
         status = wait_for(lambda n=node: settled(n), 60, 0.5, what=f"{node.name} settled")
-        sections = {"serf", "membership", "network", "health", "ports", "ray", "gpus"}
+        sections = {
+            "serf",
+            "membership",
+            "network",
+            "health",
+            "ports",
+            "ray",
+            "gpus",
+            "deployments",
+        }
         assert set(status) == {"node", "members", "summaries", "problems", *sections}
         assert set(status["summaries"]) == sections
         assert status["node"]["name"] == node.name and status["node"]["addr"] == node.addr
