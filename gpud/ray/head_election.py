@@ -223,6 +223,8 @@ class HeadElection:
             current = plan(me, members, self.store.state.term, verdict, pending=pending)
         if current.action == "follow":
             current = await self._check_office(current)
+        else:
+            self.unproven = None  # no head to prove (or this node leads): nothing refused
         await self._announce(current, members)
         self.plan = current
         return current
