@@ -4,6 +4,11 @@ Runs real gpud agents (each with its real serf child) in network namespaces of t
 harness, so it needs root. Every figure comes from one run of this script; compare ratios
 within a run, not absolute numbers across machines.
 
+gpud's detection time: kill -9 of one host until every other node shows it down, with a
+reason, both in `gpud members` (/v1/members: down, down_reason) and in /v1/health (pair kind
+"down"). Bare Serf's: until every other plain `serf agent` lists it `failed`. The ratio is
+gpud's median over bare Serf's median, per size.
+
     .venv/bin/python -m bench.membership [--sizes 3,10,20] [--repeats 3] [--json PATH]
 """
 
@@ -41,11 +46,21 @@ def _until(predicate: Callable[[], bool], what: str) -> float:
     return time.monotonic() - began
 
 
-def _status_of(node: GpudNode, name: str) -> str | None:
+def _sees_down(node: GpudNode, name: str) -> bool:
+    """``node`` shows ``name`` down with a reason in its member view and in /v1/health."""
     try:
-        return {m["name"]: m["status"] for m in node.members()}.get(name)
+        member = next((m for m in node.members() if m["name"] == name), None)
+        pairs = {p["peer"]: p for p in node.api("/v1/health")["pairs"]}
     except Exception:
-        return None
+        return False
+    pair = pairs.get(name)
+    return (
+        member is not None
+        and bool(member.get("down"))
+        and bool(member.get("down_reason"))
+        and pair is not None
+        and pair["kind"] == "down"
+    )
 
 
 def _rss_kib(pid: int | None) -> int:
@@ -69,8 +84,8 @@ def bench_gpud(size: int, repeats: int) -> dict[str, object]:
             victim.kill9()
             detect.append(
                 _until(
-                    lambda v=victim, o=observers: all(_status_of(n, v.name) == "failed" for n in o),
-                    f"{victim.name} failed everywhere",
+                    lambda v=victim, o=observers: all(_sees_down(n, v.name) for n in o),
+                    f"{victim.name} down everywhere",
                 )
             )
             victim.restart()
@@ -176,16 +191,18 @@ def main() -> int:
     SIZES[:] = [int(s) for s in args.sizes.split(",")]
     results: dict[str, object] = {}
     print(
-        f"{'hosts':>5} {'converge s':>11} {'gpud detect s (med/max)':>24} {'bare serf detect s':>19}"
+        f"{'hosts':>5} {'converge s':>11} {'gpud detect s (med/max)':>24} "
+        f"{'bare serf detect s':>19} {'ratio':>6}"
     )
     for size in SIZES:
         gpud = bench_gpud(size, args.repeats)
         bare = bench_bare_serf(size, args.repeats)
-        results[str(size)] = {"gpud": gpud, "bare_serf": bare}
         g, b = gpud["detect_kill9_s"], bare["detect_kill9_s"]
+        ratio = round(g["median"] / b["median"], 2)  # type: ignore[index]
+        results[str(size)] = {"gpud": gpud, "bare_serf": bare, "detect_ratio": ratio}
         print(
             f"{size:>5} {gpud['converge_s']:>11} {g['median']:>12} / {g['max']:<9} "  # type: ignore[index]
-            f"{b['median']:>8} / {b['max']:<8}",  # type: ignore[index]
+            f"{b['median']:>8} / {b['max']:<8} {ratio:>6}",  # type: ignore[index]
             flush=True,
         )
     first = results[str(SIZES[0])]["gpud"]  # type: ignore[index]

@@ -34,10 +34,25 @@ class Member(msgspec.Struct, kw_only=True):
     # Decoded gpud tags, or None with the reason in tags_error.
     tags: Tags | None = None
     tags_error: str | None = None
+    # This node's own data-path verdict (gpud.health): the member stopped answering and quick
+    # re-probes confirmed it, usually seconds before Serf marks it failed. ``status`` stays
+    # Serf's own; ``alive`` (what the election counts) is false while down.
+    down: bool = False
+    down_reason: str | None = None
 
     @property
     def alive(self) -> bool:
-        return self.status == "alive"
+        return self.status == "alive" and not self.down
+
+
+def with_down(members: dict[str, Member], down: dict[str, str]) -> dict[str, Member]:
+    """``members`` with the health component's down verdicts (name -> reason) applied."""
+    return {
+        name: msgspec.structs.replace(m, down=name in down, down_reason=down.get(name))
+        if m.down != (name in down) or m.down_reason != down.get(name)
+        else m
+        for name, m in members.items()
+    }
 
 
 class Component(Protocol):
@@ -66,6 +81,8 @@ class NodeContext:
         self.advertise_is_local = True
         self.tags = Tags(pp=config.peer.port, rh=config.ray.head, pri=config.ray.priority)
         self.members: dict[str, Member] = {}
+        # Members the health component judges down (name -> reason); applied to every view.
+        self.down: dict[str, str] = {}
         # Set by the agent: pushes self.tags to Serf.
         self._publish_tags: Callable[[Tags], Awaitable[None]] | None = None
         # Callbacks run (synchronously) after every membership change.
@@ -96,9 +113,15 @@ class NodeContext:
         self._member_listeners.append(listener)
 
     def set_members(self, members: dict[str, Member]) -> None:
-        self.members = members
+        self.members = with_down(members, self.down)
         for listener in self._member_listeners:
             listener(members)
+
+    def set_down(self, down: dict[str, str]) -> None:
+        """The health component's down verdicts changed: re-apply them and notify listeners."""
+        if down != self.down:
+            self.down = dict(down)
+            self.set_members(self.members)
 
     def peers(self) -> list[Member]:
         """Alive members other than this node."""

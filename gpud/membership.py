@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gpud import log
 from gpud.component import ComponentBase, Metric, Problem
-from gpud.context import Member, MemberStatus, NodeContext
+from gpud.context import Member, MemberStatus, NodeContext, with_down
 from gpud.serf.agent import SerfAgent
 from gpud.serf.rpc import SerfConnectionError, SerfMember, SerfRPC, SerfRPCError
 from gpud.tags import TagsError, decode
@@ -126,7 +126,7 @@ class Membership(ComponentBase):
 
     async def refresh(self, rpc: SerfRPC) -> None:
         """Read all members from Serf; notify listeners if anything changed."""
-        view = members_view(await rpc.members())
+        view = with_down(members_view(await rpc.members()), self.ctx.down)
         self._last_error = None
         if view != self.ctx.members:
             self.ctx.set_members(view)

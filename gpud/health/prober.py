@@ -3,6 +3,10 @@
 Per peer we keep two hysteresis machines: out (us -> peer: TCP connect + authenticated ping)
 and in (peer -> us: the peer's dial-back to our advertised address, else the peer's own pings
 arriving at our peer API).
+
+Besides those slow verdicts, a peer is judged *down* within about a second of dying: a quick
+TCP connect to every target between rounds, and on any failure a short burst of re-probes
+(`down_verdict`, pure). The same records give the Ray leader lease its contact times.
 """
 
 from __future__ import annotations
@@ -10,16 +14,47 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 
 from gpud.context import Member
 from gpud.health.peer_api import PeerCallError, PeerClient, ProbeOutcome, ViewReply, ViewRow
 from gpud.health.verdict import Direction, Thresholds, step
+from gpud.netprobe import TcpProbe, tcp_connect
 
 # Peers' views (for the reachability matrix) are fetched every this many rounds.
 VIEW_EVERY_ROUNDS = 3
 # Rows older than this many intervals are left out of our view (peers we no longer probe).
 VIEW_FRESH_INTERVALS = 10
+# Between rounds every target gets a bare TCP connect this often: a kill -9'd host answers
+# with a reset at once, so it is noticed within QUICK_S instead of a full interval.
+QUICK_S = 0.5
+# A failed probe is re-checked this many times, CONFIRM_GAP_S apart, before the peer is judged
+# down: a connect refused four times in a row is no accident of loss or of a restart.
+CONFIRM_PROBES = 3
+CONFIRM_GAP_S = 0.25
+
+
+def down_verdict(
+    name: str, outcomes: Sequence[ProbeOutcome], gcs: TcpProbe | None, *, heard_since: bool
+) -> str | None:
+    """Why ``name`` is down, or None. ``outcomes``: a failed probe and its re-probes; every
+    one must be refused: immediate evidence that nothing listens on its peer port (kill -9,
+    crash, host up without gpud). Timeouts are not: a frozen gpud, a dropping firewall and
+    loss look the same, so they stay with the pair verdicts and Serf. ``heard_since``: the
+    peer's own requests reached us since it began failing, so it is alive. ``gcs``: a TCP
+    connect to the GCS port the peer announces as Ray head (None for other peers): a head
+    whose GCS still answers has lost its gpud, not its Ray, and is not down."""
+    if len(outcomes) < 1 + CONFIRM_PROBES or heard_since:
+        return None
+    if not all(not o.ok and "refused" in o.error for o in outcomes):
+        return None
+    if gcs is not None and gcs.ok:
+        return None
+    head = f"; its Ray GCS refuses too ({gcs.error})" if gcs is not None else ""
+    return (
+        f"{name} is down: its peer API port refuses connections (gpud is not running there), "
+        f"{len(outcomes)} probes in a row{head}"
+    )
 
 
 def select_targets(
@@ -59,6 +94,18 @@ class PeerRecord:
         self.inbound_source = ""
         self.dial_back: ProbeOutcome | None = None
         self.view: ViewReply | None = None
+        # Down verdict (None: not down) and whether a re-probe burst is running.
+        self.down_reason: str | None = None
+        self.confirming = False
+        # A failed round probe waiting for quick_tick to confirm it.
+        self.suspect: ProbeOutcome | None = None
+        # Monotonic time of the first failure since the last success (None while answering).
+        self.failing_since: float | None = None
+        # Head only: did its GCS port answer at the last down check (None: not checked).
+        self.gcs_answers: bool | None = None
+        # Monotonic send and reply times of the last successful probe (leader lease).
+        self.ok_sent_at = 0.0
+        self.ok_at = 0.0
 
     @property
     def port(self) -> int:
@@ -77,6 +124,8 @@ class Prober:
         *,
         inbound_at: dict[str, float] | None = None,
         always_dial_back: bool = False,
+        on_down_change: Callable[[], None] | None = None,
+        confirm_down: bool = True,
     ) -> None:
         self._client = client
         self._thresholds = thresholds
@@ -86,6 +135,9 @@ class Prober:
         # When each peer's last authenticated request reached our peer API (monotonic).
         self.inbound_at: dict[str, float] = {} if inbound_at is None else inbound_at
         self._always_dial_back = always_dial_back
+        self._on_down_change = on_down_change or (lambda: None)
+        # False for one-shot checks (doctor): no re-probe bursts, no down verdicts.
+        self._confirm = confirm_down
         self.rounds = 0
 
     def note_inbound(self, peer: str) -> None:
@@ -126,13 +178,24 @@ class Prober:
                 )
             else:
                 name = record.member.name
+                sent = time.monotonic()
                 outcome = await self._client.probe(addr, port, expect=name)
                 if not outcome.ok:
                     # One lost SYN costs the kernel a 1 s retransmit, longer than the probe
                     # timeout: retry once at once so random loss does not count as failure.
+                    sent = time.monotonic()
                     outcome = await self._client.probe(addr, port, expect=name)
+                if outcome.ok:
+                    record.ok_sent_at, record.ok_at = sent, time.monotonic()
             record.last_out, record.last_out_at = outcome, time.time()
             record.out = step(record.out, outcome.ok, outcome.error, self._thresholds)
+            if outcome.ok:
+                record.failing_since = None
+                self._set_down(record, None)
+            elif port and self._confirm:
+                # Confirmed between rounds (quick_tick), so a dead peer never slows a round.
+                record.suspect = outcome
+                record.failing_since = record.failing_since or sent
             if outcome.ok and self.rounds % VIEW_EVERY_ROUNDS == 0:
                 try:
                     record.view = await self._client.view(addr, port)
@@ -146,6 +209,91 @@ class Prober:
             else:
                 ok, reason = inbound
                 record.inbound = step(record.inbound, ok, reason, self._thresholds)
+
+    def quick_tick(
+        self, targets: Sequence[str], spawn: Callable[[Coroutine[None, None, None]], object]
+    ) -> None:
+        """Between rounds: re-probe peers whose last round probe failed, and give every other
+        target that is not down a bare TCP connect (a failure starts the same re-probes).
+        ``spawn`` runs each check as a task of the caller's TaskGroup, so no check holds up
+        another, nor the rounds; at most one check per peer runs at a time."""
+        for name in targets:
+            record = self.records.get(name)
+            if record is None or not record.port or record.confirming:
+                continue
+            first, record.suspect = record.suspect, None
+            if first is None and record.down_reason is not None:
+                continue  # already down: the rounds notice when it answers again
+            record.confirming = True
+            spawn(self._check(record, first))
+
+    async def _check(self, record: PeerRecord, first: ProbeOutcome | None) -> None:
+        try:
+            if first is None:
+                tcp = await tcp_connect(
+                    record.member.addr,
+                    record.port,
+                    min(self._client.timeout_s, QUICK_S),
+                    source_addr=self._client.source_addr,
+                )
+                if tcp.ok:
+                    return
+                first = ProbeOutcome(ok=False, error=tcp.error)
+            await self._confirm_down(record, first)
+        finally:
+            record.confirming = False
+
+    async def _confirm_down(self, record: PeerRecord, first: ProbeOutcome) -> None:
+        """Re-probe a peer that just failed, CONFIRM_GAP_S apart, and judge it (down_verdict)."""
+        started = time.monotonic()
+        record.failing_since = record.failing_since or started
+        name, addr, port = record.member.name, record.member.addr, record.port
+        outcomes = [first]
+        for _ in range(CONFIRM_PROBES):
+            await asyncio.sleep(CONFIRM_GAP_S)
+            outcome = await self._client.probe(addr, port, expect=name)
+            if outcome.ok:
+                record.failing_since = None
+                self._set_down(record, None)
+                return
+            outcomes.append(outcome)
+        gcs = await self._head_gcs(record)
+        record.gcs_answers = None if gcs is None else gcs.ok
+        if record.failing_since is None:
+            return  # a round probe got an answer meanwhile
+        heard = self.inbound_at.get(name, 0.0) > record.failing_since
+        self._set_down(record, down_verdict(name, outcomes, gcs, heard_since=heard))
+
+    async def _head_gcs(self, record: PeerRecord) -> TcpProbe | None:
+        tags = record.member.tags
+        if tags is None or tags.ray != "head" or not tags.gcs:
+            return None
+        return await tcp_connect(
+            record.member.addr,
+            tags.gcs,
+            self._client.timeout_s,
+            source_addr=self._client.source_addr,
+        )
+
+    def _set_down(self, record: PeerRecord, reason: str | None) -> None:
+        if reason != record.down_reason:
+            record.down_reason = reason
+            self._on_down_change()
+
+    def down(self) -> dict[str, str]:
+        """Peers judged down now: name -> reason."""
+        return {n: r.down_reason for n, r in self.records.items() if r.down_reason is not None}
+
+    def lease_contacts(self) -> dict[str, float]:
+        """For the head's lease: per peer, the latest monotonic time that is surely no later
+        than the peer last heard from us (our successful probe's send time, or its request's
+        arrival here)."""
+        return {n: max(r.ok_sent_at, self.inbound_at.get(n, 0.0)) for n, r in self.records.items()}
+
+    def heard_from(self) -> dict[str, float]:
+        """For a voter's side of the lease: per peer, the latest monotonic time we heard from
+        it (reply to our probe, or its request's arrival): never earlier than its own view."""
+        return {n: max(r.ok_at, self.inbound_at.get(n, 0.0)) for n, r in self.records.items()}
 
     async def _inbound_evidence(
         self, record: PeerRecord, reached: bool, full_mesh: bool

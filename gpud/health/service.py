@@ -16,7 +16,7 @@ from gpud import log, secret
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import MemberStatus, NodeContext
 from gpud.health.peer_api import PeerApiServer, PeerClient
-from gpud.health.prober import PeerRecord, Prober, select_targets
+from gpud.health.prober import QUICK_S, PeerRecord, Prober, select_targets
 from gpud.health.verdict import (
     HEALTH_STATES,
     Direction,
@@ -169,12 +169,20 @@ class HealthService(ComponentBase):
         self._key = secret.PeerApiKeys(ctx.config, keyring_file)
         self._rng = random.Random(seed)
         self.client = PeerClient(self._key, ctx.node_name, health.timeout_s)
-        self.prober = Prober(self.client, self._thresholds, health.concurrency, health.interval_s)
+        self.prober = Prober(
+            self.client,
+            self._thresholds,
+            health.concurrency,
+            health.interval_s,
+            on_down_change=self._down_changed,
+        )
         self.server = PeerApiServer(
             ctx, self._key, self.client, self.prober.view_rows, on_inbound=self.prober.note_inbound
         )
         self._status = HealthStatus("unknown", ["not started"], False, "", 0, [], [], [])
         self._nat_verdict: NatVerdict | None = None
+        # This round's probe targets: the quick loop checks the same peers between rounds.
+        self._targets: list[str] = []
 
     @property
     def us(self) -> Endpoint:
@@ -200,6 +208,7 @@ class HealthService(ComponentBase):
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._probe_loop())
+                group.create_task(self._quick_loop())
         finally:
             await self.server.stop()
             await self.client.close()
@@ -221,6 +230,29 @@ class HealthService(ComponentBase):
             await self.probe_round()
             delay = health.interval_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
             await asyncio.sleep(max(0.0, delay - (time.monotonic() - started)))
+
+    async def _quick_loop(self) -> None:
+        async with asyncio.TaskGroup() as checks:
+            while True:
+                await asyncio.sleep(QUICK_S)
+                self.prober.quick_tick(self._targets, checks.create_task)
+
+    def _down_changed(self) -> None:
+        """A peer was judged down or answers again: the member view, the election (woken by
+        the membership change) and /v1/health learn it now, not at the end of the round."""
+        self._ctx.set_down(self.prober.down())
+        if self.prober.rounds:
+            self._status = self._judge()
+
+    async def confirm_now(self) -> None:
+        """One probe round now: fresh contact times for the leader lease after a freeze."""
+        await self.probe_round()
+
+    def lease_contacts(self) -> dict[str, float]:
+        return self.prober.lease_contacts()
+
+    def heard_from(self) -> dict[str, float]:
+        return self.prober.heard_from()
 
     async def probe_round(self) -> HealthStatus:
         """One round: probe this round's targets, update verdicts and tags."""
@@ -244,6 +276,7 @@ class HealthService(ComponentBase):
             random_peers=health.random_peers,
             rng=self._rng,
         )
+        self._targets = targets
         await self.prober.run_round(targets, full_mesh=len(names) + 1 <= health.full_mesh_max)
         self._status = self._judge()
         await self._publish(self._status)
@@ -276,6 +309,15 @@ class HealthService(ComponentBase):
     @staticmethod
     def _pair(us: Endpoint, record: PeerRecord) -> PairVerdict:
         peer = Endpoint(record.member.name, record.member.addr, record.port)
+        if record.down_reason is not None:
+            # The prober's confirmed down verdict (seconds before Serf's `failed`).
+            return PairVerdict(
+                "critical",
+                "down",
+                f"{record.down_reason} (Serf: {record.member.status})",
+                f"check that the host {peer.addr} is up and gpud runs on it "
+                "(systemctl status gpud)",
+            )
         tags = record.member.tags
         return judge_pair(
             us,
@@ -362,6 +404,11 @@ class HealthService(ComponentBase):
 
     def healthy_by_majority(self, node: str) -> bool | None:
         """Data-path verdict on ``node`` from the alive members' probes of it (the matrix)."""
+        record = self.prober.records.get(node)
+        if record is not None and record.down_reason is None and record.gcs_answers:
+            # Its gpud does not answer but the Ray GCS it heads does: slow or frozen, not
+            # down. Keep it (no verdict); deposing it would restart every Ray node.
+            return None
         observers = {m.name for m in self._ctx.members.values() if m.alive and m.name != node}
         states = {
             e.src: e.state for e in self._status.matrix if e.dst == node and e.src in observers
@@ -388,6 +435,7 @@ class HealthService(ComponentBase):
             health.interval_s,
             inbound_at=self.prober.inbound_at,
             always_dial_back=True,
+            confirm_down=False,
         )
         now.sync(self._ctx.members, self._ctx.node_name)
         names = list(now.records)

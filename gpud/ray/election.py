@@ -58,7 +58,7 @@ def has_majority(members: Mapping[str, Member]) -> tuple[bool, str]:
 def ineligible_reason(member: Member, verdict: DataPathVerdict | None = None) -> str | None:
     """Why ``member`` may not be Ray head, or None when it may."""
     if not member.alive:
-        return f"{member.status} in serf"
+        return f"down: {member.down_reason}" if member.down else f"{member.status} in serf"
     tags = member.tags
     if tags is None:
         return f"unreadable tags: {member.tags_error or 'none'}"
