@@ -10,7 +10,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def join_ray(nodes: int) -> dict[str, object]:
+    """Connect to the replica's own Ray cluster and wait (bounded) for its ``nodes`` nodes."""
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    for _ in range(600):
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) >= nodes:
+            return {
+                "address": os.environ["RAY_ADDRESS"],
+                "nodes": sorted(n["NodeManagerAddress"] for n in alive),
+                "gpus": ray.cluster_resources().get("GPU", 0),
+            }
+        time.sleep(0.5)
+    raise SystemExit(f"the Ray cluster did not reach {nodes} nodes")
 
 
 def main() -> None:
@@ -18,7 +36,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", required=True)
     parser.add_argument("--model", default="test-model")
+    parser.add_argument(
+        "--ray-nodes",
+        type=int,
+        default=0,
+        help="join the replica's Ray cluster (RAY_ADDRESS) and serve only once it has this many "
+        "alive nodes",
+    )
     args = parser.parse_args()
+    ray_info = join_ray(args.ray_nodes) if args.ray_nodes else {}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -35,6 +61,7 @@ def main() -> None:
                             "nccl_socket_ifname": os.environ.get("NCCL_SOCKET_IFNAME"),
                             "vllm_host_ip": os.environ.get("VLLM_HOST_IP"),
                             "pid": os.getpid(),
+                            "ray": ray_info,
                         },
                     },
                 )

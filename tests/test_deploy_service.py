@@ -81,7 +81,9 @@ def test_private_key_file_is_the_key_or_keygen_output() -> None:
 names = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
 
 
-claims_st = st.builds(Claim, st.integers(1, 65535), st.from_regex(r"\A[0-9a-f]{4}\Z"))
+claims_st = st.builds(
+    Claim, st.integers(1, 65535), st.from_regex(r"\A[0-9a-f]{4}\Z"), st.integers(0, 65535)
+)
 
 
 @given(st.dictionaries(st.tuples(names, st.integers(0, 255)), claims_st))

@@ -11,8 +11,6 @@ The pure core that everything else stands on, each piece a function of its input
   a node has, a node in at most one multi-node replica.
 - `engines`: the exact argv and environment of `vllm serve` and of `command` templates.
 
-Not built yet (issue 14): storing specs durably and replicating them (gossip announce, fetch over
-the peer API, catch-up, refusal on a minority side), operator signatures and the host allow list
-in config, announcing assignments in tags, one Ray cluster per multi-node replica, supervising
-the servers, health/readiness, rolling updates, the CLI and `/v1/deployments` API, metrics.
+The running component is `service.DeploymentService` (store: `store`, signatures: `authority`,
+CLI: `cli`, schemas shared with the CLI and peers: `model`).
 """

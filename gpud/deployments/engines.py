@@ -109,6 +109,15 @@ def node_env(
     spec's env goes over it and gpud's verified values over both.
     """
     _check_lease(spec, lease)
+    env = _verified_env(spec, lease, base)
+    if lease.ray_address:
+        env["RAY_ADDRESS"] = lease.ray_address
+    return env
+
+
+def _verified_env(
+    spec: DeploymentSpec, lease: NodeLease, base: dict[str, str] | None
+) -> dict[str, str]:
     env = dict(base or {})
     env.update(spec.env)
     env.update(
@@ -124,11 +133,19 @@ def node_env(
         env["VLLM_PORT"] = str(lease.port_band_base)
     else:
         env.pop("VLLM_PORT", None)
-    if lease.ray_address:
-        env["RAY_ADDRESS"] = lease.ray_address
-    else:
-        env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ADDRESS", None)
     return env
+
+
+def ray_node_env(
+    spec: DeploymentSpec, lease: NodeLease, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Environment of this node's Ray process of a multi-node replica (`ray start`): the same
+    verified values as `node_env` (Ray's workers, hence vLLM's, inherit them), without
+    RAY_ADDRESS, which `ray start` takes as a flag (the head's GCS port is known only once it
+    runs). CUDA_VISIBLE_DEVICES is the leased GPUs, as for the server."""
+    _check_lease(spec, lease, with_ray_address=False)
+    return _verified_env(spec, lease, base)
 
 
 def executable_allowed(argv0: str, allow_list: Iterable[str]) -> bool:
@@ -142,7 +159,7 @@ def executable_allowed(argv0: str, allow_list: Iterable[str]) -> bool:
     return any(os.path.isabs(entry) and entry == argv0 for entry in allow_list)
 
 
-def _check_lease(spec: DeploymentSpec, lease: NodeLease) -> None:
+def _check_lease(spec: DeploymentSpec, lease: NodeLease, *, with_ray_address: bool = True) -> None:
     try:
         ipaddress.ip_address(lease.host_ip)
     except ValueError:
@@ -153,7 +170,7 @@ def _check_lease(spec: DeploymentSpec, lease: NodeLease) -> None:
         raise EngineError(
             f"{spec.name}: {len(lease.gpu_uuids)} GPUs leased, the spec needs {spec.gpus_per_node}"
         )
-    if (spec.nodes_per_replica > 1) != bool(lease.ray_address):
+    if with_ray_address and (spec.nodes_per_replica > 1) != bool(lease.ray_address):
         raise EngineError(
             f"{spec.name}: a Ray address is needed exactly when nodes_per_replica > 1 "
             f"(N = {spec.nodes_per_replica}, ray_address = {lease.ray_address!r})"

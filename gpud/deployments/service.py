@@ -9,12 +9,13 @@ Every node runs the same loop, with no leader:
    and the alive, healthy, verified members, with the assignments they announce in the `dp`
    tag (`name.replica:port`), so every node computes the same assignment.
 3. Run: replicas placed here get leased GPUs and a leased port and run as gpud's own child in
-   its own process group (`process.Supervisor`: restart with backoff, stop by group only).
+   its own process group (`process.Supervisor`: restart with backoff, stop by group only). A
+   replica of N > 1 nodes is its own Ray cluster: its head (first node by name) runs `ray start
+   --head` and, once GCS answers, the server; the others join the GCS port the head announces.
+   Every Ray port is leased, Ray sees only the replica's GPUs.
 4. Judge: every node probes the health path of every placed replica over the data path;
    `gpud deploy status` shows the verdicts, `/endpoints` lists the ready ones.
-
-Not built: replicas of more than one node (one Ray cluster per replica): such specs are
-refused with that reason; rolling updates (a changed spec restarts its replicas at once).
+5. Roll: a changed spec restarts replica i only once every lower replica runs it and is ready.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from gpud.deployments.model import (
 from gpud.deployments.store import SpecStore, set_digest
 from gpud.errors import ApiError
 from gpud.process import ChildGroup, ChildProcess, GroupRecord, Supervisor, stop_leftover
+from gpud.ray.supervisor import RaySupervisor, RayTarget, SupervisorSettings
 from gpud.state import StateStore, open_store
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ GROUPS_TABLE = "deployments_groups"
 DIGEST_CHARS = 4
 # A replica that could not start (no free GPU or port yet) is tried again after this long.
 START_RETRY_S = 5.0
+# Ray worker processes (one leased port each) of a multi-node replica's Ray node.
+RAY_WORKER_PORTS = 32
 
 
 class SectionStatus(msgspec.Struct, kw_only=True):
@@ -119,7 +123,16 @@ class _Replica:
         self.port = 0
         self.gpus: list[str] = []
         self.lease_ids: list[tuple[str, str]] = []  # ("gpus" | "ports", lease id)
+        self.lease: engines.NodeLease | None = None
+        # The server (on the replica's head node only when N > 1).
         self.supervisor: Supervisor | None = None
+        self.server_task: asyncio.Task[None] | None = None
+        # N > 1: this node's Ray node of the replica's own cluster, and its GCS port once this
+        # node is the replica's head and GCS answers (announced in the claim).
+        self.ray: RaySupervisor | None = None
+        self.gcs = 0
+        # What runs while the replica is started: the server (N = 1) or the Ray node (N > 1);
+        # None when it could not start.
         self.task: asyncio.Task[None] | None = None
         self.error = ""
         self.failed_at = 0.0
@@ -135,23 +148,28 @@ class Claim(NamedTuple):
     port: int
     # The first DIGEST_CHARS hex digits of the digest of the spec it runs (rolling updates).
     spec: str
+    # N > 1, on the replica's head: its Ray GCS port once it answers (the others join it).
+    gcs: int = 0
 
 
 def parse_claims(raw: str) -> dict[placement.ReplicaKey, Claim]:
-    """The `dp` tag ("web.0:20001:3fa2;web.1:20005:3fa2"); malformed parts are skipped."""
+    """The `dp` tag ("web.0:20001:3fa2;web.1:20005:3fa2:20010", the last field the head's
+    GCS port); malformed parts are skipped."""
     claims: dict[placement.ReplicaKey, Claim] = {}
     for part in raw.split(";"):
         name, _, rest = part.partition(".")
         index, _, rest = rest.partition(":")
-        port, _, digest = rest.partition(":")
-        if name and index.isdigit() and port.isdigit():
-            claims[(name, int(index))] = Claim(int(port), digest)
+        port, _, rest = rest.partition(":")
+        digest, _, gcs = rest.partition(":")
+        if name and index.isdigit() and port.isdigit() and (gcs.isdigit() or not gcs):
+            claims[(name, int(index))] = Claim(int(port), digest, int(gcs or 0))
     return claims
 
 
 def format_claims(claims: dict[placement.ReplicaKey, Claim]) -> str:
     return ";".join(
-        f"{name}.{index}:{c.port}:{c.spec}" for (name, index), c in sorted(claims.items())
+        f"{name}.{index}:{c.port}:{c.spec}" + (f":{c.gcs}" if c.gcs else "")
+        for (name, index), c in sorted(claims.items())
     )
 
 
@@ -176,6 +194,28 @@ def majority_refusal(members: Iterable[Any], self_name: str) -> str:
         "be on the minority side of a partition; apply on a node of the majority side, or wait "
         "for the partition to heal"
     )
+
+
+class _ReplicaPorts:
+    """The port service as a Ray node of a replica sees it: leases owned by the replica (so a
+    crashed gpud's are released at start) and tied to gpud's life."""
+
+    def __init__(self, ports: PortsService, owner: str) -> None:
+        self._ports = ports
+        self._owner = owner
+
+    async def ready(self) -> None:
+        await self._ports.ready()
+
+    async def lease(
+        self, owner: str, count: int, *, contiguous: bool = False, pid: int | None = None
+    ) -> Any:
+        return await self._ports.lease(
+            f"{self._owner}:{owner}", count, contiguous=contiguous, pid=pid or os.getpid()
+        )
+
+    async def release(self, lease_id: object) -> None:
+        await self._ports.release(str(lease_id))
 
 
 class DeploymentService(ComponentBase):
@@ -261,11 +301,6 @@ class DeploymentService(ComponentBase):
         reason = authority.refusal(s, entry.operator, entry.signature, cfg.operators)
         if reason:
             return reason
-        if s.nodes_per_replica > 1:
-            return (
-                "nodes_per_replica > 1 (one Ray cluster per replica) is not built in this gpud; "
-                "use nodes_per_replica = 1"
-            )
         if s.engine == "command" and not engines.executable_allowed(
             s.command[0], cfg.command_allow
         ):
@@ -385,9 +420,9 @@ class DeploymentService(ComponentBase):
 
     def _own_claims(self) -> dict[placement.ReplicaKey, Claim]:
         return {
-            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS])
+            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS], r.gcs)
             for k, r in self._running.items()
-            if r.port
+            if r.task is not None
         }
 
     def _may_roll(self, key: placement.ReplicaKey, entry: Entry) -> bool:
@@ -396,12 +431,11 @@ class DeploymentService(ComponentBase):
         for p in self._assignment.placed:
             if p.deployment != key[0] or p.replica == key[1]:
                 continue
-            claim = claims.get(p.nodes[0], {}).get(p.key)
+            head = min(p.nodes)
+            claim = claims.get(head, {}).get(p.key)
             probe = self._probes.get(p.key)
             ready = (
-                claim is not None
-                and probe is not None
-                and probe[:3] == (p.nodes[0], claim.port, True)
+                claim is not None and probe is not None and probe[:3] == (head, claim.port, True)
             )
             others[p.replica] = (claim.spec if claim else "", ready)
         return may_roll(key[1], others, entry.record.digest[:DIGEST_CHARS])
@@ -415,7 +449,8 @@ class DeploymentService(ComponentBase):
             {node: keys.keys() for node, keys in claims.items() if node in in_view}
         )
         self._assignment = placement.place(specs, nodes, current)
-        wanted = {p.key for p in self._assignment.on_node(self.ctx.node_name)}
+        placed = {p.key: p for p in self._assignment.on_node(self.ctx.node_name)}
+        wanted = set(placed)
         for key in [k for k in self._running if k not in wanted]:
             await self._stop_replica(key, "no longer placed here")
         for key in sorted(wanted):
@@ -433,6 +468,9 @@ class DeploymentService(ComponentBase):
                 running = None
             if running is None:
                 await self._start_replica(key, entry)
+            replica = self._running.get(key)
+            if replica is not None and replica.ray is not None:
+                await self._drive_ray(replica, placed[key])
 
     async def _start_replica(self, key: placement.ReplicaKey, entry: Entry) -> None:
         assert entry.record.spec is not None and self._tg is not None
@@ -463,17 +501,27 @@ class DeploymentService(ComponentBase):
                 port_band_base=band,
                 gpu_uuids=tuple(replica.gpus),
             )
-            argv = engines.server_argv(s, lease)
-            env = engines.node_env(
-                s, lease, {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-            )
+            replica.lease, replica.port = lease, lease.port
+            if s.nodes_per_replica == 1:
+                replica.task = self._start_server(replica, lease)
+            else:
+                replica.ray = self._ray_node(replica, s, lease)
+                replica.task = self._tg.create_task(replica.ray.run(), name=f"{replica.id}-ray")
         except (ApiError, engines.EngineError) as exc:
             replica.error = f"cannot start: {exc}"
             replica.failed_at = time.monotonic()
             log.warning(_log, "replica not started", replica=replica.id, error=str(exc))
             await self._release(replica)
             return
-        replica.port = lease.port
+        log.info(_log, "replica started", replica=replica.id, port=replica.port, gpus=replica.gpus)
+
+    def _start_server(self, replica: _Replica, lease: engines.NodeLease) -> asyncio.Task[None]:
+        """Run the replica's server under a Supervisor; raises EngineError if the leases do
+        not fit the spec."""
+        assert replica.entry.record.spec is not None and self._tg is not None
+        s = replica.entry.record.spec
+        argv = engines.server_argv(s, lease)
+        env = engines.node_env(s, lease, {k: os.environ[k] for k in PASSED_ENV if k in os.environ})
 
         async def make_child() -> ChildProcess:
             return ChildProcess(f"deploy-{replica.id}", argv, env=env)
@@ -485,11 +533,73 @@ class DeploymentService(ComponentBase):
             grace_s=5.0,
             record=_GroupRow(self._db, replica.id),
         )
-        replica.task = self._tg.create_task(replica.supervisor.run(), name=replica.id)
-        log.info(_log, "replica started", replica=replica.id, port=replica.port, gpus=replica.gpus)
+        replica.server_task = self._tg.create_task(replica.supervisor.run(), name=replica.id)
+        return replica.server_task
+
+    def _ray_node(
+        self, replica: _Replica, s: spec.DeploymentSpec, lease: engines.NodeLease
+    ) -> RaySupervisor:
+        """This node's Ray node of the replica's own cluster (its target is set by
+        `_drive_ray`): every port leased, only the replica's GPUs, the verified address."""
+        ray_cfg = self.ctx.config.ray
+        node = RaySupervisor(
+            executable=ray_cfg.executable,
+            node_name=f"{self.ctx.node_name}-{replica.id}",
+            node_ip=self.ctx.advertise_addr,
+            ports=_ReplicaPorts(self._ports, f"{LEASE_OWNER}{replica.id}"),
+            temp_root=os.path.join(ray_cfg.temp_root, "deploy"),
+            num_cpus=ray_cfg.num_cpus,
+            num_gpus=s.gpus_per_node,
+            env=engines.ray_node_env(s, lease),
+            client_server=False,  # the server connects as a driver on the head (no Ray Client)
+            settings=SupervisorSettings(worker_ports=RAY_WORKER_PORTS, backoff_max_s=10.0),
+            record=_GroupRow(self._db, f"{replica.id}.ray"),
+        )
+        node.visible_gpus = list(lease.gpu_uuids)
+        return node
+
+    async def _drive_ray(self, replica: _Replica, placed: placement.Placed) -> None:
+        """N > 1: the replica's head (its first node by name, the same on every node) runs Ray's
+        head and, once GCS answers, the server; the others join the GCS the head announces."""
+        assert replica.ray is not None and replica.lease is not None
+        head = min(placed.nodes)
+        me = self.ctx.node_name
+        if head == me:
+            replica.ray.set_target(RayTarget(role="head", node_ip=self.ctx.advertise_addr))
+            replica.gcs = replica.ray.gcs_ready_port
+            if replica.gcs and replica.supervisor is None:
+                address = f"{self.ctx.advertise_addr}:{replica.gcs}"
+                try:
+                    self._start_server(
+                        replica, msgspec.structs.replace(replica.lease, ray_address=address)
+                    )
+                except engines.EngineError as exc:
+                    replica.error = f"cannot start the server: {exc}"
+            return
+        replica.gcs = 0
+        await self._stop_server(replica)  # this node is no longer the replica's head
+        claim = self._claims().get(head, {}).get(placed.key)
+        member = self.ctx.members.get(head)
+        if claim is not None and claim.gcs and member is not None:
+            replica.ray.set_target(
+                RayTarget(
+                    role="worker",
+                    head_addr=member.addr,
+                    gcs_port=claim.gcs,
+                    node_ip=self.ctx.advertise_addr,
+                )
+            )
+
+    async def _stop_server(self, replica: _Replica) -> None:
+        task, replica.server_task, replica.supervisor = replica.server_task, None, None
+        if task is not None and task is not replica.task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _stop_replica(self, key: placement.ReplicaKey, why: str) -> None:
         replica = self._running.pop(key)
+        await self._stop_server(replica)
         if replica.task is not None:
             replica.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -520,7 +630,7 @@ class DeploymentService(ComponentBase):
         claims = self._claims()
         out = {}
         for placed in self._assignment.placed:
-            node = placed.nodes[0]
+            node = min(placed.nodes)  # the replica's head: its server runs there
             claim = claims.get(node, {}).get(placed.key)
             member = self.ctx.members.get(node)
             if claim is not None and member is not None:
@@ -602,17 +712,26 @@ class DeploymentService(ComponentBase):
                 reason = pending[i].reason if i in pending else "not placed yet"
                 views.append(ReplicaView(index=i, state="pending", reason=reason))
                 continue
-            node = placed[i].nodes[0]
+            node = min(placed[i].nodes)  # the head: where the server answers
             member = self.ctx.members.get(node)
             view = ReplicaView(
-                index=i, state="starting", node=node, addr=member.addr if member else ""
+                index=i,
+                state="starting",
+                node=node,
+                nodes=list(placed[i].nodes),
+                addr=member.addr if member else "",
             )
             claim = claims.get(node, {}).get((s.name, i))
             view.spec = claim.spec if claim else ""
             probe = self._probes.get((s.name, i))
             if probe is not None and probe[0] == node:
                 view.port, view.probe_ok, view.probe_error = probe[1], probe[2], probe[3]
-            local = self._running.get((s.name, i)) if node == self.ctx.node_name else None
+            here = self._running.get((s.name, i))
+            if here is not None and here.ray is not None:
+                ray_status = here.ray.status()
+                view.ray_restarts = here.ray.restarts_total
+                view.ray_error = ray_status.error or ray_status.process.last_error or ""
+            local = here if node == self.ctx.node_name else None
             if local is not None:
                 view.port, view.gpus = local.port, local.gpus
                 sup = local.supervisor.status if local.supervisor else None
