@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -206,8 +207,11 @@ class Agent:
             version=__version__,
         )
         if not self.config.cluster.key_file:
-            log.warning(
-                _log, "no cluster.key_file: gossip is unencrypted and peers unauthenticated"
+            # Loud (a critical serf.unencrypted problem) unless cluster.insecure says it is meant.
+            log.event(
+                _log,
+                logging.INFO if self.config.cluster.insecure else logging.WARNING,
+                "no cluster.key_file: gossip is unencrypted and peers unauthenticated",
             )
         api.raise_fd_limit()
         runner = await api.serve_unix(
