@@ -7,10 +7,12 @@ nothing itself and knows nothing of the Ray process.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -62,6 +64,23 @@ PENDING_S = 15.0
 # in at most this many pages (each one Serf query; a page holds about 20-40 votes).
 CERT_RETRY_S = 2.0
 CERT_PAGES_MAX = 16
+# Leader lease (issue 11): a head acts only while a majority of the known members (itself
+# included) heard from it within LEASE_S; a voter helps elect nobody else until
+# LEASE_S + LEASE_MARGIN_S after it last heard from a member announcing itself head. So the
+# old head has stopped before a successor can exist. The margin covers one election step
+# (TICK_S) and the step-down itself. Contacts come every ~1 s (each side probes every 2 s),
+# so 3 s rides out a lost probe or two under random loss.
+LEASE_S = 3.0
+LEASE_MARGIN_S = 1.0
+# A candidate blocked by its own lease for at most this long waits it out inside the step.
+LEASE_WAIT_MAX_S = 2.0
+# A candidate whose votes were refused only for a lease stands again after this long.
+LEASE_RETRY_S = (0.3, 0.6)
+# A gap this long between two election steps (normally <= 1 s apart) means this process was
+# frozen (SIGSTOP, VM pause): a head re-probes its peers before it announces anything.
+FREEZE_GAP_S = 2.5
+FREEZE_RECHECK_S = 5.0
+LEASE_REFUSAL = "lease:"
 
 
 class QueryTransport(Protocol):
@@ -72,6 +91,58 @@ class QueryTransport(Protocol):
     ) -> dict[str, bytes]: ...
 
     def on_query(self, name: str, handler: QueryHandler) -> None: ...
+
+
+@runtime_checkable
+class LeaseSource(Protocol):
+    """Contact times from the data-path probes (gpud.health): monotonic seconds per peer."""
+
+    def lease_contacts(self) -> dict[str, float]:
+        """Per peer, a time no later than the peer last heard from us (a head's lease)."""
+
+    def heard_from(self) -> dict[str, float]:
+        """Per peer, a time no earlier than we last heard from it (a voter's lease)."""
+
+    async def confirm_now(self) -> None:
+        """Probe every peer now (after a freeze)."""
+
+
+def lease_holds(
+    me: str, known: list[str], contacts: Mapping[str, float], now: float, lease_s: float
+) -> str | None:
+    """None while a majority of ``known`` (``me`` included) was in contact within
+    ``lease_s``; else why the head must stop acting (pure)."""
+    needed = quorum(len(known))
+    fresh = 1 + sum(1 for n in known if n != me and now - contacts.get(n, -math.inf) <= lease_s)
+    if fresh >= needed:
+        return None
+    return (
+        f"lease expired: only {fresh} of {len(known)} members confirmed within {lease_s:g} s, "
+        f"{needed} needed"
+    )
+
+
+def lease_refusal(
+    candidate: str,
+    me: str,
+    members: Mapping[str, Member],
+    heard: Mapping[str, float],
+    now: float,
+    wait_s: float,
+) -> tuple[str, float] | None:
+    """(why, seconds left) while another member that announces itself head was heard from
+    within ``wait_s``: its lease may still run, so no successor yet (pure)."""
+    for member in members.values():
+        if member.name in (candidate, me) or member.tags is None or member.tags.ray != "head":
+            continue
+        left = wait_s - (now - heard.get(member.name, -math.inf))
+        if left > 0:
+            return (
+                f"{LEASE_REFUSAL} {member.name} announces itself head and was heard from "
+                f"{wait_s - left:.1f} s ago; its lease may run {left:.1f} s more",
+                left,
+            )
+    return None
 
 
 class HeadElection:
@@ -88,6 +159,7 @@ class HeadElection:
         vote_keys: Callable[[], list[bytes]] | None = None,
         vote_timeout_s: float | None = None,
         retry_s: tuple[float, float] = RETRY_S,
+        lease: LeaseSource | None = None,
     ) -> None:
         """``verified``: is a member a verified gpud node (None: trust every member, for
         in-process tests). ``vote_keys``: the keys that check votes, the first signs them
@@ -110,6 +182,11 @@ class HeadElection:
         self._next_fetch = 0.0
         self._vote_timeout_s = vote_timeout_s
         self._retry_s = retry_s
+        # None: no lease (in-process tests without data-path probes).
+        self._lease = lease
+        # Votes count as contacts too: a voter's grant reached us after the request left.
+        self._vote_contacts: dict[str, float] = {}
+        self._last_step_end: float | None = None
         self._next_stand = 0.0
         self.plan = Plan(action="wait", term=store.state.term, reason="starting")
         self.last_election: str = ""
@@ -171,6 +248,16 @@ class HeadElection:
             refusal = f"{from_node} is not a verified gpud node of this cluster"
         else:
             refusal = vote_refusal(request.candidate, request.term, members, self._verdict)
+        if refusal is None and self._lease is not None:
+            blocked = lease_refusal(
+                request.candidate,
+                me,
+                self.ctx.members,
+                self._lease.heard_from(),
+                time.monotonic(),
+                LEASE_S + LEASE_MARGIN_S,
+            )
+            refusal = blocked[0] if blocked is not None else None
         try:
             reply = await self.store.vote(
                 request, voter=me, own_known=len(known_members(members)), refusal=refusal
@@ -204,6 +291,37 @@ class HeadElection:
 
     async def step(self) -> Plan:
         """Adopt higher terms, compute the plan, act on it (tags, candidacy); return it."""
+        await self._after_freeze()
+        try:
+            return await self._step()
+        finally:
+            self._last_step_end = time.monotonic()
+
+    async def _after_freeze(self) -> None:
+        """A head resuming from a freeze re-probes its peers before anything is announced, so
+        the lease is judged on fresh contacts (a healthy head stays; a deposed one stops)."""
+        last, now = self._last_step_end, time.monotonic()
+        if last is None or now - last < FREEZE_GAP_S or self._lease is None:
+            return
+        if self.ctx.tags.ray != "head":
+            return
+        log.warning(_log, "resumed after a freeze; re-checking the lease", gap_s=round(now - last))
+        try:
+            async with asyncio.timeout(FREEZE_RECHECK_S):
+                await self._lease.confirm_now()
+        except TimeoutError:
+            log.warning(_log, "lease re-check timed out")
+
+    def _lease_expired(self, members: Mapping[str, Member]) -> str | None:
+        if self._lease is None:
+            return None
+        contacts = dict(self._lease.lease_contacts())
+        for name, at in self._vote_contacts.items():
+            contacts[name] = max(at, contacts.get(name, -math.inf))
+        known = [m.name for m in known_members(members)]
+        return lease_holds(self.ctx.node_name, known, contacts, time.monotonic(), LEASE_S)
+
+    async def _step(self) -> Plan:
         screened = self.screened()
         members = screened.members
         for name, why in screened.ignored.items():
@@ -225,6 +343,11 @@ class HeadElection:
             current = await self._check_office(current)
         else:
             self.unproven = None  # no head to prove (or this node leads): nothing refused
+        if current.action == "lead":
+            expired = self._lease_expired(members)
+            if expired is not None:
+                log.warning(_log, "stepping down", term=current.term, reason=expired)
+                current = Plan(action="step_down", term=current.term, reason=expired)
         await self._announce(current, members)
         self.plan = current
         return current
@@ -341,12 +464,27 @@ class HeadElection:
 
     async def _stand(self, term: int, members: Mapping[str, Member]) -> None:
         me = self.ctx.node_name
+        if self._lease is not None:
+            blocked = lease_refusal(
+                me,
+                me,
+                self.ctx.members,
+                self._lease.heard_from(),
+                time.monotonic(),
+                LEASE_S + LEASE_MARGIN_S,
+            )
+            if blocked is not None:
+                if blocked[1] > LEASE_WAIT_MAX_S:
+                    self.last_election = f"not standing for term {term}: {blocked[0]}"
+                    return
+                await asyncio.sleep(blocked[1])
         known = known_members(members)
         request = VoteRequest(term=term, candidate=me, known=len(known))
         own = await self.store.vote(request, voter=me, own_known=len(known), refusal=None)
         if not own.granted:
             log.info(_log, "not standing", term=term, reason=own.reason)
             return
+        asked_at = time.monotonic()
         try:
             replies = await self._serf.query(
                 VOTE_QUERY, encode_request(request), timeout_s=self._vote_timeout_s
@@ -392,6 +530,7 @@ class HeadElection:
                 head=me, term=term, known=len(known), votes={v: votes[v] for v in kept}
             )
             await self.store.save_certificate(cert)
+            self._vote_contacts = {voter: asked_at for voter in granted - {me}}
             await self.ctx.update_tags(ray="head", term=term, gcs=0)
             return
         self.last_election = (
@@ -405,4 +544,7 @@ class HeadElection:
             needed=needed,
             refusals="; ".join(refusals),
         )
-        self._next_stand = time.monotonic() + random.uniform(*self._retry_s)
+        # Refused only for leases: those run out in about a second, stand again soon.
+        lease_only = bool(refusals) and all(LEASE_REFUSAL in r for r in refusals)
+        retry = LEASE_RETRY_S if lease_only else self._retry_s
+        self._next_stand = time.monotonic() + random.uniform(*retry)

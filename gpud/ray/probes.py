@@ -4,6 +4,7 @@ is the `ray` executable usable, does a GCS answer, which Ray nodes does a GCS se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -72,6 +73,32 @@ async def gcs_healthy(executable: str, host: str, port: int) -> bool:
     except OSError:
         return False
     return result.code == 0
+
+
+# HTTP/2 connection preface and an empty SETTINGS frame: any gRPC server answers with its own
+# SETTINGS frame (type 4) before anything else.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 4
+
+
+async def gcs_serving(host: str, port: int, timeout_s: float = GCS_CONNECT_TIMEOUT_S) -> bool:
+    """GCS readiness without a subprocess: connect and speak the HTTP/2 preface; a GCS whose
+    gRPC server runs (Ray starts it once its tables are loaded) answers with a SETTINGS frame.
+    Milliseconds, where `ray health-check` (gcs_healthy) imports Ray for a second or more."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(_H2_PREFACE)
+                await writer.drain()
+                header = await reader.readexactly(9)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return False
+    return header[3] == _H2_SETTINGS
 
 
 _NODES_SCRIPT = """

@@ -26,7 +26,7 @@ from gpud.health.verdict import Direction, Thresholds, step
 from gpud.netprobe import TcpProbe, tcp_connect
 from gpud.process import GroupRecord
 from gpud.ray.election import GCS_UNREACHABLE, Plan, ineligible_reason, workers_reach_gcs
-from gpud.ray.head_election import RETRY_S, HeadElection, QueryTransport
+from gpud.ray.head_election import RETRY_S, HeadElection, LeaseSource, QueryTransport
 from gpud.ray.probes import RayInstall, RayNode, alive_ray_nodes, probe_ray
 from gpud.ray.reach import (
     GcsReach,
@@ -163,6 +163,8 @@ class RayService(ComponentBase):
             vote_keys=secret.PeerApiKeys(ctx.config, keyring_file, purpose="vote"),
             vote_timeout_s=config.vote_timeout_s,
             retry_s=self.settings.retry_s,
+            # The leader lease needs the data-path probes' contact times (issue 11).
+            lease=health if isinstance(health, LeaseSource) else None,
         )
         self._wake = asyncio.Event()
         ctx.on_members_changed(lambda _members: self._wake.set())
@@ -205,12 +207,15 @@ class RayService(ComponentBase):
         if not self.ctx.config.ray.enabled:
             await self.ctx.update_tags(rv=False)
             return
+        reported: str | None = None
         while True:
             install = await probe_ray(self.ctx.config.ray.executable)
             self.install = install
             self.supervisor.client_server = install.client
-            if install.reason is not None:
+            if install.reason is not None and install.reason != reported:
+                # Once per cause (status and doctor keep saying it), not every probe.
                 log.warning(_log, "ray not available", reason=install.reason)
+                reported = install.reason
             self._wake.set()
             if install.reason is None:
                 return

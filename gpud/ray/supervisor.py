@@ -31,7 +31,7 @@ from gpud.process import (
     SupervisorStatus,
     stop_leftover,
 )
-from gpud.ray.probes import gcs_healthy
+from gpud.ray.probes import gcs_serving
 from gpud.state import Key
 
 _log = log.get("ray")
@@ -58,7 +58,8 @@ def port_names(role: Literal["head", "worker"], *, client_server: bool) -> tuple
 RAY_CHILD = Key("ray.child", ChildGroup)
 # Worker processes (one port each) a Ray node may run at once.
 DEFAULT_WORKER_PORTS = 64
-READY_POLL_S = 0.5
+# A GCS readiness check is one connect and an HTTP/2 preface (milliseconds): poll often.
+READY_POLL_S = 0.2
 TEMP_NAME_MAX = 24
 
 
@@ -282,8 +283,10 @@ class RaySupervisor:
                     self._target_changed.set()
                 finally:
                     # A worker whose head changed has nothing to drain: kill it now, so it
-                    # joins the new head at once instead of draining for Ray's 30 s.
-                    await self._teardown(fast=target.role == "worker" and self._target != target)
+                    # joins the new head at once instead of draining for Ray's 30 s. A head
+                    # that steps down (its lease ran out) must stop serving before a successor
+                    # is elected: kill it too. Only gpud's own exit stops Ray gracefully.
+                    await self._teardown(fast=self._target != target)
         finally:
             await self._teardown()
 
@@ -353,7 +356,7 @@ class RaySupervisor:
                 ready_pid = None
                 self._set_ready(0)
             if pid is not None and ready_pid is None:
-                healthy = await gcs_healthy(self.executable, host, port)
+                healthy = await gcs_serving(host, port)
                 if healthy and supervisor.status.pid == pid:
                     ready_pid = pid
                     self._set_ready(port)
