@@ -14,21 +14,28 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def join_ray(nodes: int) -> dict[str, object]:
+def join_ray(nodes: int) -> None:
     """Connect to the replica's own Ray cluster and wait (bounded) for its ``nodes`` nodes."""
     import ray
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     for _ in range(600):
-        alive = [n for n in ray.nodes() if n["Alive"]]
-        if len(alive) >= nodes:
-            return {
-                "address": os.environ["RAY_ADDRESS"],
-                "nodes": sorted(n["NodeManagerAddress"] for n in alive),
-                "gpus": ray.cluster_resources().get("GPU", 0),
-            }
+        if len(ray_info()["nodes"]) >= nodes:
+            return
         time.sleep(0.5)
     raise SystemExit(f"the Ray cluster did not reach {nodes} nodes")
+
+
+def ray_info() -> dict[str, object]:
+    """The replica's Ray cluster now: its alive nodes' addresses and GPUs."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    return {
+        "address": os.environ["RAY_ADDRESS"],
+        "nodes": sorted(n["NodeManagerAddress"] for n in alive),
+        "gpus": sum(n["Resources"].get("GPU", 0) for n in alive),
+    }
 
 
 def main() -> None:
@@ -44,7 +51,8 @@ def main() -> None:
         "alive nodes",
     )
     args = parser.parse_args()
-    ray_info = join_ray(args.ray_nodes) if args.ray_nodes else {}
+    if args.ray_nodes:
+        join_ray(args.ray_nodes)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -61,7 +69,7 @@ def main() -> None:
                             "nccl_socket_ifname": os.environ.get("NCCL_SOCKET_IFNAME"),
                             "vllm_host_ip": os.environ.get("VLLM_HOST_IP"),
                             "pid": os.getpid(),
-                            "ray": ray_info,
+                            "ray": ray_info() if args.ray_nodes else {},
                         },
                     },
                 )

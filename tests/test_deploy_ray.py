@@ -1,9 +1,11 @@
 """Multi-node replicas: one real Ray cluster per replica, in the namespace harness.
 
-4 hosts with 2 fake GPUs each (fake NVML); deploy R=2, N=2, G=2 with the `command` engine
+5 hosts with 2 fake GPUs each (fake NVML); deploy R=2, N=2, G=2 with the `command` engine
 running tests/deploy_server.py, which joins its replica's Ray cluster (RAY_ADDRESS from gpud)
 and serves only once that cluster has its 2 nodes. Expect two Ray clusters of 2 nodes each, no
-host in both, 4 GPUs per cluster, both endpoints ready from every host.
+host in both, 4 GPUs per cluster, both endpoints ready from every host. Then kill -9 a worker
+host of one replica: that replica takes the free host into its Ray cluster and is ready again;
+the other replica never restarts.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def test_two_replicas_of_two_nodes_each_run_their_own_ray_cluster(
     key = tmp_path / "operator.key"
     key.write_text(private + "\n")
     c: Cluster = cluster(
-        4,
+        5,
         overrides={
             "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 0.5},
             "ray": {"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
@@ -87,20 +89,55 @@ def test_two_replicas_of_two_nodes_each_run_their_own_ray_cluster(
     groups = [set(v["nodes"]) for v in views]
     assert all(len(g) == 2 for g in groups) and not groups[0] & groups[1], views
     addr_of = {n.name: n.addr for n in c}
-    for head, port in found["endpoints"]:
-        group = next(g for g in groups if head in g)
-        other = next(n for n in c if n.name not in group)
-        runner = addr_of[head]
+
+    def models(head: str, port: int, group: set[str]) -> dict[str, Any]:
+        """/v1/models of the replica whose head is ``head``, fetched from a host outside it."""
+        other = next(n for n in c if n.name not in group and n.running())
         fetch = other.host.run(
             [
                 sys.executable,
                 "-c",
                 "import urllib.request;print(urllib.request.urlopen("
-                f"'http://{runner}:{port}/v1/models',timeout=5).read().decode())",
+                f"'http://{addr_of[head]}:{port}/v1/models',timeout=5).read().decode())",
             ]
         )
-        ray_info = json.loads(fetch.stdout)["gpud"]["ray"]
+        return json.loads(fetch.stdout)["gpud"]
+
+    servers = {}
+    for head, port in found["endpoints"]:
+        group = next(g for g in groups if head in g)
+        info = models(head, port, group)
         # The replica's own cluster: exactly its two hosts, with their 2 leased GPUs each.
-        assert sorted(ray_info["nodes"]) == sorted(addr_of[n] for n in group), ray_info
-        assert ray_info["gpus"] == 4, ray_info
-        assert ray_info["address"].startswith(f"{runner}:"), ray_info
+        assert sorted(info["ray"]["nodes"]) == sorted(addr_of[n] for n in group), info
+        assert info["ray"]["gpus"] == 4, info
+        assert info["ray"]["address"].startswith(f"{addr_of[head]}:"), info
+        servers[head] = (port, info["pid"])
+
+    # kill -9 the worker host of one replica: it takes the free host and is ready again.
+    (head_a, port_a), (head_b, port_b) = found["endpoints"]
+    group_a = next(g for g in groups if head_a in g)
+    victim = next(n for n in c if n.name in group_a and n.name != head_a)
+    free = next(n.name for n in c if not any(n.name in g for g in groups))
+    victim.kill9()
+    killed = time.monotonic()
+
+    def recovered() -> bool:
+        views = c[0].api("/v1/deployments/big")["replica_views"]
+        view_a = next(v for v in views if v["node"] == head_a)
+        if set(view_a["nodes"]) != {head_a, free} or view_a["state"] != "ready":
+            return False
+        info = models(head_a, port_a, {head_a, free})
+        return sorted(info["ray"]["nodes"]) == sorted([addr_of[head_a], addr_of[free]])
+
+    wait_for(
+        recovered, READY_S, 1.0, what="replica re-formed with the free host", describe=describe
+    )
+    print(f"kill -9 of a worker host -> replica whole again: {time.monotonic() - killed:.1f} s")
+    # The other replica never restarted: same server process, its Ray nodes never restarted.
+    group_b = next(g for g in groups if head_b in g)
+    assert models(head_b, port_b, group_b)["pid"] == servers[head_b][1]
+    for node in (n for n in c if n.name in group_b):
+        view = next(
+            v for v in node.api("/v1/deployments/big")["replica_views"] if v["node"] == head_b
+        )
+        assert view["ray_restarts"] == 0 and view["restarts"] == 0, view
