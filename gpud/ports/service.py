@@ -14,7 +14,6 @@ import errno
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import msgspec
 from aiohttp import web
@@ -23,6 +22,7 @@ from gpud import api, log
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import Member, NodeContext
 from gpud.errors import ApiError
+from gpud.leasebook import LeaseBook
 from gpud.ports import blocks, reserve
 from gpud.ports.blocks import ClaimRecord, ClaimState
 from gpud.ports.leases import (
@@ -35,7 +35,7 @@ from gpud.ports.leases import (
     choose_ports,
     new_lease_id,
 )
-from gpud.process import owner_alive, process_start
+from gpud.process import process_start
 from gpud.state import open_store
 from gpud.tags import Tags
 
@@ -73,24 +73,6 @@ class PortsDetail(PortsStatus, kw_only=True):
     leases: list[Lease]
 
 
-@dataclass
-class _Op:
-    """A queued lease (request set) or release (lease_id set)."""
-
-    future: asyncio.Future[Lease | None]
-    request: LeaseRequest | None = None
-    pid_start: int | None = None
-    lease_id: str | None = None
-    reason: str = "released"
-
-
-@dataclass
-class _Batch:
-    added: list[StoredLease] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    results: list[tuple[_Op, Lease | ApiError | None]] = field(default_factory=list)
-
-
 def _bind_ok(family: socket.AddressFamily, kind: socket.SocketKind, addr: str, port: int) -> bool:
     sock = socket.socket(family, kind)
     try:
@@ -118,19 +100,29 @@ class PortsService(ComponentBase):
         self.cfg = ctx.config.ports
         self._n_blocks = blocks.block_count(self.cfg)
         self._state_store = open_store(ctx.config.state_dir)
-        self._store = LeaseStore(self._state_store)
-        self._leases: dict[str, StoredLease] = {s.lease.id: s for s in self._store.load()}
-        self._used: set[int] = {p for s in self._leases.values() for p in s.lease.ports}
+        self._book: LeaseBook[LeaseRequest, StoredLease] = LeaseBook(
+            "lease",
+            LeaseStore(self._state_store),
+            allocate=self._allocate,
+            on_release=lambda item: self._used.difference_update(item.lease.ports),
+            reindex=self._reindex,
+            describe=lambda item: {
+                "id": item.lease.id,
+                "owner": item.lease.owner,
+                "ports": len(item.lease.ports),
+            },
+            grace_s=lambda: self.cfg.zombie_grace_s,
+            logger=_log,
+        )
+        self._used: set[int] = set()
+        self._reindex(self._book.leases)
         self._claim = self._load_claim()
         self._state: ClaimState = "claiming"
         self._confirmed = asyncio.Event()
         self._reserved: list[reserve.PortRange] = self._state_store.get(RESERVED) or []
         self._reservation = "pending" if self.cfg.reserve else "disabled (ports.reserve = false)"
-        self._pending: list[_Op] = []
-        self._wake_writer = asyncio.Event()
         self._wake_claim = asyncio.Event()
         self._cursor = 0
-        self._dead_since: dict[str, float] = {}
         self._bind_checks = self._bind_checks_for(ctx.advertise_addr)
         self._warnings = self._config_warnings()
         for warning in self._warnings:
@@ -156,12 +148,10 @@ class PortsService(ComponentBase):
         return await self._lease(request)
 
     async def release(self, lease_id: str) -> None:
-        if lease_id not in self._leases:
-            raise ApiError(404, f"no lease with id {lease_id!r}")
-        await self._submit(_Op(future=self._future(), lease_id=lease_id))
+        await self._book.release(lease_id)
 
     def leases(self) -> list[Lease]:
-        return [s.lease for s in self._leases.values()]
+        return [s.lease for s in self._book.leases.values()]
 
     def block_range(self) -> range | None:
         if self._claim is None or self._state == "exhausted":
@@ -171,9 +161,8 @@ class PortsService(ComponentBase):
     async def run(self) -> None:
         self.ctx.on_members_changed(lambda _members: self._wake_claim.set())
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._writer())
+            tg.create_task(self._book.run())
             tg.create_task(self._claim_loop())
-            tg.create_task(self._zombie_loop())
 
     def status(self) -> PortsStatus:
         return PortsStatus(**self._status_fields())
@@ -239,7 +228,7 @@ class PortsService(ComponentBase):
         if free >= max(1, len(block) * NEARLY_FULL_SHARE):
             return None
         by_owner: dict[str, int] = {}
-        for item in self._leases.values():
+        for item in self._book.leases.values():
             by_owner[item.lease.owner] = by_owner.get(item.lease.owner, 0) + len(item.lease.ports)
         owners = ", ".join(
             f"{owner} ({n})" for owner, n in sorted(by_owner.items(), key=lambda kv: -kv[1])
@@ -295,7 +284,7 @@ class PortsService(ComponentBase):
     async def _delete_lease(self, request: web.Request) -> web.Response:
         caller = api.require_admin(request, self.ctx.config.api.admin_group)
         lease_id = request.match_info["id"]
-        item = self._leases.get(lease_id)
+        item = self._book.leases.get(lease_id)
         if item is not None:
             api.require_owner(caller, item.lease.uid, f"lease {lease_id}")
         await self.release(lease_id)
@@ -304,9 +293,6 @@ class PortsService(ComponentBase):
     # --- end issue 10 ---
 
     # ---- leases ----------------------------------------------------------------------------
-
-    def _future(self) -> asyncio.Future[Lease | None]:
-        return asyncio.get_running_loop().create_future()
 
     async def _lease(self, request: LeaseRequest) -> Lease:
         if request.count > self.cfg.block_size:
@@ -325,67 +311,16 @@ class PortsService(ComponentBase):
                 f"port block not confirmed yet (claiming {where}; state {self._state}); retry "
                 "once gossip has settled",
             )
-        lease = await self._submit(_Op(future=self._future(), request=request, pid_start=pid_start))
-        assert lease is not None
-        return lease
+        return await self._book.lease(request, pid_start)
 
-    async def _submit(self, op: _Op) -> Lease | None:
-        self._pending.append(op)
-        self._wake_writer.set()
-        return await op.future
+    def _reindex(self, leases: dict[str, StoredLease]) -> None:
+        self._used = {p for s in leases.values() for p in s.lease.ports}
 
-    async def _writer(self) -> None:
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer.clear()
-            ops, self._pending = self._pending, []
-            batch = _Batch()
-            for op in ops:
-                batch.results.append((op, self._apply(op, batch)))
-            try:
-                if batch.added or batch.removed:
-                    await asyncio.to_thread(self._store.commit, batch.added, batch.removed)
-            except Exception as exc:
-                log.error(_log, "lease store commit failed", error=exc)
-                # Back to what is on disk; nothing of this batch happened.
-                self._leases = {s.lease.id: s for s in self._store.load()}
-                self._used = {p for s in self._leases.values() for p in s.lease.ports}
-                failure = ApiError(500, f"lease store write failed: {exc}")
-                batch.results = [(op, failure) for op, _ in batch.results]
-            else:
-                for lease_id in batch.removed:
-                    self._leases.pop(lease_id, None)
-                    self._dead_since.pop(lease_id, None)
-                for item in batch.added:
-                    self._leases[item.lease.id] = item
-            for op, result in batch.results:
-                if op.future.done():
-                    continue
-                if isinstance(result, ApiError):
-                    op.future.set_exception(result)
-                else:
-                    op.future.set_result(result)
-
-    def _apply(self, op: _Op, batch: _Batch) -> Lease | ApiError | None:
-        """Apply one op to the in-memory bookkeeping; the batch's commit makes it real."""
-        if op.request is None:
-            item = self._leases.get(op.lease_id or "")
-            if item is None or op.lease_id in batch.removed:
-                return ApiError(404, f"no lease with id {op.lease_id!r}")
-            self._used.difference_update(item.lease.ports)
-            batch.removed.append(item.lease.id)
-            log.info(
-                _log,
-                "lease " + op.reason,
-                id=item.lease.id,
-                owner=item.lease.owner,
-                ports=len(item.lease.ports),
-            )
-            return None
+    def _allocate(self, request: LeaseRequest, pid_start: int | None) -> StoredLease | ApiError:
+        """Ports for one request against the bookkeeping (the lease book commits it)."""
         block = self.block_range()
         if block is None:
             return ApiError(503, "this node holds no port block")
-        request = op.request
         ports = choose_ports(
             block, self._used, request.count, request.contiguous, self._port_free, self._cursor
         )
@@ -407,8 +342,7 @@ class PortsService(ComponentBase):
             created=time.time(),
             uid=request.uid,
         )
-        batch.added.append(StoredLease(lease=lease, pid_start=op.pid_start))
-        return lease
+        return StoredLease(lease=lease, pid_start=pid_start)
 
     def _bind_checks_for(
         self, addr: str
@@ -431,29 +365,6 @@ class PortsService(ComponentBase):
 
     def _port_free(self, port: int) -> bool:
         return all(_bind_ok(fam, kind, addr, port) for fam, kind, addr in self._bind_checks)
-
-    async def _zombie_loop(self) -> None:
-        interval = min(max(self.cfg.zombie_grace_s / 2, 0.2), 5.0)
-        while True:
-            now = time.monotonic()
-            for item in list(self._leases.values()):
-                lease = item.lease
-                if lease.pid is None or owner_alive(lease.pid, item.pid_start):
-                    self._dead_since.pop(lease.id, None)
-                    continue
-                since = self._dead_since.setdefault(lease.id, now)
-                if now - since >= self.cfg.zombie_grace_s:
-                    self._dead_since.pop(lease.id, None)
-                    op = _Op(
-                        future=self._future(),
-                        lease_id=lease.id,
-                        reason=f"reclaimed (owner pid {lease.pid} is gone)",
-                    )
-                    self._pending.append(op)
-                    self._wake_writer.set()
-                    # Its outcome is logged by the writer; a concurrent release is fine too.
-                    op.future.add_done_callback(lambda f: f.exception())
-            await asyncio.sleep(interval)
 
     # ---- block claim -----------------------------------------------------------------------
 
@@ -660,7 +571,7 @@ class PortsService(ComponentBase):
             "block": self._claim.blk if block is not None and self._claim else None,
             "first": block.start if block is not None else None,
             "last": block.stop - 1 if block is not None else None,
-            "lease_count": len(self._leases),
+            "lease_count": len(self._book.leases),
             "leased": leased,
             "free": free,
             "reservation": self._reservation,
