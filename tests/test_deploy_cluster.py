@@ -237,3 +237,46 @@ def test_deploy_minority_refused_and_partition_heals_to_one_state(
         what="one record set on every node after the heal",
         describe=lambda: str([listing(n) for n in c]),
     )
+
+
+def test_gpud_crash_stops_its_orphaned_replica_and_starts_anew(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL of gpud alone leaves its replica's server running (its own process group); the
+    next gpud stops exactly that group, releases the old leases and runs the replica again."""
+    nvml = tmp_path / "nvml.json"
+    fake_nvml.write_state(nvml, fake_nvml.node(2))
+    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
+    private, public = authority.keygen()
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(private + "\n")
+    c: Cluster = cluster(
+        1,
+        overrides={
+            "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 0.5},
+            "deployments": {"operators": [public], "command_allow": [sys.executable]},
+        },
+    )
+    (node,) = c.nodes
+    spec = tmp_path / "solo.toml"
+    spec.write_text(spec_text("solo", replicas=1))
+    node.cli("deploy", "apply", str(spec), "--key", str(key_file))
+
+    def server_pid() -> int | None:
+        (view,) = node.api("/v1/deployments/solo")["replica_views"]
+        return view["state"] == "ready" and view["pid"]
+
+    old = wait_for(server_pid, READY_S, 0.5, what="solo ready")
+    assert node.proc is not None
+    # gpud and serf die; the server, in its own process group, survives (as on a real crash).
+    node.kill9_serf()
+    node.proc.kill()
+    node.proc.wait(timeout=10)
+    assert Path(f"/proc/{old}").exists(), "the server should outlive a SIGKILLed gpud"
+    node.start()
+    new = wait_for(server_pid, READY_S, 0.5, what="solo ready after the restart")
+    assert new != old
+    wait_for(lambda: not Path(f"/proc/{old}").exists(), 15, 0.2, what="orphan stopped")
+    leases = node.api("/v1/gpus/leases")
+    owners = [lease["owner"] for lease in leases]
+    assert owners == ["deploy:solo.0"], leases
