@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpud.context import Member, NodeContext
-from gpud.deployments import authority, spec
+from gpud.deployments import authority, spec, version
+from gpud.deployments.model import Entry
 from gpud.deployments.service import (
     Claim,
     DeploymentService,
@@ -197,4 +199,26 @@ async def test_signed_spec_runs_only_with_allowed_command(tmp_path: Path) -> Non
     view = elsewhere.view("echo")
     assert view.state == "refused" and "command_allow" in view.reason
     assert [p.code for p in elsewhere.problems()] == ["deployments.refused"]
+    store.close()
+
+
+async def test_peer_records_get_the_checks_of_an_apply(tmp_path: Path) -> None:
+    """A record from a peer is held to the spec's own checks (here: an env var gpud sets
+    itself) and to the record's consistency; refused ones change nothing."""
+    store = StateStore(tmp_path / "state")
+    svc = service(tmp_path, store)
+    good = spec.load_spec(SPEC)
+    sneaky = msgspec.structs.replace(good, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    forged_digest = msgspec.structs.replace(
+        version.applied(good, version.SpecVersion(7, "peer")), digest="0" * 32
+    )
+    taken = await svc._merge(
+        [
+            Entry(record=version.applied(sneaky, version.SpecVersion(5, "peer"))),
+            Entry(record=forged_digest),
+        ]
+    )
+    assert taken == [] and svc.listing().deployments == [] and svc.status().digest == ""
+    assert await svc._merge([Entry(record=version.applied(good, version.SpecVersion(9, "p")))])
+    assert svc.status().lamport == 9
     store.close()

@@ -74,6 +74,8 @@ GROUPS_TABLE = "deployments_groups"
 DIGEST_CHARS = 4
 # A replica that could not start (no free GPU or port yet) is tried again after this long.
 START_RETRY_S = 5.0
+# Names (deployments and tombstones) a node keeps: a bound on what peers can make it store.
+MAX_NAMES = 1024
 # Ray worker processes (one leased port each) of a multi-node replica's Ray node.
 RAY_WORKER_PORTS = 32
 
@@ -266,8 +268,14 @@ class DeploymentService(ComponentBase):
         for entry in incoming:
             try:
                 version.check(entry.record)
+                if entry.record.spec is not None:
+                    # The same checks as an apply: a peer's record decoded only by type.
+                    spec.decode(spec.encode(entry.record.spec))
             except spec.SpecError as exc:
                 log.warning(_log, "peer record refused", error=str(exc))
+                continue
+            if entry.record.name not in records and len(records) >= MAX_NAMES:
+                log.warning(_log, "record refused: too many names", name=entry.record.name)
                 continue
             clock = max(clock, entry.record.version.lamport)
             records, took = version.merge(records, entry.record)
@@ -880,6 +888,10 @@ class DeploymentService(ComponentBase):
             raise ApiError(400, "bad spec: the signature does not verify for this spec")
         self._require_majority()
         held = self._entries.get(s.name)
+        if held is None and len(self._entries) >= MAX_NAMES:
+            raise ApiError(
+                409, f"this cluster already holds {MAX_NAMES} deployment names (tombstones count)"
+            )
         if (
             held is not None
             and held.record.digest == version.digest(s)
