@@ -648,9 +648,16 @@ class DeploymentService(ComponentBase):
     async def _probe_loop(self) -> None:
         cfg = self.ctx.config.deployments
         timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
-        local = (self.ctx.advertise_addr, 0)
         while True:
-            connector = aiohttp.TCPConnector(force_close=True, local_addr=local)
+            # From the advertised address (the data path replicas use) while it is ours;
+            # behind NAT it is not, and the kernel picks the source.
+            network = self._network.status() if self._network else None
+            local = (
+                None if network and network.address_is_local is False else self.ctx.advertise_addr
+            )
+            connector = aiohttp.TCPConnector(
+                force_close=True, local_addr=(local, 0) if local else None
+            )
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 targets = self._endpoints()
                 results = await asyncio.gather(
