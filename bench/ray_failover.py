@@ -19,7 +19,8 @@ Three modes, printed as numbers (and written as JSON with --json); median and ma
 it may read up to one query late.
 
 Run (root, for the namespaces):  .venv/bin/python -m bench.ray_failover
-    [--mode harness unmanaged managed] [--repeats 3] [--vote-timeout 1.0] [--json out.json]
+    [--mode harness unmanaged managed] [--repeats 3] [--hosts 3] [--vote-timeout 1.0]
+    [--json out.json]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class FailoverResult(msgspec.Struct, kw_only=True):
     new_head: str
     old_term: int
     new_term: int
+    # Every survivor shows the old head down (gpud's verdict, or Serf's failed).
+    detected_s: float
     elected_s: float
     gcs_ready_s: float
     workers_registered_s: float
@@ -83,6 +86,9 @@ class FailoverProbes(Protocol):
         """Names of surviving nodes that should run a Ray worker."""
 
     async def kill_host(self, name: str) -> None: ...
+
+    def sees_down(self, name: str) -> bool:
+        """Every surviving node shows ``name`` down or not alive."""
 
     async def ray_nodes(self, address: str) -> list[str]:
         """Names of the Ray nodes the GCS at ``address`` reports alive (raises RuntimeError)."""
@@ -112,6 +118,10 @@ async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> F
         seen = cluster.head()
         return seen is not None and seen[0] != old_head and seen[2] != 0
 
+    async def detected() -> bool:
+        return cluster.sees_down(old_head)
+
+    detected_s = await _until(detected, began, limit_s)
     elected_s = await _until(elected, began, limit_s)
     gcs_ready_s = await _until(gcs_ready, began, limit_s)
     new = cluster.head()
@@ -134,6 +144,7 @@ async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> F
         new_head=new[0],
         old_term=old_term,
         new_term=new[1],
+        detected_s=detected_s,
         elected_s=elected_s,
         gcs_ready_s=gcs_ready_s,
         workers_registered_s=workers_s,
@@ -172,6 +183,9 @@ class InProcessCluster:
                 os.killpg(pid, signal.SIGKILL)
         self.nodes.down.add(name)
         await self.nodes.stop(name)
+
+    def sees_down(self, name: str) -> bool:
+        return True  # in-process: the others see the head failed at once
 
     async def ray_nodes(self, address: str) -> list[str]:
         return [n.name for n in await alive_ray_nodes(RAY_EXECUTABLE, address, timeout_s=3)]
@@ -246,6 +260,16 @@ class HarnessCluster:
     async def kill_host(self, name: str) -> None:
         await asyncio.to_thread(kill_host, next(n for n in self.cluster if n.name == name))
 
+    def sees_down(self, name: str) -> bool:
+        for node in self._running():
+            try:
+                member = next((m for m in node.members() if m["name"] == name), None)
+            except Exception:
+                return False
+            if member is not None and member["status"] == "alive" and not member.get("down"):
+                return False
+        return True
+
     async def ray_nodes(self, address: str) -> list[str]:
         via = self._running()[0].host
         nodes = await alive_ray_nodes(
@@ -270,16 +294,17 @@ def _steady(cluster: Cluster, limit_s: float = 240.0) -> tuple[str, int, int]:
     raise TimeoutError(f"no steady Ray cluster after {limit_s}s:\n{cluster.describe()}")
 
 
-def harness(repeats: int, vote_timeout_s: float) -> list[FailoverResult]:
-    """kill -9 the head host `repeats` times in one 3-host cluster; the killed host is
+def harness(repeats: int, vote_timeout_s: float, hosts: int = 3) -> list[FailoverResult]:
+    """kill -9 the head host `repeats` times in one cluster of ``hosts``; the killed host is
     restarted (and the cluster steady again) before the next round."""
     results = []
     temp_root = tempfile.mkdtemp(prefix="grb-")
+    overrides = ray_overrides(temp_root, vote_timeout_s=vote_timeout_s)
     try:
-        with Cluster(3, overrides=ray_overrides(temp_root, vote_timeout_s=vote_timeout_s)) as c:
+        with Cluster(hosts, overrides=overrides) as c:
             began = time.monotonic()
             head = _steady(c)
-            print(f"harness: 3 hosts, head {head[0]}, up in {time.monotonic() - began:.1f}s")
+            print(f"harness: {hosts} hosts, head {head[0]}, up in {time.monotonic() - began:.1f}s")
             for i in range(repeats):
                 result = asyncio.run(measure_failover(HarnessCluster(c)))
                 results.append(result)
@@ -295,8 +320,8 @@ def harness(repeats: int, vote_timeout_s: float) -> list[FailoverResult]:
 
 def _line(result: FailoverResult) -> str:
     return (
-        f"head {result.old_head} killed -> {result.new_head} (term {result.new_term}) elected "
-        f"{result.elected_s}s, GCS ready {result.gcs_ready_s}s, {result.surviving_ray_nodes} "
+        f"head {result.old_head} killed -> {result.new_head} (term {result.new_term}) detected "
+        f"{result.detected_s}s, elected {result.elected_s}s, GCS ready {result.gcs_ready_s}s, {result.surviving_ray_nodes} "
         f"Ray nodes registered {result.workers_registered_s}s"
     )
 
@@ -411,10 +436,12 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
 def measure(args: argparse.Namespace) -> dict[str, object]:
     results: dict[str, object] = {}
     if "harness" in args.mode:
-        runs = harness(args.repeats, args.vote_timeout)
+        runs = harness(args.repeats, args.vote_timeout, args.hosts)
         results["harness"] = {
             "runs": runs,
+            "hosts": args.hosts,
             "vote_timeout_s": args.vote_timeout,
+            "detected_s": spread([r.detected_s for r in runs]),
             "elected_s": spread([r.elected_s for r in runs]),
             "gcs_ready_s": spread([r.gcs_ready_s for r in runs]),
             "workers_registered_s": spread([r.workers_registered_s for r in runs]),
@@ -425,6 +452,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             print(f"managed: {_line(result)} (plus Serf failure detection)", flush=True)
         results["managed"] = {
             "runs": managed_runs,
+            "detected_s": spread([r.detected_s for r in managed_runs]),
             "elected_s": spread([r.elected_s for r in managed_runs]),
             "gcs_ready_s": spread([r.gcs_ready_s for r in managed_runs]),
             "workers_registered_s": spread([r.workers_registered_s for r in managed_runs]),
@@ -463,6 +491,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="failovers per mode")
     parser.add_argument("--ray-nodes", type=int, default=3, help="managed: gpud nodes with Ray")
+    parser.add_argument("--hosts", type=int, default=3, help="harness: hosts in the cluster")
     parser.add_argument(
         "--vote-timeout",
         type=float,

@@ -275,6 +275,12 @@ class RaySupervisor:
                     async with asyncio.TaskGroup() as tg:
                         run_task = tg.create_task(self._run_target(target))
                         await self._target_changed.wait()
+                        # The target changed: a worker whose head changed has nothing to
+                        # drain, and a head that steps down (lease) must stop serving before
+                        # a successor is elected. Kill it now, before cancelling: the process
+                        # supervisor's own stop would give it the full grace. Only gpud's own
+                        # exit (cancellation) stops Ray gracefully.
+                        self._kill_now()
                         run_task.cancel()
                 except* Exception as group:
                     self._error = f"cannot run Ray: {_first_leaf(group)}"
@@ -282,11 +288,7 @@ class RaySupervisor:
                     await asyncio.sleep(self.settings.backoff_initial_s)
                     self._target_changed.set()
                 finally:
-                    # A worker whose head changed has nothing to drain: kill it now, so it
-                    # joins the new head at once instead of draining for Ray's 30 s. A head
-                    # that steps down (its lease ran out) must stop serving before a successor
-                    # is elected: kill it too. Only gpud's own exit stops Ray gracefully.
-                    await self._teardown(fast=self._target != target)
+                    await self._teardown()
         finally:
             await self._teardown()
 
@@ -368,10 +370,12 @@ class RaySupervisor:
             self._gcs_ready_port = port
             self._on_change()
 
-    async def _teardown(self, *, fast: bool = False) -> None:
+    def _kill_now(self) -> None:
+        if self._supervisor is not None and self._supervisor.child is not None:
+            self._supervisor.child.signal_group(signal.SIGKILL)
+
+    async def _teardown(self) -> None:
         if self._supervisor is not None:
-            if fast and self._supervisor.child is not None:
-                self._supervisor.child.signal_group(signal.SIGKILL)
             await self._supervisor.stop()
             self._past_failures.extend(self._supervisor.failures)
             self._past_restarts += self._supervisor.status.restarts
