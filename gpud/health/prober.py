@@ -214,7 +214,9 @@ class Prober:
         self, targets: Sequence[str], spawn: Callable[[Coroutine[None, None, None]], object]
     ) -> None:
         """Between rounds: re-probe peers whose last round probe failed, and give every other
-        target that is not down a bare TCP connect (a failure starts the same re-probes).
+        target that is not down a bare TCP connect (a failure starts the same re-probes); the
+        Ray head gets a full authenticated probe instead, so both sides of its leader lease
+        hear from each other every QUICK_S.
         ``spawn`` runs each check as a task of the caller's TaskGroup, so no check holds up
         another, nor the rounds; at most one check per peer runs at a time."""
         for name in targets:
@@ -229,6 +231,16 @@ class Prober:
 
     async def _check(self, record: PeerRecord, first: ProbeOutcome | None) -> None:
         try:
+            tags = record.member.tags
+            if first is None and tags is not None and tags.ray == "head":
+                sent = time.monotonic()
+                outcome = await self._client.probe(
+                    record.member.addr, record.port, expect=record.member.name
+                )
+                if outcome.ok:
+                    record.ok_sent_at, record.ok_at = sent, time.monotonic()
+                    return
+                first = outcome
             if first is None:
                 tcp = await tcp_connect(
                     record.member.addr,

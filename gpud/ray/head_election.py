@@ -68,9 +68,9 @@ CERT_PAGES_MAX = 16
 # included) heard from it within LEASE_S; a voter helps elect nobody else until
 # LEASE_S + LEASE_MARGIN_S after it last heard from a member announcing itself head. So the
 # old head has stopped before a successor can exist. The margin covers one election step
-# (TICK_S) and the step-down itself. Contacts come every ~1 s (each side probes every 2 s),
-# so 3 s rides out a lost probe or two under random loss.
-LEASE_S = 3.0
+# (TICK_S) and the step-down itself. Every member probes the head every 0.5 s
+# (gpud.health.prober.QUICK_S), so 2.5 s rides out four lost probes in a row.
+LEASE_S = 2.5
 LEASE_MARGIN_S = 1.0
 # A candidate blocked by its own lease for at most this long waits it out inside the step.
 LEASE_WAIT_MAX_S = 2.0
