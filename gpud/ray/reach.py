@@ -125,7 +125,7 @@ def registered(name: str, nodes: Iterable[RayNode]) -> bool:
     return any(n.name == name for n in nodes)
 
 
-class MissingWorker(msgspec.Struct, kw_only=True):
+class WorkerCheck(msgspec.Struct, kw_only=True):
     """A member whose tags say it is our Ray worker, checked against our GCS and probed on
     its node-manager port (a GCS can list a node alive for a while after its Ray is gone)."""
 
@@ -142,15 +142,15 @@ class MissingWorker(msgspec.Struct, kw_only=True):
 
 
 def record_worker_poll(
-    previous: MissingWorker | None,
+    previous: WorkerCheck | None,
     member: Member,
     in_gcs: bool,
     node_manager: TcpProbe | None,
     thresholds: Thresholds,
-) -> MissingWorker:
+) -> WorkerCheck:
     """Add one poll of the head's GCS for a tagged worker and the probe of its node-manager
     port (None when it announces none)."""
-    base = previous or MissingWorker(name=member.name, addr=member.addr)
+    base = previous or WorkerCheck(name=member.name, addr=member.addr)
     nm = member.tags.nm if member.tags is not None else 0
     answers = node_manager is not None and node_manager.ok
     ok = in_gcs and (answers or node_manager is None)
@@ -166,7 +166,7 @@ def record_worker_poll(
     )
 
 
-def missing_worker_problem(head: str, gcs: str, worker: MissingWorker) -> Problem | None:
+def missing_worker_problem(head: str, gcs: str, worker: WorkerCheck) -> Problem | None:
     """``ray.worker_missing`` on the head once a tagged worker stays missing from its GCS, or
     listed there while its node-manager port does not answer the head."""
     if worker.direction.state != "critical":

@@ -30,7 +30,7 @@ from gpud.ray.head_election import RETRY_S, HeadElection, LeaseSource, QueryTran
 from gpud.ray.probes import RayInstall, RayNode, alive_ray_nodes, probe_ray
 from gpud.ray.reach import (
     GcsReach,
-    MissingWorker,
+    WorkerCheck,
     expected_workers,
     gcs_reach_problem,
     gcs_reach_tag,
@@ -115,7 +115,7 @@ class RayStatus(msgspec.Struct, kw_only=True):
     # Worker: its probes of the head's GCS port over the data path (None when not a worker).
     gcs_reach: GcsReach | None = None
     # Head: members tagged as its workers, checked against its GCS (missing ones probed).
-    workers: list[MissingWorker] = msgspec.field(default_factory=list)
+    workers: list[WorkerCheck] = msgspec.field(default_factory=list)
     # Whether this node's own Ray is alive in the GCS (passing), or missing (critical).
     registration: Direction = msgspec.field(default_factory=Direction)
     # Head: a majority of its workers cannot reach its GCS, yet no other node could lead.
@@ -192,7 +192,7 @@ class RayService(ComponentBase):
             health.failures_before_critical, health.successes_before_passing
         )
         self._reach: GcsReach | None = None
-        self._workers: dict[str, MissingWorker] = {}
+        self._workers: dict[str, WorkerCheck] = {}
         self._registration = Direction()
 
     async def run(self) -> None:
@@ -319,9 +319,9 @@ class RayService(ComponentBase):
     async def _check_workers(
         self,
         nodes: list[RayNode],
-        previous: dict[str, MissingWorker],
+        previous: dict[str, WorkerCheck],
         thresholds: Thresholds | None = None,
-    ) -> dict[str, MissingWorker]:
+    ) -> dict[str, WorkerCheck]:
         """Head only: each member tagged as our worker, in the GCS or not, and its node-manager
         port probed (which tells a dead Ray from a blocked one, and finds a node the GCS still
         lists after its Ray is gone)."""
@@ -361,6 +361,11 @@ class RayService(ComponentBase):
         if target is None or target.role != "worker" or not target.gcs_port:
             return None
         head = self.election.plan.head or ""
+        member = self.ctx.members.get(head)
+        if member is None or member.tags is None or member.tags.gcs != target.gcs_port:
+            # The head does not (or no longer) announce this GCS as ready (its Ray restarts):
+            # nothing to judge, and no verdict that could depose it for a restart.
+            return None
         if reach is None or (reach.head_addr, reach.gcs_port, reach.head) != (
             target.head_addr,
             target.gcs_port,
@@ -378,8 +383,7 @@ class RayService(ComponentBase):
             if probe.ok:
                 break
         peer_api = None
-        member = self.ctx.members.get(head)
-        if not probe.ok and member is not None and member.tags is not None and member.tags.pp:
+        if not probe.ok and member.tags.pp:
             peer_api = await tcp_connect(member.addr, member.tags.pp, timeout, source_addr=source)
         return record_gcs_probe(reach, probe, peer_api, thresholds)
 
@@ -493,11 +497,11 @@ class RayService(ComponentBase):
 
     async def diagnose(self) -> list[Problem]:
         """Ray's ports checked now, each result counting at once (no hysteresis): a worker
-        probes its head's GCS, the head asks its GCS and probes the workers missing there."""
+        probes its head's GCS, the head asks its GCS and probes its workers' Ray ports."""
         now = Thresholds(1, 1)
         status = self.status()
         reach = await self._probe_gcs(None, now)
-        workers: dict[str, MissingWorker] = {}
+        workers: dict[str, WorkerCheck] = {}
         registration = Direction()
         address = self._gcs_address()
         # A GCS this worker cannot reach has nothing more to say (and would take its full
@@ -524,16 +528,16 @@ class RayService(ComponentBase):
         tags = self.ctx.tags
         reach = self._reach
         nodes = self._nodes.nodes
+        reachable = []
+        if reach is not None and reach.direction.state != "unknown":
+            labels = {"head": reach.head, "address": reach.address}
+            reachable.append((labels, float(reach.direction.state == "passing")))
         return [
             Metric(
                 name="gpud_ray_gcs_reachable",
                 help="Worker: 1 while its head's GCS port answers over the data path, 0 when "
                 "critical (absent while unknown or not a worker).",
-                samples=[
-                    ({"head": reach.head, "address": reach.address}, float(state == "passing"))
-                    for state in [reach.direction.state if reach else "unknown"]
-                    if reach is not None and state != "unknown"
-                ],
+                samples=reachable,
             ),
             Metric(
                 name="gpud_ray_nodes_alive",
@@ -542,7 +546,8 @@ class RayService(ComponentBase):
             ),
             gauge(
                 "gpud_ray_workers_missing",
-                "Head: members tagged as its Ray workers that its GCS does not list alive.",
+                "Head: members tagged as its Ray workers that its GCS does not list alive or "
+                "whose node-manager port does not answer.",
                 sum(w.direction.state == "critical" for w in self._workers.values()),
             ),
             gauge("gpud_ray_head", "1 while this node is the Ray head.", tags.ray == "head"),
@@ -600,7 +605,7 @@ def _summary(
 
 def _reach_text(
     reach: GcsReach | None,
-    workers: list[MissingWorker],
+    workers: list[WorkerCheck],
     registration: Direction,
     gcs: str | None,
 ) -> str:
