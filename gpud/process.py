@@ -218,13 +218,14 @@ class ChildProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
-        on_line: Callable[[str], None] | None = None,
+        on_line: Callable[[str], bool] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
-        # Sees every output line too (serf's key mismatches are read from its output).
+        # Sees every output line first (serf's key mismatches are read from its output); a line
+        # it returns False for is not logged (it reported the line its own way).
         self.on_line = on_line
         self._proc: asyncio.subprocess.Process | None = None
         # The running child's process group (with its leader's start time), once started.
@@ -261,9 +262,8 @@ class ChildProcess:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
             text = line.decode(errors="replace")
-            log.child_output(self._log, text)  # at the child's level
-            if self.on_line is not None:
-                self.on_line(text)
+            if self.on_line is None or self.on_line(text):
+                log.child_output(self._log, text)  # at the child's level
 
     async def wait(self) -> int:
         assert self._proc is not None

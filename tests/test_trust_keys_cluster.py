@@ -83,6 +83,12 @@ def test_a_mis_keyed_host_is_critical_and_its_peers_warn(bare_cluster) -> None: 
         assert warn["severity"] == "warning"
         assert warn["message"] == f"a host at {odd.addr} sends gossip we cannot decrypt"
         assert not problems(node, "serf.key_mismatch")
+    # Serf repeats it every second; gpud's log says it once per address.
+    time.sleep(5)
+    for node in good:
+        text = node.log_text()
+        assert "No installed keys could decrypt" not in text
+        assert text.count("a host sends gossip we cannot decrypt") == 1, node.log_tail(30)
 
 
 def test_an_unkeyed_node_is_loud_and_never_runs_ray(bare_cluster, tmp_path: Path) -> None:  # noqa: F811

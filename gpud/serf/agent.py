@@ -325,11 +325,33 @@ class SerfAgent(ComponentBase):
             on_line=self._note_output,
         )
 
-    def _note_output(self, line: str) -> None:
+    def _note_output(self, line: str) -> bool:
+        """Serf's output line: remember gossip it could not decrypt, and log that once per
+        address and UNDECRYPTABLE_MEMORY_S (serf repeats it every second), not every line.
+        Returns whether the line still goes to the log as it is."""
+        if self._leaving:
+            # Serf's warnings while it shuts down after our leave ("Serf shutdown detected",
+            # an RPC write to the closed connection) are expected: info, not journal noise.
+            parsed = log.parse_child_line(line)
+            if parsed is not None:
+                log.info(self._log, parsed[1], **parsed[2])
+            return False
         found = undecryptable(line)
-        if found is not None:
-            kind, addr = found
-            self._undecryptable[addr] = (kind, time.monotonic())
+        if found is None:
+            return True
+        kind, addr = found
+        now = time.monotonic()
+        previous = self._undecryptable.get(addr)
+        self._undecryptable[addr] = (kind, now)
+        if previous is None or now - previous[1] >= UNDECRYPTABLE_MEMORY_S:
+            log.warning(
+                self._log,
+                "cannot join: gossip cannot be decrypted; cluster.key differs"
+                if kind == "join"
+                else "a host sends gossip we cannot decrypt (repeats not logged)",
+                addr=addr,
+            )
+        return False
 
     def _seed_keyring(self, key: bytes) -> None:
         """Write the cluster key as serf's keyring, unless the keyring there must be kept: it
@@ -362,6 +384,10 @@ class SerfAgent(ComponentBase):
         previous: ChildProcess | None = None
         while True:
             child = await self._running_child()
+            if self._leaving:
+                # After our leave serf is on its way out: nothing to reconnect to.
+                await self._wait_gone(child, None)
+                continue
             if child is not previous:  # a new serf: what the old one did no longer applies
                 self._unanswered = None
                 previous = child
@@ -400,7 +426,12 @@ class SerfAgent(ComponentBase):
                 self.ready.clear()
                 self.rpc = None
                 await rpc.close()
-            if child is self.supervisor.child and child.returncode is None:
+            # Cancelled while a query or count task failed (serf stopping): Python 3.11's
+            # TaskGroup then raises their errors, caught above, not the cancellation. Keep it.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError
+            if child is self.supervisor.child and child.returncode is None and not self._leaving:
                 log.warning(
                     self._log, "serf RPC connection lost, reconnecting", error=self._last_error
                 )
@@ -516,6 +547,11 @@ class SerfAgent(ComponentBase):
         self.ready.clear()
         self.supervisor.restart()
 
+    @property
+    def leaving(self) -> bool:
+        """True once this node has started its graceful leave (serf then goes away)."""
+        return self._leaving
+
     async def leave(self) -> None:
         """Leave the cluster gracefully (bounded by serf.leave_timeout_s), then stop serf."""
         self._leaving = True
@@ -525,6 +561,8 @@ class SerfAgent(ComponentBase):
             try:
                 await rpc.leave(timeout_s=timeout)
                 log.info(self._log, "left the cluster")
+                # Closed by us before serf exits, so its going away is not a lost connection.
+                await rpc.close()
             except (SerfConnectionError, SerfRPCError) as exc:
                 log.warning(self._log, "graceful leave failed", error=str(exc))
         if self._supervisor_task is not None:
