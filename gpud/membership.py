@@ -9,6 +9,7 @@ leave the member listed with ``tags=None`` and the reason in ``tags_error``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from typing import get_args
 
@@ -104,7 +105,9 @@ class Membership(ComponentBase):
                     tg.create_task(self._refresh_periodically(rpc))
             except* (SerfConnectionError, SerfRPCError) as group:
                 self._last_error = str(group.exceptions[0])
-                log.warning(self._log, "lost serf, waiting for it", error=self._last_error)
+                # After our own leave serf goes away by design: not worth a warning then.
+                level = logging.INFO if self.serf.leaving else logging.WARNING
+                log.event(self._log, level, "lost serf, waiting for it", error=self._last_error)
             # The SerfAgent clears `ready` when it notices; do not spin on a dead connection.
             await asyncio.sleep(0.5)
 
