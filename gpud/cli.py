@@ -127,8 +127,9 @@ def render_problems(problems: list[Problem]) -> str:
 
 def render_status(doc: StatusDocument) -> str:
     node = doc.node
-    lines = [f"node     {escape(node.name)}  {node.addr}  gpud {escape(node.version)}"]
-    lines += [f"{name:<8} {escape(text)}" for name, text in doc.summaries.items()]
+    width = max(len("node"), *(len(name) for name in doc.summaries))
+    lines = [f"{'node':<{width}}  {escape(node.name)}  {node.addr}  gpud {escape(node.version)}"]
+    lines += [f"{name:<{width}}  {escape(text)}" for name, text in doc.summaries.items()]
     if doc.problems:
         lines += ["", f"{len(doc.problems)} problem(s):", render_problems(doc.problems)]
     lines += ["", render_members(doc.members)]

@@ -26,9 +26,16 @@ def test_demo_prints_status_from_every_host_and_tears_down() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for host in ("h0", "h1"):
         assert f"===== {host}  netns" in result.stdout
-    assert result.stdout.count("membership 2 (2 alive)") == 2
-    assert result.stdout.count("health   passing") == 2
+    assert len(re.findall(r"^membership +2 \(2 alive\)$", result.stdout, re.M)) == 2
+    assert len(re.findall(r"^health +passing", result.stdout, re.M)) == 2
     assert "confirmed" in result.stdout
+    # A replica of the demo deployment serves, asked from another host over the data path.
+    assert re.search(r"^ +0 +ready +h[01] ", result.stdout, re.M), result.stdout
+    assert re.search(
+        r"^replica serving: h[01] -> GET http://10\.77\.\d+\.\d+:\d+/v1/models -> models \['demo/tiny'\]$",
+        result.stdout,
+        re.M,
+    ), result.stdout
     # The harness names its namespaces gh<id>- after the third octet of its subnet.
     subnet = re.search(r"subnet 10\.77\.(\d+)\.0/24", result.stdout)
     assert subnet, result.stdout

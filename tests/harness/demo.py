@@ -1,25 +1,37 @@
-"""Bring up a small gpud cluster in network namespaces and show what each node sees.
+"""Bring up a small gpud cluster in network namespaces, serve a model replica, and show what
+each node sees.
 
-    sudo .venv/bin/python -m tests.harness.demo [--hosts 3] [--keep]
+    sudo .venv/bin/python -m tests.harness.demo [--hosts 3] [--ray] [--keep]
 
 Each host is a network namespace on a private bridge (10.77.x.0/24, connected to nothing
-else) running a real gpud with its real serf child. The demo waits until every node sees all
-members alive, prints `gpud status` from each host, and tears everything down. With --keep it
-leaves the cluster running until Ctrl-C and prints how to get into the namespaces.
+else) running a real gpud with its real serf child, and two GPUs from the test suite's fake NVML
+(this machine has none). The demo waits until every node sees all members alive, applies a
+deployment signed with a fresh operator key (the `command` engine running the test suite's small
+OpenAI-style server on one leased GPU and a leased port), waits until its replica answers from
+another host over the data path, prints `gpud status` and `gpud deploy status` from each host,
+and tears everything down. With --keep it leaves the cluster running until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 
+from gpud.deployments import authority
+from tests import fake_nvml
 from tests.harness.gpud_node import Cluster, GpudNode, HarnessError, wait_for
 from tests.harness.netns import cleanup_leftovers
 from tests.ray_helpers import ray_overrides
+
+SERVER = str(Path(__file__).resolve().parents[1] / "deploy_server.py")
+DEPLOYMENT = "demo-model"
 
 
 def _settled(node: GpudNode) -> bool:
@@ -34,6 +46,33 @@ def _ray_joined(nodes: list[GpudNode]) -> bool:
         return False
     seen = heads[0]["ray_nodes"]["nodes"] or []
     return len(seen) == len(nodes)
+
+
+def _spec(replicas: int) -> str:
+    command = [
+        sys.executable,
+        SERVER,
+        "--port",
+        "{port}",
+        "--host",
+        "{host_ip}",
+        "--model",
+        "{model}",
+    ]
+    return (
+        f'name = "{DEPLOYMENT}"\nengine = "command"\nmodel = "demo/tiny"\n'
+        f'replicas = {replicas}\ngpus_per_node = 1\nhealth_path = "/health"\n'
+        f"command = {json.dumps(command)}\n"
+    )
+
+
+def _ready_endpoints(nodes: list[GpudNode], replicas: int) -> list[dict[str, object]] | None:
+    """The ready endpoints, once every node lists the same ``replicas`` of them."""
+    seen = [n.api(f"/v1/deployments/{DEPLOYMENT}/endpoints")["endpoints"] for n in nodes]
+    keys = [sorted((e["node"], e["port"]) for e in endpoints) for endpoints in seen]
+    if len(keys[0]) != replicas or any(k != keys[0] for k in keys):
+        return None
+    return seen[0]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -61,7 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     cleanup_leftovers()
     started = time.monotonic()
-    overrides = ray_overrides(tempfile.mkdtemp(prefix="gpud-demo-ray-")) if args.ray else {}
+    scratch = Path(tempfile.mkdtemp(prefix="gpud-demo-"))
+    overrides = ray_overrides(str(scratch / "ray")) if args.ray else {}
+    # Two fake GPUs per host (every gpud reads the same fake NVML state file).
+    nvml = scratch / "nvml.json"
+    fake_nvml.write_state(nvml, fake_nvml.node(2))
+    os.environ[fake_nvml.ENV] = str(nvml)
+    private, public = authority.keygen()
+    key_file = scratch / "operator.key"
+    key_file.write_text(private + "\n")
+    key_file.chmod(0o600)
+    overrides |= {
+        "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 1.0},
+        "deployments": {"operators": [public], "command_allow": [sys.executable]},
+    }
+    replicas = min(2, args.hosts)
     cluster = Cluster(args.hosts, keep_workdir=args.keep, overrides=overrides)
     try:
         print(f"starting {args.hosts} gpud nodes in network namespaces ...", flush=True)
@@ -89,9 +142,34 @@ def main(argv: list[str] | None = None) -> int:
                 1.0,
                 what="one Ray head whose GCS lists every host",
             )
+        print(f"deploying {DEPLOYMENT}: {replicas} replica(s) of 1 node with 1 GPU ...", flush=True)
+        spec = scratch / f"{DEPLOYMENT}.toml"
+        spec.write_text(_spec(replicas))
+        cluster.nodes[0].cli("deploy", "apply", str(spec), "--key", str(key_file))
+        endpoints = wait_for(
+            lambda: _ready_endpoints(cluster.nodes, replicas),
+            args.timeout + 60,
+            1.0,
+            what=f"{replicas} ready replica(s) of {DEPLOYMENT} listed by every node",
+        )
         for node in cluster.nodes:
             print(f"===== {node.name}  netns {node.host.netns}  addr {node.addr} =====")
             print(node.status_text().rstrip() + "\n", flush=True)
+            print(node.cli("deploy", "status", DEPLOYMENT).stdout.rstrip() + "\n", flush=True)
+        # A request to the first replica from another host, over the data path.
+        target = endpoints[0]
+        asker = next((n for n in cluster.nodes if n.name != target["node"]), cluster.nodes[0])
+        url = f"http://{target['addr']}:{target['port']}/v1/models"
+        reply = asker.host.run(
+            [
+                sys.executable,
+                "-c",
+                f"import urllib.request;print(urllib.request.urlopen({url!r},timeout=5).read().decode())",
+            ]
+        )
+        served = json.loads(reply.stdout)
+        models = [m["id"] for m in served.get("data", [])]
+        print(f"replica serving: {asker.name} -> GET {url} -> models {models}", flush=True)
         if args.keep:
             print("The cluster keeps running. Get in with, for example:")
             for node in cluster.nodes:
