@@ -83,7 +83,7 @@ class Agent:
             self.serf,
             ports,
             self.health,
-            healthy_gpus=gpus.healthy_uuids,
+            ray_gpus=gpus.unleased_healthy_uuids,
             verified=self.health.prober.verified,
             keyring_file=self.serf.keyring_file,
         )

@@ -182,8 +182,11 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         with pytest.raises(ApiError, match="6 of 8 are healthy and unleased") as refused:
             await service.lease("big", 7)
         assert refused.value.status == 409
+        assert set(service.unleased_healthy_uuids()) == set(uuids)
         lease = await service.lease("vllm", 6)
         assert set(lease.gpus) == set(uuids)
+        # The cluster-wide Ray may use only healthy GPUs no lease holds: none are left.
+        assert service.unleased_healthy_uuids() == []
         assert gpu(service, 0).lease == lease.id and gpu(service, 2).lease is None
 
         # One GPU missing from NVML while the PCI bus still has it: the node is unhealthy

@@ -89,9 +89,15 @@ names = st.sampled_from(["a", "b", "c"])
     gcs=st.integers(0, 3),
     usable=st.booleans(),
     running_head=st.none() | st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+    gpus=st.none() | st.lists(st.sampled_from(["GPU-a", "GPU-b"]), unique=True).map(tuple),
 )
 def test_target_follows_only_the_planned_head(
-    action: str, head: str | None, gcs: int, usable: bool, running_head: str | None
+    action: str,
+    head: str | None,
+    gcs: int,
+    usable: bool,
+    running_head: str | None,
+    gpus: tuple[str, ...] | None,
 ) -> None:
     members = {
         n: Member(name=n, addr=f"10.0.0.{i + 1}", port=7946, status="alive", tags=Tags(gcs=gcs))
@@ -103,13 +109,17 @@ def test_target_follows_only_the_planned_head(
         else RayTarget(role="worker", head_addr=running_head, gcs_port=1, node_ip="10.0.0.9")
     )
     plan = Plan(action=action, term=1, head=head)  # type: ignore[arg-type]
-    target = decide_target(plan, members, usable=usable, node_ip="10.0.0.9", running=running)
+    target = decide_target(
+        plan, members, usable=usable, node_ip="10.0.0.9", running=running, gpus=gpus
+    )
     if not usable or action not in ("lead", "follow") or (action == "follow" and head is None):
         assert target is None
     elif action == "lead":
-        assert target == RayTarget(role="head", node_ip="10.0.0.9")
+        assert target == RayTarget(role="head", node_ip="10.0.0.9", gpus=gpus)
     else:
         assert head is not None
         if target is not None:  # only ever toward the planned head
             assert target.role == "worker" and target.head_addr == members[head].addr
+            # A new target carries the GPUs Ray may use; a kept one is the running one.
+            assert target.gpus == gpus or target is running
         assert (target is not None) == (gcs > 0 or running_head == members[head].addr)

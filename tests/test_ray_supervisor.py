@@ -84,6 +84,18 @@ def test_argv_uses_every_leased_port() -> None:
     assert not any(a.startswith(("--include-dashboard", "--port=")) for a in worker)
     assert not any(a.startswith("--num-cpus") for a in worker)
     assert "--object-manager-port=101" in worker
+    # The GPUs in the target decide --num-gpus (the supervisor's count is only the default).
+    with_gpus = ray_start_argv(
+        "ray",
+        RayTarget(role="head", gpus=("GPU-a", "GPU-b")),
+        ports,
+        node_name="n1",
+        node_ip="10.0.0.1",
+        temp_dir="/tmp/x",
+        num_cpus=None,
+        num_gpus=8,
+    )
+    assert "--num-gpus=2" in with_gpus and "--num-gpus=8" not in with_gpus
 
 
 def test_port_names() -> None:

@@ -563,7 +563,6 @@ class DeploymentService(ComponentBase):
             settings=SupervisorSettings(worker_ports=RAY_WORKER_PORTS, backoff_max_s=10.0),
             record=_GroupRow(self._db, f"{replica.id}.ray"),
         )
-        node.visible_gpus = list(lease.gpu_uuids)
         return node
 
     async def _drive_ray(self, replica: _Replica, placed: placement.Placed) -> None:
@@ -572,8 +571,11 @@ class DeploymentService(ComponentBase):
         assert replica.ray is not None and replica.lease is not None
         head = min(placed.nodes)
         me = self.ctx.node_name
+        lease = replica.lease
         if head == me:
-            replica.ray.set_target(RayTarget(role="head", node_ip=self.ctx.advertise_addr))
+            replica.ray.set_target(
+                RayTarget(role="head", node_ip=self.ctx.advertise_addr, gpus=tuple(lease.gpu_uuids))
+            )
             replica.gcs = replica.ray.gcs_ready_port
             if replica.gcs and replica.supervisor is None:
                 address = f"{self.ctx.advertise_addr}:{replica.gcs}"
@@ -595,6 +597,7 @@ class DeploymentService(ComponentBase):
                     head_addr=member.addr,
                     gcs_port=claim.gcs,
                     node_ip=self.ctx.advertise_addr,
+                    gpus=tuple(lease.gpu_uuids),
                 )
             )
 

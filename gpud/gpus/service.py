@@ -191,6 +191,11 @@ class GpuService(ComponentBase):
         gpus = self._readings.gpus if self._readings else []
         return [g.uuid for g in gpus if self._state_of(g.uuid) == "healthy"]
 
+    def unleased_healthy_uuids(self) -> list[str]:
+        """Healthy GPUs no lease holds: what the cluster-wide Ray may use, so that no GPU is
+        in two Ray clusters (a deployment's replica leases its GPUs)."""
+        return [uuid for uuid in self.healthy_uuids() if uuid not in self._used]
+
     def leases(self) -> list[GpuLease]:
         return [s.lease for s in self._book.leases.values()]
 

@@ -138,18 +138,19 @@ class RayService(ComponentBase):
         ports: PortLeaser,
         health: DataPathHealth | None = None,
         *,
-        healthy_gpus: Callable[[], list[str]] | None = None,
+        ray_gpus: Callable[[], list[str]] | None = None,
         settings: RayServiceSettings | None = None,
         verified: Callable[[str], bool] | None = None,
         keyring_file: Path | None = None,
     ) -> None:
-        """``healthy_gpus``: UUIDs of the healthy GPUs (the GPU component's); Ray gets only
-        those (CUDA_VISIBLE_DEVICES and --num-gpus). None: every GPU the tags count.
+        """``ray_gpus``: UUIDs of the GPUs the cluster-wide Ray may use (the GPU component's
+        healthy GPUs that no deployment leases); Ray gets only those (CUDA_VISIBLE_DEVICES and
+        --num-gpus). None: every GPU the tags count.
         ``verified``: is a member a verified gpud node (the health prober's); only those count
         in the election (None: every member, for tests without a health component).
         ``keyring_file``: serf's keyring; votes are signed with keys derived from it."""
         self.ctx = ctx
-        self._healthy_gpus = healthy_gpus
+        self._ray_gpus = ray_gpus
         self.settings = settings or RayServiceSettings()
         config = ctx.config.ray
         verdict = health.healthy_by_majority if health is not None else None
@@ -269,11 +270,9 @@ class RayService(ComponentBase):
             self._crash_reason = None
 
     async def _apply(self, current: Plan) -> None:
-        if self._healthy_gpus is None:
+        gpus = tuple(self._ray_gpus()) if self._ray_gpus is not None else None
+        if gpus is None:
             self.supervisor.num_gpus = self.ctx.tags.gpu
-        else:
-            self.supervisor.visible_gpus = self._healthy_gpus()
-            self.supervisor.num_gpus = len(self.supervisor.visible_gpus)
         self.supervisor.set_target(
             decide_target(
                 current,
@@ -281,6 +280,7 @@ class RayService(ComponentBase):
                 usable=self._ray_usable(),
                 node_ip=self.ctx.advertise_addr,
                 running=self.supervisor.target,
+                gpus=gpus,
             )
         )
         target = self.supervisor.target

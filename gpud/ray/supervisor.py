@@ -104,6 +104,10 @@ class RayTarget(msgspec.Struct, kw_only=True, frozen=True):
     # This node's address for Ray (--node-ip-address); empty: the supervisor's default. Part
     # of the target so that a changed advertised address restarts Ray on the new one.
     node_ip: str = ""
+    # The GPUs (UUIDs) this Ray node may use: CUDA_VISIBLE_DEVICES and --num-gpus. None: the
+    # supervisor's num_gpus and the environment's devices. Part of the target so that a GPU
+    # turning unhealthy or leased to a deployment restarts Ray without it.
+    gpus: tuple[str, ...] | None = None
 
 
 class RayPorts(msgspec.Struct, kw_only=True, frozen=True):
@@ -156,7 +160,7 @@ def ray_start_argv(
         f"--node-name={node_name}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
-        f"--num-gpus={num_gpus}",
+        f"--num-gpus={len(target.gpus) if target.gpus is not None else num_gpus}",
     ]
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
@@ -201,7 +205,6 @@ class RaySupervisor:
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         # UUIDs Ray may use (CUDA_VISIBLE_DEVICES); None leaves the environment's choice.
-        self.visible_gpus: list[str] | None = None
         self._env = {**os.environ, **(env or {})}
         # Whether this Ray has Ray Client (see RayInstall.client).
         self.client_server = client_server
@@ -310,8 +313,8 @@ class RaySupervisor:
         async def make_child() -> ChildProcess:
             os.makedirs(self.temp_dir, exist_ok=True)
             env = self._env
-            if self.visible_gpus is not None:
-                env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(self.visible_gpus)}
+            if target.gpus is not None:
+                env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(target.gpus)}
             return ChildProcess(f"ray-{target.role}", argv, env=env)
 
         self._supervisor = Supervisor(

@@ -20,8 +20,10 @@ def decide_target(
     usable: bool,
     node_ip: str,
     running: RayTarget | None,
+    gpus: tuple[str, ...] | None = None,
 ) -> RayTarget | None:
-    """The Ray node to run now (None: none). ``running`` is the current target.
+    """The Ray node to run now (None: none). ``running`` is the current target; ``gpus`` the
+    GPUs Ray may use (None: the supervisor's default).
 
     A worker whose head has not (re)announced its GCS keeps running toward that same head
     (its GCS may be restarting), but never toward a head that is no longer the head.
@@ -29,7 +31,7 @@ def decide_target(
     if not usable:
         return None
     if current.action == "lead":
-        return RayTarget(role="head", node_ip=node_ip)
+        return RayTarget(role="head", node_ip=node_ip, gpus=gpus)
     if current.action != "follow" or current.head is None:
         return None
     head = members.get(current.head)
@@ -37,7 +39,9 @@ def decide_target(
         return None
     gcs = head.tags.gcs if head.tags else 0
     if gcs:
-        return RayTarget(role="worker", head_addr=head.addr, gcs_port=gcs, node_ip=node_ip)
+        return RayTarget(
+            role="worker", head_addr=head.addr, gcs_port=gcs, node_ip=node_ip, gpus=gpus
+        )
     if running is not None and running.role == "worker" and running.head_addr == head.addr:
         return running
     return None
