@@ -470,3 +470,17 @@ async def test_above_full_mesh_max_a_stopped_neighbour_still_goes_critical(key_f
         pair = a.pair("n2")
         assert (pair.state, pair.kind) == ("critical", "data-path"), pair
         assert a.row("n2", "in").source.startswith("no evidence")
+
+
+async def test_reload_changes_the_thresholds_live(key_file: Path):
+    """A reload's failures_before_critical takes effect on the next probe, not on a restart."""
+    async with cluster(key_file, 2, failures_before_critical=5) as nodes:
+        a, b = nodes
+        await rounds(nodes, 2)
+        await b.service.server.stop()
+        await rounds([a], 2)
+        assert a.row("n2", "out").state == "passing"  # 2 failures of 5
+        a.service.reconfigure(make_config("n1", 1, key_file, failures_before_critical=1))
+        assert a.service.client.timeout_s == TIMEOUT_S
+        await rounds([a], 1)
+        assert a.row("n2", "out").state == "critical"

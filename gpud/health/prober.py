@@ -140,6 +140,10 @@ class Prober:
         self._confirm = confirm_down
         self.rounds = 0
 
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        """New hysteresis thresholds (a config reload); directions keep their counts."""
+        self._thresholds = thresholds
+
     def note_inbound(self, peer: str) -> None:
         self.inbound_at[peer] = time.monotonic()
 

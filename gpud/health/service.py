@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gpud import log, secret
 from gpud.component import ComponentBase, Metric, Problem, gauge
+from gpud.config import Config
 from gpud.context import MemberStatus, NodeContext
 from gpud.health.peer_api import PeerApiServer, PeerClient
 from gpud.health.prober import QUICK_S, PeerRecord, Prober, select_targets
@@ -183,6 +184,16 @@ class HealthService(ComponentBase):
         self._nat_verdict: NatVerdict | None = None
         # This round's probe targets: the quick loop checks the same peers between rounds.
         self._targets: list[str] = []
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload's [health]: the probe loop reads interval, fan-out and concurrency from the
+        config each round; the hysteresis thresholds and the probe timeout are held here."""
+        health = config.health
+        self._thresholds = Thresholds(
+            health.failures_before_critical, health.successes_before_passing
+        )
+        self.prober.set_thresholds(self._thresholds)
+        self.client.timeout_s = health.timeout_s
 
     @property
     def us(self) -> Endpoint:
