@@ -10,8 +10,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -22,7 +23,8 @@ from gpud.process import group_members, process_start
 from gpud.ray.service import RayService, RayServiceSettings
 from gpud.serf.agent import QueryHandler
 from tests.harness.config import config_for
-from tests.harness.gpud_node import GpudNode
+from tests.harness.gpud_node import Cluster, GpudNode
+from tests.harness.netns import cleanup_leftovers
 
 __all__ = ["group_members"]  # tests assert clean stops with it
 
@@ -198,6 +200,21 @@ def ray_overrides(temp_root: str, *, vote_timeout_s: float = 1.0) -> dict[str, o
             "vote_timeout_s": vote_timeout_s,
         }
     }
+
+
+@contextlib.contextmanager
+def running_ray_cluster(hosts: int, prefix: str) -> Iterator[Cluster]:
+    """A started cluster of ``hosts`` gpud nodes with Ray (for a module-scoped fixture); it and
+    its Ray temp root (short ``prefix``: Ray's socket paths live under it) go away after."""
+    temp_root = tempfile.mkdtemp(prefix=prefix)
+    cluster = Cluster(hosts, overrides=ray_overrides(temp_root))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+        shutil.rmtree(temp_root, ignore_errors=True)
+        cleanup_leftovers()
 
 
 class HeadView(msgspec.Struct, frozen=True):

@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -23,8 +21,7 @@ import pytest
 
 from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode
-from tests.harness.netns import cleanup_leftovers
-from tests.ray_helpers import RAY_EXECUTABLE, ray_overrides
+from tests.ray_helpers import RAY_EXECUTABLE, running_ray_cluster
 from tests.test_ray_cluster import describe, wait_steady
 
 pytestmark = [
@@ -40,15 +37,8 @@ SAMPLE_S = 0.5
 
 @pytest.fixture(scope="module")
 def ray_cluster(_harness_leftovers_removed: None) -> Iterator[Cluster]:
-    temp_root = tempfile.mkdtemp(prefix="gfa-")
-    cluster = Cluster(3, overrides=ray_overrides(temp_root))
-    try:
-        cluster.start()
+    with running_ray_cluster(3, "gfa-") as cluster:
         yield cluster
-    finally:
-        cluster.close()
-        shutil.rmtree(temp_root, ignore_errors=True)
-        cleanup_leftovers()
 
 
 def ray_state(node: GpudNode) -> tuple[str, int, int | None, int]:

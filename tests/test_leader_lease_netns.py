@@ -7,8 +7,6 @@ while its /v1/ray says role head, or while its Ray head process still runs.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,8 +16,7 @@ import pytest
 
 from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
-from tests.harness.netns import cleanup_leftovers
-from tests.ray_helpers import RAY_EXECUTABLE, agreed_head, ray_overrides
+from tests.ray_helpers import RAY_EXECUTABLE, agreed_head, running_ray_cluster
 from tests.test_ray_cluster import FAILOVER_S, describe, wait_steady
 
 pytestmark = [
@@ -34,15 +31,8 @@ STEADY_5_S = 300.0
 
 @pytest.fixture(scope="module")
 def ray_cluster(_harness_leftovers_removed: None) -> Iterator[Cluster]:
-    temp_root = tempfile.mkdtemp(prefix="gll-")
-    cluster = Cluster(5, overrides=ray_overrides(temp_root))
-    try:
-        cluster.start()
+    with running_ray_cluster(5, "gll-") as cluster:
         yield cluster
-    finally:
-        cluster.close()
-        shutil.rmtree(temp_root, ignore_errors=True)
-        cleanup_leftovers()
 
 
 def acting_head(node: GpudNode) -> bool:

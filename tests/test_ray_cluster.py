@@ -17,7 +17,6 @@ import pytest
 
 from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
-from tests.harness.netns import cleanup_leftovers
 from tests.ray_helpers import (
     RAY_EXECUTABLE,
     agreed_head,
@@ -25,6 +24,7 @@ from tests.ray_helpers import (
     kill_host,
     ray_node_names,
     ray_overrides,
+    running_ray_cluster,
 )
 
 pytestmark = [
@@ -71,15 +71,8 @@ def wait_steady(nodes: list[GpudNode], timeout: float = STEADY_S) -> tuple[str, 
 
 @pytest.fixture(scope="module")
 def ray_cluster(_harness_leftovers_removed: None) -> Iterator[Cluster]:
-    temp_root = tempfile.mkdtemp(prefix="grt-")  # short: Ray's socket paths live under it
-    cluster = Cluster(3, overrides=ray_overrides(temp_root))
-    try:
-        cluster.start()
+    with running_ray_cluster(3, "grt-") as cluster:
         yield cluster
-    finally:
-        cluster.close()
-        shutil.rmtree(temp_root, ignore_errors=True)
-        cleanup_leftovers()
 
 
 def ray_process_ports(node: GpudNode) -> tuple[int, set[int]]:
