@@ -289,4 +289,12 @@ def test_port_mapped_node_crash_looping_ray_is_reported_with_the_reason(
         describe=describe(nodes),
     )
     assert seen["mapped"]["message"], seen
-    assert f"{mapped.name} says it is a Ray worker of {head}" in seen["head"]["message"], seen
+    # Whether the GCS still lists it alive (a Ray that started, then lost its head) or not at
+    # all depends on where its crash loop is when the head looks: either way the head names it
+    # and what its node-manager port answered.
+    message = seen["head"]["message"]
+    assert (
+        f"{mapped.name} says it is a Ray worker of {head}" in message
+        or f"{mapped.name} is listed alive in GCS" in message
+    ), seen
+    assert "node-manager" in message, seen
