@@ -56,6 +56,7 @@ def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
     }
     with Cluster(size, workdir=workdir / f"c{size}", overrides=overrides) as c:
         c.wait_converged(timeout=120)
+        c.wait_placeable(timeout=120)
         began = time.monotonic()
         c[0].cli("deploy", "apply", str(spec), "--key", str(key))
         wait_for(

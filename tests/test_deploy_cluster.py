@@ -72,6 +72,7 @@ def test_deploy_apply_refuse_failover_delete(
         },
     )
     c.wait_converged()
+    c.wait_placeable()
     a, b, _ = c.nodes
 
     def describe() -> str:

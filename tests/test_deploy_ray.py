@@ -64,6 +64,7 @@ def test_two_replicas_of_two_nodes_each_run_their_own_ray_cluster(
         },
     )
     c.wait_converged()
+    c.wait_placeable()
     command = [sys.executable, SERVER, "--port", "{port}", "--host", "{host_ip}"]
     spec = tmp_path / "big.toml"
     spec.write_text(

@@ -86,6 +86,9 @@ class SectionStatus(msgspec.Struct, kw_only=True):
     deployments: int
     running_here: int
     pending: int
+    # Nodes placement may use right now (alive, health passing, verified, with a GPU verdict):
+    # fewer than the members means replicas cannot spread to the rest yet.
+    placeable_nodes: int = 0
     fetch_errors: dict[str, str] = {}
 
 
@@ -249,6 +252,7 @@ class DeploymentService(ComponentBase):
         self._entries, self._clock = self._specs.load()
         self._digest = set_digest(self._entries)
         self._assignment = placement.Assignment(placed=(), pending=())
+        self._placeable_nodes = 0
         self._running: dict[placement.ReplicaKey, _Replica] = {}
         # This node's last probe of each placed replica: (node, port, ok, error).
         self._probes: dict[placement.ReplicaKey, tuple[str, int, bool, str]] = {}
@@ -452,6 +456,7 @@ class DeploymentService(ComponentBase):
         specs = self._runnable()
         claims = self._claims()
         nodes = self._nodes()
+        self._placeable_nodes = len(nodes)
         in_view = {n.name for n in nodes}
         current = placement.current_from_claims(
             {node: keys.keys() for node, keys in claims.items() if node in in_view}
@@ -798,6 +803,7 @@ class DeploymentService(ComponentBase):
             deployments=sum(1 for e in self._entries.values() if e.record.spec is not None),
             running_here=len(self._running),
             pending=len(self._assignment.pending),
+            placeable_nodes=self._placeable_nodes,
             fetch_errors=dict(self._fetch_errors),
         )
 

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 1.0,
                 what="one Ray head whose GCS lists every host",
             )
+        cluster.wait_placeable(timeout=args.timeout)
         print(f"deploying {DEPLOYMENT}: {replicas} replica(s) of 1 node with 1 GPU ...", flush=True)
         spec = scratch / f"{DEPLOYMENT}.toml"
         spec.write_text(_spec(replicas))

@@ -374,6 +374,26 @@ class Cluster:
             describe=self.describe,
         )
 
+    def wait_placeable(self, timeout: float = 60.0) -> None:
+        """Until every running node's placement may use every node (alive, health passing,
+        verified, GPU verdict in): only then does a new deployment spread over all of them."""
+        want = len(self.nodes)
+        wait_for(
+            lambda: all(
+                node.api("/v1/status")["deployments"]["placeable_nodes"] == want
+                for node in self.nodes
+                if node.running()
+            ),
+            timeout,
+            0.5,
+            what=f"{want} placeable nodes on every node",
+            describe=lambda: ", ".join(
+                f"{n.name}: {n.api('/v1/status')['deployments']['placeable_nodes']}"
+                for n in self.nodes
+                if n.running()
+            ),
+        )
+
     def close(self) -> None:
         try:
             for node in self.nodes:
