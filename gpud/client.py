@@ -131,7 +131,7 @@ def socket_path(args: argparse.Namespace) -> str:
     return config.load(config.config_path(explicit), missing_ok=explicit is None).socket_path
 
 
-def api_get(args: argparse.Namespace, path: str, type: type[T] = Any) -> T:  # noqa: A002
+def api_get(args: argparse.Namespace, path: str, type: type[T] = Any) -> T:
     return api_call(args, "GET", path, type=type)
 
 
@@ -140,7 +140,7 @@ def api_call(
     method: str,
     path: str,
     body: Any = None,
-    type: type[T] = Any,  # noqa: A002
+    type: type[T] = Any,
 ) -> T:
     """Call the daemon and decode the reply as ``type`` (a msgspec-compatible type)."""
     data = request(socket_path(args), method, path, body)

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from gpud.config import NodeConfig
 from gpud.errors import GpudError
-from gpud.netcheck.assess import peer_route_problems
 from gpud.netcheck import (
     AddressInfo,
     AdvertiseState,
@@ -27,6 +26,7 @@ from gpud.netcheck import (
     interface_holding,
     reconcile,
 )
+from gpud.netcheck.assess import peer_route_problems
 
 
 def link(name: str, index: int, mtu: int = 1500, up: bool = True, loopback: bool = False):
