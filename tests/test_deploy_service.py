@@ -15,12 +15,9 @@ from gpud.context import Member, NodeContext
 from gpud.deployments import authority, spec, version
 from gpud.deployments.model import Entry
 from gpud.deployments.service import (
-    Claim,
     DeploymentService,
-    format_claims,
     majority_refusal,
     may_roll,
-    parse_claims,
 )
 from gpud.deployments.store import set_digest
 from gpud.errors import ApiError
@@ -79,23 +76,6 @@ def test_private_key_file_is_the_key_or_keygen_output() -> None:
 
 
 # ---- pure helpers --------------------------------------------------------------------------
-
-names = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
-
-
-claims_st = st.builds(
-    Claim, st.integers(1, 65535), st.from_regex(r"\A[0-9a-f]{4}\Z"), st.integers(0, 65535)
-)
-
-
-@given(st.dictionaries(st.tuples(names, st.integers(0, 255)), claims_st))
-def test_claims_tag_round_trips(claims: dict[tuple[str, int], Claim]) -> None:
-    assert parse_claims(format_claims(claims)) == claims
-
-
-def test_malformed_claims_are_skipped() -> None:
-    assert parse_claims("") == {}
-    assert parse_claims("web.0:20001:ab12;junk;a.b:c;x.1:") == {("web", 0): Claim(20001, "ab12")}
 
 
 @given(st.integers(1, 8), st.data())

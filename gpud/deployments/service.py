@@ -10,7 +10,8 @@ Every node runs the same loop, with no leader:
    tag (`name.replica:port`), so every node computes the same assignment.
 3. Run: replicas placed here get leased GPUs and a leased port and run as gpud's own child in
    its own process group (`process.Supervisor`: restart with backoff, stop by group only). A
-   replica of N > 1 nodes is its own Ray cluster: its head (first node by name) runs `ray start
+   replica of N > 1 nodes is its own Ray cluster: its head (`claims.replica_head`: the node
+   announcing a GCS port stays head, else the best by the Ray election's rank) runs `ray start
    --head` and, once GCS answers, the server; the others join the GCS port the head announces.
    Every Ray port is leased, Ray sees only the replica's GPUs.
 4. Judge: every node probes the health path of every placed replica over the data path;
@@ -25,7 +26,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -35,6 +36,7 @@ from gpud import api, log
 from gpud.component import ComponentBase, Metric, Problem
 from gpud.context import NodeContext
 from gpud.deployments import authority, engines, placement, spec, version
+from gpud.deployments.claims import Claim, format_claims, parse_claims, replica_head
 from gpud.deployments.model import (
     ApplyReply,
     ApplyRequest,
@@ -145,37 +147,6 @@ class _Replica:
     @property
     def id(self) -> str:
         return f"{self.key[0]}.{self.key[1]}"
-
-
-class Claim(NamedTuple):
-    """What a node announces about a replica it runs."""
-
-    port: int
-    # The first DIGEST_CHARS hex digits of the digest of the spec it runs (rolling updates).
-    spec: str
-    # N > 1, on the replica's head: its Ray GCS port once it answers (the others join it).
-    gcs: int = 0
-
-
-def parse_claims(raw: str) -> dict[placement.ReplicaKey, Claim]:
-    """The `dp` tag ("web.0:20001:3fa2;web.1:20005:3fa2:20010", the last field the head's
-    GCS port); malformed parts are skipped."""
-    claims: dict[placement.ReplicaKey, Claim] = {}
-    for part in raw.split(";"):
-        name, _, rest = part.partition(".")
-        index, _, rest = rest.partition(":")
-        port, _, rest = rest.partition(":")
-        digest, _, gcs = rest.partition(":")
-        if name and index.isdigit() and port.isdigit() and (gcs.isdigit() or not gcs):
-            claims[(name, int(index))] = Claim(int(port), digest, int(gcs or 0))
-    return claims
-
-
-def format_claims(claims: dict[placement.ReplicaKey, Claim]) -> str:
-    return ";".join(
-        f"{name}.{index}:{c.port}:{c.spec}" + (f":{c.gcs}" if c.gcs else "")
-        for (name, index), c in sorted(claims.items())
-    )
 
 
 def may_roll(replica: int, others: Mapping[int, tuple[str, bool]], new_spec: str) -> bool:
@@ -437,13 +408,23 @@ class DeploymentService(ComponentBase):
             if r.task is not None
         }
 
+    def _head(
+        self, placed: placement.Placed, claims: dict[str, dict[placement.ReplicaKey, Claim]]
+    ) -> str:
+        """The replica's head (`claims.replica_head`) in this node's view, own tags current."""
+        members = dict(self.ctx.members)
+        own = members.get(self.ctx.node_name)
+        if own is not None:
+            members[self.ctx.node_name] = msgspec.structs.replace(own, tags=self.ctx.tags)
+        return replica_head(placed.key, placed.nodes, members, claims)
+
     def _may_roll(self, key: placement.ReplicaKey, entry: Entry) -> bool:
         claims = self._claims()
         others = {}
         for p in self._assignment.placed:
             if p.deployment != key[0] or p.replica == key[1]:
                 continue
-            head = min(p.nodes)
+            head = self._head(p, claims)
             claim = claims.get(head, {}).get(p.key)
             probe = self._probes.get(p.key)
             ready = (
@@ -571,10 +552,11 @@ class DeploymentService(ComponentBase):
         return node
 
     async def _drive_ray(self, replica: _Replica, placed: placement.Placed) -> None:
-        """N > 1: the replica's head (its first node by name, the same on every node) runs Ray's
+        """N > 1: the replica's head (`claims.replica_head`, the same on every node) runs Ray's
         head and, once GCS answers, the server; the others join the GCS the head announces."""
         assert replica.ray is not None and replica.lease is not None
-        head = min(placed.nodes)
+        claims = self._claims()
+        head = self._head(placed, claims)
         me = self.ctx.node_name
         lease = replica.lease
         if head == me:
@@ -593,7 +575,7 @@ class DeploymentService(ComponentBase):
             return
         replica.gcs = 0
         await self._stop_server(replica)  # this node is no longer the replica's head
-        claim = self._claims().get(head, {}).get(placed.key)
+        claim = claims.get(head, {}).get(placed.key)
         member = self.ctx.members.get(head)
         if claim is not None and claim.gcs and member is not None:
             replica.ray.set_target(
@@ -646,7 +628,7 @@ class DeploymentService(ComponentBase):
         claims = self._claims()
         out = {}
         for placed in self._assignment.placed:
-            node = min(placed.nodes)  # the replica's head: its server runs there
+            node = self._head(placed, claims)  # its server runs there
             claim = claims.get(node, {}).get(placed.key)
             member = self.ctx.members.get(node)
             if claim is not None and member is not None:
@@ -735,7 +717,7 @@ class DeploymentService(ComponentBase):
                 reason = pending[i].reason if i in pending else "not placed yet"
                 views.append(ReplicaView(index=i, state="pending", reason=reason))
                 continue
-            node = min(placed[i].nodes)  # the head: where the server answers
+            node = self._head(placed[i], claims)  # where the server answers
             member = self.ctx.members.get(node)
             view = ReplicaView(
                 index=i,
