@@ -101,6 +101,18 @@ def test_deploy_apply_refuse_failover_delete(
         describe=describe,
     )
     print(f"apply -> 2 replicas ready on every node: {time.monotonic() - started:.1f} s")
+    # Readiness is in the tags: every node sees each replica's head announce it ready (a peer's
+    # probe over the data path passed), in the API and in `gpud deploy status`.
+    wait_for(
+        lambda: all(
+            all(r["announced_ready"] for r in status(n, "echo")["replica_views"]) for n in c
+        ),
+        30,
+        0.5,
+        what="readiness announced in every replica's claim",
+        describe=describe,
+    )
+    assert "ANNOUNCED" in b.cli("deploy", "status", "echo").stdout
 
     # The server runs with the leased GPU and the verified interface (read over the data path
     # from another host).

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gpud.context import Member, NodeContext
 from gpud.deployments import authority, spec, version
+from gpud.deployments.claims import Claim, parse_claims
 from gpud.deployments.model import Entry
 from gpud.deployments.service import (
     DeploymentService,
@@ -201,4 +202,26 @@ async def test_peer_records_get_the_checks_of_an_apply(tmp_path: Path) -> None:
     assert taken == [] and svc.listing().deployments == [] and svc.status().digest == ""
     assert await svc._merge([Entry(record=version.applied(good, version.SpecVersion(9, "p")))])
     assert svc.status().lamport == 9
+    store.close()
+
+
+async def test_claims_that_do_not_fit_in_the_tags_are_left_out_heads_first_kept(
+    tmp_path: Path,
+) -> None:
+    """Memberlist allows 512 bytes for all of a node's tags: the claims that do not fit are
+    left out with a warning and a problem (the heads' kept), and the tag update still goes
+    through."""
+    store = StateStore(tmp_path / "state")
+    svc = service(tmp_path, store)
+    claims = {(f"deployment-{i:02}", 0): Claim(20001 + i, "ab12", 0, True) for i in range(30)}
+    claims[("zz-head", 1)] = Claim(20100, "ab12", 20101, True)
+    svc._own_claims = lambda: claims  # type: ignore[method-assign]
+    await svc._publish()
+    announced = parse_claims(svc.ctx.tags.dp)
+    assert announced and len(announced) < len(claims)
+    assert announced[("zz-head", 1)] == claims[("zz-head", 1)]
+    assert all(claims[k] == c for k, c in announced.items())
+    assert svc.ctx.tags.dv == svc.status().digest
+    problem = next(p for p in svc.problems() if p.code == "deployments.claims_truncated")
+    assert "deployment-29.0" in problem.message and "zz-head" not in problem.message
     store.close()

@@ -111,15 +111,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     if view.reason:
         print(f"refused on this host: {escape(view.reason)}")
-    print(f"{'REPLICA':>7}  {'STATE':<9} {'NODE':<16} {'ENDPOINT':<22} {'RESTARTS':>8}  DETAIL")
+    print(
+        f"{'REPLICA':>7}  {'STATE':<9} {'NODE':<16} {'ENDPOINT':<22} {'ANNOUNCED':<9} "
+        f"{'RESTARTS':>8}  DETAIL"
+    )
     for r in view.replica_views:
         endpoint = f"{r.addr}:{r.port}" if r.port else "-"
         detail = r.reason or r.last_error
         if r.gpus:
             detail = f"gpus {','.join(r.gpus)} {detail}".strip()
+        # What the replica's head announces in its tags (a peer's data-path probe passed).
+        announced = "ready" if r.announced_ready else "-"
         print(
             f"{r.index:>7}  {r.state:<9} {escape(r.node) or '-':<16} {endpoint:<22} "
-            f"{r.restarts:>8}  {escape(detail)}"
+            f"{announced:<9} {r.restarts:>8}  {escape(detail)}"
         )
     return EXIT_OK if all(r.state == "ready" for r in view.replica_views) else EXIT_PROBLEM
 

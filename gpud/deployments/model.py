@@ -44,6 +44,27 @@ class PeerRecordsReply(msgspec.Struct, kw_only=True):
     entries: list[Entry]
 
 
+class PeerProbesRequest(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class ProbeReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's latest probe of a replica's health path over the data path."""
+
+    deployment: str
+    replica: int
+    node: str
+    port: int
+    ok: bool
+
+
+class PeerProbesReply(msgspec.Struct, kw_only=True):
+    """What a peer's probes say: a replica's head asks before it announces itself ready."""
+
+    name: str
+    probes: list[ProbeReport]
+
+
 ReplicaState = Literal["pending", "starting", "ready", "failed", "refused"]
 
 
@@ -72,6 +93,8 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     # This node's last probe of the health path over the data path (None: not probed yet).
     probe_ok: bool | None = None
     probe_error: str = ""
+    # What the replica's head announces in its tags: a peer's data-path probe of it passed.
+    announced_ready: bool = False
 
 
 class DeploymentView(msgspec.Struct, kw_only=True):

@@ -15,7 +15,9 @@ Every node runs the same loop, with no leader:
    --head` and, once GCS answers, the server; the others join the GCS port the head announces.
    Every Ray port is leased, Ray sees only the replica's GPUs.
 4. Judge: every node probes the health path of every placed replica over the data path;
-   `gpud deploy status` shows the verdicts, `/endpoints` lists the ready ones.
+   `gpud deploy status` shows the verdicts, `/endpoints` lists the ready ones. A replica's head
+   asks peers for their latest probe of it and announces it ready in its claim when one passed
+   (readiness in the tags, judged from another host, never over loopback).
 5. Roll: a changed spec restarts replica i only once every lower replica runs it and is ready.
 """
 
@@ -45,8 +47,11 @@ from gpud.deployments.model import (
     Endpoint,
     EndpointsReply,
     Entry,
+    PeerProbesReply,
+    PeerProbesRequest,
     PeerRecordsReply,
     PeerRecordsRequest,
+    ProbeReport,
     ReplicaView,
     TargetGroup,
 )
@@ -65,6 +70,9 @@ if TYPE_CHECKING:
 _log = log.get("deployments")
 
 PATH_PEER_RECORDS = "/peer/v1/deployments"
+PATH_PEER_PROBES = "/peer/v1/deployments/probes"
+# Peers a replica's head asks for their probe of it before it announces itself ready.
+READY_REPORTERS = 2
 # Owner prefix of this component's GPU and port leases (leftovers are released at start).
 LEASE_OWNER = "deploy:"
 # vLLM counts up from VLLM_PORT; a band this wide covers its internal ports.
@@ -138,6 +146,8 @@ class _Replica:
         # node is the replica's head and GCS answers (announced in the claim).
         self.ray: RaySupervisor | None = None
         self.gcs = 0
+        # Its server runs here and a peer's probe of it over the data path passed (announced).
+        self.ready = False
         # What runs while the replica is started: the server (N = 1) or the Ray node (N > 1);
         # None when it could not start.
         self.task: asyncio.Task[None] | None = None
@@ -229,9 +239,12 @@ class DeploymentService(ComponentBase):
         self._probes: dict[placement.ReplicaKey, tuple[str, int, bool, str]] = {}
         self._fetch_errors: dict[str, str] = {}
         self._refusals: dict[tuple[str, str, str], str] = {}
+        # Replicas left out of the `dp` tag because the tags would not fit (logged once).
+        self._unannounced: list[str] = []
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         health.server.add_route(PATH_PEER_RECORDS, self._peer_records)
+        health.server.add_route(PATH_PEER_PROBES, self._peer_probes)
 
     # ---- records ---------------------------------------------------------------------------
 
@@ -403,7 +416,7 @@ class DeploymentService(ComponentBase):
 
     def _own_claims(self) -> dict[placement.ReplicaKey, Claim]:
         return {
-            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS], r.gcs)
+            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS], r.gcs, r.ready)
             for k, r in self._running.items()
             if r.task is not None
         }
@@ -614,12 +627,32 @@ class DeploymentService(ComponentBase):
         replica.lease_ids = []
 
     async def _publish(self) -> None:
-        claims = format_claims(self._own_claims())
-        try:
-            await self.ctx.update_tags(dv=self._digest, dp=claims)
-        except ValueError as exc:  # TagsError: too many replicas here to announce
-            log.error(_log, "assignments do not fit in the tags", error=str(exc))
-            await self.ctx.update_tags(dv=self._digest)
+        """Gossip the record digest and this node's claims. Memberlist allows 512 bytes for all
+        of a node's tags: claims that do not fit are left out (heads' first kept, as the other
+        nodes of their replica join the GCS port they announce), with a warning."""
+        own = self._own_claims()
+        keys = sorted(own, key=lambda k: (own[k].gcs == 0, k))
+        dropped: list[str] = []
+        while True:
+            try:
+                await self.ctx.update_tags(
+                    dv=self._digest, dp=format_claims({k: own[k] for k in keys})
+                )
+                break
+            except ValueError as exc:  # TagsError: too many replicas here to announce
+                if not keys:
+                    log.error(_log, "deployment tags do not fit", error=str(exc))
+                    break
+                name, index = keys.pop()
+                dropped.append(f"{name}.{index}")
+        if dropped != self._unannounced:
+            self._unannounced = dropped
+            if dropped:
+                log.warning(
+                    _log,
+                    "replicas left out of the tags (memberlist's 512-byte limit)",
+                    replicas=",".join(sorted(dropped)),
+                )
 
     # ---- readiness -------------------------------------------------------------------------
 
@@ -660,7 +693,66 @@ class DeploymentService(ComponentBase):
                 key: (targets[key][0], targets[key][2], ok, error)
                 for key, (ok, error) in zip(targets, results, strict=True)
             }
+            await self._judge_readiness()
             await asyncio.sleep(cfg.interval_s)
+
+    async def _judge_readiness(self) -> None:
+        """Replicas whose server runs here are ready (announced in their claim) when a peer's
+        latest probe of them over the data path passed: a probe from this host would go over
+        loopback. With no verified peer to ask, this node's own probe decides."""
+        me = self.ctx.node_name
+        serving = [r for r in self._running.values() if r.supervisor is not None]
+        peers = sorted(
+            (
+                m
+                for m in self.ctx.peers()
+                if m.alive
+                and m.tags is not None
+                and m.tags.pp
+                and self._health.prober.verified(m.name)
+            ),
+            key=lambda m: m.name,
+        )[:READY_REPORTERS]
+        seen: set[tuple[placement.ReplicaKey, int]] = set()
+        if serving and peers:
+            replies = await asyncio.gather(
+                *(
+                    self._health.client.call(
+                        m.addr, m.tags.pp, PATH_PEER_PROBES, PeerProbesRequest(), PeerProbesReply
+                    )
+                    for m in peers
+                    if m.tags is not None
+                ),
+                return_exceptions=True,
+            )
+            for reply in replies:
+                if isinstance(reply, PeerProbesReply):
+                    seen.update(
+                        ((p.deployment, p.replica), p.port)
+                        for p in reply.probes
+                        if p.ok and p.node == me
+                    )
+        else:
+            seen = {
+                (key, port)
+                for key, (node, port, ok, _) in self._probes.items()
+                if ok and node == me
+            }
+        changed = False
+        for replica in self._running.values():
+            ready = replica.supervisor is not None and (replica.key, replica.port) in seen
+            changed |= ready != replica.ready
+            replica.ready = ready
+        if changed:
+            self._wake.set()
+
+    async def _peer_probes(self, body: bytes) -> bytes:
+        msgspec.json.decode(body or b"{}", type=PeerProbesRequest)
+        reports = [
+            ProbeReport(deployment=key[0], replica=key[1], node=node, port=port, ok=ok)
+            for key, (node, port, ok, _) in sorted(self._probes.items())
+        ]
+        return msgspec.json.encode(PeerProbesReply(name=self.ctx.node_name, probes=reports))
 
     async def _probe(
         self, session: aiohttp.ClientSession, key: placement.ReplicaKey, addr: str, port: int
@@ -728,6 +820,7 @@ class DeploymentService(ComponentBase):
             )
             claim = claims.get(node, {}).get((s.name, i))
             view.spec = claim.spec if claim else ""
+            view.announced_ready = claim.ready if claim else False
             probe = self._probes.get((s.name, i))
             if probe is not None and probe[0] == node:
                 view.port, view.probe_ok, view.probe_error = probe[1], probe[2], probe[3]
@@ -813,6 +906,18 @@ class DeploymentService(ComponentBase):
                         "on every host, then apply it again",
                     )
                 )
+        if self._unannounced:
+            problems.append(
+                Problem(
+                    code="deployments.claims_truncated",
+                    severity="warning",
+                    subject=self.ctx.node_name,
+                    message=f"replicas {', '.join(self._unannounced)} run here but do not fit in "
+                    "this node's gossip tags (memberlist allows 512 bytes in all), so other "
+                    "nodes do not see them and may place them again",
+                    fix="run fewer replicas per node, or use shorter deployment names",
+                )
+            )
         for p in self._assignment.pending:
             problems.append(
                 Problem(
