@@ -4,8 +4,10 @@ One cluster of 3 hosts with 2 fake GPUs each, the `command` engine running tests
 apply R=2 N=1 G=1 on host A -> both endpoints ready from every host; an unsigned spec and a
 command outside the allow list are refused on every host with the reason; a spec change rolls
 one replica at a time; kill -9 a host that runs a replica -> the replica is re-placed and ready
-again; delete on host B -> gone everywhere, and the killed host catches up on rejoin (the delete
-survives, nothing runs there).
+again; delete on host B without the operator's key -> refused there, nothing changes; signed ->
+gone everywhere, and the killed host catches up on rejoin (the delete survives, nothing runs
+there). A tombstone gossiped without an operator's signature is not applied where operators are
+trusted.
 """
 
 from __future__ import annotations
@@ -182,9 +184,15 @@ def test_deploy_apply_refuse_failover_delete(
     )
     print(f"kill -9 -> ready again: {time.monotonic() - killed:.1f} s")
 
-    # Delete on another host than the one that applied: gone everywhere.
+    # Delete on another host than the one that applied: without the operator's key it is
+    # refused there with the fix and nothing changes; signed, it is gone everywhere.
     deleter = next(n for n in survivors if n is not a) if a in survivors else survivors[0]
-    deleter.cli("deploy", "delete", "echo")
+    before = deleter.api("/v1/deployments")["digest"]
+    refused = deleter.cli("deploy", "delete", "echo", check=False)
+    assert refused.returncode != 0 and "--key" in refused.stderr, refused.stderr
+    assert deleter.api("/v1/deployments")["digest"] == before
+    assert status(deleter, "echo")["state"] == "active"
+    deleter.cli("deploy", "delete", "echo", "--key", str(key_file))
     for node in survivors:
         wait_for(
             lambda node=node: (
@@ -207,6 +215,53 @@ def test_deploy_apply_refuse_failover_delete(
     time.sleep(3)
     assert victim.api("/v1/status")["deployments"]["running_here"] == 0
     assert victim.cli("deploy", "status", "echo", check=False).returncode != 0
+
+
+def test_tombstone_gossiped_without_an_operator_signature_is_not_applied(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """A key-holding member whose config names no operators takes an unsigned delete and
+    gossips the tombstone: the hosts that trust operators keep the deployment live and say
+    why in `gpud deploy status`; the operator's signed delete then removes it everywhere."""
+    private, public = authority.keygen()
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(private + "\n")
+    c: Cluster = cluster(
+        3,
+        overrides={"deployments": {"operators": [public], "command_allow": [sys.executable]}},
+        node_overrides={2: {"deployments": {"operators": []}}},
+    )
+    c.wait_converged()
+    a, b, forger = c.nodes
+    spec = tmp_path / "kept.toml"
+    spec.write_text(spec_text("kept", replicas=1))
+    a.cli("deploy", "apply", str(spec), "--key", str(key_file))
+    wait_for(
+        lambda: all(
+            "kept" in [d["name"] for d in n.api("/v1/deployments")["deployments"]] for n in c
+        ),
+        30,
+        0.5,
+        what="'kept' on every node",
+    )
+    forger.cli("deploy", "delete", "kept")
+    assert "kept" in forger.api("/v1/deployments")["deleted"]
+    for node in (a, b):
+        view = wait_for(
+            lambda node=node: (v := status(node, "kept"))["delete_refused"] and v,
+            30,
+            0.5,
+            what=f"the unsigned delete refused on {node.name}",
+        )
+        assert view["state"] == "active" and "not signed" in view["delete_refused"], view
+        assert "not signed" in node.cli("deploy", "status", "kept", check=False).stdout
+    b.cli("deploy", "delete", "kept", "--key", str(key_file))
+    wait_for(
+        lambda: all("kept" in n.api("/v1/deployments")["deleted"] for n in c),
+        30,
+        0.5,
+        what="the signed delete on every node",
+    )
 
 
 def test_deploy_minority_refused_and_partition_heals_to_one_state(

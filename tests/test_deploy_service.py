@@ -8,13 +8,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpud.context import Member, NodeContext
 from gpud.deployments import authority, spec, version
 from gpud.deployments.claims import Claim, parse_claims
-from gpud.deployments.model import Entry
+from gpud.deployments.model import DeleteRequest, Entry
 from gpud.deployments.service import (
     DeploymentService,
     majority_refusal,
@@ -225,3 +226,73 @@ async def test_claims_that_do_not_fit_in_the_tags_are_left_out_heads_first_kept(
     problem = next(p for p in svc.problems() if p.code == "deployments.claims_truncated")
     assert "deployment-29.0" in problem.message and "zz-head" not in problem.message
     store.close()
+
+
+def test_delete_signature_covers_the_name_and_the_version() -> None:
+    private, public = authority.keygen()
+    key = authority.load_private(private)
+    v = version.SpecVersion(7, "n1")
+    operator, signature = authority.sign_delete("echo", v, key)
+    assert authority.delete_refusal("echo", v, operator, signature, [public]) == ""
+    assert "not signed" in authority.delete_refusal("echo", v, "", "", [public])
+    assert "not in this host" in authority.delete_refusal("echo", v, operator, signature, [])
+    for name, other in (("other", v), ("echo", version.SpecVersion(8, "n1"))):
+        assert "does not verify" in authority.delete_refusal(
+            name, other, operator, signature, [public]
+        )
+    # A spec's signature is no delete's, and the other way round.
+    s = spec.load_spec(SPEC)
+    assert "does not verify" in authority.refusal(s, operator, signature, [public])
+
+
+async def test_deletes_need_an_operator_signature_where_operators_are_set(
+    tmp_path: Path,
+) -> None:
+    private, public = authority.keygen()
+    key = authority.load_private(private)
+    store = StateStore(tmp_path / "state")
+    svc = service(tmp_path, store, operators=[public], command_allow=["/usr/bin/srv"])
+    await svc.apply(SPEC, *authority.sign(spec.load_spec(SPEC), key))
+    before = svc.status().digest
+
+    # Unsigned, signed by an untrusted key, or signed for another version: 4xx, nothing changes.
+    tomb = version.SpecVersion(svc.status().lamport + 1, "n1")
+    stranger = authority.load_private(authority.keygen()[0])
+    for signed, status, words in (
+        (None, 403, "--key"),
+        (DeleteRequest(version=tomb, **_signed("echo", tomb, stranger)), 403, "not in this host"),
+        (
+            DeleteRequest(
+                version=version.SpecVersion(tomb.lamport + 1, "n1"), **_signed("echo", tomb, key)
+            ),
+            400,
+            "does not verify",
+        ),
+        (
+            DeleteRequest(
+                version=version.SpecVersion(1, "n1"),
+                **_signed("echo", version.SpecVersion(1, "n1"), key),
+            ),
+            409,
+            "run the delete again",
+        ),
+    ):
+        with pytest.raises(ApiError) as refused:
+            await svc.delete("echo", signed)
+        assert refused.value.status == status and words in refused.value.message
+        assert svc.status().digest == before and svc.view("echo").state == "active"
+
+    # A peer's tombstone without a valid signature is not merged; the reason shows.
+    forged = Entry(record=version.deleted("echo", version.SpecVersion(99, "peer")))
+    assert await svc._merge([forged]) == []
+    view = svc.view("echo")
+    assert view.state == "active" and "not signed" in view.delete_refused
+
+    reply = await svc.delete("echo", DeleteRequest(version=tomb, **_signed("echo", tomb, key)))
+    assert reply.changed and svc.listing().deleted == ["echo"]
+    store.close()
+
+
+def _signed(name: str, v: version.SpecVersion, key: Ed25519PrivateKey) -> dict[str, str]:
+    operator, signature = authority.sign_delete(name, v, key)
+    return {"operator": operator, "signature": signature}

@@ -4,7 +4,9 @@ A spec makes every matching host run a command, so holding the cluster key (enou
 and to answer the peer API) is not enough: a node runs a spec only if it verifies the
 signature of one of the operator public keys in its own config (`[deployments] operators`).
 The signature covers the canonical JSON of the spec (`spec.encode`), which every node
-recomputes from the record it holds, so it survives any number of hops unchanged.
+recomputes from the record it holds, so it survives any number of hops unchanged. A delete is
+signed too: the signature covers the tombstone's name and version (`delete_message`), so a
+signed delete cannot be replayed against a later apply of the same name.
 
 Keys are raw Ed25519 keys in base64: a private key file holds one line, a public key is one
 short string to paste into every host's config.
@@ -21,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gpud.deployments.spec import DeploymentSpec, encode
+from gpud.deployments.version import SpecVersion
 from gpud.errors import GpudError
 
 
@@ -61,10 +64,38 @@ def sign(spec: DeploymentSpec, private: Ed25519PrivateKey) -> tuple[str, str]:
     return public_of(private), _b64(private.sign(encode(spec)))
 
 
+def delete_message(name: str, version: SpecVersion) -> bytes:
+    """What an operator signs to delete ``name``: its tombstone's name and version. The prefix
+    keeps it apart from a spec's canonical JSON."""
+    return f"gpud-deploy-delete\0{name}\0{version.lamport}\0{version.origin}".encode()
+
+
+def sign_delete(name: str, version: SpecVersion, private: Ed25519PrivateKey) -> tuple[str, str]:
+    """(operator public key, signature) for the tombstone of ``name`` at ``version``."""
+    return public_of(private), _b64(private.sign(delete_message(name, version)))
+
+
 def refusal(spec: DeploymentSpec, operator: str, signature: str, trusted: Iterable[str]) -> str:
     """Why this node must not run ``spec`` ("" when a trusted operator signed it). Pure."""
     if not operator or not signature:
         return "not signed by an operator; apply it with `gpud deploy apply --key FILE`"
+    return _verify(encode(spec), operator, signature, trusted)
+
+
+def delete_refusal(
+    name: str, version: SpecVersion, operator: str, signature: str, trusted: Iterable[str]
+) -> str:
+    """Why this node must not apply the tombstone of ``name`` at ``version`` ("" when a trusted
+    operator signed it). Pure."""
+    if not operator or not signature:
+        return (
+            "the delete is not signed by an operator; delete it with "
+            f"`gpud deploy delete {name} --key FILE`"
+        )
+    return _verify(delete_message(name, version), operator, signature, trusted)
+
+
+def _verify(message: bytes, operator: str, signature: str, trusted: Iterable[str]) -> str:
     if operator not in set(trusted):
         return (
             f"signed by operator key {operator[:12]}..., which is not in this host's "
@@ -72,7 +103,7 @@ def refusal(spec: DeploymentSpec, operator: str, signature: str, trusted: Iterab
         )
     try:
         public = Ed25519PublicKey.from_public_bytes(_unb64(operator, 32, "operator key"))
-        public.verify(_unb64(signature, 64, "signature"), encode(spec))
+        public.verify(_unb64(signature, 64, "signature"), message)
     except (AuthorityError, InvalidSignature, ValueError):
         return f"the signature does not verify with operator key {operator[:12]}..."
     return ""

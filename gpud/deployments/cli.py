@@ -28,6 +28,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     delete = actions.add_parser("delete", help="delete a deployment everywhere")
     delete.add_argument("name")
+    delete.add_argument(
+        "--key", help="operator private key file (needed where [deployments] operators is set)"
+    )
     client_options(delete, nested=True)
     delete.set_defaults(func=cmd_delete)
 
@@ -76,7 +79,25 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    reply = api_call(args, "DELETE", f"/v1/deployments/{args.name}", None, ApplyReply)
+    body = None
+    if args.key:
+        from gpud.deployments import authority
+        from gpud.deployments.version import SpecVersion
+
+        try:
+            private = authority.load_private(Path(args.key).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{args.key}: {exc.strerror}") from None
+        # The tombstone's version, signed with it: after everything the node has seen.
+        listing = api_get(args, "/v1/deployments", DeploymentsList)
+        tomb = SpecVersion(lamport=listing.lamport + 1, origin=listing.node)
+        operator, signature = authority.sign_delete(args.name, tomb, private)
+        body = {
+            "version": {"lamport": tomb.lamport, "origin": tomb.origin},
+            "operator": operator,
+            "signature": signature,
+        }
+    reply = api_call(args, "DELETE", f"/v1/deployments/{args.name}", body, ApplyReply)
     if args.json:
         print_json(reply)
     else:
@@ -111,6 +132,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     if view.reason:
         print(f"refused on this host: {escape(view.reason)}")
+    if view.delete_refused:
+        print(f"on this host: {escape(view.delete_refused)}")
     print(
         f"{'REPLICA':>7}  {'STATE':<9} {'NODE':<16} {'ENDPOINT':<22} {'ANNOUNCED':<9} "
         f"{'RESTARTS':>8}  DETAIL"

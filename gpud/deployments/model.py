@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gpud.deployments.version import Record
+from gpud.deployments.version import Record, SpecVersion
 
 # base64 of a raw Ed25519 public key (32 bytes) or signature (64 bytes).
 B64 = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9+/=]*$")]
@@ -17,7 +17,9 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
 
     The signature covers `spec.encode(record.spec)` (the canonical JSON), so it travels through
     any number of nodes unchanged; a node runs the spec only if `operator` is one of its
-    trusted keys and the signature verifies. Tombstones carry no signature.
+    trusted keys and the signature verifies. A tombstone's signature covers its name and
+    version (`authority.delete_message`); nodes with operators configured apply only signed
+    tombstones.
     """
 
     record: Record
@@ -32,6 +34,15 @@ class ApplyRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     spec: Annotated[str, msgspec.Meta(max_length=64 * 1024)]
     operator: B64 = ""
     signature: B64 = ""
+
+
+class DeleteRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of DELETE /v1/deployments/NAME for a signed delete: the tombstone's version (the
+    CLI picks one after the node's Lamport clock) and an operator's signature of it."""
+
+    version: SpecVersion
+    operator: B64
+    signature: B64
 
 
 class PeerRecordsRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -111,6 +122,8 @@ class DeploymentView(msgspec.Struct, kw_only=True):
     # "active", or "refused" with the reason (unsigned, untrusted operator, not allowed here).
     state: Literal["active", "refused"]
     reason: str = ""
+    # A delete this node refused (unsigned or wrongly signed while operators are configured).
+    delete_refused: str = ""
     operator: str = ""
     replica_views: list[ReplicaView] = []
 

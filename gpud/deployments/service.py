@@ -42,6 +42,7 @@ from gpud.deployments.claims import Claim, format_claims, parse_claims, replica_
 from gpud.deployments.model import (
     ApplyReply,
     ApplyRequest,
+    DeleteRequest,
     DeploymentsList,
     DeploymentView,
     Endpoint,
@@ -239,6 +240,8 @@ class DeploymentService(ComponentBase):
         self._probes: dict[placement.ReplicaKey, tuple[str, int, bool, str]] = {}
         self._fetch_errors: dict[str, str] = {}
         self._refusals: dict[tuple[str, str, str], str] = {}
+        # Deletes refused (unsigned or wrongly signed): name -> (tombstone version, reason).
+        self._refused_deletes: dict[str, tuple[str, str]] = {}
         # Replicas left out of the `dp` tag because the tags would not fit (logged once).
         self._unannounced: list[str] = []
         self._wake = asyncio.Event()
@@ -262,12 +265,15 @@ class DeploymentService(ComponentBase):
             except spec.SpecError as exc:
                 log.warning(_log, "peer record refused", error=str(exc))
                 continue
+            if entry.record.spec is None and self._delete_refused(entry):
+                continue
             if entry.record.name not in records and len(records) >= MAX_NAMES:
                 log.warning(_log, "record refused: too many names", name=entry.record.name)
                 continue
             clock = max(clock, entry.record.version.lamport)
             records, took = version.merge(records, entry.record)
             if took:
+                self._refused_deletes.pop(entry.record.name, None)
                 changed = [c for c in changed if c.record.name != entry.record.name] + [entry]
         if changed or clock != self._clock:
             await asyncio.to_thread(self._specs.save, changed, clock)
@@ -277,6 +283,25 @@ class DeploymentService(ComponentBase):
             self._digest = set_digest(self._entries)
             self._wake.set()
         return [c.record.name for c in changed]
+
+    def _delete_refused(self, entry: Entry) -> bool:
+        """With operators configured, a tombstone must carry a trusted operator's signature of
+        its name and version; one that does not is not merged (the record stays live) and the
+        reason is kept for `gpud deploy status`."""
+        operators = self.ctx.config.deployments.operators
+        record = entry.record
+        if not operators:
+            return False
+        reason = authority.delete_refusal(
+            record.name, record.version, entry.operator, entry.signature, operators
+        )
+        if not reason:
+            return False
+        refused = (str(record.version), reason)
+        if self._refused_deletes.get(record.name) != refused:
+            self._refused_deletes[record.name] = refused
+            log.warning(_log, "delete refused", name=record.name, version=refused[0], reason=reason)
+        return True
 
     def _next_version(self) -> version.SpecVersion:
         records = {n: e.record for n, e in self._entries.items()}
@@ -792,8 +817,13 @@ class DeploymentService(ComponentBase):
             state="refused" if reason else "active",
             reason=reason,
             operator=entry.operator,
+            delete_refused=self._delete_refusal_text(name),
             replica_views=self._replica_views(s, reason),
         )
+
+    def _delete_refusal_text(self, name: str) -> str:
+        refused = self._refused_deletes.get(name)
+        return f"delete {refused[0]} refused: {refused[1]}" if refused else ""
 
     def _replica_views(self, s: spec.DeploymentSpec, refused: str) -> list[ReplicaView]:
         if refused:
@@ -1013,13 +1043,40 @@ class DeploymentService(ComponentBase):
             name=s.name, version=str(record.version), digest=record.digest, changed=True
         )
 
-    async def delete(self, name: str) -> ApplyReply:
+    async def delete(self, name: str, signed: DeleteRequest | None = None) -> ApplyReply:
+        """Store and announce a tombstone. With operators configured it must be ``signed`` by
+        one of them (`gpud deploy delete NAME --key FILE`). ApiError (nothing changes) if not."""
         held = self._entries.get(name)
         if held is None or held.record.spec is None:
             raise ApiError(404, f"no deployment named {name!r}; see `gpud deploy list`")
+        operators = self.ctx.config.deployments.operators
+        if signed is None:
+            entry = Entry(record=version.deleted(name, self._next_version()))
+        else:
+            entry = Entry(
+                record=version.deleted(name, signed.version),
+                operator=signed.operator,
+                signature=signed.signature,
+            )
+            if authority.delete_refusal(
+                name, signed.version, signed.operator, signed.signature, [signed.operator]
+            ):
+                raise ApiError(400, "bad delete: the signature does not verify for it")
+        if operators:
+            reason = authority.delete_refusal(
+                name, entry.record.version, entry.operator, entry.signature, operators
+            )
+            if reason:
+                raise ApiError(403, f"refused: {reason}")
+        if entry.record.order() <= held.record.order():
+            raise ApiError(
+                409,
+                f"refused: {name} changed since this delete was signed (now version "
+                f"{held.record.version}); run the delete again",
+            )
         self._require_majority()
-        record = version.deleted(name, self._next_version())
-        await self._merge([Entry(record=record)])
+        record = entry.record
+        await self._merge([entry])
         log.info(_log, "deleted", name=name, version=str(record.version))
         return ApplyReply(name=name, version=str(record.version), digest="", changed=True)
 
@@ -1047,7 +1104,10 @@ class DeploymentService(ComponentBase):
 
     async def _delete(self, request: web.Request) -> web.Response:
         api.require_admin(request, self.ctx.config.api.admin_group)
-        return api.json_response(await self.delete(request.match_info["name"]))
+        signed = None
+        if request.content_type == "application/json" and request.content_length:
+            signed = await api.read_body(request, DeleteRequest, what="delete request")
+        return api.json_response(await self.delete(request.match_info["name"], signed))
 
     async def _get_endpoints(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
