@@ -41,7 +41,7 @@ from typing import Protocol
 import msgspec
 
 from gpud.config import RayConfig
-from gpud.ray.probes import alive_ray_nodes, gcs_healthy
+from gpud.ray.probes import GcsNodes, alive_ray_nodes, gcs_healthy
 from gpud.ray.service import RayServiceSettings
 from gpud.ray.supervisor import WORKER_PORT_NAMES, SupervisorSettings
 from tests.harness.gpud_node import Cluster, GpudNode
@@ -231,6 +231,7 @@ class HarnessCluster:
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
+        self._queries: dict[str, GcsNodes] = {}
 
     def _running(self) -> list[GpudNode]:
         return [n for n in self.cluster if n.running()]
@@ -271,11 +272,36 @@ class HarnessCluster:
         return True
 
     async def ray_nodes(self, address: str) -> list[str]:
-        via = self._running()[0].host
-        nodes = await alive_ray_nodes(
-            RAY_EXECUTABLE, address, timeout_s=3, argv_prefix=["ip", "netns", "exec", via.netns]
-        )
-        return [n.name for n in nodes]
+        # One long-lived query process per address (as gpud polls): a process per poll would
+        # take a CPU core from the Ray nodes whose start this measures.
+        query = self._queries.get(address)
+        if query is None:
+            via = self._running()[0].host
+            query = GcsNodes(
+                RAY_EXECUTABLE, address, argv_prefix=["ip", "netns", "exec", via.netns]
+            )
+            self._queries[address] = query
+        return [n.name for n in await query.alive(timeout_s=3)]
+
+    async def close(self) -> None:
+        for query in self._queries.values():
+            await query.close()
+        self._queries.clear()
+
+
+async def _ray_nodes_once(probes: HarnessCluster, address: str) -> list[str]:
+    try:
+        return await probes.ray_nodes(address)
+    finally:
+        await probes.close()
+
+
+async def _failover_once(cluster: Cluster) -> FailoverResult:
+    probes = HarnessCluster(cluster)
+    try:
+        return await measure_failover(probes)
+    finally:
+        await probes.close()
 
 
 def _steady(cluster: Cluster, limit_s: float = 240.0) -> tuple[str, int, int]:
@@ -288,7 +314,7 @@ def _steady(cluster: Cluster, limit_s: float = 240.0) -> tuple[str, int, int]:
         if head is not None and head[2]:
             address = f"{probes.head_address(head[0])}:{head[2]}"
             with contextlib.suppress(RuntimeError):
-                if names <= set(asyncio.run(probes.ray_nodes(address))):
+                if names <= set(asyncio.run(_ray_nodes_once(probes, address))):
                     return head
         time.sleep(1.0)
     raise TimeoutError(f"no steady Ray cluster after {limit_s}s:\n{cluster.describe()}")
@@ -306,7 +332,7 @@ def harness(repeats: int, vote_timeout_s: float, hosts: int = 3) -> list[Failove
             head = _steady(c)
             print(f"harness: {hosts} hosts, head {head[0]}, up in {time.monotonic() - began:.1f}s")
             for i in range(repeats):
-                result = asyncio.run(measure_failover(HarnessCluster(c)))
+                result = asyncio.run(_failover_once(c))
                 results.append(result)
                 print(f"harness #{i + 1}: {_line(result)}", flush=True)
                 victim = next(n for n in c if n.name == result.old_head)

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -108,7 +108,12 @@ class LoopbackTransport:
         self._net.handlers[self._node][name] = handler
 
     async def query(
-        self, name: str, payload: bytes, *, timeout_s: float | None = None
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        timeout_s: float | None = None,
+        enough: Callable[[Mapping[str, bytes]], bool] | None = None,
     ) -> dict[str, bytes]:
         replies: dict[str, bytes] = {}
         for node, handlers in list(self._net.handlers.items()):
@@ -116,6 +121,8 @@ class LoopbackTransport:
                 response = await handlers[name](self._node, payload)
                 if response is not None:
                     replies[node] = response
+                    if enough is not None and enough(replies):
+                        break
         await asyncio.sleep(0)
         return replies
 

@@ -20,6 +20,7 @@ from gpud.ray.head_election import (
     LEASE_MARGIN_S,
     LEASE_REFUSAL,
     LEASE_S,
+    lease_ends_at,
     lease_holds,
     lease_refusal,
 )
@@ -75,6 +76,22 @@ def test_lease_holds_exactly_while_a_majority_is_fresh(contact_age: float, size:
     assert (verdict is None) == (size == 1 or contact_age <= LEASE_S)
     if verdict is not None:
         assert verdict.startswith("lease expired: only 1 of")
+
+
+@given(
+    size=st.integers(min_value=1, max_value=7),
+    contacts=st.lists(st.floats(min_value=0, max_value=20), min_size=0, max_size=6),
+    now=st.floats(min_value=0, max_value=30),
+)
+def test_lease_ends_exactly_when_lease_holds_stops(
+    size: int, contacts: list[float], now: float
+) -> None:
+    """The head's timer (lease_ends_at) and its check (lease_holds) agree at every moment, so
+    a head stepping at lease_ends_at stops acting when the lease ends, not a tick later."""
+    known = NAMES[:size]
+    seen = dict(zip(known[1:], contacts, strict=False))  # members without contact: never
+    ends = lease_ends_at(known[0], known, seen, LEASE_S)
+    assert (lease_holds(known[0], known, seen, now, LEASE_S) is None) == (now <= ends)
 
 
 def test_lease_refusal_names_the_head_and_ignores_the_candidate_itself() -> None:

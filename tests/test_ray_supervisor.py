@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpud.process import GroupRecord, leftover_members, process_start
-from gpud.ray.probes import alive_ray_nodes, gcs_healthy, probe_ray
+from gpud.ray.probes import GcsNodes, alive_ray_nodes, gcs_healthy, probe_ray
 from gpud.ray.supervisor import (
     RAY_CHILD,
     RayPorts,
@@ -180,6 +180,13 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
             return sorted(n.name for n in nodes) == ["h1", "w1"]
 
         await async_wait_for(two_nodes, 90, what="2 alive Ray nodes")
+        # The long-lived query answers again and again from one child process.
+        query = GcsNodes(RAY_EXECUTABLE, f"127.0.0.2:{gcs}")
+        first = await query.alive()
+        child = query._proc
+        assert child is not None and sorted(n.name for n in first) == ["h1", "w1"]
+        assert sorted(n.name for n in await query.alive()) == ["h1", "w1"]
+        assert query._proc is child and child.returncode is None
 
         # kill -9 the head's whole process group: GCS is gone.
         head_pid = head.status().process.pid
@@ -188,6 +195,14 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
         head.set_target(None)  # keep the head supervisor from restarting it
 
         os.killpg(head_pid, signal.SIGKILL)
+        # A GCS gone is a RuntimeError naming it, within the request's bound; the child is
+        # closed (its whole group killed), the next request would start a new one.
+        with pytest.raises(RuntimeError, match=f"127.0.0.2:{gcs}"):
+            async with asyncio.timeout(20):
+                await query.alive(timeout_s=2)
+        assert query._proc is None and child.returncode is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(child.pid, 0)
         worker_pid_before = worker.status().process.pid
 
         head2.set_target(RayTarget(role="head"))

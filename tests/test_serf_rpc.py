@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -298,6 +299,14 @@ async def test_stream_query_join_failure_and_force_leave(agents: list[RawSerf]) 
         result = await rpc_a.query("ping", b"42", request_ack=True, timeout_s=2)
         assert result.responses == {"b": b"pong:42"}
         assert result.acks >= {"b"}
+        # `enough` ends the query at the first answer that satisfies it, long before Serf's
+        # deadline; the records Serf still sends for it (its "done") do not disturb later calls.
+        began = time.monotonic()
+        early = await rpc_a.query("ping", b"7", timeout_s=4, enough=lambda got: "b" in got)
+        assert early.responses == {"b": b"pong:7"} and time.monotonic() - began < 3
+        await asyncio.sleep(4.5)  # past the first query's "done"
+        again = await rpc_a.query("ping", b"8", timeout_s=1)
+        assert again.responses == {"b": b"pong:8"}
         responder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await responder

@@ -67,13 +67,18 @@ CERT_PAGES_MAX = 16
 # Leader lease (issue 11): a head acts only while a majority of the known members (itself
 # included) heard from it within LEASE_S; a voter helps elect nobody else until
 # LEASE_S + LEASE_MARGIN_S after it last heard from a member announcing itself head. So the
-# old head has stopped before a successor can exist. The margin covers one election step
-# (TICK_S) and the step-down itself. Every member probes the head every 0.5 s
+# old head has stopped before a successor can exist. A head runs a step at the moment its
+# lease would end (`HeadElection.next_step_in`), so the margin covers only the step-down
+# itself on a busy event loop. Every member probes the head every 0.5 s
 # (gpud.health.prober.QUICK_S), so 2.5 s rides out four lost probes in a row.
 LEASE_S = 2.5
-LEASE_MARGIN_S = 1.0
+LEASE_MARGIN_S = 0.5
 # A candidate blocked by its own lease for at most this long waits it out inside the step.
 LEASE_WAIT_MAX_S = 2.0
+# A voter whose lease ends within this long answers once it has, instead of refusing; shorter
+# than any vote timeout a candidate uses (config allows down to ~0.1 s, but Serf answers
+# late replies as none: the candidate then just retries).
+VOTER_WAIT_MAX_S = 0.75
 # A candidate whose votes were refused only for a lease stands again after this long.
 LEASE_RETRY_S = (0.3, 0.6)
 # A gap this long between two election steps (normally <= 1 s apart) means this process was
@@ -87,7 +92,12 @@ class QueryTransport(Protocol):
     """The slice of gpud.serf.agent the election needs (the test transport implements it too)."""
 
     async def query(
-        self, name: str, payload: bytes, *, timeout_s: float | None = None
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        timeout_s: float | None = None,
+        enough: Callable[[Mapping[str, bytes]], bool] | None = None,
     ) -> dict[str, bytes]: ...
 
     def on_query(self, name: str, handler: QueryHandler) -> None: ...
@@ -120,6 +130,59 @@ def lease_holds(
         f"lease expired: only {fresh} of {len(known)} members confirmed within {lease_s:g} s, "
         f"{needed} needed"
     )
+
+
+def lease_ends_at(
+    me: str, known: list[str], contacts: Mapping[str, float], lease_s: float
+) -> float:
+    """The last moment ``lease_holds`` holds on these contacts (pure): the majority's
+    oldest needed contact plus ``lease_s`` (inf when ``me`` alone is a majority)."""
+    needed = quorum(len(known))
+    if needed <= 1:
+        return math.inf
+    newest = sorted((contacts.get(n, -math.inf) for n in known if n != me), reverse=True)
+    return newest[needed - 2] + lease_s if len(newest) >= needed - 1 else -math.inf
+
+
+class Tally(msgspec.Struct, kw_only=True, frozen=True):
+    """A candidate's reading of its vote replies."""
+
+    votes: dict[str, str]  # voter -> signature, valid grants for this term only
+    refusals: list[str]
+    highest_term: int  # the highest term a counted member replied with
+
+
+def tally(
+    replies: Mapping[str, bytes], request: VoteRequest, names: set[str], keys: list[bytes]
+) -> Tally:
+    """Count vote replies (pure): a grant counts only from a counted member, for this term,
+    answering as itself, signed with the cluster's key."""
+    votes: dict[str, str] = {}
+    refusals: list[str] = []
+    highest = request.term
+    for node, payload in replies.items():
+        try:
+            reply = decode_reply(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            refusals.append(f"{node}: malformed reply")
+            continue
+        if node in names:
+            highest = max(highest, reply.term)
+        if reply.granted and reply.term == request.term and reply.voter == node and node in names:
+            if signature_valid(
+                keys,
+                reply.sig,
+                voter=node,
+                candidate=request.candidate,
+                term=request.term,
+                known=request.known,
+            ):
+                votes[node] = reply.sig
+            else:
+                refusals.append(f"{node}: vote not signed with this cluster's key")
+        elif not reply.granted:
+            refusals.append(f"{node}: {reply.reason}")
+    return Tally(votes=votes, refusals=refusals, highest_term=highest)
 
 
 def lease_refusal(
@@ -241,23 +304,15 @@ class HeadElection:
                 reason=f"malformed vote request: {exc}",
             )
             return encode_reply(reply)
-        members = self.screened().members
-        if request.candidate != from_node:
-            refusal: str | None = f"{from_node} asked for a vote for {request.candidate}"
-        elif from_node not in members:
-            refusal = f"{from_node} is not a verified gpud node of this cluster"
-        else:
-            refusal = vote_refusal(request.candidate, request.term, members, self._verdict)
-        if refusal is None and self._lease is not None:
-            blocked = lease_refusal(
-                request.candidate,
-                me,
-                self.ctx.members,
-                self._lease.heard_from(),
-                time.monotonic(),
-                LEASE_S + LEASE_MARGIN_S,
-            )
-            refusal = blocked[0] if blocked is not None else None
+        members, refusal = self._judge_vote(from_node, request)
+        if refusal is not None and refusal.startswith(LEASE_REFUSAL):
+            # The old head's lease ends within moments (the candidate waited out its own, and
+            # ours differs by a probe interval): answer once it has, not with a refusal that
+            # costs the candidate a retry. Judged again after the wait: it may have spoken.
+            blocked = self._lease_block(request.candidate)
+            if blocked is not None and blocked[1] <= VOTER_WAIT_MAX_S:
+                await asyncio.sleep(blocked[1])
+                members, refusal = self._judge_vote(from_node, request)
         try:
             reply = await self.store.vote(
                 request, voter=me, own_known=len(known_members(members)), refusal=refusal
@@ -289,6 +344,34 @@ class HeadElection:
         )
         return encode_reply(reply)
 
+    def _judge_vote(
+        self, from_node: str, request: VoteRequest
+    ) -> tuple[Mapping[str, Member], str | None]:
+        """The members that count and why this vote is refused (None: grant it)."""
+        members = self.screened().members
+        if request.candidate != from_node:
+            return members, f"{from_node} asked for a vote for {request.candidate}"
+        if from_node not in members:
+            return members, f"{from_node} is not a verified gpud node of this cluster"
+        refusal = vote_refusal(request.candidate, request.term, members, self._verdict)
+        if refusal is None:
+            blocked = self._lease_block(request.candidate)
+            refusal = blocked[0] if blocked is not None else None
+        return members, refusal
+
+    def _lease_block(self, candidate: str) -> tuple[str, float] | None:
+        """(why, seconds left) while another head's lease may still run, as seen here."""
+        if self._lease is None:
+            return None
+        return lease_refusal(
+            candidate,
+            self.ctx.node_name,
+            self.ctx.members,
+            self._lease.heard_from(),
+            time.monotonic(),
+            LEASE_S + LEASE_MARGIN_S,
+        )
+
     async def step(self) -> Plan:
         """Adopt higher terms, compute the plan, act on it (tags, candidacy); return it."""
         await self._after_freeze()
@@ -312,14 +395,28 @@ class HeadElection:
         except TimeoutError:
             log.warning(_log, "lease re-check timed out")
 
-    def _lease_expired(self, members: Mapping[str, Member]) -> str | None:
-        if self._lease is None:
-            return None
+    def _contacts(self) -> dict[str, float]:
+        assert self._lease is not None
         contacts = dict(self._lease.lease_contacts())
         for name, at in self._vote_contacts.items():
             contacts[name] = max(at, contacts.get(name, -math.inf))
+        return contacts
+
+    def _lease_expired(self, members: Mapping[str, Member]) -> str | None:
+        if self._lease is None:
+            return None
         known = [m.name for m in known_members(members)]
-        return lease_holds(self.ctx.node_name, known, contacts, time.monotonic(), LEASE_S)
+        return lease_holds(self.ctx.node_name, known, self._contacts(), time.monotonic(), LEASE_S)
+
+    def next_step_in(self, tick_s: float) -> float:
+        """Seconds until the next step is due: ``tick_s``, or sooner when this node leads and
+        its lease would end before then (it must stop acting at that moment, not a tick later:
+        LEASE_MARGIN_S counts on it)."""
+        if self.plan.action != "lead" or self._lease is None:
+            return tick_s
+        known = [m.name for m in known_members(self.screened().members)]
+        ends = lease_ends_at(self.ctx.node_name, known, self._contacts(), LEASE_S)
+        return max(0.0, min(tick_s, ends - time.monotonic() + 0.01))
 
     async def _step(self) -> Plan:
         screened = self.screened()
@@ -464,63 +561,43 @@ class HeadElection:
 
     async def _stand(self, term: int, members: Mapping[str, Member]) -> None:
         me = self.ctx.node_name
-        if self._lease is not None:
-            blocked = lease_refusal(
-                me,
-                me,
-                self.ctx.members,
-                self._lease.heard_from(),
-                time.monotonic(),
-                LEASE_S + LEASE_MARGIN_S,
-            )
-            if blocked is not None:
-                if blocked[1] > LEASE_WAIT_MAX_S:
-                    self.last_election = f"not standing for term {term}: {blocked[0]}"
-                    return
-                await asyncio.sleep(blocked[1])
+        blocked = self._lease_block(me)
+        if blocked is not None:
+            if blocked[1] > LEASE_WAIT_MAX_S:
+                self.last_election = f"not standing for term {term}: {blocked[0]}"
+                return
+            await asyncio.sleep(blocked[1])
         known = known_members(members)
         request = VoteRequest(term=term, candidate=me, known=len(known))
         own = await self.store.vote(request, voter=me, own_known=len(known), refusal=None)
         if not own.granted:
             log.info(_log, "not standing", term=term, reason=own.reason)
             return
+        names = {m.name for m in known}
+        keys = self._vote_keys()
+        needed = quorum(len(known))
+        own_sig = vote_signature(keys[0], voter=me, candidate=me, term=term, known=len(known))
         asked_at = time.monotonic()
         try:
+            # Return as soon as a majority granted: members that are down never answer, and
+            # waiting out the query timeout for them would add it to every failover.
             replies = await self._serf.query(
-                VOTE_QUERY, encode_request(request), timeout_s=self._vote_timeout_s
+                VOTE_QUERY,
+                encode_request(request),
+                timeout_s=self._vote_timeout_s,
+                enough=lambda got: (
+                    len(tally(got, request, names, keys).votes.keys() | {me}) >= needed
+                ),
             )
         except Exception as exc:  # serf down or restarting: no votes this round
             log.warning(_log, "vote query failed", error=str(exc))
             replies = {}
-        names = {m.name for m in known}
-        granted = {me}
-
-        keys = self._vote_keys()
-
-        def signed_by(voter: str, sig: str) -> bool:
-            return signature_valid(
-                keys, sig, voter=voter, candidate=me, term=term, known=len(known)
-            )
-
-        votes = {me: vote_signature(keys[0], voter=me, candidate=me, term=term, known=len(known))}
-        refusals: list[str] = []
-        for node, payload in replies.items():
-            try:
-                reply = decode_reply(payload)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                refusals.append(f"{node}: malformed reply")
-                continue
-            if reply.term > term and node in names:  # only counted members move our term
-                await self.store.adopt_term(reply.term)
-            if reply.granted and reply.term == term and reply.voter == node and node in names:
-                if signed_by(node, reply.sig):
-                    granted.add(node)
-                    votes[node] = reply.sig
-                else:
-                    refusals.append(f"{node}: vote not signed with this cluster's key")
-            elif not reply.granted:
-                refusals.append(f"{node}: {reply.reason}")
-        needed = quorum(len(known))
+        counted = tally(replies, request, names, keys)
+        if counted.highest_term > term:  # only counted members move our term
+            await self.store.adopt_term(counted.highest_term)
+        votes = {me: own_sig, **counted.votes}
+        granted = set(votes)
+        refusals = counted.refusals
         if len(granted) >= needed:
             self.last_election = f"won term {term} with {len(granted)} of {len(known)} votes"
             log.info(_log, "elected head", term=term, votes=len(granted), known=len(known))

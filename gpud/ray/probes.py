@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 from collections.abc import Sequence
 
 import msgspec
@@ -101,25 +102,141 @@ async def gcs_serving(host: str, port: int, timeout_s: float = GCS_CONNECT_TIMEO
     return header[3] == _H2_SETTINGS
 
 
+# One long-lived Python child per GCS address: it imports Ray and connects once (a second or
+# more of CPU), then answers one "which nodes are alive" per request line in milliseconds. A
+# subprocess per poll cost every node that second each time, and during a failover all of them
+# at once, next to the Ray nodes starting. It exits when its stdin closes (gpud gone).
 _NODES_SCRIPT = """
 import json, sys
 from ray._raylet import GcsClient
 from ray.core.generated.gcs_pb2 import GcsNodeInfo
 client = GcsClient(address=sys.argv[1])
-infos = client.get_all_node_info(
-    timeout=float(sys.argv[2]), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
-).values()
-print(json.dumps([
-    {"name": i.node_name, "ip": i.node_manager_address, "head": i.is_head_node}
-    for i in infos
-]))
+for line in sys.stdin:
+    try:
+        infos = client.get_all_node_info(
+            timeout=float(line), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
+        ).values()
+        reply = {"nodes": [
+            {"name": i.node_name, "ip": i.node_manager_address, "head": i.is_head_node}
+            for i in infos
+        ]}
+    except Exception as exc:
+        reply = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print("gpud-nodes " + json.dumps(reply), flush=True)
 """
+_REPLY_PREFIX = b"gpud-nodes "
+# Importing Ray and opening the GcsClient, on top of a request's own timeout.
+NODES_START_S = 20.0
 
 
 class RayNode(msgspec.Struct, kw_only=True):
     name: str
     ip: str
     head: bool
+
+
+class _NodesReply(msgspec.Struct):
+    nodes: list[RayNode] | None = None
+    error: str | None = None
+
+
+class GcsNodes:
+    """Which nodes one GCS sees alive, through one long-lived child (see _NODES_SCRIPT).
+
+    The child runs in its own process group and is killed by that group only; a request that
+    times out, or a child that exits, closes it, and the next request starts a new one.
+    ``argv_prefix`` runs it through a wrapper (e.g. `ip netns exec NS`)."""
+
+    def __init__(self, executable: str, gcs_address: str, *, argv_prefix: Sequence[str] = ()):
+        self.gcs_address = gcs_address
+        self._executable = executable
+        self._prefix = list(argv_prefix)
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def alive(self, timeout_s: float = 10.0) -> list[RayNode]:
+        """The alive nodes; raises RuntimeError with a reason."""
+        first = self._proc is None
+        proc = self._proc or await self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        noise = ""
+        try:
+            proc.stdin.write(f"{timeout_s}\n".encode())
+            await proc.stdin.drain()
+            async with asyncio.timeout(timeout_s + (NODES_START_S if first else 2.0)):
+                while True:
+                    line = await proc.stdout.readline()
+                    if not line:
+                        raise RuntimeError(noise or "the query process exited")
+                    if line.startswith(_REPLY_PREFIX):
+                        break
+                    noise = line.decode(errors="replace").strip() or noise  # Ray's own logs
+        except (
+            OSError,
+            ValueError,
+            RuntimeError,
+            TimeoutError,
+        ) as exc:  # ValueError: line > 64 KiB
+            await self.close()
+            why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or "broken pipe"
+            raise RuntimeError(
+                f"asking GCS {self.gcs_address} for nodes failed: {why}"[:300]
+            ) from None
+        try:
+            reply = msgspec.json.decode(line[len(_REPLY_PREFIX) :], type=_NodesReply)
+        except msgspec.DecodeError as exc:
+            await self.close()
+            raise RuntimeError(f"asking GCS {self.gcs_address}: bad reply: {exc}") from None
+        if reply.nodes is None:  # a client that failed once starts afresh next time
+            await self.close()
+            raise RuntimeError(
+                f"asking GCS {self.gcs_address} for nodes failed: {reply.error}"[:300]
+            )
+        return reply.nodes
+
+    async def _start(self) -> asyncio.subprocess.Process:
+        python = python_of(self._executable)
+        if python is None:
+            raise RuntimeError(f"cannot find the Python interpreter of {self._executable!r}")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._prefix,
+                python,
+                "-c",
+                _NODES_SCRIPT,
+                self.gcs_address,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # own group: closing kills whatever it started too
+            )
+        except OSError as exc:
+            raise RuntimeError(f"cannot start the GCS query process: {exc.strerror}") from None
+        return self._proc
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def alive_ray_nodes(
+    executable: str,
+    gcs_address: str,
+    timeout_s: float = 10.0,
+    *,
+    argv_prefix: Sequence[str] = (),
+) -> list[RayNode]:
+    """The nodes GCS reports alive, asked once (a GcsNodes opened and closed). Raises
+    RuntimeError with a reason."""
+    nodes = GcsNodes(executable, gcs_address, argv_prefix=argv_prefix)
+    try:
+        return await nodes.alive(timeout_s)
+    finally:
+        await nodes.close()
 
 
 def python_of(executable: str) -> str | None:
@@ -136,24 +253,3 @@ def python_of(executable: str) -> str | None:
         return None
     parts = first[2:].decode(errors="replace").split()
     return parts[0] if parts and os.path.isabs(parts[0]) else None
-
-
-async def alive_ray_nodes(
-    executable: str,
-    gcs_address: str,
-    timeout_s: float = 10.0,
-    *,
-    argv_prefix: Sequence[str] = (),
-) -> list[RayNode]:
-    """The nodes GCS reports alive (one subprocess, bounded). Raises RuntimeError with a reason.
-    ``argv_prefix`` runs the query through a wrapper (e.g. `ip netns exec NS`)."""
-    python = python_of(executable)
-    if python is None:
-        raise RuntimeError(f"cannot find the Python interpreter of {executable!r}")
-    result = await run_bounded(
-        [*argv_prefix, python, "-c", _NODES_SCRIPT, gcs_address, str(timeout_s)], timeout_s + 20
-    )
-    if result.code != 0:
-        last = result.stderr.splitlines()[-1:] or [result.last_line]
-        raise RuntimeError(f"asking GCS {gcs_address} for nodes failed: {last[0]}"[:300])
-    return msgspec.json.decode(result.last_line, type=list[RayNode])

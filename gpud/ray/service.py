@@ -27,7 +27,7 @@ from gpud.netprobe import TcpProbe, tcp_connect
 from gpud.process import GroupRecord
 from gpud.ray.election import GCS_UNREACHABLE, Plan, ineligible_reason, workers_reach_gcs
 from gpud.ray.head_election import RETRY_S, HeadElection, LeaseSource, QueryTransport
-from gpud.ray.probes import RayInstall, RayNode, alive_ray_nodes, probe_ray
+from gpud.ray.probes import GcsNodes, RayInstall, RayNode, alive_ray_nodes, probe_ray
 from gpud.ray.reach import (
     GcsReach,
     WorkerCheck,
@@ -242,7 +242,7 @@ class RayService(ComponentBase):
             self._note_deposed(current)
             await self._apply(current)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                await asyncio.wait_for(self._wake.wait(), self.election.next_step_in(TICK_S))
 
     def _note_deposed(self, current: Plan) -> None:
         if current.action == "step_down" and GCS_UNREACHABLE in current.reason:
@@ -290,31 +290,47 @@ class RayService(ComponentBase):
             log.info(_log, "head gcs announced", gcs=ready, term=self.ctx.tags.term)
 
     async def _nodes_loop(self) -> None:
-        while True:
-            address = self._gcs_address()
-            if address is not None:
-                try:
-                    nodes = await alive_ray_nodes(self.ctx.config.ray.executable, address)
-                    self._nodes = RayNodesSeen(nodes=nodes, gcs_address=address)
-                    self._workers = await self._check_workers(nodes, self._workers)
-                    self._registration = step(
-                        self._registration,
-                        registered(self.ctx.node_name, nodes),
-                        f"not alive in GCS {address}",
-                        self._thresholds,
-                    )
-                except (RuntimeError, OSError, msgspec.DecodeError) as exc:
-                    self._nodes = RayNodesSeen(error=str(exc), gcs_address=address)
-                self._nodes_at = time.monotonic()
-            else:
-                self._nodes, self._nodes_at = RayNodesSeen(), None
-                self._workers, self._registration = {}, Direction()
-            # Ask again after nodes_every_s, or at once when the GCS address changes (a new
-            # head), so status shows the new cluster without waiting out the interval.
-            for _ in range(max(1, int(self.settings.nodes_every_s / NODES_POLL_S))):
-                await asyncio.sleep(NODES_POLL_S)
-                if self._gcs_address() != address:
-                    break
+        query: GcsNodes | None = None
+        try:
+            while True:
+                query = await self._poll_nodes(query)
+                # Ask again after nodes_every_s, or at once when the GCS address changes (a
+                # new head), so status shows the new cluster without waiting out the interval.
+                address = query.gcs_address if query is not None else None
+                for _ in range(max(1, int(self.settings.nodes_every_s / NODES_POLL_S))):
+                    await asyncio.sleep(NODES_POLL_S)
+                    if self._gcs_address() != address:
+                        break
+        finally:
+            if query is not None:
+                await query.close()
+
+    async def _poll_nodes(self, query: GcsNodes | None) -> GcsNodes | None:
+        """One poll of the GCS this node belongs to, through ``query`` while the address
+        stays the same (a new one for a new head); returns the query to use next time."""
+        address = self._gcs_address()
+        if query is not None and query.gcs_address != address:
+            await query.close()
+            query = None
+        if address is not None:
+            query = query or GcsNodes(self.ctx.config.ray.executable, address)
+            try:
+                nodes = await query.alive()
+                self._nodes = RayNodesSeen(nodes=nodes, gcs_address=address)
+                self._workers = await self._check_workers(nodes, self._workers)
+                self._registration = step(
+                    self._registration,
+                    registered(self.ctx.node_name, nodes),
+                    f"not alive in GCS {address}",
+                    self._thresholds,
+                )
+            except (RuntimeError, OSError) as exc:
+                self._nodes = RayNodesSeen(error=str(exc), gcs_address=address)
+            self._nodes_at = time.monotonic()
+        else:
+            self._nodes, self._nodes_at = RayNodesSeen(), None
+            self._workers, self._registration = {}, Direction()
+        return query
 
     async def _check_workers(
         self,

@@ -23,7 +23,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -575,13 +575,21 @@ class SerfAgent(ComponentBase):
     # -- queries
 
     async def query(
-        self, name: str, payload: bytes, *, timeout_s: float | None = None
+        self,
+        name: str,
+        payload: bytes,
+        *,
+        timeout_s: float | None = None,
+        enough: Callable[[Mapping[str, bytes]], bool] | None = None,
     ) -> dict[str, bytes]:
-        """Ask every member; returns node name -> response payload (responders only)."""
+        """Ask every member; returns node name -> response payload (responders only), early
+        once ``enough(responses)`` holds."""
         rpc = self.rpc
         if rpc is None or not self.ready.is_set():
             raise SerfConnectionError(f"serf query {name}: serf is not connected")
-        result = await rpc.query(name, wrap_query(self.ctx.node_name, payload), timeout_s=timeout_s)
+        result = await rpc.query(
+            name, wrap_query(self.ctx.node_name, payload), timeout_s=timeout_s, enough=enough
+        )
         return result.responses
 
     def on_query(self, name: str, handler: QueryHandler) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 import msgpack
@@ -543,10 +543,14 @@ class SerfRPC:
         filter_tags: dict[str, str] | None = None,
         request_ack: bool = False,
         timeout_s: float | None = None,
+        enough: Callable[[Mapping[str, bytes]], bool] | None = None,
     ) -> QueryResult:
-        """Send a query and collect acks and responses until Serf says "done".
+        """Send a query and collect acks and responses until Serf says "done", or until
+        ``enough(responses)`` is true after a response (a caller that needs only a majority
+        need not wait for members that will never answer).
 
-        ``timeout_s`` None: Serf's default (GossipInterval * 16 * ceil(log10(n+1))).
+        ``timeout_s`` None: Serf's default (GossipInterval * 16 * ceil(log10(n+1))). Records
+        Serf sends after an early return are dropped; the stream still ends at "done".
         """
         body = {
             "FilterNodes": filter_nodes or [],
@@ -578,6 +582,8 @@ class SerfRPC:
                         result.acks.add(sender)
                     elif kind == "response":
                         result.responses[sender] = bytes(record.get("Payload") or b"")
+                        if enough is not None and enough(result.responses):
+                            return result
         except TimeoutError:
             raise SerfRPCError("query", f"no 'done' within {deadline:.0f} s") from None
         finally:
