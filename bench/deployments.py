@@ -1,15 +1,26 @@
 """Deployments benchmark: spec propagation, apply -> all replicas ready, kill -9 -> ready again.
 
 Real gpud agents (with serf) in the harness's network namespaces (needs root), 2 fake GPUs per
-host (tests/fake_nvml.py), the `command` engine running tests/deploy_server.py, R=2 N=1 G=1.
+host (tests/fake_nvml.py), the `command` engine running tests/deploy_server.py.
 
+Single-node replicas, R=2 N=1 G=1, on each of --sizes hosts:
 - propagation: `gpud deploy apply` on one host until every host lists the spec;
 - apply -> ready: until every host lists R ready endpoints (probed over the data path);
 - kill -9 -> ready: kill -9 of a host that runs a replica (gpud, serf and the server) until
   every surviving host lists R ready endpoints, none on the killed host (median/max over
   --repeats; the killed host is restarted between repeats).
 
-    .venv/bin/python -m bench.deployments [--sizes 4,8] [--repeats 3] [--json PATH]
+Multi-node replicas with Ray, R=2 N=2 G=2, on each of --ray-hosts hosts (real Ray; 0 skips): each
+replica is its own Ray cluster of 2 nodes and the server joins it (serving only once it has 2
+nodes). apply -> ready as above; kill -9 of a replica's host (a worker host, then a head host,
+alternating) until every surviving host lists 2 ready replicas, none on the killed host, each
+replica's server sees exactly its 2 nodes alive in its Ray cluster, and the hit replica's Ray
+cluster is a new one (head killed) or has a new node in the killed worker's place (Ray lists a
+dead node alive for a while). With more than 4 hosts
+a free host takes the killed one's place; with exactly 4 none can, and the killed host is
+restarted at once (the figure then includes its restart and rejoin).
+
+    .venv/bin/python -m bench.deployments [--sizes 4,8] [--repeats 3] [--ray-hosts 4,5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,11 +38,16 @@ from typing import Any
 
 from gpud.deployments import authority
 from tests import fake_nvml
-from tests.harness.gpud_node import Cluster, wait_for
-from tests.test_deploy_cluster import READY_S, ready_everywhere, spec_text
+from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.ray_helpers import RAY_EXECUTABLE
+from tests.test_deploy_cluster import READY_S, SERVER, ready_everywhere, spec_text
 
 POLL_S = 0.1
 REPLICAS = 2
+# The multi-node case: each readiness check asks the replicas' servers for their Ray view.
+RAY_POLL_S = 0.5
+RAY_READY_S = 300.0
+NODES_PER_REPLICA = 2
 
 
 def _timed(predicate: Any, what: str) -> float:
@@ -39,7 +56,8 @@ def _timed(predicate: Any, what: str) -> float:
     return time.monotonic() - began
 
 
-def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
+def _setup(workdir: Path) -> tuple[Path, dict[str, Any]]:
+    """Fake GPUs (2 per host), an operator key; returns (key file, config overrides)."""
     workdir.mkdir(parents=True, exist_ok=True)
     nvml = workdir / "nvml.json"
     fake_nvml.write_state(nvml, fake_nvml.node(2))
@@ -47,13 +65,18 @@ def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
     private, public = authority.keygen()
     key = workdir / "operator.key"
     key.write_text(private + "\n")
-    spec = workdir / "bench.toml"
-    spec.write_text(spec_text("bench", replicas=REPLICAS))
     overrides = {
         "log_level": "info",
         "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 0.5},
         "deployments": {"operators": [public], "command_allow": [sys.executable]},
     }
+    return key, overrides
+
+
+def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
+    key, overrides = _setup(workdir)
+    spec = workdir / "bench.toml"
+    spec.write_text(spec_text("bench", replicas=REPLICAS))
     with Cluster(size, workdir=workdir / f"c{size}", overrides=overrides) as c:
         c.wait_converged(timeout=120)
         c.wait_placeable(timeout=120)
@@ -95,6 +118,7 @@ def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
                 what="ready on every host after the rejoin",
             )
     return {
+        "case": f"R={REPLICAS} N=1 G=1",
         "hosts": size,
         "replicas": REPLICAS,
         "propagation_s": round(propagation, 2),
@@ -107,24 +131,148 @@ def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
     }
 
 
+def _ray_view(fetcher: GpudNode, addr: str, port: int) -> dict[str, Any]:
+    """A replica's Ray cluster as its server (asked from ``fetcher``'s host over the data path)
+    reports it: its alive nodes' addresses and IDs; {} when it does not answer."""
+    result = fetcher.host.run(
+        [
+            sys.executable,
+            "-c",
+            "import urllib.request;print(urllib.request.urlopen("
+            f"'http://{addr}:{port}/v1/models',timeout=5).read().decode())",
+        ],
+        check=False,
+    )
+    if result.returncode != 0:
+        return {}
+    return json.loads(result.stdout)["gpud"]["ray"]
+
+
+def _ray_ids(nodes: list[GpudNode], moved: str = "") -> dict[int, frozenset[str]] | None:
+    """Replica index -> the node IDs of its Ray cluster, once every host in ``nodes`` lists R
+    ready replicas, none holding ``moved``, and each replica's server sees exactly its N
+    nodes alive in its own Ray cluster; None until then."""
+    if not ready_everywhere(nodes, "big", REPLICAS):
+        return None
+    addr_of = {n.name: n.addr for n in nodes}
+    ids = {}
+    for view in nodes[0].api("/v1/deployments/big")["replica_views"]:
+        members = view["nodes"]
+        if view["state"] != "ready" or moved in members or len(members) != NODES_PER_REPLICA:
+            return None
+        fetcher = next(n for n in nodes if n.name not in members)
+        ray = _ray_view(fetcher, addr_of[view["node"]], view["port"])
+        if not ray or ray["nodes"] != sorted(addr_of.get(m, "") for m in members):
+            return None
+        ids[view["index"]] = frozenset(ray["node_ids"])
+    return ids
+
+
+def _recovered(
+    nodes: list[GpudNode], moved: str, index: int, before: frozenset[str], role: str
+) -> dict[int, frozenset[str]] | None:
+    """`_ray_ids`, and replica ``index``'s Ray cluster is a new one (a head was killed) or has
+    a new node in place of the killed worker's (Ray lists a dead node alive for a while)."""
+    ids = _ray_ids(nodes, moved)
+    if ids is None:
+        return None
+    now = ids[index]
+    return ids if (now.isdisjoint(before) if role == "head" else now != before) else None
+
+
+def run_ray(hosts: int, repeats: int, workdir: Path) -> dict[str, Any]:
+    key, overrides = _setup(workdir)
+    # Short: Ray's unix socket paths under it must fit in 107 bytes.
+    ray_temp = tempfile.mkdtemp(prefix="gdb", dir="/tmp")
+    overrides["ray"] = {"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp}
+    command = [sys.executable, SERVER, "--port", "{port}", "--host", "{host_ip}"]
+    spec = workdir / "big.toml"
+    spec.write_text(
+        f'name = "big"\nengine = "command"\nreplicas = {REPLICAS}\n'
+        f"nodes_per_replica = {NODES_PER_REPLICA}\ngpus_per_node = 2\n"
+        f"command = {json.dumps([*command, '--ray-nodes', str(NODES_PER_REPLICA)])}\n"
+    )
+    # With a free host the killed host's replica moves there; without, it waits for the host.
+    free_host = hosts > REPLICAS * NODES_PER_REPLICA
+    try:
+        with Cluster(hosts, workdir=workdir / f"ray{hosts}", overrides=overrides) as c:
+            c.wait_converged(timeout=120)
+            c.wait_placeable(timeout=120)
+            began = time.monotonic()
+            c[0].cli("deploy", "apply", str(spec), "--key", str(key))
+            ids = wait_for(lambda: _ray_ids(c.nodes), RAY_READY_S, RAY_POLL_S, what="ready")
+            apply_ready = time.monotonic() - began
+            runs = []
+            for i in range(repeats):
+                view = c[0].api("/v1/deployments/big")["replica_views"][i % REPLICAS]
+                role = "head" if i % 2 else "worker"
+                workers = [n for n in view["nodes"] if n != view["node"]]
+                victim_name = view["node"] if role == "head" else workers[0]
+                victim = next(n for n in c if n.name == victim_name)
+                victim.kill9()
+                killed = time.monotonic()
+                survivors = [n for n in c if n is not victim]
+                if not free_host:
+                    victim.reap_children()
+                    victim.start()
+                    survivors = c.nodes
+                ids = wait_for(
+                    lambda nodes=survivors, moved=victim_name if free_host else "", view=view, role=role, before=ids[view["index"]]: (
+                        _recovered(nodes, moved, view["index"], before, role)
+                    ),
+                    RAY_READY_S,
+                    RAY_POLL_S,
+                    what=f"ready again after kill -9 of a {role} host",
+                )
+                runs.append({"killed": role, "s": round(time.monotonic() - killed, 2)})
+                if free_host:
+                    victim.reap_children()
+                    victim.start()
+                    c.wait_converged(timeout=120)
+                    c.wait_placeable(timeout=120)
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    seconds = [r["s"] for r in runs]
+    return {
+        "case": f"R={REPLICAS} N={NODES_PER_REPLICA} G=2 (Ray)",
+        "hosts": hosts,
+        "replicas": REPLICAS,
+        "apply_to_ready_s": round(apply_ready, 2),
+        "kill9_to_ready_s": {
+            "median": round(statistics.median(seconds), 2),
+            "max": round(max(seconds), 2),
+            "runs": runs,
+            "victim_restarted_at_once": not free_host,
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4", help="comma-separated host counts (default 4)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--ray-hosts",
+        default="4,5",
+        help="comma-separated host counts for the R=2 N=2 G=2 Ray case (default 4,5; 0 skips)",
+    )
     parser.add_argument("--json", default="bench-deployments.json", help="write results here")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="gpud-bench-deploy-") as tmp:
-        for size in (int(s) for s in args.sizes.split(",")):
+        for size in (int(s) for s in args.sizes.split(",") if s.strip()):
             results.append(run_size(size, args.repeats, Path(tmp) / str(size)))
+        for hosts in (int(s) for s in args.ray_hosts.split(",") if s.strip() and int(s)):
+            results.append(run_ray(hosts, args.repeats, Path(tmp) / f"ray{hosts}"))
     print(
-        f"{'hosts':>5} {'propagation s':>14} {'apply->ready s':>15} {'kill9->ready s (med/max)':>26}"
+        f"{'case':<22} {'hosts':>5} {'propagation s':>14} {'apply->ready s':>15} "
+        f"{'kill9->ready s (med/max)':>26}"
     )
     for r in results:
         k = r["kill9_to_ready_s"]
         print(
-            f"{r['hosts']:>5} {r['propagation_s']:>14} {r['apply_to_ready_s']:>15} "
-            f"{k['median']:>17} / {k['max']}"
+            f"{r['case']:<22} {r['hosts']:>5} {r.get('propagation_s', '-'):>14} "
+            f"{r['apply_to_ready_s']:>15} {k['median']:>17} / {k['max']}"
         )
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -27,13 +27,15 @@ def join_ray(nodes: int) -> None:
 
 
 def ray_info() -> dict[str, object]:
-    """The replica's Ray cluster now: its alive nodes' addresses and GPUs."""
+    """The replica's Ray cluster now: its alive nodes' addresses and IDs (a node that rejoins
+    at the same address gets a new one), and their GPUs."""
     import ray
 
     alive = [n for n in ray.nodes() if n["Alive"]]
     return {
         "address": os.environ["RAY_ADDRESS"],
         "nodes": sorted(n["NodeManagerAddress"] for n in alive),
+        "node_ids": sorted(n["NodeID"] for n in alive),
         "gpus": sum(n["Resources"].get("GPU", 0) for n in alive),
     }
 

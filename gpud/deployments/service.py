@@ -727,16 +727,14 @@ class DeploymentService(ComponentBase):
         loopback. With no verified peer to ask, this node's own probe decides."""
         me = self.ctx.node_name
         serving = [r for r in self._running.values() if r.supervisor is not None]
+        # Peers by a hash of (this node, peer): each head asks its own few, not everyone the same.
         peers = sorted(
             (
                 m
                 for m in self.ctx.peers()
-                if m.alive
-                and m.tags is not None
-                and m.tags.pp
-                and self._health.prober.verified(m.name)
+                if m.tags is not None and m.tags.pp and self._health.prober.verified(m.name)
             ),
-            key=lambda m: m.name,
+            key=lambda m: placement.score(me, 0, m.name),
         )[:READY_REPORTERS]
         seen: set[tuple[placement.ReplicaKey, int]] = set()
         if serving and peers:
