@@ -78,7 +78,7 @@ class Agent:
             return Disabled("ray", "ray.enabled = false")
         from gpud.ray.service import RayService
 
-        return RayService(
+        ray = RayService(
             ctx,
             self.serf,
             ports,
@@ -87,6 +87,8 @@ class Agent:
             verified=self.health.prober.verified,
             keyring_file=self.serf.keyring_file,
         )
+        self.health.add_workload(ray.workload_checks)  # Ray's ports beside gpud's in /v1/health
+        return ray
 
     async def _address_changed(self, old: str | None, new: str | None) -> None:
         """NetCheck saw the advertised address go (new None) or change: serf gossips the new

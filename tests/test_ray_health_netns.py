@@ -136,6 +136,11 @@ def test_blocked_gcs_port_is_diagnosed_and_the_head_kept_when_nobody_else_may_le
             assert problem["severity"] == "critical" and problem["fix"]
             ray = w.api("/v1/ray")
             assert ray["gcs_reach"]["direction"]["state"] == "critical", ray
+            # /v1/health shows the workload's port beside gpud's own (which still passes).
+            health = w.api("/v1/health")
+            (gcs_check,) = [c for c in health["workload"] if c["check"] == "ray.gcs"]
+            assert gcs_check["subject"] == h0.name and gcs_check["target"] == f"{h0.addr}:{gcs}"
+            assert gcs_check["state"] == "critical" and "timed out" in gcs_check["reason"]
             assert "unreachable" in ray["summary"], ray["summary"]
             reachable = f'gpud_ray_gcs_reachable{{head="{h0.name}",address="{h0.addr}:{gcs}"}}'
             assert f"{reachable} 0\n" in metrics_text(w)
@@ -235,7 +240,11 @@ def test_blocked_worker_ray_ports_are_diagnosed_on_the_worker_and_the_head(
         for problem in problems(h0, "ray.worker_missing"):
             if problem["subject"] == h2.name:
                 seen.setdefault("head", problem)
-        return {"worker", "head"} <= seen.keys()
+        for check in h0.api("/v1/health")["workload"]:
+            if check["check"] == "ray.worker" and check["subject"] == h2.name:
+                if check["state"] == "critical":
+                    seen.setdefault("health", check)
+        return {"worker", "head", "health"} <= seen.keys()
 
     with faults.block_port(h2.host, nm), faults.block_port(h2.host, om):
         wait_for(
@@ -248,6 +257,7 @@ def test_blocked_worker_ray_ports_are_diagnosed_on_the_worker_and_the_head(
     worker, missing = seen["worker"], seen["head"]
     assert worker["subject"] == h2.name and worker["message"], worker
     assert f"node-manager {h2.addr}:{nm}" in missing["message"], missing
+    assert seen["health"]["target"] == f"{h2.addr}:{nm}", seen["health"]
     wait_steady(nodes)
 
 

@@ -28,6 +28,7 @@ from gpud.health.verdict import (
     PairKind,
     PairVerdict,
     Thresholds,
+    WorkloadCheck,
     detect_nat,
     judge_node,
     judge_pair,
@@ -83,6 +84,8 @@ class HealthStatus(msgspec.Struct):
     peers: list[PeerRow]
     pairs: list[PairRow]
     matrix: list[MatrixEdge]
+    # The workload's own ports, from the components that run it (HealthService.add_workload).
+    workload: list[WorkloadCheck] = []
 
 
 NetworkSource = NetCheck | Callable[[], NetworkStatus | None]
@@ -182,6 +185,7 @@ class HealthService(ComponentBase):
         )
         self._status = HealthStatus("unknown", ["not started"], False, "", 0, [], [], [])
         self._nat_verdict: NatVerdict | None = None
+        self._workload_sources: list[Callable[[], list[WorkloadCheck]]] = []
         # This round's probe targets: the quick loop checks the same peers between rounds.
         self._targets: list[str] = []
 
@@ -368,7 +372,7 @@ class HealthService(ComponentBase):
             log.warning(_log, "could not publish health tags", error=str(exc))
 
     def status(self) -> HealthStatus:
-        return self._status
+        return self.health()
 
     def summary(self) -> str:
         status = self._status
@@ -429,8 +433,19 @@ class HealthService(ComponentBase):
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/v1/health", self._get_health)]
 
+    def add_workload(self, source: Callable[[], list[WorkloadCheck]]) -> None:
+        """Show ``source``'s checks of the workload's ports in /v1/health and status."""
+        self._workload_sources.append(source)
+
+    def health(self) -> HealthStatus:
+        """The last verdict with the workload checks as of now."""
+        workload = [c for source in self._workload_sources for c in source()]
+        return msgspec.structs.replace(self._status, workload=workload)
+
     async def _get_health(self, request: web.Request) -> web.Response:
-        return web.Response(body=msgspec.json.encode(self._status), content_type="application/json")
+        return web.Response(
+            body=msgspec.json.encode(self.health()), content_type="application/json"
+        )
 
     async def diagnose(self) -> list[Problem]:
         """Probe every peer now (no hysteresis: each result counts) and report the NAT verdict

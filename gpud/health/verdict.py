@@ -28,6 +28,18 @@ PairKind = Literal[
 ]
 
 
+class WorkloadCheck(msgspec.Struct, kw_only=True, frozen=True):
+    """A data-path check of the workload's own ports (a Ray GCS, a Ray node manager), judged
+    with the same hysteresis as gpud's peer checks and shown beside them in /v1/health: gpud's
+    own port answering says nothing about the workload's (seed 001)."""
+
+    check: str  # what is checked, e.g. "ray.gcs" (this worker -> its head's GCS)
+    subject: str  # the node whose port it is
+    target: str  # host:port probed, or the GCS asked
+    state: DirectionState
+    reason: str = ""
+
+
 class Thresholds(msgspec.Struct, frozen=True):
     failures_before_critical: int
     successes_before_passing: int

@@ -22,7 +22,7 @@ from gpud import log, secret
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import UNENCRYPTED, unkeyed_refusal
 from gpud.context import Member, NodeContext
-from gpud.health.verdict import Direction, Thresholds, step
+from gpud.health.verdict import Direction, Thresholds, WorkloadCheck, step
 from gpud.netprobe import TcpProbe, tcp_connect
 from gpud.process import GroupRecord
 from gpud.ray.election import GCS_UNREACHABLE, Plan, ineligible_reason, workers_reach_gcs
@@ -504,6 +504,9 @@ class RayService(ComponentBase):
             return f"waiting for {current.head} to announce its GCS"
         return None
 
+    def workload_checks(self) -> list[WorkloadCheck]:
+        return workload_checks(self.status(), self.ctx.node_name)
+
     def summary(self) -> str:
         return self.status().summary
 
@@ -745,6 +748,48 @@ def ray_problems(status: RayStatus, node: str) -> list[Problem]:
             )
         )
     return found
+
+
+def workload_checks(status: RayStatus, node: str) -> list[WorkloadCheck]:
+    """Ray's ports as /v1/health shows them (pure): this worker's probes of its head's GCS,
+    the head's checks of each tagged worker, and this node's registration in its GCS."""
+    checks = []
+    reach = status.gcs_reach
+    if reach is not None:
+        checks.append(
+            WorkloadCheck(
+                check="ray.gcs",
+                subject=reach.head,
+                target=reach.address,
+                state=reach.direction.state,
+                reason=reach.direction.reason,
+            )
+        )
+    gcs = status.ray_nodes.gcs_address or ""
+    if status.role == "head":
+        for worker in status.workers:
+            checks.append(
+                WorkloadCheck(
+                    check="ray.worker",
+                    subject=worker.name,
+                    target=f"{worker.addr}:{worker.node_manager_port}"
+                    if worker.node_manager_port
+                    else gcs,
+                    state=worker.direction.state,
+                    reason=worker.direction.reason,
+                )
+            )
+    if gcs and status.process.process.state == "running":
+        checks.append(
+            WorkloadCheck(
+                check="ray.registered",
+                subject=node,
+                target=gcs,
+                state=status.registration.state,
+                reason=status.registration.reason,
+            )
+        )
+    return checks
 
 
 def _reach_problems(status: RayStatus, node: str) -> list[Problem]:
