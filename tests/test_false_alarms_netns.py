@@ -3,9 +3,9 @@
 1. The head's gpud is frozen (SIGSTOP of its pid only; its serf and Ray keep running) for
    30 s: no peer judges any node down, the head and term stay, no Ray process restarts;
    after SIGCONT the head re-checks its lease and keeps leading.
-2. 5% random loss on every link (inbound on every host) for LOSS_S = 90 s (the issue asks
-   for 5 minutes; 90 s keeps the suite bounded on a 2-core machine): 0 down verdicts and
-   0 head changes, sampled every 0.5 s on every node.
+2. 5% random loss on every link (inbound on every host) for LOSS_S = 90 s in the suite (the
+   issue asks for 5 minutes: `GPUD_LOSS_S=300` runs exactly that, bounded to 30 minutes):
+   0 down verdicts and 0 head changes, sampled every 0.5 s on every node.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = [
 ]
 
 FREEZE_S = 30.0
-LOSS_S = 90.0
+LOSS_S = min(float(os.environ.get("GPUD_LOSS_S", "90")), 1800.0)
 SAMPLE_S = 0.5
 
 
