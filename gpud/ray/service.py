@@ -72,10 +72,11 @@ class RayServiceSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Timings of the ray component; tests and benches pass their own."""
 
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
-    # How often to ask the GCS which Ray nodes are alive: one RPC through the long-lived
-    # query process (GcsNodes), so often enough that a worker missing from the GCS is
-    # reported after failures_before_critical polls, seconds rather than half a minute.
-    nodes_every_s: float = 2.0
+    # How often to ask the GCS which Ray nodes are alive (one RPC through the long-lived
+    # query process). A worker is missing after failures_before_critical polls in a row, so
+    # this times 3 must outlast a worker's `ray start` (seconds on a busy host): a shorter
+    # interval reported starting workers as missing.
+    nodes_every_s: float = 10.0
     # A candidate that lost waits a random time in this range before standing again.
     retry_s: tuple[float, float] = RETRY_S
 
