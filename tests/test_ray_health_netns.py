@@ -169,10 +169,12 @@ def test_blocked_gcs_port_is_diagnosed_and_the_head_kept_when_nobody_else_may_le
             describe=describe(nodes),
         )
         for problem in problems(h0, "ray.worker_missing"):
+            # Which of the two the head says depends on when it polls: a GCS lists a raylet
+            # that gave up alive for a while. Both name the node-manager probe.
+            message = problem["message"]
             assert (
-                "is not alive in its GCS" in problem["message"]
-                and "node-manager" in (problem["message"])
-            ), problem
+                "is not alive in its GCS" in message or "is listed alive in GCS" in message
+            ) and "node-manager" in message, problem
         assert "Ray nodes alive" in h0.api("/v1/ray")["summary"]
         assert "gpud_ray_workers_missing 2" in metrics_text(h0)
     # Healed: the workers reach the GCS again and rejoin.

@@ -217,6 +217,8 @@ class GcsNodes:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if proc.stdin is not None:
+            proc.stdin.close()  # else its transport outlives the child and closes on a dead loop
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
