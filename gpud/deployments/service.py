@@ -28,7 +28,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -36,7 +36,7 @@ from aiohttp import web
 
 from gpud import api, log
 from gpud.component import ComponentBase, Metric, Problem
-from gpud.context import NodeContext
+from gpud.context import Member, NodeContext
 from gpud.deployments import authority, engines, placement, spec, version
 from gpud.deployments.claims import Claim, format_claims, parse_claims, replica_head
 from gpud.deployments.model import (
@@ -89,6 +89,9 @@ START_RETRY_S = 5.0
 MAX_NAMES = 1024
 # Ray worker processes (one leased port each) of a multi-node replica's Ray node.
 RAY_WORKER_PORTS = 32
+
+
+_Reply = TypeVar("_Reply")
 
 
 class SectionStatus(msgspec.Struct, kw_only=True):
@@ -379,15 +382,8 @@ class DeploymentService(ComponentBase):
         ]
         if not wanted:
             return
-        replies = await asyncio.gather(
-            *(
-                self._health.client.call(
-                    m.addr, m.tags.pp, PATH_PEER_RECORDS, PeerRecordsRequest(), PeerRecordsReply
-                )
-                for m in wanted
-                if m.tags is not None
-            ),
-            return_exceptions=True,
+        replies = await self._ask_peers(
+            wanted, PATH_PEER_RECORDS, PeerRecordsRequest(), PeerRecordsReply
         )
         for member, reply in zip(wanted, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -397,6 +393,20 @@ class DeploymentService(ComponentBase):
             names = await self._merge(reply.entries)
             if names:
                 log.info(_log, "records merged", peer=member.name, names=",".join(names))
+
+    async def _ask_peers(
+        self, peers: list[Member], path: str, request: Any, reply: type[_Reply]
+    ) -> list[_Reply | BaseException]:
+        """Call ``path`` on every peer's API at once (peers have tags); one result or
+        exception per peer, in order."""
+        return await asyncio.gather(
+            *(
+                self._health.client.call(m.addr, m.tags.pp, path, request, reply)
+                for m in peers
+                if m.tags is not None
+            ),
+            return_exceptions=True,
+        )
 
     async def _peer_records(self, body: bytes) -> bytes:
         msgspec.json.decode(body or b"{}", type=PeerRecordsRequest)
@@ -738,15 +748,8 @@ class DeploymentService(ComponentBase):
         )[:READY_REPORTERS]
         seen: set[tuple[placement.ReplicaKey, int]] = set()
         if serving and peers:
-            replies = await asyncio.gather(
-                *(
-                    self._health.client.call(
-                        m.addr, m.tags.pp, PATH_PEER_PROBES, PeerProbesRequest(), PeerProbesReply
-                    )
-                    for m in peers
-                    if m.tags is not None
-                ),
-                return_exceptions=True,
+            replies = await self._ask_peers(
+                peers, PATH_PEER_PROBES, PeerProbesRequest(), PeerProbesReply
             )
             for reply in replies:
                 if isinstance(reply, PeerProbesReply):
