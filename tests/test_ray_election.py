@@ -486,3 +486,32 @@ async def test_random_partitions_never_two_heads_per_term(
     cluster.frozen.clear()
     await run_rounds(4)
     assert len(cluster.heads()) == 1
+
+
+async def test_a_verdict_on_the_old_heads_gcs_does_not_depose_the_new_head(tmp_path: Path) -> None:
+    """Workers that could not reach the old head's GCS gossip hg=fail; the verdict belongs to
+    that term. Once they follow a new head it must not count against it (after a partition
+    heal a stale "fail" deposed the new head, which then sat out a 5-minute cooldown)."""
+    cluster = Cluster(tmp_path, ["a", "b", "c", "d"])
+    await cluster.rounds()
+    ((head, term),) = cluster.heads().items()
+    workers = sorted(set(cluster.nodes) - {head})
+    for name in workers:
+        await cluster.nodes[name].ctx.update_tags(hg="fail")
+    cluster.down.add(head)
+    await cluster.rounds()
+    heads = cluster.heads()
+    assert len(heads) == 1 and head not in heads
+    ((new_head, new_term),) = heads.items()
+    assert new_term == term + 1
+    assert cluster.nodes[new_head].plan.action == "lead", cluster.nodes[new_head].plan.reason
+    followers = [n for n in workers if n != new_head]
+    for name in followers:
+        assert cluster.nodes[name].ctx.tags.term == new_term
+        assert cluster.nodes[name].ctx.tags.hg == "unknown"
+    # The same verdict formed in the new term does depose it (another node can lead).
+    for name in followers:
+        await cluster.nodes[name].ctx.update_tags(hg="fail")
+    cluster.refresh()
+    await cluster.nodes[new_head].step()
+    assert cluster.nodes[new_head].plan.action == "step_down"

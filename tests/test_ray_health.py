@@ -120,11 +120,11 @@ def test_workers_of_another_term_or_dead_ones_do_not_count():
 
 
 def test_gcs_probes_go_critical_after_the_threshold_and_name_the_blocking_host():
-    reach = GcsReach(head="h0", head_addr="10.0.0.10", gcs_port=26400)
+    reach = GcsReach(head="h0", term=TERM, head_addr="10.0.0.10", gcs_port=26400)
     for _ in range(TH.failures_before_critical - 1):
         reach = record_gcs_probe(reach, TIMED_OUT, OK, TH)
         assert gcs_reach_problem("h1", "10.0.0.11", reach) is None
-        assert gcs_reach_tag(reach) == "unknown"
+        assert gcs_reach_tag(reach, "h0", TERM) == "unknown"
     reach = record_gcs_probe(reach, TIMED_OUT, OK, TH)
     problem = gcs_reach_problem("h1", "10.0.0.11", reach)
     assert problem is not None and problem.code == "ray.gcs_unreachable"
@@ -132,7 +132,7 @@ def test_gcs_probes_go_critical_after_the_threshold_and_name_the_blocking_host()
         "h1 cannot reach GCS 10.0.0.10:26400 (timed out) while h0's peer API answers: "
         "a firewall on h0 blocks tcp/26400"
     )
-    assert gcs_reach_tag(reach) == "fail"
+    assert gcs_reach_tag(reach, "h0", TERM) == "fail"
     # The head down altogether is not blamed on a firewall for the GCS port.
     down = record_gcs_probe(reach, TIMED_OUT, TIMED_OUT, TH)
     problem = gcs_reach_problem("h1", "10.0.0.11", down)
@@ -143,19 +143,27 @@ def test_gcs_probes_go_critical_after_the_threshold_and_name_the_blocking_host()
     # Recovery needs successes_before_passing good rounds.
     for _ in range(TH.successes_before_passing):
         reach = record_gcs_probe(reach, OK, None, TH)
-    assert gcs_reach_tag(reach) == "ok" and gcs_reach_problem("h1", "x", reach) is None
+    assert gcs_reach_tag(reach, "h0", TERM) == "ok" and gcs_reach_problem("h1", "x", reach) is None
 
 
-@given(st.lists(st.sampled_from([OK, TIMED_OUT, REFUSED]), max_size=12))
-def test_gcs_tag_follows_the_hysteresis_state(probes):
-    reach = GcsReach(head="h0", head_addr="10.0.0.10", gcs_port=26400)
+@given(
+    st.lists(st.sampled_from([OK, TIMED_OUT, REFUSED]), max_size=12),
+    st.sampled_from(["h0", "h2", None]),
+    st.integers(TERM - 1, TERM + 1),
+)
+def test_gcs_tag_follows_the_hysteresis_state_of_the_followed_term(probes, head, term):
+    reach = GcsReach(head="h0", term=TERM, head_addr="10.0.0.10", gcs_port=26400)
     for probe in probes:
         reach = record_gcs_probe(reach, probe, None if probe.ok else OK, TH)
         state = reach.direction.state
         assert (
-            gcs_reach_tag(reach)
+            gcs_reach_tag(reach, "h0", TERM)
             == {"unknown": "unknown", "passing": "ok", "critical": "fail"}[state]
         )
+        # A verdict on another head or term never reaches gossip: it would count against the
+        # head this node follows now (a stale "fail" deposed a new head after a partition).
+        if (head, term) != ("h0", TERM):
+            assert gcs_reach_tag(reach, head, term) == "unknown"
         assert (gcs_reach_problem("h1", "10.0.0.11", reach) is not None) == (state == "critical")
 
 

@@ -50,7 +50,7 @@ from gpud.ray.votes import (
     vote_signature,
 )
 from gpud.serf.agent import QueryHandler
-from gpud.tags import RayRole
+from gpud.tags import GcsReachSummary, RayRole, Tags
 
 _log = log.get("ray")
 
@@ -115,6 +115,12 @@ class LeaseSource(Protocol):
 
     async def confirm_now(self) -> None:
         """Probe every peer now (after a freeze)."""
+
+
+def _reach_in(term: int, tags: Tags) -> GcsReachSummary:
+    """The ``hg`` tag to gossip beside ``term``: this node's verdict on its head's GCS belongs
+    to the term it was formed in, and must not count against the next term's head."""
+    return tags.hg if term == tags.term else "unknown"
 
 
 def lease_holds(
@@ -554,10 +560,11 @@ class HeadElection:
             term = head.tags.term if head.tags else tags.term
             # Only a node that can run Ray joins the head's Ray cluster.
             role: RayRole = "worker" if tags.rv else "none"
-            await self.ctx.update_tags(ray=role, term=term, gcs=0)
+            await self.ctx.update_tags(ray=role, term=term, gcs=0, hg=_reach_in(term, tags))
         elif tags.ray != "none" or tags.gcs:
             # Step down, or no head to follow: this node runs no Ray and keeps no head role.
-            await self.ctx.update_tags(ray="none", gcs=0, term=max(tags.term, current.term))
+            term = max(tags.term, current.term)
+            await self.ctx.update_tags(ray="none", gcs=0, term=term, hg=_reach_in(term, tags))
 
     async def _stand(self, term: int, members: Mapping[str, Member]) -> None:
         me = self.ctx.node_name
@@ -608,7 +615,7 @@ class HeadElection:
             )
             await self.store.save_certificate(cert)
             self._vote_contacts = {voter: asked_at for voter in granted - {me}}
-            await self.ctx.update_tags(ray="head", term=term, gcs=0)
+            await self.ctx.update_tags(ray="head", term=term, gcs=0, hg="unknown")
             return
         self.last_election = (
             f"lost term {term}: {len(granted)} of {needed} needed votes; " + "; ".join(refusals)

@@ -27,6 +27,8 @@ class GcsReach(msgspec.Struct, kw_only=True):
     """A worker's view of its head's GCS port over the data path."""
 
     head: str
+    # The head's term: a verdict on one term's GCS says nothing about the next one's.
+    term: int = 0
     head_addr: str
     gcs_port: int
     direction: Direction = msgspec.field(default_factory=Direction)
@@ -52,9 +54,16 @@ def record_gcs_probe(
     )
 
 
-def gcs_reach_tag(reach: GcsReach | None) -> GcsReachSummary:
-    """What a worker gossips about its head's GCS (tag ``hg``)."""
-    if reach is None or reach.direction.state == "unknown":
+def gcs_reach_tag(reach: GcsReach | None, head: str | None, term: int) -> GcsReachSummary:
+    """What a worker that follows ``head`` in ``term`` gossips about its GCS (tag ``hg``).
+
+    A verdict formed on another head or term is "unknown": gossiped beside the new term tag
+    it would count against the new head, and a stale "fail" would depose it at once."""
+    if (
+        reach is None
+        or (reach.head, reach.term) != (head, term)
+        or reach.direction.state == "unknown"
+    ):
         return "unknown"
     return "ok" if reach.direction.state == "passing" else "fail"
 

@@ -385,12 +385,16 @@ class RayService(ComponentBase):
             # The head does not (or no longer) announce this GCS as ready (its Ray restarts):
             # nothing to judge, and no verdict that could depose it for a restart.
             return None
-        if reach is None or (reach.head_addr, reach.gcs_port, reach.head) != (
+        term = member.tags.term
+        if reach is None or (reach.head_addr, reach.gcs_port, reach.head, reach.term) != (
             target.head_addr,
             target.gcs_port,
             head,
+            term,
         ):
-            reach = GcsReach(head=head, head_addr=target.head_addr, gcs_port=target.gcs_port)
+            reach = GcsReach(
+                head=head, term=term, head_addr=target.head_addr, gcs_port=target.gcs_port
+            )
         timeout = self.ctx.config.health.timeout_s
         source = None if self.ctx.tags.nat else self.ctx.advertise_addr
         probe = TcpProbe(ok=False)
@@ -410,7 +414,8 @@ class RayService(ComponentBase):
         ports = self.supervisor.status().ports
         nm = ports.named.get("node-manager-port", 0) if ports is not None else 0
         try:
-            await self.ctx.update_tags(hg=gcs_reach_tag(self._reach), nm=nm)
+            hg = gcs_reach_tag(self._reach, self.election.plan.head, self.ctx.tags.term)
+            await self.ctx.update_tags(hg=hg, nm=nm)
         except Exception as exc:  # a gossip hiccup must not stop the probe loop
             log.warning(_log, "could not publish ray reach tags", error=str(exc))
 
