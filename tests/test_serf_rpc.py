@@ -226,6 +226,35 @@ async def test_broken_server_fails_pending_calls_clearly(
         await rpc.close()
 
 
+async def test_query_ends_at_the_empty_record_serf_sends_at_its_deadline() -> None:
+    """At a query's deadline Serf closes its ack and response channels; its RPC loop can read
+    their zero value and stream it as an ack or response "from" "" before "done" (seen under
+    load). That is the end of the query, not an answer from a member named ""."""
+
+    def record(body: dict[str, object]) -> bytes:
+        return msgpack.packb({"Seq": 1, "Error": ""}) + msgpack.packb(body)
+
+    reply = msgpack.packb({"Seq": 1, "Error": ""}) + b"".join(
+        record(body)
+        for body in (
+            {"Type": "ack", "From": "b", "Payload": None},
+            {"Type": "response", "From": "b", "Payload": b"pong"},
+            {"Type": "response", "From": "", "Payload": None},
+            {"Type": "ack", "From": "", "Payload": None},
+        )
+    )
+    server, port = await misbehaving_server(reply)  # then 5 s of silence: no "done"
+    async with server:
+        rpc = await SerfRPC.connect("127.0.0.1", port, None, timeout_s=1)
+        try:
+            result = await asyncio.wait_for(
+                rpc.query("ping", b"", request_ack=True, timeout_s=30), 3
+            )
+        finally:
+            await rpc.close()
+    assert result.responses == {"b": b"pong"} and result.acks == {"b"}
+
+
 # ---- against real serf agents ------------------------------------------------------------
 
 

@@ -578,6 +578,11 @@ class SerfRPC:
                         return result
                     if not isinstance(sender, str):
                         raise SerfProtocolError("query", f"record without sender: {record}")
+                    if not sender:
+                        # Serf closes the query's channels at its deadline, and its RPC loop
+                        # may read their zero value (an ack or response from "") before it
+                        # sends "done": nothing more can arrive.
+                        return result
                     if kind == "ack":
                         result.acks.add(sender)
                     elif kind == "response":
