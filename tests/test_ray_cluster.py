@@ -217,3 +217,52 @@ def test_port_mapped_node_never_becomes_head(cluster: Callable[..., Cluster]) ->
         if c is not None:
             c.close()  # Ray first, or it writes into the temp root again after it is removed
         shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def test_ten_hard_crashes_leak_no_ray_lease(cluster: Callable[..., Cluster]) -> None:
+    """Power-cut style crashes (gpud, serf and Ray SIGKILLed together) at the worst moment,
+    right after Ray's ports were leased: every lease is owned by the gpud it serves, so the
+    zombie scan frees them and the 11th gpud runs Ray on a block that holds only its own."""
+    temp_root = tempfile.mkdtemp(prefix="gcr-")
+    try:
+        c = cluster(1, overrides={**ray_overrides(temp_root), "ports": {"zombie_grace_s": 0.5}})
+        (node,) = list(c)
+
+        def ray_leases() -> list[dict[str, object]]:
+            leases = node.api("/v1/ports/leases")
+            return [lease for lease in leases if str(lease["owner"]).startswith("ray-")]
+
+        for crash in range(10):
+            wait_for(
+                lambda: any(lease["pid"] == node.pid for lease in ray_leases()),
+                STEADY_S,
+                0.2,
+                what=f"Ray's ports leased by gpud pid {node.pid} (before crash {crash + 1})",
+                describe=describe([node]),
+            )
+            kill_host(node)
+            node.reap_children()
+            node.start()
+        wait_for(
+            lambda: agreed_head([node]),
+            STEADY_S,
+            1.0,
+            what="Ray running after 10 hard crashes",
+            describe=describe([node]),
+        )
+        wait_for(
+            lambda: (
+                {(lease["owner"], lease["pid"]) for lease in ray_leases()}
+                == {("ray-head", node.pid), ("ray-head-workers", node.pid)}
+                and len(ray_leases()) == 2
+            ),
+            30,
+            0.5,
+            what="only the running gpud's two Ray leases",
+            describe=lambda: str(ray_leases()),
+        )
+        doctor = node.api("/v1/doctor")
+        codes = {p["code"] for p in doctor["problems"]}
+        assert not codes & {"ports.block_nearly_full", "ports.block_exhausted"}, doctor
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)

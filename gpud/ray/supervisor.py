@@ -339,10 +339,14 @@ class RaySupervisor:
     async def _lease_ports(self, target: RayTarget) -> RayPorts:
         names = port_names(target.role, client_server=self.client_server)
         owner = f"ray-{target.role}"
-        single = await self._ports.lease(owner, len(names))
+        # Owned by this gpud (pid and start time): after any crash of it, power-cut style
+        # included, the zombie scan frees them; the next gpud stops the leftover Ray group
+        # first (GroupRecord) and leases anew. Unowned leases piled up until the block was full.
+        me = os.getpid()
+        single = await self._ports.lease(owner, len(names), pid=me)
         self._leases.append(single.id)
         workers = await self._ports.lease(
-            f"{owner}-workers", self.settings.worker_ports, contiguous=True
+            f"{owner}-workers", self.settings.worker_ports, contiguous=True, pid=me
         )
         self._leases.append(workers.id)
         return RayPorts(
