@@ -232,14 +232,20 @@ def test_ten_hard_crashes_leak_no_ray_lease(cluster: Callable[..., Cluster]) -> 
             leases = node.api("/v1/ports/leases")
             return [lease for lease in leases if str(lease["owner"]).startswith("ray-")]
 
+        seen: set[object] = set()
+
+        def new_lease() -> set[object]:
+            return {lease["id"] for lease in ray_leases()} - seen
+
         for crash in range(10):
             wait_for(
-                lambda: any(lease["pid"] == node.pid for lease in ray_leases()),
+                new_lease,
                 STEADY_S,
                 0.2,
-                what=f"Ray's ports leased by gpud pid {node.pid} (before crash {crash + 1})",
-                describe=describe([node]),
+                what=f"Ray's ports leased anew (before crash {crash + 1})",
+                describe=lambda: f"{describe([node])()}\nleases: {ray_leases()}",
             )
+            seen.update(lease["id"] for lease in ray_leases())
             kill_host(node)
             node.reap_children()
             node.start()
