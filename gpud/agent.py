@@ -190,8 +190,11 @@ class Agent:
 
     async def run(self) -> int:
         from gpud.netcheck import resolve_advertise
+        from gpud.serf.agent import stop_leftover_serf
 
         advertise_addr, interface = resolve_advertise(self.config)
+        # Our own serf from before a kill -9 of gpud is not a conflict: stop it first.
+        await stop_leftover_serf(self.config)
         # -- preflight (operations issue): a port another process holds fails the start at once,
         # naming the port and its holder (STATUS=, journal at error, exit 1), instead of serf
         # failing quietly while the unit hangs in `activating`.

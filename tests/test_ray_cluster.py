@@ -7,7 +7,9 @@ restarts the killed host afterwards. The port-mapping test has its own small clu
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.ray_helpers import (
     RAY_EXECUTABLE,
     agreed_head,
+    group_members,
     head_views,
     kill_host,
     ray_node_names,
@@ -161,6 +164,43 @@ def test_partition_minority_has_no_head_and_heals_to_one_cluster(ray_cluster: Cl
     healed_head, healed_term, _ = wait_steady(nodes)
     assert healed_term >= new_term
     assert healed_head in {n.name for n in majority}
+
+
+def test_kill9_of_gpud_alone_leaves_no_second_ray_node_nor_serf(ray_cluster: Cluster) -> None:
+    """kill -9 of a worker's gpud only (not under systemd, nothing else dies): its serf and
+    its `ray start` group live on. The next gpud stops exactly those groups before it starts
+    its own, so the head never counts two Ray nodes for one host (0.1 counted 4 on 3)."""
+    nodes = list(ray_cluster)
+    head, _, _ = wait_steady(nodes)
+    victim = next(n for n in nodes if n.name != head)
+    ray_pid, serf_pid = victim.api("/v1/ray")["process"]["process"]["pid"], victim.serf_pid()
+    assert ray_pid is not None and serf_pid is not None
+    groups = {"ray": os.getpgid(ray_pid), "serf": os.getpgid(serf_pid)}
+    assert victim.proc is not None
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    assert all(group_members(g) for g in groups.values()), "gpud's children should outlive it"
+    victim.start()
+    wait_for(
+        lambda: not any(group_members(g) for g in groups.values()),
+        60,
+        0.5,
+        what=f"the groups {groups} the killed gpud left on {victim.name} stopped",
+    )
+    head, _, _ = wait_steady(nodes)
+    head_node = next(n for n in nodes if n.name == head)
+
+    def one_ray_node_per_host() -> bool:
+        seen = head_node.api("/v1/ray")["ray_nodes"]["nodes"] or []
+        return sorted(n["name"] for n in seen) == sorted(n.name for n in nodes)
+
+    wait_for(
+        one_ray_node_per_host,
+        60,
+        1.0,
+        what="exactly one alive Ray node per host in the head's GCS",
+        describe=lambda: str(head_node.api("/v1/ray")["ray_nodes"]),
+    )
 
 
 def test_kill9_head_host_new_head_with_survivors(ray_cluster: Cluster) -> None:

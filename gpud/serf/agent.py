@@ -36,9 +36,18 @@ from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import UNENCRYPTED, Config, host_warnings, split_host_port
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
-from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
+from gpud.process import (
+    ChildGroup,
+    ChildProcess,
+    ChildStartError,
+    GroupRecord,
+    Supervisor,
+    SupervisorStatus,
+    stop_leftover,
+)
 from gpud.secret import cluster_key, keyring_keys
 from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
+from gpud.state import Key, open_store
 from gpud.tags import Tags, encode
 
 QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
@@ -54,6 +63,10 @@ RPC_RETRY_S = 2.0
 JOIN_TIMEOUT_S = 10.0
 # Where the packages install their own serf (not on PATH, so it never meets a stand-alone one).
 PACKAGED_SERF = "/usr/libexec/gpud/serf"
+# The running serf's process group, so that a restarted gpud finds one its predecessor left.
+SERF_CHILD = Key("serf.child", ChildGroup)
+# SIGTERM to SIGKILL for such a leftover serf (it exits at once on SIGTERM).
+LEFTOVER_GRACE_S = 5.0
 _SERF_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "err"}
 # memberlist's words when gossip is encrypted with a key this node lacks: a peer's message
 # ("failed to receive: ... from=ADDR:PORT", "Decrypt packet failed: ... from=ADDR:PORT"), or
@@ -63,6 +76,13 @@ _FROM = re.compile(re.escape(_NO_KEY) + r".*?\bfrom=(?P<addr>\S+)")
 _JOIN = re.compile(r"Failed to join (?P<addr>\S+?): " + re.escape(_NO_KEY))
 # How long one undecryptable message keeps its problem up (serf retries every few seconds).
 UNDECRYPTABLE_MEMORY_S = 60.0
+
+
+async def stop_leftover_serf(config: Config) -> None:
+    """Stop the serf a kill -9'd gpud left running on this node (its recorded group, nothing
+    else): it holds the ports the agent's preflight checks, and its RPC token died with that
+    gpud."""
+    await stop_leftover(GroupRecord(open_store(config.state_dir), SERF_CHILD), LEFTOVER_GRACE_S)
 
 
 class SerfStatus(msgspec.Struct, kw_only=True):
@@ -251,7 +271,13 @@ class SerfAgent(ComponentBase):
         self.keyring_seed_file = self.dir / "keyring.seed"
         self.ready = asyncio.Event()
         self.rpc: SerfRPC | None = None
-        self.supervisor = Supervisor("serf", self._make_child)
+        # A serf that a kill -9'd gpud left running holds the gossip and RPC ports, and its
+        # RPC token died with that gpud: the next gpud stops exactly that group first.
+        self.supervisor = Supervisor(
+            "serf",
+            self._make_child,
+            record=GroupRecord(open_store(ctx.config.state_dir), SERF_CHILD),
+        )
         self._token: str | None = None
         self._handlers: dict[str, QueryHandler] = {}
         self._published: dict[str, str] = {}
