@@ -28,7 +28,7 @@ class GcsReach(msgspec.Struct, kw_only=True):
 
     head: str
     # The head's term: a verdict on one term's GCS says nothing about the next one's.
-    term: int = 0
+    term: int
     head_addr: str
     gcs_port: int
     direction: Direction = msgspec.field(default_factory=Direction)
