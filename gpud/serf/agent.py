@@ -78,11 +78,15 @@ _JOIN = re.compile(r"Failed to join (?P<addr>\S+?): " + re.escape(_NO_KEY))
 UNDECRYPTABLE_MEMORY_S = 60.0
 
 
+def _serf_record(config: Config) -> GroupRecord:
+    return GroupRecord(open_store(config.state_dir), SERF_CHILD)
+
+
 async def stop_leftover_serf(config: Config) -> None:
     """Stop the serf a kill -9'd gpud left running on this node (its recorded group, nothing
     else): it holds the ports the agent's preflight checks, and its RPC token died with that
     gpud."""
-    await stop_leftover(GroupRecord(open_store(config.state_dir), SERF_CHILD), LEFTOVER_GRACE_S)
+    await stop_leftover(_serf_record(config), LEFTOVER_GRACE_S)
 
 
 class SerfStatus(msgspec.Struct, kw_only=True):
@@ -276,7 +280,7 @@ class SerfAgent(ComponentBase):
         self.supervisor = Supervisor(
             "serf",
             self._make_child,
-            record=GroupRecord(open_store(ctx.config.state_dir), SERF_CHILD),
+            record=_serf_record(ctx.config),
         )
         self._token: str | None = None
         self._handlers: dict[str, QueryHandler] = {}
