@@ -79,19 +79,27 @@ async def read_body(
     raw = await request.content.read(limit + 1)
     if len(raw) > limit:
         raise ApiError(413, f"body larger than {limit} bytes")
+    if (bad := invalid_utf8(raw)) is not None:
+        raise ApiError(400, f"bad {what}: {bad}")
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"bad {what}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"bad {what}: not valid JSON: {exc}") from None
+
+
+def invalid_utf8(raw: bytes) -> str | None:
+    """Why ``raw`` is not UTF-8, or None when it is.
+
+    Checked before msgspec sees the body: msgspec's own report of invalid UTF-8 changed between
+    releases (UnicodeDecodeError before 0.23, a DecodeError without the offset since).
+    """
+    try:
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(400, f"bad {what}: {invalid_utf8(exc)}") from None
-
-
-def invalid_utf8(exc: UnicodeDecodeError) -> str:
-    """The message for a body that is not UTF-8 (msgspec raises UnicodeDecodeError for it)."""
-    return f"not valid UTF-8 at byte {exc.start} (JSON must be UTF-8)"
+        return f"not valid UTF-8 at byte {exc.start} (JSON must be UTF-8)"
+    return None
 
 
 # ---- bounded logging ---------------------------------------------------------------------

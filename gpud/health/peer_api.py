@@ -427,6 +427,8 @@ class PeerApiServer:
             )
         except AuthError as exc:
             return self._reject(request, 401, str(exc))
+        if (bad := api.invalid_utf8(body)) is not None:
+            return self._reject(request, 400, f"malformed JSON body: {bad}")
         request[_PEER_NODE] = node
         request[_PEER_BODY] = body
         try:
@@ -435,8 +437,6 @@ class PeerApiServer:
             return self._reject(request, 400, f"malformed JSON body: {exc}")
         except msgspec.ValidationError as exc:
             return self._reject(request, 400, f"invalid body: {exc}")
-        except UnicodeDecodeError as exc:
-            return self._reject(request, 400, f"malformed JSON body: {api.invalid_utf8(exc)}")
         # Any request we answered proves the sender reaches our advertised address and port;
         # rejected ones change nothing.
         if response.status == 200 and self._on_inbound is not None:
