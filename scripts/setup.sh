@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what gpud's demo and test suite need on a fresh Debian machine (run as root):
 # Debian packages (serf, nftables, iproute2, rpm tooling, systemd-nspawn, debootstrap) and a
-# virtualenv in .venv.
+# virtualenv in .venv from scripts/requirements.lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -18,5 +18,8 @@ if ((${#missing[@]})); then
 fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test,ray]'
+# Exactly the tested versions, each file checked by its hash (a machine that already has other
+# versions gets these); `python3 packaging/build.py --update-lock` moves the lock forward.
+.venv/bin/python -m pip install -q --require-hashes -r scripts/requirements.lock
+.venv/bin/python -m pip install -q --no-deps -e .
+.venv/bin/python -m pip check
