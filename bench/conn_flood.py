@@ -8,6 +8,10 @@ node 0's journal lines are counted. Needs root.
 
     .venv/bin/python -m bench.conn_flood [--peer 5000] [--sock 500] [--hold 14] [--json PATH]
 
+``slow_body_flood`` is the other shape: from many outsider addresses, connections that send a
+complete header (plausible authentication headers, ``Content-Length: 100``) and never finish
+the body; it measures how long each stays open and what the victim and its peer conclude.
+
 The attacker itself is ``python -m bench.conn_flood attack ...`` (run inside the namespace).
 """
 
@@ -32,6 +36,13 @@ from tests.harness.gpud_node import Cluster
 
 # Half of the connections send the start of a request and never finish it (slowloris).
 PARTIAL_REQUEST = b"POST /peer/v1/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+# Slow body: the header is complete and looks signed (fresh stamp, a nonce, a signature that
+# will not verify), so the server must wait for the body to check it.
+SLOW_BODY_REQUEST = (
+    "POST /peer/v1/ping HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    "Content-Length: 100\r\nX-Gpud-Node: n1\r\nX-Gpud-Timestamp: {stamp:.3f}\r\n"
+    "X-Gpud-Nonce: {nonce}\r\nX-Gpud-Signature: {sig}\r\n\r\n{{"
+)
 UNPRIVILEGED_UID = 65534
 ATTACKER_ADDR_OCTET = 200
 
@@ -48,19 +59,117 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def _open(family: int, target: Any, source: str | None, index: int) -> socket.socket | None:
+def _open(
+    family: int, target: Any, source: str | None, index: int, *, slow_body: bool = False
+) -> socket.socket | None:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(2.0)
     try:
         if source is not None:
             sock.bind((source, 0))
         sock.connect(target)
-        if index % 2:
+        if slow_body:
+            request = SLOW_BODY_REQUEST.format(
+                stamp=time.time(), nonce=os.urandom(16).hex(), sig=os.urandom(32).hex()
+            )
+            sock.send(request.encode())
+        elif index % 2:
             sock.send(PARTIAL_REQUEST)
     except OSError:
         sock.close()
         return None
     return sock
+
+
+def slow_body_attack(args: argparse.Namespace) -> dict[str, Any]:
+    """Open ``count`` slow-body connections round-robin from ``sources``; report how long the
+    last of them stayed open (the server's closing is what is timed)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    addr, port = args.peer.rsplit(":", 1)
+    sources = args.sources.split(",")
+    start = time.monotonic()
+    opened: dict[int, tuple[socket.socket, float]] = {}
+    failed = 0
+    for i in range(args.peer_count):
+        sock = _open(
+            socket.AF_INET, (addr, int(port)), sources[i % len(sources)], i, slow_body=True
+        )
+        if sock is None:
+            failed += 1
+        else:
+            opened[sock.fileno()] = (sock, time.monotonic())
+    open_s = time.monotonic() - start
+    poller = select.poll()
+    for fd in opened:
+        poller.register(fd, select.POLLIN)
+    lifetimes: list[float] = []
+    deadline = start + args.hold
+    while opened and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            sock, at = opened[fd]
+            if _closed(sock):
+                lifetimes.append(time.monotonic() - at)
+                poller.unregister(fd)
+                del opened[fd]
+                sock.close()
+    for sock, _ in opened.values():
+        sock.close()
+    return {
+        "attempted": args.peer_count,
+        "sources": len(sources),
+        "connect_failed": failed,
+        "closed": len(lifetimes),
+        "still_open": len(opened),
+        "open_s": round(open_s, 2),
+        "max_open_s": round(max(lifetimes), 2) if lifetimes else None,
+        "closed_at_once": sum(t < 1.0 for t in lifetimes),
+    }
+
+
+def slow_body_flood(
+    cluster: Cluster, count: int, sources: int, hold: float, on_sample: Any = None
+) -> dict[str, Any]:
+    """Run the slow-body flood from ``sources`` outsider addresses on node 1's host against
+    node 0's peer API; ``on_sample()`` runs every 0.5 s while it lasts (the caller samples
+    status and doctor there) and its results are returned in ``samples``."""
+    victim, peer = cluster[0], cluster[1]
+    net = cluster.network.subnet
+    addrs = [str(net.network_address + ATTACKER_ADDR_OCTET + i) for i in range(sources)]
+    for a in addrs:
+        peer.host.add_addr(a, net.prefixlen)
+    proc = peer.host.popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.conn_flood",
+            "slow-body",
+            "--peer",
+            f"{victim.addr}:{victim.peer_port}",
+            "--peer-count",
+            str(count),
+            "--sources",
+            ",".join(addrs),
+            "--hold",
+            str(hold),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+    )
+    samples: list[Any] = []
+    deadline = time.monotonic() + hold + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        if on_sample is not None:
+            samples.append(on_sample())
+        time.sleep(0.5)
+    try:
+        stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    report = json.loads(stdout)
+    report["samples"] = samples
+    return report
 
 
 def attack(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,6 +293,11 @@ def main() -> None:
     a.add_argument("--socket-count", type=int, default=500)
     a.add_argument("--uid", type=int)
     a.add_argument("--hold", type=float, default=14.0)
+    b = sub.add_parser("slow-body")
+    b.add_argument("--peer", required=True)
+    b.add_argument("--peer-count", type=int, default=1024)
+    b.add_argument("--sources", required=True, help="comma-separated source addresses")
+    b.add_argument("--hold", type=float, default=20.0)
     parser.add_argument("--peer", type=int, default=5000)
     parser.add_argument("--sock", type=int, default=500)
     parser.add_argument("--hold", type=float, default=14.0)
@@ -191,6 +305,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "attack":
         print(json.dumps(attack(args)))
+        return
+    if args.cmd == "slow-body":
+        print(json.dumps(slow_body_attack(args)))
         return
     with Cluster(2, overrides={"api": {"socket_mode": 0o666}, "log_level": "info"}) as cluster:
         cluster.wait_converged()

@@ -44,12 +44,14 @@ class Agent:
 
     def _build(self, advertise_addr: str, interface: str) -> None:
         """The one place that names the components: each is built here, in start order."""
+        from gpud.deployments.peers import PeerLinks
         from gpud.deployments.service import DeploymentService
         from gpud.gpus.service import GpuService
         from gpud.health.service import HealthService
         from gpud.membership import Membership
         from gpud.netcheck import NetCheck
         from gpud.ports.service import PortsService
+        from gpud.router.service import router_component
         from gpud.serf.agent import SerfAgent
 
         ctx = NodeContext(self.config, advertise_addr)
@@ -68,10 +70,19 @@ class Agent:
             ports,
             self._ray(ctx, ports, gpus),
             gpus,
-            DeploymentService(
-                ctx, ports=ports, gpus=gpus, health=self.health, network=self.network
+            deployments := DeploymentService(
+                ctx,
+                ports=ports,
+                gpus=gpus,
+                peers=PeerLinks(
+                    self.health.client, self.health.server.add_route, self.health.prober.verified
+                ),
+                network=self.network,
             ),
+            router_component(self.config, deployments.listing),
         ]
+        self.registry = metrics.registry(self._metrics)
+        self.components.append(metrics.MetricsEndpoint(self.config, self.registry))
 
     def _ray(self, ctx: NodeContext, ports: Any, gpus: Any) -> Component:
         if not self.config.ray.enabled:
@@ -83,7 +94,7 @@ class Agent:
             self.serf,
             ports,
             self.health,
-            ray_gpus=gpus.unleased_healthy_uuids,
+            ray_gpus=gpus.unleased_healthy_indices,
             verified=self.health.prober.verified,
             keyring_file=self.serf.keyring_file,
         )
@@ -127,20 +138,29 @@ class Agent:
         )
         return api.json_response(report)
 
-    async def _get_metrics(self, request: web.Request) -> web.Response:
-        text = metrics.render(__version__, self._metrics())
-        return web.Response(text=text, content_type="text/plain")
-
     def _metrics(self) -> list[Metric]:
+        """Every family a scrape shows (the socket's and the TCP listener's /metrics)."""
         problems = self.document().problems
         families = [
             gauge("gpud_up", "1 while the agent runs.", 1),
+            gauge(
+                "gpud_build_info", "Always 1; the labels name gpud's build.", 1, version=__version__
+            ),
             Metric(
                 name="gpud_problems",
                 help="Current problems by severity.",
                 samples=[
                     ({"severity": s}, sum(p.severity == s for p in problems))
                     for s in ("warning", "critical")
+                ],
+            ),
+            Metric(
+                name="gpud_problem",
+                help="1 for each current problem (what `gpud status` lists), by code, "
+                "severity and subject.",
+                samples=[
+                    ({"code": c, "severity": s, "subject": j}, 1)
+                    for c, s, j in dict.fromkeys((p.code, p.severity, p.subject) for p in problems)
                 ],
             ),
         ]
@@ -152,7 +172,7 @@ class Agent:
         routes = [
             web.get("/v1/status", self._get_status),
             web.get("/v1/doctor", self._get_doctor),
-            web.get("/metrics", self._get_metrics),
+            web.get("/metrics", metrics.handler(self.registry)),
         ]
         for component in self.components:
             routes += component.routes()
@@ -265,7 +285,7 @@ class Agent:
             log.error(_log, "reload refused: the agent was not started from a config file")
             return
         try:
-            new = config_module.check_host(config_module.load(self.config_path))
+            new = preflight.check_host(config_module.load(self.config_path))
         except GpudError as exc:
             log.error(_log, "reload refused, configuration unchanged", error=str(exc))
             return

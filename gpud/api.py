@@ -5,10 +5,12 @@ Components contribute their own routes; this module adds /v1/status, /v1/gpus an
 and turns every error into a JSON body: `{"error": "..."}` with a fitting status.
 
 Nobody outside can exhaust the daemon: every listener admits at most ``total`` connections and
-``per_source`` from one source (an IP address, or a uid on the Unix socket), closes a connection
-that sends no complete request within ``idle_timeout_s``, and the listeners' caps together stay
-well under the process's descriptor limit, so the local API keeps answering while the peer API
-is flooded. aiohttp's own error logging goes through a rate-limited structured log.
+``per_source`` from one source (an IP address, or a uid on the Unix socket), keeps ``reserved``
+of them for sources it knows (the peer API: members' addresses), closes a connection that sends
+no complete request header within ``idle_timeout_s`` and one whose body is not complete within
+``body_timeout_s`` of its header, and the listeners' caps together stay well under the process's
+descriptor limit, so the local API keeps answering while the peer API is flooded. aiohttp's own
+error logging goes through a rate-limited structured log.
 """
 
 from __future__ import annotations
@@ -73,10 +75,16 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 async def read_body(
     request: web.Request, schema: type[T], *, what: str = "body", limit: int = 64 * 1024
 ) -> T:
-    """Decode a JSON request body into ``schema``; ApiError(400/413) with the reason otherwise."""
+    """Decode a JSON request body into ``schema``; ApiError(400/413) with the reason otherwise.
+
+    Call it after the caller's right to make the request is checked: the whole body is read
+    (bounded by the application's client_max_size, and in time by the server's body deadline)."""
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"body larger than {limit} bytes") from None
     if len(raw) > limit:
         raise ApiError(413, f"body larger than {limit} bytes")
     if (bad := invalid_utf8(raw)) is not None:
@@ -194,9 +202,16 @@ class ConnectionLimits(msgspec.Struct, frozen=True, kw_only=True):
     # Connections open at once on one listener, and from one source (IP address or uid).
     total: int
     per_source: int
-    # A connection that sends no complete request for this long (from accept, or since its
-    # last response) is closed: covers idle, half-open and slow-header (slowloris) clients.
+    # A connection that sends no complete request header for this long (from accept, or since
+    # its last response) is closed: covers idle, half-open and slow-header (slowloris) clients.
     idle_timeout_s: float
+    # A request whose body is not complete this long after its header is dropped with its
+    # connection (slow-body clients); below idle_timeout_s, so header + body fit in it. None:
+    # the application bounds its own body reads (the router streams large bodies).
+    body_timeout_s: float | None = None
+    # Of ``total``, slots only privileged sources may take (the peer API: members' addresses),
+    # so a flood from elsewhere cannot lock the cluster's own nodes out.
+    reserved: int = 0
     # Sources not held to per_source (root on the local socket: root owns the host anyway).
     exempt: frozenset[int | str] = frozenset()
 
@@ -221,15 +236,19 @@ def local_limits(nofile: int) -> ConnectionLimits:
         total=max(16, min(256, nofile // 8)),
         per_source=32,
         idle_timeout_s=30.0,
+        body_timeout_s=10.0,
         exempt=frozenset({0}),
     )
 
 
 def peer_limits(nofile: int) -> ConnectionLimits:
     """The peer API: at most a quarter of the descriptors, so a flood of it leaves the local
-    API, serf's RPC and the children their share. Peers use a handful of connections each."""
+    API, serf's RPC and the children their share. Peers use a handful of connections each; an
+    eighth of the slots stays free for them whatever other sources do. A peer's body is a
+    few KiB sent at once, so 5 s for it is generous."""
+    total = max(16, min(1024, nofile // 4))
     return ConnectionLimits(
-        total=max(16, min(1024, nofile // 4)), per_source=32, idle_timeout_s=10.0
+        total=total, per_source=32, idle_timeout_s=10.0, body_timeout_s=5.0, reserved=total // 8
     )
 
 
@@ -241,13 +260,17 @@ class ConnectionGuard:
         self._open: dict[Hashable, int] = {}
         self.total = 0
         self.refused = 0
+        # Requests dropped because their body did not arrive within body_timeout_s.
+        self.body_timeouts = 0
 
-    def admit(self, source: Hashable) -> str | None:
-        """None if the connection may proceed (and is now counted), else why it may not."""
+    def admit(self, source: Hashable, *, privileged: bool = False) -> str | None:
+        """None if the connection may proceed (and is now counted), else why it may not.
+        Only a ``privileged`` source may take the ``reserved`` slots."""
         limits = self.limits
+        cap = limits.total if privileged else limits.total - limits.reserved
         reason = None
-        if self.total >= limits.total:
-            reason = f"{self.total} connections open (limit {limits.total})"
+        if self.total >= cap:
+            reason = f"{self.total} connections open (limit {cap} for this source)"
         elif source not in limits.exempt and self._open.get(source, 0) >= limits.per_source:
             reason = f"{limits.per_source} connections open from this source (the limit)"
         if reason is not None:
@@ -367,11 +390,13 @@ class _GuardedProtocol(asyncio.Protocol):
         self,
         guard: ConnectionGuard,
         source_of: Callable[[asyncio.BaseTransport], Hashable],
+        privileged: Callable[[Hashable], bool],
         refused: Callable[[Hashable, str], None],
         handler_factory: Callable[[], asyncio.Protocol],
     ) -> None:
         self._guard = guard
         self._source_of = source_of
+        self._privileged = privileged
         self._refused = refused
         self._factory = handler_factory
         self._inner: asyncio.Protocol | None = None
@@ -379,7 +404,7 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         source = self._source_of(transport)
-        reason = self._guard.admit(source)
+        reason = self._guard.admit(source, privileged=self._privileged(source))
         if reason is not None:
             # abort(): no lingering, the descriptor is free again at once.
             transport.abort()  # type: ignore[attr-defined]
@@ -434,15 +459,51 @@ class _GuardedSite(web.BaseSite):
         handler_factory = self._runner.server
         assert handler_factory is not None
         factory = functools.partial(
-            _GuardedProtocol, self._gs.guard, self._source_of, self._gs.refused, handler_factory
+            _GuardedProtocol,
+            self._gs.guard,
+            self._source_of,
+            self._gs.privileged,
+            self._gs.refused,
+            handler_factory,
         )
         self._server = await self._listen(factory)
 
 
-class GuardedServer:
-    """One aiohttp application behind connection limits, with aiohttp's logging bounded.
+class BodyTimeout(ApiError):
+    """The request's body did not arrive in time; its connection is dropped."""
 
-    Used by both servers (local socket, peer API): what an outsider can cost is the same."""
+
+def _expire_body(
+    request: web.Request, server: GuardedServer, timeout_s: float, *, handled: bool
+) -> None:
+    """The body deadline ran out: unless the whole body is here by now, fail its reader (while
+    the handler runs) and drop the connection (no response: the client is not listening)."""
+    if request.content.is_eof():
+        return
+    server.guard.body_timeouts += 1
+    if not handled:
+        # Set first, so the handler waiting on the body sees this cause, not a bare reset.
+        request.content.set_exception(
+            BodyTimeout(408, f"request body not complete within {timeout_s:g} s of its header")
+        )
+    if request.transport is not None:
+        request.transport.abort()
+    server.log.event(
+        logging.WARNING,
+        "request body timed out; connection closed",
+        server=server.name,
+        source=request.remote,
+        path=request.path,
+        timeout_s=timeout_s,
+    )
+
+
+class GuardedServer:
+    """One aiohttp application behind connection limits and read deadlines, with aiohttp's
+    logging bounded.
+
+    Used by both servers (local socket, peer API): what an outsider can cost is the same.
+    ``privileged`` says which sources may take the limits' reserved slots."""
 
     def __init__(
         self,
@@ -451,10 +512,14 @@ class GuardedServer:
         *,
         name: str,
         logger: logging.Logger = _log,
+        privileged: Callable[[Hashable], bool] = lambda source: False,
     ) -> None:
         self.name = name
         self.guard = ConnectionGuard(limits)
+        self.privileged = privileged
         self.log = RateLimitedLog(logger)
+        # Outermost, so the deadline runs whichever handler or middleware reads the body.
+        app.middlewares.insert(0, self._body_deadline)
         self.runner = web.AppRunner(
             app,
             access_log=None,
@@ -464,6 +529,25 @@ class GuardedServer:
             keepalive_timeout=limits.idle_timeout_s,
             logger=_AiohttpLog(self.log, name),
         )
+
+    @web.middleware
+    async def _body_deadline(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's timer covers the header only: once a handler runs, a body that never
+        finishes would hold the connection (and its slot) forever."""
+        timeout_s = self.guard.limits.body_timeout_s
+        if timeout_s is None or request.content.is_eof():  # no body, or all of it here
+            return await handler(request)
+        loop = asyncio.get_running_loop()
+        expire = functools.partial(_expire_body, request, self, timeout_s)
+        timer = loop.call_later(timeout_s, functools.partial(expire, handled=False))
+        try:
+            return await handler(request)
+        finally:
+            timer.cancel()
+            # A handler that answered without reading the body (a refusal) leaves aiohttp to
+            # read and discard the rest: the same deadline covers that too.
+            if not request.content.is_eof() and loop.time() < timer.when():
+                loop.call_at(timer.when(), functools.partial(expire, handled=True))
 
     def refused(self, source: Hashable, reason: str) -> None:
         self.log.event(

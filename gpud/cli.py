@@ -37,12 +37,12 @@ CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands, keys_commands, deploy_co
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from gpud import config
+    from gpud import config, preflight
 
     cfg = config.load(config.config_path(args.config), missing_ok=args.config is None)
-    config.check_host(cfg)  # state dir and cluster key: the agent's host, not a client's
+    preflight.check_host(cfg)  # state dir and cluster key: the agent's host, not a client's
     if args.check_config:
-        for warning in config.host_warnings(cfg):  # issue 10.8: the key's readers
+        for warning in preflight.check_config(cfg):
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{config.config_path(args.config)}: ok")
         return EXIT_OK
@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Node daemon for GPU clusters: gossip membership, data-path health, "
         "port partitioning and Ray head election.",
     )
+    from gpud import __version__
+
+    parser.add_argument("--version", action="version", version=f"gpud {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = sub.add_parser("agent", help="run the daemon in the foreground (systemd runs this)")

@@ -13,6 +13,7 @@ import http.client
 import json
 import socket
 import sys
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -129,6 +130,12 @@ def socket_path(args: argparse.Namespace) -> str:
     # A --config that names a missing file is an error; only the default may be absent.
     explicit = getattr(args, "config", None)
     return config.load(config.config_path(explicit), missing_ok=explicit is None).socket_path
+
+
+def path_part(value: str) -> str:
+    """``value`` as one path segment of an API URL: an id like ``x?y=1`` or ``../x`` must
+    name that id, not another resource or a query."""
+    return urllib.parse.quote(value, safe="")
 
 
 def api_get(args: argparse.Namespace, path: str, type: type[T] = Any) -> T:

@@ -63,12 +63,20 @@ def without_superseded(problems: list[Problem]) -> list[Problem]:
 
 
 class Metric(msgspec.Struct, frozen=True, kw_only=True):
-    """One Prometheus family: ``samples`` are (labels, value) pairs."""
+    """One Prometheus family: ``samples`` are (labels, value) pairs.
+
+    Names follow Prometheus' conventions: base units (``_seconds``, ``_bytes``) and a counter
+    ends in ``_total``; `gpud.metrics` renders the families through prometheus-client."""
 
     name: str
     help: str
     samples: list[tuple[dict[str, str], float]]
     kind: MetricKind = "gauge"
+
+    def __post_init__(self) -> None:
+        # A component bug, caught where the family is made rather than by a dashboard.
+        if (self.kind == "counter") != self.name.endswith("_total"):
+            raise ValueError(f"metric {self.name}: a counter's name, and only its, ends in _total")
 
 
 def gauge(name: str, help_text: str, value: float, **labels: str) -> Metric:

@@ -6,12 +6,19 @@ wrong types are errors that name the field's path (``ports.block_size``).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import difflib
 import ipaddress
+import json
 import os
+import re
+import shutil
 import socket
 import tomllib
+import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -92,8 +99,9 @@ class HealthConfig(_Section):
     # Probes in flight at once.
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     # Up to this many members every node probes every peer; above it, each round probes the
-    # Ray head, its ring neighbours and `random_peers` random peers (cost O(k), not O(N)).
-    full_mesh_max: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 32
+    # Ray head, its ring neighbours, failing peers and `random_peers` others in turn around
+    # the ring (cost O(k), not O(N); every pair still probed within (N - 3) / k rounds).
+    full_mesh_max: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 8
     random_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
 
 
@@ -117,15 +125,18 @@ class RayConfig(_Section):
     executable: str = "ray"
     # "auto": may be elected; "prefer": preferred over "auto" nodes; "never": always a worker.
     head: Literal["auto", "prefer", "never"] = "auto"
-    priority: int = 0
+    # The same bounds as the `pri` tag it is gossiped in (gpud.tags.Priority).
+    priority: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] = 0
     num_cpus: Annotated[int, msgspec.Meta(ge=0)] | None = None
     # Extra environment for `ray start` (e.g. RAY_* tuning variables).
     env: dict[str, str] = {}
     # How long a candidate collects votes (the Serf query is waited out in full); unset:
     # Serf's default (about 3 s for a few nodes). Shorter means a faster failover.
     vote_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
-    # Parent of each node's Ray temp dir; Ray's unix socket paths live under it (107 bytes).
-    temp_root: str = "/tmp/gpud-ray"
+    # Parent of each node's Ray temp dir: Ray's session logs and unix sockets (107-byte paths,
+    # so keep it short). Under the state dir, not /tmp: the unit's PrivateTmp= /tmp is deleted
+    # whenever gpud stops, and the logs of a crashed Ray with it.
+    temp_root: str = "/var/lib/gpud/ray"
 
 
 # ---- gpus (GPU health, gpud/gpus/) ----
@@ -160,7 +171,32 @@ class GpusConfig(_Section):
     # ---- end gpus ----
 
 
+# ---- metrics (gpud/metrics.py) ----
+class MetricsConfig(_Section):
+    # Prometheus scrape endpoint, "ip:port" ("[ip6]:port"); "" turns the TCP listener off
+    # (the local socket's /metrics still serves the same families). 7949: beside the peer
+    # API's 7948, outside the ports range and Linux's ephemeral range.
+    listen: str = "0.0.0.0:7949"
+    # ---- end metrics ----
+
+
 # ---- deployments (gpud/deployments/) ----
+VLLM_EXECUTABLE = "vllm"
+
+
+def vllm_executable_check(config: Config) -> str | None:
+    """`--check-config`: a warning when the default `vllm` is not on PATH (a host that runs no
+    vLLM replica needs none). Raises ConfigError when a configured one cannot be run."""
+    value = config.deployments.vllm_executable
+    if shutil.which(value) is not None:
+        return None
+    where = "not on PATH" if os.sep not in value else "not an executable file"
+    fix = "set deployments.vllm_executable to the vllm of the Python environment that has Ray"
+    if value != VLLM_EXECUTABLE:
+        raise ConfigError(f"deployments.vllm_executable: {value!r} is {where}; {fix}")
+    return f"deployments.vllm_executable: {value!r} is {where}: vllm replicas cannot run; {fix}"
+
+
 class DeploymentsConfig(_Section):
     # Operator public keys (base64 Ed25519, from `gpud deploy keygen`): this host runs a spec
     # only if one of them signed it. Keep the list the same on every host.
@@ -170,7 +206,37 @@ class DeploymentsConfig(_Section):
     # Replication/placement loop and readiness probes.
     interval_s: PositiveSeconds = 1.0
     probe_timeout_s: PositiveSeconds = 2.0
+    # The `vllm` of the Python environment that has Ray (a name is looked up on gpud's PATH,
+    # which under the unit is rarely a conda or venv one); `--check-config` checks it.
+    vllm_executable: str = VLLM_EXECUTABLE
     # ---- end deployments ----
+
+
+# ---- router (gpud/router/) ----
+class RouterConfig(_Section):
+    # The OpenAI-compatible router (every host can run one; clients use any host's).
+    enabled: bool = False
+    # An IP address of this host ("0.0.0.0": all of them); the port must lie outside the
+    # ports range (those are leased to replicas) and differ from gpud's own ports.
+    listen: str = "0.0.0.0"
+    port: Port = 7950
+    # Hashed bearer keys (gpud/router/auth.py). Empty: no authentication.
+    api_keys_file: str = ""
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 16 * 1024 * 1024
+    # A connection that sends no complete request header for this long is closed (idle and
+    # slow-header clients); a body must arrive within body_timeout_s.
+    idle_timeout_s: PositiveSeconds = 30.0
+    body_timeout_s: PositiveSeconds = 30.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 1024
+    max_connections_per_source: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 256
+    # To a replica: connecting, and the longest gap between response bytes.
+    connect_timeout_s: PositiveSeconds = 2.0
+    read_timeout_s: PositiveSeconds = 600.0
+    # Replicas one request may be sent to (only when it provably did not reach one).
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3
+    # How often each replica's queue depth is read from its /metrics.
+    queue_poll_s: PositiveSeconds = 2.0
+    # ---- end router ----
 
 
 class Config(_Section):
@@ -185,6 +251,8 @@ class Config(_Section):
     ray: RayConfig = msgspec.field(default_factory=RayConfig)
     gpus: GpusConfig = msgspec.field(default_factory=GpusConfig)  # gpus: gpud/gpus/
     deployments: DeploymentsConfig = msgspec.field(default_factory=DeploymentsConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
@@ -230,19 +298,123 @@ def parse(raw: bytes | str, *, source: str = "<config>") -> Config:
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_field_message(str(exc))}") from None
+        raise ConfigError(f"{source}: {_field_message(str(exc), data)}") from None
     try:
         return validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
-def _field_message(message: str) -> str:
-    # msgspec says "Expected `int`, got `str` - at `$.ports.block_size`"; lead with the field.
+def _field_message(message: str, data: dict[str, Any]) -> str:
+    """msgspec's "Expected `int` >= 8 - at `$.ports.block_size`" as an operator reads it: the
+    key first, then the value given, then what is allowed (an enum's values; for an unknown
+    key the nearest known one)."""
     text, sep, where = message.rpartition(" - at `$.")
+    path = where.rstrip("`") if sep else ""
     if not sep:
-        return message
-    return f"{where.rstrip('`')}: {text}"
+        text = message
+    if unknown := _UNKNOWN_KEY.fullmatch(text):
+        return _unknown_key(path, unknown.group(1))
+    if not path:
+        return text
+    value = _rendered(_value_at(data, path))
+    shown = f"{path} = {value}" if value is not None else path
+    kind = _type_at(path)
+    if typing.get_origin(kind) is Literal:
+        allowed = ", ".join(json.dumps(v) for v in typing.get_args(kind))
+        return f"{shown}: not one of {allowed}"
+    return f"{shown}: {text}"
+
+
+_UNKNOWN_KEY = re.compile(r"Object contains unknown field `(.*)`")
+# "retry_join[3]": a key and the list indices after it, as in msgspec's paths.
+_PATH_PART = re.compile(r"([^\[\]]+)((?:\[\d+\])*)")
+
+
+def _keys_of(kind: Any) -> dict[str, Any]:
+    """The keys of a config table (a Struct type) and their types; {} for anything else."""
+    if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+        return {}
+    return {f.encode_name: f.type for f in msgspec.structs.fields(kind)}
+
+
+def _type_at(path: str) -> Any:
+    kind: Any = Config
+    for part in path.split(".") if path else []:
+        keys = _keys_of(kind)
+        if part not in keys:
+            return None
+        kind = keys[part]
+    return kind
+
+
+def _value_at(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        match = _PATH_PART.fullmatch(part)
+        if match is None or not isinstance(data, dict) or match.group(1) not in data:
+            return None
+        data = data[match.group(1)]
+        for index in re.findall(r"\d+", match.group(2)):
+            if not isinstance(data, list) or int(index) >= len(data):
+                return None
+            data = data[int(index)]
+    return data
+
+
+def _rendered(value: Any) -> str | None:
+    """A scalar as TOML writes it, on one line and short; None for tables and arrays."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = json.dumps(value)  # escapes newlines and control characters
+    else:
+        return None
+    return text if len(text) <= 80 else f"{text[:76]}..."
+
+
+def _unknown_key(table: str, name: str) -> str:
+    """The line for an unknown key (pure): "node.nmae: unknown key; did you mean `node.name`?",
+    the nearest key of the same table, else a key of that name in another table."""
+    key = f"{table}.{name}" if table else name
+    known = list(_keys_of(_type_at(table)))
+    if close := difflib.get_close_matches(name, known, n=1):
+        return f"{key}: unknown key; did you mean `{table + '.' if table else ''}{close[0]}`?"
+    elsewhere = [
+        f"{section}.{name}"
+        for section, kind in _keys_of(Config).items()
+        if name in _keys_of(kind) and section != table
+    ]
+    if elsewhere:
+        return f"{key}: unknown key; did you mean `{elsewhere[0]}`?"
+    where = f"[{table}]" if table else "the top level"
+    return f"{key}: unknown key; the keys of {where} are {', '.join(known)}"
+
+
+def _check_advertise_routable(config: Config) -> None:
+    """Peers dial the advertised address: an unspecified or multicast one reaches nobody, and
+    a loopback one only this host (fine for a one-host test cluster, never beside peers
+    elsewhere)."""
+    if config.node.advertise == "auto":
+        return
+    ip = ipaddress.ip_address(config.node.advertise)
+    if ip.is_unspecified or ip.is_multicast:
+        raise ConfigError(
+            f"node.advertise: {config.node.advertise} is not an address peers can reach; set "
+            'this host\'s own address on the cluster network, or "auto"'
+        )
+    remote = [
+        entry
+        for entry in config.serf.retry_join
+        if not _is_loopback_host(split_host_port(entry)[0])
+    ]
+    if ip.is_loopback and remote:
+        raise ConfigError(
+            f"node.advertise: {config.node.advertise} is a loopback address, which peers such "
+            f"as {remote[0]} (serf.retry_join) cannot reach; set this host's own address on "
+            'the cluster network, or "auto"'
+        )
 
 
 def validate(config: Config) -> Config:
@@ -254,30 +426,121 @@ def validate(config: Config) -> Config:
             raise ConfigError(
                 f'node.advertise: {config.node.advertise!r} is neither "auto" nor an IP address'
             ) from None
-    ports = config.ports
-    if ports.range_end - ports.range_start < ports.block_size:
-        raise ConfigError(
-            f"ports: range {ports.range_start}-{ports.range_end} is smaller than one block "
-            f"({ports.block_size} ports)"
-        )
+    _check_ports_range(config.ports)
     _check_node_name(config.node.name)
     for entry in config.serf.retry_join:
-        host, port = split_host_port(entry)
-        try:
-            ipaddress.ip_address(host)
-            if port is not None and not 1 <= int(port) <= 65535:
-                raise ValueError
-        except ValueError:
+        if not is_join_address(entry):
             raise ConfigError(
-                f"serf.retry_join: {entry!r} is not an address or address:port (port 1-65535)"
-            ) from None
+                f"serf.retry_join: {entry!r} is not host or host:port (host: an IP address or "
+                "a DNS name, resolved at each join; port: 1-65535)"
+            )
+    _check_advertise_routable(config)
     _check_socket_path(config)
-    own = {config.serf.bind_port, config.serf.rpc_port, config.peer.port}
-    if len(own) != 3:
-        raise ConfigError("serf.bind_port, serf.rpc_port and peer.port must all differ")
-    if any(ports.range_start <= p < ports.range_end for p in own):
-        raise ConfigError("serf and peer ports must lie outside the ports range")
+    _check_own_ports(config)
+    _check_deployments(config.deployments)
+    _check_router(config)
+    metrics_listen(config)
     return config
+
+
+def _check_ports_range(ports: PortsConfig) -> None:
+    start, end = ports.range_start, ports.range_end
+    if start >= end:
+        relation = "is greater than" if start > end else "equals"
+        raise ConfigError(
+            f"ports.range_start = {start} {relation} ports.range_end = {end}; the range runs "
+            "from range_start up to (not including) range_end, so range_start must be smaller"
+        )
+    if end - start < ports.block_size:
+        raise ConfigError(
+            f"ports.block_size = {ports.block_size}: larger than the ports range {start}-{end} "
+            f"({end - start} ports); lower ports.block_size or widen the range"
+        )
+
+
+def own_ports(config: Config) -> dict[str, int]:
+    """The ports gpud itself listens on, by key."""
+    return {
+        "serf.bind_port": config.serf.bind_port,
+        "serf.rpc_port": config.serf.rpc_port,
+        "peer.port": config.peer.port,
+    }
+
+
+def _check_own_ports(config: Config) -> None:
+    start, end = config.ports.range_start, config.ports.range_end
+    seen: dict[int, str] = {}
+    for key, port in own_ports(config).items():
+        if port in seen:
+            raise ConfigError(
+                f"{key} = {port}: already {seen[port]}; serf.bind_port, serf.rpc_port and "
+                "peer.port must all differ"
+            )
+        seen[port] = key
+        if start <= port < end:
+            raise ConfigError(
+                f"{key} = {port}: inside the ports range {start}-{end} (ports.range_start, "
+                "ports.range_end), whose ports are leased to workloads; pick a port outside it"
+            )
+
+
+# An Ed25519 public key, raw (gpud.deployments.authority decodes the same way).
+OPERATOR_KEY_BYTES = 32
+
+
+def _check_deployments(deployments: DeploymentsConfig) -> None:
+    for key in deployments.operators:
+        try:
+            size = len(base64.b64decode(key, validate=True))
+        except (binascii.Error, ValueError):
+            size = -1
+        if size != OPERATOR_KEY_BYTES:
+            raise ConfigError(
+                f"deployments.operators: {key!r} is not an operator public key (base64 of "
+                f"{OPERATOR_KEY_BYTES} bytes: the `public` line of `gpud deploy keygen`)"
+            )
+    for path in deployments.command_allow:
+        if not os.path.isabs(path):
+            raise ConfigError(
+                f"deployments.command_allow: {path!r} is not an absolute path; a command's "
+                "argv[0] must match an entry exactly, so name the file (e.g. /usr/bin/python3)"
+            )
+
+
+# RFC 1123 host name label: letters, digits and inner hyphens, at most 63 characters.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_hostname(host: str) -> bool:
+    """A DNS name per RFC 1123 (pure). An all-numeric last label is refused (RFC 3696), so a
+    mistyped IPv4 address such as 10.0.0.300 is not taken for a name."""
+    name = host.removesuffix(".")
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    return all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
+def is_join_address(entry: str) -> bool:
+    """Whether ``entry`` is "host" or "host:port" ("[v6]:port"), host an IP address or a DNS
+    name (pure)."""
+    host, port = split_host_port(entry)
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return ":" not in host and is_hostname(host)
+    return True
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # RFC 6761: localhost names resolve to loopback addresses.
+        name = host.removesuffix(".").lower()
+        return name == "localhost" or name.endswith(".localhost")
 
 
 # Serf and the peer API carry node names; these are what both accept, kept short for tags.
@@ -308,6 +571,65 @@ def split_host_port(entry: str) -> tuple[str, str | None]:
     return entry, None
 
 
+def metrics_listen(config: Config) -> tuple[str, int] | None:
+    """(ip, port) of the metrics listener, None when metrics.listen is "" (pure). Raises
+    ConfigError naming the key for anything else that is not an IP and a free port."""
+    entry = config.metrics.listen
+    if not entry:
+        return None
+    host, port = split_host_port(entry)
+    try:
+        ipaddress.ip_address(host)
+        number = int(port or "")
+        if not 1 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f'metrics.listen: {entry!r} is not ip:port (e.g. "0.0.0.0:7949", "[::]:7949"; '
+            '"" turns it off)'
+        ) from None
+    taken = {
+        config.serf.bind_port: "serf.bind_port",
+        config.serf.rpc_port: "serf.rpc_port",
+        config.peer.port: "peer.port",
+    }
+    if number in taken:
+        raise ConfigError(f"metrics.listen: port {number} is already {taken[number]}")
+    if config.ports.range_start <= number < config.ports.range_end:
+        raise ConfigError(
+            f"metrics.listen: port {number} lies inside the ports range "
+            f"{config.ports.range_start}-{config.ports.range_end} (leases hand those out)"
+        )
+    return host, number
+
+
+def _check_router(config: Config) -> None:
+    router, ports = config.router, config.ports
+    if not router.enabled:
+        return
+    try:
+        ipaddress.ip_address(router.listen)
+    except ValueError:
+        raise ConfigError(
+            f"router.listen: {router.listen!r} is not an IP address (0.0.0.0 for all)"
+        ) from None
+    if ports.range_start <= router.port < ports.range_end:
+        raise ConfigError(
+            f"router.port: {router.port} lies in the ports range {ports.range_start}-"
+            f"{ports.range_end}, whose ports are leased to replicas; pick one outside it"
+        )
+    taken = {
+        config.serf.bind_port: "serf.bind_port",
+        config.serf.rpc_port: "serf.rpc_port",
+        config.peer.port: "peer.port",
+    }
+    scrape = metrics_listen(config)
+    if scrape is not None:
+        taken[scrape[1]] = "the port of metrics.listen"
+    if router.port in taken:
+        raise ConfigError(f"router.port: {router.port} is already {taken[router.port]}")
+
+
 def _check_node_name(name: str) -> None:
     if not name:
         return  # the host name
@@ -334,90 +656,6 @@ def _check_socket_path(config: Config) -> None:
             raise ConfigError(
                 f"{field}: socket path {path!r} is under {pseudo}, which holds no sockets"
             )
-
-
-def check_host(config: Config) -> Config:
-    """What only this host can tell (``gpud agent`` and ``--check-config``, not client
-    commands): the state dir can be a directory, the cluster key is readable and valid."""
-    state = config.state_dir
-    for parent in (state, *state.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"paths.state_dir: {parent} exists and is not a directory")
-            break
-    sock = Path(config.socket_path)
-    if (sock.exists() or sock.is_symlink()) and (sock.is_symlink() or not sock.is_socket()):
-        raise ConfigError(
-            f"{'api.socket' if config.api.socket else 'paths.runtime_dir'}: {sock} exists and is "
-            "not a socket; gpud will not replace it"
-        )
-    from gpud.secret import cluster_key  # secret imports this module
-
-    try:
-        cluster_key(config)
-    except UnicodeDecodeError:
-        raise ConfigError(
-            f"cluster.key_file {config.cluster.key_file}: not base64 text (`gpud keygen`)"
-        ) from None
-    return config
-
-
-def key_file_mode_warning(
-    path: str,
-    mode: int,
-    group: str,
-    group_members: list[str],
-    operator_groups: set[str],
-    service_users: set[str],
-) -> str | None:
-    """Why the cluster key file is readable by more than root and the service (pure): by
-    every user, or by a group that operators are in (the socket or admin group, or one with
-    members besides the service). None: only root and the service can read it."""
-    if mode & 0o004:
-        return f"cluster.key_file {path} is readable by every user (mode {mode & 0o777:04o})"
-    if not mode & 0o040:
-        return None
-    others = sorted(set(group_members) - service_users)
-    if group in operator_groups or others:
-        who = f"members {', '.join(others)}" if others else "the operators of the local API"
-        return (
-            f"cluster.key_file {path} is readable by group {group} (mode {mode & 0o777:04o}), "
-            f"which holds {who}: they can join the cluster and become Ray head"
-        )
-    return None
-
-
-def host_warnings(config: Config) -> list[str]:
-    """What this host's setup risks without being wrong (``--check-config`` prints them, the
-    agent reports them as problems): a cluster key readable beyond root and the service."""
-    import grp
-    import pwd
-
-    path = config.cluster.key_file
-    if not path:
-        return []
-    try:
-        st = os.stat(path)
-    except OSError:
-        return []  # check_host reports an unreadable key
-    try:
-        entry = grp.getgrgid(st.st_gid)
-        group, members = entry.gr_name, list(entry.gr_mem)
-    except KeyError:
-        group, members = str(st.st_gid), []
-    try:
-        running = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        running = ""
-    warning = key_file_mode_warning(
-        path,
-        st.st_mode,
-        group,
-        members,
-        operator_groups={config.api.socket_group, config.api.admin_group},
-        service_users={"root", "gpud", running},
-    )
-    return [warning] if warning else []
 
 
 # What `systemctl reload gpud` (SIGHUP) applies without a restart; every other change waits

@@ -1,22 +1,19 @@
 """What every component of a running agent shares: config, identity, membership, own tags.
 
-Components implement the ``Component`` protocol; the agent module wires them together and
+Components implement ``gpud.component.Component``; the agent module wires them together and
 runs them in one TaskGroup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal
 
 import msgspec
 
 from gpud import log
 from gpud.config import Config
 from gpud.tags import Tags, encode
-
-if TYPE_CHECKING:
-    from aiohttp import web
 
 _log = log.get("context")
 
@@ -53,21 +50,6 @@ def with_down(members: dict[str, Member], down: dict[str, str]) -> dict[str, Mem
         else m
         for name, m in members.items()
     }
-
-
-class Component(Protocol):
-    """A long-running part of the agent."""
-
-    name: str
-
-    async def run(self) -> None:
-        """Run until cancelled."""
-
-    def status(self) -> msgspec.Struct:
-        """This component's section of /v1/status."""
-
-    def routes(self) -> list[web.RouteDef]:
-        """Routes this component adds to the local API."""
 
 
 class NodeContext:

@@ -1,4 +1,5 @@
-"""Before anything starts: is every port gpud needs free, and if not, who holds it?
+"""Before anything starts: can this host run the agent (state dir, socket path, cluster key
+and who may read it), is every port gpud needs free, and if not, who holds it?
 
 A port that another daemon holds (Debian's own `serf.service` on 7946/7373, Docker Swarm on
 7946) must fail the start at once with the port and the holder named, not leave the unit
@@ -12,9 +13,13 @@ other users' fd tables, so the holder's uid (also in /proc/net) is reported when
 from __future__ import annotations
 
 import errno
+import grp
 import ipaddress
+import json
 import os
 import pwd
+import shlex
+import shutil
 import socket
 from pathlib import Path
 from typing import Literal
@@ -22,8 +27,198 @@ from typing import Literal
 import msgspec
 
 from gpud.component import Problem
-from gpud.config import Config
-from gpud.errors import GpudError
+from gpud.config import ApiConfig, Config, PortsConfig, RayConfig, vllm_executable_check
+from gpud.errors import ConfigError, GpudError
+from gpud.secret import cluster_key
+from gpud.serf.config import PACKAGED_SERF, serf_binary
+
+
+def check_host(config: Config) -> Config:
+    """What only this host can tell (``gpud agent`` and ``--check-config``, not client
+    commands): the state dir can be a directory, the cluster key is readable and valid."""
+    state = config.state_dir
+    for parent in (state, *state.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"paths.state_dir: {parent} exists and is not a directory")
+            break
+    sock = Path(config.socket_path)
+    if (sock.exists() or sock.is_symlink()) and (sock.is_symlink() or not sock.is_socket()):
+        raise ConfigError(
+            f"{'api.socket' if config.api.socket else 'paths.runtime_dir'}: {sock} exists and is "
+            "not a socket; gpud will not replace it"
+        )
+    try:
+        cluster_key(config)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"cluster.key_file {config.cluster.key_file}: not base64 text (`gpud keygen`)"
+        ) from None
+    return config
+
+
+def key_file_mode_warning(
+    path: str,
+    mode: int,
+    group: str,
+    group_members: list[str],
+    operator_groups: set[str],
+    service_users: set[str],
+) -> str | None:
+    """Why the cluster key file is readable by more than root and the service (pure): by
+    every user, or by a group that operators are in (the socket or admin group, or one with
+    members besides the service). None: only root and the service can read it."""
+    if mode & 0o004:
+        return f"cluster.key_file {path} is readable by every user (mode {mode & 0o777:04o})"
+    if not mode & 0o040:
+        return None
+    others = sorted(set(group_members) - service_users)
+    if group in operator_groups or others:
+        who = f"members {', '.join(others)}" if others else "the operators of the local API"
+        return (
+            f"cluster.key_file {path} is readable by group {group} (mode {mode & 0o777:04o}), "
+            f"which holds {who}: they can join the cluster and become Ray head"
+        )
+    return None
+
+
+def host_warnings(config: Config) -> list[str]:
+    """What this host's setup risks without being wrong (``--check-config`` prints them, the
+    agent reports them as problems): a cluster key readable beyond root and the service."""
+    path = config.cluster.key_file
+    if not path:
+        return []
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []  # check_host reports an unreadable key
+    try:
+        entry = grp.getgrgid(st.st_gid)
+        group, members = entry.gr_name, list(entry.gr_mem)
+    except KeyError:
+        group, members = str(st.st_gid), []
+    try:
+        running = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        running = ""
+    warning = key_file_mode_warning(
+        path,
+        st.st_mode,
+        group,
+        members,
+        operator_groups={config.api.socket_group, config.api.admin_group},
+        service_users={"root", "gpud", running},
+    )
+    return [warning] if warning else []
+
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def check_config(config: Config, ephemeral_file: Path = EPHEMERAL_RANGE) -> list[str]:
+    """``--check-config``: everything this host can tell about ``config`` beyond what the agent
+    itself refuses (`check_host`). Raises ConfigError naming the key for what is wrong; returns
+    warnings for a default this host lacks that the agent runs without (a group, ray, vllm)."""
+    check_host(config)
+    ephemeral = read_ephemeral_range(ephemeral_file)
+    if ephemeral is not None:
+        overlap = ephemeral_overlap(config.ports, *ephemeral)
+        if overlap is not None:
+            raise ConfigError(overlap)
+    _check_serf_binary(config.serf.binary)
+    _check_interface(config.node.interface)
+    found = [
+        _group_missing("api.socket_group", config.api.socket_group, "operators cannot read it"),
+        _group_missing(
+            "api.admin_group",
+            config.api.admin_group,
+            "only root may lease ports or GPUs, deploy and rotate keys",
+        ),
+        _ray_missing(config.ray) if config.ray.enabled else None,
+        vllm_executable_check(config),
+    ]
+    return [*host_warnings(config), *(w for w in found if w)]
+
+
+def read_ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int] | None:
+    """The kernel's ephemeral port range (inclusive); None when it cannot be read."""
+    try:
+        low, high = (int(word) for word in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def ephemeral_overlap(ports: PortsConfig, low: int, high: int) -> str | None:
+    """Why the ports range [range_start, range_end) must not meet the kernel's ephemeral range
+    [low, high] (pure): any outgoing connection may take a port of it, and a replica leased
+    that port then fails to bind. None: they are apart."""
+    start, end = ports.range_start, ports.range_end
+    if max(start, low) > min(end - 1, high):
+        return None
+    key, value = ("ports.range_start", start) if low <= start <= high else ("ports.range_end", end)
+    return (
+        f"{key} = {value}: the ports range {start}-{end} overlaps the kernel's ephemeral port "
+        f"range {low}-{high} (net.ipv4.ip_local_port_range), from which outgoing connections "
+        f"take ports; keep ports.range_end <= {low} or ports.range_start > {high}, or move the "
+        "ephemeral range (sysctl net.ipv4.ip_local_port_range)"
+    )
+
+
+def _check_serf_binary(configured: str) -> None:
+    if serf_binary(configured) is not None:
+        return
+    if configured:
+        raise ConfigError(
+            f"serf.binary = {json.dumps(configured)}: not an executable (on PATH, or a file); "
+            f"name the serf executable, or leave it empty for the packaged {PACKAGED_SERF}"
+        )
+    raise ConfigError(
+        f"serf.binary: empty, and neither {PACKAGED_SERF} nor `serf` on PATH exists; install "
+        "gpud's package (it bundles serf) or set serf.binary to a serf executable"
+    )
+
+
+def _check_interface(name: str) -> None:
+    if not name:
+        return
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        have = ", ".join(sorted(n for _, n in socket.if_nameindex()))
+        raise ConfigError(
+            f"node.interface = {json.dumps(name)}: no such interface on this host (it has: "
+            f'{have}); name one of them, or "" for the default-route interface'
+        ) from None
+
+
+def _group_missing(key: str, name: str, effect: str) -> str | None:
+    """None when group ``name`` exists. A group set in the config that does not is an error;
+    the default missing is a warning (the agent runs, but ``effect``)."""
+    try:
+        grp.getgrnam(name)
+        return None
+    except KeyError:
+        pass
+    create = f"groupadd --system {shlex.quote(name)}"
+    text = f"{key} = {json.dumps(name)}: no such group; create it: {create}"
+    if name != getattr(ApiConfig(), key.removeprefix("api.")):
+        raise ConfigError(text)
+    return f"{text} (until then {effect})"
+
+
+def _ray_missing(ray: RayConfig) -> str | None:
+    if shutil.which(ray.executable) is not None:
+        return None
+    where = "not on PATH" if os.sep not in ray.executable else "not an executable file"
+    text = (
+        f"ray.executable = {json.dumps(ray.executable)}: {where}; set it to the ray of the CUDA "
+        "stack's Python environment, or ray.enabled = false"
+    )
+    if ray.executable != RayConfig().executable:
+        raise ConfigError(text)
+    return f"{text} (until then this node cannot run Ray)"
+
 
 Proto = Literal["tcp", "udp"]
 # /proc/net/tcp states: 0A = LISTEN. UDP sockets have no listen state ("07" = unconnected).
@@ -249,6 +444,39 @@ def check(
             )
         )
     return conflicts
+
+
+def rpc_listener(
+    port: int, child_pid: int, proc: Path = Path("/proc")
+) -> Literal["nobody", "ours"] | PortConflict:
+    """Who listens on serf's RPC port 127.0.0.1:``port``: nobody yet, only our serf child (``child_pid``), or
+    someone else (the conflict naming the other holders)."""
+    listeners = [
+        row
+        for row in sockets_on("tcp", port, proc)
+        if row.local in ("127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1")
+    ]
+    if not listeners:
+        return "nobody"
+    own = socket_inodes(child_pid, proc)
+    foreign = {row.inode for row in listeners if row.inode not in own}
+    if not foreign:
+        return "ours"
+    pids = pids_holding(foreign, proc)
+    holders = [
+        Holder(
+            uid=row.uid,
+            pid=pids.get(row.inode),
+            command=command_of(pids[row.inode], proc) if row.inode in pids else "",
+        )
+        for row in listeners
+        if row.inode in foreign
+    ]
+    need = PortNeed(
+        component="serf", purpose="serf RPC", field="serf.rpc_port", proto="tcp",
+        host="127.0.0.1", port=port,
+    )  # fmt: skip
+    return PortConflict(need=need, error="not our serf", holders=holders)
 
 
 def summary(conflicts: list[PortConflict]) -> str:

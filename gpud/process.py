@@ -18,7 +18,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -137,6 +137,17 @@ class ChildGroup(msgspec.Struct, frozen=True):
     start: int
 
 
+class GroupStore(Protocol):
+    """Where a supervised child's process group is persisted: a `GroupRecord` (one key of the
+    store), or a row of a component's own table for children that come and go by name."""
+
+    def load(self) -> ChildGroup | None: ...
+
+    def save(self, group: ChildGroup) -> None: ...
+
+    def clear(self) -> None: ...
+
+
 class GroupRecord:
     """The process group of one supervised child, persisted so that a restarted gpud finds it.
 
@@ -194,7 +205,7 @@ async def stop_group(pgid: int, grace_s: float, *, alive: Callable[[], bool]) ->
         await asyncio.sleep(0.1)
 
 
-async def stop_leftover(record: GroupRecord, grace_s: float) -> ChildGroup | None:
+async def stop_leftover(record: GroupStore, grace_s: float) -> ChildGroup | None:
     """Stop the group a crashed gpud left running (only that exact group); clear the record.
 
     Returns the group it stopped, or None when there was nothing of ours left."""
@@ -227,6 +238,8 @@ class ChildProcess:
         # Sees every output line first (serf's key mismatches are read from its output); a line
         # it returns False for is not logged (it reported the line its own way).
         self.on_line = on_line
+        # Its last non-blank output line: a crashing engine's own reason (a traceback's last).
+        self.last_line = ""
         self._proc: asyncio.subprocess.Process | None = None
         # The running child's process group (with its leader's start time), once started.
         self.group: ChildGroup | None = None
@@ -262,6 +275,8 @@ class ChildProcess:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
             text = line.decode(errors="replace")
+            if text.strip():
+                self.last_line = text.strip()
             if self.on_line is None or self.on_line(text):
                 log.child_output(self._log, text)  # at the child's level
 
@@ -326,7 +341,7 @@ class Supervisor:
         backoff_max_s: float = 30.0,
         stable_s: float = 30.0,
         grace_s: float = 10.0,
-        record: GroupRecord | None = None,
+        record: GroupStore | None = None,
     ) -> None:
         self.name = name
         self._make_child = make_child
@@ -386,7 +401,8 @@ class Supervisor:
                     await self._forget(self.child)
                     self.failures.append(time.monotonic())
                     self.status.last_exit_code = code
-                    self.status.last_error = f"exited with code {code}"
+                    said = f": {self.child.last_line}" if self.child.last_line else ""
+                    self.status.last_error = f"exited with code {code}{said}"
                     log.warning(self._log, "exited", code=code)
                 if time.monotonic() - begun >= self._stable_s:
                     backoff = self._backoff_initial_s

@@ -7,7 +7,7 @@ malformed or of an unknown version is shown as such; decoding never raises.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgpack
 import msgspec
@@ -22,33 +22,57 @@ GpuHealthSummary = Literal["unknown", "healthy", "degraded", "unhealthy"]
 HeadPreference = Literal["auto", "prefer", "never"]
 GcsReachSummary = Literal["unknown", "ok", "fail"]
 
+# Every field is bounded here, in the schema, because a cluster-key holder can gossip any
+# string: a value out of range must be a tags error at decode, never an OverflowError or a
+# huge number deep inside a probe, a connect or the election.
+# A TCP port, or 0 for "none announced".
+PortOrNone = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# Election terms grow by one per election round; 2**62 leaves room for +1 in SQLite's int64.
+Term = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+# A block index (-1: unclaimed); 65535 blocks is more than any port space can hold.
+BlockIndex = Annotated[int, msgspec.Meta(ge=-1, le=65535)]
+# Unix seconds (0: unset); 2**40 s is some 34,000 years away.
+UnixSeconds = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+GpuCount = Annotated[int, msgspec.Meta(ge=0, le=4096)]
+# ray.priority in the config has the same bounds.
+Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Role = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[a-z]+$")]
+# gpud.deployments.store.set_digest: a short hex digest, empty without records.
+RecordsDigest = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9a-f]*$")]
+# gpud.deployments.claims: "name.index:port:digest[:gcs[:flags]]", ";"-separated, ASCII only
+# (so int() of a digit run never meets a non-ASCII digit).
+_CLAIM = r"[a-z0-9-]{1,63}\.[0-9]{1,4}:[0-9]{1,5}:[0-9a-f]{0,32}(?::[0-9]{0,5}(?::[a-z]{0,8})?)?"
+ReplicaClaims = Annotated[
+    str, msgspec.Meta(max_length=MAX_TAGS_BYTES, pattern=rf"^(?:{_CLAIM}(?:;{_CLAIM})*)?$")
+]
+
 
 class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     v: int = TAGS_VERSION
     # gpud's role in the cluster (always "gpud" today; room for "gateway" etc.).
-    role: str = "gpud"
+    role: Role = "gpud"
     # Peer API port on the advertised address.
-    pp: int = 0
+    pp: PortOrNone = 0
     # Claimed port block (index into the cluster port space); -1 while unclaimed.
-    blk: int = -1
+    blk: BlockIndex = -1
     # When the block claim was confirmed (unix seconds; 0 while unconfirmed). Between two
     # confirmed claims of one block on one host address the earlier one wins.
-    bc: int = 0
+    bc: UnixSeconds = 0
     # Number of GPUs NVML reports.
-    gpu: int = 0
+    gpu: GpuCount = 0
     # -- deployments (gpud/deployments/service.py): digest of the node's spec records (peers
     # whose digest differs fetch them over the peer API), and the replicas it runs with their
     # ports ("web.0:20001;web.1:20005").
-    dv: str = ""
-    dp: str = ""
+    dv: RecordsDigest = ""
+    dp: ReplicaClaims = ""
     # -- end deployments
     # Ray: role, election term, GCS port once the head's GCS answers (0: not ready).
     ray: RayRole = "none"
-    term: int = 0
-    gcs: int = 0
+    term: Term = 0
+    gcs: PortOrNone = 0
     # Head eligibility inputs: preference, priority, Ray installed, behind NAT.
     rh: HeadPreference = "auto"
-    pri: int = 0
+    pri: Priority = 0
     rv: bool = False
     nat: bool = False
     # This node's own health summary.
@@ -58,7 +82,7 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # Ray worker only: its node-manager port (the head probes it when the worker is missing
     # from its GCS), and whether it reaches the GCS of the head of its term (the election
     # deposes a head whose GCS a majority of its workers cannot reach).
-    nm: int = 0
+    nm: PortOrNone = 0
     hg: GcsReachSummary = "unknown"
 
 
@@ -70,7 +94,8 @@ class TagsError(ValueError):
 
 
 def encode(tags: Tags) -> dict[str, str]:
-    """Tags as Serf's string map; raises TagsError above memberlist's 512-byte limit."""
+    """Tags as Serf's string map; raises TagsError above memberlist's 512-byte limit or for a
+    field out of its bounds."""
     # Defaults are left out of the gossip (memberlist meta is small); decode restores them.
     defaults = msgspec.to_builtins(_DEFAULTS)
     raw = {
@@ -82,6 +107,8 @@ def encode(tags: Tags) -> dict[str, str]:
     size = len(msgpack.packb(raw))
     if size > MAX_TAGS_BYTES:
         raise TagsError(f"tags take {size} bytes, more than memberlist's {MAX_TAGS_BYTES}")
+    # Gossip nothing peers would refuse to decode (a field out of its schema's bounds).
+    decode(raw)
     return raw
 
 
@@ -99,3 +126,5 @@ def decode(raw: dict[str, str]) -> Tags:
         return msgspec.convert(raw, Tags, strict=False)
     except msgspec.ValidationError as exc:
         raise TagsError(f"malformed tags: {exc}") from None
+    except UnicodeError:  # a lone surrogate cannot be UTF-8 (msgpack can hand them through)
+        raise TagsError("malformed tags: not valid UTF-8") from None

@@ -44,6 +44,8 @@ SERF_BINARY = Path("/usr/bin/serf")
 SERF_COPYRIGHT = Path("/usr/share/doc/serf/copyright")
 DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
+MONITORING_DIR = "/usr/share/gpud/monitoring"
+MONITORING_FILES = ("gpud-rules.yml", "gpud-dashboard.json")
 STAGE_MARKER = ".gpud-stage-complete"
 SERF_TARGET = "usr/libexec/gpud/serf"
 # The bundled Python distributions: exact versions and the sha256 of every accepted wheel.
@@ -127,6 +129,9 @@ def stage(root: Path) -> Path:
     _install(SYSTEMD / "gpud.sysusers", root / "usr/lib/sysusers.d/gpud.conf")
     _install(SYSTEMD / "gpud.tmpfiles", root / "usr/lib/tmpfiles.d/gpud.conf")
     _install(PACKAGING / "gpud.toml", root / "etc/gpud/gpud.toml")
+    # The monitoring mixin: Prometheus alert rules and a Grafana dashboard, to copy from.
+    for name in MONITORING_FILES:
+        _install(PACKAGING / "monitoring" / name, root / MONITORING_DIR.lstrip("/") / name)
     _install(PACKAGING / "README.md", root / "usr/share/doc/gpud/README.md")
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     (root / "usr/bin/gpud").symlink_to(f"{PREFIX}/bin/gpud")

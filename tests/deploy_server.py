@@ -40,6 +40,25 @@ def ray_info() -> dict[str, object]:
     }
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """What every stand-in server's handler shares: JSON replies, no access log."""
+
+    def _reply(self, status: int, body: object) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args: object) -> None:
+        pass  # probes every second would flood gpud's log
+
+
+def serve(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> None:
+    ThreadingHTTPServer((host, port), handler).serve_forever()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -56,7 +75,7 @@ def main() -> None:
     if args.ray_nodes:
         join_ray(args.ray_nodes)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_GET(self) -> None:
             if self.path == "/health":
                 self._reply(200, {"status": "ok"})
@@ -78,18 +97,7 @@ def main() -> None:
             else:
                 self._reply(404, {"error": "not found"})
 
-        def _reply(self, status: int, body: dict[str, object]) -> None:
-            raw = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *args: object) -> None:
-            pass  # probes every second would flood gpud's log
-
-    ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
+    serve(args.host, args.port, Handler)
 
 
 if __name__ == "__main__":

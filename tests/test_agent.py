@@ -110,7 +110,18 @@ def test_ready_status_watchdog_and_api(agent: RunningAgent) -> None:
     assert os.stat(agent.socket_path).st_mode & 0o777 == 0o660
 
     status = agent.api("GET", "/v1/status")
-    sections = {"serf", "membership", "network", "health", "ports", "ray", "gpus", "deployments"}
+    sections = {
+        "serf",
+        "membership",
+        "network",
+        "health",
+        "ports",
+        "ray",
+        "gpus",
+        "deployments",
+        "router",
+        "metrics",
+    }
     assert set(status) == {"node", "members", "summaries", "problems", *sections}
     assert set(status["summaries"]) == sections
     assert status["node"]["name"] == "solo"
@@ -198,13 +209,13 @@ def test_metrics_are_prometheus_text(agent: RunningAgent) -> None:
         conn.close()
     assert response.status == 200
     assert response.getheader("Content-Type", "").startswith("text/plain")
-    assert 'gpud_members{status="alive"} 1' in body.splitlines()
-    assert "gpud_up 1" in body.splitlines()
-    assert "gpud_gpus 0" in body.splitlines()
-    assert 'gpud_problems{severity="critical"} 0' in body.splitlines()
+    assert 'gpud_members{status="alive"} 1.0' in body.splitlines()
+    assert "gpud_up 1.0" in body.splitlines()
+    assert "gpud_gpus 0.0" in body.splitlines()
+    assert 'gpud_problems{severity="critical"} 0.0' in body.splitlines()
     assert (
         sum(
-            line.startswith("gpud_health_state{") and line.endswith(" 1")
+            line.startswith("gpud_health_state{") and line.endswith(" 1.0")
             for line in body.splitlines()
         )
         == 1

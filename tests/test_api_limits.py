@@ -1,4 +1,4 @@
-"""What both HTTP servers share: connection limits, bounded logs, clean 400s (issue 10.5, 10.9)."""
+"""What both HTTP servers share: connection limits, read deadlines, bounded logs, clean 400s."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from hypothesis import strategies as st
 
 from gpud import api
 
-LIMITS = api.ConnectionLimits(total=6, per_source=3, idle_timeout_s=0.5, exempt=frozenset({0}))
+LIMITS = api.ConnectionLimits(
+    total=6, per_source=3, idle_timeout_s=0.5, reserved=2, exempt=frozenset({0})
+)
+# Sources 3 and 4 are privileged (members): only they may take the reserved slots.
+PRIVILEGED = frozenset({3, 4})
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 4)), max_size=60))
@@ -23,8 +27,10 @@ def test_guard_never_exceeds_its_limits_and_frees_what_closes(ops):
     for connect, source in ops:
         if connect:
             before = guard.open_from(source)
-            reason = guard.admit(source)
-            full = len(open_) >= LIMITS.total or (source != 0 and before >= LIMITS.per_source)
+            privileged = source in PRIVILEGED
+            reason = guard.admit(source, privileged=privileged)
+            cap = LIMITS.total if privileged else LIMITS.total - LIMITS.reserved
+            full = len(open_) >= cap or (source != 0 and before >= LIMITS.per_source)
             assert (reason is not None) == full
             if reason is None:
                 open_.append(source)
@@ -32,6 +38,7 @@ def test_guard_never_exceeds_its_limits_and_frees_what_closes(ops):
             open_.remove(source)
             guard.release(source)
         assert guard.total == len(open_) <= LIMITS.total
+        assert sum(s not in PRIVILEGED for s in open_) <= LIMITS.total - LIMITS.reserved
         for s in set(open_):
             assert guard.open_from(s) == open_.count(s)
             assert s == 0 or open_.count(s) <= LIMITS.per_source
@@ -107,5 +114,72 @@ async def test_over_the_limit_closed_at_once_idle_and_half_open_after_the_timeou
         for reader, _ in conns:
             assert await asyncio.wait_for(reader.read(), 3) == b""
         assert server.guard.total == 0
+    finally:
+        await server.cleanup()
+
+
+SLOW_BODY = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before it closed the connection (b"" for a bare reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 3)
+    except ConnectionResetError:
+        return b""
+
+
+@pytest.mark.asyncio
+async def test_a_body_that_never_finishes_is_dropped_at_the_body_deadline(tmp_path):
+    limits = api.ConnectionLimits(total=6, per_source=4, idle_timeout_s=5.0, body_timeout_s=0.5)
+    server = api.GuardedServer(api.make_app([web.post("/echo", _echo)]), limits, name="test API")
+    await server.setup()
+    path = str(tmp_path / "s.sock")
+    await server.listen_unix(path)
+    try:
+        conns = [await asyncio.open_unix_connection(path) for _ in range(4)]
+        start = asyncio.get_running_loop().time()
+        for _, writer in conns[:3]:
+            writer.write(SLOW_BODY)
+        # Refused without reading the body: aiohttp would read the rest for 10 s more.
+        conns[3][1].write(SLOW_BODY.replace(b"/echo", b"/nope"))
+        # Full: the per-source cap counts these connections.
+        await asyncio.sleep(0.2)
+        assert server.guard.total == 4
+        replies = [await _until_closed(reader) for reader, _ in conns]
+        assert replies[:3] == [b""] * 3 and replies[3].startswith(b"HTTP/1.1 404")
+        # Dropped by the body deadline, well before the idle (header) timeout.
+        assert asyncio.get_running_loop().time() - start < 2.0
+        assert (server.guard.total, server.guard.body_timeouts) == (0, 4)
+        # A complete request is still served on a fresh connection.
+        body = b'{"owner": "x"}'
+        head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        reply = await _raw(path, head % len(body) + body)
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'{"owner":"x"}')
+    finally:
+        await server.cleanup()
+
+
+@pytest.mark.asyncio
+async def test_a_body_sent_slowly_but_in_time_is_read_whole(tmp_path):
+    limits = api.ConnectionLimits(total=6, per_source=3, idle_timeout_s=5.0, body_timeout_s=2.0)
+    server = api.GuardedServer(api.make_app([web.post("/echo", _echo)]), limits, name="test API")
+    await server.setup()
+    path = str(tmp_path / "s.sock")
+    await server.listen_unix(path)
+    try:
+        body = b'{"owner": "' + b"y" * 2000 + b'"}'
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body))
+        writer.write(b"Connection: close\r\n\r\n")
+        for i in range(0, len(body), 500):
+            writer.write(body[i : i + 500])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+        assert b"y" * 2000 in reply
+        assert server.guard.body_timeouts == 0
     finally:
         await server.cleanup()

@@ -25,8 +25,11 @@ ESC = "\x1b"
 
 
 @contextmanager
-def answering(path: Path, body: bytes, status: int = 200) -> Iterator[None]:
-    """A Unix-socket HTTP server that answers every request with ``body`` (bounded: 50 requests)."""
+def answering(
+    path: Path, body: bytes, status: int = 200, seen: list[str] | None = None
+) -> Iterator[None]:
+    """A Unix-socket HTTP server that answers every request with ``body`` (bounded: 50
+    requests); the request lines it got go to ``seen``."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(8)
@@ -42,7 +45,21 @@ def answering(path: Path, body: bytes, status: int = 200) -> Iterator[None]:
                 continue
             with conn:
                 conn.settimeout(5)
-                conn.recv(65536)
+                request = conn.recv(65536)
+                # Read the whole request (a POST body may come in a second send).
+                head_end = request.find(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in request[:head_end].split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                while head_end >= 0 and len(request) < head_end + 4 + length:
+                    request += conn.recv(65536)
+                if seen is not None:
+                    seen.append(request.split(b"\r\n", 1)[0].decode())
                 head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
                 conn.sendall(head.encode() + body)
             served += 1
@@ -73,6 +90,13 @@ def gpud(*args: str) -> subprocess.CompletedProcess[str]:
         (["members"], b"null"),
         (["doctor"], b'{"problems": [{"severity": "bad"}]}'),
         (["doctor"], b'"text"'),
+        (["ports"], b"{}"),
+        (["ports"], b"[]"),
+        (["ports"], b'{"summary": "x", "reservation": "ok", "leases": [{"id": 1}]}'),
+        (["ports"], b'{"summary": "x", "reservation": "ok", "warnings": "w"}'),
+        (["ports", "lease", "--owner", "me", "--count", "1"], b'{"id": "a"}'),
+        (["ports", "lease", "--owner", "me", "--count", "1"], b"[1, 2]"),
+        (["ports", "lease", "--owner", "me", "--count", "1"], b"null"),
     ],
 )
 def test_unexpected_reply_is_one_line_not_a_traceback(
@@ -129,3 +153,26 @@ def test_status_over_the_socket_renders_the_typed_document(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert "1 problem(s):" in result.stdout and "peer h9 unreachable" in result.stdout
     assert json.loads(as_json.stdout)["node"]["name"] == "h0"
+
+
+@pytest.mark.parametrize(
+    ("lease_id", "path"),
+    [
+        ("x?y=1", "/v1/ports/leases/x%3Fy%3D1"),
+        ("../status", "/v1/ports/leases/..%2Fstatus"),
+        ("a b#c", "/v1/ports/leases/a%20b%23c"),
+    ],
+)
+def test_release_quotes_the_id(tmp_path: Path, lease_id: str, path: str) -> None:
+    sock, seen = tmp_path / "gpud.sock", []
+    with answering(sock, b"{}", seen=seen):
+        result = gpud("ports", "release", lease_id, "--socket", str(sock))
+    assert result.returncode == 0, result.stderr
+    assert seen == [f"DELETE {path} HTTP/1.1"]
+
+
+def test_version_flag() -> None:
+    from gpud import __version__
+
+    result = gpud("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"gpud {__version__}"

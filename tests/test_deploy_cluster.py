@@ -130,7 +130,7 @@ def test_deploy_apply_refuse_failover_delete(
         ]
     )
     info = json.loads(fetch.stdout)["gpud"]
-    assert info["cuda_visible_devices"].startswith("GPU-"), info
+    assert info["cuda_visible_devices"].isdigit(), info
     assert info["nccl_socket_ifname"] and info["vllm_host_ip"] == runner.addr, info
 
     # Unsigned, and a command outside the allow list: refused everywhere, with the reason.

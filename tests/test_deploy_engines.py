@@ -29,6 +29,7 @@ def lease(**over: object) -> NodeLease:
         "port": 20110,
         "port_band_base": 20120,
         "gpu_uuids": ("GPU-aaaa", "GPU-bbbb"),
+        "gpu_indices": (3, 1),
         "ray_address": "10.77.0.5:20100",
     }
     fields.update(over)
@@ -50,7 +51,9 @@ def test_vllm_multi_node_argv() -> None:
 
 def test_vllm_single_node_argv_has_no_ray_backend() -> None:
     argv = server_argv(
-        vllm_spec(n=1, g=1), lease(gpu_uuids=("GPU-aaaa",), ray_address=""), vllm="/opt/v/bin/vllm"
+        vllm_spec(n=1, g=1),
+        lease(gpu_uuids=("GPU-aaaa",), gpu_indices=(0,), ray_address=""),
+        vllm="/opt/v/bin/vllm",
     )
     assert argv == [
         "/opt/v/bin/vllm", "serve", "meta-llama/Llama-3.1-8B",
@@ -70,7 +73,9 @@ def test_vllm_env_on_every_node() -> None:
         "NCCL_SOCKET_IFNAME": "eth1",
         "GLOO_SOCKET_IFNAME": "eth1",
         "VLLM_PORT": "20120",
-        "CUDA_VISIBLE_DEVICES": "GPU-aaaa,GPU-bbbb",
+        # NVML indices in the leased UUIDs' order, counted in PCI bus order: never a UUID.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": "3,1",
         "RAY_ADDRESS": "10.77.0.5:20100",
     }
 
@@ -78,7 +83,9 @@ def test_vllm_env_on_every_node() -> None:
 def test_gpud_values_win_over_what_gpud_inherited() -> None:
     base = {"VLLM_HOST_IP": "127.0.0.1", "RAY_ADDRESS": "auto", "VLLM_PORT": "1", "X": "y"}
     spec = load_spec(b'name = "c"\nengine = "command"\nreplicas = 1\ncommand = ["/bin/srv"]\n')
-    env = node_env(spec, lease(gpu_uuids=(), ray_address="", port_band_base=None), base=base)
+    env = node_env(
+        spec, lease(gpu_uuids=(), gpu_indices=(), ray_address="", port_band_base=None), base=base
+    )
     assert env["VLLM_HOST_IP"] == "10.77.0.5"
     assert "RAY_ADDRESS" not in env and "VLLM_PORT" not in env
     # No GPU leased: the process sees none rather than all of them.
@@ -97,7 +104,8 @@ def test_command_template_fills_every_placeholder() -> None:
     spec = command_spec(
         '["/opt/sglang/bin/python", "-m", "sglang.launch_server", "--model-path", "{model}",'
         ' "--host={host_ip}", "--port", "{port}", "--dist-init-addr", "{ray_address}",'
-        ' "--nic", "{interface}", "--gpus", "{gpu_uuids}", "{{literal}}"]'
+        ' "--nic", "{interface}", "--gpus", "{gpu_uuids}", "--devices={gpu_indices}",'
+        ' "{{literal}}"]'
     )
     assert server_argv(spec, lease()) == [
         "/opt/sglang/bin/python", "-m", "sglang.launch_server",
@@ -107,6 +115,7 @@ def test_command_template_fills_every_placeholder() -> None:
         "--dist-init-addr", "10.77.0.5:20100",
         "--nic", "eth1",
         "--gpus", "GPU-aaaa,GPU-bbbb",
+        "--devices=3,1",
         "{literal}",
     ]  # fmt: skip
 
@@ -116,7 +125,7 @@ def test_substitution_never_splits_or_interprets_values() -> None:
         b'name = "x"\nengine = "command"\nmodel = "m; rm -rf / $(id) `x` {port}"\nreplicas = 1\n'
         b'command = ["/bin/srv", "{model}", "$(id)", "a b;c"]\n'
     )
-    argv = server_argv(odd, lease(gpu_uuids=(), ray_address=""))
+    argv = server_argv(odd, lease(gpu_uuids=(), gpu_indices=(), ray_address=""))
     # The value is one argument, verbatim; "{port}" inside a value is not expanded again.
     assert argv == ["/bin/srv", "m; rm -rf / $(id) `x` {port}", "$(id)", "a b;c"]
 
@@ -125,16 +134,20 @@ def test_a_spec_built_without_load_spec_cannot_smuggle_a_field() -> None:
     good = command_spec('["/bin/srv", "{port}"]', n=1, g=0)
     bad = msgspec.structs.replace(good, command=["/bin/srv", "{lease.__class__}"])
     with pytest.raises(ValueError, match="not a plain placeholder"):
-        server_argv(bad, lease(gpu_uuids=(), ray_address=""))
+        server_argv(bad, lease(gpu_uuids=(), gpu_indices=(), ray_address=""))
     bad = msgspec.structs.replace(good, command=["/bin/srv", "{secret}"])
     with pytest.raises(EngineError, match=r"unknown placeholder \{secret\}"):
-        server_argv(bad, lease(gpu_uuids=(), ray_address=""))
+        server_argv(bad, lease(gpu_uuids=(), gpu_indices=(), ray_address=""))
 
 
 @pytest.mark.parametrize(
     ("over", "message"),
     [
         ({"gpu_uuids": ("GPU-a",)}, "1 GPUs leased, the spec needs 2"),
+        ({"gpu_indices": (0,)}, "2 GPUs leased but 1 NVML indices resolved"),
+        ({"gpu_indices": ("GPU-aaaa", "GPU-bbbb")}, "'GPU-aaaa' is not an NVML index"),
+        ({"gpu_indices": (1, 1)}, r"GPU indices \[1, 1\] name one GPU twice"),
+        ({"gpu_indices": (-1, 0)}, "-1 is not an NVML index"),
         ({"ray_address": ""}, "a Ray address is needed exactly when nodes_per_replica > 1"),
         ({"port_band_base": None}, "vLLM needs a leased port band"),
         ({"host_ip": "node-5"}, "host_ip 'node-5' is not an IP address"),

@@ -5,6 +5,7 @@ the pure helpers it gossips with (claims tag, majority rule)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -16,6 +17,7 @@ from gpud.context import Member, NodeContext
 from gpud.deployments import authority, spec, version
 from gpud.deployments.claims import Claim, parse_claims
 from gpud.deployments.model import DeleteRequest, Entry
+from gpud.deployments.peers import PeerLinks
 from gpud.deployments.service import (
     DeploymentService,
     majority_refusal,
@@ -43,11 +45,12 @@ def service(tmp_path: Path, store: StateStore, **deployments: object) -> Deploym
     cfg = config_for("n1", tmp_path / "state", {"deployments": deployments})
     ctx = NodeContext(cfg, "127.0.0.1")
     ctx.members = {"n1": Member(name="n1", addr="127.0.0.1", port=7946, status="alive")}
+    health = HealthService(ctx)
     return DeploymentService(
         ctx,
         ports=PortsService(ctx),
         gpus=GpuService(ctx, fake_nvml, store=store),
-        health=HealthService(ctx),
+        peers=PeerLinks(health.client, health.server.add_route, health.prober.verified),
         store=store,
     )
 
@@ -156,7 +159,7 @@ async def test_apply_delete_persist_and_refuse(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state")
     restarted = service(tmp_path, store)
     assert restarted.listing().deleted == ["echo"]
-    assert restarted.status().digest == set_digest(restarted._entries) != ""
+    assert restarted.status().digest == set_digest(restarted.records.entries) != ""
     reapplied = await restarted.apply(SPEC)
     assert int(reapplied.version.split("@")[0]) > int(deleted.version.split("@")[0])
     store.close()
@@ -194,14 +197,16 @@ async def test_peer_records_get_the_checks_of_an_apply(tmp_path: Path) -> None:
     forged_digest = msgspec.structs.replace(
         version.applied(good, version.SpecVersion(7, "peer")), digest="0" * 32
     )
-    taken = await svc._merge(
+    taken = await svc.records.merge(
         [
             Entry(record=version.applied(sneaky, version.SpecVersion(5, "peer"))),
             Entry(record=forged_digest),
         ]
     )
     assert taken == [] and svc.listing().deployments == [] and svc.status().digest == ""
-    assert await svc._merge([Entry(record=version.applied(good, version.SpecVersion(9, "p")))])
+    assert await svc.records.merge(
+        [Entry(record=version.applied(good, version.SpecVersion(9, "p")))]
+    )
     assert svc.status().lamport == 9
     store.close()
 
@@ -284,7 +289,7 @@ async def test_deletes_need_an_operator_signature_where_operators_are_set(
 
     # A peer's tombstone without a valid signature is not merged; the reason shows.
     forged = Entry(record=version.deleted("echo", version.SpecVersion(99, "peer")))
-    assert await svc._merge([forged]) == []
+    assert await svc.records.merge([forged]) == []
     view = svc.view("echo")
     assert view.state == "active" and "not signed" in view.delete_refused
 
@@ -296,3 +301,64 @@ async def test_deletes_need_an_operator_signature_where_operators_are_set(
 def _signed(name: str, v: version.SpecVersion, key: Ed25519PrivateKey) -> dict[str, str]:
     operator, signature = authority.sign_delete(name, v, key)
     return {"operator": operator, "signature": signature}
+
+
+_KEYS = [authority.load_private(authority.keygen()[0]) for _ in range(2)]
+
+
+@given(
+    st.integers(1, 4),
+    st.integers(0, 1),
+    st.lists(st.integers(0, 1), max_size=2, unique=True),
+    st.booleans(),
+)
+def test_a_verified_signature_is_judged_like_one_checked_again(
+    replicas: int, signer: int, trusted: list[int], delete: bool
+) -> None:
+    """The apply and delete paths check a signature once and then judge only trust
+    (``verified=True``): for every signature that verifies, the verdict is the same as a
+    full check's."""
+    s = spec.load_spec(SPEC.replace(b"replicas = 2", f"replicas = {replicas}".encode()))
+    v = version.SpecVersion(replicas, "n1")
+    key = _KEYS[signer]
+    keys = [authority.public_of(_KEYS[i]) for i in trusted]
+    if delete:
+        operator, signature = authority.sign_delete(s.name, v, key)
+        assert authority.delete_signature_refusal(s.name, v, operator, signature) == ""
+        full = authority.delete_refusal(s.name, v, operator, signature, keys)
+        once = authority.delete_refusal(s.name, v, operator, signature, keys, verified=True)
+    else:
+        operator, signature = authority.sign(s, key)
+        assert authority.signature_refusal(s, operator, signature) == ""
+        full = authority.refusal(s, operator, signature, keys)
+        once = authority.refusal(s, operator, signature, keys, verified=True)
+    assert once == full and (full == "") == (operator in keys)
+
+
+async def test_apply_decodes_the_spec_once_and_checks_its_signature_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private, public = authority.keygen()
+    operator, signature = authority.sign(spec.load_spec(SPEC), authority.load_private(private))
+    store = StateStore(tmp_path / "state")
+    svc = service(tmp_path, store, operators=[public], command_allow=["/usr/bin/srv"])
+    calls: dict[str, int] = {"load_spec": 0, "decode": 0, "signature": 0}
+
+    def counted(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(spec, "load_spec", counted("load_spec", spec.load_spec))
+    monkeypatch.setattr(spec, "decode", counted("decode", spec.decode))
+    monkeypatch.setattr(authority, "_bad_signature", counted("signature", authority._bad_signature))
+    await svc.apply(SPEC, operator, signature)
+    assert svc.view("echo").state == "active" and svc.problems() == []
+    assert calls == {"load_spec": 1, "decode": 0, "signature": 1}
+    # A forged signature is still refused, and nothing changes.
+    with pytest.raises(ApiError) as forged:
+        await svc.apply(SPEC.replace(b"replicas = 2", b"replicas = 3"), operator, signature)
+    assert forged.value.status == 400 and svc.view("echo").replicas == 2
+    store.close()

@@ -188,7 +188,10 @@ def command_with(template: str, **fields: str) -> bytes:
 @pytest.mark.parametrize(
     ("template", "expected"),
     [
-        ('["/bin/srv", "{prot}"]', "command[1]: unknown placeholder {prot}; known: {gpu_uuids}"),
+        (
+            '["/bin/srv", "{prot}"]',
+            "command[1]: unknown placeholder {prot}; known: {gpu_indices}, {gpu_uuids}",
+        ),
         ('["/bin/srv", "{}"]', "command[1]: {} is not a plain placeholder"),
         ('["/bin/srv", "{0}"]', "command[1]: {0} is not a plain placeholder"),
         ('["/bin/srv", "{port.real}"]', "command[1]: {port.real} is not a plain placeholder"),

@@ -149,7 +149,7 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         assert status.summary == "8/8 GPUs healthy, node healthy"
         assert {s.name for s in status.gpus[0].signals} >= {"temperature_c", "row_remap_pending"}
         assert all(s.source for s in status.gpus[0].signals)
-        assert samples(service, "DCGM_FI_DEV_GPU_TEMP") == {str(i): 34.0 for i in range(8)}
+        assert samples(service, "gpud_gpu_temperature_celsius") == {str(i): 34.0 for i in range(8)}
 
         node.set_readings(2, remapped_rows=[0, 1, 1, 0])
         node.set_readings(5, temperature_c=95)
@@ -169,10 +169,10 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         assert service.ctx.members["n1"].tags.gpu == 6
         # The node verdict is gossiped too (tag gh): election reads it for head eligibility.
         assert service.ctx.members["n1"].tags.gh == service.node_verdict().state != "unknown"
-        assert samples(service, "DCGM_FI_DEV_ROW_REMAP_PENDING")["2"] == 1
+        assert samples(service, "gpud_gpu_row_remap_pending")["2"] == 1
         assert health_state(service, 2) == "unhealthy" and health_state(service, 5) == "degraded"
-        text = metrics.render("test", service.metrics())
-        assert 'DCGM_FI_DEV_GPU_TEMP{gpu="5",UUID="' in text and "} 95" in text
+        text = metrics.exposition(metrics.registry(service.metrics), None)[0].decode()
+        assert 'gpud_gpu_temperature_celsius{gpu="5",model="' in text and "} 95.0" in text
         verdict = service.node_verdict()
         assert verdict.state == "degraded" and verdict.healthy_gpus == 6
         uuids = service.healthy_uuids()
@@ -253,7 +253,7 @@ async def test_not_supported_signals_are_values_not_errors(node: Node) -> None:
         assert values["nvlink_links"] == "not supported"
         assert values["pcie_width"] == 16
         assert not service.problems()
-        assert samples(service, "DCGM_FI_DEV_GPU_TEMP") == {}
+        assert samples(service, "gpud_gpu_temperature_celsius") == {}
 
 
 async def test_unexpected_nvml_errors_make_unknown_and_polling_goes_on(node: Node) -> None:
@@ -293,7 +293,7 @@ async def test_xids_from_nvml_events_and_the_kernel_log(node: Node) -> None:
         await until(lambda: gpu(service, 4).state == "unhealthy", "XID 48 on GPU 4")
         assert gpu(service, 4).action == "reset_gpu"
         assert gpu(service, 4).xids[0].source == "nvml-event"
-        assert samples(service, "DCGM_FI_DEV_XID_ERRORS")["4"] == 48
+        assert samples(service, "gpud_gpu_last_xid")["4"] == 48
 
         pci6 = gpu(service, 6).pci
         node.kernel_xid(pci6, 13, "Graphics Exception")
@@ -372,10 +372,32 @@ async def test_cli_shows_verdicts_and_leases(node: Node) -> None:
             assert "7/8 GPUs healthy" in shown
             assert "uncorrected ECC" in shown and "repair action: reset_gpu" in shown
             line = await asyncio.to_thread(run, "lease", "--owner", "job", "--count", "2")
-            lease_id, uuids = line.strip().split("\t")
+            lease_id, uuids, indices = line.strip().split("\t")
             assert len(uuids.split(",")) == 2 and gpu(service, 1).uuid not in uuids
+            # The third column is what CUDA_VISIBLE_DEVICES takes: NVML indices of those GPUs.
+            assert [gpu(service, int(i)).uuid for i in indices.split(",")] == uuids.split(",")
             assert lease_id in await asyncio.to_thread(run)
             await asyncio.to_thread(run, "release", lease_id)
             assert service.leases() == []
         finally:
             await runner.cleanup()
+
+
+async def test_an_unreadable_kernel_log_is_a_problem_with_a_fix(node: Node) -> None:
+    """A GPU host whose XID source is gone says so as a problem, not only in a status field."""
+    node.kmsg.unlink()
+    async with running(node) as service:
+        await until(lambda: service.status().kmsg.startswith("not used"), "kmsg not used")
+        [problem] = [p for p in service.problems() if p.code == "gpus.xid_source_unavailable"]
+        assert problem.severity == "warning" and problem.subject == str(node.kmsg)
+        assert "No such file" in problem.message and "kmsg_path" in problem.fix
+        families = {f.name: f.samples for f in service.metrics()}
+        assert ({"source": "kmsg"}, 0.0) in families["gpud_gpu_xid_source_up"]
+
+
+def test_a_denied_kernel_log_names_the_units_capability() -> None:
+    from gpud.gpus import kmsg
+
+    why = kmsg.unreadable("/dev/kmsg", PermissionError(13, "Permission denied"))
+    assert why.reason == "cannot read /dev/kmsg (Permission denied)"
+    assert "CAP_SYSLOG" in why.fix and "ProtectKernelLogs" in why.fix

@@ -1,6 +1,7 @@
 """Causes that match the evidence (issue 11 item 5): the pair verdict names a stopped gpud, a
 hung gpud or dropping firewall, or a peer behind NAT, from the same pure judge_pair the health
-component runs; the wording netprobe produces is pinned against real sockets."""
+component runs, by the cause each probe carries as a code (never by its words); the causes
+netprobe gives are pinned against real sockets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import socket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.health.verdict import Direction, Endpoint, failure_cause, judge_pair
+from gpud.health.verdict import Direction, Endpoint, judge_pair
 from gpud.netprobe import tcp_connect
 
 US = Endpoint("h0", "10.0.0.10", 7948)
@@ -18,9 +19,13 @@ REFUSED = Direction(
     "critical",
     fail_streak=3,
     reason="TCP connect: connection refused (nothing listens, or a firewall rejects)",
+    cause="refused",
 )
 TIMED_OUT = Direction(
-    "critical", fail_streak=3, reason="TCP connect timed out after 1 s (packets dropped?)"
+    "critical",
+    fail_streak=3,
+    reason="TCP connect timed out after 1 s (packets dropped?)",
+    cause="timeout",
 )
 UNKNOWN = Direction()
 PASS = Direction("passing", ok_streak=2)
@@ -31,8 +36,12 @@ directions = st.sampled_from(
         TIMED_OUT,
         UNKNOWN,
         PASS,
-        Direction("critical", fail_streak=2, reason="ping: no answer within 1 s"),
-        Direction("passing", ok_streak=3, fail_streak=1, reason="TCP connect timed out"),
+        Direction("critical", fail_streak=2, reason="ping: no answer within 1 s", cause="timeout"),
+        Direction(
+            "passing", ok_streak=3, fail_streak=1, reason="TCP connect timed out", cause="timeout"
+        ),
+        # Words that look like a cause are not one: only the code counts.
+        Direction("critical", fail_streak=3, reason="connection refused", cause="other"),
     ]
 )
 
@@ -70,24 +79,24 @@ def test_every_cause_matches_its_evidence(out, inbound, serf, nat):
     if out.state == "critical" and nat:
         assert "behind NAT" in verdict.message and PEER.addr not in verdict.fix
     if verdict.message.startswith("gpud is not running"):
-        assert failure_cause(out.reason) == "refused" and serf == "alive"
+        assert out.cause == "refused" and serf == "alive"
     if verdict.message.startswith("gpud on h2 is hung"):
-        assert failure_cause(out.reason) == "timeout" and serf == "alive"
+        assert out.cause == "timeout" and serf == "alive"
     # The old catch-all is left only for failures that are neither refused nor timed out.
     if "a firewall passes gossip but blocks other ports" in verdict.fix:
-        assert failure_cause(out.reason) == "other"
+        assert out.cause in ("other", None)
 
 
-async def test_netprobe_wording_is_what_failure_cause_reads():
+async def test_netprobe_names_the_cause():
     # A port that was just bound and closed on loopback refuses.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     refused = await tcp_connect("127.0.0.1", port, 1.0)
-    assert failure_cause(refused.error) == "refused", refused
+    assert refused.cause == "refused" and "connection refused" in refused.error, refused
     # A zero budget expires at the connect's first wait: netprobe's timeout wording.
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         timed_out = await tcp_connect("127.0.0.1", listener.getsockname()[1], 0.0)
-    assert failure_cause(timed_out.error) == "timeout", timed_out
+    assert timed_out.cause == "timeout" and "timed out" in timed_out.error, timed_out

@@ -224,7 +224,9 @@ async def test_dial_back_only_to_members_in_our_view(key_file: Path):
                 "n2",
             )
             assert status == 400
-            # n2 itself gets a dial-back to the address and port our view holds for it.
+            # n2 itself gets a dial-back to the address and port our view holds for it (asked
+            # from that address, as its probe rounds do).
+            await b.service.client.set_source_addr(b.ctx.advertise_addr)
             reply = await b.service.client.dial_back("127.77.0.1", port)
             assert (reply.addr, reply.port) == ("127.77.0.2", b.ctx.config.peer.port)
             assert reply.outcome.ok
@@ -484,3 +486,17 @@ async def test_reload_changes_the_thresholds_live(key_file: Path):
         assert a.service.client.timeout_s == TIMEOUT_S
         await rounds([a], 1)
         assert a.row("n2", "out").state == "critical"
+
+
+async def test_a_dead_peer_has_one_code_in_status_and_doctor(key_file: Path):
+    async with cluster(key_file, 3) as nodes:
+        a, _, c = nodes
+        await rounds(nodes, 2)
+        await c.service.server.stop()  # gpud gone from n3, its host (and Serf) still up
+        await rounds([a], 1)
+        # Between rounds the quick loop re-probes the failed peer and judges it down.
+        async with asyncio.TaskGroup() as checks:
+            a.service.prober.quick_tick(["n3"], checks.create_task)
+        status = [(p.subject, p.code) for p in a.service.problems()]
+        doctor = [(p.subject, p.code) for p in await a.service.diagnose()]
+        assert status == doctor == [("n3", "health.down")]

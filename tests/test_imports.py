@@ -1,4 +1,6 @@
-"""The package structure: no import cycle anywhere under gpud/ (lazy imports included)."""
+"""The package structure: no import cycle anywhere under gpud/, lazy imports and type-only
+(TYPE_CHECKING) imports included: a loop through annotations is still two modules that each
+need the other to be understood or moved."""
 
 from __future__ import annotations
 
@@ -16,24 +18,14 @@ def module_name(path: Path, root: Path = ROOT) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return True
-    return False
-
-
 def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
-    """gpud modules that ``path`` imports at run time (module level or inside functions)."""
+    """gpud modules that ``path`` imports anywhere: module level, inside functions, or under
+    ``if TYPE_CHECKING``."""
     tree = ast.parse(path.read_text())
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     me = module_name(path, root)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
-        if _type_checking_only(node, parents):
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -99,8 +91,22 @@ def test_the_cycle_finder_sees_a_cycle(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import gpud.a\n"
     )
     graph = import_graph(pkg)
-    assert graph["gpud.d"] == set()
+    assert graph["gpud.d"] == {"gpud.a"}  # type-only imports count
     assert find_cycle(graph) == ["gpud.a", "gpud.b", "gpud.sub.c", "gpud.a"]
+
+
+def test_the_cycle_finder_counts_type_only_imports(tmp_path: Path) -> None:
+    # config -> secret at run time, secret -> config only to annotate: still a loop.
+    pkg = tmp_path / "gpud"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("def f():\n    from gpud.secret import key\n")
+    (pkg / "secret.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from gpud.config import Config\n"
+    )
+    graph = import_graph(pkg)
+    assert graph["gpud.secret"] == {"gpud.config"}
+    assert find_cycle(graph) == ["gpud.config", "gpud.secret", "gpud.config"]
 
 
 @pytest.mark.parametrize("edges", [{"x": {"y"}, "y": set()}, {"x": set()}])

@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpud.context import Member
-from gpud.health.peer_api import ProbeOutcome
 from gpud.health.prober import CONFIRM_PROBES, down_verdict
-from gpud.netprobe import TcpProbe
+from gpud.netprobe import ProbeOutcome
 from gpud.ray.election import quorum
 from gpud.ray.head_election import (
     LEASE_MARGIN_S,
@@ -27,8 +26,12 @@ from gpud.ray.head_election import (
 from gpud.tags import Tags
 
 NAMES = [f"n{i}" for i in range(7)]
-REFUSED = ProbeOutcome(ok=False, error="TCP connect: connection refused (nothing listens)")
-TIMEOUT = ProbeOutcome(ok=False, error="TCP connect timed out after 1 s (packets dropped?)")
+REFUSED = ProbeOutcome(
+    ok=False, error="TCP connect: connection refused (nothing listens)", cause="refused"
+)
+TIMEOUT = ProbeOutcome(
+    ok=False, error="TCP connect timed out after 1 s (packets dropped?)", cause="timeout"
+)
 
 
 def member(name: str, ray: str = "worker") -> Member:
@@ -107,10 +110,12 @@ def test_lease_refusal_names_the_head_and_ignores_the_candidate_itself() -> None
 @given(
     errors=st.lists(st.sampled_from([REFUSED, TIMEOUT]), min_size=0, max_size=6),
     heard=st.booleans(),
-    gcs=st.sampled_from([None, TcpProbe(ok=True), TcpProbe(ok=False, error="refused")]),
+    gcs=st.sampled_from(
+        [None, ProbeOutcome(ok=True), ProbeOutcome(ok=False, error="refused", cause="refused")]
+    ),
 )
 def test_down_only_on_refusals_confirmed_and_unheard_and_gcs_silent(
-    errors: list[ProbeOutcome], heard: bool, gcs: TcpProbe | None
+    errors: list[ProbeOutcome], heard: bool, gcs: ProbeOutcome | None
 ) -> None:
     verdict = down_verdict("p", errors, gcs, heard_since=heard)
     expected = (

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gpud import log
 from gpud.log import _KeyValueFormatter
 from gpud.ports.cli import render_leases
+from gpud.ports.leases import Lease
 
 ESC_TITLE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m"
 
@@ -47,7 +48,7 @@ def test_every_line_is_printable_and_keeps_what_it_said(msg: str, value: str) ->
 
 def test_lease_owners_are_escaped_in_gpud_ports() -> None:
     table = render_leases(
-        [{"id": "abc", "owner": f"job {ESC_TITLE}", "pid": 12, "ports": [21200, 21201, 21205]}]
+        [Lease(id="abc", owner=f"job {ESC_TITLE}", pid=12, ports=[21200, 21201, 21205], created=0)]
     )
     assert "\x1b" not in table and "\x07" not in table
     assert "job \\x1b]0;pwned\\x07" in table

@@ -123,15 +123,20 @@ def test_unit_keeps_only_the_privileges_gpud_needs() -> None:
         "RuntimeDirectory": "gpud",
         "RuntimeDirectoryMode": "0750",
         "StateDirectory": "gpud",
-        "AmbientCapabilities": "CAP_NET_ADMIN",
-        "CapabilityBoundingSet": "CAP_NET_ADMIN",
+        "AmbientCapabilities": "CAP_NET_ADMIN CAP_SYSLOG",
+        "CapabilityBoundingSet": "CAP_NET_ADMIN CAP_SYSLOG",
         "NoNewPrivileges": "yes",
+        # A config error exits 2 (test_bad_config_exits_2): no restart loop on it.
+        "RestartPreventExitStatus": "2",
+        "PrivateTmp": "yes",
     }
     assert {key: settings.get(key, [None])[-1] for key in expected} == expected
     assert "TimeoutStopSec" in settings
     # Each of these would break gpud or its Ray children (see the comments in the unit).
     for breaking in ("PrivateDevices", "ProtectKernelTunables", "MemoryDenyWriteExecute",
-                     "ProtectClock", "DeviceAllow", "PrivateNetwork", "DynamicUser"):  # fmt: skip
+                     "ProtectClock", "DeviceAllow", "PrivateNetwork", "DynamicUser",
+                     # hides /dev/kmsg, the XID source
+                     "ProtectKernelLogs"):  # fmt: skip
         assert breaking not in settings, breaking
     families = settings["RestrictAddressFamilies"][-1].split()
     assert {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"} <= set(families)
@@ -152,6 +157,29 @@ def test_reserved_ports_sysctl_needs_exactly_cap_net_admin() -> None:
     )
     result = _run("unshare", "--net", "sh", "-c", script)
     assert result.stdout.split() == ["without=denied", "with=ok", "20000-20009"], result
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    """The status the unit's RestartPreventExitStatus= names: a config error, not a crash."""
+    bad = tmp_path / "gpud.toml"
+    bad.write_text("[ports]\nblock_size = 3\n")
+    for config in (bad, tmp_path / "missing.toml"):
+        result = _run(sys.executable, "-m", "gpud", "agent", "--config", config, check=False)
+        assert result.returncode == 2 and str(config) in result.stderr, result
+
+
+def test_ray_logs_default_under_the_state_dir() -> None:
+    """PrivateTmp= deletes the unit's /tmp at every stop: Ray's logs must not live there."""
+    config = gpud_config.Config()
+    assert Path(config.ray.temp_root).is_relative_to(config.paths.state_dir)
+    assert "PrivateTmp=yes" in UNIT.read_text()
+
+
+def test_promtool_accepts_the_shipped_rules() -> None:
+    _need("promtool")
+    rules = ROOT / "packaging" / "monitoring" / "gpud-rules.yml"
+    result = _run("promtool", "check", "rules", rules, check=False)
+    assert result.returncode == 0 and "SUCCESS: 9 rules found" in result.stdout, result
 
 
 def test_default_config_lists_every_key_with_its_default() -> None:
@@ -231,6 +259,9 @@ def test_deb_metadata_files_and_modes(packages: Packages) -> None:
     for doc in ("copyright", "changelog.gz"):
         assert f"/usr/share/doc/gpud/{doc}" in entries, doc
     assert "/usr/share/man/man1/gpud.1.gz" in entries
+    # The monitoring mixin (the rpm test checks the rpm holds every file of the deb).
+    for name in ("gpud-rules.yml", "gpud-dashboard.json"):
+        assert entries[f"/usr/share/gpud/monitoring/{name}"] == "-rw-r--r-- root/root", name
     # Only what gpud runs: no other console scripts, activate*, headers or test suites.
     bin_files = {p.rsplit("/", 1)[1] for p in entries if p.startswith("/opt/gpud/bin/")}
     assert bin_files == {"gpud", "python", "python3", "python3.11"}, bin_files

@@ -11,13 +11,18 @@ from hypothesis import strategies as st
 
 from gpud.context import Member, NodeContext
 from gpud.ray.election import (
+    FORGET_S,
+    MEMBERSHIP_UNKNOWN,
+    REMEMBERED,
     choose_candidate,
     current_head,
     has_majority,
     ineligible_reason,
     plan,
     quorum,
+    remember,
     vote_refusal,
+    with_remembered,
 )
 from gpud.ray.head_election import HeadElection
 from gpud.ray.votes import (
@@ -269,29 +274,51 @@ def test_reply_payload_fits_serf_limit() -> None:
 class Cluster:
     """N HeadElections whose membership views are computed from each other's tags."""
 
-    def __init__(self, root: Path, names: list[str], **tags: object) -> None:
+    def __init__(
+        self, root: Path, names: list[str], *, data_path: bool = False, **tags: object
+    ) -> None:
+        """``data_path``: each node judges the others by its own reach (a cut peer is
+        unhealthy), and serf keeps listing cut peers alive (gossip finds indirect ways, or
+        has not given up on them yet): the view a cut-off minority really has for a while."""
+        self.root = root
         self.net = LoopbackNetwork()
         self.down: set[str] = set()
         self.frozen: set[str] = set()
         self.left: set[str] = set()
+        # Restarted nodes whose serf is not connected yet (no member list at all), or whose
+        # serf lists only itself (it has not joined its peers again yet).
+        self.unread: set[str] = set()
+        self.alone: set[str] = set()
+        self.data_path = data_path
+        self.tags = tags
         self.nodes: dict[str, HeadElection] = {}
-        for i, name in enumerate(names):
-            config = config_for(name, root / name)
-            ctx = NodeContext(config, advertise_addr=f"10.77.0.{i + 1}")
-            ctx.tags = Tags(rv=True, hl="passing", **tags)  # type: ignore[arg-type]
-            store = VoteStore(StateStore(config.state_dir))
-            # No random pause before standing again: the test steps the nodes itself.
-            self.nodes[name] = HeadElection(
-                ctx, self.net.transport(name), store, retry_s=(0.0, 0.0)
-            )
+        for name in names:
+            self.start(name)
+
+    def start(self, name: str) -> None:
+        """Start (or restart: same state dir, fresh process) the node ``name``."""
+        config = config_for(name, self.root / name)
+        old = self.nodes.get(name)
+        addr = old.ctx.advertise_addr if old else f"10.77.0.{len(self.nodes) + 1}"
+        ctx = NodeContext(config, advertise_addr=addr)
+        ctx.tags = Tags(rv=True, hl="passing", **self.tags)  # type: ignore[arg-type]
+        store = VoteStore(StateStore(config.state_dir))
+        verdict = (lambda other: self.net.reachable(name, other)) if self.data_path else None
+        # No random pause before standing again: the test steps the nodes itself.
+        self.nodes[name] = HeadElection(
+            ctx, self.net.transport(name), store, verdict, retry_s=(0.0, 0.0)
+        )
 
     def refresh(self) -> None:
         for a, election in self.nodes.items():
+            if a in self.unread:
+                continue
             members = {}
             for b, other in self.nodes.items():
-                if b in self.left:
+                if b in self.left or (a in self.alone and b != a):
                     continue
-                up = b not in self.down and self.net.reachable(a, b)
+                reach = self.data_path or self.net.reachable(a, b)
+                up = b not in self.down and reach
                 members[b] = Member(
                     name=b,
                     addr=other.ctx.advertise_addr,
@@ -515,3 +542,163 @@ async def test_a_verdict_on_the_old_heads_gcs_does_not_depose_the_new_head(tmp_p
     cluster.refresh()
     await cluster.nodes[new_head].step()
     assert cluster.nodes[new_head].plan.action == "step_down"
+
+
+# ---- no head without a real majority: restarts, unknown membership, remembered views ----
+
+
+async def test_no_election_before_serf_lists_the_members(tmp_path: Path) -> None:
+    """At start serf is not connected yet: the node neither stands (a "majority" of itself
+    alone) nor votes, and raises no term."""
+    cluster = Cluster(tmp_path, ["a"])
+    cluster.unread.add("a")
+    await cluster.rounds()
+    node = cluster.nodes["a"]
+    assert node.plan.action == "wait" and node.plan.reason == MEMBERSHIP_UNKNOWN
+    assert node.ctx.tags.ray == "none" and node.store.state == VoteState()
+    from gpud.ray.votes import encode_request
+
+    handler = cluster.net.handlers["a"]["gpud-ray-vote"]
+    reply = decode_reply(
+        await handler("b", encode_request(VoteRequest(term=1, candidate="b", known=3))) or b""
+    )
+    assert not reply.granted and MEMBERSHIP_UNKNOWN in reply.reason
+    # Once serf lists it (a one-node cluster), it is head.
+    cluster.unread.clear()
+    await cluster.rounds()
+    assert cluster.heads() == {"a": 1}
+
+
+async def test_restarted_node_counts_the_members_it_remembers(tmp_path: Path) -> None:
+    """A restarted node whose serf lists only itself must not win alone: the members it
+    persisted still count (as not alive), so it waits for them."""
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    await cluster.rounds()
+    ((head, term),) = cluster.heads().items()
+    cluster.down.add(head)
+    cluster.start(head)
+    cluster.alone.add(head)
+    cluster.down.discard(head)
+    for name in set(cluster.nodes) - {head}:
+        cluster.down.add(name)  # the others are out of its reach as well
+    await cluster.rounds()
+    restarted = cluster.nodes[head]
+    assert restarted.plan.action == "wait", restarted.plan
+    assert "only 1 of 3 known members alive" in restarted.plan.reason
+    assert restarted.ctx.tags.ray == "none" and restarted.store.certificate is not None
+    assert restarted.store.certificate.term == term  # no new term was won
+    cluster.down.clear()
+    cluster.alone.clear()
+    await cluster.rounds()
+    assert len(cluster.heads()) == 1
+
+
+@given(views(), st.dictionaries(st.sampled_from(NAMES), st.integers(0, 3 * FORGET_S)))
+def test_remembered_members_count_until_serf_would_forget_them(
+    listed: dict[str, Member], remembered: dict[str, int]
+) -> None:
+    """The pure rules: every remembered member not listed counts as failed (never alive)
+    until FORGET_S after it was last alive; one listed as left does not; the persisted view
+    takes every alive member at ``now``."""
+    now = 3 * FORGET_S
+    counted = {n: m for n, m in listed.items() if m.status != "left"}
+    out = with_remembered(counted, listed, remembered, now)
+    for name, member in out.items():
+        if name not in counted:
+            assert member.status == "failed" and not member.alive
+            assert member.tags_error == REMEMBERED
+            assert now - remembered[name] <= FORGET_S
+    for name, seen in remembered.items():
+        left = name in listed and listed[name].status == "left"
+        assert (name in out) == (name in counted or (not left and now - seen <= FORGET_S))
+    kept = remember(counted, listed, remembered, now)
+    assert {n for n, m in counted.items() if m.alive} <= kept.keys()
+    assert all(kept[n] == now for n, m in counted.items() if m.alive)
+    assert kept.keys() <= out.keys()
+
+
+RESTARTS = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]),
+        st.sampled_from(["unread", "alone", "joined"]),
+        st.integers(1, 4),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(
+    suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=20, deadline=None
+)
+@given(RESTARTS, st.randoms(use_true_random=False))
+async def test_restarts_with_persisted_terms_never_make_a_second_head(
+    tmp_path_factory: pytest.TempPathFactory,
+    script: list[tuple[str, str, int]],
+    rnd: random.Random,
+) -> None:
+    """3 nodes, restarted one at a time (persisted votes, terms and views), each coming back
+    with serf not connected, or listing only itself, for some steps: no term ever has two
+    heads, no node ever leads in a term it won with fewer than 3 members counted, and the
+    cluster ends with one head."""
+    cluster = Cluster(tmp_path_factory.mktemp("restarts"), ["a", "b", "c"])
+    announced: dict[int, str] = {}
+
+    async def run_rounds(n: int) -> None:
+        for _ in range(n):
+            order = list(cluster.nodes)
+            rnd.shuffle(order)
+            for name in order:
+                if name in cluster.down:
+                    continue
+                cluster.refresh()
+                await cluster.nodes[name].step()
+                for head, term in cluster.heads().items():
+                    assert announced.setdefault(term, head) == head, (term, head, announced)
+                    cert = cluster.nodes[head].store.certificate
+                    assert cert is not None and cert.known == 3, cert
+                    assert len(cert.votes) >= 2
+
+    await run_rounds(3)
+    for name, phase, steps in script:
+        cluster.start(name)
+        if phase == "unread":
+            cluster.unread.add(name)
+        elif phase == "alone":
+            cluster.alone.add(name)
+        await run_rounds(steps)
+        cluster.unread.clear()
+        cluster.alone.clear()
+        await run_rounds(1)
+    await run_rounds(4)
+    assert len(cluster.heads()) == 1
+
+
+# ---- pre-vote: a cut-off minority raises no term, and deposes nobody after the heal ----
+
+
+async def test_cut_off_minority_neither_raises_its_term_nor_deposes_the_head(
+    tmp_path: Path,
+) -> None:
+    """5 nodes split 3|2 with the head in the 3; the 2 still see everyone alive in serf but
+    none of the 3 over the data path, so each of them is its own best candidate. Pre-votes
+    keep them from raising their terms; after the heal the head and its term stay."""
+    cluster = Cluster(tmp_path, FIVE, data_path=True)
+    await cluster.rounds()
+    ((head, term),) = cluster.heads().items()
+    majority = {head, *sorted(set(FIVE) - {head})[:2]}
+    minority = set(FIVE) - majority
+    cluster.net.cut(majority, minority)
+    await cluster.rounds(10)
+    assert cluster.heads() == {head: term}
+    for name in minority:
+        node = cluster.nodes[name]
+        assert node.store.state.term == term, (name, node.store.state, node.last_election)
+    # The minority's best candidate did try, and stopped at the pre-vote.
+    tried = [cluster.nodes[n].last_election for n in minority]
+    assert any("pre-vote got 2 of 3 needed" in text for text in tried), tried
+    cluster.net.heal()
+    await cluster.rounds(6)
+    assert cluster.heads() == {head: term}
+    assert all(e.ctx.tags.term == term for e in cluster.nodes.values())
+    assert sorted(cluster.actions().values()) == ["follow"] * 4 + ["lead"]

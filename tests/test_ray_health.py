@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from gpud.context import Member
 from gpud.health.verdict import Thresholds
-from gpud.netprobe import TcpProbe
+from gpud.netprobe import ProbeOutcome
 from gpud.ray.election import (
     GCS_UNREACHABLE,
     head_ray_reason,
@@ -32,11 +32,15 @@ from gpud.tags import Tags
 
 TERM = 4
 TH = Thresholds(3, 2)
-TIMED_OUT = TcpProbe(ok=False, error="TCP connect timed out after 1 s (packets dropped?)")
-REFUSED = TcpProbe(
-    ok=False, error="TCP connect: connection refused (nothing listens, or a firewall rejects)"
+TIMED_OUT = ProbeOutcome(
+    ok=False, error="TCP connect timed out after 1 s (packets dropped?)", cause="timeout"
 )
-OK = TcpProbe(ok=True, rtt_ms=0.2)
+REFUSED = ProbeOutcome(
+    ok=False,
+    error="TCP connect: connection refused (nothing listens, or a firewall rejects)",
+    cause="refused",
+)
+OK = ProbeOutcome(ok=True, rtt_ms=0.2)
 
 
 def member(name: str, **tags: object) -> Member:

@@ -114,7 +114,7 @@ def test_blocked_gcs_port_is_diagnosed_and_the_head_kept_when_nobody_else_may_le
     assert head == h0.name
     for w in workers:
         assert w.api("/v1/ray")["gcs_reach"]["direction"]["state"] == "passing"
-    assert "gpud_ray_workers_missing 0\n" in metrics_text(h0)
+    assert "gpud_ray_workers_missing 0.0\n" in metrics_text(h0)
     with faults.block_port(h0.host, gcs):
 
         def all_diagnosed() -> bool:
@@ -142,8 +142,8 @@ def test_blocked_gcs_port_is_diagnosed_and_the_head_kept_when_nobody_else_may_le
             assert gcs_check["subject"] == h0.name and gcs_check["target"] == f"{h0.addr}:{gcs}"
             assert gcs_check["state"] == "critical" and "timed out" in gcs_check["reason"]
             assert "unreachable" in ray["summary"], ray["summary"]
-            reachable = f'gpud_ray_gcs_reachable{{head="{h0.name}",address="{h0.addr}:{gcs}"}}'
-            assert f"{reachable} 0\n" in metrics_text(w)
+            reachable = f'gpud_ray_gcs_reachable{{address="{h0.addr}:{gcs}",head="{h0.name}"}}'
+            assert f"{reachable} 0.0\n" in metrics_text(w)
             doctor = w.cli("doctor", check=False, timeout=120)
             assert doctor.returncode != 0, doctor.stdout + doctor.stderr
             assert "ray.gcs_unreachable" in doctor.stdout, doctor.stdout + doctor.stderr
@@ -176,7 +176,7 @@ def test_blocked_gcs_port_is_diagnosed_and_the_head_kept_when_nobody_else_may_le
                 "is not alive in its GCS" in message or "is listed alive in GCS" in message
             ) and "node-manager" in message, problem
         assert "Ray nodes alive" in h0.api("/v1/ray")["summary"]
-        assert "gpud_ray_workers_missing 2" in metrics_text(h0)
+        assert "gpud_ray_workers_missing 2.0" in metrics_text(h0)
     # Healed: the workers reach the GCS again and rejoin.
     wait_steady(nodes)
     wait_for(

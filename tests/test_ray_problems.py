@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import typing
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpud.context import Member
 from gpud.process import SupervisorStatus
-from gpud.ray.election import Plan
-from gpud.ray.service import CRASH_LOOP_RESTARTS, RayNodesSeen, RayStatus, ray_problems
+from gpud.ray.election import Ineligible, Plan
+from gpud.ray.probes import RayInstall
+from gpud.ray.problems import (
+    CRASH_LOOP_RESTARTS,
+    EligibilityCode,
+    NotEligible,
+    RayNodesSeen,
+    RayStatus,
+    own_ineligibility,
+    ray_problems,
+)
 from gpud.ray.supervisor import RayProcessStatus, RayTarget
 from gpud.ray.target import decide_target
 from gpud.tags import Tags
@@ -68,6 +79,7 @@ def test_not_eligible_only_where_it_matters() -> None:
     stuck = _status(
         eligible=False,
         not_eligible_reason=why,
+        not_eligible_code="nat",
         head=None,
         action="wait",
         election_reason="no eligible head: n1: behind NAT",
@@ -123,3 +135,60 @@ def test_target_follows_only_the_planned_head(
             # A new target carries the GPUs Ray may use; a kept one is the running one.
             assert target.gpus == gpus or target is running
         assert (target is not None) == (gcs > 0 or running_head == members[head].addr)
+
+
+CODES: list[EligibilityCode] = list(typing.get_args(typing.get_args(EligibilityCode)[0]))
+CODES += list(typing.get_args(typing.get_args(EligibilityCode)[1]))
+
+
+@given(code=st.sampled_from(CODES), text=st.sampled_from(["", "NAT", "ray.head", "majority"]))
+def test_fix_is_chosen_by_the_code_not_the_words(code: EligibilityCode, text: str) -> None:
+    # The same code gets the same fix whatever its text says; misleading words change nothing.
+    def fix(reason: str, election_reason: str) -> str:
+        stuck = _status(
+            eligible=False,
+            not_eligible_reason=reason,
+            not_eligible_code=code,
+            head=None,
+            action="wait",
+            election_reason=election_reason,
+        )
+        return {p.code: p.fix for p in ray_problems(stuck, "n1")}["ray.not_eligible"]
+
+    assert fix(text, "no eligible head: n1") == fix("", "x")
+    assert ("local interface" in fix(text, "x")) == (code == "nat")
+    # "majority" in the words of a reason is no lost majority: only the plan's code says so.
+    problems = ray_problems(_status(head=None, action="wait", election_reason=text or "x"), "n1")
+    assert all("majority of the known members" not in p.fix for p in problems)
+
+
+@given(
+    enabled=st.booleans(),
+    unkeyed=st.none() | st.just("gossip is unencrypted"),
+    install=st.sampled_from([None, RayInstall(reason="not found"), RayInstall(version="2")]),
+    cooldown=st.none() | st.just(NotEligible("crash_loop", "Ray keeps crashing")),
+    election=st.none() | st.just(Ineligible("nat", "behind NAT")),
+)
+def test_own_ineligibility_names_the_first_cause(
+    enabled: bool,
+    unkeyed: str | None,
+    install: RayInstall | None,
+    cooldown: NotEligible | None,
+    election: Ineligible | None,
+) -> None:
+    own = own_ineligibility(
+        enabled=enabled, unkeyed=unkeyed, install=install, cooldown=cooldown, election=election
+    )
+    if not enabled:
+        expected: str | None = "disabled"
+    elif unkeyed:
+        expected = "unkeyed"
+    elif install is None:
+        expected = "nat" if election else "checking"
+    elif install.reason:
+        expected = "ray_missing"
+    elif cooldown:
+        expected = "crash_loop"
+    else:
+        expected = election.code if election else None
+    assert (own.code if own else None) == expected

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.config import host_warnings, key_file_mode_warning
 from gpud.context import NodeContext
+from gpud.preflight import host_warnings, key_file_mode_warning
 from gpud.secret import keygen
-from gpud.serf.agent import SerfAgent, keep_keyring, key_fingerprint
+from gpud.serf.agent import SerfAgent
+from gpud.serf.config import keep_keyring, key_fingerprint
 from tests.serf_util import node_config, wait_until
 from tests.test_serf_agent import running
 

@@ -17,7 +17,7 @@ import pytest
 
 from gpud import secret
 from gpud.config import UNENCRYPTED
-from gpud.serf.agent import undecryptable
+from gpud.serf.config import undecryptable
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.ray_helpers import ray_overrides
 from tests.test_ports_cluster import bare_cluster  # noqa: F401 -- fixture

@@ -75,32 +75,69 @@ def sign_delete(name: str, version: SpecVersion, private: Ed25519PrivateKey) -> 
     return public_of(private), _b64(private.sign(delete_message(name, version)))
 
 
-def refusal(spec: DeploymentSpec, operator: str, signature: str, trusted: Iterable[str]) -> str:
-    """Why this node must not run ``spec`` ("" when a trusted operator signed it). Pure."""
+def refusal(
+    spec: DeploymentSpec,
+    operator: str,
+    signature: str,
+    trusted: Iterable[str],
+    *,
+    verified: bool = False,
+) -> str:
+    """Why this node must not run ``spec`` ("" when a trusted operator signed it). Pure.
+    ``verified``: the caller already checked the signature (`signature_refusal`), so only
+    whether the operator is trusted is left to judge."""
     if not operator or not signature:
         return "not signed by an operator; apply it with `gpud deploy apply --key FILE`"
-    return _verify(encode(spec), operator, signature, trusted)
+    untrusted = _untrusted(operator, trusted)
+    if untrusted or verified:
+        return untrusted
+    return _bad_signature(encode(spec), operator, signature)
+
+
+def signature_refusal(spec: DeploymentSpec, operator: str, signature: str) -> str:
+    """Why ``signature`` is not ``operator``'s signature of ``spec`` ("" when it is), whether
+    or not this host trusts that operator. Pure."""
+    return _bad_signature(encode(spec), operator, signature)
 
 
 def delete_refusal(
-    name: str, version: SpecVersion, operator: str, signature: str, trusted: Iterable[str]
+    name: str,
+    version: SpecVersion,
+    operator: str,
+    signature: str,
+    trusted: Iterable[str],
+    *,
+    verified: bool = False,
 ) -> str:
     """Why this node must not apply the tombstone of ``name`` at ``version`` ("" when a trusted
-    operator signed it). Pure."""
+    operator signed it). Pure. ``verified``: as for `refusal`."""
     if not operator or not signature:
         return (
             "the delete is not signed by an operator; delete it with "
             f"`gpud deploy delete {name} --key FILE`"
         )
-    return _verify(delete_message(name, version), operator, signature, trusted)
+    untrusted = _untrusted(operator, trusted)
+    if untrusted or verified:
+        return untrusted
+    return _bad_signature(delete_message(name, version), operator, signature)
 
 
-def _verify(message: bytes, operator: str, signature: str, trusted: Iterable[str]) -> str:
-    if operator not in set(trusted):
-        return (
-            f"signed by operator key {operator[:12]}..., which is not in this host's "
-            "[deployments] operators"
-        )
+def delete_signature_refusal(name: str, version: SpecVersion, operator: str, signature: str) -> str:
+    """Why ``signature`` is not ``operator``'s signature of the tombstone of ``name`` at
+    ``version`` ("" when it is), whether or not this host trusts that operator. Pure."""
+    return _bad_signature(delete_message(name, version), operator, signature)
+
+
+def _untrusted(operator: str, trusted: Iterable[str]) -> str:
+    if operator in set(trusted):
+        return ""
+    return (
+        f"signed by operator key {operator[:12]}..., which is not in this host's "
+        "[deployments] operators"
+    )
+
+
+def _bad_signature(message: bytes, operator: str, signature: str) -> str:
     try:
         public = Ed25519PublicKey.from_public_bytes(_unb64(operator, 32, "operator key"))
         public.verify(_unb64(signature, 64, "signature"), message)

@@ -27,12 +27,17 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from gpud.deployments.spec import DeploymentSpec
+from gpud.errors import GpudError
+
+if TYPE_CHECKING:
+    from gpud.context import Member
+    from gpud.tags import Tags
 
 ReplicaKey = tuple[str, int]  # (deployment name, replica index)
 
@@ -78,7 +83,7 @@ class Assignment(msgspec.Struct, frozen=True, kw_only=True):
         return [p for p in self.placed if node in p.nodes]
 
 
-class PlacementError(ValueError):
+class PlacementError(GpudError):
     """The inputs contradict themselves (e.g. two nodes with one name)."""
 
 
@@ -236,3 +241,30 @@ def _reason(
         what += f" matching {{{labels}}}"
     held = f" ({grouped} more are in other multi-node replicas)" if grouped else ""
     return f"needs {what}; {available} available{held}"
+
+
+def node_views(
+    members: Iterable[Member], me: str, own_tags: Tags | None, verified: Callable[[str], bool]
+) -> list[NodeView]:
+    """The nodes placement may use: alive, health passing (or warning), verified unless it is
+    this node (``me``, whose ``own_tags`` are current), with the count of its healthy GPUs."""
+    views = []
+    for member in members:
+        tags = own_tags if member.name == me else member.tags
+        if not member.alive or tags is None or tags.hl not in ("passing", "warning"):
+            continue
+        if member.name != me and not verified(member.name):
+            continue
+        # `gpu` counts the healthy GPUs; a node whose verdict is unknown or unhealthy
+        # offers none (it may still run replicas that need no GPU).
+        gpus = tags.gpu if tags.gh in ("healthy", "degraded") else 0
+        views.append(NodeView(name=member.name, host=member.addr, gpus=gpus))
+    return views
+
+
+def may_roll(replica: int, others: Mapping[int, tuple[str, bool]], new_spec: str) -> bool:
+    """Whether ``replica`` may restart with the new spec now (pure): only once every other
+    placed replica with a lower index runs the new spec and is ready, so a spec change takes
+    down one replica at a time, and a new spec that never gets ready stops the roll at the
+    first replica. ``others``: replica index -> (spec it announces, ready)."""
+    return all(spec == new_spec and ready for j, (spec, ready) in others.items() if j < replica)

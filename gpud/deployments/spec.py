@@ -43,13 +43,15 @@ GPUD_ENV: Final = frozenset(
         "GLOO_SOCKET_IFNAME",
         "VLLM_PORT",
         "CUDA_VISIBLE_DEVICES",
+        # With another order, index N would be a different GPU to CUDA than to NVML.
+        "CUDA_DEVICE_ORDER",
         "RAY_ADDRESS",
     }
 )
 
 # Named placeholders of a `command` argv template, filled by engines.command_argv.
 PLACEHOLDERS: Final = frozenset(
-    {"port", "host_ip", "interface", "ray_address", "gpu_uuids", "model"}
+    {"port", "host_ip", "interface", "ray_address", "gpu_uuids", "gpu_indices", "model"}
 )
 
 # vLLM flags gpud derives from the spec and the leases; the spec must not set them in `args`

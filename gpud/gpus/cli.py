@@ -48,9 +48,12 @@ def cmd_lease(args: argparse.Namespace) -> int:
     lease = api_call(args, "POST", "/v1/gpus/leases", body)
     if args.json:
         print_json(lease)
-    else:
-        # For scripts: `export CUDA_VISIBLE_DEVICES=$(gpud gpus lease ... | cut -f2)`.
-        print(f"{lease['id']}\t{','.join(lease['gpus'])}")
+        return 0
+    # Engines int() CUDA_VISIBLE_DEVICES entries, so scripts need the NVML indices too:
+    # `export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=$(gpud gpus lease ... | cut -f3)`.
+    index = {g["uuid"]: g["index"] for g in api_get(args, "/v1/gpus").get("gpus", [])}
+    indices = ",".join(str(index[u]) for u in lease["gpus"] if u in index)
+    print(f"{lease['id']}\t{','.join(lease['gpus'])}\t{indices}")
     return 0
 
 
@@ -64,7 +67,9 @@ def add_commands(sub: Any) -> None:
     gpus = client_command(sub, "gpus", "this node's GPUs: health, repair actions, leases", cmd_gpus)
     actions = gpus.add_subparsers(dest="gpus_command", metavar="ACTION")
     lease = actions.add_parser(
-        "lease", help="lease whole healthy GPUs; prints the lease id and the GPU UUIDs"
+        "lease",
+        help="lease whole healthy GPUs; prints the lease id, the GPU UUIDs and their NVML "
+        "indices (for CUDA_VISIBLE_DEVICES, with CUDA_DEVICE_ORDER=PCI_BUS_ID)",
     )
     lease.add_argument("--owner", required=True, help="who holds the lease (free text)")
     lease.add_argument("--count", type=int, required=True, help="number of GPUs")

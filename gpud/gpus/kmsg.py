@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from gpud.gpus.signals import XidEvent
 
 PCI_ROOT = Path("/sys/bus/pci/devices")
@@ -59,6 +61,36 @@ def parse_xid(record: str, *, boot_time: float) -> XidEvent | None:
         pci=normalise_pci(match.group(1)),
         message=match.group(3).lstrip(", ").strip(),
     )
+
+
+class Unreadable(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str
+    fix: str
+
+
+def unreadable(path: str, exc: OSError) -> Unreadable:
+    """Why the kernel log at ``path`` cannot be followed, and the remedy that fits (pure).
+
+    Reading /dev/kmsg needs CAP_SYSLOG where kernel.dmesg_restrict = 1 (Debian's and Ubuntu's
+    default); the packaged unit grants it and leaves ProtectKernelLogs= off, which would hide
+    the device. A denial under the unit therefore means an override took one of them away."""
+    what = exc.strerror or str(exc)
+    reason = f"cannot read {path} ({what})"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        fix = (
+            "give gpud CAP_SYSLOG and the device: the packaged unit has "
+            "AmbientCapabilities=CAP_NET_ADMIN CAP_SYSLOG and no ProtectKernelLogs=; "
+            "undo a drop-in that changed them (`systemctl cat gpud`, `systemctl revert gpud`), "
+            "or run gpud as root outside the unit"
+        )
+    elif exc.errno == errno.ENOENT:
+        fix = (
+            f"{path} does not exist: set [gpus] kmsg_path to the kernel log device "
+            "(/dev/kmsg) or, in a container, give it the host's /dev/kmsg"
+        )
+    else:
+        fix = f"make {path} readable by the gpud user, or set [gpus] kmsg_path"
+    return Unreadable(reason=reason, fix=fix)
 
 
 def boot_time() -> float:

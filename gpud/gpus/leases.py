@@ -29,7 +29,8 @@ class GpuLeaseRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class GpuLease(msgspec.Struct, kw_only=True):
     id: str
     owner: str
-    # GPU UUIDs, in index order; CUDA_VISIBLE_DEVICES accepts them as they are.
+    # GPU UUIDs, in index order: stable across reboots, unlike indices. Not for
+    # CUDA_VISIBLE_DEVICES: engines int() its entries (gpud.gpus.nvml.cuda_env).
     gpus: list[str]
     pid: int | None
     created: float

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -46,6 +46,41 @@ NVLINK_COUNTERS = (
     "NVML_NVLINK_ERROR_DL_CRC_DATA",
 )
 EVENT_WAIT_MS = 1000
+
+
+class GpuIndexError(ValueError):
+    """A GPU cannot be named by index: NVML does not list it (gone, or another host's)."""
+
+
+def indices_of(gpus: Sequence[GpuReadings], uuids: Sequence[str]) -> tuple[int, ...]:
+    """NVML's index of each of ``uuids``, in their order, from a poll's readings.
+
+    Engines get indices, never UUIDs: vLLM does ``int()`` of every CUDA_VISIBLE_DEVICES entry
+    and opens that number with ``nvmlDeviceGetHandleByIndex``, so the number must be NVML's
+    own index; `cuda_env` adds CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA counts the same way."""
+    by_uuid = {g.uuid: g.index for g in gpus if not g.uuid.startswith(UNREAD_UUID_PREFIX)}
+    missing = [u for u in uuids if u not in by_uuid]
+    if missing:
+        raise GpuIndexError(
+            f"NVML does not list GPU {', '.join(missing)} now; see `gpud gpus` on this host"
+        )
+    return tuple(by_uuid[u] for u in uuids)
+
+
+def cuda_env(indices: Sequence[int]) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for an engine or a Ray node: NVML indices in PCI bus order.
+
+    Empty ``indices``: the process sees no GPU (rather than all of them). CUDA's default order
+    is fastest first, NVML's is by PCI bus; PCI_BUS_ID makes index N the same GPU for both."""
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise GpuIndexError(f"{index!r} is not an NVML index (a GPU UUID must be resolved)")
+    if len(set(indices)) != len(indices):
+        raise GpuIndexError(f"GPU indices {list(indices)} name one GPU twice")
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in indices),
+    }
 
 
 def load(name: str) -> Nvml:

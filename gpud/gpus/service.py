@@ -14,6 +14,7 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,13 @@ from gpud.gpus.leases import (
     choose_gpus,
 )
 from gpud.gpus.signals import (
+    GPU_METRICS,
     GpuReadings,
     NodeReadings,
     Signal,
     XidEvent,
     carry_identity,
-    number,
+    metric_value,
     signals_of,
 )
 from gpud.gpus.verdict import (
@@ -167,6 +169,7 @@ class GpuService(ComponentBase):
         self._xid_totals: dict[str, int] = {}
         self._events_state = "starting"
         self._kmsg_state = "starting"
+        self._kmsg_error: OSError | None = None
         self._stop = threading.Event()
         self._hung: asyncio.Future[NodeReadings] | None = None
         self._polled = asyncio.Event()
@@ -186,8 +189,7 @@ class GpuService(ComponentBase):
         return self._assessment.verdict
 
     def healthy_uuids(self) -> list[str]:
-        """UUIDs of the GPUs whose verdict is healthy, in index order (for Ray's
-        CUDA_VISIBLE_DEVICES and --num-gpus)."""
+        """UUIDs of the GPUs whose verdict is healthy, in index order."""
         gpus = self._readings.gpus if self._readings else []
         return [g.uuid for g in gpus if self._state_of(g.uuid) == "healthy"]
 
@@ -195,6 +197,20 @@ class GpuService(ComponentBase):
         """Healthy GPUs no lease holds: what the cluster-wide Ray may use, so that no GPU is
         in two Ray clusters (a deployment's replica leases its GPUs)."""
         return [uuid for uuid in self.healthy_uuids() if uuid not in self._used]
+
+    def unleased_healthy_indices(self) -> list[int]:
+        """`unleased_healthy_uuids` as NVML indices: the cluster-wide Ray's CUDA_VISIBLE_DEVICES
+        and --num-gpus (an engine under Ray parses the entries with int())."""
+        return list(self.indices(self.unleased_healthy_uuids()))
+
+    def indices(self, uuids: Sequence[str]) -> tuple[int, ...]:
+        """NVML indices of ``uuids`` as the last poll read them (leases stay by UUID, which is
+        stable; an index is resolved at each start). ApiError 409 for a GPU NVML no longer
+        lists."""
+        try:
+            return nvml_io.indices_of(self._readings.gpus if self._readings else [], uuids)
+        except nvml_io.GpuIndexError as exc:
+            raise ApiError(409, str(exc)) from None
 
     def leases(self) -> list[GpuLease]:
         return [s.lease for s in self._book.leases.values()]
@@ -257,6 +273,22 @@ class GpuService(ComponentBase):
                     )
                 )
 
+        if self._kmsg_error is not None and self._has_gpus():
+            why = kmsg.unreadable(self.cfg.kmsg_path, self._kmsg_error)
+            also = (
+                "NVML events still report XIDs"
+                if self._events_state == "watching"
+                else "and NVML events are not watched either"
+            )
+            found.append(
+                Problem(
+                    code="gpus.xid_source_unavailable",
+                    severity="warning",
+                    subject=self.cfg.kmsg_path,
+                    message=f"kernel XIDs are not seen: {why.reason} ({also})",
+                    fix=why.fix,
+                )
+            )
         if self._assessment is not None and self._assessment.node.verdict is not None:
             add("gpus", self._assessment.node.verdict)
         for gpu in self._readings.gpus if self._readings else []:
@@ -266,85 +298,29 @@ class GpuService(ComponentBase):
         return found
 
     def metrics(self) -> list[Metric]:
-        families: dict[str, tuple[str, list[tuple[dict[str, str], float]], str]] = {}
+        families: dict[str, Metric] = {}
 
-        def put(
-            name: str, help_text: str, labels: dict[str, str], value: Any, kind: str = "gauge"
-        ) -> None:
-            sample = number(value)
-            if sample is None and isinstance(value, bool):
-                sample = float(value)
+        def put(name: str, help_text: str, labels: dict[str, str], value: Any, kind: str) -> None:
+            sample = metric_value(value)
             if sample is None:
                 return
-            families.setdefault(name, (help_text, [], kind))[1].append((labels, sample))
+            family = families.get(name) or families.setdefault(
+                name,
+                Metric(name=name, help=help_text, samples=[], kind=kind),  # type: ignore[arg-type]
+            )
+            family.samples.append((labels, sample))
 
         for gpu in self._readings.gpus if self._readings else []:
-            labels = {"gpu": str(gpu.index), "UUID": gpu.uuid, "modelName": gpu.name}
-            put("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (C).", labels, gpu.temperature_c)
-            put("DCGM_FI_DEV_POWER_USAGE", "Power draw (W).", labels, gpu.power_w)
+            labels = {"gpu": str(gpu.index), "uuid": gpu.uuid, "model": gpu.name}
+            for m in GPU_METRICS:
+                value = metric_value(getattr(gpu, m.reading))
+                put(m.name, m.help, labels, None if value is None else value * m.scale, m.kind)
             put(
-                "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
-                "Uncorrected ECC errors since the driver loaded.",
-                labels,
-                gpu.ecc_volatile_uncorrected,
-            )
-            put(
-                "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
-                "Uncorrected ECC errors over the GPU's lifetime.",
-                labels,
-                gpu.ecc_aggregate_uncorrected,
-            )
-            put(
-                "DCGM_FI_DEV_ROW_REMAP_PENDING",
-                "1 while a row remap waits for a GPU reset.",
-                labels,
-                gpu.row_remap_pending,
-            )
-            put(
-                "DCGM_FI_DEV_ROW_REMAP_FAILURE",
-                "1 when row remapping failed.",
-                labels,
-                gpu.row_remap_failure,
-            )
-            put(
-                "DCGM_FI_DEV_RETIRED_SBE",
-                "Pages retired for single-bit errors.",
-                labels,
-                gpu.retired_pages_sbe,
-            )
-            put(
-                "DCGM_FI_DEV_RETIRED_DBE",
-                "Pages retired for double-bit errors.",
-                labels,
-                gpu.retired_pages_dbe,
-            )
-            put(
-                "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
-                "PCIe replays.",
-                labels,
-                gpu.pcie_replay_count,
-                "counter",
-            )
-            put("DCGM_FI_DEV_PCIE_LINK_WIDTH", "Current PCIe link width.", labels, gpu.pcie_width)
-            put("DCGM_FI_DEV_PCIE_LINK_GEN", "Current PCIe link generation.", labels, gpu.pcie_gen)
-            put(
-                "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
-                "Bit mask of NVML clock-event reasons.",
-                labels,
-                gpu.clock_event_mask,
-            )
-            put(
-                "DCGM_FI_DEV_NVLINK_ERROR_COUNT_TOTAL",
-                "Sum of NVLink DL error counters (replay, recovery, CRC).",
-                labels,
-                gpu.nvlink_errors,
-            )
-            last = self._last_xid(gpu.uuid)
-            put(
-                "DCGM_FI_DEV_XID_ERRORS",
+                "gpud_gpu_last_xid",
                 "Number of the last XID seen on the GPU (0: none).",
                 labels,
-                last,
+                self._last_xid(gpu.uuid),
+                "gauge",
             )
             put(
                 "gpud_gpu_xid_total",
@@ -360,22 +336,29 @@ class GpuService(ComponentBase):
                     "1 for the GPU's current verdict.",
                     {**labels, "state": s},
                     int(s == state),
+                    "gauge",
                 )
         v = self.node_verdict()
-        put("gpud_gpus", "GPUs NVML reports.", {}, v.gpus)
-        put("gpud_gpus_healthy", "GPUs whose verdict is healthy.", {}, v.healthy_gpus)
-        put("gpud_gpus_leased", "GPUs held by leases.", {}, len(self._used))
+        put("gpud_gpus", "GPUs NVML reports.", {}, v.gpus, "gauge")
+        put("gpud_gpus_healthy", "GPUs whose verdict is healthy.", {}, v.healthy_gpus, "gauge")
+        put("gpud_gpus_leased", "GPUs held by leases.", {}, len(self._used), "gauge")
+        for source, state in (("kmsg", self._kmsg_state), ("nvml-event", self._events_state)):
+            put(
+                "gpud_gpu_xid_source_up",
+                "1 while the source (kmsg: the kernel log, nvml-event: NVML) delivers XIDs.",
+                {"source": source},
+                state == "watching",
+                "gauge",
+            )
         for s in STATES:
             put(
                 "gpud_gpus_node_state",
                 "1 for the node's GPU verdict.",
                 {"state": s},
                 int(s == v.state),
+                "gauge",
             )
-        return [
-            Metric(name=name, help=help_text, samples=samples, kind=kind)  # type: ignore[arg-type]
-            for name, (help_text, samples, kind) in families.items()
-        ]
+        return list(families.values())
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -492,6 +475,11 @@ class GpuService(ComponentBase):
         track = self._track(uuid)
         return track.verdict.state if track is not None and track.verdict else "unknown"
 
+    def _has_gpus(self) -> bool:
+        """NVML lists a GPU or sysfs an NVIDIA one: only then do missing XIDs matter."""
+        readings = self._readings
+        return readings is not None and bool(readings.gpus or readings.pci_functions)
+
     def _last_xid(self, uuid: str) -> int:
         mine, _ = split_xids(self._readings, self._xids) if self._readings else ({}, [])
         events = mine.get(uuid, [])
@@ -547,15 +535,13 @@ class GpuService(ComponentBase):
                 loop.call_soon_threadsafe(self._add_xid, event)
 
         while not self._stop.is_set():
-            self._kmsg_state = "watching"
+            self._kmsg_state, self._kmsg_error = "watching", None
             try:
                 await asyncio.to_thread(kmsg.follow, self.cfg.kmsg_path, on_record, self._stop)
                 return
             except OSError as exc:
-                self._kmsg_state = (
-                    f"not used: cannot read {self.cfg.kmsg_path} ({exc.strerror or exc}); "
-                    "run gpud as root to see kernel XIDs"
-                )
+                self._kmsg_error = exc
+                self._kmsg_state = f"not used: {kmsg.unreadable(self.cfg.kmsg_path, exc).reason}"
             await asyncio.sleep(WATCH_RETRY_S)
 
     # ---- leases ----------------------------------------------------------------------------

@@ -134,6 +134,104 @@ def signals_of(gpu: GpuReadings) -> list[Signal]:
     ]
 
 
+class GpuMetric(msgspec.Struct, frozen=True):
+    """One per-GPU Prometheus family drawn from one reading."""
+
+    name: str
+    reading: str
+    kind: Literal["gauge", "counter"]
+    help: str
+    # Multiplies the reading into the family's base unit (MiB -> bytes).
+    scale: float = 1.0
+
+
+MIB = 1024 * 1024
+
+# gpud's own names, not dcgm-exporter's DCGM_FI_*: a host that runs both must not count a GPU
+# twice. The ECC and retired-page totals only grow while the driver is loaded (the volatile
+# ones restart with it, as a counter may), so they are counters; a bool reads as 0 or 1.
+GPU_METRICS: tuple[GpuMetric, ...] = (
+    GpuMetric("gpud_gpu_temperature_celsius", "temperature_c", "gauge", "GPU temperature."),
+    GpuMetric(
+        "gpud_gpu_slowdown_temperature_celsius",
+        "slowdown_temperature_c",
+        "gauge",
+        "Temperature at which the GPU slows its clocks.",
+    ),
+    GpuMetric("gpud_gpu_power_watts", "power_w", "gauge", "Power draw."),
+    GpuMetric("gpud_gpu_power_limit_watts", "power_limit_w", "gauge", "Enforced power limit."),
+    GpuMetric(
+        "gpud_gpu_memory_used_bytes", "memory_used_mib", "gauge", "Frame buffer in use.", MIB
+    ),
+    GpuMetric(
+        "gpud_gpu_memory_total_bytes", "memory_total_mib", "gauge", "Frame buffer size.", MIB
+    ),
+    GpuMetric(
+        "gpud_gpu_ecc_uncorrected_volatile_total",
+        "ecc_volatile_uncorrected",
+        "counter",
+        "Uncorrected ECC errors since the driver loaded.",
+    ),
+    GpuMetric(
+        "gpud_gpu_ecc_uncorrected_aggregate_total",
+        "ecc_aggregate_uncorrected",
+        "counter",
+        "Uncorrected ECC errors over the GPU's lifetime.",
+    ),
+    GpuMetric(
+        "gpud_gpu_row_remap_pending",
+        "row_remap_pending",
+        "gauge",
+        "1 while a row remap waits for a GPU reset.",
+    ),
+    GpuMetric(
+        "gpud_gpu_row_remap_failure", "row_remap_failure", "gauge", "1 when row remapping failed."
+    ),
+    GpuMetric(
+        "gpud_gpu_retired_pages_sbe_total",
+        "retired_pages_sbe",
+        "counter",
+        "Pages retired for multiple single-bit ECC errors.",
+    ),
+    GpuMetric(
+        "gpud_gpu_retired_pages_dbe_total",
+        "retired_pages_dbe",
+        "counter",
+        "Pages retired for double-bit ECC errors.",
+    ),
+    GpuMetric(
+        "gpud_gpu_retired_pages_pending",
+        "retired_pages_pending",
+        "gauge",
+        "1 while a page retirement waits for a GPU reset.",
+    ),
+    GpuMetric("gpud_gpu_pcie_replays_total", "pcie_replay_count", "counter", "PCIe replays."),
+    GpuMetric("gpud_gpu_pcie_link_width", "pcie_width", "gauge", "Current PCIe link width."),
+    GpuMetric(
+        "gpud_gpu_pcie_link_generation", "pcie_gen", "gauge", "Current PCIe link generation."
+    ),
+    GpuMetric(
+        "gpud_gpu_clock_event_reasons",
+        "clock_event_mask",
+        "gauge",
+        "Bit mask of NVML clock-event (throttle) reasons.",
+    ),
+    GpuMetric(
+        "gpud_gpu_nvlink_errors_total",
+        "nvlink_errors",
+        "counter",
+        "Sum of the NVLink DL error counters (replay, recovery, CRC).",
+    ),
+)
+
+
+def metric_value(value: object) -> float | None:
+    """A reading as a sample: a number, a bool as 0/1; None when there is none."""
+    if isinstance(value, bool):
+        return float(value)
+    return number(value)
+
+
 def number(value: object) -> float | None:
     """``value`` if it is a real reading (not "not supported", not missing), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -2,7 +2,9 @@
 
 It answers only gpuds of the same cluster and changes nothing: ping (echo and identity),
 dial-back (we connect back to the caller's advertised address and peer port as our membership
-view knows them, never to an address the caller names) and view (our latest probe results).
+view knows them, never to an address the caller names, and only where that is the caller's
+own: where our probes verified it, or the address its request came from) and view (our latest
+probe results).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from gpud import api, log
 from gpud.context import Member, NodeContext
 from gpud.health.auth import AuthError, Keys, Verifier, sign, signing_key
 from gpud.health.verdict import DirectionState
-from gpud.netprobe import describe_os_error, tcp_connect
+from gpud.netprobe import (
+    ProbeCause,
+    ProbeOutcome,
+    describe_os_error,
+    os_error_cause,
+    tcp_connect,
+)
 
 MAX_BODY_BYTES = 16 * 1024
 # Rejections logged per window; the rest are counted and reported with the next logged one.
@@ -61,14 +69,6 @@ class ViewRequest(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
-class ProbeOutcome(msgspec.Struct):
-    """One data-path probe: TCP connect (+ authenticated ping where it applies)."""
-
-    ok: bool
-    rtt_ms: float | None = None
-    error: str = ""
-
-
 class DialBackReply(msgspec.Struct):
     # Where we dialled: the caller's address and peer port from our membership view.
     addr: str
@@ -97,7 +97,11 @@ class ViewReply(msgspec.Struct):
 
 
 class PeerCallError(Exception):
-    """A peer API call failed; the message is an operator-readable cause."""
+    """A peer API call failed; the message is an operator-readable cause, ``cause`` its code."""
+
+    def __init__(self, message: str, cause: ProbeCause = "other") -> None:
+        super().__init__(message)
+        self.cause: ProbeCause = cause
 
 
 def identity_mismatch(name: str, addr: str, reply: PingReply) -> str | None:
@@ -124,14 +128,23 @@ def _address_class(addr: str) -> str:
 
 
 def dial_back_refusal(
-    member: Member | None, caller: str, self_name: str, self_addr: str
+    member: Member | None,
+    caller: str,
+    self_name: str,
+    self_addr: str,
+    *,
+    source: str,
+    verified: bool,
 ) -> str | None:
     """Why we must not dial ``caller`` back (pure), None if we may.
 
     We dial only alive members, only at the address gossip has for them and their announced
     peer port, never ourselves, and never a loopback or link-local address unless we are on
     one too (a test cluster on loopback): a member's word must not make us connect to our own
-    serf RPC or to arbitrary host:port pairs."""
+    serf RPC or to arbitrary host:port pairs. And only where the address is the caller's own:
+    ``verified`` (our probes found gpud ``caller`` answering at exactly that address and port),
+    or ``source``, the address its request came from (the TCP handshake proves the caller is
+    there), so a key holder can point a dial-back at no host but its own."""
     if member is None or member.name == self_name:
         return f"{caller!r} is not a member in our view"
     if member.status != "alive":
@@ -143,6 +156,12 @@ def dial_back_refusal(
         return f"{caller!r} announces a {kind} address ({member.addr}); never dialled"
     if member.addr == self_addr:
         return f"{caller!r} announces our own address ({member.addr})"
+    if not verified and source != member.addr:
+        return (
+            f"{caller!r} announces {member.addr}:{member.tags.pp}, where our probes have not "
+            f"verified it, and its request came from {source or 'an unknown address'}: a "
+            "dial-back goes only to a member's own address"
+        )
     return None
 
 
@@ -229,9 +248,10 @@ class PeerClient:
                     reason = data[:200].decode(errors="replace")
                     raise PeerCallError(f"HTTP {resp.status} from {addr}:{port}: {reason}")
         except TimeoutError:
-            raise PeerCallError(f"no answer within {timeout_s:g} s") from None
+            raise PeerCallError(f"no answer within {timeout_s:g} s", "timeout") from None
         except aiohttp.ClientConnectorError as exc:
-            raise PeerCallError(describe_os_error(exc.os_error)) from None
+            error = exc.os_error
+            raise PeerCallError(describe_os_error(error), os_error_cause(error)) from None
         except aiohttp.ClientError as exc:
             raise PeerCallError(f"HTTP error: {exc}") from None
         try:
@@ -273,18 +293,20 @@ class PeerClient:
         then the member counts as verified (`verified`)."""
         tcp = await tcp_connect(addr, port, self.timeout_s, source_addr=self.source_addr)
         if not tcp.ok:
-            return ProbeOutcome(ok=False, rtt_ms=tcp.rtt_ms, error=tcp.error)
+            return tcp
         start = time.perf_counter()
         try:
             reply = await self.ping(addr, port)
         except PeerCallError as exc:
-            return ProbeOutcome(ok=False, error=f"ping: {exc}")
+            return ProbeOutcome(ok=False, error=f"ping: {exc}", cause=exc.cause)
         rtt_ms = (time.perf_counter() - start) * 1000
         if expect is not None:
             mismatch = identity_mismatch(expect, addr, reply)
             if mismatch is not None:
                 self.forget(expect)
-                return ProbeOutcome(ok=False, rtt_ms=rtt_ms, error=f"not that node: {mismatch}")
+                return ProbeOutcome(
+                    ok=False, rtt_ms=rtt_ms, error=f"not that node: {mismatch}", cause="other"
+                )
             self._verified[expect] = (addr, port, time.time())
         return ProbeOutcome(ok=True, rtt_ms=rtt_ms)
 
@@ -302,7 +324,9 @@ class PeerApiServer:
         on_inbound: Callable[[str], None] | None = None,
     ) -> None:
         self._ctx = ctx
-        self._verifier = Verifier(key)
+        self._verifier = Verifier(key, member_at=self._member_at)
+        # Addresses of the members in our view, rebuilt when the view is replaced.
+        self._member_addrs: tuple[dict[str, Member], frozenset[str]] = ({}, frozenset())
         self._client = client
         self._view = view
         self._on_inbound = on_inbound
@@ -349,7 +373,9 @@ class PeerApiServer:
         addresses so a 1:1 port mapping still reaches us (the NAT verdict reports the problem).
         """
         limits = api.peer_limits(api.fd_limit())
-        self._server = api.GuardedServer(self.app(), limits, name="peer API", logger=_log)
+        self._server = api.GuardedServer(
+            self.app(), limits, name="peer API", logger=_log, privileged=self._is_member_addr
+        )
         await self._server.setup()
         try:
             await self._listen()
@@ -400,6 +426,18 @@ class PeerApiServer:
         """Open and refused connections (None before start)."""
         return self._server.guard if self._server is not None else None
 
+    def _member_at(self, node: str, source: str) -> bool:
+        """Is ``node`` a member whose gossip address is ``source`` (our replay quota per member)?"""
+        member = self._ctx.members.get(node)
+        return member is not None and member.addr == source
+
+    def _is_member_addr(self, source: object) -> bool:
+        """A connection from a member's address may take the peer API's reserved slots."""
+        members = self._ctx.members
+        if self._member_addrs[0] is not members:
+            self._member_addrs = (members, frozenset(m.addr for m in members.values()))
+        return source in self._member_addrs[1]
+
     def _reject(self, request: web.Request, status: int, reason: str) -> web.Response:
         self.rejected += 1
         self._rejects.event(
@@ -417,10 +455,18 @@ class PeerApiServer:
     ) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return self._reject(request, 413, f"body over {MAX_BODY_BYTES} bytes")
+        # The signature covers the body, so only what needs no body is checked before it is
+        # read; the read is bounded in size (client_max_size) and time (the body deadline).
+        try:
+            self._verifier.precheck(request.headers)
+        except AuthError as exc:
+            return self._reject(request, 401, str(exc))
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._reject(request, 413, f"body over {MAX_BODY_BYTES} bytes")
+        except api.BodyTimeout as exc:
+            return self._reject(request, exc.status, exc.message)
         try:
             node = self._verifier.verify(
                 request.method, request.path, request.headers, body, source=request.remote or ""
@@ -458,21 +504,22 @@ class PeerApiServer:
         msgspec.json.decode(request[_PEER_BODY] or b"{}", type=DialBackRequest)
         caller = request[_PEER_NODE]
         member = self._ctx.members.get(caller)
-        refusal = dial_back_refusal(member, caller, self._ctx.node_name, self._ctx.advertise_addr)
+        target = (member.addr, member.tags.pp) if member and member.tags else ("", 0)
+        refusal = dial_back_refusal(
+            member,
+            caller,
+            self._ctx.node_name,
+            self._ctx.advertise_addr,
+            source=request.remote or "",
+            verified=self._client.verified(caller, *target),
+        )
         if refusal is not None:
             return self._reject(request, 403, refusal)
-        assert member is not None and member.tags is not None
-        addr, port = member.addr, member.tags.pp
-        # Details of a failure are safe to tell the caller when the target is the caller itself
-        # (the request came from that address) or a gpud we verified there before; otherwise
-        # the dial-back would be a port-scan oracle for whoever can name a host:port in gossip.
-        candid = request.remote == addr or self._client.verified(caller, addr, port)
+        addr, port = target
+        # The target is the caller's own host (or a gpud we verified there), so the details
+        # of a failure tell it nothing about anyone else's ports.
         async with self._dial_backs:
             outcome = await self._client.probe(addr, port, expect=caller)
-        if not outcome.ok and not candid:
-            outcome = ProbeOutcome(
-                ok=False, error=f"no gpud answered as {caller!r} at {addr}:{port}"
-            )
         reply = DialBackReply(addr=addr, port=port, outcome=outcome)
         return web.Response(body=msgspec.json.encode(reply), content_type="application/json")
 

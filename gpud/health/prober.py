@@ -12,14 +12,15 @@ TCP connect to every target between rounds, and on any failure a short burst of 
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 
+from gpud import api, log
 from gpud.context import Member
-from gpud.health.peer_api import PeerCallError, PeerClient, ProbeOutcome, ViewReply, ViewRow
+from gpud.health.peer_api import PeerCallError, PeerClient, ViewReply, ViewRow
 from gpud.health.verdict import Direction, Thresholds, step
-from gpud.netprobe import TcpProbe, tcp_connect
+from gpud.netprobe import ProbeOutcome, tcp_connect
 
 # Peers' views (for the reachability matrix) are fetched every this many rounds.
 VIEW_EVERY_ROUNDS = 3
@@ -33,9 +34,11 @@ QUICK_S = 0.5
 CONFIRM_PROBES = 3
 CONFIRM_GAP_S = 0.25
 
+_log = log.get("health")
+
 
 def down_verdict(
-    name: str, outcomes: Sequence[ProbeOutcome], gcs: TcpProbe | None, *, heard_since: bool
+    name: str, outcomes: Sequence[ProbeOutcome], gcs: ProbeOutcome | None, *, heard_since: bool
 ) -> str | None:
     """Why ``name`` is down, or None. ``outcomes``: a failed probe and its re-probes; every
     one must be refused: immediate evidence that nothing listens on its peer port (kill -9,
@@ -46,7 +49,7 @@ def down_verdict(
     whose GCS still answers has lost its gpud, not its Ray, and is not down."""
     if len(outcomes) < 1 + CONFIRM_PROBES or heard_since:
         return None
-    if not all(not o.ok and "refused" in o.error for o in outcomes):
+    if not all(not o.ok and o.cause == "refused" for o in outcomes):
         return None
     if gcs is not None and gcs.ok:
         return None
@@ -57,6 +60,35 @@ def down_verdict(
     )
 
 
+def sweep_order(ring_size: int) -> list[int]:
+    """Ring offsets the sweep visits, beyond the two neighbours (offsets 1 and -1): 2, -2, 3,
+    -3, ... as positive offsets. Each offset d sits beside its mirror ring_size - d, so when
+    every node probes the same offsets in the same step, the peer it probes at d probes it
+    back at -d: both directions of the pair are judged from probes, without a dial-back."""
+    order: list[int] = []
+    for d in range(2, ring_size // 2 + 1):
+        order.append(d)
+        if ring_size - d != d:
+            order.append(ring_size - d)
+    return order
+
+
+def sweep_steps(peers: int, random_peers: int) -> int:
+    """Consecutive steps in which `select_targets` probes every one of ``peers`` peers at
+    least once beyond full mesh (the bound the hypothesis test checks)."""
+    others = max(0, peers - 2)
+    return max(1, -(-others // random_peers))
+
+
+def ring_neighbours(self_name: str, peers: Sequence[str]) -> set[str]:
+    """The peers before and after us on the ring of sorted names (us included)."""
+    ring = sorted({*peers, self_name})
+    if len(ring) < 2:
+        return set()
+    at = ring.index(self_name)
+    return {ring[(at - 1) % len(ring)], ring[(at + 1) % len(ring)]}
+
+
 def select_targets(
     self_name: str,
     peers: Sequence[str],
@@ -64,21 +96,30 @@ def select_targets(
     head: str | None,
     full_mesh_max: int,
     random_peers: int,
-    rng: random.Random,
+    step: int,
+    watch: Sequence[str] = (),
 ) -> list[str]:
     """Peers to probe this round: all of them while the cluster (peers + us) has at most
-    ``full_mesh_max`` members; else the Ray head, our two ring neighbours (sorted names) and
-    ``random_peers`` random others, so each node's cost stays O(k) at any size."""
+    ``full_mesh_max`` members; else the Ray head, our two ring neighbours (sorted names),
+    the ``watch`` peers (failing ones, checked every round until they are judged) and
+    ``random_peers`` others taken in turn from the ring (`sweep_order`) by ``step``, so each
+    node's cost stays O(k) at any size while every pair is still probed within
+    `sweep_steps` steps. ``step`` counts shared wall-clock intervals: every node sweeps the
+    same offsets at once, so each probe is answered by the peer's own probe back."""
     candidates = sorted(set(peers) - {self_name})
     if len(candidates) + 1 <= full_mesh_max:
         return candidates
     ring = sorted([*candidates, self_name])
     at = ring.index(self_name)
-    chosen = {ring[(at - 1) % len(ring)], ring[(at + 1) % len(ring)]}
+    chosen = ring_neighbours(self_name, candidates)
     if head in candidates:
         chosen.add(head)
-    rest = [name for name in candidates if name not in chosen]
-    chosen.update(rng.sample(rest, min(random_peers, len(rest))))
+    chosen.update(name for name in watch if name in candidates)
+    order = [ring[(at + d) % len(ring)] for d in sweep_order(len(ring))]
+    if order:
+        start = (step * random_peers) % len(order)
+        rest = [n for n in order[start:] + order[:start] if n not in chosen]
+        chosen.update(rest[:random_peers])
     return sorted(chosen)
 
 
@@ -139,6 +180,21 @@ class Prober:
         # False for one-shot checks (doctor): no re-probe bursts, no down verdicts.
         self._confirm = confirm_down
         self.rounds = 0
+        self._swept: set[str] = set()
+        self._swept_window_s = 0.0
+        # Probes that raised instead of returning an outcome (a bug, or a peer's input no
+        # check foresaw): each is logged (rate-limited) and counted, and ends nothing else.
+        self.errors = 0
+        self._errors_log = api.RateLimitedLog(_log)
+
+    async def _contained(self, name: str, probe: Coroutine[None, None, None]) -> None:
+        try:
+            await probe
+        except Exception as exc:
+            self.errors += 1
+            self._errors_log.event(
+                logging.ERROR, "probe failed", peer=name, error=f"{type(exc).__name__}: {exc}"
+            )
 
     def set_thresholds(self, thresholds: Thresholds) -> None:
         """New hysteresis thresholds (a config reload); directions keep their counts."""
@@ -165,12 +221,24 @@ class Prober:
             else:
                 record.member = member
 
-    async def run_round(self, targets: Sequence[str], *, full_mesh: bool) -> None:
+    async def run_round(
+        self,
+        targets: Sequence[str],
+        *,
+        full_mesh: bool,
+        swept: Collection[str] = (),
+        swept_window_s: float = 0.0,
+    ) -> None:
+        """Probe ``targets``. ``swept``: targets that probe us only once per sweep of the
+        ring, not every round: their requests count as evidence of the way back for
+        ``swept_window_s``, so a pair both sides sweep needs no dial-back."""
+        self._swept, self._swept_window_s = set(swept), swept_window_s
         gate = asyncio.Semaphore(self._concurrency)
         async with asyncio.TaskGroup() as group:
             for name in targets:
                 if name in self.records:
-                    group.create_task(self._probe(self.records[name], gate, full_mesh))
+                    probe = self._probe(self.records[name], gate, full_mesh)
+                    group.create_task(self._contained(name, probe))
         self.rounds += 1
 
     async def _probe(self, record: PeerRecord, gate: asyncio.Semaphore, full_mesh: bool) -> None:
@@ -178,7 +246,7 @@ class Prober:
             addr, port = record.member.addr, record.port
             if not port:
                 outcome = ProbeOutcome(
-                    ok=False, error="the peer announces no peer API port in its tags"
+                    ok=False, error="the peer announces no peer API port in its tags", cause="other"
                 )
             else:
                 name = record.member.name
@@ -192,7 +260,9 @@ class Prober:
                 if outcome.ok:
                     record.ok_sent_at, record.ok_at = sent, time.monotonic()
             record.last_out, record.last_out_at = outcome, time.time()
-            record.out = step(record.out, outcome.ok, outcome.error, self._thresholds)
+            record.out = step(
+                record.out, outcome.ok, outcome.error, self._thresholds, outcome.cause
+            )
             if outcome.ok:
                 record.failing_since = None
                 self._set_down(record, None)
@@ -222,8 +292,10 @@ class Prober:
         Ray head gets a full authenticated probe instead, so both sides of its leader lease
         hear from each other every QUICK_S.
         ``spawn`` runs each check as a task of the caller's TaskGroup, so no check holds up
-        another, nor the rounds; at most one check per peer runs at a time."""
-        for name in targets:
+        another, nor the rounds; at most one check per peer runs at a time. A failed round
+        probe is confirmed whether or not its peer is among ``targets``."""
+        failed = [n for n, r in self.records.items() if r.suspect is not None and n not in targets]
+        for name in [*targets, *failed]:
             record = self.records.get(name)
             if record is None or not record.port or record.confirming:
                 continue
@@ -231,7 +303,17 @@ class Prober:
             if first is None and record.down_reason is not None:
                 continue  # already down: the rounds notice when it answers again
             record.confirming = True
-            spawn(self._check(record, first))
+            spawn(self._contained(name, self._check(record, first)))
+
+    def check_now(self, name: str, spawn: Callable[[Coroutine[None, None, None]], object]) -> bool:
+        """Check ``name`` now as quick_tick would (a peer told us it found it down); False
+        when it is not a peer we track, is already down, or a check of it is running."""
+        record = self.records.get(name)
+        if record is None or not record.port or record.confirming or record.down_reason:
+            return False
+        record.confirming = True
+        spawn(self._contained(name, self._check(record, None)))
+        return True
 
     async def _check(self, record: PeerRecord, first: ProbeOutcome | None) -> None:
         try:
@@ -254,7 +336,7 @@ class Prober:
                 )
                 if tcp.ok:
                     return
-                first = ProbeOutcome(ok=False, error=tcp.error)
+                first = tcp
             await self._confirm_down(record, first)
         finally:
             record.confirming = False
@@ -280,7 +362,7 @@ class Prober:
         heard = self.inbound_at.get(name, 0.0) > record.failing_since
         self._set_down(record, down_verdict(name, outcomes, gcs, heard_since=heard))
 
-    async def _head_gcs(self, record: PeerRecord) -> TcpProbe | None:
+    async def _head_gcs(self, record: PeerRecord) -> ProbeOutcome | None:
         tags = record.member.tags
         if tags is None or tags.ray != "head" or not tags.gcs:
             return None
@@ -295,6 +377,17 @@ class Prober:
         if reason != record.down_reason:
             record.down_reason = reason
             self._on_down_change()
+
+    def watch(self, limit: int) -> list[str]:
+        """Peers whose last probe failed but that are not judged yet (at most ``limit``, so
+        a mass failure cannot make a round O(N)): beyond full mesh they are probed every
+        round until their verdict settles, not only when the sweep comes round to them."""
+        failing = (
+            name
+            for name, r in sorted(self.records.items())
+            if r.down_reason is None and r.failing_since is not None and r.out.state != "critical"
+        )
+        return [name for name, _ in zip(failing, range(limit), strict=False)]
 
     def down(self) -> dict[str, str]:
         """Peers judged down now: name -> reason."""
@@ -323,6 +416,8 @@ class Prober:
         name = record.member.name
         at = self.inbound_at.get(name)
         window = 2 * self._interval_s + self._client.timeout_s
+        if name in self._swept:
+            window = max(window, self._swept_window_s)
         fresh = at is not None and time.monotonic() - at <= window
         if fresh and not self._always_dial_back:
             record.inbound_source, record.dial_back = "inbound probes", None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -15,9 +17,16 @@ from aiohttp import web
 from gpud import log, secret
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import Config
-from gpud.context import MemberStatus, NodeContext
-from gpud.health.peer_api import PeerApiServer, PeerClient
-from gpud.health.prober import QUICK_S, PeerRecord, Prober, select_targets
+from gpud.context import Member, MemberStatus, NodeContext
+from gpud.health.peer_api import PeerApiServer, PeerCallError, PeerClient
+from gpud.health.prober import (
+    QUICK_S,
+    PeerRecord,
+    Prober,
+    ring_neighbours,
+    select_targets,
+    sweep_steps,
+)
 from gpud.health.verdict import (
     HEALTH_STATES,
     Direction,
@@ -73,6 +82,21 @@ class MatrixEdge(msgspec.Struct):
     dst: str
     state: DirectionState
     rtt_ms: float | None
+
+
+# Beyond full mesh, a node that judged a peer down tells the others to check it (peer API).
+PATH_SUSPECT = "/v1/peer/health/suspect"
+# A down verdict reached within this long of a notice about that peer came from the notice.
+NOTICE_S = 5.0
+
+
+class SuspectNotice(msgspec.Struct, forbid_unknown_fields=True):
+    peer: str
+
+
+class SuspectReply(msgspec.Struct):
+    # False: no check started (not a peer we track, already down, or one is running).
+    checking: bool
 
 
 class HealthStatus(msgspec.Struct):
@@ -188,6 +212,13 @@ class HealthService(ComponentBase):
         self._workload_sources: list[Callable[[], list[WorkloadCheck]]] = []
         # This round's probe targets: the quick loop checks the same peers between rounds.
         self._targets: list[str] = []
+        # The quick loop's TaskGroup while it runs: checks started outside the loop join it.
+        self._checks: asyncio.TaskGroup | None = None
+        # Peers judged down (each new one is passed on once); when a notice made us check a
+        # peer (a verdict it leads to is not passed on again).
+        self._judged: set[str] = set()
+        self._noticed: dict[str, float] = {}
+        self.server.add_route(PATH_SUSPECT, self._suspect)
 
     def reconfigure(self, config: Config) -> None:
         """A reload's [health]: the probe loop reads interval, fan-out and concurrency from the
@@ -248,16 +279,61 @@ class HealthService(ComponentBase):
 
     async def _quick_loop(self) -> None:
         async with asyncio.TaskGroup() as checks:
-            while True:
-                await asyncio.sleep(QUICK_S)
-                self.prober.quick_tick(self._targets, checks.create_task)
+            self._checks = checks
+            try:
+                while True:
+                    await asyncio.sleep(QUICK_S)
+                    self.prober.quick_tick(self._targets, checks.create_task)
+            finally:
+                self._checks = None
 
     def _down_changed(self) -> None:
         """A peer was judged down or answers again: the member view, the election (woken by
         the membership change) and /v1/health learn it now, not at the end of the round."""
-        self._ctx.set_down(self.prober.down())
+        down = self.prober.down()
+        self._ctx.set_down(down)
         if self.prober.rounds:
             self._status = self._judge()
+        now = time.monotonic()
+        for name in sorted(down.keys() - self._judged):
+            # Beyond full mesh most peers do not probe the dead one this round: tell them, so
+            # each checks it now and judges it from its own probes. Only what we found
+            # ourselves is passed on, so one death costs O(N) notices, not O(N^2).
+            told_us = now - self._noticed.pop(name, -math.inf) <= NOTICE_S
+            if self._checks is not None and not told_us:
+                self._checks.create_task(self._tell_suspect(name))
+        self._judged = set(down)
+
+    async def _tell_suspect(self, name: str) -> None:
+        health = self._ctx.config.health
+        if len(self.prober.records) + 1 <= health.full_mesh_max:
+            return  # every peer probes it every round already
+        gate = asyncio.Semaphore(health.concurrency)
+        notice = SuspectNotice(peer=name)
+
+        async def tell(member: Member) -> None:
+            async with gate:
+                with contextlib.suppress(PeerCallError):
+                    await self.client.call(
+                        member.addr, member.tags.pp, PATH_SUSPECT, notice, SuspectReply
+                    )
+
+        async with asyncio.TaskGroup() as group:
+            for other, record in sorted(self.prober.records.items()):
+                member = record.member
+                if other != name and member.alive and member.tags is not None and member.tags.pp:
+                    group.create_task(tell(member))
+
+    async def _suspect(self, body: bytes) -> bytes:
+        """A peer found ``peer`` down: check it now with our own probes (one check per peer
+        at a time, so repeated notices cost nothing more)."""
+        notice = msgspec.json.decode(body, type=SuspectNotice)
+        started = self._checks is not None and self.prober.check_now(
+            notice.peer, self._checks.create_task
+        )
+        if started:
+            self._noticed[notice.peer] = time.monotonic()
+        return msgspec.json.encode(SuspectReply(checking=started))
 
     async def confirm_now(self) -> None:
         """One probe round now: fresh contact times for the leader lease after a freeze."""
@@ -283,43 +359,65 @@ class HealthService(ComponentBase):
             ),
             None,
         )
+        watch = self.prober.watch(health.random_peers)
         targets = select_targets(
             self._ctx.node_name,
             names,
             head=head,
             full_mesh_max=health.full_mesh_max,
             random_peers=health.random_peers,
-            rng=self._rng,
+            step=int(time.time() / health.interval_s),
+            watch=watch,
         )
-        self._targets = targets
-        await self.prober.run_round(targets, full_mesh=len(names) + 1 <= health.full_mesh_max)
+        full_mesh = len(names) + 1 <= health.full_mesh_max
+        neighbours = ring_neighbours(self._ctx.node_name, names)
+        # Between rounds only the peers that are ours to watch get the quick check; a death
+        # the others find reaches us by their notice (`_tell_suspect`).
+        self._targets = (
+            targets
+            if full_mesh
+            else [n for n in targets if n in neighbours or n == head or n in watch]
+        )
+        cycle = sweep_steps(len(names), health.random_peers) + 2
+        await self.prober.run_round(
+            targets,
+            full_mesh=full_mesh,
+            swept=[n for n in targets if n not in neighbours],
+            swept_window_s=cycle * health.interval_s + health.timeout_s,
+        )
         self._status = self._judge()
         await self._publish(self._status)
         return self._status
 
     def _judge(self) -> HealthStatus:
+        status, self._nat_verdict = self._assess(self.prober)
+        return status
+
+    def _assess(self, prober: Prober) -> tuple[HealthStatus, NatVerdict]:
+        """The verdicts on ``prober``'s records: the round's (self.prober) and doctor's (a
+        one-shot prober) alike, so one fault gets one problem code in status and doctor."""
         us = self.us
-        records = sorted(self.prober.records.items())
+        records = sorted(prober.records.items())
         verdicts = [(name, self._pair(us, r)) for name, r in records]
         network = self._network_status()
         nat = self._nat(us, network, [(r.out, r.inbound) for _, r in records])
-        self._nat_verdict = nat
         state, reasons = judge_node(
-            self.prober.rounds > 0,
+            prober.rounds > 0,
             [v for _, v in verdicts],
             nat,
             [(p.severity, p.message) for p in network_problems(network, nat)],
         )
-        return HealthStatus(
+        status = HealthStatus(
             state=state,
             reasons=reasons,
             behind_nat=nat.behind_nat,
             nat_message=nat.message,
-            rounds=self.prober.rounds,
+            rounds=prober.rounds,
             peers=[row for _, r in records for row in _rows(r)],
             pairs=[PairRow(name, v.state, v.kind, v.message, v.fix) for name, v in verdicts],
             matrix=self._matrix(records),
         )
+        return status, nat
 
     @staticmethod
     def _pair(us: Endpoint, record: PeerRecord) -> PairVerdict:
@@ -407,10 +505,10 @@ class HealthService(ComponentBase):
                 ],
             ),
             Metric(
-                name="gpud_peer_rtt_milliseconds",
+                name="gpud_peer_rtt_seconds",
                 help="Round-trip time of the last successful probe to a peer.",
                 samples=[
-                    ({"peer": p.peer}, p.rtt_ms)
+                    ({"peer": p.peer}, p.rtt_ms / 1000)
                     for p in status.peers
                     if p.direction == "out" and p.rtt_ms is not None
                 ],
@@ -448,9 +546,8 @@ class HealthService(ComponentBase):
         )
 
     async def diagnose(self) -> list[Problem]:
-        """Probe every peer now (no hysteresis: each result counts) and report the NAT verdict
-        and every pair that is not passing."""
-        us = self.us
+        """Probe every peer now (no hysteresis: each result counts) and report what the round
+        would, built by the same function: the NAT verdict and every pair not passing."""
         network = self._network_status()
         await self.client.set_source_addr(self._source_addr(network))
         health = self._ctx.config.health
@@ -466,14 +563,14 @@ class HealthService(ComponentBase):
         now.sync(self._ctx.members, self._ctx.node_name)
         names = list(now.records)
         await now.run_round(names, full_mesh=len(names) + 1 <= health.full_mesh_max)
-        records = sorted(now.records.items())
-        nat = self._nat(us, network, [(r.out, r.inbound) for _, r in records])
-        problems = [nat_problem(nat)] if nat.behind_nat else []
-        for name, record in records:
-            problem = pair_problem(name, self._pair(us, record))
-            if problem is not None:
-                problems.append(problem)
-        return problems
+        for name, record in now.records.items():
+            live = self.prober.records.get(name)
+            if live is not None and live.down_reason is not None and record.out.state != "passing":
+                # The quick loop's re-probes judged it down and it still does not answer: the
+                # same fault status shows, with the same code (not a data-path failure).
+                record.down_reason = live.down_reason
+        status, nat = self._assess(now)
+        return health_problems(status, nat)
 
 
 def _rows(record: PeerRecord) -> list[PeerRow]:

@@ -13,6 +13,7 @@ import msgspec
 
 from gpud.component import Severity
 from gpud.context import MemberStatus
+from gpud.netprobe import ProbeCause
 
 DirectionState = Literal["unknown", "passing", "critical"]
 HealthState = Literal["unknown", "passing", "warning", "critical"]
@@ -53,11 +54,20 @@ class Direction(msgspec.Struct, frozen=True):
     fail_streak: int = 0
     # The last failure's cause while the last result was a failure, else "".
     reason: str = ""
+    # That cause as a code (None while passing, or for checks that are no connect).
+    cause: ProbeCause | None = None
 
 
-def step(direction: Direction, ok: bool, reason: str, thresholds: Thresholds) -> Direction:
-    """Add one probe result. The state changes only when the run of consecutive equal results
-    reaches its threshold, so one lost packet never flips a verdict."""
+def step(
+    direction: Direction,
+    ok: bool,
+    reason: str,
+    thresholds: Thresholds,
+    cause: ProbeCause | None = None,
+) -> Direction:
+    """Add one probe result (``cause``: a failed probe's, gpud.netprobe.ProbeOutcome.cause).
+    The state changes only when the run of consecutive equal results reaches its threshold,
+    so one lost packet never flips a verdict."""
     if ok:
         streak = direction.ok_streak + 1
         flip = streak >= thresholds.successes_before_passing
@@ -71,6 +81,7 @@ def step(direction: Direction, ok: bool, reason: str, thresholds: Thresholds) ->
         ok_streak=0,
         fail_streak=streak,
         reason=reason,
+        cause=cause,
     )
 
 
@@ -89,21 +100,6 @@ class PairVerdict(msgspec.Struct, frozen=True):
     message: str
     # What to do about it ("" when nothing is wrong).
     fix: str = ""
-
-
-FailureCause = Literal["refused", "timeout", "other"]
-
-
-def failure_cause(reason: str) -> FailureCause:
-    """What a failed connect says about the far end, from gpud.netprobe's and the peer
-    client's wording: refused means the host answered and nothing listens (or a firewall
-    rejects); a timeout means nothing answered at all (a stopped process or a dropping
-    firewall)."""
-    if "connection refused" in reason:
-        return "refused"
-    if "timed out" in reason or "no answer within" in reason:
-        return "timeout"
-    return "other"
 
 
 def judge_pair(
@@ -146,7 +142,7 @@ def judge_pair(
             )
         seen = f"Serf sees {name} alive (its gossip port works) but its peer API {peer}"
         back = f", and {name} cannot reach us either ({inbound.reason})" if in_bad else ""
-        cause = failure_cause(out.reason)
+        cause = out.cause
         if cause == "refused":
             return PairVerdict(
                 "critical",

@@ -5,8 +5,27 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gpud.client import api_call, api_get, client_command, client_options, print_json
+import msgspec
+
+from gpud.client import (
+    api_call,
+    api_get,
+    client_command,
+    client_options,
+    path_part,
+    print_json,
+)
+from gpud.ports.leases import Lease
 from gpud.text import escape
+
+
+class PortsView(msgspec.Struct, kw_only=True):
+    """What `gpud ports` prints of GET /v1/ports (gpud.ports.service.PortsDetail)."""
+
+    summary: str
+    reservation: str
+    warnings: list[str] = []
+    leases: list[Lease] = []
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
@@ -14,28 +33,27 @@ def cmd_ports(args: argparse.Namespace) -> int:
         return cmd_lease(args)
     if args.ports_command == "release":
         return cmd_release(args)
-    data = api_get(args, "/v1/ports")
     if args.json:
-        print_json(data)
+        print_json(api_get(args, "/v1/ports"))
         return 0
-    print(escape(str(data.get("summary", "-"))))
-    print(f"reservation: {escape(str(data.get('reservation')))}")
-    for warning in data.get("warnings", []):
-        print(f"warning: {escape(str(warning))}")
-    leases = data.get("leases", [])
-    if leases:
-        print(render_leases(leases))
+    data = api_get(args, "/v1/ports", PortsView)
+    print(escape(data.summary))
+    print(f"reservation: {escape(data.reservation)}")
+    for warning in data.warnings:
+        print(f"warning: {escape(warning)}")
+    if data.leases:
+        print(render_leases(data.leases))
     return 0
 
 
-def render_leases(leases: list[dict[str, Any]]) -> str:
+def render_leases(leases: list[Lease]) -> str:
     """The lease table; owners are free text from any caller, so they are escaped."""
     lines = [f"{'ID':<17} {'OWNER':<24} {'PID':>7}  PORTS"]
     for lease in leases:
-        pid = lease.get("pid") or "-"
+        pid = lease.pid or "-"
         lines.append(
-            f"{escape(str(lease['id'])):<17} {escape(str(lease['owner'])):<24} {pid!s:>7}  "
-            f"{_ports_text(lease['ports'])}"
+            f"{escape(lease.id):<17} {escape(lease.owner):<24} {pid!s:>7}  "
+            f"{_ports_text(lease.ports)}"
         )
     return "\n".join(lines)
 
@@ -47,17 +65,17 @@ def cmd_lease(args: argparse.Namespace) -> int:
         "contiguous": args.contiguous,
         "pid": args.pid,
     }
-    lease = api_call(args, "POST", "/v1/ports/leases", body)
+    lease = api_call(args, "POST", "/v1/ports/leases", body, Lease)
     if args.json:
         print_json(lease)
     else:
         # One line, for scripts: `read -r a b c <<< "$(gpud ports lease ...)"`.
-        print(" ".join(str(p) for p in lease["ports"]))
+        print(" ".join(str(p) for p in lease.ports))
     return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    api_call(args, "DELETE", f"/v1/ports/leases/{args.lease_id}")
+    api_call(args, "DELETE", f"/v1/ports/leases/{path_part(args.lease_id)}")
     return 0
 
 

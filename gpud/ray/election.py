@@ -21,6 +21,21 @@ from gpud.ray.votes import VoteCertificate, VoteState, valid_voters
 DataPathVerdict = Callable[[str], bool | None]
 
 Action = Literal["lead", "stand", "follow", "step_down", "wait"]
+# Why a member may not be Ray head, as a code: the ray component picks problems and fixes by
+# it, never by the words of the reason.
+IneligibleCode = Literal[
+    "down",  # not alive (serf, or the health component's down verdict)
+    "tags",  # its tags cannot be read
+    "never",  # ray.head = "never"
+    "ray_unavailable",  # its rv tag: no usable Ray there
+    "nat",  # behind NAT or port mapping
+    "gpus",  # its GPUs are unhealthy
+    "data_path",  # a majority of its peers cannot reach it
+    "critical_health",  # its own health verdict is critical
+    "gcs_unreachable",  # head: a majority of its workers cannot reach its GCS
+]
+# What a plan's reason is about, where the ray component acts on it ("" for the rest).
+PlanCode = Literal["", "no_majority", "gcs_unreachable"]
 
 
 class Plan(msgspec.Struct, kw_only=True, frozen=True):
@@ -36,6 +51,12 @@ class Plan(msgspec.Struct, kw_only=True, frozen=True):
     head: str | None = None
     candidate: str | None = None
     reason: str = ""
+    code: PlanCode = ""
+
+
+class Ineligible(msgspec.Struct, frozen=True):
+    code: IneligibleCode
+    text: str
 
 
 def quorum(known: int) -> int:
@@ -55,27 +76,34 @@ def has_majority(members: Mapping[str, Member]) -> tuple[bool, str]:
     return False, f"only {alive} of {len(known)} known members alive, {quorum(len(known))} needed"
 
 
-def ineligible_reason(member: Member, verdict: DataPathVerdict | None = None) -> str | None:
+def ineligible(member: Member, verdict: DataPathVerdict | None = None) -> Ineligible | None:
     """Why ``member`` may not be Ray head, or None when it may."""
     if not member.alive:
-        return f"down: {member.down_reason}" if member.down else f"{member.status} in serf"
+        why = f"down: {member.down_reason}" if member.down else f"{member.status} in serf"
+        return Ineligible("down", why)
     tags = member.tags
     if tags is None:
-        return f"unreadable tags: {member.tags_error or 'none'}"
+        return Ineligible("tags", f"unreadable tags: {member.tags_error or 'none'}")
     if tags.rh == "never":
-        return 'ray.head = "never" in its config'
+        return Ineligible("never", 'ray.head = "never" in its config')
     if not tags.rv:
-        return "Ray is not available on it"
+        return Ineligible("ray_unavailable", "Ray is not available on it")
     if tags.nat:
-        return "behind NAT or port mapping (advertised address is not local)"
+        return Ineligible("nat", "behind NAT or port mapping (advertised address is not local)")
     if tags.gh == "unhealthy":
-        return "its GPUs are unhealthy (see `gpud gpus` on it)"
+        return Ineligible("gpus", "its GPUs are unhealthy (see `gpud gpus` on it)")
     healthy = verdict(member.name) if verdict is not None else None
     if healthy is False:
-        return "data path not healthy as seen by a majority of its peers"
+        return Ineligible("data_path", "data path not healthy as seen by a majority of its peers")
     if healthy is None and tags.hl == "critical":
-        return "reports critical health"
+        return Ineligible("critical_health", "reports critical health")
     return None
+
+
+def ineligible_reason(member: Member, verdict: DataPathVerdict | None = None) -> str | None:
+    """Why ``member`` may not be Ray head in words, or None when it may."""
+    why = ineligible(member, verdict)
+    return None if why is None else why.text
 
 
 def _rendezvous(name: str) -> int:
@@ -147,9 +175,9 @@ def workers_reach_gcs(head: Member, members: Mapping[str, Member]) -> bool | Non
     return majority_verdict(states, len(views))
 
 
-def head_ray_reason(
+def head_ineligible(
     head: Member, members: Mapping[str, Member], verdict: DataPathVerdict | None = None
-) -> str | None:
+) -> Ineligible | None:
     """Why the head in office must give up the role, or None to keep it. Its workers' direct
     GCS checks come first: a majority that cannot reach its GCS deposes it (when some other
     member could lead); a majority that reaches it keeps it even while its gpud does not
@@ -158,8 +186,16 @@ def head_ray_reason(
     if gcs is False:
         others = {name: m for name, m in members.items() if name != head.name}
         if choose_candidate(others, verdict)[0] is not None:
-            return GCS_UNREACHABLE
-    return ineligible_reason(head, None if gcs else verdict)
+            return Ineligible("gcs_unreachable", GCS_UNREACHABLE)
+    return ineligible(head, None if gcs else verdict)
+
+
+def head_ray_reason(
+    head: Member, members: Mapping[str, Member], verdict: DataPathVerdict | None = None
+) -> str | None:
+    """head_ineligible in words."""
+    why = head_ineligible(head, members, verdict)
+    return None if why is None else why.text
 
 
 # ---- end of the Ray health rule ----
@@ -185,8 +221,18 @@ def plan(
     majority, why_not = has_majority(members)
     if not majority:
         if i_am_head:
-            return Plan(action="step_down", term=announced, reason=f"lost the majority: {why_not}")
-        return Plan(action="wait", term=announced, reason=f"no majority, no head: {why_not}")
+            return Plan(
+                action="step_down",
+                term=announced,
+                reason=f"lost the majority: {why_not}",
+                code="no_majority",
+            )
+        return Plan(
+            action="wait",
+            term=announced,
+            reason=f"no majority, no head: {why_not}",
+            code="no_majority",
+        )
 
     head = current_head(members)
     head_term = head.tags.term if head is not None and head.tags is not None else -1
@@ -198,12 +244,17 @@ def plan(
             reason=f"{head.name} is head of the higher term {head_term}",
         )
     if head is not None and head_term >= announced:
-        reason = head_ray_reason(head, members, verdict)
-        if reason is None:
+        why = head_ineligible(head, members, verdict)
+        if why is None:
             action: Action = "lead" if head.name == me else "follow"
             return Plan(action=action, term=head_term, head=head.name)
         if head.name == me:
-            return Plan(action="step_down", term=announced, reason=f"no longer eligible: {reason}")
+            return Plan(
+                action="step_down",
+                term=announced,
+                reason=f"no longer eligible: {why.text}",
+                code="gcs_unreachable" if why.code == "gcs_unreachable" else "",
+            )
     if i_am_head:
         # Heads of a stale term (a newer term was announced while we were cut off) step down.
         if head is not None and head.name == me and head_term < announced:
@@ -323,6 +374,62 @@ def screen(
                 f"{vouched} other members vouch for"
             )
     return Screened(members=kept, ignored=ignored)
+
+
+# ---- a majority of the members this node knows exist, not of those serf lists yet ---------
+
+# A remembered member that serf does not list keeps counting (as not alive) until this long
+# after it was last alive: serf reaps a failed member after its reconnect_timeout (24 h by
+# default), so the view forgets no member sooner than serf itself would have.
+FORGET_S = 24 * 3600
+# A remembered member's last-alive time is rewritten at most this often (one small write).
+REMEMBER_REFRESH_S = 3600
+MEMBERSHIP_UNKNOWN = "membership not known yet: serf is not connected or not read yet"
+REMEMBERED = "not listed by serf since this node started (remembered from its persisted view)"
+
+
+def with_remembered(
+    counted: Mapping[str, Member],
+    listed: Mapping[str, Member],
+    remembered: Mapping[str, int],
+    now: float,
+) -> dict[str, Member]:
+    """``counted`` (the screened members) plus, as failed, every member of the persisted view
+    not among them that was alive within FORGET_S and that serf does not list as left. So a
+    restarted node whose serf has not found its peers again (or whose prober has not verified
+    them yet) counts its majority against the cluster it knew, never against itself alone."""
+    out = dict(counted)
+    for name, seen in remembered.items():
+        gone = name in listed and listed[name].status == "left"
+        if name not in out and not gone and now - seen <= FORGET_S:
+            out[name] = Member(
+                name=name, addr="", port=0, status="failed", tags=None, tags_error=REMEMBERED
+            )
+    return out
+
+
+def remember(
+    counted: Mapping[str, Member],
+    listed: Mapping[str, Member],
+    remembered: Mapping[str, int],
+    now: float,
+) -> dict[str, int]:
+    """The persisted view to keep: every counted member alive now, at ``now``, and the
+    remembered rest that `with_remembered` still counts."""
+    kept = {
+        name: seen
+        for name, seen in remembered.items()
+        if name in with_remembered({}, listed, {name: seen}, now)
+    }
+    alive = {name: int(now) for name, m in counted.items() if m.alive}
+    return {**kept, **alive}
+
+
+def remembered_changed(old: Mapping[str, int], new: Mapping[str, int]) -> bool:
+    """Worth a write: another set of names, or a last-alive time REMEMBER_REFRESH_S newer."""
+    return old.keys() != new.keys() or any(
+        new[name] - old[name] >= REMEMBER_REFRESH_S for name in new
+    )
 
 
 def proof_refusal(

@@ -20,6 +20,7 @@ from gpud import log, secret
 from gpud.component import Problem
 from gpud.context import Member, NodeContext
 from gpud.ray.election import (
+    MEMBERSHIP_UNKNOWN,
     DataPathVerdict,
     Plan,
     Screened,
@@ -29,13 +30,18 @@ from gpud.ray.election import (
     plan,
     proof_refusal,
     quorum,
+    remember,
+    remembered_changed,
     screen,
     vote_refusal,
+    with_remembered,
 )
 from gpud.ray.votes import (
     CERT_QUERY,
+    PRE_VOTE_QUERY,
     VOTE_QUERY,
     CertificateRequest,
+    KnownView,
     VoteCertificate,
     VoteReply,
     VoteRequest,
@@ -159,10 +165,16 @@ class Tally(msgspec.Struct, kw_only=True, frozen=True):
 
 
 def tally(
-    replies: Mapping[str, bytes], request: VoteRequest, names: set[str], keys: list[bytes]
+    replies: Mapping[str, bytes],
+    request: VoteRequest,
+    names: set[str],
+    keys: list[bytes],
+    *,
+    signed: bool = True,
 ) -> Tally:
     """Count vote replies (pure): a grant counts only from a counted member, for this term,
-    answering as itself, signed with the cluster's key."""
+    answering as itself, signed with the cluster's key (``signed`` False: pre-votes, which
+    carry no signature: they only tell the candidate whether standing is worth a term)."""
     votes: dict[str, str] = {}
     refusals: list[str] = []
     highest = request.term
@@ -175,7 +187,9 @@ def tally(
         if node in names:
             highest = max(highest, reply.term)
         if reply.granted and reply.term == request.term and reply.voter == node and node in names:
-            if signature_valid(
+            if not signed:
+                votes[node] = ""
+            elif signature_valid(
                 keys,
                 reply.sig,
                 voter=node,
@@ -260,6 +274,7 @@ class HeadElection:
         self.plan = Plan(action="wait", term=store.state.term, reason="starting")
         self.last_election: str = ""
         serf.on_query(VOTE_QUERY, self._on_vote)
+        serf.on_query(PRE_VOTE_QUERY, self._on_pre_vote)
         serf.on_query(CERT_QUERY, self._on_certificate)
 
     def view(self) -> dict[str, Member]:
@@ -275,9 +290,30 @@ class HeadElection:
         )
         return members
 
+    def membership_known(self) -> bool:
+        """Has serf listed the members yet? Serf always lists this node itself, so before the
+        first read (serf not connected yet) this node's own entry is missing."""
+        return self.ctx.node_name in self.ctx.members
+
     def screened(self) -> Screened:
-        """`view` less the members that do not count (see gpud.ray.election.screen)."""
-        return screen(self.ctx.node_name, self.view(), self.store.state.term, self._verified)
+        """`view` less the members that do not count (see gpud.ray.election.screen), plus
+        the remembered members serf does not list now (gpud.ray.election.with_remembered)."""
+        view = self.view()
+        found = screen(self.ctx.node_name, view, self.store.state.term, self._verified)
+        counted = with_remembered(found.members, view, self.store.known.members, time.time())
+        return msgspec.structs.replace(found, members=counted)
+
+    async def _remember(self) -> None:
+        """Persist the members counted now (see gpud.ray.election.remember)."""
+        view = self.view()
+        found = screen(self.ctx.node_name, view, self.store.state.term, self._verified)
+        old = self.store.known.members
+        new = remember(found.members, view, old, time.time())
+        if remembered_changed(old, new):
+            try:
+                await self.store.save_known(KnownView(members=new))
+            except OSError as exc:  # the old view stays: it only ever counts more members
+                log.warning(_log, "cannot persist the known members", error=str(exc))
 
     def _pending(self, members: Mapping[str, Member]) -> list[str]:
         """Alive unverified members that announce a peer API (as every gpud does) and are
@@ -299,6 +335,13 @@ class HeadElection:
         ]
 
     async def _on_vote(self, from_node: str, payload: bytes) -> bytes | None:
+        return await self._answer(from_node, payload, pre=False)
+
+    async def _on_pre_vote(self, from_node: str, payload: bytes) -> bytes | None:
+        return await self._answer(from_node, payload, pre=True)
+
+    async def _answer(self, from_node: str, payload: bytes, *, pre: bool) -> bytes | None:
+        """A vote (``pre``: a pre-vote, the same decision with nothing persisted or signed)."""
         me = self.ctx.node_name
         try:
             request = decode_request(payload)
@@ -319,10 +362,14 @@ class HeadElection:
             if blocked is not None and blocked[1] <= VOTER_WAIT_MAX_S:
                 await asyncio.sleep(blocked[1])
                 members, refusal = self._judge_vote(from_node, request)
-        try:
-            reply = await self.store.vote(
-                request, voter=me, own_known=len(known_members(members)), refusal=refusal
+        own_known = len(known_members(members))
+        if pre:
+            reply = await self.store.pre_vote(
+                request, voter=me, own_known=own_known, refusal=refusal
             )
+            return encode_reply(reply)
+        try:
+            reply = await self.store.vote(request, voter=me, own_known=own_known, refusal=refusal)
         except OSError as exc:  # a vote that cannot be made durable is not given
             log.error(_log, "cannot persist vote", error=str(exc))
             reply = VoteReply(
@@ -355,6 +402,8 @@ class HeadElection:
     ) -> tuple[Mapping[str, Member], str | None]:
         """The members that count and why this vote is refused (None: grant it)."""
         members = self.screened().members
+        if not self.membership_known():
+            return members, f"voter's {MEMBERSHIP_UNKNOWN}"
         if request.candidate != from_node:
             return members, f"{from_node} asked for a vote for {request.candidate}"
         if from_node not in members:
@@ -425,6 +474,12 @@ class HeadElection:
         return max(0.0, min(tick_s, ends - time.monotonic() + 0.01))
 
     async def _step(self) -> Plan:
+        if not self.membership_known():
+            # Before serf's first member list this node would count only itself: a majority
+            # of one. Nothing to decide on yet, and nothing to announce.
+            self.plan = Plan(action="wait", term=self.store.state.term, reason=MEMBERSHIP_UNKNOWN)
+            return self.plan
+        await self._remember()
         screened = self.screened()
         members = screened.members
         for name, why in screened.ignored.items():
@@ -563,8 +618,59 @@ class HeadElection:
             await self.ctx.update_tags(ray=role, term=term, gcs=0, hg=_reach_in(term, tags))
         elif tags.ray != "none" or tags.gcs:
             # Step down, or no head to follow: this node runs no Ray and keeps no head role.
-            term = max(tags.term, current.term)
+            # A candidacy's term is only a proposal until won: gossiping it would move every
+            # member to a term nobody was elected in (and depose the head that holds one).
+            term = tags.term if current.action == "stand" else max(tags.term, current.term)
             await self.ctx.update_tags(ray="none", gcs=0, term=term, hg=_reach_in(term, tags))
+
+    async def _pre_vote(self, request: VoteRequest, names: set[str]) -> bool:
+        """Would a majority vote for us in ``request.term``? Asked before the term is raised
+        (persisted), so a candidate that cannot win leaves every term as it was."""
+        me = self.ctx.node_name
+        own = await self.store.pre_vote(request, voter=me, own_known=request.known, refusal=None)
+        if not own.granted:
+            log.info(_log, "not standing", term=request.term, reason=own.reason)
+            return False
+        keys, needed = self._vote_keys(), quorum(request.known)
+        try:
+            replies = await self._serf.query(
+                PRE_VOTE_QUERY,
+                encode_request(request),
+                timeout_s=self._vote_timeout_s,
+                enough=lambda got: (
+                    len(tally(got, request, names, keys, signed=False).votes.keys() | {me})
+                    >= needed
+                ),
+            )
+        except Exception as exc:  # serf down or restarting: no votes this round
+            log.warning(_log, "pre-vote query failed", error=str(exc))
+            replies = {}
+        counted = tally(replies, request, names, keys, signed=False)
+        if counted.highest_term > request.term:  # only counted members move our term
+            await self.store.adopt_term(counted.highest_term)
+        granted = counted.votes.keys() | {me}
+        if len(granted) >= needed:
+            return True
+        self.last_election = (
+            f"not standing for term {request.term}: pre-vote got {len(granted)} of {needed} "
+            "needed; " + "; ".join(counted.refusals)
+        )[:500]
+        log.info(
+            _log,
+            "pre-vote lost",
+            term=request.term,
+            votes=len(granted),
+            needed=needed,
+            refusals="; ".join(counted.refusals),
+        )
+        self._stand_later(counted.refusals)
+        return False
+
+    def _stand_later(self, refusals: list[str]) -> None:
+        # Refused only for leases: those run out in about a second, stand again soon.
+        lease_only = bool(refusals) and all(LEASE_REFUSAL in r for r in refusals)
+        retry = LEASE_RETRY_S if lease_only else self._retry_s
+        self._next_stand = time.monotonic() + random.uniform(*retry)
 
     async def _stand(self, term: int, members: Mapping[str, Member]) -> None:
         me = self.ctx.node_name
@@ -576,6 +682,8 @@ class HeadElection:
             await asyncio.sleep(blocked[1])
         known = known_members(members)
         request = VoteRequest(term=term, candidate=me, known=len(known))
+        if not await self._pre_vote(request, {m.name for m in known}):
+            return
         own = await self.store.vote(request, voter=me, own_known=len(known), refusal=None)
         if not own.granted:
             log.info(_log, "not standing", term=term, reason=own.reason)
@@ -628,7 +736,4 @@ class HeadElection:
             needed=needed,
             refusals="; ".join(refusals),
         )
-        # Refused only for leases: those run out in about a second, stand again soon.
-        lease_only = bool(refusals) and all(LEASE_REFUSAL in r for r in refusals)
-        retry = LEASE_RETRY_S if lease_only else self._retry_s
-        self._next_stand = time.monotonic() + random.uniform(*retry)
+        self._stand_later(refusals)

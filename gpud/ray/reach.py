@@ -1,4 +1,4 @@
-"""Does the workload's data path work: pure verdicts on Ray's own ports (issue 11 item 1).
+"""Does the workload's data path work: pure verdicts on Ray's own ports.
 
 Three checks, each through the health component's hysteresis (gpud.health.verdict.step):
 - a worker connects to its head's GCS port from its advertised address every round;
@@ -6,7 +6,7 @@ Three checks, each through the health component's hysteresis (gpud.health.verdic
   GCS reports alive, and probes the node-manager port of any that is missing;
 - every node looks for itself among the nodes the GCS reports alive.
 
-Nothing here does I/O; gpud.ray.service runs the probes and feeds the results in.
+Nothing here does I/O; gpud.ray.gcs_monitor runs the probes and feeds the results in.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import msgspec
 
 from gpud.component import Problem
 from gpud.context import Member
-from gpud.health.verdict import Direction, Thresholds, failure_cause, step
-from gpud.netprobe import TcpProbe
+from gpud.health.verdict import Direction, Thresholds, step
+from gpud.netprobe import ProbeCause, ProbeOutcome
 from gpud.ray.probes import RayNode
 from gpud.tags import GcsReachSummary
 
@@ -43,12 +43,12 @@ class GcsReach(msgspec.Struct, kw_only=True):
 
 
 def record_gcs_probe(
-    reach: GcsReach, probe: TcpProbe, peer_api: TcpProbe | None, thresholds: Thresholds
+    reach: GcsReach, probe: ProbeOutcome, peer_api: ProbeOutcome | None, thresholds: Thresholds
 ) -> GcsReach:
     """Add one round's GCS connect (and, after a failure, the head's peer API connect)."""
     return msgspec.structs.replace(
         reach,
-        direction=step(reach.direction, probe.ok, probe.error, thresholds),
+        direction=step(reach.direction, probe.ok, probe.error, thresholds, probe.cause),
         peer_api_answers=None if peer_api is None else peer_api.ok,
         peer_api_error="" if peer_api is None else peer_api.error,
     )
@@ -68,9 +68,8 @@ def gcs_reach_tag(reach: GcsReach | None, head: str | None, term: int) -> GcsRea
     return "ok" if reach.direction.state == "passing" else "fail"
 
 
-def _short(reason: str) -> str:
-    cause = failure_cause(reason)
-    return {"refused": "connection refused", "timeout": "timed out"}.get(cause, reason)
+def _short(reason: str, cause: ProbeCause | None) -> str:
+    return {"refused": "connection refused", "timeout": "timed out"}.get(cause or "", reason)
 
 
 def gcs_reach_problem(node: str, node_addr: str, reach: GcsReach | None) -> Problem | None:
@@ -79,8 +78,9 @@ def gcs_reach_problem(node: str, node_addr: str, reach: GcsReach | None) -> Prob
     if reach is None or reach.direction.state != "critical":
         return None
     head, port = reach.head, reach.gcs_port
-    seen = f"{node} cannot reach GCS {reach.address} ({_short(reach.direction.reason)})"
-    refused = failure_cause(reach.direction.reason) == "refused"
+    direction = reach.direction
+    seen = f"{node} cannot reach GCS {reach.address} ({_short(direction.reason, direction.cause)})"
+    refused = direction.cause == "refused"
     if reach.peer_api_answers is False:
         message = (
             f"{seen} and {head}'s peer API does not answer either ({reach.peer_api_error}): "
@@ -145,8 +145,9 @@ class WorkerCheck(msgspec.Struct, kw_only=True):
     # failures_before_critical polls in a row.
     direction: Direction = msgspec.field(default_factory=Direction)
     in_gcs: bool = False
-    # The node-manager port probe of the last poll ("" when not probed).
+    # The node-manager port probe of the last poll ("" and None when not probed).
     probe_error: str = ""
+    probe_cause: ProbeCause | None = None
     probe_ok: bool = False
 
 
@@ -154,7 +155,7 @@ def record_worker_poll(
     previous: WorkerCheck | None,
     member: Member,
     in_gcs: bool,
-    node_manager: TcpProbe | None,
+    node_manager: ProbeOutcome | None,
     thresholds: Thresholds,
 ) -> WorkerCheck:
     """Add one poll of the head's GCS for a tagged worker and the probe of its node-manager
@@ -172,6 +173,7 @@ def record_worker_poll(
         in_gcs=in_gcs,
         probe_ok=answers,
         probe_error=node_manager.error if node_manager is not None else "",
+        probe_cause=node_manager.cause if node_manager is not None else None,
     )
 
 
@@ -198,11 +200,11 @@ def missing_worker_problem(head: str, gcs: str, worker: WorkerCheck) -> Problem 
     if worker.probe_ok:
         why = f"its node-manager {where} answers: Ray runs there but has not registered"
         fix = f"see `gpud doctor` on {name}: its Ray cannot reach this GCS or is restarting"
-    elif failure_cause(worker.probe_error) == "refused":
+    elif worker.probe_cause == "refused":
         why = f"its node-manager {where} refuses connections: its Ray is not running"
         fix = f"see `gpud doctor` on {name} for why its Ray exits"
     else:
-        why = f"its node-manager {where} does not answer ({_short(worker.probe_error)})"
+        why = f"its node-manager {where} does not answer ({_short(worker.probe_error, worker.probe_cause)})"
         fix = (
             f"open the Ray ports on {name} ({worker.addr}) for this head: a firewall on "
             f"{name} blocks tcp/{nm}"

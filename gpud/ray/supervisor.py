@@ -17,12 +17,13 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 import msgspec
 
 from gpud import log
+from gpud.gpus.nvml import cuda_env
 from gpud.process import (
     ChildGroup,
     ChildProcess,
@@ -104,10 +105,12 @@ class RayTarget(msgspec.Struct, kw_only=True, frozen=True):
     # This node's address for Ray (--node-ip-address); empty: the supervisor's default. Part
     # of the target so that a changed advertised address restarts Ray on the new one.
     node_ip: str = ""
-    # The GPUs (UUIDs) this Ray node may use: CUDA_VISIBLE_DEVICES and --num-gpus. None: the
-    # supervisor's num_gpus and the environment's devices. Part of the target so that a GPU
-    # turning unhealthy or leased to a deployment restarts Ray without it.
-    gpus: tuple[str, ...] | None = None
+    # The GPUs this Ray node may use, as NVML indices (resolved from the leased UUIDs):
+    # CUDA_VISIBLE_DEVICES and --num-gpus. Ray hands these entries verbatim to the workers it
+    # gives GPUs, and vLLM's workers int() them. None: the supervisor's num_gpus and the
+    # environment's devices. Part of the target so that a GPU turning unhealthy or leased to
+    # a deployment restarts Ray without it.
+    gpus: tuple[int, ...] | None = None
 
 
 class RayPorts(msgspec.Struct, kw_only=True, frozen=True):
@@ -136,6 +139,12 @@ def temp_dir_for(root: str, node_name: str) -> str:
         digest = hashlib.blake2b(node_name.encode(), digest_size=4).hexdigest()
         safe = f"{safe[: TEMP_NAME_MAX - 9]}-{digest}"
     return os.path.join(root, safe)
+
+
+def ray_start_env(base: Mapping[str, str], target: RayTarget) -> dict[str, str]:
+    """The environment of `ray start` for ``target``: its GPUs as NVML indices in PCI bus
+    order (the raylet's CUDA_VISIBLE_DEVICES entries are what its GPU workers get)."""
+    return {**base, **cuda_env(target.gpus)} if target.gpus is not None else dict(base)
 
 
 def ray_start_argv(
@@ -204,7 +213,6 @@ class RaySupervisor:
         self.temp_dir = temp_dir_for(temp_root, node_name)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
-        # UUIDs Ray may use (CUDA_VISIBLE_DEVICES); None leaves the environment's choice.
         self._env = {**os.environ, **(env or {})}
         # Whether this Ray has Ray Client (see RayInstall.client).
         self.client_server = client_server
@@ -312,10 +320,7 @@ class RaySupervisor:
 
         async def make_child() -> ChildProcess:
             os.makedirs(self.temp_dir, exist_ok=True)
-            env = self._env
-            if target.gpus is not None:
-                env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(target.gpus)}
-            return ChildProcess(f"ray-{target.role}", argv, env=env)
+            return ChildProcess(f"ray-{target.role}", argv, env=ray_start_env(self._env, target))
 
         self._supervisor = Supervisor(
             f"ray-{target.role}",

@@ -20,7 +20,7 @@ def decide_target(
     usable: bool,
     node_ip: str,
     running: RayTarget | None,
-    gpus: tuple[str, ...] | None = None,
+    gpus: tuple[int, ...] | None = None,
 ) -> RayTarget | None:
     """The Ray node to run now (None: none). ``running`` is the current target; ``gpus`` the
     GPUs Ray may use (None: the supervisor's default).

@@ -20,6 +20,10 @@ from gpud.state import Key, StateError, StateStore, Transaction
 
 # The Serf query every gpud answers with its vote.
 VOTE_QUERY = "gpud-ray-vote"
+# Raft's PreVote: "would you vote for me in this term?", answered from the same rules but
+# persisting nothing. A candidate raises its term only after a majority said yes, so a node
+# cut off from the majority never climbs terms that would depose the head after a heal.
+PRE_VOTE_QUERY = "gpud-ray-prevote"
 # Serf's limit on a query or response payload.
 MAX_PAYLOAD_BYTES = 1024
 NODE_NAME_MAX = 200
@@ -48,6 +52,13 @@ class VoteReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A granted vote: vote_signature(voter, candidate, term, known). The candidate keeps the
     # signed votes as its certificate, so nodes that did not vote can check its office.
     sig: str = ""
+
+
+class KnownView(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The members this node counted toward a majority, with when each was last alive (unix
+    seconds): after a restart, before serf has found them again, they still count."""
+
+    members: dict[str, int] = {}
 
 
 class VoteStateError(GpudError):
@@ -183,6 +194,8 @@ def decode_certificate(payload: bytes) -> VoteCertificate:
 VOTE = Key("ray.vote", VoteState)
 # The certificate of the term this node last won (a restarted head still proves its office).
 CERTIFICATE = Key("ray.certificate", VoteCertificate)
+# The members counted toward a majority (gpud.ray.election.remember).
+KNOWN_VIEW = Key("ray.known", KnownView)
 # gpud 0.1.0 kept the vote in a file of its own; imported on first start.
 LEGACY_FILE = "ray-vote.json"
 
@@ -197,6 +210,7 @@ class VoteStore:
             store.import_file(store.state_dir / LEGACY_FILE, _import_legacy_file)
             self.state = store.get(VOTE) or VoteState()
             self.certificate = store.get(CERTIFICATE)
+            self.known = store.get(KNOWN_VIEW) or KnownView()
         except StateError as exc:
             # Refusing to start beats voting twice: an operator must look at it.
             raise VoteStateError(str(exc)) from None
@@ -216,6 +230,20 @@ class VoteStore:
                 await asyncio.to_thread(self._save, new)
                 self.state = new
             return reply
+
+    async def pre_vote(
+        self, request: VoteRequest, *, voter: str, own_known: int, refusal: str | None
+    ) -> VoteReply:
+        """The reply `vote` would give now, persisting nothing (a pre-vote)."""
+        async with self._lock:
+            return decide_vote(
+                self.state, request, voter=voter, own_known=own_known, refusal=refusal
+            )[1]
+
+    async def save_known(self, known: KnownView) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._store.put, KNOWN_VIEW, known)
+            self.known = known
 
     async def save_certificate(self, cert: VoteCertificate) -> None:
         async with self._lock:

@@ -13,19 +13,11 @@ envelope ``[sender node name, payload]`` and handlers get the sender's name back
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
-import math
-import os
-import re
 import secrets
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from typing import Any, Literal
 
 import msgpack
 import msgspec
@@ -33,7 +25,7 @@ from aiohttp import web
 
 from gpud import log, preflight
 from gpud.component import ComponentBase, Metric, Problem, gauge
-from gpud.config import UNENCRYPTED, Config, host_warnings, split_host_port
+from gpud.config import UNENCRYPTED, Config
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
 from gpud.process import (
@@ -45,7 +37,15 @@ from gpud.process import (
     SupervisorStatus,
     stop_leftover,
 )
-from gpud.secret import cluster_key, keyring_keys
+from gpud.secret import cluster_key
+from gpud.serf.config import (
+    join_address,
+    seed_keyring,
+    serf_binary,
+    serf_config,
+    undecryptable,
+    write_private,
+)
 from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
 from gpud.state import Key, open_store
 from gpud.tags import Tags, encode
@@ -61,19 +61,10 @@ RPC_PING_TIMEOUT_S = 2.0
 # How often a connection to a live but unreachable serf is retried.
 RPC_RETRY_S = 2.0
 JOIN_TIMEOUT_S = 10.0
-# Where the packages install their own serf (not on PATH, so it never meets a stand-alone one).
-PACKAGED_SERF = "/usr/libexec/gpud/serf"
 # The running serf's process group, so that a restarted gpud finds one its predecessor left.
 SERF_CHILD = Key("serf.child", ChildGroup)
 # SIGTERM to SIGKILL for such a leftover serf (it exits at once on SIGTERM).
 LEFTOVER_GRACE_S = 5.0
-_SERF_LOG_LEVELS = {"debug": "debug", "info": "info", "warning": "warn", "error": "err"}
-# memberlist's words when gossip is encrypted with a key this node lacks: a peer's message
-# ("failed to receive: ... from=ADDR:PORT", "Decrypt packet failed: ... from=ADDR:PORT"), or
-# this node's own join ("Failed to join ADDR: ...", a continuation line of "Join failed").
-_NO_KEY = "No installed keys could decrypt the message"
-_FROM = re.compile(re.escape(_NO_KEY) + r".*?\bfrom=(?P<addr>\S+)")
-_JOIN = re.compile(r"Failed to join (?P<addr>\S+?): " + re.escape(_NO_KEY))
 # How long one undecryptable message keeps its problem up (serf retries every few seconds).
 UNDECRYPTABLE_MEMORY_S = 60.0
 
@@ -99,104 +90,6 @@ class SerfStatus(msgspec.Struct, kw_only=True):
     summary: str = ""
 
 
-def serf_config(
-    config: Config,
-    *,
-    node_name: str,
-    advertise_addr: str,
-    tags: Tags,
-    rpc_auth: str,
-    keyring_file: str | None,
-    snapshot_path: str,
-    advertise_is_local: bool = True,
-) -> dict[str, Any]:
-    """Serf's JSON configuration for one start (pure).
-
-    Behind NAT or port mapping the advertised address is not on a local interface, so serf
-    binds all addresses and still advertises the mapped one.
-    """
-    serf = config.serf
-    gossip = f"{advertise_addr}:{serf.bind_port}"
-    bind_addr = advertise_addr if advertise_is_local else "0.0.0.0"
-    result: dict[str, Any] = {
-        "node_name": node_name,
-        "bind": f"{bind_addr}:{serf.bind_port}",
-        "advertise": gossip,
-        "rpc_addr": f"127.0.0.1:{serf.rpc_port}",
-        "rpc_auth": rpc_auth,
-        "tags": encode(tags),
-        "log_level": _SERF_LOG_LEVELS[config.log_level],
-        "snapshot_path": snapshot_path,
-        # After our own graceful leave a restarted gpud should still rejoin from the snapshot.
-        "rejoin_after_leave": True,
-        # An entry without a port means gpud's gossip port, not serf's default 7946.
-        "retry_join": [join_address(entry, serf.bind_port) for entry in serf.retry_join],
-        "retry_interval": f"{serf.retry_interval_s}s",
-        # gpud leaves gracefully over RPC on SIGTERM; a signal to serf is never a leave.
-        "leave_on_terminate": False,
-        "skip_leave_on_interrupt": True,
-        # Failed nodes are retried for a working day, left nodes dropped after an hour.
-        "reconnect_timeout": "8h",
-        "tombstone_timeout": "1h",
-    }
-    if keyring_file is not None:
-        result["keyring_file"] = keyring_file
-    return result
-
-
-def undecryptable(line: str) -> tuple[Literal["join", "from"], str] | None:
-    """From one line of serf's output: gossip it could not decrypt, as ("join", address it
-    failed to join) or ("from", address that sent it), without the port (pure)."""
-    if _NO_KEY not in line:
-        return None
-    match = _JOIN.search(line)
-    if match:
-        return "join", match["addr"]
-    match = _FROM.search(line)
-    if match:
-        host, _ = split_host_port(match["addr"])
-        return "from", host
-    return None
-
-
-def key_fingerprint(key: bytes) -> str:
-    """A name for a key that does not reveal it (pure)."""
-    return hashlib.sha256(b"gpud-keyring-seed:" + key).hexdigest()
-
-
-def keep_keyring(existing: list[bytes], key: bytes, seeded: str) -> bool:
-    """Whether serf's keyring (``existing``, primary first) survives a start with cluster key
-    ``key`` (pure). It does when it holds the key (a rotation under way, or finished and the key
-    file updated), or when it was seeded from this very key and rotated since (only serf,
-    through `gpud keys`, changes it). A changed cluster.key_file otherwise wins."""
-    if not existing:
-        return False
-    return key in existing or seeded == key_fingerprint(key)
-
-
-def join_address(entry: str, default_port: int) -> str:
-    """``entry`` ("ip", "ip:port", "[v6]:port") as serf's "host:port" (pure)."""
-    host, port = split_host_port(entry)
-    return f"[{host}]:{port or default_port}" if ":" in host else f"{host}:{port or default_port}"
-
-
-def default_query_timeout_s(members: int, gossip_interval_s: float = 0.2) -> float:
-    """Serf's default: GossipInterval * 16 * ceil(log10(n+1)) (LAN gossip interval 200 ms)."""
-    return gossip_interval_s * 16 * max(1, math.ceil(math.log10(members + 1)))
-
-
-def write_private(path: Path, data: str) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only (0600)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def wrap_query(sender: str, payload: bytes) -> bytes:
     return msgpack.packb([sender, payload], use_bin_type=True)
 
@@ -216,48 +109,6 @@ class RpcSquatted(SerfConnectionError):
     def __init__(self, conflict: preflight.PortConflict) -> None:
         super().__init__(conflict.describe())
         self.conflict = conflict
-
-
-def serf_binary(configured: str) -> str | None:
-    """The serf to run: ``serf.binary`` if set, else the packaged one, else `serf` on PATH."""
-    if configured:
-        return shutil.which(configured)
-    if os.access(PACKAGED_SERF, os.X_OK):
-        return PACKAGED_SERF
-    return shutil.which("serf")
-
-
-def rpc_listener(
-    port: int, child_pid: int, proc: Path = Path("/proc")
-) -> Literal["nobody", "ours"] | preflight.PortConflict:
-    """Who listens on 127.0.0.1:``port``: nobody yet, only our serf child (``child_pid``), or
-    someone else (the conflict naming the other holders)."""
-    listeners = [
-        row
-        for row in preflight.sockets_on("tcp", port, proc)
-        if row.local in ("127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1")
-    ]
-    if not listeners:
-        return "nobody"
-    own = preflight.socket_inodes(child_pid, proc)
-    foreign = {row.inode for row in listeners if row.inode not in own}
-    if not foreign:
-        return "ours"
-    pids = preflight.pids_holding(foreign, proc)
-    holders = [
-        preflight.Holder(
-            uid=row.uid,
-            pid=pids.get(row.inode),
-            command=preflight.command_of(pids[row.inode], proc) if row.inode in pids else "",
-        )
-        for row in listeners
-        if row.inode in foreign
-    ]
-    need = preflight.PortNeed(
-        component="serf", purpose="serf RPC", field="serf.rpc_port", proto="tcp",
-        host="127.0.0.1", port=port,
-    )  # fmt: skip
-    return preflight.PortConflict(need=need, error="not our serf", holders=holders)
 
 
 class SerfAgent(ComponentBase):
@@ -328,12 +179,17 @@ class SerfAgent(ComponentBase):
             key = cluster_key(self.ctx.config)
         except ConfigError as exc:  # the Supervisor reports it and retries with backoff
             raise ChildStartError(str(exc)) from None
-        self._key_warnings = host_warnings(self.ctx.config)
+        self._key_warnings = preflight.host_warnings(self.ctx.config)
         for warning in self._key_warnings:
             log.warning(self._log, warning)
-        if key is not None:
-            self._seed_keyring(key)
-        elif self.keyring_file.exists():
+        if key is not None and seed_keyring(self.keyring_file, self.keyring_seed_file, key):
+            log.warning(
+                self._log,
+                "keeping serf's rotated keyring; cluster.key_file no longer holds a key "
+                "of it: write the new primary key there (gpud keys list)",
+                keyring=str(self.keyring_file),
+            )
+        elif key is None and self.keyring_file.exists():
             self.keyring_file.unlink()
             self.keyring_seed_file.unlink(missing_ok=True)
         config = serf_config(
@@ -382,26 +238,6 @@ class SerfAgent(ComponentBase):
                 addr=addr,
             )
         return False
-
-    def _seed_keyring(self, key: bytes) -> None:
-        """Write the cluster key as serf's keyring, unless the keyring there must be kept: it
-        holds the key, or it was rotated (`gpud keys`) since gpud seeded it from this key."""
-        existing = keyring_keys(self.keyring_file)
-        try:
-            seeded = self.keyring_seed_file.read_text().strip()
-        except OSError:
-            seeded = ""
-        if keep_keyring(existing, key, seeded):
-            if key not in existing:
-                log.warning(
-                    self._log,
-                    "keeping serf's rotated keyring; cluster.key_file no longer holds a key "
-                    "of it: write the new primary key there (gpud keys list)",
-                    keyring=str(self.keyring_file),
-                )
-            return
-        write_private(self.keyring_file, json.dumps([base64.b64encode(key).decode()]))
-        write_private(self.keyring_seed_file, key_fingerprint(key) + "\n")
 
     # -- running
 
@@ -505,7 +341,7 @@ class SerfAgent(ComponentBase):
         while True:
             try:
                 # The token goes only to a listener our own serf child holds.
-                owner = rpc_listener(port, child.pid or -1)
+                owner = preflight.rpc_listener(port, child.pid or -1)
                 if isinstance(owner, preflight.PortConflict):
                     raise RpcSquatted(owner)
                 if owner == "nobody":

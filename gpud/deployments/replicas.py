@@ -1,0 +1,334 @@
+"""The replicas placed on this node: their leases, their server and, for a replica of N > 1
+nodes, this node's Ray node of the replica's own cluster.
+
+A replica gets leased GPUs and a leased port and runs as gpud's own child in its own process
+group (`process.Supervisor`: restart with backoff, stop by group only). A replica of N > 1 nodes
+is its own Ray cluster: its head runs `ray start --head` and, once GCS answers, the server; the
+others join the GCS port the head announces. Every Ray port is leased, Ray sees only the
+replica's GPUs. Each group is persisted, so a crashed gpud's leftovers are stopped at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from gpud import log
+from gpud.context import Member, NodeContext
+from gpud.deployments import engines, placement, spec
+from gpud.deployments.claims import Claim
+from gpud.deployments.model import Entry
+from gpud.errors import ApiError
+from gpud.process import ChildGroup, ChildProcess, Supervisor, stop_leftover
+from gpud.ray.supervisor import RaySupervisor, RayTarget, SupervisorSettings
+from gpud.state import StateStore
+
+if TYPE_CHECKING:
+    from gpud.gpus.service import GpuService
+    from gpud.netcheck import NetCheck
+    from gpud.ports.service import PortsService
+
+_log = log.get("deployments")
+
+# Owner prefix of this component's GPU and port leases (leftovers are released at start).
+LEASE_OWNER = "deploy:"
+# vLLM counts up from VLLM_PORT; a band this wide covers its internal ports.
+VLLM_PORT_BAND = 16
+# What a replica's process inherits from gpud's environment; the spec and gpud set the rest.
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+GROUPS_TABLE = "deployments_groups"
+# A replica that could not start (no free GPU or port yet) is tried again after this long.
+START_RETRY_S = 5.0
+# Ray worker processes (one leased port each) of a multi-node replica's Ray node.
+RAY_WORKER_PORTS = 32
+
+
+class ReplicaGroup:
+    """One replica's process group (its server, or its Ray node), persisted as a row of
+    ``deployments_groups`` (a `process.GroupStore`): replicas come and go by name, where a
+    `process.GroupRecord` is one key declared once. `Supervisor` and `stop_leftover` stop a
+    crashed gpud's leftover group at the next start, like every supervised child's."""
+
+    def __init__(self, store: StateStore, replica: str) -> None:
+        self._db = store
+        self._replica = replica
+
+    def load(self) -> ChildGroup | None:
+        rows = self._db.query(
+            f"SELECT pgid, start FROM {GROUPS_TABLE} WHERE replica = ?", (self._replica,)
+        )
+        return ChildGroup(pgid=rows[0][0], start=rows[0][1]) if rows else None
+
+    def save(self, group: ChildGroup) -> None:
+        with self._db.transaction() as tx:
+            tx.execute(
+                f"INSERT INTO {GROUPS_TABLE} (replica, pgid, start) VALUES (?, ?, ?) "
+                "ON CONFLICT(replica) DO UPDATE SET pgid = excluded.pgid, start = excluded.start",
+                (self._replica, group.pgid, group.start),
+            )
+
+    def clear(self) -> None:
+        with self._db.transaction() as tx:
+            tx.execute(f"DELETE FROM {GROUPS_TABLE} WHERE replica = ?", (self._replica,))
+
+
+class Replica:
+    """A replica placed on this node: its leases and its supervised server."""
+
+    def __init__(self, key: placement.ReplicaKey, entry: Entry) -> None:
+        self.key = key
+        self.entry = entry
+        self.port = 0
+        self.gpus: list[str] = []
+        self.lease_ids: list[tuple[str, str]] = []  # ("gpus" | "ports", lease id)
+        self.lease: engines.NodeLease | None = None
+        # The server (on the replica's head node only when N > 1).
+        self.supervisor: Supervisor | None = None
+        self.server_task: asyncio.Task[None] | None = None
+        # N > 1: this node's Ray node of the replica's own cluster, and its GCS port once this
+        # node is the replica's head and GCS answers (announced in the claim).
+        self.ray: RaySupervisor | None = None
+        self.gcs = 0
+        # Its server runs here and a peer's probe of it over the data path passed (announced).
+        self.ready = False
+        # What runs while the replica is started: the server (N = 1) or the Ray node (N > 1);
+        # None when it could not start (then ``failed_at`` says when).
+        self.task: asyncio.Task[None] | None = None
+        self.error = ""
+        self.failed_at = 0.0
+
+    @property
+    def id(self) -> str:
+        return f"{self.key[0]}.{self.key[1]}"
+
+
+class _ReplicaPorts:
+    """The port service as a Ray node of a replica sees it: leases owned by the replica (so a
+    crashed gpud's are released at start) and tied to gpud's life."""
+
+    def __init__(self, ports: PortsService, owner: str) -> None:
+        self._ports = ports
+        self._owner = owner
+
+    async def ready(self) -> None:
+        await self._ports.ready()
+
+    async def lease(
+        self, owner: str, count: int, *, contiguous: bool = False, pid: int | None = None
+    ) -> Any:
+        return await self._ports.lease(
+            f"{self._owner}:{owner}", count, contiguous=contiguous, pid=pid or os.getpid()
+        )
+
+    async def release(self, lease_id: object) -> None:
+        await self._ports.release(str(lease_id))
+
+
+class Replicas:
+    """The runtime of this node's replicas (``running``): start, drive, stop, leftovers."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        store: StateStore,
+        *,
+        ports: PortsService,
+        gpus: GpuService,
+        network: NetCheck | None,
+    ) -> None:
+        self._ctx = ctx
+        self._db = store
+        self._ports = ports
+        self._gpus = gpus
+        self._network = network
+        self._db.ensure_table(
+            GROUPS_TABLE,
+            1,
+            f"CREATE TABLE {GROUPS_TABLE} (replica TEXT PRIMARY KEY, pgid INTEGER NOT NULL, "
+            "start INTEGER NOT NULL)",
+        )
+        self.running: dict[placement.ReplicaKey, Replica] = {}
+
+    async def stop_leftovers(self) -> None:
+        """A crashed gpud's replicas: stop their groups and release their leases."""
+        for (replica,) in self._db.query(f"SELECT replica FROM {GROUPS_TABLE}"):
+            await stop_leftover(ReplicaGroup(self._db, replica), grace_s=5.0)
+        await self._gpus.ready()
+        for lease in self._gpus.leases():
+            if lease.owner.startswith(LEASE_OWNER):
+                with contextlib.suppress(ApiError):
+                    await self._gpus.release(lease.id)
+        for port_lease in self._ports.leases():
+            if port_lease.owner.startswith(LEASE_OWNER):
+                with contextlib.suppress(ApiError):
+                    await self._ports.release(port_lease.id)
+
+    async def start(
+        self, key: placement.ReplicaKey, entry: Entry, tg: asyncio.TaskGroup
+    ) -> Replica:
+        """Lease what the replica needs here and, for N > 1, start this node's Ray node; the
+        server starts in `drive`. On failure the replica stays with ``failed_at`` set."""
+        assert entry.record.spec is not None
+        s = entry.record.spec
+        replica = Replica(key, entry)
+        self.running[key] = replica
+        owner = f"{LEASE_OWNER}{replica.id}"
+        try:
+            await self._ports.ready()
+            if s.gpus_per_node:
+                gpu_lease = await self._gpus.lease(owner, s.gpus_per_node, pid=os.getpid())
+                replica.lease_ids.append(("gpus", gpu_lease.id))
+                replica.gpus = list(gpu_lease.gpus)
+            port_lease = await self._ports.lease(owner, 1, pid=os.getpid())
+            replica.lease_ids.append(("ports", port_lease.id))
+            band = None
+            if s.engine == "vllm":
+                band_lease = await self._ports.lease(
+                    owner, VLLM_PORT_BAND, contiguous=True, pid=os.getpid()
+                )
+                replica.lease_ids.append(("ports", band_lease.id))
+                band = band_lease.ports[0]
+            interface = self._network.status().interface if self._network else ""
+            lease = engines.NodeLease(
+                host_ip=self._ctx.advertise_addr,
+                interface=interface,
+                port=port_lease.ports[0],
+                port_band_base=band,
+                gpu_uuids=tuple(replica.gpus),
+                # Resolved at each start: an index names a GPU only until the next reboot.
+                gpu_indices=self._gpus.indices(replica.gpus),
+            )
+            replica.lease, replica.port = lease, lease.port
+            if s.nodes_per_replica > 1:
+                replica.ray = self._ray_node(replica, s, lease)
+                replica.task = tg.create_task(replica.ray.run(), name=f"{replica.id}-ray")
+        except (ApiError, engines.EngineError) as exc:
+            await self._not_started(replica, exc)
+            return replica
+        log.info(_log, "replica started", replica=replica.id, port=replica.port, gpus=replica.gpus)
+        return replica
+
+    async def _not_started(self, replica: Replica, exc: Exception) -> None:
+        replica.error = f"cannot start: {exc}"
+        replica.failed_at = time.monotonic()
+        log.warning(_log, "replica not started", replica=replica.id, error=str(exc))
+        await self._release(replica)
+
+    async def drive(
+        self,
+        replica: Replica,
+        tg: asyncio.TaskGroup,
+        head: str,
+        head_member: Member | None,
+        head_claim: Claim | None,
+    ) -> None:
+        """Start or steer what the replica runs here, given its ``head`` (`claims.replica_head`,
+        the same on every node): N = 1, its server; N > 1, the head runs Ray's head and, once
+        GCS answers, the server; the others join the GCS the head announces."""
+        if replica.failed_at or replica.lease is None:
+            return
+        lease = replica.lease
+        me = self._ctx.advertise_addr
+        if replica.ray is not None and head == self._ctx.node_name:
+            replica.ray.set_target(RayTarget(role="head", node_ip=me, gpus=lease.gpu_indices))
+            replica.gcs = replica.ray.gcs_ready_port
+            if not replica.gcs:
+                return
+            lease = msgspec.structs.replace(lease, ray_address=f"{me}:{replica.gcs}")
+        elif replica.ray is not None:
+            replica.gcs = 0
+            await self._stop_server(replica)  # this node is no longer the replica's head
+            if head_claim is not None and head_claim.gcs and head_member is not None:
+                replica.ray.set_target(
+                    RayTarget(
+                        role="worker",
+                        head_addr=head_member.addr,
+                        gcs_port=head_claim.gcs,
+                        node_ip=me,
+                        gpus=lease.gpu_indices,
+                    )
+                )
+            return
+        if replica.supervisor is not None:
+            return
+        try:
+            self._start_server(replica, lease, tg)
+        except engines.EngineError as exc:
+            if replica.ray is None:
+                await self._not_started(replica, exc)
+            else:
+                replica.error = f"cannot start the server: {exc}"
+            return
+        if replica.ray is None:
+            replica.task = replica.server_task
+
+    def _start_server(
+        self, replica: Replica, lease: engines.NodeLease, tg: asyncio.TaskGroup
+    ) -> None:
+        """Run the replica's server under a Supervisor; raises EngineError if the leases do
+        not fit the spec."""
+        assert replica.entry.record.spec is not None
+        s = replica.entry.record.spec
+        argv = engines.server_argv(s, lease, vllm=self._ctx.config.deployments.vllm_executable)
+        env = engines.node_env(s, lease, {k: os.environ[k] for k in PASSED_ENV if k in os.environ})
+
+        async def make_child() -> ChildProcess:
+            return ChildProcess(f"deploy-{replica.id}", argv, env=env)
+
+        replica.supervisor = Supervisor(
+            f"deploy-{replica.id}",
+            make_child,
+            backoff_max_s=10.0,
+            grace_s=5.0,
+            record=ReplicaGroup(self._db, replica.id),
+        )
+        replica.server_task = tg.create_task(replica.supervisor.run(), name=replica.id)
+
+    def _ray_node(
+        self, replica: Replica, s: spec.DeploymentSpec, lease: engines.NodeLease
+    ) -> RaySupervisor:
+        """This node's Ray node of the replica's own cluster (its target is set by `drive`):
+        every port leased, only the replica's GPUs, the verified address."""
+        ray_cfg = self._ctx.config.ray
+        return RaySupervisor(
+            executable=ray_cfg.executable,
+            node_name=f"{self._ctx.node_name}-{replica.id}",
+            node_ip=self._ctx.advertise_addr,
+            ports=_ReplicaPorts(self._ports, f"{LEASE_OWNER}{replica.id}"),
+            temp_root=os.path.join(ray_cfg.temp_root, "deploy"),
+            num_cpus=ray_cfg.num_cpus,
+            num_gpus=s.gpus_per_node,
+            env=engines.ray_node_env(s, lease),
+            client_server=False,  # the server connects as a driver on the head (no Ray Client)
+            settings=SupervisorSettings(worker_ports=RAY_WORKER_PORTS, backoff_max_s=10.0),
+            record=ReplicaGroup(self._db, f"{replica.id}.ray"),
+        )
+
+    async def _stop_server(self, replica: Replica) -> None:
+        task, replica.server_task, replica.supervisor = replica.server_task, None, None
+        if task is not None and task is not replica.task:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def stop(self, key: placement.ReplicaKey, why: str) -> None:
+        replica = self.running.pop(key)
+        await self._stop_server(replica)
+        if replica.task is not None:
+            replica.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await replica.task
+        await self._release(replica)
+        log.info(_log, "replica stopped", replica=replica.id, why=why)
+
+    async def _release(self, replica: Replica) -> None:
+        for kind, lease_id in replica.lease_ids:
+            service: Any = self._gpus if kind == "gpus" else self._ports
+            with contextlib.suppress(ApiError):
+                await service.release(lease_id)
+        replica.lease_ids = []

@@ -1,0 +1,180 @@
+"""What `gpud deploy status`, `/endpoints` and the problems show, built from this node's view of
+the records, the assignment, the claims, its probes and the replicas it runs. Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from gpud.component import Problem
+from gpud.context import Member
+from gpud.deployments import placement
+from gpud.deployments.claims import Claim
+from gpud.deployments.model import DeploymentView, Endpoint, Entry, ReplicaView
+from gpud.deployments.readiness import Probe
+from gpud.deployments.replicas import Replica
+
+Claims = Mapping[str, Mapping[placement.ReplicaKey, Claim]]
+
+
+def deployment_view(
+    entry: Entry, refused: str, delete_refused: str, replicas: list[ReplicaView]
+) -> DeploymentView:
+    s = entry.record.spec
+    assert s is not None
+    return DeploymentView(
+        name=entry.record.name,
+        version=str(entry.record.version),
+        origin=entry.record.version.origin,
+        digest=entry.record.digest,
+        engine=s.engine,
+        model=s.model,
+        replicas=s.replicas,
+        nodes_per_replica=s.nodes_per_replica,
+        gpus_per_node=s.gpus_per_node,
+        health_path=s.health_path,
+        state="refused" if refused else "active",
+        reason=refused,
+        operator=entry.operator,
+        delete_refused=delete_refused,
+        replica_views=replicas,
+    )
+
+
+def replica_views(
+    name: str,
+    replicas: int,
+    refused: str,
+    *,
+    me: str,
+    assignment: placement.Assignment,
+    heads: Mapping[placement.ReplicaKey, str],
+    claims: Claims,
+    members: Mapping[str, Member],
+    probes: Mapping[placement.ReplicaKey, Probe],
+    running: Mapping[placement.ReplicaKey, Replica],
+) -> list[ReplicaView]:
+    """Each replica of deployment ``name`` as this node sees it; ``heads``: where the server of
+    each placed replica answers."""
+    if refused:
+        return [ReplicaView(index=i, state="refused", reason=refused) for i in range(replicas)]
+    placed = {p.replica: p for p in assignment.placed if p.deployment == name}
+    pending = {p.replica: p for p in assignment.pending if p.deployment == name}
+    views = []
+    for i in range(replicas):
+        if i in pending or i not in placed:
+            reason = pending[i].reason if i in pending else "not placed yet"
+            views.append(ReplicaView(index=i, state="pending", reason=reason))
+            continue
+        node = heads[(name, i)]
+        member = members.get(node)
+        view = ReplicaView(
+            index=i,
+            state="starting",
+            node=node,
+            nodes=list(placed[i].nodes),
+            addr=member.addr if member else "",
+        )
+        claim = claims.get(node, {}).get((name, i))
+        view.spec = claim.spec if claim else ""
+        view.announced_ready = claim.ready if claim else False
+        probe = probes.get((name, i))
+        if probe is not None and probe[0] == node:
+            view.port, view.probe_ok, view.probe_error = probe[1], probe[2], probe[3]
+        here = running.get((name, i))
+        if here is not None and here.ray is not None:
+            ray_status = here.ray.status()
+            view.ray_restarts = here.ray.restarts_total
+            view.ray_error = ray_status.error or ray_status.process.last_error or ""
+        if here is not None and node == me:
+            _local(view, here)
+        if view.state == "starting" and view.probe_ok:
+            view.state = "ready"
+        elif view.state == "starting":
+            view.reason = view.probe_error or f"waiting for {node} to start it"
+        views.append(view)
+    return views
+
+
+def _local(view: ReplicaView, here: Replica) -> None:
+    """What only the node that runs the replica's server knows: its GPUs and process."""
+    view.port, view.gpus = here.port, here.gpus
+    sup = here.supervisor.status if here.supervisor else None
+    if sup is not None:
+        view.pid, view.restarts = sup.pid, sup.restarts
+        view.last_error = sup.last_error or ""
+    if here.error or (sup is not None and sup.state in ("backoff", "failed")):
+        view.state = "failed"
+        view.reason = here.error or view.last_error
+
+
+def endpoints(view: DeploymentView) -> list[Endpoint]:
+    """The ready replicas of a deployment, where they answer."""
+    return [
+        Endpoint(
+            replica=r.index,
+            node=r.node,
+            addr=r.addr,
+            port=r.port,
+            url=f"http://{r.addr}:{r.port}",
+        )
+        for r in view.replica_views
+        if r.state == "ready"
+    ]
+
+
+def problems(
+    refusals: Iterable[tuple[str, str]],
+    node: str,
+    unannounced: list[str],
+    pending: Iterable[placement.Pending],
+    running: Iterable[Replica],
+) -> list[Problem]:
+    """``refusals``: (deployment, why this node will not run it) for the refused ones."""
+    out = [
+        Problem(
+            code="deployments.refused",
+            severity="warning",
+            subject=name,
+            message=f"this node will not run deployment {name}: {reason}",
+            fix="sign the spec with a trusted operator key and allow its command "
+            "on every host, then apply it again",
+        )
+        for name, reason in refusals
+    ]
+    if unannounced:
+        out.append(
+            Problem(
+                code="deployments.claims_truncated",
+                severity="warning",
+                subject=node,
+                message=f"replicas {', '.join(unannounced)} run here but do not fit in "
+                "this node's gossip tags (memberlist allows 512 bytes in all), so other "
+                "nodes do not see them and may place them again",
+                fix="run fewer replicas per node, or use shorter deployment names",
+            )
+        )
+    for p in pending:
+        out.append(
+            Problem(
+                code="deployments.pending",
+                severity="warning",
+                subject=f"{p.deployment}/{p.replica}",
+                message=f"replica cannot be placed: {p.reason}",
+                fix="add healthy GPU nodes or lower replicas / gpus_per_node",
+            )
+        )
+    for replica in running:
+        sup = replica.supervisor.status if replica.supervisor else None
+        error = replica.error or (sup.last_error if sup and sup.state == "backoff" else "")
+        if error:
+            out.append(
+                Problem(
+                    code="deployments.replica_failed",
+                    severity="critical",
+                    subject=replica.id,
+                    message=f"replica {replica.id} on this node: {error}",
+                    fix="see `gpud deploy status` and gpud's journal for the server's output",
+                )
+            )
+    return out
