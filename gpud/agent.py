@@ -211,6 +211,7 @@ class Agent:
     async def run(self) -> int:
         from gpud.netcheck import resolve_advertise
         from gpud.serf.agent import stop_leftover_serf
+        from gpud.serf.rpc_port import split_squat
 
         advertise_addr, interface = resolve_advertise(self.config)
         # Our own serf from before a kill -9 of gpud is not a conflict: stop it first.
@@ -218,7 +219,9 @@ class Agent:
         # -- preflight (operations issue): a port another process holds fails the start at once,
         # naming the port and its holder (STATUS=, journal at error, exit 1), instead of serf
         # failing quietly while the unit hangs in `activating`.
-        if conflicts := preflight.check(self.config, advertise_addr, bool(interface)):
+        # A squatted serf RPC port is not one: serf's RPC moves (gpud/serf/rpc_port.py).
+        conflicts = split_squat(preflight.check(self.config, advertise_addr, bool(interface)))[1]
+        if conflicts:
             self.notifier.status(f"failed: {preflight.summary(conflicts)}")
             raise preflight.PortConflictError(conflicts)
         # -- end preflight
@@ -308,16 +311,26 @@ class Agent:
     # -- end reload
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        """STOPPING=1, a graceful serf leave, then every child stopped by its component."""
+        """STOPPING=1, every child stopped by its component, then a graceful serf leave.
+
+        Ray stops before the leave: once peers see this node leave they stop counting its
+        head lease, so a head still running while its departure is gossiped would overlap
+        with the successor they elect."""
         self.notifier.stopping()
-        log.info(_log, "stopping: leaving the cluster")
+        serf_task = next(t for t in tasks if t.get_name() == self.serf.name)
+        rest = [t for t in tasks if t is not serf_task]
+        log.info(_log, "stopping: children first, then leaving the cluster")
+        for task in reversed(rest):
+            await _cancelled(task)
         with contextlib.suppress(Exception):
             await self.serf.leave()
-        # Ray first (workers go before the gossip that announces them), serf last.
-        for task in reversed(tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancelled(serf_task)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main(config: Config, config_path: str | None = None) -> int:

@@ -17,6 +17,7 @@ from gpud.client import (
     EXIT_OK,
     EXIT_PROBLEM,
     EXIT_USAGE,
+    api_call,
     api_get,
     client_command,
     print_json,
@@ -86,6 +87,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if report.critical else EXIT_OK
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Cordon this host and wait (at most --timeout) until its replicas moved elsewhere."""
+    import time
+
+    reply = api_call(args, "POST", "/v1/drain", {"timeout_s": args.timeout})
+    print(f"cordoned: no new replicas here; moving {len(reply['running_here'])} replica(s)")
+    deadline = time.monotonic() + args.timeout
+    while True:
+        left = api_get(args, "/v1/status")["deployments"]["running_here"]
+        if left == 0:
+            print("drained: no replica runs here (`gpud uncordon` puts it back in service)")
+            return EXIT_OK
+        if time.monotonic() >= deadline:
+            print(
+                f"still draining after {args.timeout:g}s: {left} replica(s) here wait for a new "
+                "copy to get ready elsewhere (see `gpud deploy status`); the drain goes on",
+                file=sys.stderr,
+            )
+            return EXIT_PROBLEM
+        time.sleep(1.0)
+
+
+def cmd_uncordon(args: argparse.Namespace) -> int:
+    api_call(args, "POST", "/v1/uncordon")
+    print("uncordoned: replicas may be placed here again")
+    return EXIT_OK
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from gpud import secret
 
@@ -109,6 +138,7 @@ def render_members(members: list[Member]) -> str:
             gpus, ray, note = "-", "-", member.tags_error or "no tags"
         else:
             gpus, ray, note = str(tags.gpu), tags.ray, f"health={tags.hl} block={tags.blk}"
+            note += " cordoned" if tags.cd else ""
         lines.append(
             f"{escape(member.name):<20} {addr:<22} {member.status:<8} {gpus:>4}  {ray:<7} "
             f"{escape(note)}"
@@ -159,6 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor",
         "run every check now; print each problem with its cause and fix (exit 1 if critical)",
         cmd_doctor,
+    )
+    drain = client_command(
+        sub,
+        "drain",
+        "cordon this host (admin): no new replicas, never Ray head; move its replicas "
+        "elsewhere make-before-break and wait until none runs here",
+        cmd_drain,
+    )
+    drain.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait, and the most an old copy serves requests already sent to it "
+        "after its new copy is ready (default 60)",
+    )
+    client_command(
+        sub,
+        "uncordon",
+        "end this host's cordon (admin): replicas may be placed here again",
+        cmd_uncordon,
     )
     for add_commands in CLIENT_COMMAND_GROUPS:
         add_commands(sub)

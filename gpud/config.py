@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import ipaddress
 import json
 import os
@@ -102,7 +101,7 @@ class HealthConfig(_Section):
     # Ray head, its ring neighbours, failing peers and `random_peers` others in turn around
     # the ring (cost O(k), not O(N); every pair still probed within (N - 3) / k rounds).
     full_mesh_max: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 8
-    random_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
+    random_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
 
 
 class PortsConfig(_Section):
@@ -377,6 +376,8 @@ def _rendered(value: Any) -> str | None:
 def _unknown_key(table: str, name: str) -> str:
     """The line for an unknown key (pure): "node.nmae: unknown key; did you mean `node.name`?",
     the nearest key of the same table, else a key of that name in another table."""
+    import difflib  # only for a bad file: client commands read the config and start fast
+
     key = f"{table}.{name}" if table else name
     known = list(_keys_of(_type_at(table)))
     if close := difflib.get_close_matches(name, known, n=1):

@@ -116,9 +116,10 @@ EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def check_config(config: Config, ephemeral_file: Path = EPHEMERAL_RANGE) -> list[str]:
-    """``--check-config``: everything this host can tell about ``config`` beyond what the agent
-    itself refuses (`check_host`). Raises ConfigError naming the key for what is wrong; returns
-    warnings for a default this host lacks that the agent runs without (a group, ray, vllm)."""
+    """``--check-config``: everything this host can tell about ``config``, what the agent
+    refuses at start (`check_host`) and what it would run with but badly. Raises ConfigError
+    naming the key for what is wrong; returns warnings for a default this host lacks that the
+    agent runs without (a group, ray, vllm) and for a key file readable beyond the service."""
     check_host(config)
     ephemeral = read_ephemeral_range(ephemeral_file)
     if ephemeral is not None:

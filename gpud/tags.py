@@ -84,6 +84,8 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # deposes a head whose GCS a majority of its workers cannot reach).
     nm: PortOrNone = 0
     hg: GcsReachSummary = "unknown"
+    # Cordoned (`gpud drain`): no new replicas here, never Ray head; survives restarts.
+    cd: bool = False
 
 
 _DEFAULTS = Tags()

@@ -2,12 +2,16 @@
 
 Run by gpud as a replica: ``deploy_server.py --port {port} --host {host_ip} --model {model}``.
 Serves GET /health (200) and GET /v1/models, and reports what gpud gave it (CUDA_VISIBLE_DEVICES,
-NCCL_SOCKET_IFNAME) under /v1/models so tests can check the environment end to end.
+NCCL_SOCKET_IFNAME) under /v1/models so tests can check the environment end to end. POST
+/v1/completions and /v1/chat/completions (``stream: true``: server-sent events ending in
+``data: [DONE]``) answer after ``--delay-s`` with ``system_fingerprint`` set to the replica's
+``host:port``, so a test behind a router sees which replica served each request.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -71,9 +75,28 @@ def main() -> None:
         help="join the replica's Ray cluster (RAY_ADDRESS) and serve only once it has this many "
         "alive nodes",
     )
+    parser.add_argument("--delay-s", type=float, default=0.0, help="time each completion takes")
+    parser.add_argument(
+        "--sleep-before-listen",
+        type=float,
+        default=0.0,
+        help="say so on stdout, then sleep this long before listening (a model that loads slowly)",
+    )
+    parser.add_argument(
+        "--hang-completions-after",
+        type=int,
+        default=0,
+        help="answer this many completions, then hang every later one while /health stays "
+        "green (a server whose workers died)",
+    )
     args = parser.parse_args()
+    completions = itertools.count(1)
+    replica = f"{args.host}:{args.port}"
     if args.ray_nodes:
         join_ray(args.ray_nodes)
+    if args.sleep_before_listen:
+        print(f"loading: listening in {args.sleep_before_listen:g} s", flush=True)
+        time.sleep(args.sleep_before_listen)
 
     class Handler(JsonHandler):
         def do_GET(self) -> None:
@@ -96,6 +119,41 @@ def main() -> None:
                 )
             else:
                 self._reply(404, {"error": "not found"})
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            chat = self.path == "/v1/chat/completions"
+            if not chat and self.path != "/v1/completions":
+                self._reply(404, {"error": "not found"})
+                return
+            if args.hang_completions_after and next(completions) > args.hang_completions_after:
+                print("a worker died: completions hang", flush=True)
+                time.sleep(3600)  # until gpud stops the server
+            time.sleep(args.delay_s)
+            kind = "chat.completion" if chat else "text_completion"
+            choice: dict[str, object] = {"index": 0, "finish_reason": "stop"}
+            if not body.get("stream"):
+                choice |= (
+                    {"message": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+                )
+                self._reply(200, self._envelope(kind, choice))
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+            choice |= {"delta": {"role": "assistant", "content": "ok"}} if chat else {"text": "ok"}
+            chunk = self._envelope(f"{kind}.chunk" if chat else kind, choice)
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+
+        def _envelope(self, kind: str, choice: dict[str, object]) -> dict[str, object]:
+            return {
+                "id": f"cmpl-{os.urandom(8).hex()}",
+                "object": kind,
+                "created": int(time.time()),
+                "model": args.model,
+                "system_fingerprint": replica,
+                "choices": [choice],
+            }
 
     serve(args.host, args.port, Handler)
 

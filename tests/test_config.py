@@ -62,7 +62,7 @@ def test_full_file_round_trip() -> None:
         ('[node]\nadvertise = "eth0"', "node.advertise: 'eth0' is neither \"auto\" nor an IP"),
         ("[serf]\nbind_port = 70000", "serf.bind_port"),
         ('[serf]\nretry_join = ["not_a_host"]', "serf.retry_join: 'not_a_host'"),
-        ('[serf]\nretry_join = ["gpu-01."]', "serf.retry_join"),
+        ('[serf]\nretry_join = ["gpu-01-:7951"]', "serf.retry_join: 'gpu-01-:7951'"),
         ('[serf]\nretry_join = ["a..b"]', "serf.retry_join: 'a..b'"),
         (f'[serf]\nretry_join = ["{"a" * 64}.example"]', "serf.retry_join"),
         ('[ray]\nhead = "always"', 'ray.head = "always": not one of "auto", "prefer", "never"'),
@@ -148,7 +148,8 @@ def test_good_edge_values_pass() -> None:
         [node]
         name = "{"n" * 128}"
         [serf]
-        retry_join = ["10.0.0.1:65535", "10.0.0.2", "[fd00::1]:7951", "fd00::2"]
+        retry_join = ["10.0.0.1:65535", "10.0.0.2", "[fd00::1]:7951", "fd00::2", "gpu-02",
+                      "gpu-03.cluster.example.:7951", "2gpu.example"]
         [api]
         socket = "/tmp/{"s" * 102}"
         '''
@@ -282,3 +283,40 @@ def test_reload_applies_exactly_the_live_fields(live: set[str], restart: set[str
     # What runs now: the new live values, the old everything else.
     assert config.changed_fields(old, plan.config) == plan.live
     assert config.changed_fields(plan.config, new) == plan.restart
+
+
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True)
+_HOSTNAME = st.lists(_LABEL, min_size=1, max_size=4).filter(
+    lambda labels: not labels[-1].isdigit() and len(".".join(labels)) <= 253
+)
+
+
+@given(labels=_HOSTNAME, port=st.integers(1, 65535) | st.none())
+def test_retry_join_takes_dns_names_as_serf_does(labels: list[str], port: int | None) -> None:
+    """A name per RFC 1123 (serf resolves it at each join), with or without a port."""
+    entry = ".".join(labels) + (f":{port}" if port else "")
+    assert config.is_join_address(entry)
+    assert config.parse(f"[serf]\nretry_join = [{entry!r}]").serf.retry_join == [entry]
+
+
+@given(
+    labels=_HOSTNAME,
+    bad=st.sampled_from(["_", " ", "/", "@", "é", "\n", "-"]),
+    where=st.integers(0, 1),
+)
+def test_retry_join_refuses_what_is_no_host_name(labels: list[str], bad: str, where: int) -> None:
+    label = labels[0]
+    # A hyphen is only refused at a label's edge; the other characters anywhere.
+    labels[0] = bad + label if where == 0 else label + bad
+    entry = ".".join(labels)
+    assert not config.is_join_address(entry)
+    with pytest.raises(ConfigError, match=r"serf\.retry_join"):
+        config.validate(
+            msgspec.structs.replace(config.Config(), serf=config.SerfConfig(retry_join=[entry]))
+        )
+
+
+@given(ip=st.ip_addresses(), port=st.integers(1, 65535) | st.none())
+def test_retry_join_takes_every_ip_address(ip, port: int | None) -> None:  # type: ignore[no-untyped-def]
+    host = f"[{ip}]" if ip.version == 6 and port else str(ip)
+    assert config.is_join_address(host + (f":{port}" if port else ""))

@@ -29,13 +29,22 @@ def test_demo_prints_status_from_every_host_and_tears_down() -> None:
     assert len(re.findall(r"^membership +2 \(2 alive\)$", result.stdout, re.M)) == 2
     assert len(re.findall(r"^health +passing", result.stdout, re.M)) == 2
     assert "confirmed" in result.stdout
-    # A replica of the demo deployment serves, asked from another host over the data path.
+    # The demo deployment's replicas serve through the router of a host other than the first
+    # replica's (with 2 hosts and R=2 every host runs one).
     assert re.search(r"^ +0 +ready +h[01] ", result.stdout, re.M), result.stdout
-    assert re.search(
-        r"^replica serving: h[01] -> GET http://10\.77\.\d+\.\d+:\d+/v1/models -> models \['demo/tiny'\]$",
+    asked = re.search(
+        r"^router of (h[01]): GET http://10\.77\.\d+\.(\d+):7950/v1/models -> models \['demo/tiny'\]$",
         result.stdout,
         re.M,
-    ), result.stdout
+    )
+    assert asked, result.stdout
+    served = re.search(
+        rf"^router of {asked.group(1)}: POST http://10\.77\.\d+\.{asked.group(2)}:7950/v1/completions"
+        r" -> 'ok' from replica 10\.77\.\d+\.\d+:\d+$",
+        result.stdout,
+        re.M,
+    )
+    assert served, result.stdout
     # The harness names its namespaces gh<id>- after the third octet of its subnet.
     subnet = re.search(r"subnet 10\.77\.(\d+)\.0/24", result.stdout)
     assert subnet, result.stdout

@@ -13,6 +13,7 @@ from gpud.deployments.engines import (
     server_argv,
 )
 from gpud.deployments.spec import DeploymentSpec, load_spec
+from gpud.errors import GpudError
 
 
 def vllm_spec(n: int = 2, g: int = 2, args: str = "[]", env: str = "{}") -> DeploymentSpec:
@@ -69,6 +70,8 @@ def test_vllm_env_on_every_node() -> None:
     assert env == {
         "PATH": "/usr/bin",
         "HF_HOME": "/cache",
+        # Output in order: the last line is the reason it exited, not a late stdout flush.
+        "PYTHONUNBUFFERED": "1",
         "VLLM_HOST_IP": "10.77.0.5",
         "NCCL_SOCKET_IFNAME": "eth1",
         "GLOO_SOCKET_IFNAME": "eth1",
@@ -91,6 +94,12 @@ def test_gpud_values_win_over_what_gpud_inherited() -> None:
     # No GPU leased: the process sees none rather than all of them.
     assert env["CUDA_VISIBLE_DEVICES"] == ""
     assert env["X"] == "y"
+    unbuffered = load_spec(
+        b'name = "c"\nengine = "command"\nreplicas = 1\ncommand = ["/bin/srv"]\n'
+        b'env = { PYTHONUNBUFFERED = "" }\n'
+    )
+    assert node_env(unbuffered, lease(ray_address="", port_band_base=None, gpu_uuids=(),
+                                      gpu_indices=()))["PYTHONUNBUFFERED"] == ""  # fmt: skip
 
 
 def command_spec(template: str, n: int = 2, g: int = 2) -> DeploymentSpec:
@@ -177,3 +186,8 @@ def test_executable_allowed_exact_absolute_paths_only() -> None:
     assert not executable_allowed("relative/bin", allow), "relative paths never match"
     assert not executable_allowed("python", allow)
     assert not executable_allowed("/bin/sh", [])
+
+
+def test_engine_errors_are_operator_errors() -> None:
+    """Shown as is (no traceback) wherever a GpudError is, and still a ValueError."""
+    assert issubclass(EngineError, GpudError) and issubclass(EngineError, ValueError)

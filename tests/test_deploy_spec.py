@@ -12,6 +12,7 @@ from gpud.deployments.spec import (
     decode,
     encode,
     load_spec,
+    startup_timeout,
 )
 
 VLLM = b"""
@@ -82,6 +83,14 @@ def test_defaults() -> None:
     assert spec.version == ""
 
 
+def test_startup_timeout_is_long_for_vllm_short_for_a_command_unless_set() -> None:
+    assert startup_timeout(load_spec(vllm_with())) == 1800
+    assert startup_timeout(load_spec(COMMAND)) == 60
+    own = load_spec(vllm_with(startup_timeout_s="7200"))
+    assert own.startup_timeout_s == 7200 and startup_timeout(own) == 7200
+    assert decode(encode(own)) == own
+
+
 def test_key_order_does_not_change_the_canonical_encoding() -> None:
     a = load_spec(vllm_with(env='{ B = "2", A = "1" }', selector='{ y = "1", x = "2" }'))
     b = load_spec(vllm_with(selector='{ x = "2", y = "1" }', env='{ A = "1", B = "2" }'))
@@ -114,6 +123,9 @@ def test_encode_decode_round_trip() -> None:
         ({"selector": '{ zone = "a b" }'}, "selector[...]: expected `str` matching regex"),
         ({"version": "-1"}, "version: expected `int` >= 0, got -1"),
         ({"version": "1.5"}, "version: expected `int | str`, got `float`"),
+        ({"startup_timeout_s": "0"}, "startup_timeout_s: expected `int` >= 1, got 0"),
+        ({"startup_timeout_s": "86401"}, "startup_timeout_s: expected `int` <= 86400"),
+        ({"startup_timeout_s": "1.5"}, "startup_timeout_s: expected `int | null`, got `float`"),
         ({"bogus": "1"}, "spec: object contains unknown field `bogus`"),
         ({"model": '""'}, 'model: required for engine "vllm"'),
         ({"gpus_per_node": "0"}, 'gpus_per_node: engine "vllm" needs at least 1'),

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpud.preflight import check, needed_ports, parse_proc_net, summary
+from gpud.preflight import check, needed_ports, parse_proc_net, read_ephemeral_range, summary
 from tests.serf_util import free_ports, node_config
 
 # Two rows of a real /proc/net/tcp: 127.0.0.1:7373 listening (uid 0), 10.0.0.5:7946 established.
@@ -131,3 +131,12 @@ def test_agent_with_a_held_port_fails_fast_and_says_why(tmp_path: Path) -> None:
     [line] = [line for line in result.stderr.splitlines() if "port conflict" in line]
     assert "level=error" in line and where in line
     assert not (tmp_path / "state" / "serf" / "serf.json").exists()  # nothing was started
+
+
+def test_ephemeral_range_is_read_as_the_kernel_writes_it(tmp_path: Path) -> None:
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    assert read_ephemeral_range(ranges) == (32768, 60999)
+    ranges.write_text("garbage\n")
+    assert read_ephemeral_range(ranges) is None
+    assert read_ephemeral_range(tmp_path / "absent") is None

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gpud.context import Member, NodeContext
 from gpud.ray.election import (
     FORGET_S,
+    LEFT_FORGET_S,
     MEMBERSHIP_UNKNOWN,
     REMEMBERED,
     choose_candidate,
@@ -597,24 +598,50 @@ async def test_restarted_node_counts_the_members_it_remembers(tmp_path: Path) ->
 def test_remembered_members_count_until_serf_would_forget_them(
     listed: dict[str, Member], remembered: dict[str, int]
 ) -> None:
-    """The pure rules: every remembered member not listed counts as failed (never alive)
-    until FORGET_S after it was last alive; one listed as left does not; the persisted view
-    takes every alive member at ``now``."""
+    """The pure rules: every remembered member not counted now counts as failed (never
+    alive) until FORGET_S after it was last alive, LEFT_FORGET_S for one listed as left (a
+    graceful stop is what a restart looks like); the persisted view takes every alive
+    member at ``now``."""
     now = 3 * FORGET_S
     counted = {n: m for n, m in listed.items() if m.status != "left"}
     out = with_remembered(counted, listed, remembered, now)
-    for name, member in out.items():
-        if name not in counted:
-            assert member.status == "failed" and not member.alive
-            assert member.tags_error == REMEMBERED
-            assert now - remembered[name] <= FORGET_S
     for name, seen in remembered.items():
         left = name in listed and listed[name].status == "left"
-        assert (name in out) == (name in counted or (not left and now - seen <= FORGET_S))
+        window = LEFT_FORGET_S if left else FORGET_S
+        assert (name in out) == (name in counted or now - seen <= window)
+        if name not in counted and name in out:
+            assert out[name].status == "failed" and not out[name].alive
+            assert out[name].tags_error == REMEMBERED
+    assert all(out[n] is m for n, m in counted.items())
     kept = remember(counted, listed, remembered, now)
     assert {n for n, m in counted.items() if m.alive} <= kept.keys()
     assert all(kept[n] == now for n, m in counted.items() if m.alive)
     assert kept.keys() <= out.keys()
+
+
+async def test_all_restarted_at_once_nobody_wins_alone(tmp_path: Path) -> None:
+    """Every gpud stopped gracefully one after the other (each sees the earlier ones leave),
+    then started again one by one: the last to stop remembers the others as left, and still
+    does not elect itself alone."""
+    cluster = Cluster(tmp_path, ["a", "b", "c"])
+    await cluster.rounds()
+    for name in ["a", "b", "c"]:
+        cluster.left.add(name)
+        cluster.down.add(name)
+        await cluster.rounds(2)
+    for name in ["c", "a", "b"]:
+        cluster.start(name)
+        cluster.left.discard(name)
+        cluster.down.discard(name)
+        cluster.alone.add(name)
+        await cluster.rounds(2)
+        assert cluster.heads() == {}, cluster.nodes[name].plan
+    cluster.alone.clear()
+    await cluster.rounds()
+    assert len(cluster.heads()) == 1, {n: e.last_election for n, e in cluster.nodes.items()}
+    ((head, _),) = cluster.heads().items()
+    cert = cluster.nodes[head].store.certificate
+    assert cert is not None and cert.known == 3 and len(cert.votes) >= 2
 
 
 RESTARTS = st.lists(

@@ -70,9 +70,6 @@ def test_restarts_never_make_a_second_head(ray_cluster: Cluster) -> None:
     finally:
         sampler.done.set()
         sampler.join(timeout=30)
-    overlaps = [(t, heads) for t, heads in sampler.samples if len(heads) > 1]
-    assert not overlaps, (overlaps[:3], election_lines(nodes))
-    assert len(sampler.samples) > 20
     wins = [
         (node.name, int(votes), int(known))
         for node in nodes
@@ -80,3 +77,6 @@ def test_restarts_never_make_a_second_head(ray_cluster: Cluster) -> None:
     ]
     assert wins, "no election was logged"
     assert all(known == 3 and votes >= 2 for _, votes, known in wins), wins
+    overlaps = [(t, heads) for t, heads in sampler.samples if len(heads) > 1]
+    assert not overlaps, (overlaps[:3], election_lines(nodes))
+    assert len(sampler.samples) > 20

@@ -180,30 +180,6 @@ def _codes(agent: SerfAgent) -> list[str]:
     return [p.code for p in agent.problems()]
 
 
-async def test_rpc_squatter_gets_no_token_and_is_named(tmp_path: Path) -> None:
-    """A process listening on serf's RPC port before serf starts is a port conflict naming its
-    pid; gpud never connects to it (the token never leaves)."""
-    config = node_config(tmp_path, "n1")
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", config.serf.rpc_port))
-    squatter.listen(8)
-    squatter.setblocking(False)
-    agent = SerfAgent(NodeContext(config, "127.0.0.1"))
-    try:
-        async with running(agent):
-            await wait_until(lambda: "serf.port_conflict" in _codes(agent), 10)
-            [problem] = [p for p in agent.problems() if p.code == "serf.port_conflict"]
-            assert f"pid {os.getpid()}" in problem.message
-            assert f"127.0.0.1:{config.serf.rpc_port}/tcp (serf.rpc_port)" in problem.message
-            assert "port conflict" in agent.summary() or "in use by" in agent.summary()
-            await asyncio.sleep(1.0)
-            assert not agent.ready.is_set()
-            with pytest.raises(BlockingIOError):
-                squatter.accept()  # nobody ever connected: no handshake, no token
-    finally:
-        squatter.close()
-
-
 def test_rpc_listener_tells_our_serf_from_a_squatter() -> None:
     """The check made before every RPC authentication: a listener counts as serf only if the
     socket belongs to our serf child's pid."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,11 @@ from tests.harness import fake_vllm
 
 def check(tmp_path: Path, executable: str | None, path: str) -> subprocess.CompletedProcess[str]:
     cfg = tmp_path / "gpud.toml"
-    text = f'[node]\nname = "a"\n[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+    # serf by its path: the PATH given is only about where vllm is found.
+    text = (
+        f'[node]\nname = "a"\n[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[serf]\nbinary = "{shutil.which("serf")}"\n'
+    )
     if executable is not None:
         text += f'[deployments]\nvllm_executable = "{executable}"\n'
     cfg.write_text(text)

@@ -8,7 +8,7 @@ from pathlib import Path
 from gpud.client import EXIT_OK, EXIT_PROBLEM, api_call, api_get, client_options, print_json
 from gpud.deployments.model import ApplyReply, DeploymentsList, DeploymentView
 from gpud.errors import ConfigError, GpudError
-from gpud.text import escape
+from gpud.text import duration, escape
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -135,7 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if view.delete_refused:
         print(f"on this host: {escape(view.delete_refused)}")
     print(
-        f"{'REPLICA':>7}  {'STATE':<9} {'NODE':<16} {'ENDPOINT':<22} {'ANNOUNCED':<9} "
+        f"{'REPLICA':>7}  {'STATE':<18} {'NODE':<16} {'ENDPOINT':<22} {'ANNOUNCED':<9} "
         f"{'RESTARTS':>8}  DETAIL"
     )
     for r in view.replica_views:
@@ -145,8 +145,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             detail = f"gpus {','.join(r.gpus)} {detail}".strip()
         # What the replica's head announces in its tags (a peer's data-path probe passed).
         announced = "ready" if r.announced_ready else "-"
+        # How long its server has been starting (known on the node that runs it).
+        state = r.state if r.starting_s is None else f"{r.state} ({duration(r.starting_s)})"
         print(
-            f"{r.index:>7}  {r.state:<9} {escape(r.node) or '-':<16} {endpoint:<22} "
+            f"{r.index:>7}  {state:<18} {escape(r.node) or '-':<16} {endpoint:<22} "
             f"{announced:<9} {r.restarts:>8}  {escape(detail)}"
         )
     return EXIT_OK if all(r.state == "ready" for r in view.replica_views) else EXIT_PROBLEM

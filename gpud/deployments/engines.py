@@ -35,11 +35,13 @@ from typing import Annotated
 import msgspec
 
 from gpud.deployments.spec import DeploymentSpec, template_fields
+from gpud.errors import GpudError
 from gpud.gpus.nvml import GpuIndexError, cuda_env
 
 
-class EngineError(ValueError):
-    """The leases do not fit the spec (a bug in the caller, never the operator's input)."""
+class EngineError(ValueError, GpudError):
+    """The leases do not fit the spec, or this host cannot run it; the message is shown to
+    the operator as the replica's reason (a ValueError too, for callers that take bad values)."""
 
 
 class NodeLease(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +130,10 @@ def _verified_env(
     spec: DeploymentSpec, lease: NodeLease, base: dict[str, str] | None
 ) -> dict[str, str]:
     env = dict(base or {})
+    # vLLM logs to stdout, tracebacks go to stderr: with a buffered stdout its last log lines
+    # would be flushed after the traceback, and the replica's last line (shown as its error)
+    # would not be the reason it exited. The spec may set it otherwise.
+    env["PYTHONUNBUFFERED"] = "1"
     env.update(spec.env)
     env.update(
         {

@@ -96,6 +96,10 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     pid: int | None = None
     restarts: int = 0
     last_error: str = ""
+    # On the node that runs its server, while no probe passed since its latest start: seconds
+    # since that start, and how long it may take (the spec's startup_timeout_s).
+    starting_s: float | None = None
+    startup_timeout_s: int = 0
     # Why it is pending, refused or failed.
     reason: str = ""
     # Leading hex digits of the digest of the spec this replica runs (differs from the

@@ -21,6 +21,10 @@ Rules, in order of precedence:
 4. Spread: new nodes come from hosts holding the fewest nodes of the same deployment, so the
    replicas of one deployment land on different hosts when capacity allows.
 5. A replica that cannot be placed is pending, with a reason an operator can act on.
+6. Cordon (`gpud drain`): a cordoned node is never chosen for a replica. A replica on one moves
+   make-before-break: it is placed on other nodes with the cordoned ones as ``leaving``, where
+   the old copy keeps serving until the new one is ready (the drained node retires it then). A
+   replica that fits nowhere else stays where it is, so a drain never takes capacity away.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class NodeView(msgspec.Struct, frozen=True, kw_only=True):
     # Healthy GPUs that no one but deployments may use (leased to nothing else).
     gpus: int
     labels: dict[str, str] = {}
+    # `gpud drain`: no replica is placed here; the ones here move make-before-break.
+    cordoned: bool = False
 
 
 class Placed(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +65,8 @@ class Placed(msgspec.Struct, frozen=True, kw_only=True):
     replica: int
     nodes: tuple[str, ...]
     gpus_per_node: int
+    # Cordoned nodes the replica is moving off: their old copy serves until the new is ready.
+    leaving: tuple[str, ...] = ()
 
     @property
     def key(self) -> ReplicaKey:
@@ -121,14 +129,34 @@ def place(
     in_group: set[str] = set()  # nodes held by a multi-node replica
     placed: dict[ReplicaKey, Placed] = {}
 
-    # Sticky pass first, so a new replica never takes what a serving one holds.
+    # Sticky pass first, so a new replica never takes what a serving one holds. A replica on
+    # a cordoned node holds its place too, until the moves below find it another.
+    moving: dict[ReplicaKey, tuple[DeploymentSpec, tuple[str, ...]]] = {}
     for spec in ordered:
         for replica in range(spec.replicas):
             kept = tuple(current.get((spec.name, replica), _NO_NODES))
             if len(kept) != spec.nodes_per_replica or len(set(kept)) != len(kept):
                 continue
-            if all(_fits(spec, by_name.get(n), free, in_group) for n in kept):
+            cordoned = any(n in by_name and by_name[n].cordoned for n in kept)
+            if all(_fits(spec, by_name.get(n), free, in_group, cordoned_ok=cordoned) for n in kept):
                 placed[(spec.name, replica)] = _take(spec, replica, kept, free, in_group)
+                if cordoned:
+                    moving[(spec.name, replica)] = (spec, kept)
+
+    # Moves off cordoned nodes, one at a time: each gives its place back and takes a new one
+    # if there is one, else keeps its place (so a move never takes what another one holds).
+    for key, (spec, kept) in sorted(moving.items()):
+        _give_back(spec, kept, free, in_group)
+        hosts_used = Counter(
+            by_name[n].host
+            for k, p in placed.items()
+            if p.deployment == spec.name and k != key
+            for n in p.nodes
+        )
+        chosen = _choose(spec, key[1], by_name, free, in_group, hosts_used, kept)
+        taken = _take(spec, key[1], chosen or kept, free, in_group)
+        leaving = tuple(n for n in kept if by_name[n].cordoned and chosen and n not in chosen)
+        placed[key] = msgspec.structs.replace(taken, leaving=leaving)
 
     pending: list[Pending] = []
     for spec in ordered:
@@ -149,7 +177,13 @@ def place(
                     )
                 )
                 continue
-            placed[(spec.name, replica)] = _take(spec, replica, chosen, free, in_group)
+            # Both copies of a moving replica claim it until the old one retires.
+            leaving = tuple(
+                n for n in previous if n in by_name and by_name[n].cordoned and n not in chosen
+            )
+            placed[(spec.name, replica)] = msgspec.structs.replace(
+                _take(spec, replica, chosen, free, in_group), leaving=leaving
+            )
             hosts_used.update(by_name[n].host for n in chosen)
 
     return Assignment(placed=tuple(placed[k] for k in sorted(placed)), pending=tuple(pending))
@@ -171,11 +205,27 @@ def _matches(spec: DeploymentSpec, node: NodeView) -> bool:
 
 
 def _fits(
-    spec: DeploymentSpec, node: NodeView | None, free: Mapping[str, int], in_group: set[str]
+    spec: DeploymentSpec,
+    node: NodeView | None,
+    free: Mapping[str, int],
+    in_group: set[str],
+    *,
+    cordoned_ok: bool = False,
 ) -> bool:
     if node is None or not _matches(spec, node) or free[node.name] < spec.gpus_per_node:
         return False
+    if node.cordoned and not cordoned_ok:
+        return False
     return not (spec.nodes_per_replica > 1 and node.name in in_group)
+
+
+def _give_back(
+    spec: DeploymentSpec, nodes: tuple[str, ...], free: dict[str, int], in_group: set[str]
+) -> None:
+    for name in nodes:
+        free[name] += spec.gpus_per_node
+        if spec.nodes_per_replica > 1:
+            in_group.discard(name)
 
 
 def _take(
@@ -258,7 +308,7 @@ def node_views(
         # `gpu` counts the healthy GPUs; a node whose verdict is unknown or unhealthy
         # offers none (it may still run replicas that need no GPU).
         gpus = tags.gpu if tags.gh in ("healthy", "degraded") else 0
-        views.append(NodeView(name=member.name, host=member.addr, gpus=gpus))
+        views.append(NodeView(name=member.name, host=member.addr, gpus=gpus, cordoned=tags.cd))
     return views
 
 

@@ -11,10 +11,11 @@ replica's GPUs. Each group is persisted, so a crashed gpud's leftovers are stopp
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -44,8 +45,15 @@ PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 GROUPS_TABLE = "deployments_groups"
 # A replica that could not start (no free GPU or port yet) is tried again after this long.
 START_RETRY_S = 5.0
+# Why gpud itself restarted a replica's server: no passed probe within startup_timeout_s of its
+# start, or none for `readiness.LIVENESS_ROUNDS` rounds after it had answered.
+RestartCause = Literal["", "startup_timeout", "unresponsive"]
 # Ray worker processes (one leased port each) of a multi-node replica's Ray node.
 RAY_WORKER_PORTS = 32
+# Last output lines of a replica's server kept to quote when it is restarted for being late.
+OUTPUT_LINES = 3
+# Grace of a server stopped by gpud (SIGTERM, then SIGKILL of its group).
+SERVER_GRACE_S = 5.0
 
 
 class ReplicaGroup:
@@ -101,6 +109,15 @@ class Replica:
         self.task: asyncio.Task[None] | None = None
         self.error = ""
         self.failed_at = 0.0
+        # The server's latest start (monotonic), whether a probe of it passed since
+        # (`readiness.startup_step`), rounds without a passed probe after that
+        # (`readiness.liveness_step`), its last output lines, and why gpud itself last
+        # restarted it (cause code, text; cleared once a probe of a later start passes).
+        self.started_at = 0.0
+        self.answered = False
+        self.silent_rounds = 0
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+        self.restarted: tuple[RestartCause, str] = ("", "")
 
     @property
     def id(self) -> str:
@@ -277,14 +294,25 @@ class Replicas:
         argv = engines.server_argv(s, lease, vllm=self._ctx.config.deployments.vllm_executable)
         env = engines.node_env(s, lease, {k: os.environ[k] for k in PASSED_ENV if k in os.environ})
 
+        def on_line(text: str) -> bool:
+            if text.strip():
+                replica.output.append(text.strip())
+            return True
+
         async def make_child() -> ChildProcess:
-            return ChildProcess(f"deploy-{replica.id}", argv, env=env)
+            replica.started_at, replica.answered = time.monotonic(), False
+            replica.silent_rounds = 0
+            replica.output.clear()
+            return ChildProcess(f"deploy-{replica.id}", argv, env=env, on_line=on_line)
 
         replica.supervisor = Supervisor(
             f"deploy-{replica.id}",
             make_child,
             backoff_max_s=10.0,
-            grace_s=5.0,
+            # A server stopped for being late ran its whole start window: that is no sign of
+            # health, so the backoff keeps growing until one outlives it.
+            stable_s=spec.startup_timeout(s) + 30.0,
+            grace_s=SERVER_GRACE_S,
             record=ReplicaGroup(self._db, replica.id),
         )
         replica.server_task = tg.create_task(replica.supervisor.run(), name=replica.id)
@@ -332,3 +360,16 @@ class Replicas:
             with contextlib.suppress(ApiError):
                 await service.release(lease_id)
         replica.lease_ids = []
+
+
+async def restart_server(replica: Replica, cause: RestartCause, why: str) -> None:
+    """Stop the replica's running server for ``cause``; its Supervisor starts it again after
+    its backoff. ``why``, with the server's last output lines, stays in ``restarted`` until a
+    probe of a later start passes."""
+    child = replica.supervisor.child if replica.supervisor else None
+    if child is None or child.returncode is not None:
+        return
+    said = " | ".join(replica.output) or "(no output)"
+    replica.restarted = (cause, f"{why}, so gpud restarted it; its last output: {said}")
+    log.warning(_log, "replica restarted", replica=replica.id, cause=cause, output=said)
+    await child.stop(SERVER_GRACE_S)

@@ -18,6 +18,8 @@ Every node runs the same loop, with no leader:
    ones. A replica's head asks peers for their latest probe of it and announces it ready in its
    claim when one passed (readiness in the tags, judged from another host, never over loopback).
 5. Roll: a changed spec restarts replica i only once every lower replica runs it and is ready.
+6. Drain (`drain.py`): a cordoned node gossips ``cd``; its replicas are placed elsewhere with it
+   as ``leaving``, and it stops each old copy only after the new one is ready.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from aiohttp import web
 from gpud import api, log
 from gpud.component import ComponentBase, Metric, Problem
 from gpud.context import NodeContext
-from gpud.deployments import authority, placement, spec, version, views
+from gpud.deployments import authority, drain, placement, spec, version, views
 from gpud.deployments.claims import Claim, format_claims, parse_claims, replica_head
 from gpud.deployments.model import (
     ApplyReply,
@@ -53,6 +55,7 @@ from gpud.deployments.readiness import Readiness, Targets, probe_targets
 from gpud.deployments.records import MAX_NAMES, Records, majority_refusal
 from gpud.deployments.replicas import START_RETRY_S, Replicas
 from gpud.errors import ApiError
+from gpud.router.service import REFRESH_S
 from gpud.state import StateStore, open_store
 
 if TYPE_CHECKING:
@@ -78,6 +81,10 @@ class SectionStatus(msgspec.Struct, kw_only=True):
     # fewer than the members means replicas cannot spread to the rest yet.
     placeable_nodes: int = 0
     fetch_errors: dict[str, str] = {}
+    # `gpud drain`: no new replicas here; those here move elsewhere make-before-break.
+    cordoned: bool = False
+    # Old copies here serving until their new copy elsewhere is ready.
+    draining: int = 0
 
 
 class DeploymentService(ComponentBase):
@@ -96,6 +103,11 @@ class DeploymentService(ComponentBase):
         self.ctx = ctx
         self._peers = peers
         db = store or open_store(ctx.config.state_dir)
+        self._db = db
+        self.cordon = db.get(drain.CORDON)
+        # Old copies that moved off this cordoned node -> when this node first saw the new
+        # copy ready (monotonic; None: not yet).
+        self._draining: dict[placement.ReplicaKey, float | None] = {}
         self._wake = asyncio.Event()
         self.records = Records(ctx, db, peers, on_change=self._wake.set)
         self._replicas = Replicas(ctx, db, ports=ports, gpus=gpus, network=network)
@@ -104,7 +116,7 @@ class DeploymentService(ComponentBase):
             peers,
             network,
             targets=self._probe_targets,
-            health_path=self._health_path,
+            spec_of=self._spec_of,
             running=self._replicas.running,
             on_change=self._wake.set,
         )
@@ -175,9 +187,9 @@ class DeploymentService(ComponentBase):
         heads = self._heads(claims)
         return probe_targets(self._assignment.placed, heads, claims, self.ctx.members)
 
-    def _health_path(self, name: str) -> str | None:
+    def _spec_of(self, name: str) -> spec.DeploymentSpec | None:
         entry = self.records.entries.get(name)
-        return None if entry is None or entry.record.spec is None else entry.record.spec.health_path
+        return None if entry is None else entry.record.spec
 
     def _may_roll(self, key: placement.ReplicaKey, entry: Entry) -> bool:
         claims = self._claims()
@@ -210,8 +222,14 @@ class DeploymentService(ComponentBase):
         running = self._replicas.running
         placed = {p.key: p for p in self._assignment.on_node(self.ctx.node_name)}
         wanted = set(placed)
+        leaving = {p.key for p in self._assignment.placed if self.ctx.node_name in p.leaving}
+        self._draining = {k: v for k, v in self._draining.items() if k in leaving}
         for key in [k for k in running if k not in wanted]:
-            await self._stop(key, "no longer placed here")
+            if key in leaving and not self._may_retire(key):
+                continue  # make-before-break: serves until its new copy is ready
+            await self._stop(
+                key, "moved off this cordoned node" if key in leaving else "no longer placed here"
+            )
         for key in sorted(wanted):
             entry = self.records.entries[key[0]]
             replica = running.get(key)
@@ -237,6 +255,28 @@ class DeploymentService(ComponentBase):
                 claims.get(head, {}).get(key),
             )
 
+    def _may_retire(self, key: placement.ReplicaKey) -> bool:
+        """Whether the old copy of ``key`` here stops now (`drain.may_retire`): this node's
+        probe of the new copy's head passed, long enough ago for every router to follow."""
+        head = self._heads(self._claims()).get(key)
+        probe = self._readiness.probes.get(key)
+        now = time.monotonic()
+        if probe is None or probe[0] != head or not probe[2]:
+            self._draining[key] = None
+        elif self._draining.get(key) is None:
+            self._draining[key] = now
+            log.info(
+                _log,
+                "new copy ready; old copy retiring",
+                deployment=key[0],
+                replica=key[1],
+                at=head,
+            )
+        since = self._draining[key]
+        timeout = self.cordon.timeout_s if self.cordon else drain.DEFAULT_TIMEOUT_S
+        settle = drain.settle_s(timeout, self.ctx.config.deployments.interval_s, REFRESH_S)
+        return drain.may_retire(None if since is None else now - since, settle)
+
     async def _stop(self, key: placement.ReplicaKey, why: str) -> None:
         await self._replicas.stop(key, why)
         self._readiness.probes.pop(key, None)
@@ -251,7 +291,9 @@ class DeploymentService(ComponentBase):
         while True:
             try:
                 await self.ctx.update_tags(
-                    dv=self.records.digest, dp=format_claims({k: own[k] for k in keys})
+                    dv=self.records.digest,
+                    dp=format_claims({k: own[k] for k in keys}),
+                    cd=self.cordon is not None,
                 )
                 break
             except ValueError as exc:  # TagsError: too many replicas here to announce
@@ -318,24 +360,40 @@ class DeploymentService(ComponentBase):
             pending=len(self._assignment.pending),
             placeable_nodes=self._placeable_nodes,
             fetch_errors=dict(self.records.fetch_errors),
+            cordoned=self.cordon is not None,
+            draining=len(self._draining),
         )
 
     def summary(self) -> str:
         st = self.status()
+        cordon = f", cordoned ({st.draining} draining)" if st.cordoned else ""
         return (
             f"{st.deployments} deployment(s), {st.running_here} replica(s) here, "
-            f"{st.pending} pending"
+            f"{st.pending} pending{cordon}"
         )
 
     def problems(self) -> list[Problem]:
         refusals = [(n, self.records.refusal(e)) for n, e in self.records.live().items()]
-        return views.problems(
+        found = views.problems(
             [(n, r) for n, r in refusals if r],
             self.ctx.node_name,
             self._unannounced,
             self._assignment.pending,
             self._replicas.running.values(),
         )
+        if self.cordon is not None:
+            found.append(
+                Problem(
+                    code="deployments.cordoned",
+                    severity="warning",
+                    subject=self.ctx.node_name,
+                    message=f"cordoned by `gpud drain` since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self.cordon.since))} UTC: "
+                    f"no replicas are placed here, {len(self._replicas.running)} still run here",
+                    fix="`gpud uncordon` on this host when it is back in service",
+                )
+            )
+        return found
 
     def metrics(self) -> list[Metric]:
         samples: list[tuple[dict[str, str], float]] = []
@@ -372,6 +430,8 @@ class DeploymentService(ComponentBase):
             web.delete("/v1/deployments/{name}", self._delete),
             web.get("/v1/deployments/{name}/endpoints", self._get_endpoints),
             web.get("/v1/deployments/{name}/targets", self._get_targets),
+            web.post("/v1/drain", self._post_drain),
+            web.post("/v1/uncordon", self._post_uncordon),
         ]
 
     # ---- local API -------------------------------------------------------------------------
@@ -479,6 +539,35 @@ class DeploymentService(ComponentBase):
         if request.content_type == "application/json" and request.content_length:
             signed = await api.read_body(request, DeleteRequest, what="delete request")
         return api.json_response(await self.delete(request.match_info["name"], signed))
+
+    async def set_cordon(self, record: drain.CordonRecord | None) -> drain.DrainReply:
+        """Cordon (``record``) or uncordon this node: stored before it is gossiped, so it
+        survives a restart."""
+        await asyncio.to_thread(self._db.put, drain.CORDON, record)
+        self.cordon = record
+        log.info(_log, "cordoned" if record else "uncordoned")
+        await self._publish()
+        self._wake.set()
+        return drain.DrainReply(
+            cordoned=record is not None,
+            running_here=sorted(f"{k[0]}.{k[1]}" for k in self._replicas.running),
+        )
+
+    async def _post_drain(self, request: web.Request) -> web.Response:
+        api.require_admin(request, self.ctx.config.api.admin_group)
+        body = drain.DrainRequest()
+        if request.content_length:
+            body = await api.read_body(request, drain.DrainRequest, what="drain request")
+        refusal = drain.timeout_refusal(body.timeout_s)
+        if refusal:
+            raise ApiError(400, f"bad drain request: {refusal}")
+        record = self.cordon or drain.CordonRecord(since=time.time(), timeout_s=body.timeout_s)
+        record = msgspec.structs.replace(record, timeout_s=body.timeout_s)
+        return api.json_response(await self.set_cordon(record))
+
+    async def _post_uncordon(self, request: web.Request) -> web.Response:
+        api.require_admin(request, self.ctx.config.api.admin_group)
+        return api.json_response(await self.set_cordon(None))
 
     async def _get_endpoints(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

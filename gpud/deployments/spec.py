@@ -16,6 +16,8 @@ spec raises `SpecError` whose message leads with the field's path ("replicas: ex
     health_path = "/health"
     selector = { zone = "a" }    # node labels, all must be equal
     version = "2024-06-01"       # the operator's own revision label
+    startup_timeout_s = 3600     # default per engine (STARTUP_TIMEOUT_S)
+    ready_check = "completion"   # also a one-token completion, not only health_path
 
 For `engine = "command"`, `command` is an argv template (see `PLACEHOLDERS`).
 """
@@ -68,6 +70,12 @@ VLLM_GPUD_FLAGS: Final = frozenset(
     }
 )
 
+# How long a replica's server may take from its start to its first passed health probe before
+# it is restarted: vLLM loads a 70B model for minutes, a command server should listen at once.
+STARTUP_TIMEOUT_S: Final = {"vllm": 1800, "command": 60}
+# Bounds of a spec's own value, in seconds: a day is longer than any model load.
+STARTUP_TIMEOUT_BOUNDS: Final = (1, 86400)
+
 Name = Annotated[
     str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 ]
@@ -104,9 +112,28 @@ class DeploymentSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, f
     health_path: HealthPath = "/health"
     selector: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=16)] = {}
     version: Revision = ""
+    # None: the engine's default (STARTUP_TIMEOUT_S); see `startup_timeout`.
+    startup_timeout_s: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=STARTUP_TIMEOUT_BOUNDS[0], le=STARTUP_TIMEOUT_BOUNDS[1]),
+        ]
+        | None
+    ) = None
+    # "health": GET health_path answers 200. "completion": that and a one-token completion of
+    # `model` (POST /v1/completions) answer within the probe timeout: a server whose workers
+    # died can keep its health endpoint green.
+    ready_check: Literal["health", "completion"] = "health"
     # `command` engine only: argv template; argv[0] an absolute path, checked against the
     # host's allow list before anything runs.
     command: Annotated[list[Arg], msgspec.Meta(max_length=128)] = []
+
+
+def startup_timeout(spec: DeploymentSpec) -> int:
+    """Seconds the replica's server may take to first pass its health probe."""
+    if spec.startup_timeout_s is not None:
+        return spec.startup_timeout_s
+    return STARTUP_TIMEOUT_S[spec.engine]
 
 
 def load_spec(text: bytes) -> DeploymentSpec:
@@ -171,6 +198,8 @@ def _check(spec: DeploymentSpec) -> None:
                 f"env.{key}: gpud sets {key} itself from the node's verified address, "
                 f"interface, leased ports and GPUs; remove it from the spec"
             )
+    if spec.ready_check == "completion" and not spec.model:
+        raise SpecError('ready_check: "completion" asks for a completion of `model`; set model')
     if spec.engine == "vllm":
         if not spec.model:
             raise SpecError('model: required for engine "vllm"')

@@ -4,17 +4,59 @@ the records, the assignment, the claims, its probes and the replicas it runs. Pu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 from gpud.component import Problem
 from gpud.context import Member
-from gpud.deployments import placement
+from gpud.deployments import placement, spec
 from gpud.deployments.claims import Claim
 from gpud.deployments.model import DeploymentView, Endpoint, Entry, ReplicaView
 from gpud.deployments.readiness import Probe
-from gpud.deployments.replicas import Replica
+from gpud.deployments.replicas import Replica, RestartCause
+from gpud.text import duration
 
 Claims = Mapping[str, Mapping[placement.ReplicaKey, Claim]]
+
+# A server that failed this often within this window is crash-looping: its last error line is
+# shown even in the moments it runs between two failures.
+CRASH_WINDOW_S = 300.0
+CRASH_LOOP_FAILURES = 2
+
+TroubleCode = Literal["", "cannot_start", "startup_timeout", "unresponsive", "server_failed"]
+
+
+def trouble(
+    cannot_start: str,
+    restarted: tuple[RestartCause, str],
+    supervisor_state: str,
+    last_error: str,
+    recent_failures: int,
+) -> tuple[TroubleCode, str]:
+    """What is wrong with a replica this node runs, by cause, with the text to show ("" when
+    nothing): it could not start here; gpud restarted its server (``restarted``: not answering
+    within its startup_timeout_s, or no longer answering; until a later start answers); its
+    server is down or crash-looping (its last error line). Pure."""
+    if cannot_start:
+        return "cannot_start", cannot_start
+    if restarted[0]:
+        return restarted
+    down = supervisor_state in ("backoff", "failed")
+    if last_error and (down or recent_failures >= CRASH_LOOP_FAILURES):
+        return "server_failed", last_error
+    return "", ""
+
+
+def _trouble(here: Replica) -> tuple[TroubleCode, str]:
+    sup = here.supervisor
+    return trouble(
+        here.error,
+        here.restarted,
+        sup.status.state if sup else "",
+        (sup.status.last_error or "") if sup else "",
+        sup.failures_within(CRASH_WINDOW_S) if sup else 0,
+    )
 
 
 def deployment_view(
@@ -53,9 +95,11 @@ def replica_views(
     members: Mapping[str, Member],
     probes: Mapping[placement.ReplicaKey, Probe],
     running: Mapping[placement.ReplicaKey, Replica],
+    now: float | None = None,
 ) -> list[ReplicaView]:
     """Each replica of deployment ``name`` as this node sees it; ``heads``: where the server of
-    each placed replica answers."""
+    each placed replica answers; ``now``: the monotonic clock (default: read it)."""
+    now = time.monotonic() if now is None else now
     if refused:
         return [ReplicaView(index=i, state="refused", reason=refused) for i in range(replicas)]
     placed = {p.replica: p for p in assignment.placed if p.deployment == name}
@@ -87,25 +131,58 @@ def replica_views(
             view.ray_restarts = here.ray.restarts_total
             view.ray_error = ray_status.error or ray_status.process.last_error or ""
         if here is not None and node == me:
-            _local(view, here)
+            _local(view, here, now)
         if view.state == "starting" and view.probe_ok:
-            view.state = "ready"
-        elif view.state == "starting":
+            view.state, view.reason = "ready", ""
+        elif view.state == "starting" and not view.reason:
             view.reason = view.probe_error or f"waiting for {node} to start it"
+            if view.starting_s is not None:
+                view.reason = (
+                    f"starting ({duration(view.starting_s)} of startup_timeout_s "
+                    f"{duration(view.startup_timeout_s)}): {view.reason}"
+                )
+        if view.state != "ready":
+            _bridge(view, placed[i].leaving, (name, i), claims, members)
         views.append(view)
     return views
 
 
-def _local(view: ReplicaView, here: Replica) -> None:
-    """What only the node that runs the replica's server knows: its GPUs and process."""
+def _bridge(
+    view: ReplicaView,
+    leaving: Iterable[str],
+    key: placement.ReplicaKey,
+    claims: Claims,
+    members: Mapping[str, Member],
+) -> None:
+    """Make-before-break: while a replica's new copy is not ready, the old copy on a cordoned
+    node it is leaving (still running: it still claims the replica) stands in for it, so
+    routers keep sending to the old copy until the new one is ready."""
+    for node in leaving:
+        claim = claims.get(node, {}).get(key)
+        member = members.get(node)
+        if claim is None or member is None or not member.alive:
+            continue
+        new = f"new copy on {view.node}: {view.reason or view.state}"
+        view.node, view.addr, view.port, view.state = node, member.addr, claim.port, "ready"
+        view.reason = f"old copy on cordoned {node} serves until the {new}"
+        return
+
+
+def _local(view: ReplicaView, here: Replica, now: float) -> None:
+    """What only the node that runs the replica's server knows: its GPUs, its process, how long
+    it has been starting, and what is wrong with it."""
     view.port, view.gpus = here.port, here.gpus
     sup = here.supervisor.status if here.supervisor else None
     if sup is not None:
         view.pid, view.restarts = sup.pid, sup.restarts
         view.last_error = sup.last_error or ""
+        s = here.entry.record.spec
+        if sup.state == "running" and here.started_at and not here.answered and s is not None:
+            view.starting_s = max(0.0, now - here.started_at)
+            view.startup_timeout_s = spec.startup_timeout(s)
+    _, view.reason = _trouble(here)
     if here.error or (sup is not None and sup.state in ("backoff", "failed")):
         view.state = "failed"
-        view.reason = here.error or view.last_error
 
 
 def endpoints(view: DeploymentView) -> list[Endpoint]:
@@ -165,15 +242,27 @@ def problems(
             )
         )
     for replica in running:
-        sup = replica.supervisor.status if replica.supervisor else None
-        error = replica.error or (sup.last_error if sup and sup.state == "backoff" else "")
-        if error:
+        code, text = _trouble(replica)
+        if code in ("startup_timeout", "unresponsive"):
+            out.append(
+                Problem(
+                    code=f"deployments.replica_{code}",
+                    severity="critical",
+                    subject=replica.id,
+                    message=f"replica {replica.id} on this node: {text}",
+                    fix="if the model needs longer to load, raise startup_timeout_s in the "
+                    "spec; else see the server's output in gpud's journal"
+                    if code == "startup_timeout"
+                    else "see the server's output in gpud's journal (a dead worker, a hung GPU)",
+                )
+            )
+        elif code:
             out.append(
                 Problem(
                     code="deployments.replica_failed",
                     severity="critical",
                     subject=replica.id,
-                    message=f"replica {replica.id} on this node: {error}",
+                    message=f"replica {replica.id} on this node: {text}",
                     fix="see `gpud deploy status` and gpud's journal for the server's output",
                 )
             )

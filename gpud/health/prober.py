@@ -80,13 +80,14 @@ def sweep_steps(peers: int, random_peers: int) -> int:
     return max(1, -(-others // random_peers))
 
 
-def ring_neighbours(self_name: str, peers: Sequence[str]) -> set[str]:
-    """The peers before and after us on the ring of sorted names (us included)."""
+def ring_neighbours(self_name: str, peers: Sequence[str]) -> tuple[str, str] | None:
+    """The peers before and after us on the ring of sorted names (us included), or None
+    without peers (with one peer it is both)."""
     ring = sorted({*peers, self_name})
     if len(ring) < 2:
-        return set()
+        return None
     at = ring.index(self_name)
-    return {ring[(at - 1) % len(ring)], ring[(at + 1) % len(ring)]}
+    return ring[(at - 1) % len(ring)], ring[(at + 1) % len(ring)]
 
 
 def select_targets(
@@ -111,7 +112,7 @@ def select_targets(
         return candidates
     ring = sorted([*candidates, self_name])
     at = ring.index(self_name)
-    chosen = ring_neighbours(self_name, candidates)
+    chosen = set(ring_neighbours(self_name, candidates) or ())
     if head in candidates:
         chosen.add(head)
     chosen.update(name for name in watch if name in candidates)
@@ -379,15 +380,18 @@ class Prober:
             self._on_down_change()
 
     def watch(self, limit: int) -> list[str]:
-        """Peers whose last probe failed but that are not judged yet (at most ``limit``, so
-        a mass failure cannot make a round O(N)): beyond full mesh they are probed every
-        round until their verdict settles, not only when the sweep comes round to them."""
-        failing = (
-            name
-            for name, r in sorted(self.records.items())
+        """Peers to probe every round beyond full mesh, not only when the sweep comes round
+        to them: those whose probes fail but are not judged yet, then those judged down (so
+        a restarted gpud is seen again within a round). At most ``limit``, so a mass failure
+        cannot make a round O(N)."""
+        records = sorted(self.records.items())
+        pending = [
+            n
+            for n, r in records
             if r.down_reason is None and r.failing_since is not None and r.out.state != "critical"
-        )
-        return [name for name, _ in zip(failing, range(limit), strict=False)]
+        ]
+        down = [n for n, r in records if r.down_reason is not None]
+        return [*pending, *down][:limit]
 
     def down(self) -> dict[str, str]:
         """Peers judged down now: name -> reason."""

@@ -30,6 +30,7 @@ IneligibleCode = Literal[
     "ray_unavailable",  # its rv tag: no usable Ray there
     "nat",  # behind NAT or port mapping
     "gpus",  # its GPUs are unhealthy
+    "cordoned",  # `gpud drain` took it out of service
     "data_path",  # a majority of its peers cannot reach it
     "critical_health",  # its own health verdict is critical
     "gcs_unreachable",  # head: a majority of its workers cannot reach its GCS
@@ -92,6 +93,8 @@ def ineligible(member: Member, verdict: DataPathVerdict | None = None) -> Inelig
         return Ineligible("nat", "behind NAT or port mapping (advertised address is not local)")
     if tags.gh == "unhealthy":
         return Ineligible("gpus", "its GPUs are unhealthy (see `gpud gpus` on it)")
+    if tags.cd:
+        return Ineligible("cordoned", "cordoned by `gpud drain` (`gpud uncordon` on it ends it)")
     healthy = verdict(member.name) if verdict is not None else None
     if healthy is False:
         return Ineligible("data_path", "data path not healthy as seen by a majority of its peers")
@@ -382,10 +385,17 @@ def screen(
 # after it was last alive: serf reaps a failed member after its reconnect_timeout (24 h by
 # default), so the view forgets no member sooner than serf itself would have.
 FORGET_S = 24 * 3600
+# A member serf lists as left counts as failed for this long after it was last alive: a
+# graceful stop is what every restart looks like (all gpuds restarted at once leave one after
+# the other), and a node counting only itself then would win alone. Removing nodes for good
+# makes the rest wait this long before a smaller majority can elect.
+LEFT_FORGET_S = 600
 # A remembered member's last-alive time is rewritten at most this often (one small write).
-REMEMBER_REFRESH_S = 3600
+REMEMBER_REFRESH_S = 60
 MEMBERSHIP_UNKNOWN = "membership not known yet: serf is not connected or not read yet"
-REMEMBERED = "not listed by serf since this node started (remembered from its persisted view)"
+REMEMBERED = (
+    "not listed alive by serf since this node started, or left (remembered from its persisted view)"
+)
 
 
 def with_remembered(
@@ -395,13 +405,16 @@ def with_remembered(
     now: float,
 ) -> dict[str, Member]:
     """``counted`` (the screened members) plus, as failed, every member of the persisted view
-    not among them that was alive within FORGET_S and that serf does not list as left. So a
-    restarted node whose serf has not found its peers again (or whose prober has not verified
-    them yet) counts its majority against the cluster it knew, never against itself alone."""
+    not among them that was alive within FORGET_S (LEFT_FORGET_S for one serf lists as left).
+    So a restarted node whose serf has not found its peers again (or whose prober has not
+    verified them yet) counts its majority against the cluster it knew, never itself alone."""
     out = dict(counted)
     for name, seen in remembered.items():
-        gone = name in listed and listed[name].status == "left"
-        if name not in out and not gone and now - seen <= FORGET_S:
+        left = name in listed and listed[name].status == "left"
+        counted_left = name in out and out[name].status == "left"
+        if (name not in out or counted_left) and now - seen <= (
+            LEFT_FORGET_S if left else FORGET_S
+        ):
             out[name] = Member(
                 name=name, addr="", port=0, status="failed", tags=None, tags_error=REMEMBERED
             )

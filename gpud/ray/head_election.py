@@ -162,6 +162,8 @@ class Tally(msgspec.Struct, kw_only=True, frozen=True):
     votes: dict[str, str]  # voter -> signature, valid grants for this term only
     refusals: list[str]
     highest_term: int  # the highest term a counted member replied with
+    # The highest term a counted member refused in (its own term; -1: no such refusal).
+    refused_term: int = -1
 
 
 def tally(
@@ -177,7 +179,7 @@ def tally(
     carry no signature: they only tell the candidate whether standing is worth a term)."""
     votes: dict[str, str] = {}
     refusals: list[str] = []
-    highest = request.term
+    highest, refused = request.term, -1
     for node, payload in replies.items():
         try:
             reply = decode_reply(payload)
@@ -186,6 +188,8 @@ def tally(
             continue
         if node in names:
             highest = max(highest, reply.term)
+            if not reply.granted:
+                refused = max(refused, reply.term)
         if reply.granted and reply.term == request.term and reply.voter == node and node in names:
             if not signed:
                 votes[node] = ""
@@ -202,7 +206,7 @@ def tally(
                 refusals.append(f"{node}: vote not signed with this cluster's key")
         elif not reply.granted:
             refusals.append(f"{node}: {reply.reason}")
-    return Tally(votes=votes, refusals=refusals, highest_term=highest)
+    return Tally(votes=votes, refusals=refusals, highest_term=highest, refused_term=refused)
 
 
 def lease_refusal(
@@ -646,8 +650,11 @@ class HeadElection:
             log.warning(_log, "pre-vote query failed", error=str(exc))
             replies = {}
         counted = tally(replies, request, names, keys, signed=False)
-        if counted.highest_term > request.term:  # only counted members move our term
-            await self.store.adopt_term(counted.highest_term)
+        # A counted member that refused from this term or above (it voted in it): the next
+        # proposal must be above it. Adopting a term a member already holds climbs nothing,
+        # and a grant (which echoes the proposed term) never moves ours.
+        if counted.refused_term >= request.term:
+            await self.store.adopt_term(counted.refused_term)
         granted = counted.votes.keys() | {me}
         if len(granted) >= needed:
             return True

@@ -38,6 +38,7 @@ from gpud.process import (
     stop_leftover,
 )
 from gpud.secret import cluster_key
+from gpud.serf import rpc_port
 from gpud.serf.config import (
     join_address,
     seed_keyring,
@@ -140,6 +141,9 @@ class SerfAgent(ComponentBase):
         self._last_error: str | None = None
         # Ports another process holds (found before a start, or a squatter on the RPC port).
         self._conflicts: list[preflight.PortConflict] = []
+        # Where serf's RPC listens: serf.rpc_port, or another port while a squatter holds it.
+        self._rpc_port = ctx.config.serf.rpc_port
+        self._rpc_squat: preflight.PortConflict | None = None
         # Set while serf's RPC does not answer although its process lives (hung, SIGSTOPped).
         self._unanswered: str | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
@@ -166,9 +170,15 @@ class SerfAgent(ComponentBase):
         # Our previous child is gone (the Supervisor stops it before making the next), so a
         # port that cannot be bound now is another process's: say whose instead of letting
         # serf fail with "address already in use".
-        self._conflicts = preflight.check(
+        conflicts = preflight.check(
             self.ctx.config, self.ctx.advertise_addr, self.ctx.advertise_is_local, "serf"
         )
+        # Only gpud uses serf's RPC: a squatted RPC port need not keep serf down.
+        self._rpc_squat, self._conflicts = rpc_port.split_squat(conflicts)
+        self._rpc_port = self.ctx.config.serf.rpc_port
+        if self._rpc_squat is not None:
+            self._rpc_port = rpc_port.free_loopback_port()
+            log.warning(self._log, "serf RPC port squatted", problem=self._rpc_squat.describe())
         if self._conflicts:
             for conflict in self._conflicts:
                 log.error(self._log, "port conflict", problem=conflict.describe())
@@ -193,7 +203,7 @@ class SerfAgent(ComponentBase):
             self.keyring_file.unlink()
             self.keyring_seed_file.unlink(missing_ok=True)
         config = serf_config(
-            self.ctx.config,
+            rpc_port.with_rpc_port(self.ctx.config, self._rpc_port),
             node_name=self.ctx.node_name,
             advertise_addr=self.ctx.advertise_addr,
             tags=self.ctx.tags,
@@ -337,7 +347,7 @@ class SerfAgent(ComponentBase):
     async def _connect(self, child: ChildProcess) -> SerfRPC:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RPC_CONNECT_DEADLINE_S
-        port = self.ctx.config.serf.rpc_port
+        port = self._rpc_port
         while True:
             try:
                 # The token goes only to a listener our own serf child holds.
@@ -515,6 +525,7 @@ class SerfAgent(ComponentBase):
         if self._leaving:
             return []
         found = [c.problem() for c in self._conflicts] + self._trust_problems()
+        found += rpc_port.squat_problems(self._rpc_squat, self._rpc_port)
         supervisor = self.supervisor.status
         if self._unanswered is not None:
             found.append(

@@ -7,9 +7,11 @@ Each host is a network namespace on a private bridge (10.77.x.0/24, connected to
 else) running a real gpud with its real serf child, and two GPUs from the test suite's fake NVML
 (this machine has none). The demo waits until every node sees all members alive, applies a
 deployment signed with a fresh operator key (the `command` engine running the test suite's small
-OpenAI-style server on one leased GPU and a leased port), waits until its replica answers from
-another host over the data path, prints `gpud status` and `gpud deploy status` from each host,
-and tears everything down. With --keep it leaves the cluster running until Ctrl-C.
+OpenAI-style server on one leased GPU and a leased port), waits until its replicas are ready,
+prints `gpud status` and `gpud deploy status` from each host, sends `/v1/models` and a
+completion through the router (`[router]`, on for every host here) of a host that runs no
+replica (or, with every host running one, another host than the first replica's), and tears
+everything down. With --keep it leaves the cluster running until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from tests.ray_helpers import ray_overrides
 
 SERVER = str(Path(__file__).resolve().parents[1] / "deploy_server.py")
 DEPLOYMENT = "demo-model"
+MODEL = "demo/tiny"
+ROUTER_PORT = 7950
 
 
 def _settled(node: GpudNode) -> bool:
@@ -60,7 +64,7 @@ def _spec(replicas: int) -> str:
         "{model}",
     ]
     return (
-        f'name = "{DEPLOYMENT}"\nengine = "command"\nmodel = "demo/tiny"\n'
+        f'name = "{DEPLOYMENT}"\nengine = "command"\nmodel = "{MODEL}"\n'
         f'replicas = {replicas}\ngpus_per_node = 1\nhealth_path = "/health"\n'
         f"command = {json.dumps(command)}\n"
     )
@@ -73,6 +77,26 @@ def _ready_endpoints(nodes: list[GpudNode], replicas: int) -> list[dict[str, obj
     if len(keys[0]) != replicas or any(k != keys[0] for k in keys):
         return None
     return seen[0]
+
+
+def _router_request(node: GpudNode, url: str, body: dict[str, object] | None = None) -> object:
+    """One request from inside ``node``'s namespace (a client there), its JSON reply."""
+    data = json.dumps(body).encode() if body is not None else None
+    code = (
+        "import urllib.request;"
+        f"r=urllib.request.Request({url!r},data={data!r},headers={{'Content-Type':'application/json'}});"
+        "print(urllib.request.urlopen(r,timeout=10).read().decode())"
+    )
+    return json.loads(node.host.run([sys.executable, "-c", code]).stdout)
+
+
+def _router_models(node: GpudNode, base: str) -> list[str] | None:
+    models = [m["id"] for m in _router_request(node, f"{base}/models")["data"]]
+    return models if MODEL in models else None
+
+
+def _router_completion(node: GpudNode, base: str) -> dict[str, object]:
+    return _router_request(node, f"{base}/completions", {"model": MODEL, "prompt": "hello"})
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -113,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides |= {
         "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 1.0},
         "deployments": {"operators": [public], "command_allow": [sys.executable]},
+        "router": {"enabled": True, "port": ROUTER_PORT},
     }
     replicas = min(2, args.hosts)
     cluster = Cluster(args.hosts, keep_workdir=args.keep, overrides=overrides)
@@ -157,20 +182,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"===== {node.name}  netns {node.host.netns}  addr {node.addr} =====")
             print(node.status_text().rstrip() + "\n", flush=True)
             print(node.cli("deploy", "status", DEPLOYMENT).stdout.rstrip() + "\n", flush=True)
-        # A request to the first replica from another host, over the data path.
-        target = endpoints[0]
-        asker = next((n for n in cluster.nodes if n.name != target["node"]), cluster.nodes[0])
-        url = f"http://{target['addr']}:{target['port']}/v1/models"
-        reply = asker.host.run(
-            [
-                sys.executable,
-                "-c",
-                f"import urllib.request;print(urllib.request.urlopen({url!r},timeout=5).read().decode())",
-            ]
+        # Through the router of a host that runs no replica (the first replica's, not, if every
+        # host runs one): the router finds a ready replica anywhere in the cluster.
+        runners = {e["node"] for e in endpoints}
+        asker = next(
+            (n for n in cluster.nodes if n.name not in runners),
+            next((n for n in cluster.nodes if n.name != endpoints[0]["node"]), cluster.nodes[0]),
         )
-        served = json.loads(reply.stdout)
-        models = [m["id"] for m in served.get("data", [])]
-        print(f"replica serving: {asker.name} -> GET {url} -> models {models}", flush=True)
+        base = f"http://{asker.addr}:{ROUTER_PORT}/v1"
+        models = wait_for(
+            lambda: _router_models(asker, base),
+            args.timeout,
+            0.5,
+            what=f"the router of {asker.name} listing {MODEL}",
+        )
+        print(f"router of {asker.name}: GET {base}/models -> models {models}", flush=True)
+        served = _router_completion(asker, base)
+        print(
+            f"router of {asker.name}: POST {base}/completions -> {served['choices'][0]['text']!r} "
+            f"from replica {served['system_fingerprint']}",
+            flush=True,
+        )
         if args.keep:
             print("The cluster keeps running. Get in with, for example:")
             for node in cluster.nodes:
