@@ -37,6 +37,7 @@ def test_three_hosts_converge_with_decoded_tags(cluster: Callable[..., Cluster])
             "ray",
             "gpus",
             "deployments",
+            "router",
             "metrics",
         }
         assert set(status) == {"node", "members", "summaries", "problems", *sections}

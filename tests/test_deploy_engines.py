@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pytest
 
@@ -9,6 +11,7 @@ from gpud.deployments.engines import (
     EngineError,
     NodeLease,
     executable_allowed,
+    local_model_missing,
     node_env,
     server_argv,
 )
@@ -191,3 +194,17 @@ def test_executable_allowed_exact_absolute_paths_only() -> None:
 def test_engine_errors_are_operator_errors() -> None:
     """Shown as is (no traceback) wherever a GpudError is, and still a ValueError."""
     assert issubclass(EngineError, GpudError) and issubclass(EngineError, ValueError)
+
+
+def test_a_local_model_path_this_host_lacks_is_named(tmp_path: Path) -> None:
+    here = tmp_path / "llama"
+    here.mkdir()
+
+    def spec_of(model: str) -> DeploymentSpec:
+        return load_spec(f'name = "m"\nengine = "vllm"\nmodel = "{model}"\nreplicas = 1\n'
+                         f"gpus_per_node = 1\n".encode())  # fmt: skip
+
+    assert local_model_missing(spec_of(str(here))) == ""
+    assert local_model_missing(spec_of("meta-llama/Llama-3.1-8B")) == ""  # a hub name
+    missing = local_model_missing(spec_of(str(tmp_path / "absent")))
+    assert str(tmp_path / "absent") in missing and "does not exist on this host" in missing

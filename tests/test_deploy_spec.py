@@ -83,6 +83,15 @@ def test_defaults() -> None:
     assert spec.version == ""
 
 
+def test_a_completion_check_needs_a_model() -> None:
+    assert load_spec(vllm_with(ready_check='"completion"')).ready_check == "completion"
+    no_model = COMMAND.replace(b'model = "Qwen/Qwen2.5-0.5B"\n', b"").replace(
+        b'"--model", "{model}", ', b""
+    )
+    assert load_spec(no_model).ready_check == "health"
+    assert error(no_model + b'ready_check = "completion"\n').startswith("ready_check: ")
+
+
 def test_startup_timeout_is_long_for_vllm_short_for_a_command_unless_set() -> None:
     assert startup_timeout(load_spec(vllm_with())) == 1800
     assert startup_timeout(load_spec(COMMAND)) == 60
@@ -123,6 +132,7 @@ def test_encode_decode_round_trip() -> None:
         ({"selector": '{ zone = "a b" }'}, "selector[...]: expected `str` matching regex"),
         ({"version": "-1"}, "version: expected `int` >= 0, got -1"),
         ({"version": "1.5"}, "version: expected `int | str`, got `float`"),
+        ({"ready_check": '"ping"'}, "ready_check: invalid enum value 'ping'"),
         ({"startup_timeout_s": "0"}, "startup_timeout_s: expected `int` >= 1, got 0"),
         ({"startup_timeout_s": "86401"}, "startup_timeout_s: expected `int` <= 86400"),
         ({"startup_timeout_s": "1.5"}, "startup_timeout_s: expected `int | null`, got `float`"),
@@ -248,3 +258,29 @@ def test_decode_holds_peers_to_the_same_checks() -> None:
         decode(body)
     with pytest.raises(SpecError, match="not valid JSON"):
         decode(b"{")
+
+
+# The canonical JSON of this spec under gpud 0.1 (before startup_timeout_s and ready_check):
+# what its operator signed and what a 0.1 peer, which refuses unknown fields, accepts.
+SPEC_0_1 = (
+    b'name = "web"\nengine = "command"\nreplicas = 2\n'
+    b'command = ["/usr/bin/python3", "-m", "x", "{port}"]\n'
+)
+CANONICAL_0_1 = (
+    b'{"args":[],"command":["/usr/bin/python3","-m","x","{port}"],"engine":"command","env":{},'
+    b'"gpus_per_node":0,"health_path":"/health","model":"","name":"web","nodes_per_replica":1,'
+    b'"replicas":2,"selector":{},"version":""}'
+)
+
+
+def test_a_spec_without_the_new_fields_keeps_its_0_1_bytes_and_signature() -> None:
+    s = load_spec(SPEC_0_1)
+    assert encode(s) == CANONICAL_0_1
+    assert decode(CANONICAL_0_1) == s
+
+
+def test_the_new_fields_travel_when_set() -> None:
+    s = load_spec(SPEC_0_1 + b'startup_timeout_s = 90\nready_check = "health"\n')
+    body = encode(s)
+    assert b'"startup_timeout_s":90' in body and b"ready_check" not in body
+    assert decode(body) == s

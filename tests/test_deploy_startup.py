@@ -1,8 +1,11 @@
-"""Startup of a replica's server: the pure decisions (restart now?, what is wrong, the elapsed
-time as shown) and, on real gpud + serf in the namespace harness with tests/deploy_server.py as
-the `command` engine, a server that sleeps before listening: longer than its
-`startup_timeout_s`, it is restarted (not before) and the problem quotes its last output;
-shorter, it is never restarted, and `gpud deploy status` shows "starting (Ns)" meanwhile.
+"""Startup, liveness and errors of a replica's server: the pure decisions (restart now?, what is
+wrong, the elapsed time as shown) and, on real gpud + serf in the namespace harness with
+tests/deploy_server.py as the `command` engine: a server that sleeps before listening longer
+than its `startup_timeout_s` is restarted (not before) and the problem quotes its last output;
+one that sleeps less is never restarted, and `gpud deploy status` shows "starting (Ns)"
+meanwhile; a crash-looping one shows its last error line in status and doctor; one whose
+completions hang while /health stays green (`ready_check = "completion"`) is not ready, then
+restarted; a local model path the host lacks is refused with the reason, never run.
 """
 
 from __future__ import annotations
@@ -65,18 +68,15 @@ texts = st.text(max_size=8)
 def test_liveness_restarts_after_rounds_in_a_row_without_a_passed_probe(
     rounds: list[bool], needed: int
 ) -> None:
-    """Driven as production does: every round's verdict in order, reset by each restart."""
-    silent = 0
-    for i, passed in enumerate(rounds):
+    """Rounds in order, as production judges them; a restart is a fresh start. It restarts
+    exactly when ``needed`` rounds in a row passed no probe, never in a round that passed."""
+    silent = in_a_row = 0
+    for passed in rounds:
         silent, restart = liveness_step(passed, silent, needed)
-        tail = rounds[: i + 1]
-        in_a_row = len(tail) - (max((j for j, p in enumerate(tail) if p), default=-1) + 1)
-        assert restart == (in_a_row >= needed and silent == in_a_row) or restart
-        assert not (restart and passed)
+        in_a_row = 0 if passed else in_a_row + 1
+        assert restart == (in_a_row >= needed)
         if restart:
-            assert silent == needed
-            silent = 0
-            rounds[: i + 1] = [True] * (i + 1)  # a fresh start: nothing silent before it
+            silent = in_a_row = 0
 
 
 causes = st.sampled_from([("", ""), ("startup_timeout", "late"), ("unresponsive", "hung")])
@@ -118,11 +118,17 @@ CRASH = [sys.executable, "-c", "import sys; print('loading'); sys.exit('boom: no
 def spec_text(name: str, sleep_s: float, timeout_s: int) -> str:
     command = [sys.executable, SERVER, "--port", "{port}", "--host", "{host_ip}"]
     command += ["--sleep-before-listen", str(sleep_s)]
+    extra = ""
     if name == "crash":
         command = CRASH
+    if name == "nomodel":
+        extra = 'model = "/nonexistent/gpud-test-model"\n'
+    if name == "hung":
+        command += ["--hang-completions-after", "4"]
+        extra = 'model = "test-model"\nready_check = "completion"\n'
     return (
         f'name = "{name}"\nengine = "command"\nreplicas = 1\nstartup_timeout_s = {timeout_s}\n'
-        f"command = {json.dumps(command)}\n"
+        f"command = {json.dumps(command)}\n{extra}"
     )
 
 
@@ -189,7 +195,13 @@ def test_a_server_late_past_its_startup_timeout_is_restarted_one_within_is_not(
     c.wait_converged()
     c.wait_placeable()
     a = c.nodes[0]
-    for name, sleep_s, timeout_s in (("late", 60, 3), ("slow", 8, 30), ("crash", 0, 60)):
+    for name, sleep_s, timeout_s in (
+        ("late", 60, 3),
+        ("slow", 8, 30),
+        ("crash", 0, 60),
+        ("hung", 0, 60),
+        ("nomodel", 0, 60),
+    ):
         path = tmp_path / f"{name}.toml"
         path.write_text(spec_text(name, sleep_s, timeout_s))
         a.cli("deploy", "apply", str(path), "--key", str(key_file))
@@ -217,7 +229,7 @@ def test_a_server_late_past_its_startup_timeout_is_restarted_one_within_is_not(
     assert restarted - started >= 3.0, (started, restarted)
     view = replica(late, "late")
     assert view["restarts"] >= 1, view
-    assert "startup_timeout_s = 3 s" in view["reason"], view
+    assert "within startup_timeout_s = 3 s" in view["reason"], view
     assert "loading: listening in 60 s" in view["reason"], view
     print(late.cli("doctor", check=False).stdout)
     doctor = late.api("/v1/doctor")
@@ -251,3 +263,43 @@ def test_a_server_late_past_its_startup_timeout_is_restarted_one_within_is_not(
     ]
     assert problems and "boom: no weights" in problems[0]["message"], problems
     assert "boom: no weights" in crash.cli("doctor", check=False).stdout
+
+    # A server that answered, then hangs on completions while /health stays green: not ready
+    # (the probe's completion got no answer), then restarted, its output quoted.
+    hung, _, _ = server(c.nodes, "hung")
+
+    def api_view() -> dict[str, Any]:
+        return hung.api("/v1/deployments/hung")["replica_views"][0]
+
+    wait_for(
+        lambda: api_view()["state"] != "ready" and "completion" in api_view()["probe_error"],
+        30,
+        0.2,
+        what="hung to be not ready for its completion",
+        describe=lambda: json.dumps(api_view()),
+    )
+    view = wait_for(
+        lambda: (v := api_view())["restarts"] >= 1 and "passed no probe" in v["reason"] and v,
+        40,
+        0.2,
+        what="hung to be restarted",
+        describe=lambda: json.dumps(api_view()),
+    )
+    assert "a worker died: completions hang" in view["reason"], view
+    wait_for(
+        lambda: any(
+            p["code"] == "deployments.replica_unresponsive" and "passed no probe" in p["message"]
+            for p in hung.api("/v1/doctor")["problems"]
+        ),
+        40,
+        0.2,
+        what="doctor to name the unresponsive replica",
+    )
+
+    # A local model path this host lacks: refused with the reason, its server never run.
+    def refused() -> dict[str, Any] | None:
+        found = [replica(n, "nomodel") for n in c.nodes]
+        return next((v for v in found if "does not exist on this host" in v["reason"]), None)
+
+    view = wait_for(refused, 30, 0.5, what="nomodel refused for its missing model path")
+    assert view["state"] == "failed" and view["pid"] is None and view["restarts"] == 0, view

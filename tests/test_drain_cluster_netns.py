@@ -36,6 +36,11 @@ def test_drain_moves_replicas_make_before_break_and_uncordon_restores(
     runners = {name for name, _ in found["endpoints"]}
     free = next(n for n in c if n.name not in runners)
 
+    # A bad timeout is refused with the reason, and nothing changes.
+    bad = drained.cli("drain", "--timeout", "0", check=False)
+    assert bad.returncode != 0 and "timeout_s" in bad.stderr, bad.stderr
+    assert not drained.api("/v1/status")["deployments"]["cordoned"]
+
     stop = tmp_path / "stop-load"
     procs = [start_load(n, 120.0, stop_file=stop) for n in c]
     firsts = [p.stdout.readline() if p.stdout else "" for p in procs]
@@ -99,5 +104,10 @@ def test_drain_moves_replicas_make_before_break_and_uncordon_restores(
         90,
         0.5,
         what="the 2-GPU replica ready on the uncordoned host",
+        describe=lambda: (
+            f"{whole()}\n{drained.cli('deploy', 'status', 'whole').stdout}\n"
+            f"{c.nodes[1].api('/v1/members')}\n{c.nodes[1].api('/v1/status')['deployments']}\n"
+            f"{c.nodes[1].log_tail(30)}"
+        ),
     )
     assert not drained.api("/v1/status")["deployments"]["cordoned"]

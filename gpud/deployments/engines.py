@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated
 
 import msgspec
@@ -162,6 +162,19 @@ def ray_node_env(
     these entries verbatim to the workers it gives GPUs, vLLM's among them."""
     _check_lease(spec, lease, with_ray_address=False)
     return _verified_env(spec, lease, base)
+
+
+def local_model_missing(
+    spec: DeploymentSpec, exists: Callable[[str], bool] = os.path.exists
+) -> str:
+    """Why this host cannot serve the spec's model ("" when it can): the model is a local path
+    (absolute) that this host lacks, so its server would only crash-loop here."""
+    if spec.model.startswith("/") and not exists(spec.model):
+        return (
+            f"model {spec.model!r} is a local path that does not exist on this host; copy the "
+            "model there, or give the deployment a selector of hosts that have it"
+        )
+    return ""
 
 
 def executable_allowed(argv0: str, allow_list: Iterable[str]) -> bool:

@@ -195,6 +195,11 @@ class Replicas:
         replica = Replica(key, entry)
         self.running[key] = replica
         owner = f"{LEASE_OWNER}{replica.id}"
+        # Off the loop: a model path on a hung network mount would block it.
+        missing = await asyncio.to_thread(engines.local_model_missing, s)
+        if missing:
+            await self._not_started(replica, engines.EngineError(missing))
+            return replica
         try:
             await self._ports.ready()
             if s.gpus_per_node:

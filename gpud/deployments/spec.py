@@ -157,9 +157,24 @@ def load_spec(text: bytes) -> DeploymentSpec:
     )
 
 
+# Fields added after gpud 0.1, left out of the canonical JSON at their defaults: a spec that
+# does not use them keeps the bytes (so the digest and the operator's signature) it had under
+# 0.1, and a 0.1 node, which refuses unknown fields, can still take it during a rolling upgrade.
+_OMITTED_AT_DEFAULT = ("startup_timeout_s", "ready_check")
+_DEFAULT_OF = {
+    name: field.default
+    for field in msgspec.structs.fields(DeploymentSpec)
+    if (name := field.name) in _OMITTED_AT_DEFAULT
+}
+
+
 def encode(spec: DeploymentSpec) -> bytes:
     """Canonical JSON of a spec (sorted keys): what gets hashed, signed and sent to peers."""
-    return msgspec.json.encode(spec, order="sorted")
+    data = msgspec.to_builtins(spec)
+    for name, default in _DEFAULT_OF.items():
+        if data[name] == default:
+            del data[name]
+    return msgspec.json.encode(data, order="sorted")
 
 
 def decode(body: bytes) -> DeploymentSpec:
