@@ -380,7 +380,7 @@ class HealthService(ComponentBase):
         await self.prober.run_round(
             targets,
             full_mesh=full_mesh,
-            swept=[n for n in targets if n not in neighbours],
+            swept=[] if full_mesh else [n for n in targets if n not in neighbours],
             swept_window_s=cycle * health.interval_s + health.timeout_s,
         )
         self._status = self._judge()
