@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gpud.config import MetricsConfig
 from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.ray_helpers import (
@@ -116,8 +117,11 @@ def test_one_head_three_ray_nodes_ports_inside_leases(ray_cluster: Cluster) -> N
         leased = {p for lease in node.api("/v1/ports/leases") for p in lease["ports"]}
         assert ports <= leased, f"{node.name}: Ray ports outside leases: {ports - leased}"
         # And what really listens there: every TCP/UDP socket bound in the namespace is gpud's
-        # own (serf, its RPC, the peer API) or inside a lease.
+        # own (serf, its RPC, the peer API, the metrics listener) or inside a lease.
         own = {node.serf_port, node.config["serf"]["rpc_port"], node.peer_port}
+        metrics_listen = node.config.get("metrics", {}).get("listen", MetricsConfig().listen)
+        if metrics_listen:
+            own.add(int(metrics_listen.rsplit(":", 1)[1]))
         bound = listening_ports(node)
         assert set(bound) - own <= leased, {p: bound[p] for p in set(bound) - own - leased}
         # The GCS port is a head's port only, and it is the one announced in the tags.

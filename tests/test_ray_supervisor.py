@@ -24,6 +24,7 @@ from gpud.ray.supervisor import (
     SupervisorSettings,
     port_names,
     ray_start_argv,
+    ray_start_env,
     temp_dir_for,
 )
 from gpud.state import StateStore
@@ -391,3 +392,12 @@ async def test_ray_left_by_a_killed_gpud_is_stopped_before_a_new_one(tmp_path: P
                 await task
         shutil.rmtree(root, ignore_errors=True)
     assert record.load() is None  # a clean stop leaves no record
+
+
+def test_ports_ray_reads_from_its_environment_are_passed_as_leased() -> None:
+    ports = RayPorts(
+        named={"port": 30800}, min_worker_port=30810, max_worker_port=30819,
+        env={"AUTOSCALER_METRIC_PORT": 30801},
+    )  # fmt: skip
+    env = ray_start_env({"PATH": "/usr/bin"}, RayTarget(role="head"), ports)
+    assert env == {"PATH": "/usr/bin", "AUTOSCALER_METRIC_PORT": "30801"}

@@ -48,6 +48,12 @@ WORKER_PORT_NAMES = (
 )
 
 
+# Ports Ray takes only from its environment, head only: the autoscaler monitor serves its
+# metrics on AUTOSCALER_METRIC_PORT (a fixed 44217 by default) whenever prometheus_client is
+# importable, so two heads on one host would collide there and it would sit outside the lease.
+HEAD_ENV_PORT_NAMES = ("AUTOSCALER_METRIC_PORT",)
+
+
 def port_names(role: Literal["head", "worker"], *, client_server: bool) -> tuple[str, ...]:
     """The port flags a Ray node of ``role`` gets (GCS and Ray Client server only on heads)."""
     if role == "worker":
@@ -118,6 +124,8 @@ class RayPorts(msgspec.Struct, kw_only=True, frozen=True):
     named: dict[str, int]
     min_worker_port: int
     max_worker_port: int
+    # Environment variable -> port (HEAD_ENV_PORT_NAMES).
+    env: dict[str, int] = {}
 
 
 class RayProcessStatus(msgspec.Struct, kw_only=True):
@@ -141,10 +149,16 @@ def temp_dir_for(root: str, node_name: str) -> str:
     return os.path.join(root, safe)
 
 
-def ray_start_env(base: Mapping[str, str], target: RayTarget) -> dict[str, str]:
+def ray_start_env(
+    base: Mapping[str, str], target: RayTarget, ports: RayPorts | None = None
+) -> dict[str, str]:
     """The environment of `ray start` for ``target``: its GPUs as NVML indices in PCI bus
-    order (the raylet's CUDA_VISIBLE_DEVICES entries are what its GPU workers get)."""
-    return {**base, **cuda_env(target.gpus)} if target.gpus is not None else dict(base)
+    order (the raylet's CUDA_VISIBLE_DEVICES entries are what its GPU workers get), and the
+    leased ports Ray reads from its environment."""
+    env = {**base, **cuda_env(target.gpus)} if target.gpus is not None else dict(base)
+    if ports is not None:
+        env.update({name: str(port) for name, port in ports.env.items()})
+    return env
 
 
 def ray_start_argv(
@@ -305,7 +319,7 @@ class RaySupervisor:
 
     async def _run_target(self, target: RayTarget) -> None:
         await self._ports.ready()
-        self._ray_ports = await self._lease_ports(target)
+        self._ray_ports = ports = await self._lease_ports(target)
         self._error = None
         argv = ray_start_argv(
             self.executable,
@@ -320,7 +334,9 @@ class RaySupervisor:
 
         async def make_child() -> ChildProcess:
             os.makedirs(self.temp_dir, exist_ok=True)
-            return ChildProcess(f"ray-{target.role}", argv, env=ray_start_env(self._env, target))
+            return ChildProcess(
+                f"ray-{target.role}", argv, env=ray_start_env(self._env, target, ports)
+            )
 
         self._supervisor = Supervisor(
             f"ray-{target.role}",
@@ -348,14 +364,16 @@ class RaySupervisor:
         # included, the zombie scan frees them; the next gpud stops the leftover Ray group
         # first (GroupRecord) and leases anew. Unowned leases piled up until the block was full.
         me = os.getpid()
-        single = await self._ports.lease(owner, len(names), pid=me)
+        env_names = HEAD_ENV_PORT_NAMES if target.role == "head" else ()
+        single = await self._ports.lease(owner, len(names) + len(env_names), pid=me)
         self._leases.append(single.id)
         workers = await self._ports.lease(
             f"{owner}-workers", self.settings.worker_ports, contiguous=True, pid=me
         )
         self._leases.append(workers.id)
         return RayPorts(
-            named=dict(zip(names, single.ports, strict=True)),
+            named=dict(zip(names, single.ports[: len(names)], strict=True)),
+            env=dict(zip(env_names, single.ports[len(names) :], strict=True)),
             min_worker_port=min(workers.ports),
             max_worker_port=max(workers.ports),
         )
