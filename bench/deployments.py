@@ -15,8 +15,8 @@ replica is its own Ray cluster of 2 nodes and the server joins it (serving only 
 nodes). apply -> ready as above; kill -9 of a replica's host (a worker host, then a head host,
 alternating) until every surviving host lists 2 ready replicas, none on the killed host, each
 replica's server sees exactly its 2 nodes alive in its Ray cluster, and the hit replica's Ray
-cluster is a new one (head killed) or has a new node in the killed worker's place (Ray lists a
-dead node alive for a while). With more than 4 hosts
+cluster is a new one (head killed) or has a new node in the killed worker's place (gpud restarts
+a replica that lost a node as a whole: a new cluster). With more than 4 hosts
 a free host takes the killed one's place; with exactly 4 none can, and the killed host is
 restarted at once (the figure then includes its restart and rejoin).
 

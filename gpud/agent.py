@@ -311,7 +311,9 @@ class Agent:
     # -- end reload
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        """STOPPING=1, every child stopped by its component, then a graceful serf leave.
+        """STOPPING=1, every child stopped by its component (the servers of replicas of one
+        node are left running for the next gpud to adopt: `deployments.replicas`), then a
+        graceful serf leave.
 
         Ray stops before the leave: once peers see this node leave they stop counting its
         head lease, so a head still running while its departure is gossiped would overlap

@@ -1,7 +1,12 @@
 """The `gpud` command line. Client commands talk to the local API over its Unix socket.
 
 Imports stay lazy: `gpud status` must start fast, so the agent's dependencies (aiohttp,
-pyroute2, NVML) load only for `gpud agent`.
+pyroute2, NVML, SQLite) load only for `gpud agent`; building the parser (also done for the man
+page and the shell completions, gpud/manpage.py) imports no handler's types.
+
+Exit status of every client command: 0 ok, 1 the daemon answered with a problem (a critical
+verdict, a refused request, a reply of the wrong shape), 2 a usage or config error, 3 the daemon
+could not be asked (no socket, nobody listening, no answer within --timeout).
 """
 
 from __future__ import annotations
@@ -11,30 +16,71 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from gpud.client import (
     CONFIG_HELP,
-    EXIT_NOT_RUNNING,
     EXIT_OK,
     EXIT_PROBLEM,
+    EXIT_TRANSPORT,
     EXIT_USAGE,
     api_call,
+    api_exchange,
     api_get,
     client_command,
-    print_json,
+    print_api_json,
+    print_raw_json,
 )
+from gpud.context import Member
 from gpud.deployments.cli import add_commands as deploy_commands
 from gpud.gpus.cli import add_commands as gpus_commands
 from gpud.ports.cli import add_commands as ports_commands
 from gpud.serf.cli import add_commands as keys_commands
-from gpud.text import escape
+from gpud.text import escape, table
+from gpud.views import add_commands as view_commands
+from gpud.views import render_problems
 
 if TYPE_CHECKING:
-    from gpud.component import Problem
-    from gpud.context import Member
     from gpud.status import StatusDocument
 
 # Each package's `add_commands(sub)`: its client commands (`gpud ports ...`, `gpud gpus ...`).
-CLIENT_COMMAND_GROUPS = (ports_commands, gpus_commands, keys_commands, deploy_commands)
+CLIENT_COMMAND_GROUPS = (
+    view_commands,
+    ports_commands,
+    gpus_commands,
+    keys_commands,
+    deploy_commands,
+)
+
+EXIT_STATUS_HELP = (
+    "exit status: 0 ok; 1 the daemon answered with a problem (critical verdict, refused "
+    "request, reply of the wrong shape); 2 usage or config error; 3 the daemon could not be "
+    "asked (no socket, nobody listening, no answer within --timeout). "
+    "environment: GPUD_SOCKET names the local API socket (--socket wins), GPUD_CONFIG the config file."
+)
+
+
+class MembersReply(msgspec.Struct, kw_only=True):
+    """GET /v1/members (gpud.membership.MembersResponse, whose module loads aiohttp)."""
+
+    members: list[Member]
+
+
+class DrainReply(msgspec.Struct, kw_only=True):
+    """What `gpud drain` prints of POST /v1/drain (gpud.deployments.drain.DrainReply, whose
+    module loads the state store)."""
+
+    running_here: list[str] = []
+
+
+class DeploymentsCount(msgspec.Struct, kw_only=True):
+    running_here: int
+
+
+class DrainProgress(msgspec.Struct, kw_only=True):
+    """What `gpud drain` polls of GET /v1/status."""
+
+    deployments: DeploymentsCount
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -54,7 +100,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
-        print_json(api_get(args, "/v1/status"))
+        print_api_json(args, "/v1/status")
         return EXIT_OK
     from gpud.status import StatusDocument
 
@@ -63,22 +109,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    from gpud.membership import MembersResponse
-
-    members = api_get(args, "/v1/members", MembersResponse).members
     if args.json:
-        print_json(members)
-    else:
-        print(render_members(members))
+        print_api_json(args, "/v1/members")
+        return EXIT_OK
+    print(render_members(api_get(args, "/v1/members", MembersReply).members))
     return EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from gpud.status import DoctorReport
 
-    report = api_get(args, "/v1/doctor", DoctorReport)
+    report, raw = api_exchange(args, "GET", "/v1/doctor", type=DoctorReport)
     if args.json:
-        print_json(report)
+        print_raw_json(raw)
     else:
         print(f"checked {report.peers_checked} peer(s) from {escape(report.node)}")
         if report.ok:
@@ -91,11 +134,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
     """Cordon this host and wait (at most --timeout) until its replicas moved elsewhere."""
     import time
 
-    reply = api_call(args, "POST", "/v1/drain", {"timeout_s": args.timeout})
-    print(f"cordoned: no new replicas here; moving {len(reply['running_here'])} replica(s)")
+    reply = api_call(args, "POST", "/v1/drain", {"timeout_s": args.timeout}, DrainReply)
+    print(f"cordoned: no new replicas here; moving {len(reply.running_here)} replica(s)")
     deadline = time.monotonic() + args.timeout
     while True:
-        left = api_get(args, "/v1/status")["deployments"]["running_here"]
+        left = api_get(args, "/v1/status", DrainProgress).deployments.running_here
         if left == 0:
             print("drained: no replica runs here (`gpud uncordon` puts it back in service)")
             return EXIT_OK
@@ -130,29 +173,19 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def render_members(members: list[Member]) -> str:
-    lines = [f"{'NAME':<20} {'ADDRESS':<22} {'STATUS':<8} {'GPUS':>4}  {'RAY':<7} TAGS"]
+    rows = []
     for member in members:
         tags = member.tags
-        addr = f"{member.addr}:{member.port}"
         if tags is None:
             gpus, ray, note = "-", "-", member.tags_error or "no tags"
         else:
             gpus, ray, note = str(tags.gpu), tags.ray, f"health={tags.hl} block={tags.blk}"
             note += " cordoned" if tags.cd else ""
-        lines.append(
-            f"{escape(member.name):<20} {addr:<22} {member.status:<8} {gpus:>4}  {ray:<7} "
-            f"{escape(note)}"
-        )
-    return "\n".join(lines)
-
-
-def render_problems(problems: list[Problem]) -> str:
-    lines = []
-    for problem in problems:
-        subject = f" {escape(problem.subject)}:" if problem.subject else ""
-        lines.append(f"[{problem.severity}]{subject} {escape(problem.message)}")
-        lines.append(f"    fix: {escape(problem.fix)}  ({problem.code})")
-    return "\n".join(lines)
+        if member.down:
+            note = f"down: {member.down_reason or 'no answer'}; {note}"
+        addr = f"{member.addr}:{member.port}"
+        rows.append([escape(member.name), escape(addr), member.status, gpus, ray, escape(note)])
+    return table(["NAME", "ADDRESS", "STATUS", "GPUS", "RAY", "TAGS"], rows, right=[3])
 
 
 def render_status(doc: StatusDocument) -> str:
@@ -166,11 +199,17 @@ def render_status(doc: StatusDocument) -> str:
     return "\n".join(lines)
 
 
+# Doctor runs its checks when asked (connects that may wait out their timeouts, a Serf query),
+# so it waits longer than the commands that read the daemon's current state.
+DOCTOR_TIMEOUT_S = 60.0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpud",
         description="Node daemon for GPU clusters: gossip membership, data-path health, "
         "port partitioning and Ray head election.",
+        epilog=EXIT_STATUS_HELP,
     )
     from gpud import __version__
 
@@ -184,11 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     client_command(sub, "status", "one-screen summary of this node and the cluster", cmd_status)
     client_command(sub, "members", "cluster members as this node sees them", cmd_members)
-    client_command(
+    doctor = client_command(
         sub,
         "doctor",
         "run every check now; print each problem with its cause and fix (exit 1 if critical)",
         cmd_doctor,
+        timeout=False,
+    )
+    doctor.add_argument(
+        "--timeout",
+        type=float,
+        default=DOCTOR_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for the checks' answer, then exit 3 (default "
+        f"{DOCTOR_TIMEOUT_S:g}: doctor probes every peer and Ray's ports afresh, each within "
+        "its own bound)",
     )
     drain = client_command(
         sub,
@@ -196,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cordon this host (admin): no new replicas, never Ray head; move its replicas "
         "elsewhere make-before-break and wait until none runs here",
         cmd_drain,
+        timeout=False,
     )
     drain.add_argument(
         "--timeout",
@@ -215,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("keygen", help="print a new cluster key").set_defaults(func=cmd_keygen)
     sub.add_parser("version", help="print gpud's version").set_defaults(func=cmd_version)
+    from gpud.manpage import add_commands as doc_commands
+
+    doc_commands(sub, parser)
     return parser
 
 
@@ -228,10 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpud: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except GpudError as exc:
-        from gpud.client import DaemonNotRunning
+        from gpud.client import TransportError
 
         print(f"gpud: {exc}", file=sys.stderr)
-        return EXIT_NOT_RUNNING if isinstance(exc, DaemonNotRunning) else EXIT_PROBLEM
+        return EXIT_TRANSPORT if isinstance(exc, TransportError) else EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130
 

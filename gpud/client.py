@@ -3,7 +3,8 @@
 Every client command (`gpud status`, `gpud ports ...`, ...) registers itself with
 ``client_command`` and talks to the daemon through ``api_get``/``api_call``; replies are
 decoded into typed structs, so a reply of an unexpected shape is one clear line, never a
-traceback. Stdlib and msgspec only: the CLI must start fast.
+traceback. Stdlib and msgspec only, and nothing of the agent (aiohttp, pyroute2, NVML, SQLite):
+`gpud status` must start fast (tests/test_cli_agent.py holds every client command to that).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import sys
 import urllib.parse
@@ -22,15 +24,23 @@ import msgspec
 from gpud.errors import GpudError
 
 EXIT_OK = 0
+# The daemon answered: a critical problem, a refused request, a reply this client cannot read.
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
+# The daemon could not be asked: no socket, nobody listening, no answer within --timeout,
+# permission denied. Scripts retry or alert on this one, not on 1.
+EXIT_TRANSPORT = 3
+
+SOCKET_ENV = "GPUD_SOCKET"
+# Seconds a client command waits for the daemon (--timeout). /v1/status answers in about a
+# millisecond; a daemon that takes seconds is hung, and an operator should hear so at once.
+DEFAULT_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 
 
-class DaemonNotRunning(GpudError):
-    """Nothing answers on the socket."""
+class TransportError(GpudError):
+    """The daemon could not be asked, or did not answer (exit 3)."""
 
 
 class ApiRefused(GpudError):
@@ -57,10 +67,11 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def request(
+def request_raw(
     socket_path: str, method: str, path: str, body: Any = None, *, timeout: float = 30.0
-) -> Any:
-    """Call the local API; returns the decoded JSON body or raises with a one-line message."""
+) -> bytes:
+    """Call the local API; returns the reply's body, or raises with a one-line message:
+    TransportError when the daemon cannot be asked, ApiRefused when it says no."""
     conn = _UnixConnection(socket_path, timeout)
     payload = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -69,62 +80,118 @@ def request(
         response = conn.getresponse()
         raw = response.read()
     except (FileNotFoundError, ConnectionRefusedError):
-        raise DaemonNotRunning(
+        raise TransportError(
             f"gpud is not running (no answer on {socket_path}); start it with "
-            "`systemctl start gpud` or `gpud agent`"
+            "`systemctl start gpud` or `gpud agent`, or name its socket with --socket or "
+            f"${SOCKET_ENV}"
         ) from None
     except PermissionError:
-        raise GpudError(
+        raise TransportError(
             f"permission denied on {socket_path}: run as root or as a member of the socket's group"
         ) from None
+    except TimeoutError:
+        raise TransportError(
+            f"gpud did not answer {method} {path} on {socket_path} within {timeout:g}s: it is "
+            "hung or overloaded; see `journalctl -u gpud`, or wait longer with --timeout"
+        ) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise GpudError(f"talking to gpud on {socket_path} failed: {exc}") from None
+        raise TransportError(f"talking to gpud on {socket_path} failed: {exc}") from None
     finally:
         conn.close()
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError:
-        raise GpudError(f"gpud answered {response.status} with a body that is not JSON") from None
     if response.status >= 400:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = None
         message = data.get("error") if isinstance(data, dict) else None
-        raise ApiRefused(response.status, message or f"HTTP {response.status}")
-    return data
+        if not isinstance(message, str):
+            message = f"HTTP {response.status}"
+        raise ApiRefused(response.status, message)
+    return raw
+
+
+def request(
+    socket_path: str, method: str, path: str, body: Any = None, *, timeout: float = 30.0
+) -> Any:
+    """Call the local API; returns the decoded JSON body or raises with a one-line message."""
+    raw = request_raw(socket_path, method, path, body, timeout=timeout)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        raise GpudError(f"gpud answered {method} {path} with a body that is not JSON") from None
 
 
 # ---- CLI plumbing -------------------------------------------------------------------------
 
 CONFIG_HELP = "config file (default: $GPUD_CONFIG or /etc/gpud/gpud.toml)"
+CLIENT_EPILOG = (
+    f"exit status: 0 ok, 1 the daemon answered with a problem, 2 usage or config error, "
+    f"{EXIT_TRANSPORT} the daemon could not be asked (no socket, not listening, no answer "
+    f"within --timeout); ${SOCKET_ENV} names the socket"
+)
 
 
-def client_options(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
-    """--config, --socket and --json. ``nested``: on a sub-action (`gpud ports lease`), where
-    SUPPRESS keeps values given before the action (`gpud ports --socket S lease`)."""
+def client_options(
+    parser: argparse.ArgumentParser, *, nested: bool = False, timeout: bool = True
+) -> None:
+    """--config, --socket, --timeout and --json. ``nested``: on a sub-action (`gpud ports
+    lease`), where SUPPRESS keeps values given before the action (`gpud ports --socket S
+    lease`). ``timeout=False`` where the command's own --timeout means something else."""
     default: Any = argparse.SUPPRESS if nested else None
     parser.add_argument("--config", default=default, help=CONFIG_HELP)
     parser.add_argument(
-        "--socket", default=default, help="local API socket (default: from the config)"
+        "--socket",
+        default=default,
+        help=f"local API socket (default: ${SOCKET_ENV}, else api.socket of the config)",
     )
+    if timeout:
+        parser.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=argparse.SUPPRESS if nested else DEFAULT_TIMEOUT_S,
+            metavar="S",
+            help=f"seconds to wait for the daemon's answer, then exit 3 "
+            f"(default {DEFAULT_TIMEOUT_S:g})",
+        )
     parser.add_argument(
         "--json",
         action="store_true",
         default=argparse.SUPPRESS if nested else False,
-        help="print JSON as the API returns it",
+        help="print the API's reply as JSON, exactly as it answered",
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 s: {text}")
+    return value
+
+
 def client_command(
-    sub: Any, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+    sub: Any,
+    name: str,
+    help_text: str,
+    handler: Callable[[argparse.Namespace], int],
+    *,
+    timeout: bool = True,
 ) -> argparse.ArgumentParser:
     """Register a client command on the top-level subparsers."""
-    cmd = sub.add_parser(name, help=help_text, description=help_text)
-    client_options(cmd)
+    cmd = sub.add_parser(name, help=help_text, description=help_text, epilog=CLIENT_EPILOG)
+    client_options(cmd, timeout=timeout)
     cmd.set_defaults(func=handler)
     return cmd
 
 
 def socket_path(args: argparse.Namespace) -> str:
+    """--socket, then $GPUD_SOCKET, then the config's api.socket (or its default)."""
     if getattr(args, "socket", None):
         return args.socket
+    if os.environ.get(SOCKET_ENV):
+        return os.environ[SOCKET_ENV]
     from gpud import config
 
     # A --config that names a missing file is an error; only the default may be absent.
@@ -136,6 +203,13 @@ def path_part(value: str) -> str:
     """``value`` as one path segment of an API URL: an id like ``x?y=1`` or ``../x`` must
     name that id, not another resource or a query."""
     return urllib.parse.quote(value, safe="")
+
+
+def request_timeout(args: argparse.Namespace) -> float:
+    timeout = getattr(args, "timeout", None)
+    # `gpud drain --timeout` is how long the drain may take, not one request's deadline.
+    drain = getattr(args, "command", None) == "drain"
+    return DEFAULT_TIMEOUT_S if drain or timeout is None else timeout
 
 
 def api_get(args: argparse.Namespace, path: str, type: type[T] = Any) -> T:
@@ -150,15 +224,38 @@ def api_call(
     type: type[T] = Any,
 ) -> T:
     """Call the daemon and decode the reply as ``type`` (a msgspec-compatible type)."""
-    data = request(socket_path(args), method, path, body)
+    return api_exchange(args, method, path, body, type)[0]
+
+
+def api_exchange(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: Any = None,
+    type: type[T] = Any,
+) -> tuple[T, bytes]:
+    """``api_call``, and the reply's bytes too: `--json` prints them as the API gave them."""
+    raw = request_raw(socket_path(args), method, path, body, timeout=request_timeout(args))
+    return decode(raw, type, f"{method} {path}"), raw
+
+
+def decode(raw: bytes, type: type[T], what: str) -> T:
+    """``raw`` JSON as ``type``; a reply of another shape is one line naming the request."""
     try:
-        return msgspec.convert(data, type=type)
-    except msgspec.ValidationError as exc:
+        return msgspec.json.decode(raw or b"null", type=type)
+    except msgspec.DecodeError as exc:
         raise GpudError(
-            f"gpud answered {method} {path} with a reply this client does not understand "
+            f"gpud answered {what} with a reply this client does not understand "
             f"({exc}); is the daemon the same version as this command?"
         ) from None
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(msgspec.json.format(msgspec.json.encode(data)).decode() + "\n")
+def print_api_json(args: argparse.Namespace, path: str) -> None:
+    """`--json`: GET ``path`` and print the reply as the API gave it (pretty-printed)."""
+    raw = request_raw(socket_path(args), "GET", path, timeout=request_timeout(args))
+    decode(raw, Any, f"GET {path}")  # not JSON: one line, as for a typed reply
+    print_raw_json(raw)
+
+
+def print_raw_json(raw: bytes) -> None:
+    sys.stdout.write(msgspec.json.format(raw).decode() + "\n")

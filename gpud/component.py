@@ -21,7 +21,6 @@ problems) so a component overrides only what it has.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
@@ -141,6 +140,8 @@ class Disabled(ComponentBase):
 
     async def run(self) -> None:
         # Runs like any component (the agent stops when one ends), doing nothing.
+        import asyncio  # here: the CLI decodes Problem without loading asyncio
+
         await asyncio.Event().wait()
 
     def status(self) -> DisabledSection:

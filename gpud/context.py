@@ -7,13 +7,16 @@ runs them in one TaskGroup.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from gpud import log
-from gpud.config import Config
 from gpud.tags import Tags, encode
+
+if TYPE_CHECKING:
+    # Type-only: the CLI decodes Member without loading the config module.
+    from gpud.config import Config
 
 _log = log.get("context")
 

@@ -8,7 +8,9 @@ would refuse a duplicate anyway). Leases whose owner process is gone (pid and st
 reclaimed after a grace period.
 
 What differs per kind stays with its component: how a request is allocated and how its index
-of used resources is kept (the ``allocate``, ``on_release`` and ``reindex`` callbacks).
+of used resources is kept (the ``allocate``, ``on_release`` and ``reindex`` callbacks). The
+fields every kind's request shares (``Owner``, ``Pid``) and its lease ids are defined here;
+``gpud.leasefront`` is what the API and the in-process callers meet in front of a book.
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
+
+import msgspec
 
 from gpud import log
 from gpud.errors import ApiError
 from gpud.process import owner_alive
 
+# Who holds a lease (free text, shown to operators escaped) and the process it ends with.
+Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
-class LeaseLike(Protocol):
-    id: str
-    owner: str
-    pid: int | None
+
+def new_lease_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 class StoredLike(Protocol):
@@ -58,6 +65,8 @@ class Op(Generic[Q]):
     pid_start: int | None = None
     lease_id: str | None = None
     reason: str = "released"
+    # A transfer (``lease_id`` set): the lease's new owner process (pid, start time).
+    new_owner: tuple[int, int] | None = None
 
 
 @dataclass
@@ -107,6 +116,13 @@ class LeaseBook(Generic[Q, S]):
         if lease_id not in self.leases:
             raise ApiError(404, f"no {self.what} with id {lease_id!r}")
         await self._submit(Op(future=self._future(), lease_id=lease_id))
+
+    async def transfer(self, lease_id: str, pid: int, pid_start: int) -> None:
+        """Make process ``pid`` (started at ``pid_start``) the lease's owner, in one durable
+        write: the lease is never without a live owner for the zombie scan to reclaim."""
+        if lease_id not in self.leases:
+            raise ApiError(404, f"no {self.what} with id {lease_id!r}")
+        await self._submit(Op(future=self._future(), lease_id=lease_id, new_owner=(pid, pid_start)))
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -159,6 +175,16 @@ class LeaseBook(Generic[Q, S]):
             item = self.leases.get(op.lease_id or "")
             if item is None or op.lease_id in batch.removed:
                 return ApiError(404, f"no {self.what} with id {op.lease_id!r}")
+            if op.new_owner is not None:
+                # Same id and resources: the index of used resources is unchanged.
+                pid, pid_start = op.new_owner
+                moved = msgspec.structs.replace(
+                    item, lease=msgspec.structs.replace(item.lease, pid=pid), pid_start=pid_start
+                )
+                batch.removed.append(item.lease.id)
+                batch.added.append(moved)
+                log.info(self._log, f"{self.what} transferred", **self._describe(moved))
+                return None
             self._on_release(item)
             batch.removed.append(item.lease.id)
             log.info(self._log, f"{self.what} {op.reason}", **self._describe(item))

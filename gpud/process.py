@@ -3,7 +3,11 @@
 gpud never matches processes by name (no pkill, no `ray stop`): it signals the process groups
 it created itself, so other people's Ray or serf on the same host are never touched. A group
 is gpud's across its own crash too: `GroupRecord` persists (pgid, start time) of the running
-child, and the next gpud stops exactly that group (recognised by /proc) before starting anew.
+child. A child with an output file (``log_path``) does not depend on gpud being alive: it
+writes to that file, never to a pipe gpud reads, and the next gpud can re-adopt it
+(`ChildProcess.adopt`: the recorded leader verified by pid, start time and group, then waited
+on through a pidfd, as gpud is no longer its parent). A group the next gpud cannot verify or
+does not adopt it stops (`stop_leftover`), exactly that group (recognised by /proc).
 
 Also the one home of short bounded commands (`run_bounded`) and of the /proc/<pid>/stat parser.
 """
@@ -14,7 +18,9 @@ import asyncio
 import collections
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,12 +29,19 @@ from typing import Literal, Protocol
 import msgspec
 
 from gpud import log
+from gpud.errors import GpudError
 from gpud.state import Key, StateStore
 
 _log = log.get("process")
 
+# A child's output file is copied to "<file>.1" and emptied once it is this large (the child
+# writes with O_APPEND, so it carries on at the new end: logrotate's copytruncate).
+LOG_ROTATE_BYTES = 16 * 1024 * 1024
+# How often gpud reads what a file-logged child wrote (its lines go to gpud's log and on_line).
+TAIL_INTERVAL_S = 0.5
 
-class ChildStartError(Exception):
+
+class ChildStartError(GpudError):
     """A child factory cannot build its child now; the message says why (shown in status).
 
     The Supervisor records it and retries with backoff, like a child that exited."""
@@ -170,6 +183,20 @@ class GroupRecord:
         self._store.put(self._key, None)
 
 
+def leader_verified(group: ChildGroup) -> bool:
+    """Whether the recorded leader still runs: the same pid and start time, leading its group."""
+    leader = proc_stat(group.pgid)
+    return (
+        _live(leader)
+        and leader is not None
+        and (leader.start, leader.pgid)
+        == (
+            group.start,
+            group.pgid,
+        )
+    )
+
+
 def leftover_members(group: ChildGroup) -> list[int]:
     """Live members of ``group`` if it is still the group gpud started, else [] (pure read).
 
@@ -220,7 +247,11 @@ async def stop_leftover(record: GroupStore, grace_s: float) -> ChildGroup | None
 
 
 class ChildProcess:
-    """One run of a child command; its output goes to gpud's log, one line per event."""
+    """One run of a child command; its output goes to gpud's log, one line per event.
+
+    Without ``log_path`` the output comes through a pipe (the child dies with gpud's end of
+    it); with it, the child writes to that file and gpud follows the file, so the child can
+    outlive gpud and be adopted by the next one."""
 
     def __init__(
         self,
@@ -230,6 +261,7 @@ class ChildProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         on_line: Callable[[str], bool] | None = None,
+        log_path: Path | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -238,76 +270,223 @@ class ChildProcess:
         # Sees every output line first (serf's key mismatches are read from its output); a line
         # it returns False for is not logged (it reported the line its own way).
         self.on_line = on_line
+        self.log_path = log_path
         # Its last non-blank output line: a crashing engine's own reason (a traceback's last).
         self.last_line = ""
         self._proc: asyncio.subprocess.Process | None = None
         # The running child's process group (with its leader's start time), once started.
         self.group: ChildGroup | None = None
+        # Started by an earlier gpud and adopted by this one (its exit code is not ours to read).
+        self.adopted = False
         self._pump: asyncio.Task[None] | None = None
         self._log = log.get(name)
+        # A file-logged child: its pid, its Popen when gpud started it, a pidfd that becomes
+        # readable when it exits, its exit code, and how far gpud has read its file.
+        self._pid: int | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._pidfd: int | None = None
+        self._code: int | None = None
+        self._exited = asyncio.Event()
+        self._offset = 0
+        self._partial = b""
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._proc.pid if self._proc else self._pid
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
+        """Its exit code once it exited; None while it runs, and for an adopted child."""
+        return self._proc.returncode if self._proc else self._code
+
+    @property
+    def running(self) -> bool:
+        if self._proc is not None:
+            return self._proc.returncode is None
+        return self._pid is not None and not self._exited.is_set()
 
     async def start(self) -> None:
         """Start the command; raises FileNotFoundError/PermissionError if it cannot run."""
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            env=self.env,
-            cwd=self.cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # own process group: we signal only what we started
-        )
-        self._pump = asyncio.create_task(self._forward_output(self._proc))
-        start = process_start(self._proc.pid)
+        if self.log_path is not None:
+            await self._start_logged(self.log_path)
+        else:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # own process group: we signal only what we started
+            )
+            self._pump = asyncio.create_task(self._forward_output(self._proc))
+        assert self.pid is not None
+        start = process_start(self.pid)
         if start is not None:
-            self.group = ChildGroup(pgid=self._proc.pid, start=start)
-        log.info(self._log, "started", pid=self._proc.pid)
+            self.group = ChildGroup(pgid=self.pid, start=start)
+        log.info(self._log, "started", pid=self.pid)
+
+    async def _start_logged(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = await asyncio.to_thread(_rotate, path, 0)
+        self._popen = await asyncio.to_thread(self._spawn, path)
+        self._watch(self._popen.pid)
+
+    def _spawn(self, path: Path) -> subprocess.Popen[bytes]:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            # Not asyncio's subprocess: its transport kills a still-running child when it is
+            # closed (at gpud's exit), and this child is meant to outlive gpud.
+            return subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: we signal only what we started
+            )
+        finally:
+            os.close(fd)
+
+    def adopt(self, group: ChildGroup) -> bool:
+        """Take over supervision of ``group``, started by an earlier gpud with this child's
+        ``log_path``; False (nothing changed) when its leader is not verifiably that process."""
+        if self.log_path is None or not leader_verified(group):
+            return False
+        try:
+            pidfd = os.pidfd_open(group.pgid)
+        except OSError:
+            return False
+        # Checked again with the pidfd held: it names the process just verified, not a reuse.
+        if not leader_verified(group):
+            os.close(pidfd)
+            return False
+        with contextlib.suppress(OSError):
+            self._offset = self.log_path.stat().st_size
+        self.group, self.adopted = group, True
+        self._watch(group.pgid, pidfd)
+        log.info(self._log, "adopted", pid=group.pgid)
+        return True
+
+    def _watch(self, pid: int, pidfd: int | None = None) -> None:
+        self._pid = pid
+        self._pidfd = os.pidfd_open(pid) if pidfd is None else pidfd
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+        self._pump = asyncio.create_task(self._follow())
+
+    def _on_exit(self) -> None:
+        self._close_pidfd()
+        if self._popen is not None:
+            self._code = self._popen.wait()  # it has exited: this reaps it at once
+        self._exited.set()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def _follow(self) -> None:
+        while not self._exited.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), TAIL_INTERVAL_S)
+            await self._read_output()
+
+    async def _read_output(self) -> None:
+        assert self.log_path is not None
+        try:
+            data, self._offset = await asyncio.to_thread(_read_from, self.log_path, self._offset)
+        except OSError as exc:
+            log.warning(
+                self._log, "cannot read its output", path=str(self.log_path), error=str(exc)
+            )
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._line(line.decode(errors="replace") + "\n")
 
     async def _forward_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
         while line := await proc.stdout.readline():
-            text = line.decode(errors="replace")
-            if text.strip():
-                self.last_line = text.strip()
-            if self.on_line is None or self.on_line(text):
-                log.child_output(self._log, text)  # at the child's level
+            self._line(line.decode(errors="replace"))
 
-    async def wait(self) -> int:
-        assert self._proc is not None
-        code = await self._proc.wait()
+    def _line(self, text: str) -> None:
+        if text.strip():
+            self.last_line = text.strip()
+        if self.on_line is None or self.on_line(text):
+            log.child_output(self._log, text)  # at the child's level
+
+    async def wait(self) -> int | None:
+        if self._proc is not None:
+            code = await self._proc.wait()
+        else:
+            await self._exited.wait()
+            code = self._code
         if self._pump is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
         return code
 
+    def detach(self) -> None:
+        """Stop supervising a file-logged child and leave it running (gpud is exiting)."""
+        if self._pump is not None:
+            self._pump.cancel()
+        self._close_pidfd()
+
     def signal_group(self, sig: int) -> None:
-        if self._proc is None or self._proc.returncode is not None:
+        # While the leader runs (not yet reaped) its pid is this group's id and nobody else's.
+        if not self.running:
             return
+        assert self.pid is not None
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, sig)
+            os.killpg(self.pid, sig)
 
     async def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM the child's process group, then SIGKILL it after ``grace_s``."""
-        if self._proc is None:
+        if self.pid is None:
             return None
-        if self._proc.returncode is None:
+        if self.running:
             self.signal_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(self._proc.wait()), grace_s)
+                await asyncio.wait_for(asyncio.shield(self.wait()), grace_s)
             except TimeoutError:
                 log.warning(self._log, "did not stop in time, killing", grace_s=grace_s)
-        # The leader may be gone while others in its group linger: kill the group regardless.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+        # The leader may be gone while others in its group linger: kill the group regardless
+        # (an adopted leader was reaped by another parent: only while its members remain).
+        if self._proc is not None or (self.group is not None and leftover_members(self.group)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
         return await self.wait()
+
+
+def _rotate(path: Path, limit: int | None = None) -> int:
+    """Copy ``path`` to "<path>.1" and empty it once it holds ``limit`` (default
+    LOG_ROTATE_BYTES) bytes or more (0: if it holds anything); returns its size after that."""
+    limit = LOG_ROTATE_BYTES if limit is None else limit
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size and size >= limit:
+        shutil.copyfile(path, path.with_name(path.name + ".1"))
+        os.truncate(path, 0)
+        return 0
+    return size
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    """What ``path`` holds past ``offset`` (at most 1 MiB), rotating it once it is large; the
+    new offset. A file emptied by a rotation is read from its start."""
+    if offset >= LOG_ROTATE_BYTES:
+        _rotate(path)
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < offset:
+            offset = 0
+        f.seek(offset)
+        data = f.read(1 << 20)
+    return data, offset + len(data)
 
 
 SupervisorState = Literal["stopped", "starting", "running", "backoff", "failed"]
@@ -329,7 +508,10 @@ class Supervisor:
     configuration (e.g. a new advertise address). ``ready`` (optional) is awaited after each
     start; the backoff resets once a child has run for ``stable_s``. With ``record``, the
     running child's process group is persisted, and a group a crashed gpud left behind is
-    stopped before the first start (never two copies of one child).
+    stopped before the first start (never two copies of one child), unless the caller adopted
+    it (``adopted``: a `ChildProcess.adopt`-ed child, supervised as if this run had started
+    it). With ``keep_on_cancel``, a cancelled run leaves a file-logged child running and its
+    record in place for the next gpud, unless `stop_on_cancel` was called.
     """
 
     def __init__(
@@ -342,8 +524,12 @@ class Supervisor:
         stable_s: float = 30.0,
         grace_s: float = 10.0,
         record: GroupStore | None = None,
+        adopted: ChildProcess | None = None,
+        keep_on_cancel: bool = False,
     ) -> None:
         self.name = name
+        self._adopted = adopted
+        self._keep_on_cancel = keep_on_cancel
         self._make_child = make_child
         self._record = record
         self._backoff_initial_s = backoff_initial_s
@@ -363,6 +549,10 @@ class Supervisor:
         since = time.monotonic() - window_s
         return sum(1 for t in self.failures if t >= since)
 
+    def stop_on_cancel(self) -> None:
+        """A later cancel of `run` stops the child (the workload itself is going away)."""
+        self._keep_on_cancel = False
+
     def restart(self) -> None:
         """Stop the running child and start a fresh one at once (no backoff)."""
         self._restart_now.set()
@@ -370,15 +560,19 @@ class Supervisor:
     async def run(self) -> None:
         backoff = self._backoff_initial_s
         try:
-            if self._record is not None:
+            adopted, self._adopted = self._adopted, None
+            if self._record is not None and adopted is None:
                 await stop_leftover(self._record, self._grace_s)
             while True:
                 self.status.state = "starting"
                 self.status.next_start_in_s = None
                 begun = time.monotonic()
                 try:
-                    self.child = await self._make_child()
-                    await self.child.start()
+                    if adopted is not None:
+                        self.child, adopted = adopted, None
+                    else:
+                        self.child = await self._make_child()
+                        await self.child.start()
                 except (OSError, ChildStartError) as exc:
                     self.status.last_error = f"cannot start: {exc}"
                     self.failures.append(time.monotonic())
@@ -402,7 +596,12 @@ class Supervisor:
                     self.failures.append(time.monotonic())
                     self.status.last_exit_code = code
                     said = f": {self.child.last_line}" if self.child.last_line else ""
-                    self.status.last_error = f"exited with code {code}{said}"
+                    how = (
+                        "exited (code unknown: adopted)"
+                        if code is None
+                        else f"exited with code {code}"
+                    )
+                    self.status.last_error = f"{how}{said}"
                     log.warning(self._log, "exited", code=code)
                 if time.monotonic() - begun >= self._stable_s:
                     backoff = self._backoff_initial_s
@@ -414,7 +613,13 @@ class Supervisor:
                 self.status.restarts += 1
                 backoff = min(backoff * 2, self._backoff_max_s)
         finally:
-            await self.stop()
+            child = self.child
+            if self._keep_on_cancel and child is not None and child.log_path and child.running:
+                child.detach()
+                log.info(self._log, "left running for the next gpud", pid=child.pid)
+                self.status.state = "stopped"
+            else:
+                await self.stop()
 
     async def _wait_exit_or_restart(self, child: ChildProcess) -> bool:
         exited = asyncio.ensure_future(child.wait())

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 import msgpack
 import msgspec
 
+from gpud.errors import GpudError
+
 TAGS_VERSION = 1
 # memberlist's limit on a node's meta (Serf encodes the tag map into it with msgpack).
 MAX_TAGS_BYTES = 512
@@ -45,6 +47,12 @@ _CLAIM = r"[a-z0-9-]{1,63}\.[0-9]{1,4}:[0-9]{1,5}:[0-9a-f]{0,32}(?::[0-9]{0,5}(?
 ReplicaClaims = Annotated[
     str, msgspec.Meta(max_length=MAX_TAGS_BYTES, pattern=rf"^(?:{_CLAIM}(?:;{_CLAIM})*)?$")
 ]
+# What this node's own claims may take when it gossips them: the rest of the 512 bytes once
+# every other field is at its longest (some 290 bytes today), with room for a few more fields.
+# So the tags fit whatever a node runs (tests/test_tags_budget.py builds that worst case from
+# the schema); the deployments publisher leaves out the claims past it, heads' first. Peers
+# still decode up to 512 characters (what older nodes may gossip).
+CLAIMS_MAX_CHARS = 200
 
 
 class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
@@ -84,6 +92,12 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # deposes a head whose GCS a majority of its workers cannot reach).
     nm: PortOrNone = 0
     hg: GcsReachSummary = "unknown"
+    # A head that stepped down because a majority of its workers could not reach its GCS:
+    # that GCS port (0: none). While set it runs Ray as a worker but is never head, and its
+    # peers probe the port to tell whether the path to it is still blocked.
+    hc: PortOrNone = 0
+    # Those peers' verdict on that port (ok: it answers again, which ends the cool-down).
+    hx: GcsReachSummary = "unknown"
     # Cordoned (`gpud drain`): no new replicas here, never Ray head; survives restarts.
     cd: bool = False
 
@@ -91,13 +105,13 @@ class Tags(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
 _DEFAULTS = Tags()
 
 
-class TagsError(ValueError):
+class TagsError(ValueError, GpudError):
     """Tags that cannot be gossiped (too large) or decoded."""
 
 
 def encode(tags: Tags) -> dict[str, str]:
-    """Tags as Serf's string map; raises TagsError above memberlist's 512-byte limit or for a
-    field out of its bounds."""
+    """Tags as Serf's string map; raises TagsError above memberlist's 512-byte limit, for
+    claims past CLAIMS_MAX_CHARS or for a field out of its bounds."""
     # Defaults are left out of the gossip (memberlist meta is small); decode restores them.
     defaults = msgspec.to_builtins(_DEFAULTS)
     raw = {
@@ -106,6 +120,11 @@ def encode(tags: Tags) -> dict[str, str]:
         if value != defaults[key]
     }
     raw["v"] = str(tags.v)
+    if len(tags.dp) > CLAIMS_MAX_CHARS:
+        raise TagsError(
+            f"replica claims take {len(tags.dp)} characters, more than the {CLAIMS_MAX_CHARS} "
+            "the tags keep for them"
+        )
     size = len(msgpack.packb(raw))
     if size > MAX_TAGS_BYTES:
         raise TagsError(f"tags take {size} bytes, more than memberlist's {MAX_TAGS_BYTES}")

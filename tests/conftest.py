@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.harness.gpud_node import Cluster
 from tests.harness.netns import Network, cleanup_leftovers
+
+# Property tests check what the deciders decide, not how fast: a per-example deadline only
+# measures how loaded the machine is (performance is measured by bench/, not by tests).
+settings.register_profile("gpud", deadline=None)
+settings.load_profile("gpud")
 
 
 @functools.cache

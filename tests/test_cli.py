@@ -9,17 +9,21 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gpud.cli import render_status
+from gpud.cli import render_members, render_status
 from gpud.component import Problem
 from gpud.context import Member
 from gpud.status import NodeSection, StatusDocument
 from gpud.tags import Tags
+from gpud.text import escape, table
 
 ESC = "\x1b"
 
@@ -97,6 +101,21 @@ def gpud(*args: str) -> subprocess.CompletedProcess[str]:
         (["ports", "lease", "--owner", "me", "--count", "1"], b'{"id": "a"}'),
         (["ports", "lease", "--owner", "me", "--count", "1"], b"[1, 2]"),
         (["ports", "lease", "--owner", "me", "--count", "1"], b"null"),
+        (["ports", "lease", "--owner", "me", "--count", "1", "--json"], b"[1, 2]"),
+        (["members", "--json"], b"not json"),
+        (["status"], b"<html>busy</html>"),
+        (["gpus"], b"{}"),
+        (["gpus"], b'{"summary": "x", "gpus": "all"}'),
+        (["gpus", "lease", "--owner", "me", "--count", "1"], b'{"id": "g"}'),
+        (["keys"], b'{"nodes": "3"}'),
+        (["keys", "install", "k"], b"[]"),
+        (["deploy", "list"], b'{"deployments": 1}'),
+        (["deploy", "status", "m"], b"{}"),
+        (["deploy", "delete", "m"], b'{"name": 1}'),
+        (["health"], b'{"state": "passing"}'),
+        (["network"], b'{"advertise": 1}'),
+        (["ray"], b'{"enabled": true, "role": 3}'),
+        (["drain"], b'{"running_here": 2}'),
     ],
 )
 def test_unexpected_reply_is_one_line_not_a_traceback(
@@ -169,6 +188,139 @@ def test_release_quotes_the_id(tmp_path: Path, lease_id: str, path: str) -> None
         result = gpud("ports", "release", lease_id, "--socket", str(sock))
     assert result.returncode == 0, result.stderr
     assert seen == [f"DELETE {path} HTTP/1.1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "path"),
+    [
+        (["gpus", "release", "x?y=1"], "DELETE /v1/gpus/leases/x%3Fy%3D1"),
+        (["deploy", "status", "../keys"], "GET /v1/deployments/..%2Fkeys"),
+        (["deploy", "delete", "m#1"], "DELETE /v1/deployments/m%231"),
+    ],
+)
+def test_names_are_one_quoted_path_segment(tmp_path: Path, argv: list[str], path: str) -> None:
+    sock, seen = tmp_path / "gpud.sock", []
+    with answering(sock, b"{}", seen=seen):
+        gpud(*argv, "--socket", str(sock))
+    assert seen == [f"{path} HTTP/1.1"]
+
+
+def test_a_silent_daemon_is_exit_3_after_the_timeout(tmp_path: Path) -> None:
+    """A socket that accepts and never answers: exit 3 after --timeout, not 30 s and exit 1."""
+    sock = tmp_path / "gpud.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(sock))
+        server.listen(8)
+        began = time.monotonic()
+        result = gpud("members", "--timeout", "0.5", "--socket", str(sock))
+        took = time.monotonic() - began
+    assert result.returncode == 3, result
+    assert "did not answer GET /v1/members" in result.stderr and "--timeout" in result.stderr
+    assert took < 10, took
+
+
+def test_nobody_listening_and_an_error_reply_have_their_own_codes(tmp_path: Path) -> None:
+    sock = tmp_path / "gpud.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+        bound.bind(str(sock))  # a socket file with no listener: a crashed daemon's
+        result = gpud("status", "--socket", str(sock))
+    assert result.returncode == 3 and "gpud is not running" in result.stderr, result
+    sock.unlink()
+    with answering(sock, b'{"error": "admin only"}', status=403):
+        refused = gpud("keys", "--socket", str(sock))
+    assert refused.returncode == 1 and refused.stderr == "gpud: admin only\n", refused
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "4000"])
+def test_a_bad_timeout_is_a_usage_error(value: str) -> None:
+    result = gpud("status", "--timeout", value, "--socket", "/nonexistent")
+    assert result.returncode == 2 and "--timeout" in result.stderr, result
+
+
+def test_help_documents_exit_codes_and_the_environment() -> None:
+    text = " ".join(gpud("--help").stdout.split())
+    assert "3 the daemon could not be asked" in text and "GPUD_SOCKET" in text
+    status = " ".join(gpud("status", "--help").stdout.split())
+    assert "--timeout S" in status and "exit 3" in status
+
+
+names = st.text(st.characters(codec="utf-8"), min_size=0, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(names, names, names), max_size=6))
+def test_table_columns_line_up_whatever_the_data(rows: list[tuple[str, str, str]]) -> None:
+    """Every cell starts where its header starts, however long the cells before it."""
+    cells = [[escape(c).replace(" ", "_") for c in row] for row in rows]
+    lines = table(["NAME", "ADDRESS", "TAGS"], cells).split("\n")
+    header = lines[0]
+    starts = [header.index("NAME"), header.index("ADDRESS"), header.index("TAGS")]
+    assert len(lines) == len(rows) + 1
+    for line, row in zip(lines[1:], cells, strict=True):
+        line = line.ljust(starts[-1] + 50)  # trailing blanks are not printed
+        for start, cell in zip(starts, row, strict=True):
+            assert line[start : start + len(cell)] == cell
+            assert start == 0 or line[start - 2 : start] == "  "
+
+
+def test_members_table_keeps_long_names_in_line() -> None:
+    long = "gpu-node-with-a-very-long-hostname-042.rack7.example.internal"
+    members = [
+        Member(name=long, addr="10.0.0.1", port=7946, status="alive", tags=Tags(gpu=8)),
+        Member(
+            name="h2", addr="10.0.0.22", port=7946, status="failed", tags=None, tags_error="bad"
+        ),
+    ]
+    header, first, second = render_members(members).splitlines()
+    column = header.index("ADDRESS")
+    assert first[column:].startswith("10.0.0.1:7946") and second[column:].startswith("10.0.0.22")
+    assert first.index("alive") == second.index("failed") == header.index("STATUS")
+
+
+def test_man_page_lists_every_command_and_option() -> None:
+    from gpud.cli import build_parser
+    from gpud.manpage import _options, _walk
+
+    page = gpud("manpage").stdout
+    rendered = subprocess.run(
+        ["groff", "-man", "-Tutf8", "-ww", "-rHY=0", "-rLL=400n", "-P-cbou"],
+        input=page,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert rendered.returncode == 0 and rendered.stderr == "", rendered.stderr
+    text = rendered.stdout
+    for words, _, sub in _walk(build_parser()):
+        assert f"gpud {' '.join(words)}" in text, words
+        for action in _options(sub):
+            for flag in action.option_strings:
+                assert flag in text, (words, flag)
+    assert "gpud ports lease" in text and "--contiguous" in text and "EXIT STATUS" in text
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("gpud po", "ports"),
+        ("gpud ports ", "lease release --help --config --socket --timeout --json"),
+        ("gpud ports lease --c", "--count --contiguous --config"),
+        ("gpud deploy st", "status"),
+        ("gpud --socket /tmp/x sta", "status"),
+    ],
+)
+def test_bash_completion_completes_commands_and_options(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    script = tmp_path / "gpud.bash"
+    script.write_text(gpud("completion", "bash").stdout)
+    words = line.split() + ([""] if line.endswith(" ") else [])
+    probe = (
+        f"source {script}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+        f'COMP_CWORD={len(words) - 1}; _gpud; echo "${{COMPREPLY[*]}}"'
+    )
+    result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.stdout.split() == expected.split(), result
 
 
 def test_version_flag() -> None:

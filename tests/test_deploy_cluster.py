@@ -13,6 +13,7 @@ trusted.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from gpud.deployments import authority
+from gpud.state import DB_NAME
 from tests import fake_nvml
 from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
@@ -310,8 +312,10 @@ def test_deploy_minority_refused_and_partition_heals_to_one_state(
 def test_gpud_crash_stops_its_orphaned_replica_and_starts_anew(
     cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGKILL of gpud alone leaves its replica's server running (its own process group); the
-    next gpud stops exactly that group, releases the old leases and runs the replica again."""
+    """SIGKILL of gpud alone leaves its replica's server running (its own process group); with
+    the record of the spec it runs lost, the next gpud cannot adopt it (tests/test_adopt_*
+    show the adoption): it stops exactly that group, releases the old leases and runs the
+    replica again."""
     nvml = tmp_path / "nvml.json"
     fake_nvml.write_state(nvml, fake_nvml.node(2))
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
@@ -341,6 +345,10 @@ def test_gpud_crash_stops_its_orphaned_replica_and_starts_anew(
     node.proc.kill()
     node.proc.wait(timeout=10)
     assert Path(f"/proc/{old}").exists(), "the server should outlive a SIGKILLed gpud"
+    db = sqlite3.connect(node.dir / "state" / DB_NAME)
+    with db:
+        db.execute("DELETE FROM deployments_group_digests")
+    db.close()
     node.start()
     new = wait_for(server_pid, READY_S, 0.5, what="solo ready after the restart")
     assert new != old

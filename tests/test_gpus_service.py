@@ -12,7 +12,7 @@ import contextlib
 import io
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ from gpud.context import NodeContext
 from gpud.errors import ApiError
 from gpud.gpus import cli as gpus_cli
 from gpud.gpus.service import GpuService
-from gpud.ports.service import loopback_gossip
+from gpud.standalone import loopback_gossip, serve_unix
 from gpud.state import StateStore
 from tests import fake_nvml
+from tests.harness.wait import async_wait_for
 
 POLL_S = 0.05
 
@@ -106,18 +107,11 @@ async def running(node: Node) -> AsyncIterator[GpuService]:
         store.close()
 
 
-async def until(check: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        await asyncio.sleep(POLL_S / 2)
-
-
 async def polls(service: GpuService, n: int) -> None:
     """Wait until ``n`` more polls have been judged."""
     for _ in range(n):
         seen = service._polled_at
-        await until(lambda s=seen: service._polled_at != s, "a poll")
+        await async_wait_for(lambda s=seen: service._polled_at != s, 10, POLL_S / 2, what="a poll")
 
 
 def gpu(service: GpuService, index: int) -> Any:
@@ -154,8 +148,12 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         node.set_readings(2, remapped_rows=[0, 1, 1, 0])
         node.set_readings(5, temperature_c=95)
         # The remap is taken at once; the temperature only once it has held for 2 polls.
-        await until(lambda: gpu(service, 2).state == "unhealthy", "GPU 2 unhealthy")
-        await until(lambda: gpu(service, 5).state == "degraded", "GPU 5 degraded")
+        await async_wait_for(
+            lambda: gpu(service, 2).state == "unhealthy", 10, POLL_S / 2, what="GPU 2 unhealthy"
+        )
+        await async_wait_for(
+            lambda: gpu(service, 5).state == "degraded", 10, POLL_S / 2, what="GPU 5 degraded"
+        )
         assert gpu(service, 2).action == "reset_gpu"
         codes = {(p.code, p.severity, p.subject.split()[1]) for p in service.problems()}
         assert codes == {
@@ -164,7 +162,9 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         }
         fix = next(p.fix for p in service.problems() if p.code == "gpus.row_remap_pending")
         assert "reset the GPU" in fix and "reset_gpu" in fix
-        await until(lambda: service.ctx.tags.gpu == 6, "tags carry 6 healthy GPUs")
+        await async_wait_for(
+            lambda: service.ctx.tags.gpu == 6, 10, POLL_S / 2, what="tags carry 6 healthy GPUs"
+        )
         assert service.ctx.members["n1"].tags is not None  # gossiped (loopback)
         assert service.ctx.members["n1"].tags.gpu == 6
         # The node verdict is gossiped too (tag gh): election reads it for head eligibility.
@@ -192,7 +192,12 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         # One GPU missing from NVML while the PCI bus still has it: the node is unhealthy
         # (not Ray head material) and wants a reboot.
         node.set_pci(9)
-        await until(lambda: service.node_verdict().state == "unhealthy", "node unhealthy")
+        await async_wait_for(
+            lambda: service.node_verdict().state == "unhealthy",
+            10,
+            POLL_S / 2,
+            what="node unhealthy",
+        )
         assert service.node_verdict().action in ("reboot_host", "inspect_hardware")
         assert any(p.code == "gpus.missing" for p in service.problems())
 
@@ -200,7 +205,12 @@ async def test_signals_reach_status_problems_metrics_tags_and_leases(node: Node)
         node.set_pci(8)
         node.set_readings(2, remapped_rows=[0, 1, 0, 0])
         node.set_readings(5, temperature_c=40)
-        await until(lambda: service.node_verdict().state == "healthy", "node healthy again")
+        await async_wait_for(
+            lambda: service.node_verdict().state == "healthy",
+            10,
+            POLL_S / 2,
+            what="node healthy again",
+        )
         assert service.ctx.tags.gpu == 8
 
 
@@ -208,7 +218,9 @@ async def test_gpu_lost_mid_run_and_back(node: Node) -> None:
     async with running(node) as service:
         held = await service.lease("a", 8)
         node.set_errors(3, **{"*": "gpu_is_lost"})
-        await until(lambda: gpu(service, 3).state == "unhealthy", "GPU 3 lost")
+        await async_wait_for(
+            lambda: gpu(service, 3).state == "unhealthy", 10, POLL_S / 2, what="GPU 3 lost"
+        )
         lost = gpu(service, 3)
         assert lost.action == "reboot_host" and "GPU_IS_LOST" in lost.reason
         assert lost.lease == held.id  # its lease stays until released
@@ -218,9 +230,16 @@ async def test_gpu_lost_mid_run_and_back(node: Node) -> None:
         again = await service.lease("b", 7)
         assert lost.uuid not in again.gpus
         node.set_errors(3, **{"*": "reset_required"})
-        await until(lambda: gpu(service, 3).action == "reset_gpu", "GPU 3 needs a reset")
+        await async_wait_for(
+            lambda: gpu(service, 3).action == "reset_gpu",
+            10,
+            POLL_S / 2,
+            what="GPU 3 needs a reset",
+        )
         node.set_errors(3)
-        await until(lambda: gpu(service, 3).state == "healthy", "GPU 3 back")
+        await async_wait_for(
+            lambda: gpu(service, 3).state == "healthy", 10, POLL_S / 2, what="GPU 3 back"
+        )
 
 
 async def test_not_supported_signals_are_values_not_errors(node: Node) -> None:
@@ -260,7 +279,9 @@ async def test_unexpected_nvml_errors_make_unknown_and_polling_goes_on(node: Nod
     async with running(node) as service:
         node.set_errors(0, nvmlDeviceGetTemperature="unknown")
         node.set_errors(1, nvmlDeviceGetPowerUsage="python")
-        await until(lambda: gpu(service, 1).state == "unknown", "GPU 1 unknown")
+        await async_wait_for(
+            lambda: gpu(service, 1).state == "unknown", 10, POLL_S / 2, what="GPU 1 unknown"
+        )
         assert gpu(service, 0).state == "unknown"
         assert "Unknown Error" in gpu(service, 0).reason
         assert "RuntimeError" in gpu(service, 1).reason
@@ -270,41 +291,64 @@ async def test_unexpected_nvml_errors_make_unknown_and_polling_goes_on(node: Nod
 
         node.state["count_error"] = "python"
         node.write()
-        await until(lambda: "cannot count the GPUs" in gpu(service, 2).reason, "count fails")
+        await async_wait_for(
+            lambda: "cannot count the GPUs" in gpu(service, 2).reason,
+            10,
+            POLL_S / 2,
+            what="count fails",
+        )
         assert gpu(service, 2).state == "unknown" and service.node_verdict().state == "unknown"
 
         # A driver that does not answer: unknown within nvml_timeout_s, and polling goes on.
         node.state.pop("count_error")
         node.state["hang_s"] = 3
         node.write()
-        await until(lambda: "did not answer" in gpu(service, 2).reason, "NVML hang seen", 15)
+        await async_wait_for(
+            lambda: "did not answer" in gpu(service, 2).reason,
+            15,
+            POLL_S / 2,
+            what="NVML hang seen",
+        )
         assert gpu(service, 2).state == "unknown"
         node.state["hang_s"] = 0
         node.set_errors(0)
         node.set_errors(1)
-        await until(lambda: service.node_verdict().state == "healthy", "recovered", 20)
+        await async_wait_for(
+            lambda: service.node_verdict().state == "healthy", 20, POLL_S / 2, what="recovered"
+        )
 
 
 async def test_xids_from_nvml_events_and_the_kernel_log(node: Node) -> None:
     async with running(node) as service:
-        await until(lambda: service.status().nvml_events == "watching", "NVML events watched")
+        await async_wait_for(
+            lambda: service.status().nvml_events == "watching",
+            10,
+            POLL_S / 2,
+            what="NVML events watched",
+        )
         node.state["events"] = [{"seq": 1, "index": 4, "xid": 48}]
         node.write()
-        await until(lambda: gpu(service, 4).state == "unhealthy", "XID 48 on GPU 4")
+        await async_wait_for(
+            lambda: gpu(service, 4).state == "unhealthy", 10, POLL_S / 2, what="XID 48 on GPU 4"
+        )
         assert gpu(service, 4).action == "reset_gpu"
         assert gpu(service, 4).xids[0].source == "nvml-event"
         assert samples(service, "gpud_gpu_last_xid")["4"] == 48
 
         pci6 = gpu(service, 6).pci
         node.kernel_xid(pci6, 13, "Graphics Exception")
-        await until(lambda: gpu(service, 6).state == "degraded", "XID 13 on GPU 6")
+        await async_wait_for(
+            lambda: gpu(service, 6).state == "degraded", 10, POLL_S / 2, what="XID 13 on GPU 6"
+        )
         assert gpu(service, 6).action == "restart_app"
         assert "Graphics Exception" in gpu(service, 6).reason
         assert samples(service, "gpud_gpu_xid_total")["6"] == 1
 
         # A GPU that fell off the bus is gone from NVML, so its XID matches no GPU: the node.
         node.kernel_xid("0000:f0:00", 79, "GPU has fallen off the bus.")
-        await until(lambda: service.node_verdict().state == "unhealthy", "XID 79")
+        await async_wait_for(
+            lambda: service.node_verdict().state == "unhealthy", 10, POLL_S / 2, what="XID 79"
+        )
         assert service.node_verdict().action == "reboot_host"
         assert service.status().unmatched_xids[0].xid == 79
         assert any(p.code == "gpus.xid" and p.subject == "gpus" for p in service.problems())
@@ -323,7 +367,12 @@ async def test_without_nvml_the_component_says_why(node: Node) -> None:
             await service.lease("x", 1)
         # NVIDIA GPUs on the bus but no driver: unknown, with the fix.
         node.set_pci(2)
-        await until(lambda: service.node_verdict().state == "unknown", "unknown without NVML")
+        await async_wait_for(
+            lambda: service.node_verdict().state == "unknown",
+            10,
+            POLL_S / 2,
+            what="unknown without NVML",
+        )
         problem = service.problems()[0]
         assert problem.code == "gpus.nvml_unavailable" and "driver" in problem.fix
 
@@ -337,7 +386,12 @@ async def test_leases_are_durable_and_dead_owners_are_reclaimed(node: Node) -> N
         finally:
             child.kill()
             await child.wait()
-        await until(lambda: doomed.id not in {x.id for x in service.leases()}, "reclaimed")
+        await async_wait_for(
+            lambda: doomed.id not in {x.id for x in service.leases()},
+            10,
+            POLL_S / 2,
+            what="reclaimed",
+        )
         with pytest.raises(ApiError, match="not a running process"):
             await service.lease("ghost", 1, pid=child.pid)
     async with running(node) as again:
@@ -346,17 +400,13 @@ async def test_leases_are_durable_and_dead_owners_are_reclaimed(node: Node) -> N
 
 
 async def test_cli_shows_verdicts_and_leases(node: Node) -> None:
-    from aiohttp import web
-
-    from gpud import api
-
     async with running(node) as service:
         node.set_readings(1, ecc_volatile_uncorrected=3)
-        await until(lambda: gpu(service, 1).state == "unhealthy", "GPU 1 unhealthy")
-        runner = web.AppRunner(api.make_app(service.routes()))
-        await runner.setup()
+        await async_wait_for(
+            lambda: gpu(service, 1).state == "unhealthy", 10, POLL_S / 2, what="GPU 1 unhealthy"
+        )
         sock = str(node.root / "cli.sock")
-        await web.UnixSite(runner, sock).start()
+        runner = await serve_unix(service, sock)
         try:
             parser = argparse.ArgumentParser()
             gpus_cli.add_commands(parser.add_subparsers(dest="command"))
@@ -379,6 +429,11 @@ async def test_cli_shows_verdicts_and_leases(node: Node) -> None:
             assert lease_id in await asyncio.to_thread(run)
             await asyncio.to_thread(run, "release", lease_id)
             assert service.leases() == []
+            # An owner is free text from any caller: a terminal escape in it is shown, not run.
+            hostile = await service.lease("job\x1b[2J\x1b]0;pwned\x07", 1)
+            shown = await asyncio.to_thread(run)
+            assert "\x1b" not in shown and "\x07" not in shown
+            assert f"lease {hostile.id} job\\x1b[2J\\x1b]0;pwned\\x07 " in shown
         finally:
             await runner.cleanup()
 
@@ -387,7 +442,12 @@ async def test_an_unreadable_kernel_log_is_a_problem_with_a_fix(node: Node) -> N
     """A GPU host whose XID source is gone says so as a problem, not only in a status field."""
     node.kmsg.unlink()
     async with running(node) as service:
-        await until(lambda: service.status().kmsg.startswith("not used"), "kmsg not used")
+        await async_wait_for(
+            lambda: service.status().kmsg.startswith("not used"),
+            10,
+            POLL_S / 2,
+            what="kmsg not used",
+        )
         [problem] = [p for p in service.problems() if p.code == "gpus.xid_source_unavailable"]
         assert problem.severity == "warning" and problem.subject == str(node.kmsg)
         assert "No such file" in problem.message and "kmsg_path" in problem.fix

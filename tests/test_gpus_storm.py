@@ -1,4 +1,4 @@
-"""GPU leases over real sockets against a gpud process (`python -m gpud.gpus serve`) on a fake
+"""GPU leases over real sockets against a gpud process (`python -m gpud.standalone gpus`) on a fake
 8-GPU node: HTTP errors, an unhealthy GPU never leased, a 10,000-request lease/release storm
 with no GPU held twice, and kill -9 mid-storm losing no acknowledged lease."""
 
@@ -23,7 +23,8 @@ import pytest
 from gpud.gpus.leases import GpuLeaseTable
 from gpud.state import StateStore
 from tests import fake_nvml
-from tests.lease_storm import unix_session
+from tests.harness.lease_storm import unix_session
+from tests.harness.wait import async_wait_for
 
 URL = "http://gpud/v1/gpus/leases"
 
@@ -57,7 +58,7 @@ def write_config(workdir: Path) -> Path:
 def gpud_process(workdir: Path) -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, fake_nvml.ENV: str(workdir / "nvml.json")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud.gpus", "serve", str(workdir / "gpud.toml")],
+        [sys.executable, "-m", "gpud.standalone", "gpus", str(workdir / "gpud.toml")],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -95,13 +96,12 @@ async def test_bad_requests_and_unhealthy_gpus_are_refused(workdir: Path) -> Non
             state = fake_nvml.node(8)
             state["devices"][3]["readings"]["ecc_volatile_uncorrected"] = 1
             fake_nvml.write_state(workdir / "nvml.json", state)
-            deadline = time.monotonic() + 10
-            while True:
+
+            async def judged() -> dict | None:
                 info = await (await http.get("http://gpud/v1/gpus")).json()
-                if info["gpus"][3]["state"] == "unhealthy":
-                    break
-                assert time.monotonic() < deadline, "GPU 3 never judged unhealthy"
-                await asyncio.sleep(0.1)
+                return info if info["gpus"][3]["state"] == "unhealthy" else None
+
+            info = await async_wait_for(judged, 10, 0.1, what="GPU 3 judged unhealthy")
             bad = info["gpus"][3]["uuid"]
             assert info["gpus"][3]["action"] == "reset_gpu"
             signals = {s["name"]: s for s in info["gpus"][3]["signals"]}

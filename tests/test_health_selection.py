@@ -10,7 +10,13 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.health.prober import select_targets, sweep_order, sweep_steps
+from gpud.health.prober import (
+    HEAD_WATCHERS,
+    select_targets,
+    sweep_order,
+    sweep_steps,
+    watches_head,
+)
 
 MESH_MAX = 8
 
@@ -23,13 +29,14 @@ clusters = st.integers(MESH_MAX + 1, 400).map(_names)
 
 
 @given(clusters, st.integers(1, 8), st.integers(0, 10**9), st.data())
-def test_every_peer_is_probed_within_sweep_steps_and_the_head_every_round(
+def test_every_peer_is_probed_within_sweep_steps_and_the_head_in_its_turn(
     names: list[str], k: int, first_step: int, data: st.DataObject
 ) -> None:
     me = data.draw(st.sampled_from(names))
     head = data.draw(st.sampled_from([None, *names]))
     watch = data.draw(st.lists(st.sampled_from(names), max_size=k, unique=True))
     peers = [n for n in names if n != me]
+    ring = sorted(names)
     seen: set[str] = set()
     for step in range(first_step, first_step + sweep_steps(len(peers), k)):
         targets = select_targets(
@@ -43,7 +50,8 @@ def test_every_peer_is_probed_within_sweep_steps_and_the_head_every_round(
         )
         assert me not in targets and len(set(targets)) == len(targets)
         if head is not None and head != me:
-            assert head in targets
+            watched = watches_head(ring, ring.index(me), ring.index(head), step)
+            assert watched <= (head in targets)
         assert {w for w in watch if w != me} <= set(targets)
         # Neighbours, the head, the watched peers and k others: O(k) at any size.
         assert len(targets) <= 3 + k + len(watch)
@@ -64,6 +72,29 @@ def test_probes_received_per_step_stay_bounded(
         ):
             received[target] += 1
     assert max(n for name, n in received.items() if name != head) <= k + 3
+    # The head too: its ring neighbours and HEAD_WATCHERS others in turn, whatever the size.
+    if head is not None:
+        assert received[head] <= HEAD_WATCHERS + k + 3
+
+
+@given(clusters, st.integers(0, 10**9), st.data())
+def test_every_node_probes_the_head_within_its_turn(
+    names: list[str], first_step: int, data: st.DataObject
+) -> None:
+    """Each node probes the head at least once every ceil((N - 1) / HEAD_WATCHERS) steps,
+    and at most HEAD_WATCHERS of the others plus its two neighbours do in each step."""
+    head = data.draw(st.sampled_from(names))
+    ring = sorted(names)
+    turn = -(-(len(ring) - 1) // HEAD_WATCHERS)
+    head_at = ring.index(head)
+    probed_by: set[str] = set()
+    for step in range(first_step, first_step + turn):
+        watchers = {
+            me for at, me in enumerate(ring) if me != head and watches_head(ring, at, head_at, step)
+        }
+        assert len(watchers) <= HEAD_WATCHERS + 2
+        probed_by |= watchers
+    assert probed_by == set(ring) - {head}
 
 
 @given(clusters, st.integers(1, 4).map(lambda pairs: 2 * pairs), st.integers(0, 10**9))

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.health.prober import select_targets
+from gpud.health.prober import select_targets, watches_head
 from gpud.health.verdict import (
     Direction,
     Endpoint,
@@ -168,14 +168,14 @@ def test_target_selection(peers: list[str], mesh_max: int, k: int, seed: int, da
         assert targets == sorted(peers)
         return
     assert len(targets) <= k + 3  # O(k), whatever the cluster size
-    if head is not None:
-        assert head in targets
     ring = sorted([*peers, me])
     at = ring.index(me)
+    watched = head is not None and watches_head(ring, at, ring.index(head), seed)
+    if watched:
+        assert head in targets
     assert {ring[at - 1], ring[(at + 1) % len(ring)]} <= set(targets)
-    assert len(targets) == min(
-        len(peers), len({head, ring[at - 1], ring[(at + 1) % len(ring)]} - {None}) + k
-    )
+    fixed = {head if watched else None, ring[at - 1], ring[(at + 1) % len(ring)]} - {None}
+    assert len(targets) == min(len(peers), len(fixed) + k)
 
 
 @given(st.lists(st.sampled_from(["unknown", "passing", "critical"]), max_size=9), st.integers(0, 9))

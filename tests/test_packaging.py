@@ -1,11 +1,15 @@
 """The deb and rpm: build both from one staged tree, inspect them, install the deb for real
-(dpkg -i into /, purged at the end), install the rpm into a scratch root, and check the
-systemd unit and the privilege it keeps against the running kernel.
+(dpkg -i into /, purged at the end), install the rpm into a scratch root and build its venv
+from the bundled wheels (make-venv refuses a tampered wheel and an unsupported Python), check
+the copyright file against the DEP-5 rules and the serf pin, and check the systemd unit and
+the privilege it keeps against the running kernel.
 """
 
 from __future__ import annotations
 
 import grp
+import hashlib
+import importlib.util
 import json
 import os
 import pwd
@@ -20,9 +24,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+import hypothesis.strategies as st
 import msgspec
 import pytest
+from hypothesis import given
 
 from gpud import config as gpud_config
 from gpud.secret import parse_key
@@ -33,6 +40,20 @@ UNIT = ROOT / "systemd" / "gpud.service"
 DEFAULT_CONFIG = ROOT / "packaging" / "gpud.toml"
 WANTS_LINK = Path("/etc/systemd/system/multi-user.target.wants/gpud.service")
 BUILD_TOOLS = ("dpkg-deb", "rpmbuild", "rpm", "/usr/bin/python3.11", "/usr/bin/serf")
+VENV = Path("/opt/gpud")
+
+
+def _load_build() -> ModuleType:
+    """packaging/build.py as a module (the name `packaging` is the PyPI library's)."""
+    spec = importlib.util.spec_from_file_location("gpud_build", ROOT / "packaging" / "build.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolves annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build()
 
 
 def _need(*tools: str) -> None:
@@ -41,9 +62,16 @@ def _need(*tools: str) -> None:
         pytest.skip(f"needs {', '.join(missing)}")
 
 
-def _run(*cmd: str | Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+def _run(
+    *cmd: str | Path, check: bool = True, timeout: float = 300, **kwargs
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=300, check=False, **kwargs
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kwargs,
     )
     if check and result.returncode != 0:
         pytest.fail(
@@ -61,6 +89,11 @@ def _unit_settings(text: str) -> dict[str, list[str]]:
     return settings
 
 
+BUILD_TIMEOUT_S = 900
+# Whichever test first needs the packages pays for both builds.
+BUILD_MARK_S = 2 * BUILD_TIMEOUT_S + 300
+
+
 @dataclass(frozen=True)
 class Packages:
     deb: Path
@@ -73,8 +106,11 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
     _need(*BUILD_TOOLS)
     base = tmp_path_factory.mktemp("packages")
     build = [sys.executable, ROOT / "packaging" / "build.py", "--out", base / "out"]
-    _run(*build, "--work", base / "work")
-    _run(*build, "--work", base / "work", "--reuse-stage", "--revision", "2")
+    # Staging builds wheels for three CPythons: minutes on a loaded 2-core machine.
+    _run(*build, "--work", base / "work", timeout=BUILD_TIMEOUT_S)
+    _run(
+        *build, "--work", base / "work", "--reuse-stage", "--revision", "2", timeout=BUILD_TIMEOUT_S
+    )
     out = base / "out"
     arch = os.uname().machine
     deb_arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
@@ -117,7 +153,7 @@ def test_unit_keeps_only_the_privileges_gpud_needs() -> None:
         "NotifyAccess": "main",
         "WatchdogSec": "30s",
         "Restart": "on-failure",
-        "KillMode": "mixed",
+        "KillMode": "process",
         "User": "gpud",
         "Group": "gpud",
         "RuntimeDirectory": "gpud",
@@ -217,14 +253,26 @@ def _deb_contents(deb: Path) -> dict[str, str]:
     return entries
 
 
-def test_deb_metadata_files_and_modes(packages: Packages) -> None:
+def _extract_deb(deb: Path, dest: Path) -> Path:
+    _run("dpkg-deb", "-x", deb, dest)
+    return dest
+
+
+@pytest.mark.timeout(BUILD_MARK_S)
+def test_deb_metadata_files_and_modes(packages: Packages, tmp_path: Path) -> None:
     field = _run("dpkg-deb", "--field", packages.deb, "Package", "Version", "Depends").stdout
     assert "Package: gpud" in field and f"Version: {_project_version()}-1" in field
     depends = [d.strip() for d in field.split("Depends:")[1].strip().split(",")]
-    # serf is bundled: Debian's serf package would start its own serf.service on 7946/7373.
-    assert depends[0] == "python3.11" and not any(d.startswith("serf") for d in depends)
+    # Any one supported CPython: the venv is built with it at install (Debian 12: 3.11,
+    # Ubuntu 24.04: 3.12, Debian 13: 3.13). serf is bundled: Debian's serf package would
+    # start its own serf.service on 7946/7373.
+    assert depends[0] == "python3.13 | python3.12 | python3.11"
+    assert not any(d.startswith("serf") for d in depends)
     maintainer = _run("dpkg-deb", "--field", packages.deb, "Maintainer").stdout.strip()
-    assert maintainer == "gpud developers <gpud@localhost>"
+    assert maintainer == build.MAINTAINER and re.fullmatch(
+        r"[^<>]+ <[^@<>\s]+@[^@<>\s]+>", maintainer
+    )
+    assert "localhost" not in maintainer
     assert not any(d.startswith("ray") or "vllm" in d for d in depends)
 
     with tempfile.TemporaryDirectory() as control:
@@ -236,47 +284,143 @@ def test_deb_metadata_files_and_modes(packages: Packages) -> None:
         postinst = Path(control, "postinst").read_text()
         assert "deb-systemd-helper enable 'gpud.service'" in postinst
         assert "if [ -d /run/systemd/system ]" in postinst
+        assert "/usr/libexec/gpud/make-venv" in postinst
         postrm = Path(control, "postrm").read_text()
-        assert "deb-systemd-helper purge" in postrm
+        assert "deb-systemd-helper purge" in postrm and "rm -rf /opt/gpud" in postrm
         assert "userdel" not in postrm and "groupdel" not in postrm  # the system user stays
         assert "reserve.unreserve" in Path(control, "prerm").read_text()
 
     entries = _deb_contents(packages.deb)
     expected = {
-        "/opt/gpud/bin/gpud": "-rwxr-xr-x root/root",
-        "/opt/gpud/pyvenv.cfg": "-rw-r--r-- root/root",
         "/etc/gpud/gpud.toml": "-rw-r--r-- root/root",
         "/usr/lib/systemd/system/gpud.service": "-rw-r--r-- root/root",
         "/usr/lib/sysusers.d/gpud.conf": "-rw-r--r-- root/root",
         "/usr/lib/tmpfiles.d/gpud.conf": "-rw-r--r-- root/root",
         "/usr/bin/gpud": "lrwxrwxrwx root/root",
-        "/opt/gpud/bin/python3.11": "lrwxrwxrwx root/root",
+        "/usr/libexec/gpud/make-venv": "-rwxr-xr-x root/root",
+        "/usr/lib/gpud/wheels/requirements.txt": "-rw-r--r-- root/root",
     }
     assert {path: entries.get(path) for path in expected} == expected
+    # The venv is not in the package: postinst builds it for the host's interpreter.
+    assert not any(p.startswith("/opt/") for p in entries)
     # serf off PATH, so it never meets a stand-alone serf; its license in the copyright file.
     assert entries["/usr/libexec/gpud/serf"] == "-rwxr-xr-x root/root"
     assert "/usr/bin/serf" not in entries
-    for doc in ("copyright", "changelog.gz"):
+    for doc in ("copyright", "changelog.gz", "README.md"):
         assert f"/usr/share/doc/gpud/{doc}" in entries, doc
     assert "/usr/share/man/man1/gpud.1.gz" in entries
     # The monitoring mixin (the rpm test checks the rpm holds every file of the deb).
     for name in ("gpud-rules.yml", "gpud-dashboard.json"):
         assert entries[f"/usr/share/gpud/monitoring/{name}"] == "-rw-r--r-- root/root", name
-    # Only what gpud runs: no other console scripts, activate*, headers or test suites.
-    bin_files = {p.rsplit("/", 1)[1] for p in entries if p.startswith("/opt/gpud/bin/")}
-    assert bin_files == {"gpud", "python", "python3", "python3.11"}, bin_files
-    assert not any(p.endswith((".h", ".c")) or "/tests/" in p for p in entries)
-    assert not any(p.startswith("/opt/gpud/include") for p in entries)
-    assert not any("__pycache__" in p or p.endswith(".pyc") for p in entries)
-    site = "/opt/gpud/lib/python3.11/site-packages"
-    for module in ("gpud", "aiohttp", "msgspec", "msgpack", "pyroute2", "sdnotify"):
-        assert f"{site}/{module}" in entries, module
-    assert not any(p.startswith((f"{site}/ray", f"{site}/vllm", f"{site}/pip")) for p in entries)
+    # A wheel of every compiled dependency for every supported CPython; no Ray, vLLM, tests.
+    wheels = [p.rsplit("/", 1)[1] for p in entries if p.endswith(".whl")]
+    for version in build.SUPPORTED_PYTHONS:
+        tag = "cp" + version.replace(".", "")
+        for dist in ("msgspec", "msgpack", "aiohttp", "yarl"):
+            assert any(w.startswith(f"{dist}-") and f"-{tag}-" in w for w in wheels), (dist, tag)
+    assert not any(w.startswith(("ray-", "vllm-", "torch-")) for w in wheels)
+    assert not any(p.endswith((".h", ".c", ".pyc")) or "__pycache__" in p for p in entries)
+    # The operator reference, not the build notes.
+    root = _extract_deb(packages.deb, tmp_path / "deb")
+    assert (root / "usr/share/doc/gpud/README.md").read_text() == (ROOT / "README.md").read_text()
 
 
-def test_payload_is_exactly_the_lock(packages: Packages) -> None:
-    """Every bundled distribution is pinned with hashes in packaging/requirements.lock, and
-    nothing else is bundled (the same version builds the same payload)."""
+def _license_names(expression: str) -> set[str]:
+    return set(re.findall(r"[^\s,]+", expression)) - {"and", "or", "with"}
+
+
+@pytest.mark.timeout(BUILD_MARK_S)
+def test_copyright_file_is_valid_dep5(packages: Packages, tmp_path: Path) -> None:
+    """The format's rules: a header paragraph, Files paragraphs with Files, Copyright and
+    License, and every license short name given its text (inline or stand-alone); parsed
+    strictly by python-debian where it is installed."""
+    text = (
+        _extract_deb(packages.deb, tmp_path / "deb") / "usr/share/doc/gpud/copyright"
+    ).read_text()
+    paragraphs = [p for p in re.split(r"\n[ \t]*\n", text.strip())]
+    fields = [build._deb822_paragraphs(p)[0] for p in paragraphs]
+    header, body = fields[0], fields[1:]
+    assert header["Format"] == "https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
+    assert header["Upstream-Contact"] == build.MAINTAINER
+    files = [f for f in body if "Files" in f]
+    licenses = [f for f in body if "Files" not in f]
+    standalone = {f["License"].split("\n")[0].strip(): f for f in licenses}
+    assert len(standalone) == len(licenses)  # one stand-alone paragraph per short name
+    with_text = set()
+    for paragraph in files:
+        assert {"Files", "Copyright", "License"} <= set(paragraph), paragraph
+        synopsis, _, inline = paragraph["License"].partition("\n")
+        assert "(" not in synopsis and " OR " not in synopsis and " AND " not in synopsis, synopsis
+        if not inline.strip():
+            with_text |= _license_names(synopsis)
+    for p in body:
+        if "Files" not in p:
+            name, _, license_text = p["License"].partition("\n")
+            assert len(license_text.strip()) > 200, name  # a real text, not a pointer
+    assert with_text <= set(standalone), with_text - set(standalone)
+    covered = {f["Files"] for f in files}
+    assert "*" in covered and "usr/libexec/gpud/serf" in covered
+    serf = next(f for f in files if f["Files"] == "usr/libexec/gpud/serf")
+    assert "HashiCorp" in serf["Copyright"] and "0.8.2-dev" in serf["Comment"]
+    assert build.SERF_DEB_VERSION in serf["Comment"]
+    for dist in ("aiohttp", "msgspec", "pyroute2", "pip"):
+        assert any(f["Files"].startswith(f"usr/lib/gpud/wheels/{dist}-") for f in files), dist
+    try:
+        from debian import copyright as deb_copyright
+    except ImportError:
+        return
+    parsed = deb_copyright.Copyright(text.splitlines(keepends=True), strict=True)
+    assert parsed.find_files_paragraph("usr/libexec/gpud/serf").license.synopsis == serf["License"]
+    assert parsed.find_files_paragraph("usr/bin/gpud").license.synopsis == "Apache-2.0"
+
+
+_SPDX_ID = st.sampled_from(["MIT", "Apache-2.0", "BSD-3-Clause", "GPL-2.0-or-later", "PSF-2.0"])
+
+
+@given(
+    st.lists(_SPDX_ID, min_size=1, max_size=3),
+    st.sampled_from([" AND ", " OR "]),
+    st.sampled_from([" AND ", " OR "]),
+    st.booleans(),
+)
+def test_dep5_expression_keeps_the_licenses_and_drops_spdx_syntax(
+    ids: list[str], inner: str, outer: str, grouped: bool
+) -> None:
+    expression = inner.join(ids)
+    if grouped:
+        expression = f"({expression}){outer}MIT"
+    converted = build.dep5_expression(expression)
+    assert "(" not in converted and ")" not in converted
+    assert " AND " not in converted and " OR " not in converted
+    assert _license_names(converted) == set(ids) | ({"MIT"} if grouped else set())
+    if grouped and len(ids) > 1:
+        # DEP-5 has no parentheses: the outer operator gets the comma (lowest precedence).
+        assert f", {outer.strip().lower()} MIT" in converted
+
+
+def test_the_bundled_serf_is_pinned_by_checksum(tmp_path: Path) -> None:
+    _need("/usr/bin/serf")
+    arch = os.uname().machine
+    if arch not in build.SERF_SHA256:
+        pytest.skip(f"no serf pin for {arch}")
+    assert build.serf_mismatch(Path("/usr/bin/serf"), arch) is None
+    tampered = tmp_path / "serf"
+    tampered.write_bytes(Path("/usr/bin/serf").read_bytes() + b"\0")
+    problem = build.serf_mismatch(tampered, arch)
+    assert problem and build.SERF_SHA256[arch] in problem and build.SERF_DEB_VERSION in problem
+    assert "no pinned serf for riscv64" in (build.serf_mismatch(tampered, "riscv64") or "")
+    # The version the packages state is the source's; serf itself says 0.8.2-dev.
+    assert "0.8.2-dev" in _run("/usr/bin/serf", "version").stdout
+    dpkg = _run("dpkg-query", "-W", "-f", "${Version}", "serf", check=False)
+    if dpkg.returncode == 0:
+        assert dpkg.stdout == build.SERF_DEB_VERSION
+
+
+@pytest.mark.timeout(BUILD_MARK_S)
+def test_payload_is_exactly_the_lock(packages: Packages, tmp_path: Path) -> None:
+    """Every bundled wheel is pinned in packaging/requirements.lock with the sha256 of that
+    very file (for each supported CPython), nothing else is bundled, and the manifest
+    make-venv installs names each bundled file's hash."""
     lock = (ROOT / "packaging" / "requirements.lock").read_text()
     pinned = set(re.findall(r"^([a-z0-9-]+)==(\S+) \\$", lock, re.M))
     assert pinned and all(
@@ -285,19 +429,56 @@ def test_payload_is_exactly_the_lock(packages: Packages) -> None:
         )
         for n, v in pinned
     )
-    site = "/opt/gpud/lib/python3.11/site-packages/"
-    bundled = {
-        (name.replace("_", "-").lower(), version)
-        for path in _deb_contents(packages.deb)
-        if path.startswith(site) and path.endswith(".dist-info")
-        for name, version in [path.removeprefix(site).removesuffix(".dist-info").rsplit("-", 1)]
-    }
-    assert bundled - {("gpud", _project_version())} == pinned
+    wheels = _extract_deb(packages.deb, tmp_path / "deb") / "usr/lib/gpud/wheels"
+    bundled = {build._pin(w.name) for w in wheels.glob("*.whl")}
+    assert bundled - {f"gpud=={_project_version()}"} == {f"{n}=={v}" for n, v in pinned}
+    manifest = (wheels / "requirements.txt").read_text()
+    for wheel in wheels.glob("*.whl"):
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if not wheel.name.startswith(("gpud-", "sdnotify-")):  # built here, not downloaded
+            assert digest in lock, wheel.name
+        if not wheel.name.startswith("pip-"):  # the installer runs from its wheel
+            assert f"--hash=sha256:{digest}" in manifest, wheel.name
+    assert not re.search(r"^pip==", manifest, re.M)
 
 
+def _make_venv(wheels: Path, venv: Path, python: str = "/usr/bin/python3.11"):
+    return _run(wheels.parent.parent.parent / "libexec/gpud/make-venv", venv, wheels, python,
+                check=False, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+
+
+@pytest.mark.timeout(BUILD_MARK_S)
+def test_make_venv_refuses_a_tampered_wheel_and_an_unsupported_python(
+    packages: Packages, tmp_path: Path
+) -> None:
+    """Nothing but the hashed files installs, and a failure leaves no half-built venv."""
+    root = _extract_deb(packages.deb, tmp_path / "deb")
+    wheels = root / "usr/lib/gpud/wheels"
+    (victim,) = wheels.glob("msgspec-*-cp311-*.whl")
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    venv = tmp_path / "venv"
+    result = _make_venv(wheels, venv)
+    assert result.returncode != 0 and "HASH" in result.stdout + result.stderr, result
+    assert not venv.exists()
+    # An interpreter the wheels are not for (the pytest run's, if it is not one) is refused.
+    fake = tmp_path / "python3.10"
+    fake.write_text("#!/bin/sh\necho 3.10\n")
+    fake.chmod(0o755)
+    result = _make_venv(wheels, venv, str(fake))
+    assert result.returncode == 1 and "3.10" in result.stderr and "3.13 3.12 3.11" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one line naming the cause
+    assert not venv.exists()
+
+
+@pytest.mark.timeout(BUILD_MARK_S)
 def test_rpm_metadata_files_and_scriptlets(packages: Packages) -> None:
     requires = _run("rpm", "-qp", "--requires", packages.rpm).stdout.split("\n")
-    assert "/usr/bin/python3.11" in requires and "systemd" in requires
+    assert "(/usr/bin/python3.13 or /usr/bin/python3.12 or /usr/bin/python3.11)" in requires
+    assert "systemd" in requires
+    provides = _run("rpm", "-qp", "--provides", packages.rpm).stdout.split("\n")
+    assert f"bundled(serf) = {build.SERF_UPSTREAM_VERSION}" in provides
+    packager = _run("rpm", "-qp", "--qf", "%{PACKAGER}", packages.rpm).stdout
+    assert packager == build.MAINTAINER
     assert not any("ray" in r or "vllm" in r or r.startswith("/opt/") for r in requires), requires
     files = dict(
         line.split(" ", 1)
@@ -322,20 +503,23 @@ def test_rpm_metadata_files_and_scriptlets(packages: Packages) -> None:
     deb_files = {p for p, mode in _deb_contents(packages.deb).items() if not mode.startswith("d")}
     assert deb_files - set(files) == set()
     assert files["/usr/share/doc/gpud"].startswith("drwxr-xr-x root")
-    for tag in ("PREIN", "POSTIN", "PREUN", "POSTUN"):
+    for tag in ("PREIN", "POSTIN", "PREUN", "POSTUN", "POSTTRANS"):
         body = _run("rpm", "-qp", "--qf", f"%{{{tag}}}", packages.rpm).stdout
         assert _run("sh", "-n", "-c", body, check=False).returncode == 0, f"{tag}:\n{body}"
     scripts = _run("rpm", "-qp", "--scripts", packages.rpm).stdout
     for semantics in ("systemctl --no-reload preset gpud.service",
                       "systemctl --no-reload disable --now gpud.service",
-                      "systemctl try-restart gpud.service", "systemd-sysusers --replace="):  # fmt: skip
+                      "systemctl try-restart gpud.service", "systemd-sysusers --replace=",
+                      "/usr/libexec/gpud/make-venv", "rm -rf /opt/gpud"):  # fmt: skip
         assert semantics in scripts, semantics
 
 
+@pytest.mark.timeout(BUILD_MARK_S)
 @pytest.mark.skipif(os.geteuid() != 0, reason="rpm --root needs root")
 def test_rpm_installs_into_scratch_root(packages: Packages, tmp_path: Path) -> None:
     """--nodeps: the scratch root's rpm database knows no python3.11 or systemd.
-    --noscripts: the scriptlets would run chrooted into a root without /bin/sh."""
+    --noscripts: the scriptlets would run chrooted into a root without /bin/sh; make-venv,
+    what %posttrans runs, is run here on the installed wheels instead."""
     root = tmp_path / "root"
     _run("rpm", "--root", root, "--initdb")
     _run("rpm", "--root", root, "-i", "--nodeps", "--noscripts", packages.rpm)
@@ -344,7 +528,10 @@ def test_rpm_installs_into_scratch_root(packages: Packages, tmp_path: Path) -> N
     assert os.readlink(root / "usr/bin/gpud") == "/opt/gpud/bin/gpud"
     assert (root / "etc/gpud/gpud.toml").read_text() == DEFAULT_CONFIG.read_text()
     assert (root / "usr/lib/systemd/system/gpud.service").read_text() == UNIT.read_text()
-    _assert_venv_is_self_contained(root / "opt/gpud")
+    venv = tmp_path / "venv"
+    made = _make_venv(root / "usr/lib/gpud/wheels", venv)
+    assert made.returncode == 0, made.stdout + made.stderr
+    _assert_venv_is_self_contained(venv)
 
 
 def _assert_venv_is_self_contained(venv: Path) -> None:
@@ -454,8 +641,10 @@ def test_deb_installs_files_user_key_and_enables_unit(installed_deb: Packages) -
     assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o600, user.pw_uid, user.pw_gid)
     parse_key(Path("/etc/gpud/cluster.key").read_text(), source="/etc/gpud/cluster.key")
     assert WANTS_LINK.is_symlink()  # postinst enabled it, as Debian packages do
-    assert list(Path("/opt/gpud/lib/python3.11/site-packages/gpud").glob("__pycache__/*.pyc"))
-    _assert_venv_is_self_contained(Path("/opt/gpud"))
+    grp.getgrnam("gpud-admin")  # api.admin_group's default
+    # postinst built the venv from the wheels, byte-compiled, with the host's python3.
+    assert list(VENV.glob("lib/python3.*/site-packages/gpud/__pycache__/*.pyc"))
+    _assert_venv_is_self_contained(VENV)
 
 
 def test_deb_unit_enables_and_verifies_without_systemd_running(installed_deb: Packages) -> None:
@@ -499,7 +688,7 @@ def test_deb_upgrade_keeps_config_and_key(installed_deb: Packages) -> None:
 def test_deb_remove_keeps_state_and_purge_removes_it(installed_deb: Packages) -> None:
     _run("dpkg", "--remove", "gpud")
     assert _dpkg_status().startswith("deinstall ok config-files")
-    assert not Path("/opt/gpud").exists() and not Path("/usr/bin/gpud").exists()
+    assert not VENV.exists() and not Path("/usr/bin/gpud").exists()
     assert Path("/etc/gpud/gpud.toml").exists() and Path("/var/lib/gpud").exists()
     pwd.getpwnam("gpud")
     _run("dpkg", "--purge", "gpud")

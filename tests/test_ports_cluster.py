@@ -25,8 +25,8 @@ from gpud import client
 from gpud.config import PortsConfig
 from gpud.ports import blocks, reserve
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.harness.lease_storm import lease_storm
 from tests.harness.netns import Host
-from tests.lease_storm import lease_storm
 
 pytestmark = pytest.mark.netns
 

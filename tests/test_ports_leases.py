@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpud.leasebook import new_lease_id
 from gpud.ports import reserve
-from gpud.ports.leases import Lease, LeaseStore, StoredLease, choose_ports, new_lease_id
+from gpud.ports.leases import Lease, LeaseStore, StoredLease, choose_ports
 from gpud.state import StateStore
 
 BLOCK = range(21200, 21232)

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,10 +29,12 @@ from gpud import cli, config
 from gpud.context import Member, NodeContext
 from gpud.ports import blocks
 from gpud.ports.leases import LeaseStore
-from gpud.ports.service import PortsService, loopback_gossip, serve_unix
+from gpud.ports.service import PortsService
+from gpud.standalone import loopback_gossip, serve_unix
 from gpud.state import StateStore
 from gpud.tags import Tags
-from tests.lease_storm import lease_storm, unix_session
+from tests.harness.lease_storm import lease_storm, unix_session
+from tests.harness.wait import async_wait_for
 
 ADDR = "127.0.0.1"
 
@@ -87,7 +88,7 @@ async def running(cfg_path: Path, addr: str = ADDR) -> AsyncIterator[PortsServic
 def server_process(cfg_path: Path) -> Iterator[subprocess.Popen[str]]:
     """The ports component alone in a child process, serving its routes on the config's socket."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud.ports.service", str(cfg_path), ADDR],
+        [sys.executable, "-m", "gpud.standalone", "ports", str(cfg_path), ADDR],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -240,10 +241,12 @@ async def test_zombie_scan_reclaims_leases_of_dead_owners(workdir: Path) -> None
         finally:
             child.kill()
             await child.wait()
-        deadline = time.monotonic() + 10
-        while any(lease.id == doomed.id for lease in service.leases()):
-            assert time.monotonic() < deadline, "zombie lease not reclaimed in 10 s"
-            await asyncio.sleep(0.05)
+        await async_wait_for(
+            lambda: all(lease.id != doomed.id for lease in service.leases()),
+            10,
+            0.05,
+            what="the zombie lease reclaimed",
+        )
         assert [lease.id for lease in service.leases()] == [kept.id]
         # The reclaimed ports are free again.
         again = await service.lease("model-b", 62)

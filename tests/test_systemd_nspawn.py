@@ -1,13 +1,14 @@
-"""The deb on a stock Debian 12 under a real systemd as PID 1.
+"""The deb on a stock Debian 12 and Debian 13 under a real systemd as PID 1.
 
-A minimal Debian 12 root (debootstrap, cached under .cache/nspawn between runs) with Debian's
-own `serf` package installed, whose serf.service starts on boot on serf's defaults (7946,
+For each release, a minimal root (debootstrap, cached under .cache/nspawn between runs) with
+its own python3 (3.11 on Debian 12, 3.13 on Debian 13) and Debian's `serf` package installed, whose serf.service starts on boot on serf's defaults (7946,
 127.0.0.1:7373), is booted with `systemd-nspawn --register=no --keep-unit --private-network -b`;
 commands run in it with `nsenter -t <its PID 1> -a`. The test installs the deb there and checks
 what an operator sees: active within 10 s with Debian's serf running beside it, READY and
 STATUS=, `gpud status` for a group member (refused for others), kill -9 and the watchdog
 restart it, reload, error priorities in the journal, an upgrade keeping an edited config,
-remove (the reserved port block given back) and purge (the user kept).
+remove (the reserved port block given back) and purge (the user kept), then a pre-seeded
+install (key and config in place before `dpkg -i`: both kept, gpud starts with them).
 
 If gpud's ports collide with the stand-alone serf again, gpud does not become active and the
 test fails.
@@ -30,12 +31,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "nspawn"
-# What the booted root holds besides minbase: systemd as init, the interpreter the deb
-# depends on, Debian's serf (the stand-alone daemon gpud must live beside), tools for checks.
-PACKAGES = "systemd,systemd-sysv,dbus,python3.11,serf,procps,iproute2"
+# What the booted root holds besides minbase: systemd as init, the release's own python3 (the
+# venv is built with it at install), Debian's serf (the stand-alone daemon gpud must live
+# beside), tools for checks.
+PACKAGES = "systemd,systemd-sysv,dbus,python3,serf,procps,iproute2"
 MIRROR = "http://deb.debian.org/debian"
-SUITE = "bookworm"
-BASE = CACHE / f"{SUITE}-{PACKAGES.replace(',', '_')}"
+# Debian release -> its python3's version (what make-venv must pick there).
+SUITES = {"bookworm": "3.11", "trixie": "3.13"}
 DEBS_DIR = "var/cache/gpud-test"
 pytestmark = [pytest.mark.nspawn, pytest.mark.timeout(1800)]
 
@@ -62,20 +64,21 @@ def _run(
     return result
 
 
-def _base_root() -> Path:
-    """The cached debootstrap'd root (made once; a partial one is never used)."""
-    if (BASE / ".complete").exists():
-        return BASE
-    partial = BASE.with_name(BASE.name + ".partial")
+def _base_root(suite: str) -> Path:
+    """The cached debootstrap'd root of ``suite`` (made once; a partial one is never used)."""
+    base = CACHE / f"{suite}-{PACKAGES.replace(',', '_')}"
+    if (base / ".complete").exists():
+        return base
+    partial = base.with_name(base.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    _run("debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, partial, MIRROR,
+    _run("debootstrap", "--variant=minbase", f"--include={PACKAGES}", suite, partial, MIRROR,
          timeout=1500)  # fmt: skip
     # The booted system must not wait for a network it does not have.
     (partial / "etc/hostname").write_text("gpudtest\n")
-    partial.rename(BASE)
-    (BASE / ".complete").touch()
-    return BASE
+    partial.rename(base)
+    (base / ".complete").touch()
+    return base
 
 
 def _children(pid: int) -> list[int]:
@@ -89,9 +92,10 @@ def _children(pid: int) -> list[int]:
 class Machine:
     """A booted copy of the base root: systemd as PID 1 in its own namespaces."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, suite: str) -> None:
+        self.suite = suite
         self.root = workdir / "root"
-        _run("cp", "-a", "--reflink=auto", _base_root(), self.root)
+        _run("cp", "-a", "--reflink=auto", _base_root(suite), self.root)
         self.log_path = workdir / "nspawn.log"
         self._log = open(self.log_path, "wb")
         self.nspawn = subprocess.Popen(
@@ -179,12 +183,12 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return next((base / "out").glob("gpud_*-1_*.deb")), next((base / "out").glob("gpud_*-2_*.deb"))
 
 
-@pytest.fixture(scope="module")
-def machine(debs: tuple[Path, Path]) -> Iterator[Machine]:
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def machine(request: pytest.FixtureRequest, debs: tuple[Path, Path]) -> Iterator[Machine]:
     workdir = Path(tempfile.mkdtemp(prefix="gpud-nspawn-"))
     booted: Machine | None = None
     try:
-        booted = Machine(workdir)
+        booted = Machine(workdir, request.param)
         # Not /tmp: the container mounts a fresh tmpfs over it.
         (booted.root / DEBS_DIR).mkdir(parents=True)
         for deb in debs:
@@ -222,6 +226,13 @@ def test_stock_install_is_active_within_10_s_beside_debians_serf(machine: Machin
     status = machine.show("StatusText")
     assert status and not status.startswith("failed"), status
     assert machine.sh("systemctl is-active serf").stdout.strip() == "active"  # left alone
+    # The venv was built at install with this release's own python3.
+    version = machine.sh(
+        "/opt/gpud/bin/python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'"
+    )
+    assert version.stdout.strip() == SUITES[machine.suite]
+    # api.admin_group's default exists, so its members can lease and deploy.
+    machine.sh("getent group gpud-admin")
 
 
 def test_status_for_group_members_only(machine: Machine) -> None:
@@ -332,3 +343,23 @@ def test_remove_frees_the_block_and_purge_keeps_the_user(machine: Machine) -> No
     assert machine.sh("test -e /etc/gpud", check=False).returncode != 0
     machine.sh("getent passwd gpud && getent group gpud")  # Debian keeps system users
     assert machine.sh("systemctl is-active serf").stdout.strip() == "active"
+
+
+def test_preseeded_key_and_config_are_kept(machine: Machine) -> None:
+    """Config management puts the key and the config in place before the package: the first
+    install keeps both (no new key; --force-confold keeps the config without a prompt), hands
+    the key to the service user, and gpud starts with them."""
+    key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
+    machine.sh("mkdir -p /etc/gpud && "
+               f"(umask 077 && printf '%s' '{key}' > /etc/gpud/cluster.key) && "
+               "printf '[cluster]\\nkey_file = \"/etc/gpud/cluster.key\"\\n"
+               "[node]\\nname = \"preseeded\"\\n' > /etc/gpud/gpud.toml && "
+               "chmod 0644 /etc/gpud/gpud.toml")  # fmt: skip
+    config = machine.sh("cat /etc/gpud/gpud.toml").stdout
+    machine.sh(f"dpkg -i --force-confold {_deb(machine, 1)} </dev/null", timeout=120)
+    assert machine.sh("cat /etc/gpud/cluster.key").stdout == key
+    assert machine.sh("stat -c '%U:%G %a' /etc/gpud/cluster.key").stdout.strip() == "gpud:gpud 600"
+    assert machine.sh("cat /etc/gpud/gpud.toml").stdout == config
+    machine.wait("systemctl is-active -q gpud", 15, "active with the pre-seeded files")
+    machine.wait("gpud status | grep -q preseeded", 15, "the pre-seeded node name")
+    machine.sh("dpkg -P gpud", timeout=120)

@@ -6,6 +6,12 @@ The `dp` tag lists one claim per replica a node runs, ";"-separated:
 ``gcs`` is the Ray GCS port a multi-node replica's head announces once GCS answers (empty or
 absent: none); ``flags`` holds ``r`` when the replica's head announces it ready. Claims from
 older nodes (no flags field) parse as not announced ready; unknown flag letters are ignored.
+
+A node that refuses a deployment (it lacks the spec's local model path) lists it too, in the
+same shape, as ``name.0:0:digest::n`` (port 0, flag ``n``, the spec it refused), so placement on
+every node prefers other nodes for that spec (`placement.NodeView.refuses`). It is no claim:
+`parse_claims` leaves it out (an older parser reads a claim of port 0 that never answers, so
+such a node keeps the replica where it is, failed, as before refusals were announced).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from gpud.deployments.placement import ReplicaKey
 from gpud.ray.election import ineligible_reason, rank_key
 
 READY_FLAG = "r"
+REFUSED_FLAG = "n"
 
 
 class Claim(NamedTuple):
@@ -41,11 +48,24 @@ def parse_claims(raw: str) -> dict[ReplicaKey, Claim]:
         port, _, rest = rest.partition(":")
         digest, _, rest = rest.partition(":")
         gcs, _, flags = rest.partition(":")
+        if REFUSED_FLAG in flags:
+            continue
         if name and index.isdigit() and port.isdigit() and (gcs.isdigit() or not gcs):
             claims[(name, int(index))] = Claim(
                 int(port), digest, int(gcs or 0), READY_FLAG in flags
             )
     return claims
+
+
+def parse_refusals(raw: str) -> dict[str, str]:
+    """The refusals in a `dp` tag: deployment name -> the digest prefix of the spec refused."""
+    refusals = {}
+    for part in raw.split(";"):
+        name, _, rest = part.partition(".")
+        digest, _, flags = rest.removeprefix("0:0:").partition("::")
+        if name and rest.startswith("0:0:") and REFUSED_FLAG in flags and digest:
+            refusals[name] = digest
+    return refusals
 
 
 def format_claim(key: ReplicaKey, claim: Claim) -> str:
@@ -55,8 +75,11 @@ def format_claim(key: ReplicaKey, claim: Claim) -> str:
     return f"{text}:{claim.gcs}" if claim.gcs else text
 
 
-def format_claims(claims: Mapping[ReplicaKey, Claim]) -> str:
-    return ";".join(format_claim(key, c) for key, c in sorted(claims.items()))
+def format_claims(claims: Mapping[ReplicaKey, Claim], refusals: Mapping[str, str] = {}) -> str:
+    """A `dp` tag: ``claims``, then ``refusals`` (deployment name -> digest prefix)."""
+    parts = [format_claim(key, c) for key, c in sorted(claims.items())]
+    parts += [f"{name}.0:0:{digest}::{REFUSED_FLAG}" for name, digest in sorted(refusals.items())]
+    return ";".join(parts)
 
 
 def replica_head(

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gpud.client import EXIT_OK, EXIT_PROBLEM, api_call, api_get, client_options, print_json
-from gpud.deployments.model import ApplyReply, DeploymentsList, DeploymentView
+from gpud.client import (
+    EXIT_OK,
+    EXIT_PROBLEM,
+    api_exchange,
+    api_get,
+    client_options,
+    path_part,
+    print_raw_json,
+)
 from gpud.errors import ConfigError, GpudError
-from gpud.text import duration, escape
+from gpud.text import duration, escape, table
+
+if TYPE_CHECKING:
+    # Loaded by the handlers that decode them: building the parser for another command
+    # (`gpud status`) must not pay for the spec and version modules.
+    from gpud.deployments.model import DeploymentsList
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,6 +64,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from gpud.deployments import spec
+    from gpud.deployments.model import ApplyReply
 
     try:
         text = Path(args.file).read_bytes()
@@ -69,9 +83,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         except spec.SpecError as exc:
             raise GpudError(f"{args.file}: {exc}") from None
         body["operator"], body["signature"] = authority.sign(loaded, private)
-    reply = api_call(args, "POST", "/v1/deployments", body, ApplyReply)
+    reply, raw = api_exchange(args, "POST", "/v1/deployments", body, ApplyReply)
     if args.json:
-        print_json(reply)
+        print_raw_json(raw)
     else:
         what = "applied" if reply.changed else "unchanged"
         print(f"{escape(reply.name)}: {what} (version {escape(reply.version)})")
@@ -79,6 +93,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from gpud.deployments.model import ApplyReply, DeploymentsList
+
     body = None
     if args.key:
         from gpud.deployments import authority
@@ -97,47 +113,61 @@ def cmd_delete(args: argparse.Namespace) -> int:
             "operator": operator,
             "signature": signature,
         }
-    reply = api_call(args, "DELETE", f"/v1/deployments/{args.name}", body, ApplyReply)
+    path = f"/v1/deployments/{path_part(args.name)}"
+    reply, raw = api_exchange(args, "DELETE", path, body, ApplyReply)
     if args.json:
-        print_json(reply)
+        print_raw_json(raw)
     else:
         print(f"{escape(reply.name)}: deleted (version {escape(reply.version)})")
     return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    listing = api_get(args, "/v1/deployments", DeploymentsList)
+    from gpud.deployments.model import DeploymentsList
+
+    listing, raw = api_exchange(args, "GET", "/v1/deployments", type=DeploymentsList)
     if args.json:
-        print_json(listing)
+        print_raw_json(raw)
         return EXIT_OK
-    print(f"{'NAME':<24} {'ENGINE':<8} {'READY':>7}  {'VERSION':<20} STATE")
-    for d in listing.deployments:
-        ready = sum(1 for r in d.replica_views if r.state == "ready")
-        state = d.state if not d.reason else f"{d.state}: {d.reason}"
-        print(
-            f"{escape(d.name):<24} {d.engine:<8} {f'{ready}/{d.replicas}':>7}  "
-            f"{escape(d.version):<20} {escape(state)}"
-        )
+    print(render_list(listing))
     return EXIT_OK
 
 
+def render_list(listing: DeploymentsList) -> str:
+    rows = []
+    for d in listing.deployments:
+        ready = sum(1 for r in d.replica_views if r.state == "ready")
+        state = d.state if not d.reason else f"{d.state}: {d.reason}"
+        rows.append(
+            [
+                escape(d.name),
+                escape(d.engine),
+                f"{ready}/{d.replicas}",
+                escape(d.version),
+                escape(state),
+            ]
+        )
+    return table(["NAME", "ENGINE", "READY", "VERSION", "STATE"], rows, right=[2])
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    view = api_get(args, f"/v1/deployments/{args.name}", DeploymentView)
+    from gpud.deployments.model import DeploymentView
+
+    path = f"/v1/deployments/{path_part(args.name)}"
+    view, raw = api_exchange(args, "GET", path, type=DeploymentView)
     if args.json:
-        print_json(view)
+        print_raw_json(raw)
         return EXIT_OK
     print(
-        f"{escape(view.name)}  {view.engine}  R={view.replicas} N={view.nodes_per_replica} "
-        f"G={view.gpus_per_node}  version {escape(view.version)}  {view.state}"
+        f"{escape(view.name)}  {escape(view.engine)}  R={view.replicas} "
+        f"N={view.nodes_per_replica} G={view.gpus_per_node}  version {escape(view.version)}  "
+        f"{escape(view.state)}"
     )
     if view.reason:
         print(f"refused on this host: {escape(view.reason)}")
     if view.delete_refused:
         print(f"on this host: {escape(view.delete_refused)}")
-    print(
-        f"{'REPLICA':>7}  {'STATE':<18} {'NODE':<16} {'ENDPOINT':<22} {'ANNOUNCED':<9} "
-        f"{'RESTARTS':>8}  DETAIL"
-    )
+    rows = []
     for r in view.replica_views:
         endpoint = f"{r.addr}:{r.port}" if r.port else "-"
         detail = r.reason or r.last_error
@@ -147,10 +177,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         announced = "ready" if r.announced_ready else "-"
         # How long its server has been starting (known on the node that runs it).
         state = r.state if r.starting_s is None else f"{r.state} ({duration(r.starting_s)})"
-        print(
-            f"{r.index:>7}  {state:<18} {escape(r.node) or '-':<16} {endpoint:<22} "
-            f"{announced:<9} {r.restarts:>8}  {escape(detail)}"
+        rows.append(
+            [
+                str(r.index),
+                escape(state),
+                escape(r.node) or "-",
+                escape(endpoint),
+                announced,
+                str(r.restarts),
+                escape(detail),
+            ]
         )
+    print(
+        table(
+            ["REPLICA", "STATE", "NODE", "ENDPOINT", "ANNOUNCED", "RESTARTS", "DETAIL"],
+            rows,
+            right=[0, 5],
+        )
+    )
     return EXIT_OK if all(r.state == "ready" for r in view.replica_views) else EXIT_PROBLEM
 
 

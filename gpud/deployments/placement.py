@@ -25,6 +25,10 @@ Rules, in order of precedence:
    make-before-break: it is placed on other nodes with the cordoned ones as ``leaving``, where
    the old copy keeps serving until the new one is ready (the drained node retires it then). A
    replica that fits nowhere else stays where it is, so a drain never takes capacity away.
+7. Refusal: a replica being (re)placed goes to nodes that do not refuse its deployment
+   (`NodeView.refuses`: they announce they lack the spec's local model path) whenever enough
+   such nodes fit; only when too few do, to a refusing one, where it shows as failed with the
+   node's reason (not pending with none).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class NodeView(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = {}
     # `gpud drain`: no replica is placed here; the ones here move make-before-break.
     cordoned: bool = False
+    # Deployments this node refuses to run (it announces them: e.g. it lacks the spec's local
+    # model path), so they are placed elsewhere.
+    refuses: frozenset[str] = frozenset()
 
 
 class Placed(msgspec.Struct, frozen=True, kw_only=True):
@@ -260,11 +267,13 @@ def _choose(
     used = Counter(hosts_used)
     # Multi-node replicas are exclusive, so one node cannot be picked twice; single-node
     # replicas pick one node. Greedy: previous nodes first and in their old order (so a kept
-    # rank 0 stays rank 0), then fewest of this deployment on the host, then the hash.
+    # rank 0 stays rank 0), then fewest of this deployment on the host, then the hash; nodes
+    # that refuse the deployment only after every other.
     for _ in range(spec.nodes_per_replica):
         best = min(
             (n for n in candidates if n.name not in chosen),
             key=lambda n: (
+                spec.name in n.refuses,
                 previous.index(n.name) if n.name in previous else len(previous),
                 used[n.host],
                 -score(spec.name, replica, n.name),

@@ -10,11 +10,21 @@ Startup: a server that has not passed a probe since its start is starting, never
 before its spec's `startup_timeout_s`; past it, gpud stops it and its Supervisor starts it again
 after its backoff (`startup_step`). Liveness: one that answered and then passes no probe for
 `LIVENESS_ROUNDS` rounds is restarted the same way (`liveness_step`).
+
+A replica of N > 1 nodes is restarted as a whole, on its head, when its Ray cluster lost a node
+(`cluster_step`: a node that was alive in the replica's GCS is no longer listed alive there, or
+its host is no longer an alive member, i.e. its raylet is gone as the gossip sees it), and for a
+startup timeout or a liveness failure too: its Ray head starts afresh (a new
+cluster, with no dead node in it and no actor on one). The head's claim carries the verdict:
+while its new GCS is not up it announces no GCS port, so the server here stops and every other
+node of the replica leaves the old cluster (`Replicas.drive`), and all of them join the new one
+once the head announces it; the server then starts on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -22,15 +32,20 @@ from typing import TYPE_CHECKING
 import aiohttp
 import msgspec
 
+from gpud import log
+from gpud.config import Config
 from gpud.context import Member, NodeContext
 from gpud.deployments import placement, spec
 from gpud.deployments.claims import Claim
 from gpud.deployments.model import PeerProbesReply, PeerProbesRequest, ProbeReport
 from gpud.deployments.peers import PeerNetwork, ask_peers, verified_peers
-from gpud.deployments.replicas import Replica, restart_server
+from gpud.deployments.replicas import Replica, RestartCause, restart_server
+from gpud.ray.probes import GcsNodes
 
 if TYPE_CHECKING:
     from gpud.netcheck import NetCheck
+
+_log = log.get("deployments")
 
 PATH_PEER_PROBES = "/peer/v1/deployments/probes"
 # Peers a replica's head asks for their probe of it before it announces itself ready.
@@ -44,6 +59,9 @@ COMPLETION_REPLY_BYTES = 64 * 1024
 Targets = dict[placement.ReplicaKey, tuple[str, str, int]]
 # This node's last probe of a placed replica: (node, port, ok, error).
 Probe = tuple[str, int, bool, str]
+# The nodes (gpud names) a replica's GCS lists alive, asked of the Ray head process with this
+# pid (a restarted head is a new cluster); None: the GCS did not answer.
+GcsAlive = tuple[int, frozenset[str] | None]
 
 
 def probe_targets(
@@ -81,6 +99,26 @@ def liveness_step(passed: bool, silent_rounds: int, rounds: int) -> tuple[int, b
     return silent, silent >= rounds
 
 
+def cluster_step(
+    joined: frozenset[str], alive: frozenset[str] | None, members: frozenset[str]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """One judgement of a multi-node replica's Ray cluster, on its head: (its nodes seen alive
+    in its GCS since the cluster started, the nodes it lost: restart it as a whole when any).
+
+    ``joined``: the first result of the previous round (empty for a new cluster); ``alive``:
+    the nodes its GCS lists alive now (None: it did not answer, so nothing new is learned and
+    only the membership counts); ``members``: the alive members now. A node that joined is
+    lost once the GCS no longer lists it alive (Ray marked it dead: also when the replica moved
+    off it and its Ray node stopped) or once its host is no longer an alive member (its raylet
+    is gone with it, seconds before Ray's own health check gives up on it). A node never seen
+    is not lost: it may still be joining. Placement is no input: it changes for a moment when a
+    node's health flaps, and that must not restart a replica. Pure."""
+    if alive is None:
+        return joined, joined - members
+    seen = joined | (alive & members)
+    return seen, (seen - members) | (seen - alive)
+
+
 class Readiness:
     """The probe loop (``probes``: this node's latest of each placed replica), the peer route
     that reports them, and the readiness of the replicas whose server runs here."""
@@ -104,9 +142,44 @@ class Readiness:
         self._running = running
         self._on_change = on_change
         self.probes: dict[placement.ReplicaKey, Probe] = {}
+        # Multi-node replicas whose head runs here: what their GCS lists alive, and the nodes
+        # seen alive there since their Ray head process (pid) started (`cluster_step`).
+        self._gcs_alive: dict[placement.ReplicaKey, GcsAlive] = {}
+        self._joined: dict[placement.ReplicaKey, tuple[int, frozenset[str]]] = {}
         peers.add_route(PATH_PEER_PROBES, self._peer_probes)
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_clusters())
+            await self._probe_loop()
+
+    async def _watch_clusters(self) -> None:
+        """Ask the GCS of each multi-node replica whose head runs here which nodes it lists
+        alive, every round, through one long-lived query process per GCS address."""
+        queries: dict[placement.ReplicaKey, GcsNodes] = {}
+        cfg = self._ctx.config
+        try:
+            while True:
+                heads = {
+                    key: (r.ray.status().process.pid, f"{self._ctx.advertise_addr}:{r.gcs}")
+                    for key, r in self._running.items()
+                    if r.ray is not None and r.gcs
+                }
+                for key in [
+                    k for k, q in queries.items() if heads.get(k, (0, ""))[1] != q.gcs_address
+                ]:
+                    await queries.pop(key).close()
+                for key in [k for k in self._gcs_alive if k not in heads]:
+                    del self._gcs_alive[key]
+                for key, (pid, address) in heads.items():
+                    query = queries.setdefault(key, GcsNodes(cfg.ray.executable, address))
+                    self._gcs_alive[key] = (pid, await _alive_nodes(query, key, cfg))
+                await asyncio.sleep(cfg.deployments.interval_s)
+        finally:
+            for query in queries.values():
+                await query.close()
+
+    async def _probe_loop(self) -> None:
         cfg = self._ctx.config.deployments
         timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
         while True:
@@ -168,15 +241,18 @@ class Readiness:
             changed |= ready != replica.ready
             replica.ready = ready
             await self._lifecycle(replica, ready or (replica.key, replica.port) in own)
+        self._joined = {k: v for k, v in self._joined.items() if k in self._running}
         if changed:
             self._on_change()
 
-    @staticmethod
-    async def _lifecycle(replica: Replica, passed: bool) -> None:
-        """Restart a running server that has not passed a probe within its startup_timeout_s,
-        or that answered and then passed none for LIVENESS_ROUNDS rounds. Any passed probe
-        counts, this node's own too: it proves the server answers (a peer that cannot reach it
-        is a network problem, not the server's)."""
+    async def _lifecycle(self, replica: Replica, passed: bool) -> None:
+        """Restart a multi-node replica whose Ray cluster lost a node (`_check_cluster`), and
+        a running server that has not passed a probe within its startup_timeout_s, or that
+        answered and then passed none for LIVENESS_ROUNDS rounds. Any passed probe counts,
+        this node's own too: it proves the server answers (a peer that cannot reach it is a
+        network problem, not the server's)."""
+        if replica.ray is not None and replica.gcs and await self._check_cluster(replica):
+            return
         sup = replica.supervisor
         s = replica.entry.record.spec
         if sup is None or sup.status.state != "running" or s is None or not replica.started_at:
@@ -188,7 +264,7 @@ class Readiness:
                 passed, replica.silent_rounds, LIVENESS_ROUNDS
             )
             if dead:
-                await restart_server(
+                await self._restart(
                     replica,
                     "unresponsive",
                     f"its server answered, then passed no probe ({_check_text(s)}) in "
@@ -199,12 +275,56 @@ class Readiness:
         elapsed = time.monotonic() - replica.started_at
         replica.answered, late = startup_step(False, passed, elapsed, timeout)
         if late:
-            await restart_server(
+            await self._restart(
                 replica,
                 "startup_timeout",
                 f"its server did not pass a probe ({_check_text(s)}) within "
                 f"startup_timeout_s = {timeout} s of its start",
             )
+
+    async def _check_cluster(self, replica: Replica) -> bool:
+        """On the head of a multi-node replica whose GCS answers: one `cluster_step` of its
+        cluster (the Ray head process's, by pid), and the restart as a whole if it lost a node.
+        Whether it was restarted."""
+        if replica.ray is None:
+            return False
+        members = frozenset(m.name for m in self._ctx.members.values() if m.alive)
+        members |= {self._ctx.node_name}
+        pid = replica.ray.status().process.pid or 0
+        asked = self._gcs_alive.get(replica.key)
+        alive = asked[1] if asked is not None and asked[0] == pid else None
+        began, joined = self._joined.get(replica.key, (pid, frozenset()))
+        joined, lost = cluster_step(joined if began == pid else frozenset(), alive, members)
+        self._joined[replica.key] = (pid, joined)
+        if not lost:
+            return False
+        gone = ", ".join(sorted(lost))
+        await self._restart(
+            replica,
+            "ray_node_lost",
+            f"its Ray cluster lost node(s) {gone} (not alive in its GCS, or the host left "
+            "the membership)",
+        )
+        return True
+
+    async def _restart(self, replica: Replica, cause: RestartCause, why: str) -> None:
+        """Restart the server; for N > 1 the replica as a whole: its Ray head starts afresh
+        here, and the claim without a GCS port meanwhile takes the server here and the other
+        nodes' Ray nodes off the old cluster (see the module's docstring)."""
+        await restart_server(replica, cause, why)
+        ray = replica.ray
+        if ray is None or ray.target is None:
+            return
+        if not replica.restarted[0]:  # no server ran: nothing of it to quote
+            replica.restarted = (cause, f"{why}, so gpud restarted the replica")
+        target = ray.target
+        # A changed target restarts Ray at once: clearing it and setting it back is a fresh
+        # Ray head on the same settings (and leases ports anew).
+        ray.set_target(None)
+        ray.set_target(target)
+        self._joined.pop(replica.key, None)
+        log.warning(_log, "replica restarted as a whole", replica=replica.id, cause=cause)
+        self._on_change()
 
     async def _peer_probes(self, body: bytes) -> bytes:
         msgspec.json.decode(body or b"{}", type=PeerProbesRequest)
@@ -241,6 +361,23 @@ class Readiness:
             return False, f"{what}: no answer in time"
         except (aiohttp.ClientError, OSError) as exc:
             return False, str(exc) or type(exc).__name__
+
+
+async def _alive_nodes(
+    query: GcsNodes, key: placement.ReplicaKey, cfg: Config
+) -> frozenset[str] | None:
+    """The gpud nodes whose Ray node of replica ``key`` its GCS lists alive (each is named
+    NODE-NAME.INDEX, see `Replicas`); None when the GCS does not answer in time. A name listed
+    twice is a node whose Ray restarted while the GCS still lists its old raylet alive (the
+    workers on that one are gone with it): not alive."""
+    suffix = f"-{key[0]}.{key[1]}"
+    try:
+        nodes = await query.alive(cfg.deployments.probe_timeout_s)
+    except RuntimeError as exc:
+        log.event(_log, logging.DEBUG, "replica gcs not answering", replica=key[0], error=str(exc))
+        return None
+    names = [n.name.removesuffix(suffix) for n in nodes if n.name.endswith(suffix)]
+    return frozenset(n for n in names if names.count(n) == 1)
 
 
 def _check_text(s: spec.DeploymentSpec) -> str:

@@ -5,7 +5,14 @@ A replica gets leased GPUs and a leased port and runs as gpud's own child in its
 group (`process.Supervisor`: restart with backoff, stop by group only). A replica of N > 1 nodes
 is its own Ray cluster: its head runs `ray start --head` and, once GCS answers, the server; the
 others join the GCS port the head announces. Every Ray port is leased, Ray sees only the
-replica's GPUs. Each group is persisted, so a crashed gpud's leftovers are stopped at start.
+replica's GPUs. Each group is persisted with the spec digest it runs.
+
+The server of a replica of one node outlives gpud: it writes to its own file under the state
+directory (``logs/deploy-<replica>.log``, rotated), a graceful stop of gpud leaves it running,
+and the next gpud re-adopts it (`adopt_leftovers`) when its leader is verifiably the process
+recorded (pid, start time, group, its command line) and the spec is still the one it runs: same
+port, same GPUs, its leases transferred to the new gpud in one durable write each. Whatever
+it cannot adopt (and every Ray node of a replica) it stops and releases, as after a crash.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import collections
 import contextlib
 import os
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -25,7 +34,7 @@ from gpud.deployments import engines, placement, spec
 from gpud.deployments.claims import Claim
 from gpud.deployments.model import Entry
 from gpud.errors import ApiError
-from gpud.process import ChildGroup, ChildProcess, Supervisor, stop_leftover
+from gpud.process import ChildGroup, ChildProcess, Supervisor, leader_verified, stop_leftover
 from gpud.ray.supervisor import RaySupervisor, RayTarget, SupervisorSettings
 from gpud.state import StateStore
 
@@ -43,17 +52,23 @@ VLLM_PORT_BAND = 16
 # What a replica's process inherits from gpud's environment; the spec and gpud set the rest.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 GROUPS_TABLE = "deployments_groups"
+# The spec digest each recorded server runs: a server of another spec is not adopted.
+DIGESTS_TABLE = "deployments_group_digests"
 # A replica that could not start (no free GPU or port yet) is tried again after this long.
 START_RETRY_S = 5.0
 # Why gpud itself restarted a replica's server: no passed probe within startup_timeout_s of its
-# start, or none for `readiness.LIVENESS_ROUNDS` rounds after it had answered.
-RestartCause = Literal["", "startup_timeout", "unresponsive"]
+# start, or none for `readiness.LIVENESS_ROUNDS` rounds after it had answered, or (N > 1, the
+# replica as a whole) its Ray cluster lost a node (`readiness.cluster_step`).
+RestartCause = Literal["", "startup_timeout", "unresponsive", "ray_node_lost"]
 # Ray worker processes (one leased port each) of a multi-node replica's Ray node.
 RAY_WORKER_PORTS = 32
 # Last output lines of a replica's server kept to quote when it is restarted for being late.
 OUTPUT_LINES = 3
 # Grace of a server stopped by gpud (SIGTERM, then SIGKILL of its group).
 SERVER_GRACE_S = 5.0
+# How long an adopted replica that placement puts on no node is kept: right after gpud starts,
+# this node's own health and GPU verdicts (which make it placeable) are not yet in its view.
+ADOPT_SETTLE_S = 30.0
 
 
 class ReplicaGroup:
@@ -62,9 +77,10 @@ class ReplicaGroup:
     `process.GroupRecord` is one key declared once. `Supervisor` and `stop_leftover` stop a
     crashed gpud's leftover group at the next start, like every supervised child's."""
 
-    def __init__(self, store: StateStore, replica: str) -> None:
+    def __init__(self, store: StateStore, replica: str, digest: str = "") -> None:
         self._db = store
         self._replica = replica
+        self._digest = digest
 
     def load(self) -> ChildGroup | None:
         rows = self._db.query(
@@ -79,10 +95,16 @@ class ReplicaGroup:
                 "ON CONFLICT(replica) DO UPDATE SET pgid = excluded.pgid, start = excluded.start",
                 (self._replica, group.pgid, group.start),
             )
+            tx.execute(
+                f"INSERT INTO {DIGESTS_TABLE} (replica, digest) VALUES (?, ?) "
+                "ON CONFLICT(replica) DO UPDATE SET digest = excluded.digest",
+                (self._replica, self._digest),
+            )
 
     def clear(self) -> None:
         with self._db.transaction() as tx:
             tx.execute(f"DELETE FROM {GROUPS_TABLE} WHERE replica = ?", (self._replica,))
+            tx.execute(f"DELETE FROM {DIGESTS_TABLE} WHERE replica = ?", (self._replica,))
 
 
 class Replica:
@@ -118,6 +140,8 @@ class Replica:
         self.silent_rounds = 0
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
         self.restarted: tuple[RestartCause, str] = ("", "")
+        # When (monotonic) this gpud adopted the replica from its predecessor; 0: it started it.
+        self.adopted_at = 0.0
 
     @property
     def id(self) -> str:
@@ -169,21 +193,104 @@ class Replicas:
             f"CREATE TABLE {GROUPS_TABLE} (replica TEXT PRIMARY KEY, pgid INTEGER NOT NULL, "
             "start INTEGER NOT NULL)",
         )
+        self._db.ensure_table(
+            DIGESTS_TABLE,
+            1,
+            f"CREATE TABLE {DIGESTS_TABLE} (replica TEXT PRIMARY KEY, digest TEXT NOT NULL)",
+        )
         self.running: dict[placement.ReplicaKey, Replica] = {}
 
-    async def stop_leftovers(self) -> None:
-        """A crashed gpud's replicas: stop their groups and release their leases."""
-        for (replica,) in self._db.query(f"SELECT replica FROM {GROUPS_TABLE}"):
-            await stop_leftover(ReplicaGroup(self._db, replica), grace_s=5.0)
-        await self._gpus.ready()
+    async def adopt_leftovers(self, entries: Mapping[str, Entry], tg: asyncio.TaskGroup) -> None:
+        """What a previous gpud left: adopt each server it can verify (module docstring) into
+        ``running``; stop every other group and release every other lease of this component.
+        Not after the port block's confirmation: an adopted server already holds its port."""
+        await self._gpus.ready()  # GPU indices come from the first poll
+        rows = self._db.query(
+            f"SELECT g.replica, d.digest FROM {GROUPS_TABLE} g "
+            f"LEFT JOIN {DIGESTS_TABLE} d USING (replica) ORDER BY g.replica"
+        )
+        for replica_id, digest in rows:
+            if not await self._adopt(replica_id, digest or "", entries, tg):
+                await stop_leftover(ReplicaGroup(self._db, replica_id), grace_s=SERVER_GRACE_S)
+        kept = {lease_id for r in self.running.values() for _, lease_id in r.lease_ids}
         for lease in self._gpus.leases():
-            if lease.owner.startswith(LEASE_OWNER):
+            if lease.owner.startswith(LEASE_OWNER) and lease.id not in kept:
                 with contextlib.suppress(ApiError):
                     await self._gpus.release(lease.id)
         for port_lease in self._ports.leases():
-            if port_lease.owner.startswith(LEASE_OWNER):
+            if port_lease.owner.startswith(LEASE_OWNER) and port_lease.id not in kept:
                 with contextlib.suppress(ApiError):
                     await self._ports.release(port_lease.id)
+
+    async def _adopt(
+        self, replica_id: str, digest: str, entries: Mapping[str, Entry], tg: asyncio.TaskGroup
+    ) -> bool:
+        """Adopt the recorded server of ``replica_id`` with its leases; False if it cannot."""
+        name, _, index = replica_id.rpartition(".")
+        entry = entries.get(name)
+        s = entry.record.spec if entry is not None else None
+        group = ReplicaGroup(self._db, replica_id).load()
+        if (
+            entry is None
+            or s is None
+            or not index.isdigit()
+            or s.nodes_per_replica != 1
+            or digest != entry.record.digest
+            or group is None
+            or not leader_verified(group)
+        ):
+            return False
+        owner = f"{LEASE_OWNER}{replica_id}"
+        gpu_leases = [g for g in self._gpus.leases() if g.owner == owner]
+        port_leases = [p for p in self._ports.leases() if p.owner == owner]
+        singles = [p for p in port_leases if len(p.ports) == 1]
+        bands = [p for p in port_leases if len(p.ports) == VLLM_PORT_BAND]
+        gpus = [u for g in gpu_leases for u in g.gpus]
+        if len(singles) != 1 or len(bands) != (s.engine == "vllm") or len(gpus) != s.gpus_per_node:
+            return False
+        replica = Replica((name, int(index)), entry)
+        replica.gpus = gpus
+        replica.lease_ids = [("gpus", g.id) for g in gpu_leases]
+        replica.lease_ids += [("ports", p.id) for p in singles + bands]
+        try:
+            lease = self._node_lease(
+                replica, singles[0].ports[0], bands[0].ports[0] if bands else None
+            )
+            child = self._server_child(replica, lease)
+        except (ApiError, engines.EngineError):
+            return False
+        if not _runs(group.pgid, child.argv) or not child.adopt(group):
+            return False
+        try:
+            for kind, lease_id in replica.lease_ids:
+                service: Any = self._gpus if kind == "gpus" else self._ports
+                await service.transfer(lease_id, os.getpid())
+        except ApiError as exc:
+            log.warning(_log, "cannot adopt: its leases", replica=replica_id, error=str(exc))
+            child.detach()
+            return False
+        replica.lease, replica.port = lease, lease.port
+        # It ran past its start before: judged by liveness, announced as it was (the next
+        # probe round confirms or withdraws that).
+        replica.started_at, replica.answered, replica.ready = time.monotonic(), True, True
+        replica.adopted_at = replica.started_at
+        self.running[replica.key] = replica
+        self._start_server(replica, lease, tg, adopted=child)
+        replica.task = replica.server_task
+        log.info(_log, "replica adopted", replica=replica_id, pid=group.pgid, port=replica.port)
+        return True
+
+    def _node_lease(self, replica: Replica, port: int, band: int | None) -> engines.NodeLease:
+        interface = self._network.status().interface if self._network else ""
+        return engines.NodeLease(
+            host_ip=self._ctx.advertise_addr,
+            interface=interface,
+            port=port,
+            port_band_base=band,
+            gpu_uuids=tuple(replica.gpus),
+            # Resolved at each start: an index names a GPU only until the next reboot.
+            gpu_indices=self._gpus.indices(replica.gpus),
+        )
 
     async def start(
         self, key: placement.ReplicaKey, entry: Entry, tg: asyncio.TaskGroup
@@ -215,16 +322,7 @@ class Replicas:
                 )
                 replica.lease_ids.append(("ports", band_lease.id))
                 band = band_lease.ports[0]
-            interface = self._network.status().interface if self._network else ""
-            lease = engines.NodeLease(
-                host_ip=self._ctx.advertise_addr,
-                interface=interface,
-                port=port_lease.ports[0],
-                port_band_base=band,
-                gpu_uuids=tuple(replica.gpus),
-                # Resolved at each start: an index names a GPU only until the next reboot.
-                gpu_indices=self._gpus.indices(replica.gpus),
-            )
+            lease = self._node_lease(replica, port_lease.ports[0], band)
             replica.lease, replica.port = lease, lease.port
             if s.nodes_per_replica > 1:
                 replica.ray = self._ray_node(replica, s, lease)
@@ -260,12 +358,19 @@ class Replicas:
             replica.ray.set_target(RayTarget(role="head", node_ip=me, gpus=lease.gpu_indices))
             replica.gcs = replica.ray.gcs_ready_port
             if not replica.gcs:
+                # No cluster (Ray restarted, the replica as a whole included): the server
+                # starts again on the new one.
+                await self._stop_server(replica)
                 return
             lease = msgspec.structs.replace(lease, ray_address=f"{me}:{replica.gcs}")
         elif replica.ray is not None:
             replica.gcs = 0
             await self._stop_server(replica)  # this node is no longer the replica's head
-            if head_claim is not None and head_claim.gcs and head_member is not None:
+            if head_claim is not None and not head_claim.gcs:
+                # The head has no cluster now (restarted as a whole): leave the old one, join
+                # the next one the head announces.
+                replica.ray.set_target(None)
+            elif head_claim is not None and head_member is not None:
                 replica.ray.set_target(
                     RayTarget(
                         role="worker",
@@ -289,11 +394,10 @@ class Replicas:
         if replica.ray is None:
             replica.task = replica.server_task
 
-    def _start_server(
-        self, replica: Replica, lease: engines.NodeLease, tg: asyncio.TaskGroup
-    ) -> None:
-        """Run the replica's server under a Supervisor; raises EngineError if the leases do
-        not fit the spec."""
+    def _server_child(self, replica: Replica, lease: engines.NodeLease) -> ChildProcess:
+        """The replica's server as a child (not started); raises EngineError if the leases do
+        not fit the spec. Only the replica's own server keeps a file of one node's replica:
+        a replica of N > 1 nodes depends on its Ray node, which does not outlive gpud."""
         assert replica.entry.record.spec is not None
         s = replica.entry.record.spec
         argv = engines.server_argv(s, lease, vllm=self._ctx.config.deployments.vllm_executable)
@@ -304,11 +408,37 @@ class Replicas:
                 replica.output.append(text.strip())
             return True
 
+        return ChildProcess(
+            f"deploy-{replica.id}",
+            argv,
+            env=env,
+            on_line=on_line,
+            log_path=self.log_path(replica.id) if replica.ray is None else None,
+        )
+
+    def log_path(self, replica_id: str) -> Path:
+        """The file a replica's server writes its output to."""
+        return self._ctx.config.state_dir / "logs" / f"deploy-{replica_id}.log"
+
+    def _start_server(
+        self,
+        replica: Replica,
+        lease: engines.NodeLease,
+        tg: asyncio.TaskGroup,
+        *,
+        adopted: ChildProcess | None = None,
+    ) -> None:
+        """Run the replica's server under a Supervisor (first ``adopted``, when given);
+        raises EngineError if the leases do not fit the spec."""
+        assert replica.entry.record.spec is not None
+        s = replica.entry.record.spec
+        self._server_child(replica, lease)  # EngineError now, not in the Supervisor
+
         async def make_child() -> ChildProcess:
             replica.started_at, replica.answered = time.monotonic(), False
             replica.silent_rounds = 0
             replica.output.clear()
-            return ChildProcess(f"deploy-{replica.id}", argv, env=env, on_line=on_line)
+            return self._server_child(replica, lease)
 
         replica.supervisor = Supervisor(
             f"deploy-{replica.id}",
@@ -318,7 +448,10 @@ class Replicas:
             # health, so the backoff keeps growing until one outlives it.
             stable_s=spec.startup_timeout(s) + 30.0,
             grace_s=SERVER_GRACE_S,
-            record=ReplicaGroup(self._db, replica.id),
+            record=ReplicaGroup(self._db, replica.id, replica.entry.record.digest),
+            adopted=adopted,
+            # A graceful stop of gpud leaves the server to the next gpud (module docstring).
+            keep_on_cancel=True,
         )
         replica.server_task = tg.create_task(replica.supervisor.run(), name=replica.id)
 
@@ -343,6 +476,8 @@ class Replicas:
         )
 
     async def _stop_server(self, replica: Replica) -> None:
+        if replica.supervisor is not None:
+            replica.supervisor.stop_on_cancel()
         task, replica.server_task, replica.supervisor = replica.server_task, None, None
         if task is not None and task is not replica.task:
             task.cancel()
@@ -367,14 +502,32 @@ class Replicas:
         replica.lease_ids = []
 
 
+def keep_unplaced(replica: Replica, assigned: bool, now: float) -> bool:
+    """Whether a replica that this node's placement does not put here keeps running here for
+    now: one adopted less than ADOPT_SETTLE_S ago that is still ``assigned`` (placed on some
+    node, or pending). Peers see it announced here meanwhile, so none starts a second copy."""
+    return bool(replica.adopted_at) and assigned and now - replica.adopted_at < ADOPT_SETTLE_S
+
+
 async def restart_server(replica: Replica, cause: RestartCause, why: str) -> None:
     """Stop the replica's running server for ``cause``; its Supervisor starts it again after
     its backoff. ``why``, with the server's last output lines, stays in ``restarted`` until a
     probe of a later start passes."""
     child = replica.supervisor.child if replica.supervisor else None
-    if child is None or child.returncode is not None:
+    if child is None or not child.running:
         return
     said = " | ".join(replica.output) or "(no output)"
     replica.restarted = (cause, f"{why}, so gpud restarted it; its last output: {said}")
     log.warning(_log, "replica restarted", replica=replica.id, cause=cause, output=said)
     await child.stop(SERVER_GRACE_S)
+
+
+def _runs(pid: int, argv: list[str]) -> bool:
+    """Whether ``pid`` runs ``argv`` (its arguments; the program may be an interpreter running
+    a script named by argv[0])."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return False
+    args = [a.encode() for a in argv[1:]]
+    return len(cmdline) >= len(argv) and cmdline[len(cmdline) - len(args) :] == args

@@ -36,8 +36,14 @@ from aiohttp import web
 from gpud import api, log
 from gpud.component import ComponentBase, Metric, Problem
 from gpud.context import NodeContext
-from gpud.deployments import authority, drain, placement, spec, version, views
-from gpud.deployments.claims import Claim, format_claims, parse_claims, replica_head
+from gpud.deployments import authority, drain, engines, placement, spec, version, views
+from gpud.deployments.claims import (
+    Claim,
+    format_claims,
+    parse_claims,
+    parse_refusals,
+    replica_head,
+)
 from gpud.deployments.model import (
     ApplyReply,
     ApplyRequest,
@@ -53,7 +59,7 @@ from gpud.deployments.peers import PeerNetwork
 from gpud.deployments.placement import may_roll
 from gpud.deployments.readiness import Readiness, Targets, probe_targets
 from gpud.deployments.records import MAX_NAMES, Records, majority_refusal
-from gpud.deployments.replicas import START_RETRY_S, Replicas
+from gpud.deployments.replicas import START_RETRY_S, Replicas, keep_unplaced
 from gpud.errors import ApiError
 from gpud.router.service import REFRESH_S
 from gpud.state import StateStore, open_store
@@ -122,6 +128,9 @@ class DeploymentService(ComponentBase):
         )
         self._assignment = placement.Assignment(placed=(), pending=())
         self._placeable_nodes = 0
+        # Deployments this node refuses (it lacks their local model path), announced in `dp`
+        # so placement everywhere prefers other nodes: name -> (digest prefix, why, checked at).
+        self._refusals: dict[str, tuple[str, str, float]] = {}
         # Replicas left out of the `dp` tag because the tags would not fit (logged once).
         self._unannounced: list[str] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -130,11 +139,12 @@ class DeploymentService(ComponentBase):
 
     async def run(self) -> None:
         self.ctx.on_members_changed(lambda _members: self._wake.set())
-        await self._replicas.stop_leftovers()
-        await self._publish()
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                # Before the first announcement: peers see the adopted replicas as before.
+                await self._replicas.adopt_leftovers(self.records.entries, tg)
+                await self._publish()
                 tg.create_task(self._readiness.run())
                 while True:
                     await self.records.sync()
@@ -149,9 +159,55 @@ class DeploymentService(ComponentBase):
             self._tg = None
 
     def _nodes(self) -> list[placement.NodeView]:
-        return placement.node_views(
-            self.ctx.members.values(), self.ctx.node_name, self.ctx.tags, self._peers.verified
-        )
+        """The placeable nodes, each with the deployments it announces it refuses (for the
+        spec version each node sees now: a changed spec is tried again)."""
+        me = self.ctx.node_name
+        refused = {
+            m.name: parse_refusals(m.tags.dp)
+            for m in self.ctx.members.values()
+            if m.tags is not None and m.name != me
+        }
+        refused[me] = {name: r[0] for name, r in self._refusals.items()}
+        digests = {n: e.record.digest[:DIGEST_CHARS] for n, e in self.records.entries.items()}
+        return [
+            msgspec.structs.replace(
+                v,
+                refuses=frozenset(
+                    n for n, d in refused.get(v.name, {}).items() if digests.get(n) == d
+                ),
+            )
+            for v in placement.node_views(
+                self.ctx.members.values(), me, self.ctx.tags, self._peers.verified
+            )
+        ]
+
+    async def _check_refusals(self) -> None:
+        """Drop refusals of specs no longer runnable or changed, and look again for the model
+        path of the others every START_RETRY_S (it may have been copied here since)."""
+        now = time.monotonic()
+        for name, (digest, _, checked) in list(self._refusals.items()):
+            entry = self.records.entries.get(name)
+            if (
+                entry is None
+                or entry.record.spec is None
+                or entry.record.digest[:DIGEST_CHARS] != digest
+            ):
+                del self._refusals[name]
+            elif now - checked >= START_RETRY_S:
+                await self._check_model(entry)
+
+    async def _check_model(self, entry: Entry) -> None:
+        """Refuse ``entry``'s deployment here while this host lacks its local model path."""
+        assert entry.record.spec is not None
+        # Off the loop: a model path on a hung network mount would block it.
+        missing = await asyncio.to_thread(engines.local_model_missing, entry.record.spec)
+        name = entry.record.name
+        if missing:
+            if name not in self._refusals:
+                log.warning(_log, "deployment refused here", deployment=name, why=missing)
+            self._refusals[name] = (entry.record.digest[:DIGEST_CHARS], missing, time.monotonic())
+        elif self._refusals.pop(name, None) is not None:
+            log.info(_log, "deployment no longer refused here", deployment=name)
 
     def _claims(self) -> ClaimsView:
         """What each alive member announces it runs (this node: what it runs now)."""
@@ -211,6 +267,7 @@ class DeploymentService(ComponentBase):
     async def _reconcile(self) -> None:
         assert self._tg is not None
         specs = self.records.runnable()
+        await self._check_refusals()
         claims = self._claims()
         nodes = self._nodes()
         self._placeable_nodes = len(nodes)
@@ -224,7 +281,11 @@ class DeploymentService(ComponentBase):
         wanted = set(placed)
         leaving = {p.key for p in self._assignment.placed if self.ctx.node_name in p.leaving}
         self._draining = {k: v for k, v in self._draining.items() if k in leaving}
+        assigned = {p.key for p in self._assignment.placed}
+        assigned |= {(p.deployment, p.replica) for p in self._assignment.pending}
         for key in [k for k in running if k not in wanted]:
+            if keep_unplaced(running[key], key in assigned, time.monotonic()):
+                continue  # adopted: this node's own verdicts are not in its view yet
             if key in leaving and not self._may_retire(key):
                 continue  # make-before-break: serves until its new copy is ready
             await self._stop(
@@ -244,6 +305,7 @@ class DeploymentService(ComponentBase):
                 await self._stop(key, "spec changed")
                 replica = None
             if replica is None:
+                await self._check_model(entry)
                 replica = await self._replicas.start(key, entry, self._tg)
             claims = self._claims()
             head = self._heads(claims, [placed[key]])[key]
@@ -292,7 +354,9 @@ class DeploymentService(ComponentBase):
             try:
                 await self.ctx.update_tags(
                     dv=self.records.digest,
-                    dp=format_claims({k: own[k] for k in keys}),
+                    dp=format_claims(
+                        {k: own[k] for k in keys}, {n: r[0] for n, r in self._refusals.items()}
+                    ),
                     cd=self.cordon is not None,
                 )
                 break
@@ -381,6 +445,18 @@ class DeploymentService(ComponentBase):
             self._assignment.pending,
             self._replicas.running.values(),
         )
+        found += [
+            Problem(
+                code="deployments.model_missing",
+                severity="warning",
+                subject=name,
+                message=f"this node refuses deployment {name}: {why}; its replicas are "
+                "placed on other nodes while enough others fit",
+                fix="copy the model to this host (gpud looks again every "
+                f"{START_RETRY_S:.0f} s), or give the spec a selector of hosts that have it",
+            )
+            for name, (_, why, _) in sorted(self._refusals.items())
+        ]
         if self.cordon is not None:
             found.append(
                 Problem(

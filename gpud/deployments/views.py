@@ -24,7 +24,17 @@ Claims = Mapping[str, Mapping[placement.ReplicaKey, Claim]]
 CRASH_WINDOW_S = 300.0
 CRASH_LOOP_FAILURES = 2
 
-TroubleCode = Literal["", "cannot_start", "startup_timeout", "unresponsive", "server_failed"]
+TroubleCode = Literal[
+    "", "cannot_start", "startup_timeout", "unresponsive", "ray_node_lost", "server_failed"
+]
+# What to do about each cause gpud restarted a replica for.
+RESTART_FIXES: dict[str, str] = {
+    "startup_timeout": "if the model needs longer to load, raise startup_timeout_s in the spec; "
+    "else see the server's output in gpud's journal",
+    "unresponsive": "see the server's output in gpud's journal (a dead worker, a hung GPU)",
+    "ray_node_lost": "nothing if it gets ready again on its nodes; else see `gpud members` for "
+    "the lost host and `gpud deploy status` for where the replica runs now",
+}
 
 
 def trouble(
@@ -243,17 +253,14 @@ def problems(
         )
     for replica in running:
         code, text = _trouble(replica)
-        if code in ("startup_timeout", "unresponsive"):
+        if code in RESTART_FIXES:
             out.append(
                 Problem(
                     code=f"deployments.replica_{code}",
                     severity="critical",
                     subject=replica.id,
                     message=f"replica {replica.id} on this node: {text}",
-                    fix="if the model needs longer to load, raise startup_timeout_s in the "
-                    "spec; else see the server's output in gpud's journal"
-                    if code == "startup_timeout"
-                    else "see the server's output in gpud's journal (a dead worker, a hung GPU)",
+                    fix=RESTART_FIXES[code],
                 )
             )
         elif code:

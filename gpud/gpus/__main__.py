@@ -2,19 +2,17 @@
 print it with the verdicts (scripts/gpu-check.sh). Exit 0 when the node has GPUs and all are
 healthy, 1 when some are not, 2 when NVML is unavailable.
 
-`python -m gpud.gpus serve CONFIG`: the gpus component alone, serving its routes on the config's
-socket, without gossip (tests run it as a subprocess, as a real gpud would run it).
+The gpus component alone, serving its routes: `python -m gpud.standalone gpus CONFIG`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from pathlib import Path
 
-from gpud import config, log
+from gpud import config
 from gpud.gpus import kmsg, nvml
 from gpud.gpus.signals import XidEvent, signals_of
 from gpud.gpus.verdict import assess
@@ -24,15 +22,8 @@ from gpud.gpus.xid import ACTION_TEXT
 def _kernel_xids(path: str) -> tuple[list[XidEvent], str]:
     """XIDs in the kernel log so far (one pass, no following)."""
     found: list[XidEvent] = []
-    boot = kmsg.boot_time()
-
-    def on_record(record: str) -> None:
-        event = kmsg.parse_xid(record, boot_time=boot)
-        if event is not None:
-            found.append(event)
-
     try:
-        kmsg.follow(path, on_record, stop=None)
+        kmsg.follow(path, kmsg.xid_records(found.append), stop=None)
     except OSError as exc:
         return [], f"not read: {path}: {exc.strerror or exc} (run as root to include kernel XIDs)"
     return found, f"read {path}"
@@ -76,40 +67,13 @@ def check(cfg: config.Config) -> int:
     return 0 if node.state == "healthy" and node.gpus > 0 else 1
 
 
-async def serve(cfg: config.Config) -> None:
-    from aiohttp import web
-
-    from gpud import api
-    from gpud.context import NodeContext
-    from gpud.gpus.service import GpuService
-    from gpud.ports.service import loopback_gossip
-
-    ctx = NodeContext(cfg, "127.0.0.1")
-    loopback_gossip(ctx)
-    service = GpuService(ctx)
-    runner = web.AppRunner(api.make_app(service.routes()))
-    await runner.setup()
-    await web.UnixSite(runner, cfg.socket_path).start()
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(service.run())
-            await service.ready()
-            print(f"ready {cfg.socket_path}", flush=True)
-    finally:
-        await runner.cleanup()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpud.gpus", description=__doc__)
-    parser.add_argument("mode", choices=["check", "serve"])
+    parser.add_argument("mode", choices=["check"])
     parser.add_argument("config", nargs="?", default=None, help="gpud config file")
     args = parser.parse_args(argv)
     cfg = config.load(config.config_path(args.config), missing_ok=args.config is None)
-    if args.mode == "check":
-        return check(cfg)
-    log.setup("warning")
-    asyncio.run(serve(cfg))
-    return 0
+    return check(cfg)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,56 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gpud.client import api_call, api_get, client_command, client_options, print_json
+import msgspec
+
+from gpud.client import (
+    api_call,
+    api_exchange,
+    api_get,
+    client_command,
+    client_options,
+    path_part,
+    print_raw_json,
+)
+from gpud.text import escape, table
+
+
+class GpuView(msgspec.Struct, kw_only=True):
+    """What `gpud gpus` prints of one GPU (gpud.gpus.service.GpuStatus)."""
+
+    index: int
+    uuid: str
+    state: str
+    reason: str
+    action: str
+    fix: str
+    lease: str | None = None
+
+
+class GpuLeaseView(msgspec.Struct, kw_only=True):
+    """A GPU lease (gpud.gpus.leases.GpuLease)."""
+
+    id: str
+    owner: str
+    gpus: list[str]
+    pid: int | None = None
+
+
+class GpusView(msgspec.Struct, kw_only=True):
+    """What `gpud gpus` prints of GET /v1/gpus (gpud.gpus.service.GpusDetail, whose module
+    loads aiohttp and NVML: a client command does not)."""
+
+    summary: str
+    state: str
+    action: str
+    fix: str
+    nvml: str
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    nvml_events: str
+    kmsg: str
+    gpus: list[GpuView] = []
+    leases: list[GpuLeaseView] = []
 
 
 def cmd_gpus(args: argparse.Namespace) -> int:
@@ -13,52 +62,70 @@ def cmd_gpus(args: argparse.Namespace) -> int:
         return cmd_lease(args)
     if args.gpus_command == "release":
         return cmd_release(args)
-    data = api_get(args, "/v1/gpus")
+    data, raw = api_exchange(args, "GET", "/v1/gpus", type=GpusView)
     if args.json:
-        print_json(data)
+        print_raw_json(raw)
         return 0
-    print(data.get("summary", "-"))
-    print(
-        f"nvml: {data.get('nvml')}  driver: {data.get('driver_version') or '-'}  "
-        f"cuda: {data.get('cuda_version') or '-'}"
-    )
-    print(f"xid sources: nvml events {data.get('nvml_events')}; kernel log {data.get('kmsg')}")
-    gpus = data.get("gpus", [])
-    if gpus:
-        print(f"{'GPU':>3} {'UUID':<42} {'STATE':<9} {'LEASE':<17} REASON")
-        for gpu in gpus:
-            print(
-                f"{gpu['index']:>3} {gpu['uuid']:<42} {gpu['state']:<9} "
-                f"{gpu.get('lease') or '-':<17} {gpu['reason']}"
-            )
-            if gpu["state"] != "healthy":
-                print(f"{'':>4}fix: {gpu['fix']} (repair action: {gpu['action']})")
-    if data.get("state") not in (None, "healthy"):
-        print(f"node {data['state']}: fix: {data.get('fix')} (repair action: {data.get('action')})")
-    for lease in data.get("leases", []):
-        print(
-            f"lease {lease['id']} {lease['owner']} pid={lease.get('pid') or '-'}: "
-            f"{','.join(lease['gpus'])}"
-        )
+    print(render_gpus(data))
     return 0
+
+
+def render_gpus(data: GpusView) -> str:
+    """Every string comes from NVML, the kernel log or a lease owner: all escaped."""
+    lines = [
+        escape(data.summary),
+        f"nvml: {escape(data.nvml)}  driver: {escape(data.driver_version or '-')}  "
+        f"cuda: {escape(data.cuda_version or '-')}",
+        f"xid sources: nvml events {escape(data.nvml_events)}; kernel log {escape(data.kmsg)}",
+    ]
+    if data.gpus:
+        lines.append(
+            table(
+                ["GPU", "UUID", "STATE", "LEASE", "REASON"],
+                [
+                    [
+                        str(g.index),
+                        *(escape(x) for x in (g.uuid, g.state, g.lease or "-", g.reason)),
+                    ]
+                    for g in data.gpus
+                ],
+                right=[0],
+            )
+        )
+        lines += [
+            f"    GPU {g.index} fix: {escape(g.fix)} (repair action: {escape(g.action)})"
+            for g in data.gpus
+            if g.state != "healthy"
+        ]
+    if data.state != "healthy":
+        lines.append(
+            f"node {escape(data.state)}: fix: {escape(data.fix)} "
+            f"(repair action: {escape(data.action)})"
+        )
+    lines += [
+        f"lease {escape(lease.id)} {escape(lease.owner)} pid={lease.pid or '-'}: "
+        f"{escape(','.join(lease.gpus))}"
+        for lease in data.leases
+    ]
+    return "\n".join(lines)
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
     body = {"owner": args.owner, "count": args.count, "pid": args.pid}
-    lease = api_call(args, "POST", "/v1/gpus/leases", body)
+    lease, raw = api_exchange(args, "POST", "/v1/gpus/leases", body, GpuLeaseView)
     if args.json:
-        print_json(lease)
+        print_raw_json(raw)
         return 0
     # Engines int() CUDA_VISIBLE_DEVICES entries, so scripts need the NVML indices too:
     # `export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=$(gpud gpus lease ... | cut -f3)`.
-    index = {g["uuid"]: g["index"] for g in api_get(args, "/v1/gpus").get("gpus", [])}
-    indices = ",".join(str(index[u]) for u in lease["gpus"] if u in index)
-    print(f"{lease['id']}\t{','.join(lease['gpus'])}\t{indices}")
+    index = {g.uuid: g.index for g in api_get(args, "/v1/gpus", GpusView).gpus}
+    indices = ",".join(str(index[u]) for u in lease.gpus if u in index)
+    print(f"{escape(lease.id)}\t{escape(','.join(lease.gpus))}\t{indices}")
     return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    api_call(args, "DELETE", f"/v1/gpus/leases/{args.lease_id}")
+    api_call(args, "DELETE", f"/v1/gpus/leases/{path_part(args.lease_id)}")
     return 0
 
 

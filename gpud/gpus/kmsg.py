@@ -93,6 +93,18 @@ def unreadable(path: str, exc: OSError) -> Unreadable:
     return Unreadable(reason=reason, fix=fix)
 
 
+def xid_records(on_event: Callable[[XidEvent], None]) -> Callable[[str], None]:
+    """A ``follow`` callback that hands each XID of the kernel log to ``on_event``."""
+    boot = boot_time()
+
+    def on_record(record: str) -> None:
+        event = parse_xid(record, boot_time=boot)
+        if event is not None:
+            on_event(event)
+
+    return on_record
+
+
 def boot_time() -> float:
     """Wall-clock time of boot, as the kernel's log timestamps count from it."""
     return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)

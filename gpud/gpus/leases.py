@@ -1,8 +1,8 @@
 """GPU leases: schemas, the pure choice of GPUs, and their tables in the state store.
 
 A lease holds whole GPUs by UUID. The ``uuid`` column of ``gpus_lease_gpus`` is the primary
-key, so even a bug above cannot make the store hold one GPU in two leases. The owner process
-check (pid + start time) is the ports component's, shared.
+key, so even a bug above cannot make the store hold one GPU in two leases. The owner and pid
+fields, and the owner process check, are those of every kind of lease (``gpud.leasebook``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from gpud.ports.leases import Owner, Pid
+from gpud.leasebook import Owner, Pid
 from gpud.state import StateStore
 
 TABLE_VERSION = 1

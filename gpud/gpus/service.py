@@ -1,18 +1,14 @@
-"""The gpus component: polls NVML, follows NVML XID events and the kernel log, judges every GPU
-and the node, publishes the healthy GPU count in the tags, and leases healthy GPUs.
+"""The gpus component: polls NVML, judges every GPU and the node against the XIDs its watchers
+follow (``xidwatch``), publishes the healthy GPU count in the tags, and leases healthy GPUs.
 
-Lease and release requests go through one queue; a writer task applies a whole batch to the
-in-memory bookkeeping and commits it in one state-store transaction (group commit), then
-answers every request of the batch: a lease is on disk before anyone sees it, and one writer
-decides, so concurrent requests cannot get the same GPU (the store's primary key on the UUID
-would refuse a duplicate anyway).
+Leases are durable before they are answered and never share a GPU (``gpud.leasebook``), behind
+the front every kind of lease has (``gpud.leasefront``); what is the GPUs' own is which GPUs a
+request gets: whole healthy ones no lease holds, lowest index first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,18 +51,14 @@ from gpud.gpus.verdict import (
     recent,
     split_xids,
 )
-from gpud.gpus.xid import ACTION_TEXT, RepairAction, describe
-from gpud.leasebook import LeaseBook
-from gpud.ports.leases import new_lease_id
-from gpud.process import process_start
+from gpud.gpus.xid import ACTION_TEXT, RepairAction
+from gpud.gpus.xidwatch import XidWatch
+from gpud.leasebook import LeaseBook, new_lease_id
+from gpud.leasefront import LeaseFront
 from gpud.state import StateStore, open_store
 
 _log = log.get("gpus")
 
-# XIDs kept in memory (status shows them; the verdict counts those inside xid_window_s).
-MAX_XIDS = 1000
-# How long a failed watcher (no NVML, no /dev/kmsg access) waits before it tries again.
-WATCH_RETRY_S = 30.0
 STATES: tuple[GpuState, ...] = ("healthy", "degraded", "unhealthy", "unknown")
 
 
@@ -159,18 +151,21 @@ class GpuService(ComponentBase):
             grace_s=lambda: self.cfg.zombie_grace_s,
             logger=_log,
         )
+        self._front: LeaseFront[GpuLeaseRequest, StoredGpuLease] = LeaseFront(
+            self._book, GpuLeaseRequest, not_ready=self._not_polled
+        )
         # GPU UUID -> the lease holding it.
         self._used: dict[str, str] = {}
         self._reindex(self._book.leases)
         self._readings: NodeReadings | None = None
         self._polled_at: float | None = None
         self._assessment: Assessment | None = None
-        self._xids: collections.deque[XidEvent] = collections.deque(maxlen=MAX_XIDS)
-        self._xid_totals: dict[str, int] = {}
-        self._events_state = "starting"
-        self._kmsg_state = "starting"
-        self._kmsg_error: OSError | None = None
-        self._stop = threading.Event()
+        self._xids = XidWatch(
+            self._nvml,
+            self._nvml_error,
+            self.cfg.kmsg_path,
+            lambda: self._readings.gpus if self._readings else [],
+        )
         self._hung: asyncio.Future[NodeReadings] | None = None
         self._polled = asyncio.Event()
 
@@ -213,18 +208,18 @@ class GpuService(ComponentBase):
             raise ApiError(409, str(exc)) from None
 
     def leases(self) -> list[GpuLease]:
-        return [s.lease for s in self._book.leases.values()]
+        return self._front.leases()
 
     async def lease(self, owner: str, count: int, *, pid: int | None = None) -> GpuLease:
         """Lease ``count`` whole healthy GPUs; durable when this returns."""
-        try:
-            request = msgspec.convert({"owner": owner, "count": count, "pid": pid}, GpuLeaseRequest)
-        except msgspec.ValidationError as exc:
-            raise ApiError(400, f"bad GPU lease request: {exc}") from None
-        return await self._lease(request)
+        return await self._front.lease(owner=owner, count=count, pid=pid)
 
     async def release(self, lease_id: str) -> None:
-        await self._book.release(lease_id)
+        await self._front.release(lease_id)
+
+    async def transfer(self, lease_id: str, pid: int) -> None:
+        """Make the running process ``pid`` the lease's owner (a re-adopted child's lease)."""
+        await self._front.transfer(lease_id, pid)
 
     async def poll(self) -> None:
         """Read every signal once and judge it (the poll loop calls this; so can tests)."""
@@ -234,14 +229,10 @@ class GpuService(ComponentBase):
     # ---- component contract ----------------------------------------------------------------
 
     async def run(self) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._book.run())
-                tg.create_task(self._watch_events())
-                tg.create_task(self._watch_kmsg())
-                tg.create_task(self._poll_loop())
-        finally:
-            self._stop.set()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._book.run())
+            tg.create_task(self._xids.run())
+            tg.create_task(self._poll_loop())
 
     def status(self) -> GpusStatus:
         return GpusStatus(**self._status_fields())
@@ -273,11 +264,11 @@ class GpuService(ComponentBase):
                     )
                 )
 
-        if self._kmsg_error is not None and self._has_gpus():
-            why = kmsg.unreadable(self.cfg.kmsg_path, self._kmsg_error)
+        if self._xids.kmsg_error is not None and self._has_gpus():
+            why = kmsg.unreadable(self.cfg.kmsg_path, self._xids.kmsg_error)
             also = (
                 "NVML events still report XIDs"
-                if self._events_state == "watching"
+                if self._xids.events_state == "watching"
                 else "and NVML events are not watched either"
             )
             found.append(
@@ -326,7 +317,7 @@ class GpuService(ComponentBase):
                 "gpud_gpu_xid_total",
                 "XIDs seen on the GPU since gpud started (NVML events and kernel log).",
                 labels,
-                self._xid_totals.get(gpu.uuid, 0),
+                self._xids.totals.get(gpu.uuid, 0),
                 "counter",
             )
             state = self._state_of(gpu.uuid)
@@ -342,7 +333,8 @@ class GpuService(ComponentBase):
         put("gpud_gpus", "GPUs NVML reports.", {}, v.gpus, "gauge")
         put("gpud_gpus_healthy", "GPUs whose verdict is healthy.", {}, v.healthy_gpus, "gauge")
         put("gpud_gpus_leased", "GPUs held by leases.", {}, len(self._used), "gauge")
-        for source, state in (("kmsg", self._kmsg_state), ("nvml-event", self._events_state)):
+        watch = self._xids
+        for source, state in (("kmsg", watch.kmsg_state), ("nvml-event", watch.events_state)):
             put(
                 "gpud_gpu_xid_source_up",
                 "1 while the source (kmsg: the kernel log, nvml-event: NVML) delivers XIDs.",
@@ -361,28 +353,12 @@ class GpuService(ComponentBase):
         return list(families.values())
 
     def routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/v1/gpus", self._get_gpus),
-            web.get("/v1/gpus/leases", self._get_leases),
-            web.post("/v1/gpus/leases", self._post_lease),
-            web.delete("/v1/gpus/leases/{id}", self._delete_lease),
-        ]
+        return [web.get("/v1/gpus", self._get_gpus), *self._front.routes("/v1/gpus/leases")]
 
     # ---- HTTP handlers ---------------------------------------------------------------------
 
     async def _get_gpus(self, request: web.Request) -> web.Response:
         return api.json_response(GpusDetail(**self._status_fields(), leases=self.leases()))
-
-    async def _get_leases(self, request: web.Request) -> web.Response:
-        return api.json_response(self.leases())
-
-    async def _post_lease(self, request: web.Request) -> web.Response:
-        body = await api.read_body(request, GpuLeaseRequest, what="GPU lease request")
-        return api.json_response(await self._lease(body), status=201)
-
-    async def _delete_lease(self, request: web.Request) -> web.Response:
-        await self.release(request.match_info["id"])
-        return web.Response(status=204)
 
     # ---- polling and judging ---------------------------------------------------------------
 
@@ -442,7 +418,7 @@ class GpuService(ComponentBase):
 
     async def _judge(self, readings: NodeReadings, now: float) -> None:
         before = self._assessment
-        after = assess(readings, self._readings, self._xids, before, now, self.cfg)
+        after = assess(readings, self._readings, self._xids.events, before, now, self.cfg)
         for gpu in readings.gpus:
             old = before.gpus.get(gpu.uuid) if before else None
             self._log_change(f"GPU {gpu.index} {gpu.uuid}", old, after.gpus[gpu.uuid])
@@ -481,80 +457,16 @@ class GpuService(ComponentBase):
         return readings is not None and bool(readings.gpus or readings.pci_functions)
 
     def _last_xid(self, uuid: str) -> int:
-        mine, _ = split_xids(self._readings, self._xids) if self._readings else ({}, [])
+        mine, _ = split_xids(self._readings, self._xids.events) if self._readings else ({}, [])
         events = mine.get(uuid, [])
         return max(events, key=lambda e: e.at).xid if events else 0
 
-    # ---- XID sources -----------------------------------------------------------------------
-
-    def _add_xid(self, event: XidEvent) -> None:
-        self._xids.append(event)
-        gpus = self._readings.gpus if self._readings else []
-        uuid = event.uuid or next((g.uuid for g in gpus if g.pci and g.pci == event.pci), "")
-        if uuid:
-            self._xid_totals[uuid] = self._xid_totals.get(uuid, 0) + 1
-        info = describe(event.xid)
-        log.warning(
-            _log,
-            "XID",
-            xid=event.xid,
-            meaning=info.name,
-            action=info.action,
-            source=event.source,
-            uuid=event.uuid,
-            pci=event.pci,
-            message=event.message,
-        )
-
-    async def _watch_events(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def deliver(event: XidEvent) -> None:
-            loop.call_soon_threadsafe(self._add_xid, event)
-
-        while not self._stop.is_set():
-            if self._nvml is None:
-                self._events_state = self._nvml_error
-                return
-            self._events_state = "watching"
-            reason = await asyncio.to_thread(
-                nvml_io.watch_xid_events, self._nvml, deliver, self._stop, time.time
-            )
-            if not reason:
-                return
-            self._events_state = f"not used: {reason}; XIDs come from the kernel log only"
-            await asyncio.sleep(WATCH_RETRY_S)
-
-    async def _watch_kmsg(self) -> None:
-        loop = asyncio.get_running_loop()
-        boot = kmsg.boot_time()
-
-        def on_record(record: str) -> None:
-            event = kmsg.parse_xid(record, boot_time=boot)
-            if event is not None:
-                loop.call_soon_threadsafe(self._add_xid, event)
-
-        while not self._stop.is_set():
-            self._kmsg_state, self._kmsg_error = "watching", None
-            try:
-                await asyncio.to_thread(kmsg.follow, self.cfg.kmsg_path, on_record, self._stop)
-                return
-            except OSError as exc:
-                self._kmsg_error = exc
-                self._kmsg_state = f"not used: {kmsg.unreadable(self.cfg.kmsg_path, exc).reason}"
-            await asyncio.sleep(WATCH_RETRY_S)
-
     # ---- leases ----------------------------------------------------------------------------
 
-    async def _lease(self, request: GpuLeaseRequest) -> GpuLease:
-        pid_start = None
-        if request.pid is not None:
-            pid_start = process_start(request.pid)
-            if pid_start is None:
-                raise ApiError(400, f"pid {request.pid} is not a running process")
-        if not self._polled.is_set():
-            raise ApiError(503, "GPU health is not known yet (first poll running); retry shortly")
-        return await self._book.lease(request, pid_start)
+    def _not_polled(self) -> str | None:
+        if self._polled.is_set():
+            return None
+        return "GPU health is not known yet (first poll running); retry shortly"
 
     def _reindex(self, leases: dict[str, StoredGpuLease]) -> None:
         self._used = {u: s.lease.id for s in leases.values() for u in s.lease.gpus}
@@ -594,7 +506,8 @@ class GpuService(ComponentBase):
         readings = self._readings
         v = self.node_verdict()
         now = time.time()
-        xids, orphans = split_xids(readings, self._xids) if readings else ({}, list(self._xids))
+        events = self._xids.events
+        xids, orphans = split_xids(readings, events) if readings else ({}, list(events))
         gpus = []
         for gpu in readings.gpus if readings else []:
             track = self._track(gpu.uuid)
@@ -638,8 +551,8 @@ class GpuService(ComponentBase):
             "healthy": v.healthy_gpus,
             "leased": len(self._used),
             "pci_functions": readings.pci_functions if readings else None,
-            "nvml_events": self._events_state,
-            "kmsg": self._kmsg_state,
+            "nvml_events": self._xids.events_state,
+            "kmsg": self._xids.kmsg_state,
             "polled_at": self._polled_at,
             "gpus": gpus,
             "unmatched_xids": recent(orphans, now, self.cfg.xid_window_s),

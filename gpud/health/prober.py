@@ -33,6 +33,11 @@ QUICK_S = 0.5
 # down: a connect refused four times in a row is no accident of loss or of a restart.
 CONFIRM_PROBES = 3
 CONFIRM_GAP_S = 0.25
+# Beyond full mesh, this many nodes besides its two ring neighbours probe the Ray head in one
+# step, in turn around the ring (`watches_head`): the head's load stays bounded at any size
+# (its leader lease travels down gpud.ray.lease_tree, not by probes), and up to a few dozen
+# nodes each still probes it every few steps, so every view keeps a fresh row of it.
+HEAD_WATCHERS = 8
 
 _log = log.get("health")
 
@@ -90,6 +95,17 @@ def ring_neighbours(self_name: str, peers: Sequence[str]) -> tuple[str, str] | N
     return ring[(at - 1) % len(ring)], ring[(at + 1) % len(ring)]
 
 
+def watches_head(ring: Sequence[str], at: int, head_at: int, step: int) -> bool:
+    """Does the node at ring position ``at`` probe the head (at ``head_at``) in ``step``: its
+    two ring neighbours always, HEAD_WATCHERS others in turn, all of them within
+    ceil((len(ring) - 1) / HEAD_WATCHERS) steps (pure)."""
+    others = len(ring) - 1
+    d = (at - head_at) % len(ring)
+    if d in (1, others):
+        return True
+    return (d - 1 - step * HEAD_WATCHERS) % others < HEAD_WATCHERS
+
+
 def select_targets(
     self_name: str,
     peers: Sequence[str],
@@ -101,8 +117,9 @@ def select_targets(
     watch: Sequence[str] = (),
 ) -> list[str]:
     """Peers to probe this round: all of them while the cluster (peers + us) has at most
-    ``full_mesh_max`` members; else the Ray head, our two ring neighbours (sorted names),
-    the ``watch`` peers (failing ones, checked every round until they are judged) and
+    ``full_mesh_max`` members; else the Ray head (when `watches_head`), our two ring
+    neighbours (sorted names), the ``watch`` peers (failing ones, checked every round until
+    they are judged) and
     ``random_peers`` others taken in turn from the ring (`sweep_order`) by ``step``, so each
     node's cost stays O(k) at any size while every pair is still probed within
     `sweep_steps` steps. ``step`` counts shared wall-clock intervals: every node sweeps the
@@ -113,7 +130,7 @@ def select_targets(
     ring = sorted([*candidates, self_name])
     at = ring.index(self_name)
     chosen = set(ring_neighbours(self_name, candidates) or ())
-    if head in candidates:
+    if head in candidates and watches_head(ring, at, ring.index(head), step):
         chosen.add(head)
     chosen.update(name for name in watch if name in candidates)
     order = [ring[(at + d) % len(ring)] for d in sweep_order(len(ring))]
@@ -291,7 +308,8 @@ class Prober:
         """Between rounds: re-probe peers whose last round probe failed, and give every other
         target that is not down a bare TCP connect (a failure starts the same re-probes); the
         Ray head gets a full authenticated probe instead, so both sides of its leader lease
-        hear from each other every QUICK_S.
+        hear from each other every QUICK_S (beyond full mesh only its ring predecessor quick-
+        checks it: the lease renewals come down gpud.ray.lease_tree).
         ``spawn`` runs each check as a task of the caller's TaskGroup, so no check holds up
         another, nor the rounds; at most one check per peer runs at a time. A failed round
         probe is confirmed whether or not its peer is among ``targets``."""

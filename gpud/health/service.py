@@ -372,9 +372,10 @@ class HealthService(ComponentBase):
         full_mesh = len(names) + 1 <= health.full_mesh_max
         neighbours = ring_neighbours(self._ctx.node_name, names) or ()
         # Between rounds, beyond full mesh, each node quick-checks only the peer after it on
-        # the ring (so every node is checked by one peer), the head and the watched peers; a
-        # death that another node finds reaches us by its notice (`_tell_suspect`).
-        quick = {neighbours[1], head, *watch} if neighbours else set()
+        # the ring (so every node is checked by one peer, the head too: its lease needs no
+        # probes, see gpud.ray.lease_tree) and the watched peers; a death that another node
+        # finds reaches us by its notice (`_tell_suspect`).
+        quick = {neighbours[1], *watch} if neighbours else set()
         self._targets = targets if full_mesh else [n for n in targets if n in quick]
         cycle = sweep_steps(len(names), health.random_peers) + 2
         await self.prober.run_round(

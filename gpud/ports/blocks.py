@@ -17,7 +17,8 @@ claims one block, unique among the nodes that share its host address. There is n
 Members that are "failed" keep their block until they are reaped; "left" members and members
 that are gone hold nothing.
 
-A member's word about itself is not enough to take a block (issue 10):
+A member's word about itself is not enough to take a block (whoever holds the cluster key can
+gossip any tags):
 - only verified gpud nodes (they answered this node's signed ping as themselves, at their
   address) can make this node give up or skip a block; a block held only by an unverified
   member is free, though a node still prefers a block nobody holds;

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import msgspec
 
 from gpud.client import (
     api_call,
+    api_exchange,
     api_get,
     client_command,
     client_options,
     path_part,
-    print_json,
+    print_api_json,
+    print_raw_json,
 )
-from gpud.ports.leases import Lease
-from gpud.text import escape
+from gpud.text import escape, table
+
+
+class LeaseView(msgspec.Struct, kw_only=True):
+    """What the CLI prints of a lease (gpud.ports.leases.Lease, whose module loads the state
+    store: a client command does not)."""
+
+    id: str
+    owner: str
+    ports: list[int]
+    pid: int | None = None
 
 
 class PortsView(msgspec.Struct, kw_only=True):
@@ -25,7 +37,7 @@ class PortsView(msgspec.Struct, kw_only=True):
     summary: str
     reservation: str
     warnings: list[str] = []
-    leases: list[Lease] = []
+    leases: list[LeaseView] = []
 
 
 def cmd_ports(args: argparse.Namespace) -> int:
@@ -34,7 +46,7 @@ def cmd_ports(args: argparse.Namespace) -> int:
     if args.ports_command == "release":
         return cmd_release(args)
     if args.json:
-        print_json(api_get(args, "/v1/ports"))
+        print_api_json(args, "/v1/ports")
         return 0
     data = api_get(args, "/v1/ports", PortsView)
     print(escape(data.summary))
@@ -46,16 +58,13 @@ def cmd_ports(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_leases(leases: list[Lease]) -> str:
+def render_leases(leases: list[LeaseView]) -> str:
     """The lease table; owners are free text from any caller, so they are escaped."""
-    lines = [f"{'ID':<17} {'OWNER':<24} {'PID':>7}  PORTS"]
-    for lease in leases:
-        pid = lease.pid or "-"
-        lines.append(
-            f"{escape(lease.id):<17} {escape(lease.owner):<24} {pid!s:>7}  "
-            f"{_ports_text(lease.ports)}"
-        )
-    return "\n".join(lines)
+    rows = [
+        [escape(lease.id), escape(lease.owner), str(lease.pid or "-"), _ports_text(lease.ports)]
+        for lease in leases
+    ]
+    return table(["ID", "OWNER", "PID", "PORTS"], rows, right=[2])
 
 
 def cmd_lease(args: argparse.Namespace) -> int:
@@ -65,12 +74,14 @@ def cmd_lease(args: argparse.Namespace) -> int:
         "contiguous": args.contiguous,
         "pid": args.pid,
     }
-    lease = api_call(args, "POST", "/v1/ports/leases", body, Lease)
+    lease, raw = api_exchange(args, "POST", "/v1/ports/leases", body, LeaseView)
     if args.json:
-        print_json(lease)
-    else:
-        # One line, for scripts: `read -r a b c <<< "$(gpud ports lease ...)"`.
-        print(" ".join(str(p) for p in lease.ports))
+        print_raw_json(raw)
+        return 0
+    # The ports on one line, for scripts: `read -r a b c <<< "$(gpud ports lease ...)"`; the
+    # id that `release` needs where a person sees it and `$(...)` does not take it.
+    print(" ".join(str(p) for p in lease.ports))
+    print(f"lease {escape(lease.id)} (release it with `gpud ports release ID`)", file=sys.stderr)
     return 0
 
 

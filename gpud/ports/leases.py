@@ -8,19 +8,16 @@ hold one port in two leases.
 from __future__ import annotations
 
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
+from gpud.leasebook import Owner, Pid
 from gpud.ports.blocks import ClaimRecord
 from gpud.ports.reserve import PortRange
 from gpud.state import Key, StateError, StateStore, Transaction
-
-Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Pid = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
 
 class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -30,7 +27,8 @@ class LeaseRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     count: Annotated[int, msgspec.Meta(ge=1)]
     contiguous: bool = False
     pid: Pid | None = None
-    # Set by the API from the caller's SO_PEERCRED (a uid in the body is overwritten): issue 10.
+    # Set by the API from the caller's SO_PEERCRED (a uid in the body is overwritten), so that
+    # only the uid that leased may release.
     uid: int | None = None
 
 
@@ -40,7 +38,7 @@ class Lease(msgspec.Struct, kw_only=True):
     ports: list[int]
     pid: int | None
     created: float
-    # The uid that leased it (None: root or a lease from before uids were recorded): issue 10.
+    # The uid that leased it (None: an in-process lease, or one from before uids were recorded).
     uid: int | None = None
 
 
@@ -50,10 +48,6 @@ class StoredLease(msgspec.Struct, kw_only=True):
     lease: Lease
     # Start time of the owner process (clock ticks since boot, /proc/<pid>/stat field 22).
     pid_start: int | None = None
-
-
-def new_lease_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def choose_ports(
@@ -99,10 +93,6 @@ def choose_ports(
                 return list(block[s : s + count])
             s += bad + 1
     return None
-
-
-def free_count(block: Sequence[int], used: set[int]) -> int:
-    return sum(1 for port in block if port not in used)
 
 
 LEASE_TABLES_VERSION = 1

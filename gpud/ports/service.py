@@ -1,10 +1,9 @@
 """The ports component: claims this node's block, reserves it in the kernel, leases ports.
 
-Lease and release requests go through one queue; a writer task applies a whole batch to the
-in-memory bookkeeping and commits it in one durable transaction of the state store (group
-commit), then answers every request of the batch. So a lease is on disk before anyone sees it, and concurrent
-requests cannot get the same port (one writer decides, and the store's primary key on the port
-would refuse a duplicate anyway).
+Leases are durable before they are answered and never share a port (``gpud.leasebook``); the
+API in front of them is ``gpud.leasefront``'s, guarded: only root or api.admin_group leases,
+and only the uid that leased releases. What is the ports' own: the block claim, the kernel
+reservation, and which ports of the block a request gets.
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ from gpud import api, log
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import Member, NodeContext
 from gpud.errors import ApiError
-from gpud.leasebook import LeaseBook
+from gpud.leasebook import LeaseBook, new_lease_id
+from gpud.leasefront import LeaseFront
 from gpud.ports import blocks, reserve
 from gpud.ports.blocks import ClaimRecord, ClaimState
 from gpud.ports.leases import (
@@ -33,11 +33,8 @@ from gpud.ports.leases import (
     LeaseStore,
     StoredLease,
     choose_ports,
-    new_lease_id,
 )
-from gpud.process import process_start
 from gpud.state import open_store
-from gpud.tags import Tags
 
 _log = log.get("ports")
 
@@ -114,6 +111,13 @@ class PortsService(ComponentBase):
             grace_s=lambda: self.cfg.zombie_grace_s,
             logger=_log,
         )
+        self._front: LeaseFront[LeaseRequest, StoredLease] = LeaseFront(
+            self._book,
+            LeaseRequest,
+            not_ready=self._not_confirmed,
+            check=self._check_count,
+            admin_group=lambda: self.ctx.config.api.admin_group,
+        )
         self._used: set[int] = set()
         self._reindex(self._book.leases)
         self._claim = self._load_claim()
@@ -138,20 +142,17 @@ class PortsService(ComponentBase):
         self, owner: str, count: int, *, contiguous: bool = False, pid: int | None = None
     ) -> Lease:
         """Lease ``count`` ports of this node's block; durable when this returns."""
-        try:
-            request = msgspec.convert(
-                {"owner": owner, "count": count, "contiguous": contiguous, "pid": pid},
-                LeaseRequest,
-            )
-        except msgspec.ValidationError as exc:
-            raise ApiError(400, f"bad lease request: {exc}") from None
-        return await self._lease(request)
+        return await self._front.lease(owner=owner, count=count, contiguous=contiguous, pid=pid)
 
     async def release(self, lease_id: str) -> None:
-        await self._book.release(lease_id)
+        await self._front.release(lease_id)
+
+    async def transfer(self, lease_id: str, pid: int) -> None:
+        """Make the running process ``pid`` the lease's owner (a re-adopted child's lease)."""
+        await self._front.transfer(lease_id, pid)
 
     def leases(self) -> list[Lease]:
-        return [s.lease for s in self._book.leases.values()]
+        return self._front.leases()
 
     def block_range(self) -> range | None:
         if self._claim is None or self._state == "exhausted":
@@ -256,12 +257,7 @@ class PortsService(ComponentBase):
         ]
 
     def routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/v1/ports", self._get_ports),
-            web.get("/v1/ports/leases", self._get_leases),
-            web.post("/v1/ports/leases", self._post_lease),
-            web.delete("/v1/ports/leases/{id}", self._delete_lease),
-        ]
+        return [web.get("/v1/ports", self._get_ports), *self._front.routes("/v1/ports/leases")]
 
     # ---- HTTP handlers ---------------------------------------------------------------------
 
@@ -269,49 +265,22 @@ class PortsService(ComponentBase):
         detail = PortsDetail(**self._status_fields(), leases=self.leases())
         return api.json_response(detail)
 
-    async def _get_leases(self, request: web.Request) -> web.Response:
-        return api.json_response(self.leases())
-
-    # --- issue 10 (trust): only root or api.admin_group leases; only the owner releases ---
-    async def _post_lease(self, request: web.Request) -> web.Response:
-        caller = api.require_admin(request, self.ctx.config.api.admin_group)
-        lease_request = await api.read_body(request, LeaseRequest, what="lease request")
-        if lease_request.pid is not None:
-            api.require_pid_of(caller, lease_request.pid)
-        lease_request = msgspec.structs.replace(lease_request, uid=caller.uid)
-        return api.json_response(await self._lease(lease_request), status=201)
-
-    async def _delete_lease(self, request: web.Request) -> web.Response:
-        caller = api.require_admin(request, self.ctx.config.api.admin_group)
-        lease_id = request.match_info["id"]
-        item = self._book.leases.get(lease_id)
-        if item is not None:
-            api.require_owner(caller, item.lease.uid, f"lease {lease_id}")
-        await self.release(lease_id)
-        return web.Response(status=204)
-
-    # --- end issue 10 ---
-
     # ---- leases ----------------------------------------------------------------------------
 
-    async def _lease(self, request: LeaseRequest) -> Lease:
+    def _check_count(self, request: LeaseRequest) -> None:
         if request.count > self.cfg.block_size:
             raise ApiError(
                 400, f"count {request.count} exceeds the block size ({self.cfg.block_size})"
             )
-        pid_start = None
-        if request.pid is not None:
-            pid_start = process_start(request.pid)
-            if pid_start is None:
-                raise ApiError(400, f"pid {request.pid} is not a running process")
-        if not self._confirmed.is_set():
-            where = f"block {self._claim.blk}" if self._claim else "a block"
-            raise ApiError(
-                503,
-                f"port block not confirmed yet (claiming {where}; state {self._state}); retry "
-                "once gossip has settled",
-            )
-        return await self._book.lease(request, pid_start)
+
+    def _not_confirmed(self) -> str | None:
+        if self._confirmed.is_set():
+            return None
+        where = f"block {self._claim.blk}" if self._claim else "a block"
+        return (
+            f"port block not confirmed yet (claiming {where}; state {self._state}); retry once "
+            "gossip has settled"
+        )
 
     def _reindex(self, leases: dict[str, StoredLease]) -> None:
         self._used = {p for s in leases.values() for p in s.lease.ports}
@@ -590,56 +559,3 @@ def _view(member: Member, *, verified: bool, first_seen: int) -> blocks.ClaimVie
         verified=verified,
         first_seen=first_seen,
     )
-
-
-def loopback_gossip(ctx: NodeContext) -> None:
-    """Make a node without Serf its own only member, seeing its own tags (standalone, tests)."""
-
-    def show(tags: Tags) -> None:
-        me = Member(
-            name=ctx.node_name,
-            addr=ctx.advertise_addr,
-            port=ctx.config.serf.bind_port,
-            status="alive",
-            tags=tags,
-        )
-        ctx.set_members({ctx.node_name: me})
-
-    async def publish(tags: Tags) -> None:
-        show(tags)
-
-    ctx.set_tag_publisher(publish)
-    show(ctx.tags)
-
-
-async def serve_unix(service: PortsService, path: str) -> web.AppRunner:
-    """Serve only the ports routes on a Unix socket (standalone use, tests and bench)."""
-    runner = web.AppRunner(api.make_app(service.routes()))
-    await runner.setup()
-    await web.UnixSite(runner, path).start()
-    return runner
-
-
-async def _standalone(config_path: str, addr: str) -> None:
-    from gpud import config
-
-    ctx = NodeContext(config.load(config_path), addr)
-    loopback_gossip(ctx)
-    service = PortsService(ctx)
-    runner = await serve_unix(service, ctx.config.socket_path)
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(service.run())
-            await service.ready()
-            print(f"ready {ctx.config.socket_path}", flush=True)
-    finally:
-        await runner.cleanup()
-
-
-if __name__ == "__main__":
-    # A lone node's ports component on the local API socket, without gossip (its claim settles
-    # alone): `python -m gpud.ports.service CONFIG ADDR`. Used by tests/test_ports_service.py.
-    import sys
-
-    log.setup("warning")
-    asyncio.run(_standalone(sys.argv[1], sys.argv[2]))

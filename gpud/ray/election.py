@@ -95,6 +95,12 @@ def ineligible(member: Member, verdict: DataPathVerdict | None = None) -> Inelig
         return Ineligible("gpus", "its GPUs are unhealthy (see `gpud gpus` on it)")
     if tags.cd:
         return Ineligible("cordoned", "cordoned by `gpud drain` (`gpud uncordon` on it ends it)")
+    if tags.hc:
+        return Ineligible(
+            "gcs_unreachable",
+            f"stepped down as head: {GCS_UNREACHABLE} (tcp/{tags.hc}); out of the election "
+            "for a cool-down",
+        )
     healthy = verdict(member.name) if verdict is not None else None
     if healthy is False:
         return Ineligible("data_path", "data path not healthy as seen by a majority of its peers")

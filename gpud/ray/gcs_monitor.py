@@ -6,7 +6,10 @@ Three loops' worth of probes, each fed into the pure verdicts of gpud.ray.reach:
 - the head checks the members tagged as its workers against that list and probes the
   node-manager port of each;
 - a worker connects to its head's GCS port from its advertised address every health
-  interval, and gossips the verdict (tag ``hg``) that can depose a head nobody reaches.
+  interval, and gossips the verdict (tag ``hg``) that can depose a head nobody reaches;
+- every node connects to the GCS port a deposed head stepped down for (its tag ``hc``), and
+  gossips whether that port answers again (tag ``hx``), which ends the deposed head's
+  cool-down.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from gpud.ray.reach import (
     expected_workers,
     gcs_reach_tag,
     record_gcs_probe,
+    record_stepped_down_probe,
     record_worker_poll,
     registered,
+    stepped_down_tag,
 )
 from gpud.ray.supervisor import RaySupervisor
 
@@ -47,6 +52,7 @@ class GcsChecks(msgspec.Struct, kw_only=True, frozen=True):
     reach: GcsReach | None = None
     workers: list[WorkerCheck] = msgspec.field(default_factory=list)
     registration: Direction = msgspec.field(default_factory=Direction)
+    stepped_down: list[GcsReach] = msgspec.field(default_factory=list)
 
 
 class GcsMonitor:
@@ -73,6 +79,9 @@ class GcsMonitor:
         self.reach: GcsReach | None = None
         self.workers: dict[str, WorkerCheck] = {}
         self.registration = Direction()
+        # Peers that stepped down as head for an unreachable GCS (tag ``hc``): this node's
+        # probes of that GCS port, by peer.
+        self.stepped_down: dict[str, GcsReach] = {}
 
     def nodes_seen(self) -> RayNodesSeen:
         """The last poll's nodes, with its age."""
@@ -83,24 +92,29 @@ class GcsMonitor:
         """Ray's ports checked now, each result counting at once (no hysteresis): a worker
         probes its head's GCS, the head asks its GCS and probes its workers' Ray ports."""
         now = Thresholds(1, 1)
-        reach = await self.probe_gcs(None, now)
+        # Both at once: each may have to wait out its connect timeouts.
+        reach, peers = await asyncio.gather(
+            self.probe_gcs(None, now), self.probe_stepped_down({}, now)
+        )
+        stepped_down = sorted(peers.values(), key=lambda r: r.head)
         address = self.gcs_address()
         # A GCS this worker cannot reach has nothing more to say (and would take its full
         # timeout to say so): doctor must answer within the CLI's 30 s.
         if address is None or (reach is not None and reach.direction.state != "passing"):
-            return GcsChecks(reach=reach)
+            return GcsChecks(reach=reach, stepped_down=stepped_down)
         try:
             nodes = await alive_ray_nodes(
                 self.ctx.config.ray.executable, address, DIAGNOSE_NODES_TIMEOUT_S
             )
         except (RuntimeError, OSError, msgspec.DecodeError):
             # Already in the status (ray_nodes.error); the probes above still count.
-            return GcsChecks(reach=reach)
+            return GcsChecks(reach=reach, stepped_down=stepped_down)
         workers = await self.check_workers(nodes, {}, now)
         return GcsChecks(
             reach=reach,
             workers=sorted(workers.values(), key=lambda w: w.name),
             registration=step(Direction(), registered(self.ctx.node_name, nodes), "", now),
+            stepped_down=stepped_down,
         )
 
     async def nodes_loop(self) -> None:
@@ -177,7 +191,10 @@ class GcsMonitor:
     async def reach_loop(self) -> None:
         while True:
             started = time.monotonic()
-            self.reach = await self.probe_gcs(self.reach, self._thresholds)
+            self.reach, self.stepped_down = await asyncio.gather(
+                self.probe_gcs(self.reach, self._thresholds),
+                self.probe_stepped_down(self.stepped_down, self._thresholds),
+            )
             await self._publish_reach()
             await asyncio.sleep(
                 max(0.0, self.ctx.config.health.interval_s - (time.monotonic() - started))
@@ -221,12 +238,51 @@ class GcsMonitor:
             peer_api = await tcp_connect(member.addr, member.tags.pp, timeout, source_addr=source)
         return record_gcs_probe(reach, probe, peer_api, thresholds)
 
+    async def probe_stepped_down(
+        self, previous: dict[str, GcsReach], thresholds: Thresholds
+    ) -> dict[str, GcsReach]:
+        """One connect to the GCS port each alive peer stepped down for (tag ``hc``), from the
+        advertised address; after an unanswered one, one to its peer API (see probe_gcs)."""
+        if not self.ctx.config.ray.enabled:
+            return {}
+        deposed = [
+            m
+            for m in self.ctx.members.values()
+            if m.name != self.ctx.node_name and m.alive and m.tags is not None and m.tags.hc
+        ]
+        timeout = self.ctx.config.health.timeout_s
+        source = None if self.ctx.tags.nat else self.ctx.advertise_addr
+
+        async def one(member: Member) -> GcsReach:
+            assert member.tags is not None
+            port = member.tags.hc
+            reach = previous.get(member.name)
+            if reach is None or (reach.head_addr, reach.gcs_port) != (member.addr, port):
+                reach = GcsReach(
+                    head=member.name, term=member.tags.term, head_addr=member.addr, gcs_port=port
+                )
+            probe = ProbeOutcome(ok=False)
+            for _ in range(2):  # one lost SYN costs a 1 s retransmit: one retry at once
+                probe = await tcp_connect(member.addr, port, timeout, source_addr=source)
+                if probe.ok or probe.cause == "refused":
+                    break
+            peer_api = None
+            if not probe.ok and probe.cause != "refused" and member.tags.pp:
+                peer_api = await tcp_connect(
+                    member.addr, member.tags.pp, timeout, source_addr=source
+                )
+            return record_stepped_down_probe(reach, probe, peer_api, thresholds)
+
+        probed = await asyncio.gather(*(one(m) for m in deposed))
+        return {r.head: r for r in probed}
+
     async def _publish_reach(self) -> None:
         ports = self.supervisor.status().ports
         nm = ports.named.get("node-manager-port", 0) if ports is not None else 0
         try:
             hg = gcs_reach_tag(self.reach, self._head(), self.ctx.tags.term)
-            await self.ctx.update_tags(hg=hg, nm=nm)
+            hx = stepped_down_tag(self.stepped_down.values())
+            await self.ctx.update_tags(hg=hg, nm=nm, hx=hx)
         except Exception as exc:  # a gossip hiccup must not stop the probe loop
             log.warning(_log, "could not publish ray reach tags", error=str(exc))
 

@@ -19,6 +19,9 @@ import msgspec
 from gpud import log, secret
 from gpud.component import Problem
 from gpud.context import Member, NodeContext
+from gpud.deployments.peers import PeerLinks, PeerNetwork
+from gpud.health.peer_api import PeerCallError
+from gpud.health.service import HealthService
 from gpud.ray.election import (
     MEMBERSHIP_UNKNOWN,
     DataPathVerdict,
@@ -36,10 +39,13 @@ from gpud.ray.election import (
     vote_refusal,
     with_remembered,
 )
+from gpud.ray.lease_tree import RENEW_S, LeaseRelay, Renewal, RenewalAck
 from gpud.ray.votes import (
     CERT_QUERY,
+    PATH_CERTIFICATE,
     PRE_VOTE_QUERY,
     VOTE_QUERY,
+    CertificateReply,
     CertificateRequest,
     KnownView,
     VoteCertificate,
@@ -66,8 +72,9 @@ RETRY_S = (1.0, 3.0)
 # An alive member that has not been verified as a gpud node within this long of first being
 # seen is not one (gpud answers the first probe round); until then nobody stands.
 PENDING_S = 15.0
-# A follower asks a head for its certificate at most this often while it cannot verify it,
-# in at most this many pages (each one Serf query; a page holds about 20-40 votes).
+# A follower asks a head for its certificate at most this often while it cannot verify it:
+# in one signed peer API call (any size: a majority of 5,000 members is some 150 KB), or from
+# a head without that route in at most this many Serf pages (a page holds about 20-40 votes).
 CERT_RETRY_S = 2.0
 CERT_PAGES_MAX = 16
 # Leader lease (issue 11): a head acts only while a majority of the known members (itself
@@ -75,8 +82,9 @@ CERT_PAGES_MAX = 16
 # LEASE_S + LEASE_MARGIN_S after it last heard from a member announcing itself head. So the
 # old head has stopped before a successor can exist. A head runs a step at the moment its
 # lease would end (`HeadElection.next_step_in`), so the margin covers only the step-down
-# itself on a busy event loop. Every member probes the head every 0.5 s
-# (gpud.health.prober.QUICK_S), so 2.5 s rides out four lost probes in a row.
+# itself on a busy event loop. The head renews its lease every 0.5 s down a tree of its
+# members (gpud.ray.lease_tree: FANOUT messages at the head whatever N), and the data-path
+# probes count too, so 2.5 s rides out several lost renewals in a row.
 LEASE_S = 2.5
 LEASE_MARGIN_S = 0.5
 # A candidate blocked by its own lease for at most this long waits it out inside the step.
@@ -92,6 +100,8 @@ LEASE_RETRY_S = (0.3, 0.6)
 FREEZE_GAP_S = 2.5
 FREEZE_RECHECK_S = 5.0
 LEASE_REFUSAL = "lease:"
+# The peer API route lease renewals travel down the tree by.
+PATH_RENEW = "/v1/peer/ray/renew"
 
 
 class QueryTransport(Protocol):
@@ -127,6 +137,15 @@ def _reach_in(term: int, tags: Tags) -> GcsReachSummary:
     """The ``hg`` tag to gossip beside ``term``: this node's verdict on its head's GCS belongs
     to the term it was formed in, and must not count against the next term's head."""
     return tags.hg if term == tags.term else "unknown"
+
+
+def _newest(*times: Mapping[str, float]) -> dict[str, float]:
+    """Per name, the newest of its times in ``times``."""
+    out: dict[str, float] = {}
+    for source in times:
+        for name, at in source.items():
+            out[name] = max(at, out.get(name, -math.inf))
+    return out
 
 
 def lease_holds(
@@ -247,11 +266,14 @@ class HeadElection:
         vote_timeout_s: float | None = None,
         retry_s: tuple[float, float] = RETRY_S,
         lease: LeaseSource | None = None,
+        peers: PeerNetwork | None = None,
     ) -> None:
         """``verified``: is a member a verified gpud node (None: trust every member, for
         in-process tests). ``vote_keys``: the keys that check votes, the first signs them
         (secret.PeerApiKeys for "vote": one per key in serf's keyring, so votes still check
-        while the cluster key rotates; default: the cluster key's)."""
+        while the cluster key rotates; default: the cluster key's). ``peers``: the signed peer
+        API certificates travel over (default: that of the health component giving the lease;
+        None without one: Serf pages only)."""
         self.ctx = ctx
         self._serf = serf
         self.store = store
@@ -280,6 +302,17 @@ class HeadElection:
         serf.on_query(VOTE_QUERY, self._on_vote)
         serf.on_query(PRE_VOTE_QUERY, self._on_pre_vote)
         serf.on_query(CERT_QUERY, self._on_certificate)
+        if peers is None and isinstance(lease, HealthService):
+            peers = PeerLinks(lease.client, lease.server.add_route, lease.prober.verified)
+        self._peers = peers
+        # The lease's renewal tree: needs the peer API and the lease's own contact times.
+        self._relay: LeaseRelay | None = None
+        self._next_renew = 0.0
+        if peers is not None:
+            peers.add_route(PATH_CERTIFICATE, self._on_peer_certificate)
+            if lease is not None:
+                self._relay = LeaseRelay(ctx.node_name, self._relay_members, self._send_renewal)
+                peers.add_route(PATH_RENEW, self._on_renewal)
 
     def view(self) -> dict[str, Member]:
         """The membership with this node's own entry carrying its current tags."""
@@ -426,7 +459,7 @@ class HeadElection:
             candidate,
             self.ctx.node_name,
             self.ctx.members,
-            self._lease.heard_from(),
+            _newest(self._lease.heard_from(), self._relay.heard if self._relay else {}),
             time.monotonic(),
             LEASE_S + LEASE_MARGIN_S,
         )
@@ -456,10 +489,39 @@ class HeadElection:
 
     def _contacts(self) -> dict[str, float]:
         assert self._lease is not None
-        contacts = dict(self._lease.lease_contacts())
-        for name, at in self._vote_contacts.items():
-            contacts[name] = max(at, contacts.get(name, -math.inf))
-        return contacts
+        return _newest(
+            self._lease.lease_contacts(),
+            self._vote_contacts,
+            self._relay.contacts if self._relay is not None else {},
+        )
+
+    def _relay_members(self) -> list[str]:
+        """Members a renewal is passed to: alive ones that announce a peer API."""
+        return [
+            m.name
+            for m in self.ctx.members.values()
+            if m.alive and m.tags is not None and m.tags.pp and m.name != self.ctx.node_name
+        ]
+
+    async def _send_renewal(self, name: str, renewal: Renewal) -> RenewalAck:
+        assert self._peers is not None
+        member = self.ctx.members[name]
+        assert member.tags is not None
+        return await self._peers.call(member.addr, member.tags.pp, PATH_RENEW, renewal, RenewalAck)
+
+    async def _on_renewal(self, body: bytes) -> bytes:
+        """A renewal on its way down the tree (malformed requests: a 400 there)."""
+        assert self._relay is not None
+        renewal = msgspec.json.decode(body, type=Renewal)
+        return msgspec.json.encode(await self._relay.receive(renewal))
+
+    async def _renew(self, term: int) -> None:
+        """As head: one renewal down the tree when due (every RENEW_S), before the lease is
+        judged, so it is judged on fresh contacts."""
+        if self._relay is None or time.monotonic() < self._next_renew:
+            return
+        self._next_renew = time.monotonic() + RENEW_S
+        await self._relay.renew(term)
 
     def _lease_expired(self, members: Mapping[str, Member]) -> str | None:
         if self._lease is None:
@@ -475,7 +537,8 @@ class HeadElection:
             return tick_s
         known = [m.name for m in known_members(self.screened().members)]
         ends = lease_ends_at(self.ctx.node_name, known, self._contacts(), LEASE_S)
-        return max(0.0, min(tick_s, ends - time.monotonic() + 0.01))
+        due = self._next_renew if self._relay is not None else math.inf
+        return max(0.0, min(tick_s, ends - time.monotonic() + 0.01, due - time.monotonic()))
 
     async def _step(self) -> Plan:
         if not self.membership_known():
@@ -506,6 +569,7 @@ class HeadElection:
         else:
             self.unproven = None  # no head to prove (or this node leads): nothing refused
         if current.action == "lead":
+            await self._renew(current.term)
             expired = self._lease_expired(members)
             if expired is not None:
                 log.warning(_log, "stepping down", term=current.term, reason=expired)
@@ -525,7 +589,7 @@ class HeadElection:
         refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
         if refusal is not None and time.monotonic() >= self._next_fetch:
             self._next_fetch = time.monotonic() + CERT_RETRY_S
-            self._fetched = await self._fetch_certificate(head, term)
+            self._fetched = await self.fetch_certificate(head, term)
             refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
         if refusal is None:
             self._proven, self.unproven = (head, term), None
@@ -535,7 +599,26 @@ class HeadElection:
         self.unproven = (head, refusal)
         return Plan(action="wait", term=term, reason=f"not following {head}: {refusal}"[:500])
 
-    async def _fetch_certificate(self, head: str, term: int) -> VoteCertificate | None:
+    async def fetch_certificate(self, head: str, term: int) -> VoteCertificate | None:
+        """``head``'s certificate for ``term``: whole, over the peer API; from a head that
+        does not serve it there, in Serf pages. None when it sends nothing. What it proves is
+        judged by the caller (`proof_refusal`), whichever way it came."""
+        member = self.ctx.members.get(head)
+        if self._peers is not None and member is not None and member.tags and member.tags.pp:
+            request = CertificateRequest(head=head, term=term)
+            try:
+                reply = await self._peers.call(
+                    member.addr, member.tags.pp, PATH_CERTIFICATE, request, CertificateReply
+                )
+            except (PeerCallError, msgspec.ValidationError) as exc:
+                log.info(
+                    _log, "certificate not served over the peer API", head=head, error=str(exc)
+                )
+            else:
+                return reply.cert
+        return await self._certificate_pages(head, term)
+
+    async def _certificate_pages(self, head: str, term: int) -> VoteCertificate | None:
         """``head``'s certificate for ``term``, page by page until it holds a majority of the
         members it counted (or the head sends no more); None when it sends nothing."""
         cert: VoteCertificate | None = None
@@ -562,6 +645,14 @@ class HeadElection:
                 break
         return cert
 
+    def _own_certificate(self, request: CertificateRequest) -> VoteCertificate | None:
+        """The certificate ``request`` asks of this node: the one it won the asked term with."""
+        cert = self.store.certificate
+        me = self.ctx.node_name
+        if cert is None or request.head != me or (cert.head, cert.term) != (me, request.term):
+            return None
+        return cert
+
     async def _on_certificate(self, from_node: str, payload: bytes) -> bytes | None:
         """The head answers with its certificate for the asked term; everyone else stays
         silent."""
@@ -569,11 +660,13 @@ class HeadElection:
             request = msgspec.json.decode(payload, type=CertificateRequest)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
-        cert = self.store.certificate
-        me = self.ctx.node_name
-        if cert is None or request.head != me or (cert.head, cert.term) != (me, request.term):
-            return None
-        return certificate_page(cert, request.first)
+        cert = self._own_certificate(request)
+        return None if cert is None else certificate_page(cert, request.first)
+
+    async def _on_peer_certificate(self, body: bytes) -> bytes:
+        """The whole certificate over the peer API (malformed requests: a 400 there)."""
+        request = msgspec.json.decode(body, type=CertificateRequest)
+        return msgspec.json.encode(CertificateReply(cert=self._own_certificate(request)))
 
     def problems(self) -> list[Problem]:
         """Claims this node refused to believe (issue 10): rogue heads, wild terms, heads

@@ -22,6 +22,7 @@ from gpud.ray.reach import (
     gcs_reach_problem,
     missing_worker_problem,
     registration_problem,
+    stepped_down_problem,
 )
 from gpud.ray.supervisor import RayProcessStatus
 from gpud.tags import RayRole
@@ -90,6 +91,15 @@ def run_reason(
     return None
 
 
+class SteppedDown(msgspec.Struct, kw_only=True, frozen=True):
+    """This node stepped down as head: a majority of its workers could not reach its GCS."""
+
+    address: str  # the GCS they could not reach, addr:port
+    port: int
+    # Seconds until it may stand again.
+    left_s: float
+
+
 class RayNodesSeen(msgspec.Struct, kw_only=True):
     nodes: list[RayNode] | None = None
     error: str | None = None
@@ -129,6 +139,10 @@ class RayStatus(msgspec.Struct, kw_only=True):
     registration: Direction = msgspec.field(default_factory=Direction)
     # Head: a majority of its workers cannot reach its GCS, yet no other node could lead.
     gcs_unreachable_kept: bool = False
+    # This node stepped down as head for that, and sits out the election (a worker meanwhile).
+    stepped_down: SteppedDown | None = None
+    # Peers that stepped down so: this node's probes of the GCS port each stepped down for.
+    stepped_down_peers: list[GcsReach] = msgspec.field(default_factory=list)
     last_election: str = ""
     # Why this node runs no Ray / has no head (None when all is well).
     reason: str | None = None
@@ -188,6 +202,16 @@ def _reach_text(
     return text
 
 
+def _stepped_down_text(status: RayStatus) -> str:
+    text = ""
+    if status.stepped_down is not None:
+        text += f"; stepped down as head (GCS {status.stepped_down.address} unreachable)"
+    for reach in status.stepped_down_peers:
+        if reach.direction.state == "critical":
+            text += f"; {reach.head}'s GCS {reach.address} unreachable"
+    return text
+
+
 def _crash_summary(role: RayRole, term: int, process: RayProcessStatus, failures: int) -> str:
     # A Ray that keeps restarting is never "running", even in the moment it happens to be up.
     return (
@@ -203,9 +227,11 @@ def status_summary(status: RayStatus) -> str:
     if status.recent_failures >= CRASH_LOOP_RESTARTS and process.target is not None:
         return _crash_summary(role, term, process, status.recent_failures)
     nodes = status.ray_nodes
-    return _summary(
-        role, term, status.head, status.head_address, process, nodes, status.reason
-    ) + _reach_text(status.gcs_reach, status.workers, status.registration, nodes.gcs_address)
+    return (
+        _summary(role, term, status.head, status.head_address, process, nodes, status.reason)
+        + _reach_text(status.gcs_reach, status.workers, status.registration, nodes.gcs_address)
+        + _stepped_down_text(status)
+    )
 
 
 _ELIGIBILITY_FIX: dict[EligibilityCode, str] = {
@@ -375,4 +401,25 @@ def _reach_problems(status: RayStatus, node: str) -> list[Problem]:
                 "them), or make another node eligible to lead",
             )
         )
+    down = status.stepped_down
+    if down is not None:
+        found.append(
+            Problem(
+                code="ray.head_gcs_unreachable",
+                severity="critical",
+                subject=node,
+                message=(
+                    f"{node} stepped down as Ray head: {GCS_UNREACHABLE} {down.address}; it "
+                    f"runs as a Ray worker and stays out of the election {down.left_s:.0f} s more"
+                ),
+                fix=(
+                    f"open TCP {down.port} and the Ray ports on this node for the other members "
+                    f"(a firewall here blocks tcp/{down.port}: see ray.gcs_unreachable on them)"
+                ),
+            )
+        )
+    for reach in status.stepped_down_peers:
+        problem = stepped_down_problem(node, source or "this node", reach)
+        if problem is not None:
+            found.append(problem)
     return found

@@ -17,7 +17,7 @@ import msgspec
 
 from gpud.component import Problem
 from gpud.context import Member
-from gpud.health.verdict import Direction, Thresholds, step
+from gpud.health.verdict import Direction, DirectionState, Thresholds, majority_verdict, step
 from gpud.netprobe import ProbeCause, ProbeOutcome
 from gpud.ray.probes import RayNode
 from gpud.tags import GcsReachSummary
@@ -110,6 +110,76 @@ def gcs_reach_problem(node: str, node_addr: str, reach: GcsReach | None) -> Prob
         message=message,
         fix=fix,
         supersedes=frozenset({"ray.down", "ray.crash_loop"}),
+    )
+
+
+def record_stepped_down_probe(
+    reach: GcsReach, probe: ProbeOutcome, peer_api: ProbeOutcome | None, thresholds: Thresholds
+) -> GcsReach:
+    """Add one connect to the GCS port a head stepped down for. Nothing listens there any
+    more, so a refusal passes: the host's own kernel answered, no firewall drops the packets.
+    Only a connect that goes unanswered says the path is still blocked (a firewall that
+    rejects instead of dropping looks open here, and the workers depose that head again)."""
+    answered = probe.ok or probe.cause == "refused"
+    if not answered:
+        return record_gcs_probe(reach, probe, peer_api, thresholds)
+    direction = step(reach.direction, True, "", thresholds)
+    if direction.state == "critical":
+        # Critical until enough answers in a row: the problem keeps saying what failed.
+        failed = reach.direction
+        direction = msgspec.structs.replace(direction, reason=failed.reason, cause=failed.cause)
+        return msgspec.structs.replace(reach, direction=direction)
+    return msgspec.structs.replace(
+        reach, direction=direction, peer_api_answers=None, peer_api_error=""
+    )
+
+
+def stepped_down_tag(reaches: Iterable[GcsReach]) -> GcsReachSummary:
+    """What a node gossips (tag ``hx``) about the GCS ports peers stepped down for: "fail"
+    while any is critical, "ok" once every one passes, else "unknown"."""
+    states = [r.direction.state for r in reaches]
+    if "critical" in states:
+        return "fail"
+    return "ok" if states and all(s == "passing" for s in states) else "unknown"
+
+
+def path_reopened(me: str, members: Mapping[str, Member]) -> bool:
+    """Does a majority of the other alive members (by their ``hx`` tags) reach the GCS port
+    ``me`` stepped down for again? Then its cool-down ends: the fault is gone."""
+    views = [m.tags.hx for m in members.values() if m.name != me and m.alive and m.tags is not None]
+    states: list[DirectionState] = [
+        "passing" if v == "ok" else "critical" for v in views if v != "unknown"
+    ]
+    return majority_verdict(states, len(views)) is True
+
+
+def stepped_down_problem(node: str, node_addr: str, reach: GcsReach) -> Problem | None:
+    """``ray.gcs_unreachable`` for a peer that stepped down as head because its workers could
+    not reach its GCS, while this node's connects to that port still go unanswered."""
+    if reach.direction.state != "critical":
+        return None
+    head, port = reach.head, reach.gcs_port
+    seen = (
+        f"{node} cannot reach {head}'s GCS port {reach.address} "
+        f"({_short(reach.direction.reason, reach.direction.cause)})"
+    )
+    where = (
+        f"{head}'s peer API answers: a firewall on {head} blocks tcp/{port}"
+        if reach.peer_api_answers
+        else f"a firewall on {head} or on the path blocks tcp/{port}"
+    )
+    return Problem(
+        code="ray.gcs_unreachable",
+        severity="critical",
+        subject=head,
+        message=(
+            f"{seen} while {where}; {head} stepped down as Ray head for it and may not lead "
+            "while its workers cannot reach its GCS"
+        ),
+        fix=(
+            f"open TCP {port} and the Ray ports on {head} ({reach.head_addr}) for {node_addr}; "
+            f"Ray runs meanwhile under another head, with {head} as a worker"
+        ),
     )
 
 

@@ -25,7 +25,7 @@ from gpud.config import unkeyed_refusal
 from gpud.context import NodeContext
 from gpud.health.verdict import WorkloadCheck
 from gpud.process import GroupRecord
-from gpud.ray.election import GCS_UNREACHABLE, Plan, ineligible, workers_reach_gcs
+from gpud.ray.election import Plan, ineligible, workers_reach_gcs
 from gpud.ray.gcs_monitor import GcsMonitor
 from gpud.ray.head_election import RETRY_S, HeadElection, LeaseSource, QueryTransport
 from gpud.ray.probes import RayInstall, probe_ray
@@ -34,12 +34,14 @@ from gpud.ray.problems import (
     CRASH_WINDOW_S,
     NotEligible,
     RayStatus,
+    SteppedDown,
     own_ineligibility,
     ray_problems,
     run_reason,
     status_summary,
     workload_checks,
 )
+from gpud.ray.reach import path_reopened
 from gpud.ray.supervisor import RAY_CHILD, PortLeaser, RaySupervisor, SupervisorSettings
 from gpud.ray.target import decide_target
 from gpud.ray.votes import VoteStore
@@ -52,7 +54,8 @@ TICK_S = 1.0
 # How often to look for a missing `ray` executable again.
 PROBE_EVERY_S = 60.0
 # A head in a crash loop (gpud.ray.problems.CRASH_LOOP_RESTARTS), or deposed by its workers,
-# gives up its eligibility for this long.
+# gives up its eligibility for this long. A deposed head runs Ray as a worker meanwhile: only
+# its GCS port was unreachable, and the new head needs every Ray node it can get.
 CRASH_COOLDOWN_S = 300.0
 
 
@@ -135,6 +138,10 @@ class RayService(ComponentBase):
         self._unavailable_until = 0.0
         # Why this node sits out the election until _unavailable_until (None: it does not).
         self._cooldown: NotEligible | None = None
+        # Deposed by its workers: the GCS port they could not reach (tag hc) and until when
+        # (monotonic) it sits out the election while running Ray as a worker.
+        self._deposed_port = 0
+        self._deposed_until = 0.0
         # Ray's own ports, judged with the health component's hysteresis.
         self.gcs = GcsMonitor(
             ctx, self.supervisor, lambda: self.election.plan.head, self.settings.nodes_every_s
@@ -181,20 +188,31 @@ class RayService(ComponentBase):
         while True:
             self._wake.clear()
             self._watch_crash_loop()
-            await self.ctx.update_tags(rv=self._ray_usable())
+            if self._deposed_port and time.monotonic() >= self._deposed_until:
+                self._deposed_port = 0
+                log.info(_log, "head cool-down over: eligible again")
+            elif self._deposed_port and path_reopened(self.ctx.node_name, self.ctx.members):
+                # The fault is gone: no reason to sit out the election any longer (the new
+                # head keeps the role anyway: an eligible head in office is sticky).
+                log.info(_log, "gcs port answers the members again: eligible again")
+                self._deposed_port = 0
+            await self.ctx.update_tags(rv=self._ray_usable(), hc=self._deposed_port)
+            announced_gcs = self.ctx.tags.gcs
             current = await self.election.step()
-            self._note_deposed(current)
+            await self._note_deposed(current, announced_gcs)
             await self._apply(current)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.election.next_step_in(TICK_S))
 
-    def _note_deposed(self, current: Plan) -> None:
+    async def _note_deposed(self, current: Plan, gcs: int) -> None:
+        """``gcs``: the GCS port this node announced before the step."""
         if current.action == "step_down" and current.code == "gcs_unreachable":
-            # Stay out of the next election: its GCS port is still blocked for the workers.
-            why = f"{GCS_UNREACHABLE} (stepped down); retry later"
-            self._cooldown = NotEligible("gcs_unreachable", why)
-            self._unavailable_until = time.monotonic() + CRASH_COOLDOWN_S
-            log.warning(_log, "ray head deposed by its workers", reason=current.reason)
+            # Stay out of the next election (its GCS port is still blocked for the workers),
+            # announced before the next step so that nobody waits for this node to stand.
+            self._deposed_port = gcs or self._deposed_port
+            self._deposed_until = time.monotonic() + CRASH_COOLDOWN_S
+            await self.ctx.update_tags(hc=self._deposed_port)
+            log.warning(_log, "ray head deposed by its workers", reason=current.reason, gcs=gcs)
 
     def _watch_crash_loop(self) -> None:
         target = self.supervisor.target
@@ -245,6 +263,7 @@ class RayService(ComponentBase):
             unkeyed=unkeyed_refusal(self.ctx.config),
             install=install,
             cooldown=self._cooldown,
+            # The deposed head's own tag (hc) makes the election's reason say so.
             election=ineligible(members[self.ctx.node_name], self._verdict),
         )
         head = members.get(current.head) if current.head else None
@@ -282,11 +301,20 @@ class RayService(ComponentBase):
             workers=sorted(self.gcs.workers.values(), key=lambda w: w.name),
             registration=self.gcs.registration,
             gcs_unreachable_kept=kept,
+            stepped_down=self._stepped_down(),
+            stepped_down_peers=sorted(self.gcs.stepped_down.values(), key=lambda r: r.head),
             last_election=self.election.last_election,
             reason=run_reason(self._ray_usable(), current, process, own),
             summary="",
         )
         return msgspec.structs.replace(status, summary=status_summary(status))
+
+    def _stepped_down(self) -> SteppedDown | None:
+        left = self._deposed_until - time.monotonic()
+        if not self._deposed_port or left <= 0:
+            return None
+        address = f"{self.ctx.advertise_addr}:{self._deposed_port}"
+        return SteppedDown(address=address, port=self._deposed_port, left_s=round(left, 1))
 
     def workload_checks(self) -> list[WorkloadCheck]:
         return workload_checks(self.status(), self.ctx.node_name)
@@ -307,6 +335,7 @@ class RayService(ComponentBase):
             gcs_reach=checks.reach,
             workers=checks.workers,
             registration=checks.registration,
+            stepped_down_peers=checks.stepped_down,
         )
         return ray_problems(fresh, self.ctx.node_name) + self.election.problems()
 

@@ -119,8 +119,10 @@ def decode_reply(payload: bytes) -> VoteReply:
 
 # ---- proof of office: signed votes and the head's certificate -----------------------------
 
-# The Serf query a follower asks a head with for its certificate (only that head answers).
+# The Serf query a follower asks a head with for its certificate (only that head answers),
+# and the peer API route that serves it whole (Serf pages cap it at a few hundred votes).
 CERT_QUERY = "gpud-ray-cert"
+PATH_CERTIFICATE = "/v1/peer/ray/certificate"
 # Signature length: 16 bytes of HMAC-SHA256 (22 characters unpadded) keep certificates small.
 SIG_BYTES = 16
 
@@ -141,6 +143,13 @@ class VoteCertificate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     term: int
     known: int
     votes: dict[str, str]
+
+
+class CertificateReply(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The peer API's answer: the certificate asked for, or None from a node that holds none
+    for that head and term."""
+
+    cert: VoteCertificate | None = None
 
 
 def vote_signature(key: bytes, *, voter: str, candidate: str, term: int, known: int) -> str:

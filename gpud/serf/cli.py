@@ -5,27 +5,41 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gpud.client import api_call, api_get, client_command, client_options, print_json
-from gpud.serf.keys import KeysReply
+import msgspec
+
+from gpud.client import api_exchange, client_command, client_options, path_part, print_raw_json
 from gpud.text import escape
+
+
+class KeysView(msgspec.Struct, kw_only=True):
+    """What `gpud keys` prints of every key route's reply (gpud.serf.keys.KeysReply, whose
+    module loads aiohttp: a client command does not)."""
+
+    nodes: int
+    responses: int
+    failed: int
+    messages: dict[str, str]
+    keys: dict[str, int] = {}
+    hint: str = ""
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     action = args.keys_command or "list"
     if action == "list":
-        reply = api_get(args, "/v1/keys", KeysReply)
+        reply, raw = api_exchange(args, "GET", "/v1/keys", type=KeysView)
     else:
-        reply = api_call(args, "POST", f"/v1/keys/{action}", {"key": args.key}, KeysReply)
+        path = f"/v1/keys/{path_part(action)}"
+        reply, raw = api_exchange(args, "POST", path, {"key": args.key}, KeysView)
     if args.json:
-        print_json(reply)
+        print_raw_json(raw)
         return 0
     print(f"{reply.responses} of {reply.nodes} node(s) answered, {reply.failed} failed")
     for key, count in sorted(reply.keys.items()):
-        print(f"{key}  on {count} of {reply.nodes} node(s)")
+        print(f"{escape(key)}  on {count} of {reply.nodes} node(s)")
     for node, message in sorted(reply.messages.items()):
         print(f"  {escape(node)}: {escape(message)}")
     if reply.hint:
-        print(reply.hint)
+        print(escape(reply.hint))
     return 0
 
 

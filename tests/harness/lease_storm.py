@@ -1,4 +1,5 @@
-"""A lease storm over a gpud Unix socket, shared by the crash-safety tests of the ports API."""
+"""A lease storm over a gpud Unix socket, shared by the crash-safety tests of the ports and GPU
+lease APIs."""
 
 from __future__ import annotations
 
