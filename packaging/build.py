@@ -148,13 +148,17 @@ def stage(root: Path) -> Path:
         # manifest installs and `pip check` passes), whose CLI then writes the man page.
         venv = Path(scratch) / "venv"
         run(root / MAKE_VENV_TARGET, venv, wheels, BUILD_PYTHON)
-        man = man_page(venv)
+        man = cli_text(venv, "manpage")
+        completion = cli_text(venv, "completion", "bash")
     distributions = bundled_distributions(wheels)
     _install(SERF_BINARY, root / SERF_TARGET)
     (root / SERF_TARGET).chmod(0o755)
     _write_copyright(root / "usr/share/doc/gpud/copyright", distributions)
     _write_gz(root / "usr/share/doc/gpud/changelog.gz", (PACKAGING / "changelog").read_bytes())
     _write_gz(root / "usr/share/man/man1/gpud.1.gz", man.encode())
+    completions = root / "usr/share/bash-completion/completions/gpud"
+    completions.parent.mkdir(parents=True, exist_ok=True)
+    completions.write_text(completion)
 
     _install(SYSTEMD / "gpud.service", root / "usr/lib/systemd/system/gpud.service")
     _install(SYSTEMD / "gpud.sysusers", root / "usr/lib/sysusers.d/gpud.conf")
@@ -427,40 +431,11 @@ def license_expression(distributions: dict[str, Distribution]) -> str:
     return " AND ".join(sorted(terms))
 
 
-def man_page(venv: Path) -> str:
-    """gpud(1), from the CLI's own --help output (so it cannot drift from the CLI)."""
+def cli_text(venv: Path, *args: str) -> str:
+    """What the bundled CLI prints for ``args`` (its man page, its shell completion): both are
+    generated from its own argparse parser, so they cannot drift from the CLI."""
     env = {"PATH": "/usr/bin:/bin", "COLUMNS": "80", "LC_ALL": "C.UTF-8"}  # same text everywhere
-
-    def helptext(*args: str) -> str:
-        return run(venv / "bin" / "gpud", *args, "--help", env=env)
-
-    top = helptext()
-    commands = dict.fromkeys(re.findall(r"^    ([a-z]+)\s", top, re.M))
-    sections = [(f"gpud {c}", helptext(c)) for c in commands]
-    out = [
-        '.TH GPUD 1 "" "gpud" "User Commands"',
-        ".SH NAME",
-        "gpud \\- node daemon for GPU clusters",
-        ".SH SYNOPSIS",
-        ".nf",
-        _roff(top),
-        ".fi",
-    ]
-    for title, text in sections:
-        out += [f".SH {title.upper()}", ".nf", _roff(text), ".fi"]
-    out += [
-        ".SH FILES",
-        "/etc/gpud/gpud.toml, /etc/gpud/cluster.key, /run/gpud/gpud.sock, /var/lib/gpud",
-        ".SH SEE ALSO",
-        "/usr/share/doc/gpud/README.md",
-    ]
-    return "\n".join(out) + "\n"
-
-
-def _roff(text: str) -> str:
-    """``text`` as literal roff lines: backslashes escaped, no line read as a request."""
-    lines = [line.replace("\\", "\\e") for line in text.splitlines()]
-    return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in lines)
+    return run(venv / "bin" / "gpud", *args, env=env)
 
 
 def _write_gz(dest: Path, data: bytes) -> None:

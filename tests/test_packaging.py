@@ -309,6 +309,7 @@ def test_deb_metadata_files_and_modes(packages: Packages, tmp_path: Path) -> Non
     for doc in ("copyright", "changelog.gz", "README.md"):
         assert f"/usr/share/doc/gpud/{doc}" in entries, doc
     assert "/usr/share/man/man1/gpud.1.gz" in entries
+    assert entries["/usr/share/bash-completion/completions/gpud"] == "-rw-r--r-- root/root"
     # The monitoring mixin (the rpm test checks the rpm holds every file of the deb).
     for name in ("gpud-rules.yml", "gpud-dashboard.json"):
         assert entries[f"/usr/share/gpud/monitoring/{name}"] == "-rw-r--r-- root/root", name

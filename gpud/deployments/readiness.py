@@ -13,8 +13,8 @@ after its backoff (`startup_step`). Liveness: one that answered and then passes 
 
 A replica of N > 1 nodes is restarted as a whole, on its head, when its Ray cluster lost a node
 (`cluster_step`: a node that was alive in the replica's GCS is no longer listed alive there, or
-its host is no longer an alive member, i.e. its raylet is gone as the gossip sees it), and for a
-startup timeout or a liveness failure too: its Ray head starts afresh (a new
+its host is no longer an alive member the replica is placed on, i.e. its raylet is gone as the
+gossip sees it), and for a startup timeout or a liveness failure too: its Ray head starts afresh (a new
 cluster, with no dead node in it and no actor on one). The head's claim carries the verdict:
 while its new GCS is not up it announces no GCS port, so the server here stops and every other
 node of the replica leaves the old cluster (`Replicas.drive`), and all of them join the new one
@@ -107,12 +107,12 @@ def cluster_step(
 
     ``joined``: the first result of the previous round (empty for a new cluster); ``alive``:
     the nodes its GCS lists alive now (None: it did not answer, so nothing new is learned and
-    only the membership counts); ``members``: the alive members now. A node that joined is
-    lost once the GCS no longer lists it alive (Ray marked it dead: also when the replica moved
-    off it and its Ray node stopped) or once its host is no longer an alive member (its raylet
-    is gone with it, seconds before Ray's own health check gives up on it). A node never seen
-    is not lost: it may still be joining. Placement is no input: it changes for a moment when a
-    node's health flaps, and that must not restart a replica. Pure."""
+    only ``members`` counts); ``members``: the alive members the replica is placed on now
+    (with those it is leaving, whose old copy still serves). A node that joined is lost once
+    the GCS no longer lists it alive (Ray marked it dead) or once it is not in ``members``
+    (its host left the membership, so its raylet is gone as the gossip sees it, seconds before
+    Ray's own health check gives up on it; or the replica moved off it). A node never seen is
+    not lost: it may still be joining. Pure."""
     if alive is None:
         return joined, joined - members
     seen = joined | (alive & members)
@@ -133,6 +133,7 @@ class Readiness:
         spec_of: Callable[[str], spec.DeploymentSpec | None],
         running: Mapping[placement.ReplicaKey, Replica],
         on_change: Callable[[], None],
+        nodes_of: Callable[[], Mapping[placement.ReplicaKey, frozenset[str]]],
     ) -> None:
         self._ctx = ctx
         self._peers = peers
@@ -141,6 +142,7 @@ class Readiness:
         self._spec_of = spec_of
         self._running = running
         self._on_change = on_change
+        self._nodes_of = nodes_of
         self.probes: dict[placement.ReplicaKey, Probe] = {}
         # Multi-node replicas whose head runs here: what their GCS lists alive, and the nodes
         # seen alive there since their Ray head process (pid) started (`cluster_step`).
@@ -286,10 +288,12 @@ class Readiness:
         """On the head of a multi-node replica whose GCS answers: one `cluster_step` of its
         cluster (the Ray head process's, by pid), and the restart as a whole if it lost a node.
         Whether it was restarted."""
-        if replica.ray is None:
+        placed = self._nodes_of().get(replica.key)
+        if replica.ray is None or placed is None:
             return False
         members = frozenset(m.name for m in self._ctx.members.values() if m.alive)
-        members |= {self._ctx.node_name}
+        # Its nodes still in it: alive members the replica is still placed on.
+        members = (members | {self._ctx.node_name}) & placed
         pid = replica.ray.status().process.pid or 0
         asked = self._gcs_alive.get(replica.key)
         alive = asked[1] if asked is not None and asked[0] == pid else None
@@ -303,7 +307,7 @@ class Readiness:
             replica,
             "ray_node_lost",
             f"its Ray cluster lost node(s) {gone} (not alive in its GCS, or the host left "
-            "the membership)",
+            "the membership or the replica)",
         )
         return True
 

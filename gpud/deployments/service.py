@@ -125,6 +125,7 @@ class DeploymentService(ComponentBase):
             spec_of=self._spec_of,
             running=self._replicas.running,
             on_change=self._wake.set,
+            nodes_of=self._replica_nodes,
         )
         self._assignment = placement.Assignment(placed=(), pending=())
         self._placeable_nodes = 0
@@ -242,6 +243,10 @@ class DeploymentService(ComponentBase):
         claims = self._claims()
         heads = self._heads(claims)
         return probe_targets(self._assignment.placed, heads, claims, self.ctx.members)
+
+    def _replica_nodes(self) -> dict[placement.ReplicaKey, frozenset[str]]:
+        """Each placed replica's nodes, with those it is leaving (their old copy serves)."""
+        return {p.key: frozenset(p.nodes + p.leaving) for p in self._assignment.placed}
 
     def _spec_of(self, name: str) -> spec.DeploymentSpec | None:
         entry = self.records.entries.get(name)
