@@ -52,6 +52,8 @@ PATH_PEER_PROBES = "/peer/v1/deployments/probes"
 READY_REPORTERS = 2
 # Rounds in a row without a passed probe after which a server that had answered is restarted.
 LIVENESS_ROUNDS = 3
+# How long (0.1 s polls) a replica restarted as a whole waits for its old Ray head to go.
+RAY_TEARDOWN_POLLS = 100
 # Bytes of a completion reply read by a probe (one token: a small JSON document).
 COMPLETION_REPLY_BYTES = 64 * 1024
 
@@ -322,10 +324,21 @@ class Readiness:
         if not replica.restarted[0]:  # no server ran: nothing of it to quote
             replica.restarted = (cause, f"{why}, so gpud restarted the replica")
         target = ray.target
+        # The server goes for good (its Supervisor would start it again on the old cluster's
+        # address); `Replicas.drive` starts a new one once the new GCS answers.
+        task, replica.server_task, replica.supervisor = replica.server_task, None, None
+        if task is not None:
+            task.cancel()
         # A changed target restarts Ray at once: clearing it and setting it back is a fresh
         # Ray head on the same settings (and leases ports anew).
         ray.set_target(None)
         ray.set_target(target)
+        # Until the old head is gone: a server started before would get the old GCS address.
+        for _ in range(RAY_TEARDOWN_POLLS):
+            if not ray.gcs_ready_port:
+                break
+            await asyncio.sleep(0.1)
+        replica.gcs = 0
         self._joined.pop(replica.key, None)
         log.warning(_log, "replica restarted as a whole", replica=replica.id, cause=cause)
         self._on_change()
