@@ -77,9 +77,13 @@ class Rig:
         return router
 
     def client(self, router: RouterService, key: str = KEY, **kw: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
+        client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{router.port}/v1", api_key=key, max_retries=0, **kw
         )
+        # Closed inside the test's loop: a client left to the garbage collector closes its
+        # connections after the loop is gone, as an unretrieved task error in a later test.
+        self._stack.push_async_callback(client.close)
+        return client
 
     def forwarded(self) -> int:
         return sum(len(s.bodies) for s in self.states.values())

@@ -39,7 +39,8 @@ STEADY_S = 150.0
 SEEN_S = 60.0
 # How long the cluster must hold out against a rogue (several election ticks and gossip rounds).
 HOLD_S = 15.0
-HUGE_TERM = 10**30
+# The largest term a tag may carry (out-of-range terms are a tags error: test_tags_rogue_netns).
+HUGE_TERM = 2**62
 
 
 class Rogue:
