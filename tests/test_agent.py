@@ -16,6 +16,7 @@ import pytest
 
 from gpud import client
 from gpud.client import ApiRefused
+from tests.harness.netns import kill_process_tree
 from tests.serf_util import free_ports
 
 
@@ -87,7 +88,7 @@ class RunningAgent:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            kill_process_tree(self.proc.pid)
             self.proc.wait(10)
         self.notify.close()
         self.log.close()

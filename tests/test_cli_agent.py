@@ -4,7 +4,6 @@ SIGSTOP) as exit 3 within --timeout, and no agent dependency loaded by any clien
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ import pytest
 
 from gpud import client
 from tests.harness.config import to_toml
-from tests.harness.netns import children_of
+from tests.harness.netns import kill_process_tree
 from tests.harness.wait import wait_for
 from tests.serf_util import free_ports
 
@@ -67,14 +66,7 @@ class Agent:
         return Path(self.log.name).read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        """SIGKILL gpud's group and its serf child's (serf runs in a group of its own)."""
-        groups = {self.proc.pid}
-        for child in children_of(self.proc.pid):
-            with contextlib.suppress(OSError):
-                groups.add(os.getpgid(child))
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
+        kill_process_tree(self.proc.pid)
         self.proc.wait(10)
         self.log.close()
 

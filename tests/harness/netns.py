@@ -87,6 +87,18 @@ def _all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL the process group of ``pid`` and of every descendant: gpud's children (serf,
+    replicas) run in groups of their own, so killing gpud's group alone leaves them behind."""
+    groups = {pid}
+    for child in children_of(pid):
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(child))
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+
+
 def children_of(pid: int) -> list[int]:
     """All descendants of ``pid`` (from /proc parent links)."""
     parent: dict[int, list[int]] = {}
