@@ -64,7 +64,15 @@ def start_rogue(cluster: Cluster, workdir: Path) -> subprocess.Popen[Any]:
     path = workdir / "rogue.json"
     path.write_text(json.dumps(config))
     log = (workdir / "rogue.log").open("wb")
-    return host.popen(["serf", "agent", "-config-file", str(path)], stdout=log, stderr=log)
+    rogue = host.popen(["serf", "agent", "-config-file", str(path)], stdout=log, stderr=log)
+    # Its RPC listens a moment after the process starts; tags are set through it.
+    wait_for(
+        lambda: host.run(["serf", "info", f"-rpc-addr={ROGUE_RPC}"], check=False).returncode == 0,
+        SEEN_S,
+        0.25,
+        what="the rogue's serf RPC answers",
+    )
+    return rogue
 
 
 def rogue_error(node: GpudNode) -> str | None:
