@@ -66,6 +66,9 @@ RAY_WORKER_PORTS = 32
 OUTPUT_LINES = 3
 # Grace of a server stopped by gpud (SIGTERM, then SIGKILL of its group).
 SERVER_GRACE_S = 5.0
+# How long adoption waits for the network check to verify the interface servers are given.
+INTERFACE_WAIT_S = 15.0
+INTERFACE_POLL_S = 0.1
 # How long an adopted replica that placement puts on no node is kept: right after gpud starts,
 # this node's own health and GPU verdicts (which make it placeable) are not yet in its view.
 ADOPT_SETTLE_S = 30.0
@@ -209,6 +212,14 @@ class Replicas:
             f"SELECT g.replica, d.digest FROM {GROUPS_TABLE} g "
             f"LEFT JOIN {DIGESTS_TABLE} d USING (replica) ORDER BY g.replica"
         )
+        if rows and self._network is not None:
+            # A server's environment names the verified interface (NCCL/Gloo): right after
+            # start the network check may not have verified it yet; rebuilding the server's
+            # command line without it would refuse every adoption.
+            for _ in range(int(INTERFACE_WAIT_S / INTERFACE_POLL_S)):
+                if self._network.status().interface:
+                    break
+                await asyncio.sleep(INTERFACE_POLL_S)
         for replica_id, digest in rows:
             if not await self._adopt(replica_id, digest or "", entries, tg):
                 await stop_leftover(ReplicaGroup(self._db, replica_id), grace_s=SERVER_GRACE_S)
@@ -230,15 +241,17 @@ class Replicas:
         entry = entries.get(name)
         s = entry.record.spec if entry is not None else None
         group = ReplicaGroup(self._db, replica_id).load()
-        if (
-            entry is None
-            or s is None
-            or not index.isdigit()
-            or s.nodes_per_replica != 1
-            or digest != entry.record.digest
-            or group is None
-            or not leader_verified(group)
-        ):
+        refused = (
+            "no such deployment now" if entry is None or s is None
+            else "not a replica index" if not index.isdigit()
+            else "multi-node replicas are not adopted" if s.nodes_per_replica != 1
+            else "its spec changed" if digest != entry.record.digest
+            else "no recorded process group" if group is None
+            else "its recorded leader is not that process" if not leader_verified(group)
+            else ""
+        )  # fmt: skip
+        if refused:
+            log.info(_log, "not adopting", replica=replica_id, reason=refused)
             return False
         owner = f"{LEASE_OWNER}{replica_id}"
         gpu_leases = [g for g in self._gpus.leases() if g.owner == owner]
@@ -247,6 +260,11 @@ class Replicas:
         bands = [p for p in port_leases if len(p.ports) == VLLM_PORT_BAND]
         gpus = [u for g in gpu_leases for u in g.gpus]
         if len(singles) != 1 or len(bands) != (s.engine == "vllm") or len(gpus) != s.gpus_per_node:
+            log.info(
+                _log, "not adopting", replica=replica_id,
+                reason=f"its leases are not all there ({len(singles)} port, {len(bands)} band, "
+                f"{len(gpus)} GPU)",
+            )  # fmt: skip
             return False
         replica = Replica((name, int(index)), entry)
         replica.gpus = gpus
@@ -257,9 +275,14 @@ class Replicas:
                 replica, singles[0].ports[0], bands[0].ports[0] if bands else None
             )
             child = self._server_child(replica, lease)
-        except (ApiError, engines.EngineError):
+        except (ApiError, engines.EngineError) as exc:
+            log.info(_log, "not adopting", replica=replica_id, reason=str(exc))
             return False
-        if not _runs(group.pgid, child.argv) or not child.adopt(group):
+        if not _runs(group.pgid, child.argv):
+            log.info(_log, "not adopting", replica=replica_id, reason="another command line")
+            return False
+        if not child.adopt(group):
+            log.info(_log, "not adopting", replica=replica_id, reason="cannot watch its process")
             return False
         try:
             for kind, lease_id in replica.lease_ids:
