@@ -1,12 +1,12 @@
 """A replica across restarts of its gpud: adoption time and failed requests per scenario.
 
 Real gpud + serf on 2 hosts in network namespaces (tests/harness), fake GPUs. Host A serves
-R=1 of the stand-in server (host B is cordoned, so the replica can go nowhere else); a client
-on B sends requests back to back to A's replica endpoint (the `openai` client,
-tests/router_load.py, 2 workers). Scenarios, in a row: kill -9 of A's gpud pid alone, then
---restarts graceful stops (SIGTERM) and starts. Per scenario: adoption time (the new gpud
-started -> its API shows the replica ready with the same server pid and port) and the requests
-that failed from the stop to the next scenario.
+R=1 of the stand-in server (host B is cordoned, so the replica can go nowhere else); clients
+on B send requests back to back to A's replica endpoint and through B's router (the `openai`
+client, tests/harness/router_load.py, 2 workers each). Scenarios, in a row: kill -9 of A's gpud
+pid alone, then --restarts graceful stops (SIGTERM) and starts. Per scenario: adoption time (the
+new gpud started -> its API shows the replica ready with the same server pid and port) and the
+requests that failed from the stop to the next scenario, straight to the replica and routed.
 
 Run (root, for the namespaces):  .venv/bin/python -m bench.adoption [--restarts 3] [--json out]
 """
@@ -27,16 +27,17 @@ import msgspec
 
 from gpud.deployments import authority
 from gpud.process import process_start
-from tests import fake_nvml
+from tests.harness import fake_nvml
+from tests.harness.deployments import SERVER
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.harness.router_cluster import LOADER, ROUTER_PORT
 
 REPO = Path(__file__).resolve().parent.parent
-LOADER = str(REPO / "tests" / "router_load.py")
-SERVER = str(REPO / "tests" / "deploy_server.py")
 READY_S = 90.0
 ADOPT_TIMEOUT_S = 30.0
 # Load between scenarios, so each one's failures are counted apart.
 SETTLE_S = 2.0
+MODEL = "test-model"
 
 
 class Scenario(msgspec.Struct, kw_only=True):
@@ -44,6 +45,9 @@ class Scenario(msgspec.Struct, kw_only=True):
     adoption_s: float
     requests: int
     failed: int
+    # The same window through B's router (which routes to A's replica).
+    routed: int
+    routed_failed: int
 
 
 class Serving(msgspec.Struct, kw_only=True):
@@ -54,8 +58,9 @@ class Serving(msgspec.Struct, kw_only=True):
 
 def overrides(public_key: str) -> dict[str, Any]:
     return {
-        "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 0.5},
+        "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
         "deployments": {"operators": [public_key], "command_allow": [sys.executable]},
+        "router": {"enabled": True, "port": ROUTER_PORT},
     }
 
 
@@ -71,7 +76,7 @@ def spec_text(name: str) -> str:
         "{model}",
     ]
     return (
-        f'name = "{name}"\nengine = "command"\nmodel = "test-model"\nreplicas = 1\n'
+        f'name = "{name}"\nengine = "command"\nmodel = "{MODEL}"\nreplicas = 1\n'
         f"gpus_per_node = 1\ncommand = {json.dumps(command)}\n"
     )
 
@@ -94,6 +99,11 @@ def leases(node: GpudNode) -> list[tuple[str, int | None, int]]:
     return sorted(lease for lease in gpus + ports if lease[0].startswith("deploy:"))
 
 
+def routes_to_replica(node: GpudNode) -> bool:
+    router = node.api("/v1/status")["router"]
+    return router["state"] == "serving" and router["upstreams"] == 1 and MODEL in router["models"]
+
+
 def serve(c: Cluster, work: Path, key_file: Path) -> Serving:
     """Cordon B, apply R=1 from A; the server once it is ready on A."""
     a, b = c.nodes
@@ -102,6 +112,13 @@ def serve(c: Cluster, work: Path, key_file: Path) -> Serving:
     spec.write_text(spec_text("solo"))
     a.cli("deploy", "apply", str(spec), "--key", str(key_file))
     pid, port = wait_for(lambda: serving(a), READY_S, 0.5, what="solo ready on A")
+    wait_for(
+        lambda: routes_to_replica(b),
+        READY_S,
+        0.5,
+        what="B's router with A's replica",
+        describe=lambda: str(b.api("/v1/status")["router"]),
+    )
     start = process_start(pid)
     assert start is not None
     return Serving(pid=pid, port=port, start=start)
@@ -111,14 +128,17 @@ def restarts(c: Cluster, s: Serving, work: Path, steps: list[str]) -> list[Scena
     """Run ``steps`` ("kill9" / "sigterm") on A's gpud under load from B; raises if the server
     dies with gpud, or is not adopted with its pid, port and leases."""
     a, b = c.nodes
-    stop_file, out = work / "stop-load", work / "load.jsonl"
-    with out.open("w") as sink:
-        load = b.host.popen(
-            [sys.executable, LOADER, "--base", f"http://{a.addr}:{s.port}/v1", "--model",
-             "test-model", "--seconds", "600", "--workers", "2", "--stop-file", str(stop_file)],
-            stdout=sink,
-            cwd=REPO,
-        )  # fmt: skip
+    stop_file = work / "stop-load"
+    bases = {
+        "direct": f"http://{a.addr}:{s.port}/v1",
+        "routed": f"http://{b.addr}:{ROUTER_PORT}/v1",
+    }
+    loads = []
+    for name, base in bases.items():
+        argv = [sys.executable, LOADER, "--base", base, "--model", MODEL,
+                "--seconds", "600", "--workers", "2", "--stop-file", str(stop_file)]  # fmt: skip
+        with (work / f"load-{name}.jsonl").open("w") as sink:
+            loads.append(b.host.popen(argv, stdout=sink, cwd=REPO))
     marks: list[tuple[str, float, float]] = []  # (step, stopped at wall clock, adoption s)
     try:
         time.sleep(SETTLE_S)
@@ -147,19 +167,33 @@ def restarts(c: Cluster, s: Serving, work: Path, steps: list[str]) -> list[Scena
             time.sleep(SETTLE_S)
     finally:
         stop_file.touch()
-        try:
-            load.wait(timeout=30)
-        finally:
-            if load.poll() is None:
-                load.kill()
-    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        for load in loads:
+            try:
+                load.wait(timeout=30)
+            finally:
+                if load.poll() is None:
+                    load.kill()
+    records = {
+        name: [
+            json.loads(line)
+            for line in (work / f"load-{name}.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        for name in bases
+    }
     ends = [m[1] for m in marks[1:]] + [float("inf")]
+
+    def window(name: str, start: float, end: float) -> list[dict[str, Any]]:
+        return [r for r in records[name] if start <= r["sent"] < end]
+
     return [
         Scenario(
             name=step,
             adoption_s=round(adoption, 2),
-            requests=len(mine := [r for r in records if stopped <= r["sent"] < end]),
-            failed=sum(1 for r in mine if not r["ok"]),
+            requests=len(direct := window("direct", stopped, end)),
+            failed=sum(1 for r in direct if not r["ok"]),
+            routed=len(routed := window("routed", stopped, end)),
+            routed_failed=sum(1 for r in routed if not r["ok"]),
         )
         for (step, stopped, adoption), end in zip(marks, ends, strict=True)
     ]
@@ -182,9 +216,14 @@ def main() -> None:
         c.wait_placeable()
         s = serve(c, work, key_file)
         results = restarts(c, s, work, ["kill9"] + ["sigterm"] * args.restarts)
-    print(f"{'scenario':<10} {'adoption s':>10} {'requests':>9} {'failed':>7}")
+    print(
+        f"{'scenario':<10} {'adoption s':>10} {'requests':>9} {'failed':>7} {'routed':>7} {'failed':>7}"
+    )
     for r in results:
-        print(f"{r.name:<10} {r.adoption_s:>10.2f} {r.requests:>9} {r.failed:>7}")
+        print(
+            f"{r.name:<10} {r.adoption_s:>10.2f} {r.requests:>9} {r.failed:>7} "
+            f"{r.routed:>7} {r.routed_failed:>7}"
+        )
     if args.json is not None:
         args.json.write_bytes(msgspec.json.encode({"scenarios": results}))
 

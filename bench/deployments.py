@@ -1,7 +1,7 @@
 """Deployments benchmark: spec propagation, apply -> all replicas ready, kill -9 -> ready again.
 
 Real gpud agents (with serf) in the harness's network namespaces (needs root), 2 fake GPUs per
-host (tests/fake_nvml.py), the `command` engine running tests/deploy_server.py.
+host (tests/harness/fake_nvml.py), the `command` engine running tests/harness/deploy_server.py.
 
 Single-node replicas, R=2 N=1 G=1, on each of --sizes hosts:
 - propagation: `gpud deploy apply` on one host until every host lists the spec;
@@ -11,16 +11,19 @@ Single-node replicas, R=2 N=1 G=1, on each of --sizes hosts:
   --repeats; the killed host is restarted between repeats).
 
 Multi-node replicas with Ray, R=2 N=2 G=2, on each of --ray-hosts hosts (real Ray; 0 skips): each
-replica is its own Ray cluster of 2 nodes and the server joins it (serving only once it has 2
-nodes). apply -> ready as above; kill -9 of a replica's host (a worker host, then a head host,
-alternating) until every surviving host lists 2 ready replicas, none on the killed host, each
-replica's server sees exactly its 2 nodes alive in its Ray cluster, and the hit replica's Ray
-cluster is a new one (head killed) or has a new node in the killed worker's place (gpud restarts
-a replica that lost a node as a whole: a new cluster). With more than 4 hosts
-a free host takes the killed one's place; with exactly 4 none can, and the killed host is
-restarted at once (the figure then includes its restart and rejoin).
+replica is its own Ray cluster of 2 nodes. With `--ray-engine vllm` (the default) the replica runs
+`engine = "vllm"` through gpud's own vLLM argv with the vLLM stand-in (tests/harness/fake_vllm.py),
+which places a TP x PP placement group of one-GPU actors on the replica's nodes before it serves;
+with `command`, tests/harness/deploy_server.py joins the cluster and serves once it has 2 nodes. apply ->
+ready as above; then --runs kills -9 of a replica's host (a worker host each time, or worker and
+head alternating with `--ray-kill alternate`) until every surviving host lists 2 ready replicas,
+none on the killed host, each replica's server sees exactly its 2 nodes (its actors' nodes, for
+vllm), and the hit replica's Ray cluster is a new one (gpud restarts a replica that lost a node as
+a whole). With more than 4 hosts a free host takes the killed one's place; with exactly 4 none
+can, and the killed host is restarted at once (the figure then includes its restart and rejoin).
 
-    .venv/bin/python -m bench.deployments [--sizes 4,8] [--repeats 3] [--ray-hosts 4,5] [--json PATH]
+    .venv/bin/python -m bench.deployments [--sizes 4,8] [--repeats 3] [--ray-hosts 4,5] [--runs 3]
+        [--ray-engine vllm|command] [--ray-kill worker|alternate] [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from gpud.deployments import authority
-from tests import fake_nvml
+from tests.harness import fake_nvml, fake_vllm
+from tests.harness.deployments import READY_S, SERVER, ready_everywhere, spec_text
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
-from tests.ray_helpers import RAY_EXECUTABLE
-from tests.test_deploy_cluster import READY_S, SERVER, ready_everywhere, spec_text
+from tests.harness.ray_cluster import RAY_EXECUTABLE
 
 POLL_S = 0.1
 REPLICAS = 2
@@ -67,7 +70,7 @@ def _setup(workdir: Path) -> tuple[Path, dict[str, Any]]:
     key.write_text(private + "\n")
     overrides = {
         "log_level": "info",
-        "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 0.5},
+        "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
         "deployments": {"operators": [public], "command_allow": [sys.executable]},
     }
     return key, overrides
@@ -131,24 +134,37 @@ def run_size(size: int, repeats: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _ray_view(fetcher: GpudNode, addr: str, port: int) -> dict[str, Any]:
+def _ray_view(fetcher: GpudNode, addr: str, port: int, engine: str) -> dict[str, Any]:
     """A replica's Ray cluster as its server (asked from ``fetcher``'s host over the data path)
-    reports it: its alive nodes' addresses and IDs; {} when it does not answer."""
+    reports it: the addresses and IDs of its alive nodes (of its live actors' nodes, for the
+    vLLM stand-in); {} when it does not answer or an actor is dead."""
+    path = "/stand-in/workers" if engine == "vllm" else "/v1/models"
     result = fetcher.host.run(
         [
             sys.executable,
             "-c",
             "import urllib.request;print(urllib.request.urlopen("
-            f"'http://{addr}:{port}/v1/models',timeout=5).read().decode())",
+            f"'http://{addr}:{port}{path}',timeout=5).read().decode())",
         ],
         check=False,
     )
     if result.returncode != 0:
         return {}
-    return json.loads(result.stdout)["gpud"]["ray"]
+    reply = json.loads(result.stdout)
+    if engine != "vllm":
+        return reply["gpud"]["ray"]
+    if reply["dead"] is not None:
+        return {}
+    workers = reply["workers"]
+    return {
+        "nodes": sorted({w["node_ip"] for w in workers}),
+        "node_ids": sorted({w["node_id"] for w in workers}),
+    }
 
 
-def _ray_ids(nodes: list[GpudNode], moved: str = "") -> dict[int, frozenset[str]] | None:
+def _ray_ids(
+    nodes: list[GpudNode], engine: str, moved: str = ""
+) -> dict[int, frozenset[str]] | None:
     """Replica index -> the node IDs of its Ray cluster, once every host in ``nodes`` lists R
     ready replicas, none holding ``moved``, and each replica's server sees exactly its N
     nodes alive in its own Ray cluster; None until then."""
@@ -161,7 +177,7 @@ def _ray_ids(nodes: list[GpudNode], moved: str = "") -> dict[int, frozenset[str]
         if view["state"] != "ready" or moved in members or len(members) != NODES_PER_REPLICA:
             return None
         fetcher = next(n for n in nodes if n.name not in members)
-        ray = _ray_view(fetcher, addr_of[view["node"]], view["port"])
+        ray = _ray_view(fetcher, addr_of[view["node"]], view["port"], engine)
         if not ray or ray["nodes"] != sorted(addr_of.get(m, "") for m in members):
             return None
         ids[view["index"]] = frozenset(ray["node_ids"])
@@ -169,29 +185,41 @@ def _ray_ids(nodes: list[GpudNode], moved: str = "") -> dict[int, frozenset[str]
 
 
 def _recovered(
-    nodes: list[GpudNode], moved: str, index: int, before: frozenset[str], role: str
+    nodes: list[GpudNode],
+    engine: str,
+    moved: str,
+    index: int,
+    before: frozenset[str],
+    role: str,
 ) -> dict[int, frozenset[str]] | None:
     """`_ray_ids`, and replica ``index``'s Ray cluster is a new one (a head was killed) or has
     a new node in place of the killed worker's (Ray lists a dead node alive for a while)."""
-    ids = _ray_ids(nodes, moved)
+    ids = _ray_ids(nodes, engine, moved)
     if ids is None:
         return None
     now = ids[index]
     return ids if (now.isdisjoint(before) if role == "head" else now != before) else None
 
 
-def run_ray(hosts: int, repeats: int, workdir: Path) -> dict[str, Any]:
+def run_ray(
+    hosts: int, runs: int, workdir: Path, engine: str, kill: str, keep: bool = False
+) -> dict[str, Any]:
     key, overrides = _setup(workdir)
     # Short: Ray's unix socket paths under it must fit in 107 bytes.
     ray_temp = tempfile.mkdtemp(prefix="gdb", dir="/tmp")
     overrides["ray"] = {"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp}
-    command = [sys.executable, SERVER, "--port", "{port}", "--host", "{host_ip}"]
+    shape = f"replicas = {REPLICAS}\nnodes_per_replica = {NODES_PER_REPLICA}\ngpus_per_node = 2\n"
     spec = workdir / "big.toml"
-    spec.write_text(
-        f'name = "big"\nengine = "command"\nreplicas = {REPLICAS}\n'
-        f"nodes_per_replica = {NODES_PER_REPLICA}\ngpus_per_node = 2\n"
-        f"command = {json.dumps([*command, '--ray-nodes', str(NODES_PER_REPLICA)])}\n"
-    )
+    if engine == "vllm":
+        vllm = fake_vllm.install(workdir / "bin", nvml_state=Path(os.environ[fake_nvml.ENV]))
+        overrides["deployments"]["vllm_executable"] = str(vllm)
+        spec.write_text(f'name = "big"\nengine = "vllm"\nmodel = "test-model"\n{shape}')
+    else:
+        command = [sys.executable, SERVER, "--port", "{port}", "--host", "{host_ip}"]
+        command += ["--ray-nodes", str(NODES_PER_REPLICA)]
+        spec.write_text(
+            f'name = "big"\nengine = "command"\n{shape}command = {json.dumps(command)}\n'
+        )
     # With a free host the killed host's replica moves there; without, it waits for the host.
     free_host = hosts > REPLICAS * NODES_PER_REPLICA
     try:
@@ -200,17 +228,18 @@ def run_ray(hosts: int, repeats: int, workdir: Path) -> dict[str, Any]:
             c.wait_placeable(timeout=120)
             began = time.monotonic()
             c[0].cli("deploy", "apply", str(spec), "--key", str(key))
-            ids = wait_for(lambda: _ray_ids(c.nodes), RAY_READY_S, RAY_POLL_S, what="ready")
+            ids = wait_for(lambda: _ray_ids(c.nodes, engine), RAY_READY_S, RAY_POLL_S, what="ready")
             apply_ready = time.monotonic() - began
-            runs = []
-            for i in range(repeats):
+            timings = []
+            for i in range(runs):
                 view = c[0].api("/v1/deployments/big")["replica_views"][i % REPLICAS]
-                role = "head" if i % 2 else "worker"
+                role = "head" if kill == "alternate" and i % 2 else "worker"
                 workers = [n for n in view["nodes"] if n != view["node"]]
                 victim_name = view["node"] if role == "head" else workers[0]
                 victim = next(n for n in c if n.name == victim_name)
                 victim.kill9()
                 killed = time.monotonic()
+                killed_at = time.time()
                 survivors = [n for n in c if n is not victim]
                 if not free_host:
                     victim.reap_children()
@@ -218,30 +247,38 @@ def run_ray(hosts: int, repeats: int, workdir: Path) -> dict[str, Any]:
                     survivors = c.nodes
                 ids = wait_for(
                     lambda nodes=survivors, moved=victim_name if free_host else "", view=view, role=role, before=ids[view["index"]]: (
-                        _recovered(nodes, moved, view["index"], before, role)
+                        _recovered(nodes, engine, moved, view["index"], before, role)
                     ),
                     RAY_READY_S,
                     RAY_POLL_S,
                     what=f"ready again after kill -9 of a {role} host",
                 )
-                runs.append({"killed": role, "s": round(time.monotonic() - killed, 2)})
+                timings.append(
+                    {
+                        "killed": role,
+                        "host": victim_name,
+                        "killed_at": round(killed_at, 2),
+                        "s": round(time.monotonic() - killed, 2),
+                    }
+                )
                 if free_host:
                     victim.reap_children()
                     victim.start()
                     c.wait_converged(timeout=120)
                     c.wait_placeable(timeout=120)
     finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
-    seconds = [r["s"] for r in runs]
+        if not keep:  # kept: Ray's own session logs, with timestamps
+            shutil.rmtree(ray_temp, ignore_errors=True)
+    seconds = [r["s"] for r in timings]
     return {
-        "case": f"R={REPLICAS} N={NODES_PER_REPLICA} G=2 (Ray)",
+        "case": f"R={REPLICAS} N={NODES_PER_REPLICA} G=2 {engine}",
         "hosts": hosts,
         "replicas": REPLICAS,
         "apply_to_ready_s": round(apply_ready, 2),
         "kill9_to_ready_s": {
             "median": round(statistics.median(seconds), 2),
             "max": round(max(seconds), 2),
-            "runs": runs,
+            "runs": timings,
             "victim_restarted_at_once": not free_host,
         },
     }
@@ -256,14 +293,38 @@ def main() -> int:
         default="4,5",
         help="comma-separated host counts for the R=2 N=2 G=2 Ray case (default 4,5; 0 skips)",
     )
+    parser.add_argument("--runs", type=int, default=3, help="kills -9 in the Ray case (default 3)")
+    parser.add_argument(
+        "--ray-engine",
+        choices=("vllm", "command"),
+        default="vllm",
+        help="the Ray case's server: the vLLM stand-in (default) or tests/harness/deploy_server.py",
+    )
+    parser.add_argument(
+        "--ray-kill",
+        choices=("worker", "alternate"),
+        default="worker",
+        help="kill a worker host every run (default), or a worker then a head host",
+    )
     parser.add_argument("--json", default="bench-deployments.json", help="write results here")
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="work in DIR and keep it: every agent's gpud.log, the replicas' output files and "
+        "Ray's session logs (under /tmp/gdb*), to see where the time goes (each run's "
+        "killed_at is in the JSON)",
+    )
     args = parser.parse_args()
     results = []
-    with tempfile.TemporaryDirectory(prefix="gpud-bench-deploy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gpud-bench-deploy-") as scratch:
+        tmp = args.keep or scratch
         for size in (int(s) for s in args.sizes.split(",") if s.strip()):
             results.append(run_size(size, args.repeats, Path(tmp) / str(size)))
         for hosts in (int(s) for s in args.ray_hosts.split(",") if s.strip() and int(s)):
-            results.append(run_ray(hosts, args.repeats, Path(tmp) / f"ray{hosts}"))
+            workdir = Path(tmp) / f"ray{hosts}"
+            results.append(
+                run_ray(hosts, args.runs, workdir, args.ray_engine, args.ray_kill, bool(args.keep))
+            )
     print(
         f"{'case':<22} {'hosts':>5} {'propagation s':>14} {'apply->ready s':>15} "
         f"{'kill9->ready s (med/max)':>26}"

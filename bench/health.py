@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from gpud import secret
 from gpud.context import Member, NodeContext
 from gpud.health.service import HealthService
 from gpud.tags import Tags
+from tests.harness.wait import async_seconds_until, async_wait_for, seconds_until
 
 BASE_PORT = 17000
 POLL_S = 0.02
@@ -61,15 +61,6 @@ def node_config(
         f"[health]\ninterval_s = {interval_s}\ntimeout_s = {timeout_s}\n"
         f"full_mesh_max = {full_mesh_max}\n"
     )
-
-
-async def wait_until(predicate: Callable[[], bool], limit_s: float) -> float:
-    start = time.perf_counter()
-    while not predicate():
-        if time.perf_counter() - start > limit_s:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(POLL_S)
-    return time.perf_counter() - start
 
 
 async def inproc(
@@ -112,7 +103,10 @@ async def inproc(
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(s.run()) for s in services]
         result["all_passing_s"] = round(
-            await wait_until(lambda: all(s.status().state == "passing" for s in services), 120), 3
+            await async_seconds_until(
+                lambda: all(s.status().state == "passing" for s in services), 120, POLL_S
+            ),
+            3,
         )
         # Cost of one round: every peer up to full_mesh_max, else head + ring + k random.
         round_s = []
@@ -132,9 +126,11 @@ async def inproc(
         for _ in range(rounds):
             tasks[-1].cancel()
             await asyncio.gather(tasks[-1], return_exceptions=True)
-            detect.append(await wait_until(lambda: victim_state() == "critical", 60))
+            detect.append(
+                await async_seconds_until(lambda: victim_state() == "critical", 60, POLL_S)
+            )
             tasks[-1] = group.create_task(victim.run())
-            await wait_until(lambda: victim_state() == "passing", 60)
+            await async_wait_for(lambda: victim_state() == "passing", 60, POLL_S)
         result["detect_stopped_peer_s"] = summary(detect)
         for task in tasks:
             task.cancel()
@@ -152,20 +148,6 @@ def pair_state(node: Any, peer: str) -> str:
     return next((p["state"] for p in pairs if p["peer"] == peer), "absent")
 
 
-def wait_s(predicate: Callable[[], bool], limit_s: float = 120.0, poll_s: float = 0.1) -> float:
-    """Seconds until ``predicate`` holds (exceptions count as "not yet"); TimeoutError after."""
-    start = time.perf_counter()
-    while True:
-        try:
-            if predicate():
-                return time.perf_counter() - start
-        except Exception:
-            pass
-        if time.perf_counter() - start > limit_s:
-            raise TimeoutError(f"condition not reached in {limit_s:g} s")
-        time.sleep(poll_s)
-
-
 def all_passing(cluster: Any) -> bool:
     return all(n.api("/v1/health")["state"] == "passing" for n in cluster)
 
@@ -178,16 +160,20 @@ def detection(cluster: Any, repeats: int) -> dict[str, Any]:
     observer, victim = cluster[0], cluster[-1]
     link, blocked = [], []
     for _ in range(repeats):
-        wait_s(lambda: all_passing(cluster))
+        seconds_until(lambda: all_passing(cluster), 120, 0.1)
         victim.host.link_down()
         try:
-            link.append(wait_s(lambda: pair_state(observer, victim.name) == "critical"))
+            link.append(
+                seconds_until(lambda: pair_state(observer, victim.name) == "critical", 120, 0.1)
+            )
         finally:
             victim.host.link_up()
-        wait_s(lambda: all_passing(cluster))
+        seconds_until(lambda: all_passing(cluster), 120, 0.1)
         with faults.block_port(victim.host, PEER_PORT):
-            blocked.append(wait_s(lambda: pair_state(observer, victim.name) != "passing"))
-    wait_s(lambda: all_passing(cluster))
+            blocked.append(
+                seconds_until(lambda: pair_state(observer, victim.name) != "passing", 120, 0.1)
+            )
+    seconds_until(lambda: all_passing(cluster), 120, 0.1)
     return {"link_down_critical_s": summary(link), "blocked_port_detected_s": summary(blocked)}
 
 
@@ -195,7 +181,7 @@ def address_change(cluster: Any) -> dict[str, Any]:
     """The last host (advertise = "auto") swaps its address; seconds until every other node
     sees it alive at the new address and passing, and until it passes itself."""
     victim, others = cluster[-1], cluster.nodes[:-1]
-    wait_s(lambda: all_passing(cluster))
+    seconds_until(lambda: all_passing(cluster), 120, 0.1)
     new = str(victim.host.network.subnet.network_address + 200)
     start = time.perf_counter()
     victim.host.set_addr(new)
@@ -211,10 +197,10 @@ def address_change(cluster: Any) -> dict[str, Any]:
                 return False
         return True
 
-    readvertised = wait_s(lambda: victim.api("/v1/status")["node"]["addr"] == new, 60)
-    wait_s(seen, 180, 0.5)
+    readvertised = seconds_until(lambda: victim.api("/v1/status")["node"]["addr"] == new, 60, 0.1)
+    seconds_until(seen, 180, 0.5)
     everyone = time.perf_counter() - start
-    wait_s(lambda: all_passing(cluster), 60)
+    seconds_until(lambda: all_passing(cluster), 60, 0.1)
     return {
         "readvertised_s": round(readvertised, 3),
         "others_see_new_addr_passing_s": round(everyone, 3),
@@ -228,7 +214,7 @@ def false_criticals(cluster: Any, percents: list[int], window_s: float) -> dict[
 
     out: dict[str, Any] = {}
     for percent in percents:
-        wait_s(lambda: all_passing(cluster), 90)
+        seconds_until(lambda: all_passing(cluster), 90, 0.1)
         applied = [faults.loss(h, percent) for h in cluster.hosts]
         node_critical = pair_transitions = polls = 0
         last: dict[tuple[str, str], str] = {}
@@ -288,7 +274,7 @@ def cost(size: int, window_s: float) -> dict[str, Any]:
 
     with Cluster(size, overrides={"log_level": "info"}, start_timeout=60) as cluster:
         cluster.wait_converged(120)
-        wait_s(lambda: all_passing(cluster), 120, 0.5)
+        seconds_until(lambda: all_passing(cluster), 120, 0.5)
         for host in cluster.hosts:
             _install_counters(host, PEER_PORT)
         pids = [n.pid for n in cluster if n.pid is not None]

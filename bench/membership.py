@@ -20,12 +20,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from gpud import client
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.harness.netns import Host, Network
+from tests.harness.wait import seconds_until
 
 POLL_S = 0.1
 DETECT_TIMEOUT_S = 60.0
@@ -38,12 +38,6 @@ def _median_max(values: list[float]) -> dict[str, float]:
 def _percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
-
-
-def _until(predicate: Callable[[], bool], what: str) -> float:
-    began = time.monotonic()
-    wait_for(predicate, DETECT_TIMEOUT_S, POLL_S, what=what)
-    return time.monotonic() - began
 
 
 def _sees_down(node: GpudNode, name: str) -> bool:
@@ -83,9 +77,11 @@ def bench_gpud(size: int, repeats: int) -> dict[str, object]:
             observers = [n for n in cluster if n is not victim]
             victim.kill9()
             detect.append(
-                _until(
+                seconds_until(
                     lambda v=victim, o=observers: all(_sees_down(n, v.name) for n in o),
-                    f"{victim.name} down everywhere",
+                    DETECT_TIMEOUT_S,
+                    POLL_S,
+                    what=f"{victim.name} down everywhere",
                 )
             )
             victim.restart()
@@ -167,11 +163,13 @@ def bench_bare_serf(size: int, repeats: int) -> dict[str, object]:
             procs[victim.name].kill()
             procs[victim.name].wait()
             detect.append(
-                _until(
+                seconds_until(
                     lambda v=victim, o=observers: all(
                         _serf_members(h).get(v.name) == "failed" for h in o
                     ),
-                    f"bare serf {victim.name} failed everywhere",
+                    DETECT_TIMEOUT_S,
+                    POLL_S,
+                    what=f"bare serf {victim.name} failed everywhere",
                 )
             )
             procs[victim.name] = start(victim)

@@ -45,14 +45,9 @@ from gpud.ray.probes import GcsNodes, alive_ray_nodes, gcs_healthy
 from gpud.ray.service import RayServiceSettings
 from gpud.ray.supervisor import WORKER_PORT_NAMES, SupervisorSettings
 from tests.harness.gpud_node import Cluster, GpudNode
-from tests.ray_helpers import (
-    RAY_EXECUTABLE,
-    Nodes,
-    SimplePorts,
-    head_views,
-    kill_host,
-    ray_overrides,
-)
+from tests.harness.ray_cluster import RAY_EXECUTABLE, head_views, kill_host, ray_overrides
+from tests.harness.ray_loopback import Nodes, SimplePorts
+from tests.harness.wait import async_seconds_until, async_wait_for, wait_for
 
 
 class FailoverResult(msgspec.Struct, kw_only=True):
@@ -94,14 +89,6 @@ class FailoverProbes(Protocol):
         """Names of the Ray nodes the GCS at ``address`` reports alive (raises RuntimeError)."""
 
 
-async def _until(predicate: Callable[[], Awaitable[bool]], began: float, limit_s: float) -> float:
-    while not await predicate():
-        if time.monotonic() - began > limit_s:
-            raise TimeoutError(f"no progress after {limit_s}s")
-        await asyncio.sleep(0.1)
-    return round(time.monotonic() - began, 2)
-
-
 async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> FailoverResult:
     """Kill the head host and time (a) election, (b) GCS ready, (c) workers registered."""
     current = cluster.head()
@@ -121,9 +108,13 @@ async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> F
     async def detected() -> bool:
         return cluster.sees_down(old_head)
 
-    detected_s = await _until(detected, began, limit_s)
-    elected_s = await _until(elected, began, limit_s)
-    gcs_ready_s = await _until(gcs_ready, began, limit_s)
+    async def since_kill(predicate: Callable[[], Awaitable[bool]], what: str) -> float:
+        took = await async_seconds_until(predicate, limit_s, 0.1, since=began, what=what)
+        return round(took, 2)
+
+    detected_s = await since_kill(detected, f"{old_head} seen down")
+    elected_s = await since_kill(elected, "a new head elected")
+    gcs_ready_s = await since_kill(gcs_ready, "the new head's GCS ready")
     new = cluster.head()
     assert new is not None
     address = f"{cluster.head_address(new[0])}:{new[2]}"
@@ -138,7 +129,7 @@ async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> F
             return False
         return expected <= set(seen_nodes)
 
-    workers_s = await _until(registered, began, limit_s)
+    workers_s = await since_kill(registered, "every worker registered with the new head")
     return FailoverResult(
         old_head=old_head,
         new_head=new[0],
@@ -153,7 +144,7 @@ async def measure_failover(cluster: FailoverProbes, limit_s: float = 180.0) -> F
 
 
 class InProcessCluster:
-    """FailoverProbes over tests.ray_helpers.Nodes (in-process gpud nodes, real Ray)."""
+    """FailoverProbes over tests.harness.ray_loopback.Nodes (in-process gpud nodes, real Ray)."""
 
     def __init__(self, nodes: Nodes) -> None:
         self.nodes = nodes
@@ -205,15 +196,15 @@ async def managed(ray_nodes: int) -> FailoverResult:
         nodes.start()
         try:
             began = time.monotonic()
-            while not ((h := cluster.head()) and h[2]):
-                if time.monotonic() - began > 180:
-                    raise TimeoutError("no head came up")
-                await asyncio.sleep(0.2)
+            h = await async_wait_for(
+                lambda: (head := cluster.head()) and head[2] and head, 180, 0.2, what="a ready head"
+            )
             address = f"{cluster.head_address(h[0])}:{h[2]}"
-            while len(await _alive_or_empty(address)) < ray_nodes:
-                if time.monotonic() - began > 240:
-                    raise TimeoutError("workers did not join")
-                await asyncio.sleep(1)
+
+            async def joined() -> bool:
+                return len(await _alive_or_empty(address)) >= ray_nodes
+
+            await async_seconds_until(joined, 240, 1.0, since=began, what="the workers joined")
             print(
                 f"managed: {ray_nodes} Ray nodes up in {time.monotonic() - began:.1f}s, "
                 f"head {h[0]}",
@@ -308,16 +299,15 @@ def _steady(cluster: Cluster, limit_s: float = 240.0) -> tuple[str, int, int]:
     """Until every node agrees on a ready head whose GCS lists every node alive."""
     probes = HarnessCluster(cluster)
     names = {n.name for n in cluster}
-    began = time.monotonic()
-    while time.monotonic() - began < limit_s:
+
+    def steady() -> tuple[str, int, int] | None:
         head = probes.head()
-        if head is not None and head[2]:
-            address = f"{probes.head_address(head[0])}:{head[2]}"
-            with contextlib.suppress(RuntimeError):
-                if names <= set(asyncio.run(_ray_nodes_once(probes, address))):
-                    return head
-        time.sleep(1.0)
-    raise TimeoutError(f"no steady Ray cluster after {limit_s}s:\n{cluster.describe()}")
+        if head is None or not head[2]:
+            return None
+        address = f"{probes.head_address(head[0])}:{head[2]}"
+        return head if names <= set(asyncio.run(_ray_nodes_once(probes, address))) else None
+
+    return wait_for(steady, limit_s, 1.0, what="a steady Ray cluster", describe=cluster.describe)
 
 
 def harness(repeats: int, vote_timeout_s: float, hosts: int = 3) -> list[FailoverResult]:
@@ -420,10 +410,9 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
     worker: asyncio.subprocess.Process | None = None
     try:
         began = time.monotonic()
-        while not await gcs_healthy(RAY_EXECUTABLE, "127.0.0.2", gcs):
-            if time.monotonic() - began > 120:
-                raise TimeoutError("head GCS not ready")
-            await asyncio.sleep(0.5)
+        await async_wait_for(
+            lambda: gcs_healthy(RAY_EXECUTABLE, "127.0.0.2", gcs), 120, 0.5, what="head GCS ready"
+        )
         worker = await _start(
             [
                 RAY_EXECUTABLE,
@@ -436,10 +425,11 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
             ],
             env,
         )
-        while len(await _alive_or_empty(f"127.0.0.2:{gcs}")) < 2:
-            if time.monotonic() - began > 180:
-                raise TimeoutError("worker did not join")
-            await asyncio.sleep(1)
+
+        async def joined() -> bool:
+            return len(await _alive_or_empty(f"127.0.0.2:{gcs}")) >= 2
+
+        await async_seconds_until(joined, 180, 1.0, since=began, what="the worker joined")
         os.killpg(head.pid, signal.SIGKILL)
         killed = time.monotonic()
         try:

@@ -8,7 +8,7 @@ concurrent clients through the router for a fixed time.
 
     .venv/bin/python -m bench.router [--requests 2000] [--seconds 10] [--clients 64] [--json PATH]
 
-`UpstreamState` / `upstream_app` are also the tests' replica (tests/test_router_proxy.py).
+`UpstreamState` / `upstream_app` are also the tests' replica (tests/router/test_router_proxy.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import msgspec
 from aiohttp import web
 
 from gpud.deployments.model import DeploymentsList, DeploymentView, ReplicaView
+from tests.harness.wait import async_wait_for
 
 MODEL = "bench-model"
 
@@ -227,16 +228,12 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
 
 
 async def wait_listening(port: int, timeout: float = 20.0) -> None:  # noqa: ASYNC109
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
-            await asyncio.sleep(0.1)
+    async def listening() -> bool:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        return True
+
+    await async_wait_for(listening, timeout, 0.1, what=f"a listener on 127.0.0.1:{port}")
 
 
 # ---- load ------------------------------------------------------------------------------------

@@ -12,17 +12,21 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gpud import __version__, api, log, metrics, preflight, status
+from gpud.aio import within
 from gpud.component import Component, Disabled, Metric, gauge
 from gpud.config import Config
 from gpud.context import NodeContext
 from gpud.errors import GpudError
 from gpud.notify import Notifier
 from gpud.status import NodeSection, StatusDocument, collect, doctor_report
+
+if TYPE_CHECKING:
+    from gpud.serf.agent import AdoptedSerf
 
 _log = log.get("agent")
 
@@ -42,8 +46,9 @@ class Agent:
         self._stop = asyncio.Event()
         self._serf_down_since: float | None = None
 
-    def _build(self, advertise_addr: str, interface: str) -> None:
-        """The one place that names the components: each is built here, in start order."""
+    def _build(self, advertise_addr: str, interface: str, serf: AdoptedSerf | None = None) -> None:
+        """The one place that names the components: each is built here, in start order.
+        ``serf``: the predecessor's serf, verified, to adopt instead of starting one."""
         from gpud.deployments.peers import PeerLinks
         from gpud.deployments.service import DeploymentService
         from gpud.gpus.service import GpuService
@@ -57,7 +62,7 @@ class Agent:
         ctx = NodeContext(self.config, advertise_addr)
         ctx.advertise_is_local = bool(interface)
         self.ctx = ctx
-        self.serf = SerfAgent(ctx)
+        self.serf = SerfAgent(ctx, serf)
         self.network = NetCheck(ctx, self._address_changed)
         self.health = HealthService(ctx, self.network, keyring_file=self.serf.keyring_file)
         ports = PortsService(ctx, verified=self.health.prober.verified)
@@ -198,7 +203,7 @@ class Agent:
         self.ctx.on_members_changed(lambda m: seen_self.set() if self.ctx.node_name in m else None)
         if self.ctx.node_name not in self.ctx.members:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(seen_self.wait(), MEMBERS_READY_TIMEOUT_S)
+                await within(seen_self.wait(), MEMBERS_READY_TIMEOUT_S)
         self.notifier.ready(self._summary())
         log.info(_log, "ready", addr=self.ctx.advertise_addr, socket=self.config.socket_path)
         interval = min(STATUS_INTERVAL_S, self.notifier.watchdog_interval_s or STATUS_INTERVAL_S)
@@ -210,22 +215,27 @@ class Agent:
 
     async def run(self) -> int:
         from gpud.netcheck import resolve_advertise
-        from gpud.serf.agent import stop_leftover_serf
+        from gpud.serf.agent import adopt_leftover_serf, stop_leftover_serf
         from gpud.serf.rpc_port import split_squat
 
         advertise_addr, interface = resolve_advertise(self.config)
-        # Our own serf from before a kill -9 of gpud is not a conflict: stop it first.
-        await stop_leftover_serf(self.config)
+        # The serf a previous gpud left running (a restart, an upgrade, a kill -9) is adopted
+        # when it verifies; else it is stopped first: it is not a port conflict either way.
+        serf = await adopt_leftover_serf(self.config, advertise_addr, bool(interface))
+        if serf is None:
+            await stop_leftover_serf(self.config)
         # -- preflight (operations issue): a port another process holds fails the start at once,
         # naming the port and its holder (STATUS=, journal at error, exit 1), instead of serf
         # failing quietly while the unit hangs in `activating`.
         # A squatted serf RPC port is not one: serf's RPC moves (gpud/serf/rpc_port.py).
         conflicts = split_squat(preflight.check(self.config, advertise_addr, bool(interface)))[1]
+        if serf is not None:  # the adopted serf holds its own ports
+            conflicts = [c for c in conflicts if c.need.component != "serf"]
         if conflicts:
             self.notifier.status(f"failed: {preflight.summary(conflicts)}")
             raise preflight.PortConflictError(conflicts)
         # -- end preflight
-        self._build(advertise_addr, interface)
+        self._build(advertise_addr, interface, serf)
         log.info(
             _log,
             "starting",
@@ -281,8 +291,10 @@ class Agent:
                 self.notifier.ready(self._summary())
 
     async def _reload(self) -> None:
-        """Re-read the config; apply what can change live (config.LIVE_FIELDS), name the rest."""
+        """Re-read the config; apply what can change live (config_reload.LIVE_FIELDS), name the
+        rest."""
         from gpud import config as config_module
+        from gpud.config_reload import reload_plan
 
         if self.config_path is None:
             log.error(_log, "reload refused: the agent was not started from a config file")
@@ -292,7 +304,7 @@ class Agent:
         except GpudError as exc:
             log.error(_log, "reload refused, configuration unchanged", error=str(exc))
             return
-        plan = config_module.reload_plan(self.config, new)
+        plan = reload_plan(self.config, new)
         self.config = self.ctx.config = plan.config
         log.set_level(plan.config.log_level)
         if "serf.retry_join" in plan.live:
@@ -311,22 +323,15 @@ class Agent:
     # -- end reload
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        """STOPPING=1, every child stopped by its component (the servers of replicas of one
-        node are left running for the next gpud to adopt: `deployments.replicas`), then a
-        graceful serf leave.
-
-        Ray stops before the leave: once peers see this node leave they stop counting its
-        head lease, so a head still running while its departure is gossiped would overlap
-        with the successor they elect."""
+        """STOPPING=1, then every component cancelled in reverse start order. The workload
+        outlives gpud: serf (no leave: peers never see this node left or failed), the
+        cluster-wide Ray node and the servers of replicas of one node are left running for
+        the next gpud to adopt (`serf.agent`, `ray.supervisor`, `deployments.replicas`);
+        every other child is stopped by its component."""
         self.notifier.stopping()
-        serf_task = next(t for t in tasks if t.get_name() == self.serf.name)
-        rest = [t for t in tasks if t is not serf_task]
-        log.info(_log, "stopping: children first, then leaving the cluster")
-        for task in reversed(rest):
+        log.info(_log, "stopping; serf, Ray and servers left running for the next gpud")
+        for task in reversed(tasks):
             await _cancelled(task)
-        with contextlib.suppress(Exception):
-            await self.serf.leave()
-        await _cancelled(serf_task)
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:

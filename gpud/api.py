@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -557,13 +558,27 @@ class GuardedServer:
     async def setup(self) -> None:
         await self.runner.setup()
 
-    async def listen_tcp(self, host: str, port: int) -> web.BaseSite:
+    async def listen_tcp(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> web.BaseSite:
+        """Listen on host:port, with ``tls`` when given (a handshake is bounded by the idle
+        timeout, so a client that never finishes one holds no slot longer than an idle one)."""
         loop = asyncio.get_running_loop()
+        handshake = self.guard.limits.idle_timeout_s if tls is not None else None
 
         async def listen(factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
-            return await loop.create_server(factory, host, port, reuse_address=True, backlog=512)
+            return await loop.create_server(
+                factory,
+                host,
+                port,
+                reuse_address=True,
+                backlog=512,
+                ssl=tls,
+                ssl_handshake_timeout=handshake,
+            )
 
-        site = _GuardedSite(self, f"http://{host}:{port}", _tcp_source, listen)
+        scheme = "https" if tls is not None else "http"
+        site = _GuardedSite(self, f"{scheme}://{host}:{port}", _tcp_source, listen)
         await site.start()
         return site
 

@@ -4,14 +4,12 @@ Every client command (`gpud status`, `gpud ports ...`, ...) registers itself wit
 ``client_command`` and talks to the daemon through ``api_get``/``api_call``; replies are
 decoded into typed structs, so a reply of an unexpected shape is one clear line, never a
 traceback. Stdlib and msgspec only, and nothing of the agent (aiohttp, pyroute2, NVML, SQLite):
-`gpud status` must start fast (tests/test_cli_agent.py holds every client command to that).
+`gpud status` must start fast (tests/core/test_cli_agent.py holds every client command to that).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import socket
 import sys
@@ -51,20 +49,110 @@ class ApiRefused(GpudError):
         self.status = status
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class Reply(msgspec.Struct, frozen=True):
+    """One HTTP reply: status, headers (names lower-cased), body."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class ProtocolError(GpudError):
+    """The bytes that came back are not an HTTP/1.1 reply this client can read."""
+
+
+# Enough for any reply of the local API (a status of thousands of members is a few MiB); a
+# socket that sends more is not gpud's.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+def exchange(
+    socket_path: str,
+    method: str,
+    path: str,
+    payload: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    timeout: float = 30.0,
+    limit: int = MAX_REPLY_BYTES,
+) -> Reply:
+    """One HTTP/1.1 request on a fresh Unix-socket connection, read to the end of its reply.
+
+    Hand-written rather than http.client: that module pulls in email and ssl, a third of what
+    `gpud status` spends importing, for a server that is always our own aiohttp. Raises OSError
+    (connect, send, a timeout of any one read) or ProtocolError."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if payload is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(payload or b'')}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(socket_path)
+        sock.sendall("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + (payload or b""))
+        return _read_reply(sock, limit)
+    finally:
+        sock.close()
+
+
+def _read_reply(sock: socket.socket, limit: int) -> Reply:
+    buffer = bytearray()
+
+    def more() -> bool:
+        data = sock.recv(65536)
+        buffer.extend(data)
+        if len(buffer) > limit:
+            raise ProtocolError(f"reply larger than {limit} bytes")
+        return bool(data)
+
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if not more():
+            raise ProtocolError("connection closed before the reply's header ended")
+    head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    del buffer[: end + 4]
+    parts = head[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ProtocolError(f"not an HTTP reply: {head[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in head[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise ProtocolError(f"malformed header line {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _read_chunked(buffer, more)
+    elif (length := headers.get("content-length")) is not None:
+        if not length.isdigit():
+            raise ProtocolError(f"bad Content-Length {length[:40]!r}")
+        while len(buffer) < int(length):
+            if not more():
+                raise ProtocolError(f"reply body ended after {len(buffer)} of {length} bytes")
+        body = bytes(buffer[: int(length)])
+    else:
+        while more():
+            pass
+        body = bytes(buffer)
+    return Reply(int(parts[1]), headers, body)
+
+
+def _read_chunked(buffer: bytearray, more: Callable[[], bool]) -> bytes:
+    body = bytearray()
+    while True:
+        while (end := buffer.find(b"\r\n")) < 0:
+            if not more():
+                raise ProtocolError("connection closed inside a chunked body")
+        size_text = bytes(buffer[:end]).split(b";")[0].strip()
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):  # int() takes -1, 0x1
+            raise ProtocolError(f"bad chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
+        del buffer[: end + 2]
+        if size == 0:
+            return bytes(body)  # trailers, if any, are not read: the connection closes
+        while len(buffer) < size + 2:
+            if not more():
+                raise ProtocolError("connection closed inside a chunk")
+        body += buffer[:size]
+        del buffer[: size + 2]
 
 
 def request_raw(
@@ -72,13 +160,10 @@ def request_raw(
 ) -> bytes:
     """Call the local API; returns the reply's body, or raises with a one-line message:
     TransportError when the daemon cannot be asked, ApiRefused when it says no."""
-    conn = _UnixConnection(socket_path, timeout)
-    payload = None if body is None else json.dumps(body).encode()
+    payload = None if body is None else msgspec.json.encode(body)
     headers = {"Content-Type": "application/json"} if payload is not None else {}
     try:
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
+        reply = exchange(socket_path, method, path, payload, headers, timeout=timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         raise TransportError(
             f"gpud is not running (no answer on {socket_path}); start it with "
@@ -94,20 +179,18 @@ def request_raw(
             f"gpud did not answer {method} {path} on {socket_path} within {timeout:g}s: it is "
             "hung or overloaded; see `journalctl -u gpud`, or wait longer with --timeout"
         ) from None
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, ProtocolError) as exc:
         raise TransportError(f"talking to gpud on {socket_path} failed: {exc}") from None
-    finally:
-        conn.close()
-    if response.status >= 400:
+    if reply.status >= 400:
         try:
-            data = json.loads(raw)
-        except ValueError:
+            data = msgspec.json.decode(reply.body)
+        except msgspec.DecodeError:
             data = None
         message = data.get("error") if isinstance(data, dict) else None
         if not isinstance(message, str):
-            message = f"HTTP {response.status}"
-        raise ApiRefused(response.status, message)
-    return raw
+            message = f"HTTP {reply.status}"
+        raise ApiRefused(reply.status, message)
+    return reply.body
 
 
 def request(
@@ -116,8 +199,8 @@ def request(
     """Call the local API; returns the decoded JSON body or raises with a one-line message."""
     raw = request_raw(socket_path, method, path, body, timeout=timeout)
     try:
-        return json.loads(raw) if raw else None
-    except ValueError:
+        return msgspec.json.decode(raw) if raw else None
+    except msgspec.DecodeError:
         raise GpudError(f"gpud answered {method} {path} with a body that is not JSON") from None
 
 

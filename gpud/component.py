@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gpud.config import Config
 
 Severity = Literal["warning", "critical"]
-MetricKind = Literal["gauge", "counter"]
+MetricKind = Literal["gauge", "counter", "histogram"]
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,13 +69,19 @@ class Metric(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     help: str
+    # A histogram's samples are its cumulative ``_bucket`` counts, each with an ``le`` label
+    # ("+Inf" last in each label set); its ``_count`` is the "+Inf" bucket.
     samples: list[tuple[dict[str, str], float]]
     kind: MetricKind = "gauge"
+    # A histogram's ``_sum`` by label set (no ``le``).
+    sums: list[tuple[dict[str, str], float]] = []
 
     def __post_init__(self) -> None:
         # A component bug, caught where the family is made rather than by a dashboard.
         if (self.kind == "counter") != self.name.endswith("_total"):
             raise ValueError(f"metric {self.name}: a counter's name, and only its, ends in _total")
+        if self.kind == "histogram" and not all("le" in labels for labels, _ in self.samples):
+            raise ValueError(f"metric {self.name}: every sample of a histogram has an le label")
 
 
 def gauge(name: str, help_text: str, value: float, **labels: str) -> Metric:

@@ -9,19 +9,18 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 import os
-import re
 import shutil
 import socket
 import tomllib
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+from gpud.config_messages import field_message
 from gpud.errors import ConfigError
+from gpud.hostport import is_join_address, is_loopback_host, split_host_port
 
 DEFAULT_PATH = "/etc/gpud/gpud.toml"
 ENV_VAR = "GPUD_CONFIG"
@@ -235,6 +234,10 @@ class RouterConfig(_Section):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=8)] = 3
     # How often each replica's queue depth is read from its /metrics.
     queue_poll_s: PositiveSeconds = 2.0
+    # TLS on the listener (gpud/router/tls.py): a PEM certificate chain and its private key,
+    # both or neither. Empty: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
     # ---- end router ----
 
 
@@ -297,100 +300,11 @@ def parse(raw: bytes | str, *, source: str = "<config>") -> Config:
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_field_message(str(exc), data)}") from None
+        raise ConfigError(f"{source}: {field_message(str(exc), data, Config)}") from None
     try:
         return validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def _field_message(message: str, data: dict[str, Any]) -> str:
-    """msgspec's "Expected `int` >= 8 - at `$.ports.block_size`" as an operator reads it: the
-    key first, then the value given, then what is allowed (an enum's values; for an unknown
-    key the nearest known one)."""
-    text, sep, where = message.rpartition(" - at `$.")
-    path = where.rstrip("`") if sep else ""
-    if not sep:
-        text = message
-    if unknown := _UNKNOWN_KEY.fullmatch(text):
-        return _unknown_key(path, unknown.group(1))
-    if not path:
-        return text
-    value = _rendered(_value_at(data, path))
-    shown = f"{path} = {value}" if value is not None else path
-    kind = _type_at(path)
-    if typing.get_origin(kind) is Literal:
-        allowed = ", ".join(json.dumps(v) for v in typing.get_args(kind))
-        return f"{shown}: not one of {allowed}"
-    return f"{shown}: {text}"
-
-
-_UNKNOWN_KEY = re.compile(r"Object contains unknown field `(.*)`")
-# "retry_join[3]": a key and the list indices after it, as in msgspec's paths.
-_PATH_PART = re.compile(r"([^\[\]]+)((?:\[\d+\])*)")
-
-
-def _keys_of(kind: Any) -> dict[str, Any]:
-    """The keys of a config table (a Struct type) and their types; {} for anything else."""
-    if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
-        return {}
-    return {f.encode_name: f.type for f in msgspec.structs.fields(kind)}
-
-
-def _type_at(path: str) -> Any:
-    kind: Any = Config
-    for part in path.split(".") if path else []:
-        keys = _keys_of(kind)
-        if part not in keys:
-            return None
-        kind = keys[part]
-    return kind
-
-
-def _value_at(data: Any, path: str) -> Any:
-    for part in path.split("."):
-        match = _PATH_PART.fullmatch(part)
-        if match is None or not isinstance(data, dict) or match.group(1) not in data:
-            return None
-        data = data[match.group(1)]
-        for index in re.findall(r"\d+", match.group(2)):
-            if not isinstance(data, list) or int(index) >= len(data):
-                return None
-            data = data[int(index)]
-    return data
-
-
-def _rendered(value: Any) -> str | None:
-    """A scalar as TOML writes it, on one line and short; None for tables and arrays."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        text = repr(value)
-    elif isinstance(value, str):
-        text = json.dumps(value)  # escapes newlines and control characters
-    else:
-        return None
-    return text if len(text) <= 80 else f"{text[:76]}..."
-
-
-def _unknown_key(table: str, name: str) -> str:
-    """The line for an unknown key (pure): "node.nmae: unknown key; did you mean `node.name`?",
-    the nearest key of the same table, else a key of that name in another table."""
-    import difflib  # only for a bad file: client commands read the config and start fast
-
-    key = f"{table}.{name}" if table else name
-    known = list(_keys_of(_type_at(table)))
-    if close := difflib.get_close_matches(name, known, n=1):
-        return f"{key}: unknown key; did you mean `{table + '.' if table else ''}{close[0]}`?"
-    elsewhere = [
-        f"{section}.{name}"
-        for section, kind in _keys_of(Config).items()
-        if name in _keys_of(kind) and section != table
-    ]
-    if elsewhere:
-        return f"{key}: unknown key; did you mean `{elsewhere[0]}`?"
-    where = f"[{table}]" if table else "the top level"
-    return f"{key}: unknown key; the keys of {where} are {', '.join(known)}"
 
 
 def _check_advertise_routable(config: Config) -> None:
@@ -406,9 +320,7 @@ def _check_advertise_routable(config: Config) -> None:
             'this host\'s own address on the cluster network, or "auto"'
         )
     remote = [
-        entry
-        for entry in config.serf.retry_join
-        if not _is_loopback_host(split_host_port(entry)[0])
+        entry for entry in config.serf.retry_join if not is_loopback_host(split_host_port(entry)[0])
     ]
     if ip.is_loopback and remote:
         raise ConfigError(
@@ -508,42 +420,6 @@ def _check_deployments(deployments: DeploymentsConfig) -> None:
             )
 
 
-# RFC 1123 host name label: letters, digits and inner hyphens, at most 63 characters.
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def is_hostname(host: str) -> bool:
-    """A DNS name per RFC 1123 (pure). An all-numeric last label is refused (RFC 3696), so a
-    mistyped IPv4 address such as 10.0.0.300 is not taken for a name."""
-    name = host.removesuffix(".")
-    if not name or len(name) > 253:
-        return False
-    labels = name.split(".")
-    return all(_HOST_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
-
-
-def is_join_address(entry: str) -> bool:
-    """Whether ``entry`` is "host" or "host:port" ("[v6]:port"), host an IP address or a DNS
-    name (pure)."""
-    host, port = split_host_port(entry)
-    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        return False
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return ":" not in host and is_hostname(host)
-    return True
-
-
-def _is_loopback_host(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        # RFC 6761: localhost names resolve to loopback addresses.
-        name = host.removesuffix(".").lower()
-        return name == "localhost" or name.endswith(".localhost")
-
-
 # Serf and the peer API carry node names; these are what both accept, kept short for tags.
 NODE_NAME_MAX = 128
 # sockaddr_un.sun_path: 108 bytes including the terminating NUL.
@@ -559,17 +435,6 @@ def unkeyed_refusal(config: Config) -> str | None:
     if config.cluster.key_file or config.cluster.insecure:
         return None
     return f"{UNENCRYPTED} (no cluster.key_file, and cluster.insecure is not set)"
-
-
-def split_host_port(entry: str) -> tuple[str, str | None]:
-    """("10.0.0.1", "7951") from "10.0.0.1:7951", ("::1", None) from "::1" or "[::1]" (pure)."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, rest[1:] if rest.startswith(":") else None
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return host, port
-    return entry, None
 
 
 def metrics_listen(config: Config) -> tuple[str, int] | None:
@@ -629,6 +494,8 @@ def _check_router(config: Config) -> None:
         taken[scrape[1]] = "the port of metrics.listen"
     if router.port in taken:
         raise ConfigError(f"router.port: {router.port} is already {taken[router.port]}")
+    if bool(router.tls_cert) != bool(router.tls_key):
+        raise ConfigError("router.tls_cert and router.tls_key: set both (TLS) or neither")
 
 
 def _check_node_name(name: str) -> None:
@@ -657,49 +524,3 @@ def _check_socket_path(config: Config) -> None:
             raise ConfigError(
                 f"{field}: socket path {path!r} is under {pseudo}, which holds no sockets"
             )
-
-
-# What `systemctl reload gpud` (SIGHUP) applies without a restart; every other change waits
-# for one (a restart is a leave and a rejoin, so reload avoids it where it can).
-LIVE_FIELDS = ("log_level", "health", "serf.retry_join", "ray.priority")
-
-
-class ReloadPlan(msgspec.Struct, frozen=True, kw_only=True):
-    # The config to run with now: the old one with the live fields taken from the new one.
-    config: Config
-    live: list[str]  # changed fields applied now
-    restart: list[str]  # changed fields that wait for `systemctl restart gpud`
-
-
-def changed_fields(old: msgspec.Struct, new: msgspec.Struct, prefix: str = "") -> list[str]:
-    """Dotted paths of the leaf fields that differ between ``old`` and ``new`` (pure)."""
-    changed: list[str] = []
-    for field in msgspec.structs.fields(old):
-        a, b = getattr(old, field.name), getattr(new, field.name)
-        path = f"{prefix}{field.name}"
-        if isinstance(a, msgspec.Struct) and type(a) is type(b):
-            changed += changed_fields(a, b, f"{path}.")
-        elif a != b:
-            changed.append(path)
-    return changed
-
-
-def _is_live(path: str) -> bool:
-    return any(path == live or path.startswith(f"{live}.") for live in LIVE_FIELDS)
-
-
-def reload_plan(old: Config, new: Config) -> ReloadPlan:
-    """What a reload from ``old`` to ``new`` does (pure)."""
-    changed = changed_fields(old, new)
-    merged = msgspec.structs.replace(
-        old,
-        log_level=new.log_level,
-        health=new.health,
-        serf=msgspec.structs.replace(old.serf, retry_join=new.serf.retry_join),
-        ray=msgspec.structs.replace(old.ray, priority=new.ray.priority),
-    )
-    return ReloadPlan(
-        config=merged,
-        live=[p for p in changed if _is_live(p)],
-        restart=[p for p in changed if not _is_live(p)],
-    )

@@ -30,11 +30,26 @@ BIND_RETRY_S = 30.0
 
 
 def _family(metric: Metric) -> pc.Metric:
+    if metric.kind == "histogram":
+        return _histogram(metric)
     # Counters carry their name without _total; the sample gets it back (both formats).
     base = metric.name.removesuffix("_total") if metric.kind == "counter" else metric.name
     family = pc.Metric(base, metric.help, metric.kind)
     for labels, value in metric.samples:
         family.add_sample(metric.name, dict(labels), value)
+    return family
+
+
+def _histogram(metric: Metric) -> pc.HistogramMetricFamily:
+    keys = sorted({k for labels, _ in metric.samples for k in labels} - {"le"})
+    family = pc.HistogramMetricFamily(metric.name, metric.help, labels=keys)
+    buckets: dict[tuple[str, ...], list[tuple[str, float]]] = {}
+    for labels, value in metric.samples:
+        values = tuple(labels.get(k, "") for k in keys)
+        buckets.setdefault(values, []).append((labels["le"], value))
+    sums = {tuple(labels.get(k, "") for k in keys): value for labels, value in metric.sums}
+    for values, series in buckets.items():
+        family.add_metric(list(values), series, sums.get(values, 0.0))
     return family
 
 

@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from gpud import log
+from gpud.aio import within
 from gpud.errors import GpudError
 from gpud.state import Key, StateStore
 
@@ -127,7 +128,7 @@ async def run_bounded(
     )
     timed_out = False
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        out, err = await within(proc.communicate(), timeout_s)
     except TimeoutError:
         timed_out = True
         out, err = b"", f"timed out after {timeout_s:g}s".encode()
@@ -390,7 +391,7 @@ class ChildProcess:
     async def _follow(self) -> None:
         while not self._exited.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), TAIL_INTERVAL_S)
+                await within(self._exited.wait(), TAIL_INTERVAL_S)
             await self._read_output()
 
     async def _read_output(self) -> None:
@@ -449,7 +450,7 @@ class ChildProcess:
         if self.running:
             self.signal_group(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(self.wait()), grace_s)
+                await within(asyncio.shield(self.wait()), grace_s)
             except TimeoutError:
                 log.warning(self._log, "did not stop in time, killing", grace_s=grace_s)
         # The leader may be gone while others in its group linger: kill the group regardless
@@ -458,6 +459,28 @@ class ChildProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
         return await self.wait()
+
+
+def argv_matches(cmdline: Sequence[str], argv: Sequence[str]) -> bool:
+    """Whether a process's ``cmdline`` runs ``argv``: it ends with ``argv``'s arguments (its
+    program may be an interpreter running a script named by argv[0])."""
+    args = list(argv[1:])
+    return len(cmdline) >= len(argv) and list(cmdline[len(cmdline) - len(args) :]) == args
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """The command line of ``pid`` (None: no such process, or not readable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw]
+
+
+def runs_argv(pid: int, argv: Sequence[str]) -> bool:
+    """Whether ``pid`` runs ``argv`` now (`argv_matches` on its command line)."""
+    found = cmdline(pid)
+    return found is not None and argv_matches(found, argv)
 
 
 def _rotate(path: Path, limit: int | None = None) -> int:
@@ -538,6 +561,8 @@ class Supervisor:
         self._grace_s = grace_s
         self._log = log.get(name)
         self.child: ChildProcess | None = None
+        # Set once a cancelled run left its child running for the next gpud (keep_on_cancel).
+        self.left_running = False
         self.status = SupervisorStatus()
         self._restart_now = asyncio.Event()
         self.started = asyncio.Event()
@@ -608,7 +633,7 @@ class Supervisor:
                 self.status.state = "backoff"
                 self.status.next_start_in_s = backoff
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._restart_now.wait(), backoff)
+                    await within(self._restart_now.wait(), backoff)
                 self._restart_now.clear()
                 self.status.restarts += 1
                 backoff = min(backoff * 2, self._backoff_max_s)
@@ -616,6 +641,7 @@ class Supervisor:
             child = self.child
             if self._keep_on_cancel and child is not None and child.log_path and child.running:
                 child.detach()
+                self.left_running = True
                 log.info(self._log, "left running for the next gpud", pid=child.pid)
                 self.status.state = "stopped"
             else:

@@ -49,7 +49,7 @@ ReplicaClaims = Annotated[
 ]
 # What this node's own claims may take when it gossips them: the rest of the 512 bytes once
 # every other field is at its longest (some 290 bytes today), with room for a few more fields.
-# So the tags fit whatever a node runs (tests/test_tags_budget.py builds that worst case from
+# So the tags fit whatever a node runs (tests/core/test_tags_budget.py builds that worst case from
 # the schema); the deployments publisher leaves out the claims past it, heads' first. Peers
 # still decode up to 512 characters (what older nodes may gossip).
 CLAIMS_MAX_CHARS = 200

@@ -13,12 +13,14 @@ from typing import Any
 
 import msgspec
 
+from gpud import logfiles
 from gpud.client import (
     EXIT_OK,
     EXIT_PROBLEM,
     ApiRefused,
     api_get,
     client_command,
+    client_options,
     print_api_json,
 )
 from gpud.component import Problem
@@ -352,6 +354,10 @@ def cmd_ray(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if failing else EXIT_OK
 
 
+def cmd_ray_logs(args: argparse.Namespace) -> int:
+    return logfiles.show(args, "/v1/ray/logs", {})
+
+
 def add_commands(sub: Any) -> None:
     """Register `gpud health`, `gpud network` and `gpud ray` on the top-level subparsers."""
     client_command(
@@ -366,10 +372,19 @@ def add_commands(sub: Any) -> None:
         "the advertised address, its interface and the route to every peer (exit 1 if critical)",
         cmd_network,
     )
-    client_command(
+    ray = client_command(
         sub,
         "ray",
         "this node's Ray role, the election, its Ray process and the GCS (exit 1 if this "
         "worker cannot reach its head's GCS)",
         cmd_ray,
     )
+    actions = ray.add_subparsers(dest="ray_command", metavar="ACTION")
+    logs = actions.add_parser(
+        "logs",
+        help="this node's Ray process's output (the last lines; -f follows)",
+        description="Print the output file of this node's Ray process (`ray start`).",
+    )
+    logfiles.add_options(logs)
+    client_options(logs, nested=True)
+    logs.set_defaults(func=cmd_ray_logs)

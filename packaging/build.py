@@ -88,6 +88,13 @@ DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 MONITORING_DIR = "/usr/share/gpud/monitoring"
 MONITORING_FILES = ("gpud-rules.yml", "gpud-dashboard.json")
+# `gpud completion SHELL`, installed where each shell looks for it: zsh's vendor directory is
+# vendor-completions on Debian and Ubuntu, site-functions on Fedora and RHEL.
+COMPLETION_FILES = {
+    "bash": ("usr/share/bash-completion/completions/gpud",),
+    "zsh": ("usr/share/zsh/vendor-completions/_gpud", "usr/share/zsh/site-functions/_gpud"),
+    "fish": ("usr/share/fish/vendor_completions.d/gpud.fish",),
+}
 STAGE_MARKER = ".gpud-stage-complete"
 SERF_TARGET = "usr/libexec/gpud/serf"
 WHEELS_TARGET = "usr/lib/gpud/wheels"
@@ -149,16 +156,17 @@ def stage(root: Path) -> Path:
         venv = Path(scratch) / "venv"
         run(root / MAKE_VENV_TARGET, venv, wheels, BUILD_PYTHON)
         man = cli_text(venv, "manpage")
-        completion = cli_text(venv, "completion", "bash")
+        completions = {shell: cli_text(venv, "completion", shell) for shell in COMPLETION_FILES}
     distributions = bundled_distributions(wheels)
     _install(SERF_BINARY, root / SERF_TARGET)
     (root / SERF_TARGET).chmod(0o755)
     _write_copyright(root / "usr/share/doc/gpud/copyright", distributions)
     _write_gz(root / "usr/share/doc/gpud/changelog.gz", (PACKAGING / "changelog").read_bytes())
     _write_gz(root / "usr/share/man/man1/gpud.1.gz", man.encode())
-    completions = root / "usr/share/bash-completion/completions/gpud"
-    completions.parent.mkdir(parents=True, exist_ok=True)
-    completions.write_text(completion)
+    for shell, paths in COMPLETION_FILES.items():
+        for path in paths:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(completions[shell])
 
     _install(SYSTEMD / "gpud.service", root / "usr/lib/systemd/system/gpud.service")
     _install(SYSTEMD / "gpud.sysusers", root / "usr/lib/sysusers.d/gpud.conf")

@@ -8,8 +8,9 @@ export DEBIAN_FRONTEND=noninteractive
 # systemd-container and debootstrap: the real-systemd test boots a Debian 12 root with the deb.
 # prometheus: promtool checks the shipped alert rules, and a real Prometheus scrapes gpuds in
 # the namespace harness (the tests start it themselves; its own service is never used).
+# zsh and fish: the shell completions the packages install are tested in the real shells.
 packages=(serf nftables iproute2 procps rpm dpkg-dev python3 python3-venv systemd
-  systemd-container debootstrap prometheus)
+  systemd-container debootstrap prometheus zsh fish)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

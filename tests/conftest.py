@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from gpud import secret
+from tests.harness.agent import RunningAgent
 from tests.harness.gpud_node import Cluster
 from tests.harness.netns import Network, cleanup_leftovers
 
@@ -92,3 +95,60 @@ def cluster(_harness_leftovers_removed: None, tmp_path: Path) -> Iterator[Callab
     finally:
         for c in reversed(made):
             c.close()
+
+
+@pytest.fixture
+def bare_cluster(
+    _harness_leftovers_removed: None, tmp_path: Path
+) -> Iterator[Callable[[int], Cluster]]:
+    """Factory: a Cluster whose network is up but which has no nodes yet (add them by hand)."""
+    made: list[Cluster] = []
+
+    def make(hosts: int) -> Cluster:
+        c = Cluster(hosts, workdir=tmp_path / f"c{len(made)}")
+        made.append(c)
+        c.network.start()
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in reversed(made):
+            c.close()
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    """A fresh cluster key file."""
+    path = tmp_path / "cluster.key"
+    path.write_text(secret.keygen())
+    return path
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A temp dir with a short path (Unix socket names are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="gp-work-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[RunningAgent]:
+    """One real `gpud agent` alone on loopback (tests/harness/agent.py), stopped after the test."""
+    running = RunningAgent(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def temp_root() -> Iterator[str]:
+    """A Ray temp root for a test's cluster, removed after it: short, as Ray's socket paths
+    live under it."""
+    root = tempfile.mkdtemp(prefix="grh-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

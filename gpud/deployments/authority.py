@@ -17,14 +17,16 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from gpud.deployments.spec import DeploymentSpec, encode
 from gpud.deployments.version import SpecVersion
 from gpud.errors import GpudError
+
+# cryptography is imported where a key is used, not here: it is 7.5 MiB of every agent's RSS,
+# and a node only needs it once a signed spec or delete reaches it (bench.idle).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 class AuthorityError(GpudError):
@@ -33,6 +35,9 @@ class AuthorityError(GpudError):
 
 def keygen() -> tuple[str, str]:
     """A new (private, public) key pair, both base64 of the raw 32-byte keys."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     raw_private = private.private_bytes(
         serialization.Encoding.Raw,
@@ -43,6 +48,8 @@ def keygen() -> tuple[str, str]:
 
 
 def public_of(private: Ed25519PrivateKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = private.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
@@ -56,6 +63,8 @@ def load_private(text: str) -> Ed25519PrivateKey:
     if len(found) != 1:
         raise AuthorityError("expected one private key (the line `private KEY`, or KEY alone)")
     raw = _unb64(found[0], 32, "private key")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     return Ed25519PrivateKey.from_private_bytes(raw)
 
 
@@ -138,6 +147,9 @@ def _untrusted(operator: str, trusted: Iterable[str]) -> str:
 
 
 def _bad_signature(message: bytes, operator: str, signature: str) -> str:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         public = Ed25519PublicKey.from_public_bytes(_unb64(operator, 32, "operator key"))
         public.verify(_unb64(signature, 64, "signature"), message)

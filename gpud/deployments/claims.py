@@ -25,6 +25,8 @@ from gpud.ray.election import ineligible_reason, rank_key
 
 READY_FLAG = "r"
 REFUSED_FLAG = "n"
+# Hex digits of a spec's digest announced per replica (enough to tell old from new).
+DIGEST_CHARS = 4
 
 
 class Claim(NamedTuple):

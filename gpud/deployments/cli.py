@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpud import logfiles
 from gpud.client import (
     EXIT_OK,
     EXIT_PROBLEM,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     deploy = sub.add_parser(
         "deploy",
-        help="model deployments: apply, delete, list, status, keygen",
+        help="model deployments: apply, delete, list, status, logs, keygen",
         description="Deployments: R replicas of a server on N hosts with G GPUs each.",
     )
     client_options(deploy)
@@ -55,6 +56,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     status.add_argument("name")
     client_options(status, nested=True)
     status.set_defaults(func=cmd_status)
+
+    logs = actions.add_parser(
+        "logs",
+        help="a replica server's output on this host (the last lines; -f follows)",
+        description="Print the output file of a replica's server on this host. REPLICA may be "
+        "left out when this host has one replica of NAME.",
+    )
+    logs.add_argument("name")
+    logs.add_argument("replica", nargs="?", type=int, help="replica index (0, 1, ...)")
+    logfiles.add_options(logs)
+    client_options(logs, nested=True)
+    logs.set_defaults(func=cmd_logs)
 
     keygen = actions.add_parser(
         "keygen", help="print a new operator key pair (private key file, public key for configs)"
@@ -196,6 +209,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     )
     return EXIT_OK if all(r.state == "ready" for r in view.replica_views) else EXIT_PROBLEM
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    query = {} if args.replica is None else {"replica": str(args.replica)}
+    return logfiles.show(args, f"/v1/deployments/{path_part(args.name)}/logs", query)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -166,3 +166,21 @@ class ApplyReply(msgspec.Struct, kw_only=True):
     version: str
     digest: str
     changed: bool
+
+
+class SectionStatus(msgspec.Struct, kw_only=True):
+    """The deployments section of `gpud status` and /v1/status."""
+
+    digest: str
+    lamport: int
+    deployments: int
+    running_here: int
+    pending: int
+    # Nodes placement may use right now (alive, health passing, verified, with a GPU verdict):
+    # fewer than the members means replicas cannot spread to the rest yet.
+    placeable_nodes: int = 0
+    fetch_errors: dict[str, str] = {}
+    # `gpud drain`: no new replicas here; those here move elsewhere make-before-break.
+    cordoned: bool = False
+    # Old copies here serving until their new copy elsewhere is ready.
+    draining: int = 0

@@ -263,6 +263,10 @@ class Readiness:
             return
         if passed:
             replica.restarted = ("", "")
+        if (probe := self.probes.get(replica.key)) is not None and probe[0] != self._ctx.node_name:
+            # An old copy retiring (a drain): the probes follow its new copy, and a restart
+            # would only kill the requests it is finishing.
+            return
         if replica.answered:
             replica.silent_rounds, dead = liveness_step(
                 passed, replica.silent_rounds, LIVENESS_ROUNDS

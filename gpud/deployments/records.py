@@ -17,9 +17,16 @@ import msgspec
 from gpud import log
 from gpud.context import NodeContext
 from gpud.deployments import authority, engines, spec, version
-from gpud.deployments.model import Entry, PeerRecordsReply, PeerRecordsRequest
+from gpud.deployments.model import (
+    ApplyReply,
+    DeleteRequest,
+    Entry,
+    PeerRecordsReply,
+    PeerRecordsRequest,
+)
 from gpud.deployments.peers import PeerNetwork, ask_peers, verified_peers
 from gpud.deployments.store import SpecStore, set_digest
+from gpud.errors import ApiError
 from gpud.state import StateStore
 
 _log = log.get("deployments")
@@ -65,6 +72,90 @@ class Records:
         # Deletes refused (unsigned or wrongly signed): name -> (tombstone version, reason).
         self._refused_deletes: dict[str, tuple[str, str]] = {}
         peers.add_route(PATH_PEER_RECORDS, self._peer_records)
+
+    # ---- this node's apply and delete (the local API) ---------------------------------------
+
+    async def apply(self, text: bytes, operator: str = "", signature: str = "") -> ApplyReply:
+        """Validate, version, store and announce a spec. ApiError (nothing changes) if bad.
+        The spec is decoded once here and its signature checked once."""
+        try:
+            s = spec.load_spec(text)
+        except spec.SpecError as exc:
+            raise ApiError(400, f"bad spec: {exc}") from None
+        if (operator or signature) and authority.signature_refusal(s, operator, signature):
+            raise ApiError(400, "bad spec: the signature does not verify for this spec")
+        self._require_majority()
+        held = self.entries.get(s.name)
+        if held is None and len(self.entries) >= MAX_NAMES:
+            raise ApiError(
+                409, f"this cluster already holds {MAX_NAMES} deployment names (tombstones count)"
+            )
+        if (
+            held is not None
+            and held.record.digest == version.digest(s)
+            and (held.operator, held.signature) == (operator, signature)
+        ):
+            return ApplyReply(
+                name=s.name,
+                version=str(held.record.version),
+                digest=held.record.digest,
+                changed=False,
+            )
+        record = version.applied(s, self.next_version())
+        await self.merge_own(Entry(record=record, operator=operator, signature=signature))
+        log.info(_log, "applied", name=s.name, version=str(record.version))
+        return ApplyReply(
+            name=s.name, version=str(record.version), digest=record.digest, changed=True
+        )
+
+    async def delete(self, name: str, signed: DeleteRequest | None = None) -> ApplyReply:
+        """Store and announce a tombstone. With operators configured it must be ``signed`` by
+        one of them (`gpud deploy delete NAME --key FILE`). ApiError (nothing changes) if not.
+        The signature is checked once here."""
+        held = self.entries.get(name)
+        if held is None or held.record.spec is None:
+            raise ApiError(404, f"no deployment named {name!r}; see `gpud deploy list`")
+        operators = self._ctx.config.deployments.operators
+        if signed is None:
+            entry = Entry(record=version.deleted(name, self.next_version()))
+        else:
+            entry = Entry(
+                record=version.deleted(name, signed.version),
+                operator=signed.operator,
+                signature=signed.signature,
+            )
+            if authority.delete_signature_refusal(
+                name, signed.version, signed.operator, signed.signature
+            ):
+                raise ApiError(400, "bad delete: the signature does not verify for it")
+        if operators:
+            reason = authority.delete_refusal(
+                name,
+                entry.record.version,
+                entry.operator,
+                entry.signature,
+                operators,
+                verified=signed is not None,
+            )
+            if reason:
+                raise ApiError(403, f"refused: {reason}")
+        if entry.record.order() <= held.record.order():
+            raise ApiError(
+                409,
+                f"refused: {name} changed since this delete was signed (now version "
+                f"{held.record.version}); run the delete again",
+            )
+        self._require_majority()
+        await self.merge_own(entry)
+        log.info(_log, "deleted", name=name, version=str(entry.record.version))
+        return ApplyReply(name=name, version=str(entry.record.version), digest="", changed=True)
+
+    def _require_majority(self) -> None:
+        refusal = majority_refusal(self._ctx.members.values(), self._ctx.node_name)
+        if refusal:
+            raise ApiError(409, f"refused: {refusal}")
+
+    # ---- merging -----------------------------------------------------------------------------
 
     async def merge(self, incoming: Iterable[Entry]) -> list[str]:
         """Merge a peer's entries and persist; returns the names that changed."""

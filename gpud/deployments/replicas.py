@@ -34,7 +34,14 @@ from gpud.deployments import engines, placement, spec
 from gpud.deployments.claims import Claim
 from gpud.deployments.model import Entry
 from gpud.errors import ApiError
-from gpud.process import ChildGroup, ChildProcess, Supervisor, leader_verified, stop_leftover
+from gpud.process import (
+    ChildGroup,
+    ChildProcess,
+    Supervisor,
+    leader_verified,
+    runs_argv,
+    stop_leftover,
+)
 from gpud.ray.supervisor import RaySupervisor, RayTarget, SupervisorSettings
 from gpud.state import StateStore
 
@@ -278,7 +285,7 @@ class Replicas:
         except (ApiError, engines.EngineError) as exc:
             log.info(_log, "not adopting", replica=replica_id, reason=str(exc))
             return False
-        if not _runs(group.pgid, child.argv):
+        if not runs_argv(group.pgid, child.argv):
             log.info(_log, "not adopting", replica=replica_id, reason="another command line")
             return False
         if not child.adopt(group):
@@ -543,14 +550,3 @@ async def restart_server(replica: Replica, cause: RestartCause, why: str) -> Non
     replica.restarted = (cause, f"{why}, so gpud restarted it; its last output: {said}")
     log.warning(_log, "replica restarted", replica=replica.id, cause=cause, output=said)
     await child.stop(SERVER_GRACE_S)
-
-
-def _runs(pid: int, argv: list[str]) -> bool:
-    """Whether ``pid`` runs ``argv`` (its arguments; the program may be an interpreter running
-    a script named by argv[0])."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    except OSError:
-        return False
-    args = [a.encode() for a in argv[1:]]
-    return len(cmdline) >= len(argv) and cmdline[len(cmdline) - len(args) :] == args

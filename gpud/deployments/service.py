@@ -34,18 +34,18 @@ import msgspec
 from aiohttp import web
 
 from gpud import api, log
+from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem
 from gpud.context import NodeContext
-from gpud.deployments import authority, drain, engines, placement, spec, version, views
+from gpud.deployments import drain, logs, placement, spec, views
 from gpud.deployments.claims import (
+    DIGEST_CHARS,
     Claim,
     format_claims,
     parse_claims,
-    parse_refusals,
     replica_head,
 )
 from gpud.deployments.model import (
-    ApplyReply,
     ApplyRequest,
     DeleteRequest,
     DeploymentsList,
@@ -53,12 +53,13 @@ from gpud.deployments.model import (
     Endpoint,
     EndpointsReply,
     Entry,
-    TargetGroup,
+    SectionStatus,
 )
 from gpud.deployments.peers import PeerNetwork
 from gpud.deployments.placement import may_roll
 from gpud.deployments.readiness import Readiness, Targets, probe_targets
-from gpud.deployments.records import MAX_NAMES, Records, majority_refusal
+from gpud.deployments.records import Records
+from gpud.deployments.refusals import ModelRefusals, with_refusals
 from gpud.deployments.replicas import START_RETRY_S, Replicas, keep_unplaced
 from gpud.errors import ApiError
 from gpud.router.service import REFRESH_S
@@ -71,26 +72,7 @@ if TYPE_CHECKING:
 
 _log = log.get("deployments")
 
-# Hex digits of a spec's digest announced per replica (enough to tell old from new).
-DIGEST_CHARS = 4
-
 ClaimsView = dict[str, dict[placement.ReplicaKey, Claim]]
-
-
-class SectionStatus(msgspec.Struct, kw_only=True):
-    digest: str
-    lamport: int
-    deployments: int
-    running_here: int
-    pending: int
-    # Nodes placement may use right now (alive, health passing, verified, with a GPU verdict):
-    # fewer than the members means replicas cannot spread to the rest yet.
-    placeable_nodes: int = 0
-    fetch_errors: dict[str, str] = {}
-    # `gpud drain`: no new replicas here; those here move elsewhere make-before-break.
-    cordoned: bool = False
-    # Old copies here serving until their new copy elsewhere is ready.
-    draining: int = 0
 
 
 class DeploymentService(ComponentBase):
@@ -129,9 +111,7 @@ class DeploymentService(ComponentBase):
         )
         self._assignment = placement.Assignment(placed=(), pending=())
         self._placeable_nodes = 0
-        # Deployments this node refuses (it lacks their local model path), announced in `dp`
-        # so placement everywhere prefers other nodes: name -> (digest prefix, why, checked at).
-        self._refusals: dict[str, tuple[str, str, float]] = {}
+        self._refusals = ModelRefusals()
         # Replicas left out of the `dp` tag because the tags would not fit (logged once).
         self._unannounced: list[str] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -153,62 +133,16 @@ class DeploymentService(ComponentBase):
                     await self._publish()
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            self._wake.wait(), self.ctx.config.deployments.interval_s
-                        )
+                        await within(self._wake.wait(), self.ctx.config.deployments.interval_s)
         finally:
             self._tg = None
 
     def _nodes(self) -> list[placement.NodeView]:
-        """The placeable nodes, each with the deployments it announces it refuses (for the
-        spec version each node sees now: a changed spec is tried again)."""
-        me = self.ctx.node_name
-        refused = {
-            m.name: parse_refusals(m.tags.dp)
-            for m in self.ctx.members.values()
-            if m.tags is not None and m.name != me
-        }
-        refused[me] = {name: r[0] for name, r in self._refusals.items()}
-        digests = {n: e.record.digest[:DIGEST_CHARS] for n, e in self.records.entries.items()}
-        return [
-            msgspec.structs.replace(
-                v,
-                refuses=frozenset(
-                    n for n, d in refused.get(v.name, {}).items() if digests.get(n) == d
-                ),
-            )
-            for v in placement.node_views(
-                self.ctx.members.values(), me, self.ctx.tags, self._peers.verified
-            )
-        ]
-
-    async def _check_refusals(self) -> None:
-        """Drop refusals of specs no longer runnable or changed, and look again for the model
-        path of the others every START_RETRY_S (it may have been copied here since)."""
-        now = time.monotonic()
-        for name, (digest, _, checked) in list(self._refusals.items()):
-            entry = self.records.entries.get(name)
-            if (
-                entry is None
-                or entry.record.spec is None
-                or entry.record.digest[:DIGEST_CHARS] != digest
-            ):
-                del self._refusals[name]
-            elif now - checked >= START_RETRY_S:
-                await self._check_model(entry)
-
-    async def _check_model(self, entry: Entry) -> None:
-        """Refuse ``entry``'s deployment here while this host lacks its local model path."""
-        assert entry.record.spec is not None
-        # Off the loop: a model path on a hung network mount would block it.
-        missing = await asyncio.to_thread(engines.local_model_missing, entry.record.spec)
-        name = entry.record.name
-        if missing:
-            if name not in self._refusals:
-                log.warning(_log, "deployment refused here", deployment=name, why=missing)
-            self._refusals[name] = (entry.record.digest[:DIGEST_CHARS], missing, time.monotonic())
-        elif self._refusals.pop(name, None) is not None:
-            log.info(_log, "deployment no longer refused here", deployment=name)
+        """The placeable nodes, each with the deployments it refuses (`with_refusals`)."""
+        me, members = self.ctx.node_name, self.ctx.members.values()
+        views = placement.node_views(members, me, self.ctx.tags, self._peers.verified)
+        own = self._refusals.announced()
+        return with_refusals(views, members, me, own, self.records.entries)
 
     def _claims(self) -> ClaimsView:
         """What each alive member announces it runs (this node: what it runs now)."""
@@ -272,7 +206,7 @@ class DeploymentService(ComponentBase):
     async def _reconcile(self) -> None:
         assert self._tg is not None
         specs = self.records.runnable()
-        await self._check_refusals()
+        await self._refusals.recheck(self.records.entries)
         claims = self._claims()
         nodes = self._nodes()
         self._placeable_nodes = len(nodes)
@@ -291,7 +225,7 @@ class DeploymentService(ComponentBase):
         for key in [k for k in running if k not in wanted]:
             if keep_unplaced(running[key], key in assigned, time.monotonic()):
                 continue  # adopted: this node's own verdicts are not in its view yet
-            if key in leaving and not self._may_retire(key):
+            if key in leaving and not await self._may_retire(key):
                 continue  # make-before-break: serves until its new copy is ready
             await self._stop(
                 key, "moved off this cordoned node" if key in leaving else "no longer placed here"
@@ -310,7 +244,7 @@ class DeploymentService(ComponentBase):
                 await self._stop(key, "spec changed")
                 replica = None
             if replica is None:
-                await self._check_model(entry)
+                await self._refusals.check(entry)
                 replica = await self._replicas.start(key, entry, self._tg)
             claims = self._claims()
             head = self._heads(claims, [placed[key]])[key]
@@ -322,9 +256,10 @@ class DeploymentService(ComponentBase):
                 claims.get(head, {}).get(key),
             )
 
-    def _may_retire(self, key: placement.ReplicaKey) -> bool:
+    async def _may_retire(self, key: placement.ReplicaKey) -> bool:
         """Whether the old copy of ``key`` here stops now (`drain.may_retire`): this node's
-        probe of the new copy's head passed, long enough ago for every router to follow."""
+        probe of the new copy's head passed, long enough ago for every router to follow, and
+        the old copy's engine holds no request (read from its /metrics only then)."""
         head = self._heads(self._claims()).get(key)
         probe = self._readiness.probes.get(key)
         now = time.monotonic()
@@ -340,9 +275,22 @@ class DeploymentService(ComponentBase):
                 at=head,
             )
         since = self._draining[key]
+        ready_for = None if since is None else now - since
         timeout = self.cordon.timeout_s if self.cordon else drain.DEFAULT_TIMEOUT_S
-        settle = drain.settle_s(timeout, self.ctx.config.deployments.interval_s, REFRESH_S)
-        return drain.may_retire(None if since is None else now - since, settle)
+        follow = drain.follow_s(self.ctx.config.deployments.interval_s, REFRESH_S)
+        busy = None
+        if ready_for is not None and follow <= ready_for < timeout:
+            busy = await drain.read_busy(self.ctx.advertise_addr, self._replicas.running[key].port)
+        retire = drain.may_retire(ready_for, follow=follow, timeout_s=timeout, busy=busy)
+        if retire:
+            log.info(
+                _log,
+                "old copy stops",
+                replica=f"{key[0]}.{key[1]}",
+                busy=busy,
+                new_ready_for_s=round(ready_for or 0.0, 1),
+            )
+        return retire
 
     async def _stop(self, key: placement.ReplicaKey, why: str) -> None:
         await self._replicas.stop(key, why)
@@ -359,9 +307,7 @@ class DeploymentService(ComponentBase):
             try:
                 await self.ctx.update_tags(
                     dv=self.records.digest,
-                    dp=format_claims(
-                        {k: own[k] for k in keys}, {n: r[0] for n, r in self._refusals.items()}
-                    ),
+                    dp=format_claims({k: own[k] for k in keys}, self._refusals.announced()),
                     cd=self.cordon is not None,
                 )
                 break
@@ -450,18 +396,7 @@ class DeploymentService(ComponentBase):
             self._assignment.pending,
             self._replicas.running.values(),
         )
-        found += [
-            Problem(
-                code="deployments.model_missing",
-                severity="warning",
-                subject=name,
-                message=f"this node refuses deployment {name}: {why}; its replicas are "
-                "placed on other nodes while enough others fit",
-                fix="copy the model to this host (gpud looks again every "
-                f"{START_RETRY_S:.0f} s), or give the spec a selector of hosts that have it",
-            )
-            for name, (_, why, _) in sorted(self._refusals.items())
-        ]
+        found += self._refusals.problems()
         if self.cordon is not None:
             found.append(
                 Problem(
@@ -477,31 +412,7 @@ class DeploymentService(ComponentBase):
         return found
 
     def metrics(self) -> list[Metric]:
-        samples: list[tuple[dict[str, str], float]] = []
-        restarts: list[tuple[dict[str, str], float]] = []
-        for name, entry in self.records.live().items():
-            assert entry.record.spec is not None
-            replica_views = self.view(name).replica_views
-            samples.append(({"deployment": name, "state": "desired"}, entry.record.spec.replicas))
-            for state in ("placed", "ready"):
-                count = sum(
-                    1 for v in replica_views if v.node and (state == "placed" or v.state == state)
-                )
-                samples.append(({"deployment": name, "state": state}, count))
-            restarts.append(({"deployment": name}, sum(v.restarts for v in replica_views)))
-        return [
-            Metric(
-                name="gpud_deployment_replicas",
-                help="Replicas per deployment: desired, placed, ready (as this node sees them).",
-                samples=samples,
-            ),
-            Metric(
-                name="gpud_deployment_restarts_total",
-                help="Restarts of the replicas that run on this node.",
-                samples=restarts,
-                kind="counter",
-            ),
-        ]
+        return views.metrics([self.view(name) for name in self.records.live()])
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -511,91 +422,12 @@ class DeploymentService(ComponentBase):
             web.delete("/v1/deployments/{name}", self._delete),
             web.get("/v1/deployments/{name}/endpoints", self._get_endpoints),
             web.get("/v1/deployments/{name}/targets", self._get_targets),
+            logs.route(self.view, self.ctx.node_name, self._replicas.log_path),
             web.post("/v1/drain", self._post_drain),
             web.post("/v1/uncordon", self._post_uncordon),
         ]
 
     # ---- local API -------------------------------------------------------------------------
-
-    async def apply(self, text: bytes, operator: str = "", signature: str = "") -> ApplyReply:
-        """Validate, version, store and announce a spec. ApiError (nothing changes) if bad.
-        The spec is decoded once here and its signature checked once."""
-        try:
-            s = spec.load_spec(text)
-        except spec.SpecError as exc:
-            raise ApiError(400, f"bad spec: {exc}") from None
-        if (operator or signature) and authority.signature_refusal(s, operator, signature):
-            raise ApiError(400, "bad spec: the signature does not verify for this spec")
-        self._require_majority()
-        held = self.records.entries.get(s.name)
-        if held is None and len(self.records.entries) >= MAX_NAMES:
-            raise ApiError(
-                409, f"this cluster already holds {MAX_NAMES} deployment names (tombstones count)"
-            )
-        if (
-            held is not None
-            and held.record.digest == version.digest(s)
-            and (held.operator, held.signature) == (operator, signature)
-        ):
-            return ApplyReply(
-                name=s.name,
-                version=str(held.record.version),
-                digest=held.record.digest,
-                changed=False,
-            )
-        record = version.applied(s, self.records.next_version())
-        await self.records.merge_own(Entry(record=record, operator=operator, signature=signature))
-        log.info(_log, "applied", name=s.name, version=str(record.version))
-        return ApplyReply(
-            name=s.name, version=str(record.version), digest=record.digest, changed=True
-        )
-
-    async def delete(self, name: str, signed: DeleteRequest | None = None) -> ApplyReply:
-        """Store and announce a tombstone. With operators configured it must be ``signed`` by
-        one of them (`gpud deploy delete NAME --key FILE`). ApiError (nothing changes) if not.
-        The signature is checked once here."""
-        held = self.records.entries.get(name)
-        if held is None or held.record.spec is None:
-            raise ApiError(404, f"no deployment named {name!r}; see `gpud deploy list`")
-        operators = self.ctx.config.deployments.operators
-        if signed is None:
-            entry = Entry(record=version.deleted(name, self.records.next_version()))
-        else:
-            entry = Entry(
-                record=version.deleted(name, signed.version),
-                operator=signed.operator,
-                signature=signed.signature,
-            )
-            if authority.delete_signature_refusal(
-                name, signed.version, signed.operator, signed.signature
-            ):
-                raise ApiError(400, "bad delete: the signature does not verify for it")
-        if operators:
-            reason = authority.delete_refusal(
-                name,
-                entry.record.version,
-                entry.operator,
-                entry.signature,
-                operators,
-                verified=signed is not None,
-            )
-            if reason:
-                raise ApiError(403, f"refused: {reason}")
-        if entry.record.order() <= held.record.order():
-            raise ApiError(
-                409,
-                f"refused: {name} changed since this delete was signed (now version "
-                f"{held.record.version}); run the delete again",
-            )
-        self._require_majority()
-        await self.records.merge_own(entry)
-        log.info(_log, "deleted", name=name, version=str(entry.record.version))
-        return ApplyReply(name=name, version=str(entry.record.version), digest="", changed=True)
-
-    def _require_majority(self) -> None:
-        refusal = majority_refusal(self.ctx.members.values(), self.ctx.node_name)
-        if refusal:
-            raise ApiError(409, f"refused: {refusal}")
 
     async def _get_list(self, request: web.Request) -> web.Response:
         return api.json_response(self.listing())
@@ -612,14 +444,14 @@ class DeploymentService(ComponentBase):
             text = await request.content.read(spec.MAX_SPEC_BYTES + 1)
             operator = request.headers.get("X-Gpud-Operator", "")
             signature = request.headers.get("X-Gpud-Signature", "")
-        return api.json_response(await self.apply(text, operator, signature))
+        return api.json_response(await self.records.apply(text, operator, signature))
 
     async def _delete(self, request: web.Request) -> web.Response:
         api.require_admin(request, self.ctx.config.api.admin_group)
         signed = None
         if request.content_type == "application/json" and request.content_length:
             signed = await api.read_body(request, DeleteRequest, what="delete request")
-        return api.json_response(await self.delete(request.match_info["name"], signed))
+        return api.json_response(await self.records.delete(request.match_info["name"], signed))
 
     async def set_cordon(self, record: drain.CordonRecord | None) -> drain.DrainReply:
         """Cordon (``record``) or uncordon this node: stored before it is gossiped, so it
@@ -656,11 +488,4 @@ class DeploymentService(ComponentBase):
 
     async def _get_targets(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        groups = [
-            TargetGroup(
-                targets=[f"{e.addr}:{e.port}"],
-                labels={"deployment": name, "replica": str(e.replica), "node": e.node},
-            )
-            for e in self.endpoints(name)
-        ]
-        return api.json_response(groups)
+        return api.json_response(views.file_sd_targets(name, self.endpoints(name)))

@@ -8,11 +8,11 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
-from gpud.component import Problem
+from gpud.component import Metric, Problem
 from gpud.context import Member
 from gpud.deployments import placement, spec
 from gpud.deployments.claims import Claim
-from gpud.deployments.model import DeploymentView, Endpoint, Entry, ReplicaView
+from gpud.deployments.model import DeploymentView, Endpoint, Entry, ReplicaView, TargetGroup
 from gpud.deployments.readiness import Probe
 from gpud.deployments.replicas import Replica, RestartCause
 from gpud.text import duration
@@ -207,6 +207,46 @@ def endpoints(view: DeploymentView) -> list[Endpoint]:
         )
         for r in view.replica_views
         if r.state == "ready"
+    ]
+
+
+def file_sd_targets(name: str, ready: Iterable[Endpoint]) -> list[TargetGroup]:
+    """Prometheus file_sd target groups of a deployment's ready endpoints."""
+    return [
+        TargetGroup(
+            targets=[f"{e.addr}:{e.port}"],
+            labels={"deployment": name, "replica": str(e.replica), "node": e.node},
+        )
+        for e in ready
+    ]
+
+
+def metrics(live: Iterable[DeploymentView]) -> list[Metric]:
+    """Replicas desired, placed and ready per live deployment, and the restarts of its
+    replicas on this node."""
+    samples: list[tuple[dict[str, str], float]] = []
+    restarts: list[tuple[dict[str, str], float]] = []
+    for view in live:
+        name, replica_views = view.name, view.replica_views
+        samples.append(({"deployment": name, "state": "desired"}, view.replicas))
+        for state in ("placed", "ready"):
+            count = sum(
+                1 for v in replica_views if v.node and (state == "placed" or v.state == state)
+            )
+            samples.append(({"deployment": name, "state": state}, count))
+        restarts.append(({"deployment": name}, sum(v.restarts for v in replica_views)))
+    return [
+        Metric(
+            name="gpud_deployment_replicas",
+            help="Replicas per deployment: desired, placed, ready (as this node sees them).",
+            samples=samples,
+        ),
+        Metric(
+            name="gpud_deployment_restarts_total",
+            help="Restarts of the replicas that run on this node.",
+            samples=restarts,
+            kind="counter",
+        ),
     ]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import msgspec
 
-from gpud.gpus import nvml as nvml_io
 from gpud.gpus.signals import number
 
 
@@ -36,6 +35,10 @@ class GpuInventory(msgspec.Struct, kw_only=True):
 
 def read_inventory(module: str = "pynvml") -> GpuInventory:
     """Query NVML once. Never raises: a missing driver or library is reported, not fatal."""
+    # Here, not at the top: every `gpud` command imports this package (gpud.gpus.cli), and
+    # the NVML boundary (ctypes, threads) is a tenth of `gpud status`'s start-up.
+    from gpud.gpus import nvml as nvml_io
+
     try:
         nvml = nvml_io.load(module)
     except ImportError as exc:

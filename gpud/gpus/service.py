@@ -18,6 +18,7 @@ import msgspec
 from aiohttp import web
 
 from gpud import api, log
+from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem
 from gpud.context import NodeContext
 from gpud.errors import ApiError
@@ -379,7 +380,7 @@ class GpuService(ComponentBase):
             return self._unanswered("an earlier NVML call has still not returned")
         future = asyncio.ensure_future(asyncio.to_thread(nvml_io.read_node, self._nvml, pci))
         try:
-            readings = await asyncio.wait_for(asyncio.shield(future), self.cfg.nvml_timeout_s)
+            readings = await within(asyncio.shield(future), self.cfg.nvml_timeout_s)
         except TimeoutError:
             # The thread cannot be stopped; no new NVML call starts until it returns.
             self._hung = future

@@ -12,10 +12,6 @@ from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
-
 from gpud.config import Config
 from gpud.netcheck.assess import (
     assess,
@@ -25,6 +21,13 @@ from gpud.netcheck.assess import (
     initial_state,
     interface_holding,
     normalize,
+)
+from gpud.netcheck.lean_pyroute2 import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_LINK,
+    AsyncIPRoute,
+    NetlinkError,
 )
 from gpud.netcheck.model import (
     AddressInfo,

@@ -11,13 +11,13 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from gpud import log
+from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import NodeContext
 from gpud.netcheck.assess import assess, chosen_by_config, initial_state, reconcile
+from gpud.netcheck.lean_pyroute2 import AsyncIPRoute, NetlinkError
 from gpud.netcheck.model import AdvertiseState, HostNetwork, NetworkStatus, RouteInfo
 from gpud.netcheck.netlink import (
     WATCH_EVENTS,
@@ -158,7 +158,7 @@ class NetCheck(ComponentBase):
     async def _refresh_forever(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_wanted.wait(), self._refresh_s)
+                await within(self._refresh_wanted.wait(), self._refresh_s)
             self._refresh_wanted.clear()
             if self._state is None:
                 continue

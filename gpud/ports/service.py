@@ -18,6 +18,7 @@ import msgspec
 from aiohttp import web
 
 from gpud import api, log
+from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.context import Member, NodeContext
 from gpud.errors import ApiError
@@ -415,7 +416,7 @@ class PortsService(ComponentBase):
             if self._state == "confirmed":
                 self._confirmed.set()
             try:
-                await asyncio.wait_for(self._wake_claim.wait(), CLAIM_TICK_S)
+                await within(self._wake_claim.wait(), CLAIM_TICK_S)
             except TimeoutError:
                 pass
 

@@ -2,7 +2,8 @@
 
 HeadElection answers vote queries (decide, persist, then reply: gpud.ray.votes), stands as
 candidate when the plan says so, and keeps this node's ray/term tags current. It decides
-nothing itself and knows nothing of the Ray process.
+nothing itself and knows nothing of the Ray process. The leader lease's rules are in
+gpud.ray.lease, the exchange of vote certificates in gpud.ray.certificates.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -20,8 +20,8 @@ from gpud import log, secret
 from gpud.component import Problem
 from gpud.context import Member, NodeContext
 from gpud.deployments.peers import PeerLinks, PeerNetwork
-from gpud.health.peer_api import PeerCallError
 from gpud.health.service import HealthService
+from gpud.ray.certificates import Certificates
 from gpud.ray.election import (
     MEMBERSHIP_UNKNOWN,
     DataPathVerdict,
@@ -39,29 +39,35 @@ from gpud.ray.election import (
     vote_refusal,
     with_remembered,
 )
+from gpud.ray.lease import (
+    LEASE_MARGIN_S,
+    LEASE_REFUSAL,
+    LEASE_RETRY_S,
+    LEASE_S,
+    LEASE_WAIT_MAX_S,
+    VOTER_WAIT_MAX_S,
+    LeaseSource,
+    lease_ends_at,
+    lease_holds,
+    lease_refusal,
+    newest,
+)
 from gpud.ray.lease_tree import RENEW_S, LeaseRelay, Renewal, RenewalAck
+from gpud.ray.transport import QueryTransport
 from gpud.ray.votes import (
-    CERT_QUERY,
-    PATH_CERTIFICATE,
     PRE_VOTE_QUERY,
     VOTE_QUERY,
-    CertificateReply,
-    CertificateRequest,
     KnownView,
     VoteCertificate,
     VoteReply,
     VoteRequest,
     VoteStore,
-    certificate_page,
-    decode_certificate,
-    decode_reply,
     decode_request,
     encode_reply,
     encode_request,
-    signature_valid,
+    tally,
     vote_signature,
 )
-from gpud.serf.agent import QueryHandler
 from gpud.tags import GcsReachSummary, RayRole, Tags
 
 _log = log.get("ray")
@@ -72,183 +78,21 @@ RETRY_S = (1.0, 3.0)
 # An alive member that has not been verified as a gpud node within this long of first being
 # seen is not one (gpud answers the first probe round); until then nobody stands.
 PENDING_S = 15.0
-# A follower asks a head for its certificate at most this often while it cannot verify it:
-# in one signed peer API call (any size: a majority of 5,000 members is some 150 KB), or from
-# a head without that route in at most this many Serf pages (a page holds about 20-40 votes).
+# A follower asks a head for its certificate at most this often while it cannot verify it
+# (gpud.ray.certificates).
 CERT_RETRY_S = 2.0
-CERT_PAGES_MAX = 16
-# Leader lease (issue 11): a head acts only while a majority of the known members (itself
-# included) heard from it within LEASE_S; a voter helps elect nobody else until
-# LEASE_S + LEASE_MARGIN_S after it last heard from a member announcing itself head. So the
-# old head has stopped before a successor can exist. A head runs a step at the moment its
-# lease would end (`HeadElection.next_step_in`), so the margin covers only the step-down
-# itself on a busy event loop. The head renews its lease every 0.5 s down a tree of its
-# members (gpud.ray.lease_tree: FANOUT messages at the head whatever N), and the data-path
-# probes count too, so 2.5 s rides out several lost renewals in a row.
-LEASE_S = 2.5
-LEASE_MARGIN_S = 0.5
-# A candidate blocked by its own lease for at most this long waits it out inside the step.
-LEASE_WAIT_MAX_S = 2.0
-# A voter whose lease ends within this long answers once it has, instead of refusing; shorter
-# than any vote timeout a candidate uses (config allows down to ~0.1 s, but Serf answers
-# late replies as none: the candidate then just retries).
-VOTER_WAIT_MAX_S = 0.75
-# A candidate whose votes were refused only for a lease stands again after this long.
-LEASE_RETRY_S = (0.3, 0.6)
 # A gap this long between two election steps (normally <= 1 s apart) means this process was
 # frozen (SIGSTOP, VM pause): a head re-probes its peers before it announces anything.
 FREEZE_GAP_S = 2.5
 FREEZE_RECHECK_S = 5.0
-LEASE_REFUSAL = "lease:"
 # The peer API route lease renewals travel down the tree by.
 PATH_RENEW = "/v1/peer/ray/renew"
-
-
-class QueryTransport(Protocol):
-    """The slice of gpud.serf.agent the election needs (the test transport implements it too)."""
-
-    async def query(
-        self,
-        name: str,
-        payload: bytes,
-        *,
-        timeout_s: float | None = None,
-        enough: Callable[[Mapping[str, bytes]], bool] | None = None,
-    ) -> dict[str, bytes]: ...
-
-    def on_query(self, name: str, handler: QueryHandler) -> None: ...
-
-
-@runtime_checkable
-class LeaseSource(Protocol):
-    """Contact times from the data-path probes (gpud.health): monotonic seconds per peer."""
-
-    def lease_contacts(self) -> dict[str, float]:
-        """Per peer, a time no later than the peer last heard from us (a head's lease)."""
-
-    def heard_from(self) -> dict[str, float]:
-        """Per peer, a time no earlier than we last heard from it (a voter's lease)."""
-
-    async def confirm_now(self) -> None:
-        """Probe every peer now (after a freeze)."""
 
 
 def _reach_in(term: int, tags: Tags) -> GcsReachSummary:
     """The ``hg`` tag to gossip beside ``term``: this node's verdict on its head's GCS belongs
     to the term it was formed in, and must not count against the next term's head."""
     return tags.hg if term == tags.term else "unknown"
-
-
-def _newest(*times: Mapping[str, float]) -> dict[str, float]:
-    """Per name, the newest of its times in ``times``."""
-    out: dict[str, float] = {}
-    for source in times:
-        for name, at in source.items():
-            out[name] = max(at, out.get(name, -math.inf))
-    return out
-
-
-def lease_holds(
-    me: str, known: list[str], contacts: Mapping[str, float], now: float, lease_s: float
-) -> str | None:
-    """None while a majority of ``known`` (``me`` included) was in contact within
-    ``lease_s``; else why the head must stop acting (pure)."""
-    needed = quorum(len(known))
-    fresh = 1 + sum(1 for n in known if n != me and now - contacts.get(n, -math.inf) <= lease_s)
-    if fresh >= needed:
-        return None
-    return (
-        f"lease expired: only {fresh} of {len(known)} members confirmed within {lease_s:g} s, "
-        f"{needed} needed"
-    )
-
-
-def lease_ends_at(
-    me: str, known: list[str], contacts: Mapping[str, float], lease_s: float
-) -> float:
-    """The last moment ``lease_holds`` holds on these contacts (pure): the majority's
-    oldest needed contact plus ``lease_s`` (inf when ``me`` alone is a majority)."""
-    needed = quorum(len(known))
-    if needed <= 1:
-        return math.inf
-    newest = sorted((contacts.get(n, -math.inf) for n in known if n != me), reverse=True)
-    return newest[needed - 2] + lease_s if len(newest) >= needed - 1 else -math.inf
-
-
-class Tally(msgspec.Struct, kw_only=True, frozen=True):
-    """A candidate's reading of its vote replies."""
-
-    votes: dict[str, str]  # voter -> signature, valid grants for this term only
-    refusals: list[str]
-    highest_term: int  # the highest term a counted member replied with
-    # The highest term a counted member refused in (its own term; -1: no such refusal).
-    refused_term: int = -1
-
-
-def tally(
-    replies: Mapping[str, bytes],
-    request: VoteRequest,
-    names: set[str],
-    keys: list[bytes],
-    *,
-    signed: bool = True,
-) -> Tally:
-    """Count vote replies (pure): a grant counts only from a counted member, for this term,
-    answering as itself, signed with the cluster's key (``signed`` False: pre-votes, which
-    carry no signature: they only tell the candidate whether standing is worth a term)."""
-    votes: dict[str, str] = {}
-    refusals: list[str] = []
-    highest, refused = request.term, -1
-    for node, payload in replies.items():
-        try:
-            reply = decode_reply(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            refusals.append(f"{node}: malformed reply")
-            continue
-        if node in names:
-            highest = max(highest, reply.term)
-            if not reply.granted:
-                refused = max(refused, reply.term)
-        if reply.granted and reply.term == request.term and reply.voter == node and node in names:
-            if not signed:
-                votes[node] = ""
-            elif signature_valid(
-                keys,
-                reply.sig,
-                voter=node,
-                candidate=request.candidate,
-                term=request.term,
-                known=request.known,
-            ):
-                votes[node] = reply.sig
-            else:
-                refusals.append(f"{node}: vote not signed with this cluster's key")
-        elif not reply.granted:
-            refusals.append(f"{node}: {reply.reason}")
-    return Tally(votes=votes, refusals=refusals, highest_term=highest, refused_term=refused)
-
-
-def lease_refusal(
-    candidate: str,
-    me: str,
-    members: Mapping[str, Member],
-    heard: Mapping[str, float],
-    now: float,
-    wait_s: float,
-) -> tuple[str, float] | None:
-    """(why, seconds left) while another member that announces itself head was heard from
-    within ``wait_s``: its lease may still run, so no successor yet (pure)."""
-    for member in members.values():
-        if member.name in (candidate, me) or member.tags is None or member.tags.ray != "head":
-            continue
-        left = wait_s - (now - heard.get(member.name, -math.inf))
-        if left > 0:
-            return (
-                f"{LEASE_REFUSAL} {member.name} announces itself head and was heard from "
-                f"{wait_s - left:.1f} s ago; its lease may run {left:.1f} s more",
-                left,
-            )
-    return None
 
 
 class HeadElection:
@@ -296,20 +140,20 @@ class HeadElection:
         # Votes count as contacts too: a voter's grant reached us after the request left.
         self._vote_contacts: dict[str, float] = {}
         self._last_step_end: float | None = None
+        self._started = time.monotonic()
         self._next_stand = 0.0
         self.plan = Plan(action="wait", term=store.state.term, reason="starting")
         self.last_election: str = ""
         serf.on_query(VOTE_QUERY, self._on_vote)
         serf.on_query(PRE_VOTE_QUERY, self._on_pre_vote)
-        serf.on_query(CERT_QUERY, self._on_certificate)
         if peers is None and isinstance(lease, HealthService):
             peers = PeerLinks(lease.client, lease.server.add_route, lease.prober.verified)
         self._peers = peers
+        self.certificates = Certificates(ctx, serf, store, peers, vote_timeout_s)
         # The lease's renewal tree: needs the peer API and the lease's own contact times.
         self._relay: LeaseRelay | None = None
         self._next_renew = 0.0
         if peers is not None:
-            peers.add_route(PATH_CERTIFICATE, self._on_peer_certificate)
             if lease is not None:
                 self._relay = LeaseRelay(ctx.node_name, self._relay_members, self._send_renewal)
                 peers.add_route(PATH_RENEW, self._on_renewal)
@@ -459,9 +303,10 @@ class HeadElection:
             candidate,
             self.ctx.node_name,
             self.ctx.members,
-            _newest(self._lease.heard_from(), self._relay.heard if self._relay else {}),
+            newest(self._lease.heard_from(), self._relay.heard if self._relay else {}),
             time.monotonic(),
             LEASE_S + LEASE_MARGIN_S,
+            since=self._started,
         )
 
     async def step(self) -> Plan:
@@ -489,7 +334,7 @@ class HeadElection:
 
     def _contacts(self) -> dict[str, float]:
         assert self._lease is not None
-        return _newest(
+        return newest(
             self._lease.lease_contacts(),
             self._vote_contacts,
             self._relay.contacts if self._relay is not None else {},
@@ -589,7 +434,7 @@ class HeadElection:
         refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
         if refusal is not None and time.monotonic() >= self._next_fetch:
             self._next_fetch = time.monotonic() + CERT_RETRY_S
-            self._fetched = await self.fetch_certificate(head, term)
+            self._fetched = await self.certificates.fetch(head, term)
             refusal = proof_refusal(head, term, self.store.state, self._fetched, keys)
         if refusal is None:
             self._proven, self.unproven = (head, term), None
@@ -598,75 +443,6 @@ class HeadElection:
             log.warning(_log, "head not followed", head=head, term=term, reason=refusal)
         self.unproven = (head, refusal)
         return Plan(action="wait", term=term, reason=f"not following {head}: {refusal}"[:500])
-
-    async def fetch_certificate(self, head: str, term: int) -> VoteCertificate | None:
-        """``head``'s certificate for ``term``: whole, over the peer API; from a head that
-        does not serve it there, in Serf pages. None when it sends nothing. What it proves is
-        judged by the caller (`proof_refusal`), whichever way it came."""
-        member = self.ctx.members.get(head)
-        if self._peers is not None and member is not None and member.tags and member.tags.pp:
-            request = CertificateRequest(head=head, term=term)
-            try:
-                reply = await self._peers.call(
-                    member.addr, member.tags.pp, PATH_CERTIFICATE, request, CertificateReply
-                )
-            except (PeerCallError, msgspec.ValidationError) as exc:
-                log.info(
-                    _log, "certificate not served over the peer API", head=head, error=str(exc)
-                )
-            else:
-                return reply.cert
-        return await self._certificate_pages(head, term)
-
-    async def _certificate_pages(self, head: str, term: int) -> VoteCertificate | None:
-        """``head``'s certificate for ``term``, page by page until it holds a majority of the
-        members it counted (or the head sends no more); None when it sends nothing."""
-        cert: VoteCertificate | None = None
-        for _ in range(CERT_PAGES_MAX):
-            first = len(cert.votes) if cert is not None else 0
-            request = msgspec.json.encode(CertificateRequest(head=head, term=term, first=first))
-            try:
-                replies = await self._serf.query(
-                    CERT_QUERY, request, timeout_s=self._vote_timeout_s
-                )
-                page = decode_certificate(replies[head])
-            except KeyError:  # the head did not answer
-                break
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                break
-            except Exception as exc:  # serf down or restarting: ask again later
-                log.warning(_log, "certificate query failed", error=str(exc))
-                break
-            if (page.head, page.term) != (head, term) or not page.votes:
-                break
-            votes = {**(cert.votes if cert is not None else {}), **page.votes}
-            cert = msgspec.structs.replace(page, votes=votes)
-            if len(votes) >= quorum(cert.known):
-                break
-        return cert
-
-    def _own_certificate(self, request: CertificateRequest) -> VoteCertificate | None:
-        """The certificate ``request`` asks of this node: the one it won the asked term with."""
-        cert = self.store.certificate
-        me = self.ctx.node_name
-        if cert is None or request.head != me or (cert.head, cert.term) != (me, request.term):
-            return None
-        return cert
-
-    async def _on_certificate(self, from_node: str, payload: bytes) -> bytes | None:
-        """The head answers with its certificate for the asked term; everyone else stays
-        silent."""
-        try:
-            request = msgspec.json.decode(payload, type=CertificateRequest)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        cert = self._own_certificate(request)
-        return None if cert is None else certificate_page(cert, request.first)
-
-    async def _on_peer_certificate(self, body: bytes) -> bytes:
-        """The whole certificate over the peer API (malformed requests: a 400 there)."""
-        request = msgspec.json.decode(body, type=CertificateRequest)
-        return msgspec.json.encode(CertificateReply(cert=self._own_certificate(request)))
 
     def problems(self) -> list[Problem]:
         """Claims this node refused to believe (issue 10): rogue heads, wild terms, heads

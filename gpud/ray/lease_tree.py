@@ -1,7 +1,7 @@
 """The leader lease without fan-in: the head's renewals travel down a tree of its members and
 the acknowledgements come back up, so the head sends FANOUT messages per renewal at any size.
 
-The lease rule stays the one of gpud.ray.head_election: the head acts while a majority of the
+The lease rule stays the one of gpud.ray.lease: the head acts while a majority of the
 known members confirmed it within LEASE_S, each member refuses a successor until LEASE_S +
 LEASE_MARGIN_S after it last heard from the head. Relaying keeps the one inequality that rule
 rests on: the head counts a member as confirmed at the moment it *sent* the renewal the member

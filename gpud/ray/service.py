@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 from aiohttp import web
 
-from gpud import log, secret
+from gpud import api, log, logfiles, secret
+from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import unkeyed_refusal
 from gpud.context import NodeContext
@@ -27,7 +28,8 @@ from gpud.health.verdict import WorkloadCheck
 from gpud.process import GroupRecord
 from gpud.ray.election import Plan, ineligible, workers_reach_gcs
 from gpud.ray.gcs_monitor import GcsMonitor
-from gpud.ray.head_election import RETRY_S, HeadElection, LeaseSource, QueryTransport
+from gpud.ray.head_election import RETRY_S, HeadElection
+from gpud.ray.lease import LeaseSource
 from gpud.ray.probes import RayInstall, probe_ray
 from gpud.ray.problems import (
     CRASH_LOOP_RESTARTS,
@@ -42,8 +44,15 @@ from gpud.ray.problems import (
     workload_checks,
 )
 from gpud.ray.reach import path_reopened
-from gpud.ray.supervisor import RAY_CHILD, PortLeaser, RaySupervisor, SupervisorSettings
-from gpud.ray.target import decide_target
+from gpud.ray.supervisor import (
+    RAY_CHILD,
+    PortLeaser,
+    RayAdoption,
+    RaySupervisor,
+    SupervisorSettings,
+)
+from gpud.ray.target import ADOPT_SETTLE_S, decide_target, keep_adopted
+from gpud.ray.transport import QueryTransport
 from gpud.ray.votes import VoteStore
 from gpud.state import open_store
 
@@ -70,6 +79,15 @@ class RayServiceSettings(msgspec.Struct, kw_only=True, frozen=True):
     nodes_every_s: float = 10.0
     # A candidate that lost waits a random time in this range before standing again.
     retry_s: tuple[float, float] = RETRY_S
+
+
+@runtime_checkable
+class LeaseHolder(Protocol):
+    """The port service's lease book as adoption needs it (gpud.ports.service)."""
+
+    def leases(self) -> Sequence[object]: ...
+
+    async def transfer(self, lease_id: str, pid: int) -> None: ...
 
 
 class DataPathHealth(Protocol):
@@ -121,6 +139,18 @@ class RayService(ComponentBase):
         )
         self._wake = asyncio.Event()
         ctx.on_members_changed(lambda _members: self._wake.set())
+        self._verified = verified
+        store = open_store(ctx.config.state_dir)
+        adoption = None
+        if isinstance(ports, LeaseHolder):
+            # The cluster-wide Ray node outlives gpud (gpud.ray.supervisor): its output goes
+            # to a file under the state directory, its leases move to the gpud that adopts it.
+            adoption = RayAdoption(
+                store,
+                ctx.config.state_dir / logfiles.LOG_DIR / logfiles.RAY_LOG,
+                ports.transfer,
+                lambda: {str(getattr(lease, "id", "")) for lease in ports.leases()},
+            )
         self.supervisor = RaySupervisor(
             executable=config.executable,
             node_name=ctx.node_name,
@@ -132,7 +162,8 @@ class RayService(ComponentBase):
             env=config.env,
             on_change=self._wake.set,
             settings=self.settings.supervisor,
-            record=GroupRecord(open_store(ctx.config.state_dir), RAY_CHILD),
+            record=GroupRecord(store, RAY_CHILD),
+            adoption=adoption,
         )
         self.install: RayInstall | None = None
         self._unavailable_until = 0.0
@@ -148,12 +179,28 @@ class RayService(ComponentBase):
         )
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.supervisor.run())
-            tg.create_task(self._probe_loop())
-            tg.create_task(self.gcs.nodes_loop())
-            tg.create_task(self._election_loop())
-            tg.create_task(self.gcs.reach_loop())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.supervisor.run())
+                tg.create_task(self._probe_loop())
+                tg.create_task(self.gcs.nodes_loop())
+                tg.create_task(self._election_loop())
+                tg.create_task(self.gcs.reach_loop())
+        finally:
+            await self._resign()
+
+    async def _resign(self) -> None:
+        """Ray has stopped with this component: say so in the tags before the agent's serf
+        leave is gossiped. A head that kept announcing itself while leaving would be listed
+        as head beside its successor, and peers would wait out a lease that nothing holds."""
+        if self.supervisor.left_running:
+            return  # Ray runs on for the next gpud, and serf with it: nothing changed
+        if self.ctx.tags.ray == "none" and not self.ctx.tags.gcs:
+            return
+        try:
+            await self.ctx.update_tags(ray="none", gcs=0)
+        except Exception as exc:  # serf gone already: its leave says the same
+            log.warning(_log, "cannot announce the stop of Ray", error=str(exc))
 
     async def _probe_loop(self) -> None:
         if not self.ctx.config.ray.enabled:
@@ -184,7 +231,50 @@ class RayService(ComponentBase):
             and time.monotonic() >= self._unavailable_until
         )
 
+    async def _settle(self) -> None:
+        """Before the first step: the predecessor's Ray node adopted or stopped. An adopted
+        one runs on the tags the adopted serf still gossips (ray, term, gcs); stepping on a
+        view in which the prober has not verified the peers yet would count only this node
+        (a head would step down for want of a majority, a worker find no head), so the
+        first step waits until every alive peer is verified and Ray's install is probed,
+        at most ADOPT_SETTLE_S."""
+        await self.supervisor.settled.wait()
+        if not self.supervisor.adopted_at:
+            return
+        deadline = self.supervisor.adopted_at + ADOPT_SETTLE_S
+        while time.monotonic() < deadline and self._unsettled():
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await within(self._wake.wait(), 0.2)
+        tags = self.ctx.tags
+        log.info(
+            _log,
+            "first election step after adopting ray",
+            waited_s=round(time.monotonic() - self.supervisor.adopted_at, 1),
+            unsettled=self._unsettled(),
+            ray=tags.ray,
+            term=tags.term,
+            gcs=tags.gcs,
+        )
+
+    def _unsettled(self) -> str:
+        """What the first step after an adoption still waits for ("" once nothing)."""
+        if self.install is None:
+            return "Ray's install not probed yet"
+        if not self.election.membership_known():
+            return "membership not known yet"
+        me = self.ctx.node_name
+        verified = self._verified or (lambda _name: True)
+        pending = sorted(
+            m.name
+            for m in self.ctx.members.values()
+            if m.name != me and m.alive and m.tags is not None and m.tags.pp
+            and not verified(m.name)
+        )  # fmt: skip
+        return f"verifying {', '.join(pending)}" if pending else ""
+
     async def _election_loop(self) -> None:
+        await self._settle()
         while True:
             self._wake.clear()
             self._watch_crash_loop()
@@ -202,7 +292,7 @@ class RayService(ComponentBase):
             await self._note_deposed(current, announced_gcs)
             await self._apply(current)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.election.next_step_in(TICK_S))
+                await within(self._wake.wait(), self.election.next_step_in(TICK_S))
 
     async def _note_deposed(self, current: Plan, gcs: int) -> None:
         """``gcs``: the GCS port this node announced before the step."""
@@ -237,16 +327,18 @@ class RayService(ComponentBase):
         gpus = tuple(self._ray_gpus()) if self._ray_gpus is not None else None
         if gpus is None:
             self.supervisor.num_gpus = self.ctx.tags.gpu
-        self.supervisor.set_target(
-            decide_target(
-                current,
-                self.election.view(),
-                usable=self._ray_usable(),
-                node_ip=self.ctx.advertise_addr,
-                running=self.supervisor.target,
-                gpus=gpus,
-            )
+        target = decide_target(
+            current,
+            self.election.view(),
+            usable=self._ray_usable(),
+            node_ip=self.ctx.advertise_addr,
+            running=self.supervisor.target,
+            gpus=gpus,
         )
+        adopted_for = time.monotonic() - self.supervisor.adopted_at
+        if target is None and keep_adopted(current, self.supervisor.adopted_at > 0, adopted_for):
+            target = self.supervisor.target  # e.g. a worker proving its head's office first
+        self.supervisor.set_target(target)
         target = self.supervisor.target
         ready = self.supervisor.gcs_ready_port if target and target.role == "head" else 0
         if current.action == "lead" and ready != self.ctx.tags.gcs:
@@ -376,7 +468,14 @@ class RayService(ComponentBase):
         ]
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/v1/ray", self._get_ray)]
+        return [web.get("/v1/ray", self._get_ray), web.get("/v1/ray/logs", self._get_logs)]
+
+    async def _get_logs(self, request: web.Request) -> web.Response:
+        """This node's Ray process's output file (gpud.logfiles; `gpud ray logs`)."""
+        path = self.ctx.config.state_dir / logfiles.LOG_DIR / logfiles.RAY_LOG
+        missing = "this node's Ray process has written no log file (Ray not started here yet)"
+        chunk = await asyncio.to_thread(logfiles.answer, request.query, path, missing)
+        return api.json_response(chunk)
 
     async def _get_ray(self, request: web.Request) -> web.Response:
         return web.Response(

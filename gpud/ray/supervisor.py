@@ -3,8 +3,15 @@
 One RaySupervisor runs at most one Ray node (head or worker). A new target (head, or worker
 toward another head) restarts it at once; crashes restart it with backoff (gpud.process).
 gpud stops Ray by signalling the process group it created; it never runs `ray stop`. That
-group is persisted (``record``): a Ray node a crashed gpud left running is stopped before
-this one starts another, so one gpud node never runs two Ray nodes.
+group is persisted (``record``), so one gpud node never runs two Ray nodes.
+
+With ``adoption`` (the cluster-wide Ray node) Ray outlives gpud: it writes to a rotated file
+under the state directory, a graceful stop of gpud leaves it running, and what it was started
+for (target, ports, the leases holding them: `RayRun`) is persisted beside its group. The next
+gpud adopts it (`adoption_refusal` says what must hold: the recorded leader by pid, start time
+and group, the command line this gpud would run for that target and those ports, the leases
+still held, a head's GCS answering), moves its leases to itself and waits on it through a
+pidfd. What it cannot verify it stops, exactly that group, and releases its leases.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal, Protocol
 
 import msgspec
@@ -27,13 +35,16 @@ from gpud.gpus.nvml import cuda_env
 from gpud.process import (
     ChildGroup,
     ChildProcess,
-    GroupRecord,
+    GroupStore,
     Supervisor,
     SupervisorStatus,
+    argv_matches,
+    cmdline,
+    leader_verified,
     stop_leftover,
 )
 from gpud.ray.probes import gcs_serving
-from gpud.state import Key
+from gpud.state import Key, StateStore
 
 _log = log.get("ray")
 
@@ -128,6 +139,75 @@ class RayPorts(msgspec.Struct, kw_only=True, frozen=True):
     env: dict[str, int] = {}
 
 
+class RayRun(msgspec.Struct, kw_only=True, frozen=True):
+    """What the running Ray node was started for, persisted beside its process group (before
+    it starts, so leases leased for a start that never happened are found too)."""
+
+    target: RayTarget
+    ports: RayPorts
+    leases: list[str]
+
+
+# The cluster-wide Ray node's RayRun (its process group is RAY_CHILD).
+RAY_RUN = Key("ray.run", RayRun)
+
+
+class RayAdoption:
+    """What lets a Ray node outlive gpud: where its output goes, where its RayRun is kept,
+    and how its port leases move to the gpud that adopts it."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        log_path: Path,
+        transfer: Callable[[str, int], Awaitable[None]],
+        held: Callable[[], set[str]],
+    ) -> None:
+        self.store = store
+        self.log_path = log_path
+        # Make the running process (a pid) the owner of a lease; the ids of the leases held now.
+        self.transfer = transfer
+        self.held = held
+
+    def load(self) -> RayRun | None:
+        return self.store.get(RAY_RUN)
+
+    def save(self, run: RayRun | None) -> None:
+        self.store.put(RAY_RUN, run)
+
+
+def adoption_refusal(
+    run: RayRun | None,
+    group: ChildGroup | None,
+    *,
+    leader_ok: bool,
+    argv: Sequence[str],
+    cmdline: Sequence[str] | None,
+    held: set[str],
+    gcs_ok: bool | None,
+) -> str | None:
+    """Why the recorded Ray node may not be adopted, or None when it may (pure).
+
+    ``leader_ok``: the recorded leader still runs (pid, start time, group); ``argv``: the
+    command line this gpud would run for the recorded target and ports; ``cmdline``: the
+    leader's (None: unreadable); ``held``: the lease ids the port service holds; ``gcs_ok``:
+    a head's GCS answers (None: not asked, a worker)."""
+    if run is None:
+        return "no recorded Ray node"
+    if group is None:
+        return "no recorded process group"
+    if not leader_ok:
+        return "its recorded leader is not that process"
+    if cmdline is None or not argv_matches(cmdline, argv):
+        return "another command line (config or ports changed)"
+    missing = sorted(set(run.leases) - held)
+    if missing:
+        return f"its port leases are gone ({', '.join(missing)})"
+    if run.target.role == "head" and not gcs_ok:
+        return "its GCS does not answer"
+    return None
+
+
 class RayProcessStatus(msgspec.Struct, kw_only=True):
     target: RayTarget | None = None
     process: SupervisorStatus = msgspec.field(default_factory=SupervisorStatus)
@@ -218,7 +298,8 @@ class RaySupervisor:
         client_server: bool = True,
         on_change: Callable[[], None] | None = None,
         settings: SupervisorSettings | None = None,
-        record: GroupRecord | None = None,
+        record: GroupStore | None = None,
+        adoption: RayAdoption | None = None,
     ) -> None:
         self.executable = executable
         self.node_name = node_name
@@ -233,6 +314,14 @@ class RaySupervisor:
         self._on_change = on_change or (lambda: None)
         self.settings = settings or SupervisorSettings()
         self._record = record
+        self._adoption = adoption
+        # Set once a predecessor's Ray node was adopted or stopped (run's first step).
+        self.settled = asyncio.Event()
+        # When (monotonic) this gpud adopted its predecessor's Ray node; 0: it did not.
+        self.adopted_at = 0.0
+        self._adopted: ChildProcess | None = None
+        # Set once gpud's exit left the Ray node running for the next gpud.
+        self.left_running = False
         # Failures (monotonic times) and restarts of the Ray processes of earlier targets.
         self._past_failures: collections.deque[float] = collections.deque(maxlen=64)
         self._past_restarts = 0
@@ -287,8 +376,10 @@ class RaySupervisor:
         )
 
     async def run(self) -> None:
-        if self._record is not None:
+        if not await self._adopt() and self._record is not None:
             await stop_leftover(self._record, self.settings.grace_s)
+            await self._release_recorded()
+        self.settled.set()
         try:
             while True:
                 self._target_changed.clear()
@@ -304,7 +395,7 @@ class RaySupervisor:
                         # drain, and a head that steps down (lease) must stop serving before
                         # a successor is elected. Kill it now, before cancelling: the process
                         # supervisor's own stop would give it the full grace. Only gpud's own
-                        # exit (cancellation) stops Ray gracefully.
+                        # exit (cancellation) stops Ray gracefully, or leaves it running.
                         self._kill_now()
                         run_task.cancel()
                 except* Exception as group:
@@ -317,14 +408,11 @@ class RaySupervisor:
         finally:
             await self._teardown()
 
-    async def _run_target(self, target: RayTarget) -> None:
-        await self._ports.ready()
-        self._ray_ports = ports = await self._lease_ports(target)
-        self._error = None
-        argv = ray_start_argv(
+    def _argv(self, target: RayTarget, ports: RayPorts) -> list[str]:
+        return ray_start_argv(
             self.executable,
             target,
-            self._ray_ports,
+            ports,
             node_name=self.node_name,
             node_ip=target.node_ip or self.node_ip,
             temp_dir=self.temp_dir,
@@ -332,11 +420,83 @@ class RaySupervisor:
             num_gpus=self.num_gpus,
         )
 
+    def _child(self, target: RayTarget, ports: RayPorts) -> ChildProcess:
+        return ChildProcess(
+            f"ray-{target.role}",
+            self._argv(target, ports),
+            env=ray_start_env(self._env, target, ports),
+            log_path=self._adoption.log_path if self._adoption is not None else None,
+        )
+
+    async def _adopt(self) -> bool:
+        """Adopt the Ray node a previous gpud left running, when it verifies (module
+        docstring): it becomes the current target, its ports and leases this run's."""
+        if self._adoption is None or self._record is None:
+            return False
+        run = await asyncio.to_thread(self._adoption.load)
+        group = await asyncio.to_thread(self._record.load)
+        gcs_ok = None
+        if run is not None and run.target.role == "head":
+            host = run.target.node_ip or self.node_ip
+            gcs_ok = await gcs_serving(host, run.ports.named.get("port", 0))
+        refused = adoption_refusal(
+            run,
+            group,
+            leader_ok=group is not None and leader_verified(group),
+            argv=self._argv(run.target, run.ports) if run is not None else [],
+            cmdline=cmdline(group.pgid) if group is not None else None,
+            held=self._adoption.held(),
+            gcs_ok=gcs_ok,
+        )
+        if refused is None:
+            assert run is not None and group is not None
+            child = self._child(run.target, run.ports)
+            if not child.adopt(group):
+                refused = "cannot watch its process"
+        if refused is not None:
+            if run is not None or group is not None:
+                log.info(_log, "not adopting the ray node", reason=refused)
+            return False
+        assert run is not None and group is not None
+        try:
+            for lease_id in run.leases:
+                await self._adoption.transfer(lease_id, os.getpid())
+        except Exception as exc:  # the port service refused: stopped and leased anew
+            log.warning(_log, "cannot adopt the ray node: its leases", error=str(exc))
+            child.detach()
+            return False
+        self._target, self._ray_ports, self._leases = run.target, run.ports, list(run.leases)
+        self._adopted, self.adopted_at = child, time.monotonic()
+        if gcs_ok:
+            self._set_ready(run.ports.named["port"])
+        log.info(_log, "ray node adopted", role=run.target.role, pid=group.pgid)
+        return True
+
+    async def _release_recorded(self) -> None:
+        """The leases of a Ray node that was not adopted (it was stopped): released."""
+        run = await asyncio.to_thread(self._adoption.load) if self._adoption else None
+        if run is None:
+            return
+        for lease_id in run.leases:
+            with contextlib.suppress(Exception):
+                await self._ports.release(lease_id)
+        await asyncio.to_thread(self._adoption.save, None)
+
+    async def _run_target(self, target: RayTarget) -> None:
+        adopted, self._adopted = self._adopted, None
+        if adopted is None:
+            await self._ports.ready()
+            self._ray_ports = await self._lease_ports(target)
+            if self._adoption is not None:
+                run = RayRun(target=target, ports=self._ray_ports, leases=self._lease_ids())
+                await asyncio.to_thread(self._adoption.save, run)
+        assert self._ray_ports is not None
+        ports = self._ray_ports
+        self._error = None
+
         async def make_child() -> ChildProcess:
             os.makedirs(self.temp_dir, exist_ok=True)
-            return ChildProcess(
-                f"ray-{target.role}", argv, env=ray_start_env(self._env, target, ports)
-            )
+            return self._child(target, ports)
 
         self._supervisor = Supervisor(
             f"ray-{target.role}",
@@ -345,6 +505,9 @@ class RaySupervisor:
             backoff_max_s=self.settings.backoff_max_s,
             grace_s=self.settings.grace_s,
             record=self._record,
+            adopted=adopted,
+            # gpud's own exit leaves a file-logged Ray node to the next gpud.
+            keep_on_cancel=self._adoption is not None,
         )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._supervisor.run())
@@ -353,16 +516,21 @@ class RaySupervisor:
                     self._watch_gcs(
                         self._supervisor,
                         target.node_ip or self.node_ip,
-                        self._ray_ports.named["port"],
+                        ports.named["port"],
+                        ready=adopted is not None and self._gcs_ready_port == ports.named["port"],
                     )
                 )
+
+    def _lease_ids(self) -> list[str]:
+        return [str(lease_id) for lease_id in self._leases]
 
     async def _lease_ports(self, target: RayTarget) -> RayPorts:
         names = port_names(target.role, client_server=self.client_server)
         owner = f"ray-{target.role}"
         # Owned by this gpud (pid and start time): after any crash of it, power-cut style
-        # included, the zombie scan frees them; the next gpud stops the leftover Ray group
-        # first (GroupRecord) and leases anew. Unowned leases piled up until the block was full.
+        # included, the zombie scan frees them unless the next gpud adopts the Ray node (the
+        # leases move to it) or stops it first (GroupRecord) and leases anew. Unowned leases
+        # piled up until the block was full.
         me = os.getpid()
         env_names = HEAD_ENV_PORT_NAMES if target.role == "head" else ()
         single = await self._ports.lease(owner, len(names) + len(env_names), pid=me)
@@ -378,9 +546,15 @@ class RaySupervisor:
             max_worker_port=max(workers.ports),
         )
 
-    async def _watch_gcs(self, supervisor: Supervisor, host: str, port: int) -> None:
-        """Keep gcs_ready_port current: set once GCS answers, cleared when the process goes."""
+    async def _watch_gcs(
+        self, supervisor: Supervisor, host: str, port: int, *, ready: bool = False
+    ) -> None:
+        """Keep gcs_ready_port current: set once GCS answers, cleared when the process goes.
+        ``ready``: an adopted head whose GCS answered already (its port stays announced)."""
         ready_pid: int | None = None
+        if ready:
+            await supervisor.started.wait()
+            ready_pid = supervisor.status.pid
         began = time.monotonic()
         while True:
             pid = supervisor.status.pid
@@ -401,18 +575,34 @@ class RaySupervisor:
             self._on_change()
 
     def _kill_now(self) -> None:
-        if self._supervisor is not None and self._supervisor.child is not None:
-            self._supervisor.child.signal_group(signal.SIGKILL)
+        if self._supervisor is not None:
+            self._supervisor.stop_on_cancel()  # a target change stops Ray, never leaves it
+            if self._supervisor.child is not None:
+                self._supervisor.child.signal_group(signal.SIGKILL)
 
     async def _teardown(self) -> None:
-        if self._supervisor is not None:
-            await self._supervisor.stop()
-            self._past_failures.extend(self._supervisor.failures)
-            self._past_restarts += self._supervisor.status.restarts
-            self._supervisor = None
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor.left_running:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # gpud is exiting and Ray runs on for the next gpud: its record, ports and
+                # leases stay as they are (RayRun).
+                self._leases, self._ray_ports = [], None
+                self.left_running = True
+                return
+            # Left running by a failure inside this run, not by gpud's exit: stop that group.
+            assert self._record is not None
+            await asyncio.shield(stop_leftover(self._record, self.settings.grace_s))
+            supervisor = None
+        if supervisor is not None:
+            await supervisor.stop()
+            self._past_failures.extend(supervisor.failures)
+            self._past_restarts += supervisor.status.restarts
         self._set_ready(0)
         leases, self._leases = self._leases, []
         for lease_id in leases:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._ports.release(lease_id))
+        if leases and self._adoption is not None:
+            await asyncio.shield(asyncio.to_thread(self._adoption.save, None))
         self._ray_ports = None

@@ -12,6 +12,10 @@ from gpud.context import Member
 from gpud.ray.election import Plan
 from gpud.ray.supervisor import RayTarget
 
+# How long an adopted Ray node keeps running while the election has no plan for this node yet
+# (right after gpud starts: its head's proof of office not checked, its view still settling).
+ADOPT_SETTLE_S = 30.0
+
 
 def decide_target(
     current: Plan,
@@ -45,3 +49,15 @@ def decide_target(
     if running is not None and running.role == "worker" and running.head_addr == head.addr:
         return running
     return None
+
+
+def keep_adopted(current: Plan, adopted: bool, adopted_for_s: float) -> bool:
+    """Whether a Ray node adopted ``adopted_for_s`` ago keeps running although the plan gives
+    it no target: only while the plan waits (no decision yet), within ADOPT_SETTLE_S. A step
+    down, a different head or no majority stop it as before."""
+    return (
+        adopted
+        and current.action == "wait"
+        and current.code != "no_majority"
+        and adopted_for_s < ADOPT_SETTLE_S
+    )

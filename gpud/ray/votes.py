@@ -10,7 +10,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -200,6 +200,59 @@ def decode_certificate(payload: bytes) -> VoteCertificate:
 
 
 # The voter's promise, in the state store.
+class Tally(msgspec.Struct, kw_only=True, frozen=True):
+    """A candidate's reading of its vote replies."""
+
+    votes: dict[str, str]  # voter -> signature, valid grants for this term only
+    refusals: list[str]
+    highest_term: int  # the highest term a counted member replied with
+    # The highest term a counted member refused in (its own term; -1: no such refusal).
+    refused_term: int = -1
+
+
+def tally(
+    replies: Mapping[str, bytes],
+    request: VoteRequest,
+    names: set[str],
+    keys: list[bytes],
+    *,
+    signed: bool = True,
+) -> Tally:
+    """Count vote replies (pure): a grant counts only from a counted member, for this term,
+    answering as itself, signed with the cluster's key (``signed`` False: pre-votes, which
+    carry no signature: they only tell the candidate whether standing is worth a term)."""
+    votes: dict[str, str] = {}
+    refusals: list[str] = []
+    highest, refused = request.term, -1
+    for node, payload in replies.items():
+        try:
+            reply = decode_reply(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            refusals.append(f"{node}: malformed reply")
+            continue
+        if node in names:
+            highest = max(highest, reply.term)
+            if not reply.granted:
+                refused = max(refused, reply.term)
+        if reply.granted and reply.term == request.term and reply.voter == node and node in names:
+            if not signed:
+                votes[node] = ""
+            elif signature_valid(
+                keys,
+                reply.sig,
+                voter=node,
+                candidate=request.candidate,
+                term=request.term,
+                known=request.known,
+            ):
+                votes[node] = reply.sig
+            else:
+                refusals.append(f"{node}: vote not signed with this cluster's key")
+        elif not reply.granted:
+            refusals.append(f"{node}: {reply.reason}")
+    return Tally(votes=votes, refusals=refusals, highest_term=highest, refused_term=refused)
+
+
 VOTE = Key("ray.vote", VoteState)
 # The certificate of the term this node last won (a restarted head still proves its office).
 CERTIFICATE = Key("ray.certificate", VoteCertificate)

@@ -8,6 +8,7 @@ computes alike.
 
 - ``balance``: the pure decisions (routing table, choice of replica, the retry rule);
 - ``auth``: bearer keys, stored hashed;
+- ``tls``: TLS on the listener (its certificate, and the key file's mode);
 - ``stats``: the router's metric families;
 - ``proxy``: the aiohttp streaming proxy;
 - ``service``: the component (gpud/component.py's contract).

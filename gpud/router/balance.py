@@ -129,13 +129,26 @@ def choose(
 # How an attempt ended, as far as the router can prove:
 # - "connect_failed": no connection was made (refused, unreachable, connect timeout), so no
 #   byte of the request left this host;
+# - "not_written": a connection was had (a pooled one) but the replica had closed it before
+#   the request went out, so not one byte of the request was written;
 # - "draining": the replica answered 503 before any byte went to the client (a draining or
 #   overloaded server refuses work it has not started);
 # - "failed_after_write": the connection broke after the request was (or may have been)
 #   written: the engine may be generating, a retry could run the work twice;
 # - "answered": any other response, passed on as it is.
-Outcome = Literal["connect_failed", "draining", "failed_after_write", "answered"]
-NOT_DELIVERED: frozenset[Outcome] = frozenset({"connect_failed", "draining"})
+Outcome = Literal["connect_failed", "not_written", "draining", "failed_after_write", "answered"]
+NOT_DELIVERED: frozenset[Outcome] = frozenset({"connect_failed", "not_written", "draining"})
+
+
+def attempt_outcome(*, connected: bool, written: bool, status: int | None) -> Outcome:
+    """How one attempt ended (pure): ``connected``, a connection was had; ``written``, some
+    byte of the request was handed to it; ``status``, the replica's response status (None:
+    no response came)."""
+    if status is not None:
+        return "draining" if status == 503 else "answered"
+    if not connected:
+        return "connect_failed"
+    return "failed_after_write" if written else "not_written"
 
 
 def may_retry(outcome: Outcome, attempts: int, max_attempts: int) -> bool:

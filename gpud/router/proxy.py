@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import select
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -97,6 +98,52 @@ def requested_model(raw: bytes) -> str:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Anything readable on a connection with no request outstanding: the peer's FIN or RST, or
+# bytes no request asked for.
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLRDHUP
+
+
+class NotWritten(Exception):
+    """The replica had closed the connection before the request went out on it."""
+
+
+class CheckedBody(aiohttp.BytesPayload):
+    """A request body written only onto a connection the replica has not closed; ``written``
+    tells whether any byte of the request reached the kernel.
+
+    aiohttp writes the request line and headers together with the body, here, so "nothing
+    written" is proven here or never. A pooled keep-alive connection whose replica died (or
+    timed it out) is closed by aiohttp only once the event loop has read the FIN; a request
+    that takes it before that would be written into a dead socket and fail as if the engine
+    had taken it. So, as urllib3 does before reusing a connection, the socket is polled right
+    before the write: an idle HTTP/1.1 connection has nothing to read, and anything readable
+    (FIN, RST, stray bytes) means it must not carry a request. The write itself is one send
+    (drain=False: no await before it); a send the kernel refuses (the peer reset the
+    connection) closes the transport at once, and then not one byte went out either. Only a
+    FIN that arrives between the poll and the send (microseconds) goes unseen."""
+
+    written = False
+
+    async def write_with_length(
+        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        transport = writer.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or transport.is_closing() or sock is None or _readable(sock):
+            raise NotWritten
+        value = self._value if content_length is None else self._value[:content_length]
+        # aiohttp's StreamWriter (the abstract writer has no ``drain``).
+        await writer.write(value, drain=False)  # type: ignore[call-arg]
+        if transport.is_closing():
+            raise NotWritten
+        self.written = True
+
+
+def _readable(sock: Any) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), _READABLE)
+    return bool(poller.poll(0))
 
 
 class Proxy:
@@ -326,36 +373,50 @@ class Proxy:
         """One attempt at one replica: the relayed response, or how it failed before one."""
         assert self.session is not None
         url = upstream.url
+        body = CheckedBody(raw)
         self.stats.in_flight[url] += 1
         try:
             async with self.session.request(
                 request.method,
                 url + request.rel_url.raw_path_qs,
-                data=raw,
+                data=body,
                 headers=self._upstream_headers(request),
                 allow_redirects=False,
             ) as answer:
-                if answer.status == 503 and balance.may_retry(
-                    "draining", attempts, self.config.max_attempts
+                ended = balance.attempt_outcome(connected=True, written=True, status=answer.status)
+                if ended == "draining" and balance.may_retry(
+                    ended, attempts, self.config.max_attempts
                 ):
-                    return "draining"
+                    return ended
                 return await self._relay(request, answer, upstream, started)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            self._shunned = {u: t for u, t in self._shunned.items() if t > self._clock()}
-            self._shunned[url] = self._clock() + SHUN_S
+            self._shun(url)
             self._errors.event(logging.WARNING, "replica unreachable", upstream=url, error=str(exc))
-            return "connect_failed"
+            return balance.attempt_outcome(connected=False, written=False, status=None)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            # Not shunned when not written: a live replica may have timed out an idle
+            # connection; a dead one refuses the next, fresh connection and is shunned then.
+            ended = balance.attempt_outcome(connected=True, written=body.written, status=None)
             self._errors.event(
-                logging.WARNING, "replica failed before answering", upstream=url, error=repr(exc)
+                logging.WARNING,
+                "replica closed the connection before the request was written"
+                if ended == "not_written"
+                else "replica failed before answering",
+                upstream=url,
+                error=repr(exc),
             )
-            return "failed_after_write"
+            return ended
         finally:
             left = self.stats.in_flight[url] - 1
             if left:
                 self.stats.in_flight[url] = left
             else:
                 del self.stats.in_flight[url]
+
+    def _shun(self, url: str) -> None:
+        now = self._clock()
+        self._shunned = {u: t for u, t in self._shunned.items() if t > now}
+        self._shunned[url] = now + SHUN_S
 
     async def _relay(
         self,
@@ -379,8 +440,8 @@ class Proxy:
                 ) from None
             self.stats.requests[deployment, answer.status] += 1
             now = self._clock()
-            self.stats.ttfb.observe(deployment, now - started)
-            self.stats.latency.observe(deployment, now - started)
+            self.stats.ttfb.labels(deployment).observe(now - started)
+            self.stats.latency.labels(deployment).observe(now - started)
             response = web.Response(status=answer.status, reason=answer.reason, body=body)
             response.headers.extend(headers)
             return response
@@ -389,6 +450,24 @@ class Proxy:
         if length is not None:
             response.content_length = length
         self.stats.requests[deployment, answer.status] += 1
+        try:
+            await self._stream(request, response, answer, upstream, started)
+        except ConnectionResetError:
+            # The client went away mid-response (aiohttp raises its ClientConnectionResetError,
+            # a ClientError, on a write to a closed client): the handler ends here, which closes
+            # the upstream request; it is no failure of the replica's.
+            log.event(_log, logging.DEBUG, "client gone mid-response", upstream=upstream.url)
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        answer: aiohttp.ClientResponse,
+        upstream: balance.Upstream,
+        started: float,
+    ) -> None:
+        deployment = upstream.deployment
         await response.prepare(request)
         first = True
         while True:
@@ -407,14 +486,12 @@ class Proxy:
                 )
                 if request.transport is not None:
                     request.transport.abort()
-                return response
+                return
             if first:
-                self.stats.ttfb.observe(deployment, self._clock() - started)
+                self.stats.ttfb.labels(deployment).observe(self._clock() - started)
                 first = False
             if not chunk:
                 break
-            # A client gone raises here and ends the handler (and the upstream request).
             await response.write(chunk)
         await response.write_eof()
-        self.stats.latency.observe(deployment, self._clock() - started)
-        return response
+        self.stats.latency.labels(deployment).observe(self._clock() - started)

@@ -21,7 +21,7 @@ from gpud.component import Component, ComponentBase, Disabled, Metric, Problem, 
 from gpud.config import Config
 from gpud.deployments.model import DeploymentsList
 from gpud.errors import ConfigError
-from gpud.router import balance
+from gpud.router import balance, tls
 from gpud.router.auth import ApiKeys
 from gpud.router.proxy import Proxy
 from gpud.router.stats import RouterStats
@@ -40,6 +40,7 @@ QUEUE_READS_AT_ONCE = 16
 class RouterSection(msgspec.Struct, kw_only=True):
     state: str  # "serving" or "not listening"
     listen: str
+    tls: bool
     models: list[str]
     upstreams: int
     in_flight: int
@@ -62,6 +63,7 @@ class RouterService(ComponentBase):
         self.keys = ApiKeys(self.config.api_keys_file)
         self._keys_error = ""
         self._listen_error = ""
+        self._tls_error = ""
         self.table = balance.Table()
         self._models: list[str] = []
         self.depth: dict[str, float] = {}
@@ -105,18 +107,29 @@ class RouterService(ComponentBase):
             await server.cleanup()
 
     async def _listen(self, server: api.GuardedServer) -> None:
+        cfg = self.config
         while True:
             try:
-                await server.listen_tcp(self.config.listen, self.config.port)
+                # Read again at each attempt: a fixed certificate or key needs no restart.
+                context = tls.server_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+                self._tls_error = ""
+            except ConfigError as exc:
+                if exc.args[0] != self._tls_error:
+                    log.error(_log, "TLS refused; not listening", error=exc.args[0])
+                self._tls_error = exc.args[0]
+                await asyncio.sleep(LISTEN_RETRY_S)
+                continue
+            try:
+                await server.listen_tcp(cfg.listen, cfg.port, context)
             except OSError as exc:
                 if not self._listen_error:
-                    log.error(_log, "cannot listen", port=self.config.port, error=str(exc))
+                    log.error(_log, "cannot listen", port=cfg.port, error=str(exc))
                 self._listen_error = f"{exc.strerror or exc}"
                 await asyncio.sleep(LISTEN_RETRY_S)
                 continue
             self._listen_error = ""
             self.port = server.runner.addresses[0][1]
-            log.info(_log, "listening", addr=self.config.listen, port=self.port)
+            log.info(_log, "listening", addr=cfg.listen, port=self.port, tls=context is not None)
             self.listening.set()
             return
 
@@ -162,10 +175,11 @@ class RouterService(ComponentBase):
     # ---- component contract --------------------------------------------------------------
 
     def status(self) -> RouterSection:
-        error = self._listen_error or self._keys_error
+        error = self._tls_error or self._listen_error or self._keys_error
         return RouterSection(
             state="serving" if self.listening.is_set() else "not listening",
             listen=f"{self.config.listen}:{self.port or self.config.port}",
+            tls=bool(self.config.tls_cert),
             models=list(self._models),
             upstreams=len({u.url for ups in self.table.ready.values() for u in ups}),
             in_flight=sum(self.stats.in_flight.values()),
@@ -177,7 +191,8 @@ class RouterService(ComponentBase):
         s = self.status()
         if s.state != "serving":
             return f"not listening on {s.listen}: {s.error or 'starting'}"
-        return f"{s.listen}, {len(s.models)} models, {s.upstreams} replicas ready"
+        tls_note = " (TLS)" if s.tls else ""
+        return f"{s.listen}{tls_note}, {len(s.models)} models, {s.upstreams} replicas ready"
 
     def problems(self) -> list[Problem]:
         cfg = self.config
@@ -191,6 +206,18 @@ class RouterService(ComponentBase):
                     message=f"the router cannot listen on {cfg.listen}:{cfg.port}: "
                     f"{self._listen_error}; clients of this host get no answer",
                     fix="free the port (`ss -ltnp`) or set router.port, then restart gpud",
+                )
+            )
+        if self._tls_error:
+            found.append(
+                Problem(
+                    code="router.tls_refused",
+                    severity="critical",
+                    subject=cfg.tls_key,
+                    message=f"{self._tls_error}; the router does not listen (never plain HTTP "
+                    "in its place), so clients of this host get no answer",
+                    fix="fix router.tls_cert / router.tls_key (PEM, the key mode 0600 or 0640); "
+                    f"it is read again every {LISTEN_RETRY_S:g} s",
                 )
             )
         if self._keys_error:
@@ -239,7 +266,9 @@ class RouterService(ComponentBase):
                 "Ready replicas this router can send requests to.",
                 self.status().upstreams,
             ),
-            *self.stats.families(),
+            *self.stats.families(
+                {u.url: u.deployment for ups in self.table.ready.values() for u in ups}
+            ),
         ]
 
 

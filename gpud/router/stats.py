@@ -1,14 +1,15 @@
 """The router's metric families, as gpud `Metric`s.
 
-Histograms are written as Prometheus writes them (``_bucket`` with ``le``, ``_sum``,
-``_count``) so ``histogram_quantile`` works on them; `Metric` has no histogram kind and keeps
-"counter" for ``_total`` names, so each series is a gauge family that only ever grows.
+Latency and time to first byte are prometheus-client Histograms (not registered anywhere:
+like every component's families they reach the scrape through `metrics()`), exposed with
+the histogram type so ``histogram_quantile`` works on them.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
+
+import prometheus_client
 
 from gpud.component import Metric
 
@@ -16,41 +17,25 @@ from gpud.component import Metric
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0, 120.0, 300.0)  # fmt: skip
 
-
-class Histogram:
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name = name
-        self.help = help_text
-        # label value (deployment) -> per-bucket counts (+Inf last), sum, count
-        self._counts: dict[str, list[int]] = {}
-        self._sums: Counter[str] = Counter()
-
-    def observe(self, deployment: str, seconds: float) -> None:
-        counts = self._counts.setdefault(deployment, [0] * (len(BUCKETS) + 1))
-        counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self._sums[deployment] += seconds
-
-    def families(self) -> list[Metric]:
-        buckets: list[tuple[dict[str, str], float]] = []
-        sums: list[tuple[dict[str, str], float]] = []
-        totals: list[tuple[dict[str, str], float]] = []
-        for deployment, counts in sorted(self._counts.items()):
-            running = 0
-            for bound, n in zip((*BUCKETS, float("inf")), counts, strict=True):
-                running += n
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                buckets.append(({"deployment": deployment, "le": le}, running))
-            sums.append(({"deployment": deployment}, self._sums[deployment]))
-            totals.append(({"deployment": deployment}, running))
-        return [
-            Metric(name=f"{self.name}_bucket", help=self.help, samples=buckets),
-            Metric(name=f"{self.name}_sum", help=self.help, samples=sums),
-            Metric(name=f"{self.name}_count", help=self.help, samples=totals),
-        ]
-
-
 # Label of requests refused before a deployment was known (auth, bad body, unknown model).
 NO_DEPLOYMENT = "none"
+
+
+def _histogram(name: str, help_text: str) -> prometheus_client.Histogram:
+    return prometheus_client.Histogram(
+        name, help_text, ["deployment"], buckets=BUCKETS, registry=None
+    )
+
+
+def _family(histogram: prometheus_client.Histogram) -> Metric:
+    (family,) = histogram.collect()
+    return Metric(
+        name=family.name,
+        help=family.documentation,
+        kind="histogram",
+        samples=[(s.labels, s.value) for s in family.samples if s.name.endswith("_bucket")],
+        sums=[(s.labels, s.value) for s in family.samples if s.name.endswith("_sum")],
+    )
 
 
 class RouterStats:
@@ -59,16 +44,19 @@ class RouterStats:
         self.errors: Counter[tuple[str, str]] = Counter()  # (deployment, error code)
         self.retries: Counter[str] = Counter()  # deployment
         self.in_flight: Counter[str] = Counter()  # upstream url
-        self.latency = Histogram(
+        self.latency = _histogram(
             "gpud_router_request_duration_seconds",
             "Time from a request's arrival to the end of its response, by deployment.",
         )
-        self.ttfb = Histogram(
+        self.ttfb = _histogram(
             "gpud_router_time_to_first_byte_seconds",
             "Time from a request's arrival to the first response byte from a replica.",
         )
 
-    def families(self) -> list[Metric]:
+    def families(self, upstreams: dict[str, str]) -> list[Metric]:
+        """``upstreams``: the ready upstreams' urls and deployments, each reported with its
+        outstanding count (0 included, so a series does not vanish when it drains)."""
+        outstanding = dict.fromkeys(upstreams, 0) | dict(self.in_flight)
         return [
             Metric(
                 name="gpud_router_requests_total",
@@ -95,9 +83,12 @@ class RouterStats:
             ),
             Metric(
                 name="gpud_router_outstanding_requests",
-                help="Requests this router has in flight to each upstream.",
-                samples=[({"upstream": u}, n) for u, n in sorted(self.in_flight.items())],
+                help="Requests this router has in flight to each upstream (replica server).",
+                samples=[
+                    ({"upstream": u, "deployment": upstreams.get(u, "")}, n)
+                    for u, n in sorted(outstanding.items())
+                ],
             ),
-            *self.latency.families(),
-            *self.ttfb.families(),
+            _family(self.latency),
+            _family(self.ttfb),
         ]

@@ -6,6 +6,14 @@ Supervisor, and keeps one authenticated RPC connection to it, reconnecting whene
 connection breaks while serf lives. Other components use ``rpc`` once ``ready`` is set, and
 ``query``/``on_query`` for cluster-wide questions (the Ray election votes over them).
 
+Serf outlives gpud: it writes to ``<state_dir>/logs/serf.log`` (rotated), never to a pipe
+gpud reads, and gpud's exit (graceful or not) leaves it running, with no leave, so the node
+never shows `left` or `failed` to its peers. The next gpud adopts it (`adopt_leftover_serf`)
+when its recorded leader is that process (pid, start time, group), runs the command line and
+configuration this gpud would write (tags aside), and its RPC listener is that serf's and
+takes the recorded token (`SERF_RPC`); it then gossips the tags serf still holds
+(`restored_tags`) until its components change them. What it cannot verify it stops.
+
 Serf's query events do not say who asked, so ``query`` wraps the payload in a small msgpack
 envelope ``[sender node name, payload]`` and handlers get the sender's name back.
 """
@@ -18,12 +26,15 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import msgpack
 import msgspec
 from aiohttp import web
 
 from gpud import log, preflight
+from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import UNENCRYPTED, Config
 from gpud.context import NodeContext
@@ -35,6 +46,8 @@ from gpud.process import (
     GroupRecord,
     Supervisor,
     SupervisorStatus,
+    leader_verified,
+    runs_argv,
     stop_leftover,
 )
 from gpud.secret import cluster_key
@@ -49,7 +62,7 @@ from gpud.serf.config import (
 )
 from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
 from gpud.state import Key, open_store
-from gpud.tags import Tags, encode
+from gpud.tags import Tags, TagsError, decode, encode
 
 QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
 
@@ -64,6 +77,16 @@ RPC_RETRY_S = 2.0
 JOIN_TIMEOUT_S = 10.0
 # The running serf's process group, so that a restarted gpud finds one its predecessor left.
 SERF_CHILD = Key("serf.child", ChildGroup)
+
+
+# Where the running serf's RPC listens and the token it takes: what the next gpud connects
+# with when it adopts that serf.
+class SerfRpc(msgspec.Struct, frozen=True):
+    port: int
+    token: str
+
+
+SERF_RPC = Key("serf.rpc", SerfRpc)
 # SIGTERM to SIGKILL for such a leftover serf (it exits at once on SIGTERM).
 LEFTOVER_GRACE_S = 5.0
 # How long one undecryptable message keeps its problem up (serf retries every few seconds).
@@ -72,6 +95,103 @@ UNDECRYPTABLE_MEMORY_S = 60.0
 
 def _serf_record(config: Config) -> GroupRecord:
     return GroupRecord(open_store(config.state_dir), SERF_CHILD)
+
+
+def _argv(binary_path: str, config_file: Path) -> list[str]:
+    return [binary_path, "agent", "-config-file", str(config_file)]
+
+
+def _generated(
+    config: Config, advertise_addr: str, advertise_is_local: bool, tags: Tags, rpc: SerfRpc
+) -> dict[str, Any]:
+    """Serf's configuration as this gpud writes it for ``rpc`` (raises ConfigError when the
+    cluster key cannot be read)."""
+    keyed = cluster_key(config) is not None
+    serf_dir = config.state_dir / "serf"
+    return serf_config(
+        rpc_port.with_rpc_port(config, rpc.port),
+        node_name=config.node_name,
+        advertise_addr=advertise_addr,
+        tags=tags,
+        rpc_auth=rpc.token,
+        keyring_file=str(serf_dir / "keyring.json") if keyed else None,
+        snapshot_path=str(serf_dir / "snapshot"),
+        advertise_is_local=advertise_is_local,
+    )
+
+
+def config_refusal(written: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str | None:
+    """Why a serf started with the configuration ``written`` does not run what this gpud
+    would start now (``wanted``), or None: every key alike but the tags, which the running
+    serf holds and gpud changes live (pure)."""
+    if written is None:
+        return "its configuration file cannot be read"
+    differ = sorted(
+        key
+        for key in written.keys() | wanted.keys()
+        if key != "tags" and written.get(key) != wanted.get(key)
+    )
+    return f"its configuration differs ({', '.join(differ)})" if differ else None
+
+
+def restored_tags(announced: Tags, current: Tags, initial: Tags) -> Tags:
+    """The tags to gossip through an adopted serf: what it announces now (``announced``, the
+    predecessor's), with every field this gpud's components changed since start (``current``
+    against ``initial``) taken from ``current`` (pure)."""
+    changed = {
+        field: getattr(current, field)
+        for field in current.__struct_fields__
+        if getattr(current, field) != getattr(initial, field)
+    }
+    return msgspec.structs.replace(announced, **changed)
+
+
+class AdoptedSerf(msgspec.Struct, frozen=True):
+    """A predecessor's serf, verified: its group and how to reach its RPC."""
+
+    group: ChildGroup
+    rpc: SerfRpc
+
+
+async def adopt_leftover_serf(
+    config: Config, advertise_addr: str, advertise_is_local: bool
+) -> AdoptedSerf | None:
+    """The serf a previous gpud left running on this node when it verifies (module
+    docstring); None otherwise (then `stop_leftover_serf` stops it)."""
+    store = open_store(config.state_dir)
+    group = _serf_record(config).load()
+    rpc = store.get(SERF_RPC)
+    path = serf_binary(config.serf.binary)
+    config_file = config.state_dir / "serf" / "serf.json"
+    if group is None or rpc is None:
+        return None
+    refused = (
+        "its recorded leader is not that process" if not leader_verified(group)
+        else "no serf executable" if path is None
+        else "another command line" if not runs_argv(group.pgid, _argv(path, config_file))
+        else preflight.rpc_listener(rpc.port, group.pgid) != "ours"
+        and "its RPC port is not its own listener"
+    )  # fmt: skip
+    if not refused:
+        try:
+            written = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            written = None
+        try:
+            wanted = _generated(config, advertise_addr, advertise_is_local, Tags(), rpc)
+            refused = config_refusal(written, wanted)
+        except ConfigError as exc:
+            refused = str(exc)
+    if not refused:
+        try:
+            probe = await SerfRPC.connect("127.0.0.1", rpc.port, rpc.token)
+            await probe.close()
+        except (SerfConnectionError, SerfRPCError) as exc:
+            refused = f"its RPC does not take the recorded token: {exc}"
+    if refused:
+        log.info(log.get("serf"), "not adopting serf", pid=group.pgid, reason=str(refused))
+        return None
+    return AdoptedSerf(group=group, rpc=rpc)
 
 
 async def stop_leftover_serf(config: Config) -> None:
@@ -117,32 +237,48 @@ class SerfAgent(ComponentBase):
 
     name = "serf"
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, adopted: AdoptedSerf | None = None) -> None:
+        """``adopted``: a predecessor's serf (verified by `adopt_leftover_serf`) to take over
+        instead of starting one."""
         self.ctx = ctx
+        self._store = open_store(ctx.config.state_dir)
         self.dir = ctx.config.state_dir / "serf"
         self.config_file = self.dir / "serf.json"
         self.token_file = self.dir / "rpc_auth"
         self.keyring_file = self.dir / "keyring.json"
         # Fingerprint of the cluster key gpud last wrote into the keyring (see keep_keyring).
         self.keyring_seed_file = self.dir / "keyring.seed"
+        self.log_file = ctx.config.state_dir / "logs" / "serf.log"
         self.ready = asyncio.Event()
         self.rpc: SerfRPC | None = None
-        # A serf that a kill -9'd gpud left running holds the gossip and RPC ports, and its
-        # RPC token died with that gpud: the next gpud stops exactly that group first.
+        self._token: str | None = None
+        # Where serf's RPC listens: serf.rpc_port, or another port while a squatter holds it.
+        self._rpc_port = ctx.config.serf.rpc_port
+        child = None
+        if adopted is not None:
+            child = self._child(serf_binary(ctx.config.serf.binary) or "serf")
+            if child.adopt(adopted.group):
+                self._token, self._rpc_port = adopted.rpc.token, adopted.rpc.port
+            else:
+                child = None
+        # The tags gpud started with: the fields its components change after an adoption
+        # are its own, the rest the adopted serf's (`restored_tags`).
+        self._initial_tags = ctx.tags
+        # A serf a previous gpud left running is adopted (``adopted``) or stopped by the
+        # agent before this one starts; gpud's exit leaves serf running for the next gpud.
         self.supervisor = Supervisor(
             "serf",
             self._make_child,
             record=_serf_record(ctx.config),
+            adopted=child,
+            keep_on_cancel=True,
         )
-        self._token: str | None = None
         self._handlers: dict[str, QueryHandler] = {}
         self._published: dict[str, str] = {}
         self._members: int | None = None
         self._last_error: str | None = None
         # Ports another process holds (found before a start, or a squatter on the RPC port).
         self._conflicts: list[preflight.PortConflict] = []
-        # Where serf's RPC listens: serf.rpc_port, or another port while a squatter holds it.
-        self._rpc_port = ctx.config.serf.rpc_port
         self._rpc_squat: preflight.PortConflict | None = None
         # Set while serf's RPC does not answer although its process lives (hung, SIGSTOPped).
         self._unanswered: str | None = None
@@ -215,10 +351,16 @@ class SerfAgent(ComponentBase):
         self._published = dict(config["tags"])
         write_private(self.config_file, json.dumps(config, indent=2))
         write_private(self.token_file, self._token + "\n")
+        await asyncio.to_thread(self._store.put, SERF_RPC, SerfRpc(self._rpc_port, self._token))
+        return self._child(path)
+
+    def _child(self, path: str) -> ChildProcess:
+        # Its output goes to a file, not a pipe: serf outlives gpud (module docstring).
         return ChildProcess(
             "serf",
-            [path, "agent", "-config-file", str(self.config_file)],
+            _argv(path, self.config_file),
             on_line=self._note_output,
+            log_path=self.log_file,
         )
 
     def _note_output(self, line: str) -> bool:
@@ -258,6 +400,7 @@ class SerfAgent(ComponentBase):
 
     async def _keep_connected(self) -> None:
         previous: ChildProcess | None = None
+        previous_restored: ChildProcess | None = None
         while True:
             child = await self._running_child()
             if self._leaving:
@@ -277,7 +420,17 @@ class SerfAgent(ComponentBase):
                 self._last_error = str(exc)
                 # Retry while serf lives (a hung serf may come back), at once when it exits.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_gone(child, None), RPC_RETRY_S)
+                    await within(self._wait_gone(child, None), RPC_RETRY_S)
+                continue
+            try:
+                if child.adopted and child is not previous_restored:
+                    # Before ``rpc`` is published: no component's tags may reach serf first.
+                    previous_restored = child
+                    await self._restore_tags(rpc)
+            except (SerfConnectionError, SerfRPCError) as exc:
+                self._last_error = str(exc)
+                await rpc.close()
+                await asyncio.sleep(RPC_RETRY_S)
                 continue
             self.rpc = rpc
             self._last_error = None
@@ -371,7 +524,7 @@ class SerfAgent(ComponentBase):
         as unreachable at once and the connection is dropped (then re-made when it answers)."""
         while True:
             try:
-                members = await asyncio.wait_for(rpc.members(), RPC_PING_TIMEOUT_S)
+                members = await within(rpc.members(), RPC_PING_TIMEOUT_S)
             except TimeoutError:
                 self._unanswered = (
                     f"serf RPC unreachable: no answer within {RPC_PING_TIMEOUT_S:g} s "
@@ -392,6 +545,31 @@ class SerfAgent(ComponentBase):
         rpc = self.rpc
         if rpc is not None:
             await self._send_tags(rpc, encoded)
+
+    async def _restore_tags(self, rpc: SerfRPC) -> None:
+        """An adopted serf gossips its predecessor's tags: keep them (the Ray role, term and
+        GCS port, the port block, the replicas' claims) rather than announce a fresh node,
+        with what this gpud's components set since it started."""
+        own = [m for m in await rpc.members() if m.name == self.ctx.node_name]
+        if not own:
+            return
+        self._published = dict(own[0].tags)
+        try:
+            announced = decode(own[0].tags)
+        except TagsError as exc:
+            log.warning(
+                self._log, "adopted serf's tags unreadable; gossiping fresh ones", error=str(exc)
+            )
+            return
+        self.ctx.tags = restored_tags(announced, self.ctx.tags, self._initial_tags)
+        log.info(
+            self._log,
+            "serf adopted; its tags kept",
+            pid=self.supervisor.status.pid,
+            ray=self.ctx.tags.ray,
+            term=self.ctx.tags.term,
+            gcs=self.ctx.tags.gcs,
+        )
 
     async def _send_tags(self, rpc: SerfRPC, encoded: dict[str, str]) -> None:
         stale = [key for key in self._published if key not in encoded]
@@ -431,6 +609,7 @@ class SerfAgent(ComponentBase):
     async def leave(self) -> None:
         """Leave the cluster gracefully (bounded by serf.leave_timeout_s), then stop serf."""
         self._leaving = True
+        self.supervisor.stop_on_cancel()  # a node that left has no serf for the next gpud
         timeout = self.ctx.config.serf.leave_timeout_s
         rpc = self.rpc
         if rpc is not None:

@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from gpud.config import Config, split_host_port
+from gpud.config import Config
+from gpud.hostport import split_host_port
 from gpud.secret import keyring_keys
 from gpud.tags import Tags, encode
 

@@ -23,6 +23,7 @@ import msgpack
 import msgspec
 
 from gpud import log
+from gpud.aio import within
 from gpud.errors import GpudError
 
 IPC_VERSION = 1
@@ -314,7 +315,7 @@ class SerfRPC:
     ) -> SerfRPC:
         """Connect, handshake and authenticate; raises SerfConnectionError/SerfRPCError."""
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+            reader, writer = await within(asyncio.open_connection(host, port), timeout_s)
         except (OSError, TimeoutError) as exc:
             raise SerfConnectionError(
                 f"cannot connect to serf RPC at {host}:{port}: {exc or 'timed out'}"
@@ -419,7 +420,7 @@ class SerfRPC:
             self._records[seq] = records
         try:
             await self._writer.drain()
-            frame = await asyncio.wait_for(future, timeout_s or self.timeout_s)
+            frame = await within(future, timeout_s or self.timeout_s)
         except TimeoutError:
             self._pending.pop(seq, None)
             self._records.pop(seq, None)

@@ -27,12 +27,12 @@ from pathlib import Path
 from types import FrameType
 
 from gpud.deployments import authority
-from tests import fake_nvml
+from tests.harness import fake_nvml
+from tests.harness.deployments import SERVER
 from tests.harness.gpud_node import Cluster, GpudNode, HarnessError, wait_for
 from tests.harness.netns import cleanup_leftovers
-from tests.ray_helpers import ray_overrides
+from tests.harness.ray_cluster import ray_overrides
 
-SERVER = str(Path(__file__).resolve().parents[1] / "deploy_server.py")
 DEPLOYMENT = "demo-model"
 MODEL = "demo/tiny"
 ROUTER_PORT = 7950
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     key_file.write_text(private + "\n")
     key_file.chmod(0o600)
     overrides |= {
-        "gpus": {"nvml_module": "tests.fake_nvml", "poll_interval_s": 1.0},
+        "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 1.0},
         "deployments": {"operators": [public], "command_allow": [sys.executable]},
         "router": {"enabled": True, "port": ROUTER_PORT},
     }

@@ -48,8 +48,8 @@ from typing import Any
 
 import msgspec
 
-from tests import fake_nvml
-from tests.deploy_server import JsonHandler, serve
+from tests.harness import fake_nvml
+from tests.harness.deploy_server import JsonHandler, serve
 
 REPO = Path(__file__).resolve().parents[2]
 # vLLM's `--distributed-executor-backend` choices (vllm/config/parallel.py).
@@ -480,7 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(args.model_tag, workers)
     if workers is not None:
         threading.Thread(target=workers.watch, args=(engine,), daemon=True).start()
-    serve(args.host or "0.0.0.0", args.port, make_handler(engine))
+    # vLLM's own line once its engine is up (vllm/entrypoints/openai/api_server.py): the output
+    # an operator reads with `gpud deploy logs`.
+    host = args.host or "0.0.0.0"
+    print(f"INFO api_server.py: Starting vLLM API server on http://{host}:{args.port}", flush=True)
+    serve(host, args.port, make_handler(engine))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ SERF_PORT = 7946
 RPC_PORT = 7373
 PEER_PORT = 7948
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 15.0
+# gpud's own stop may take Ray's full grace (a head draining on SIGTERM: 10 s) plus serf's
+# leave; the unit allows 90 s.
+STOP_TIMEOUT_S = 30.0
 # Unix socket paths are limited to 107 bytes; keep ours well inside.
 MAX_SOCKET_PATH = 100
 
@@ -403,3 +405,9 @@ class Cluster:
             self.network.close()
             if self._own_workdir and not self.keep_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def problems(node: GpudNode, code: str, *, path: str = "/v1/status") -> list[dict[str, Any]]:
+    """The problems with ``code`` in ``node``'s status (or /v1/doctor: ``path``); the timeout
+    allows for a doctor run's checks."""
+    return [p for p in node.api(path, timeout=30.0)["problems"] if p["code"] == code]

@@ -102,3 +102,36 @@ async def async_wait_for(
         if time.monotonic() >= deadline:
             raise WaitTimeout(_timeout_message(what, timeout, attempts, last, describe))
         await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def seconds_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    interval: float = 0.5,
+    *,
+    since: float | None = None,
+    what: str = "condition",
+    describe: Callable[[], str] | None = None,
+) -> float:
+    """What benches measure: seconds from ``since`` (a time.monotonic() reading, default now)
+    until ``predicate`` holds, by `wait_for`; the wait gives up ``timeout`` s after ``since``."""
+    began = time.monotonic() if since is None else since
+    left = max(0.0, began + timeout - time.monotonic())
+    wait_for(predicate, left, interval, what=what, describe=describe)
+    return time.monotonic() - began
+
+
+async def async_seconds_until(
+    predicate: Callable[[], object],
+    timeout: float,  # noqa: ASYNC109 -- as seconds_until; the loop is bounded
+    interval: float = 0.3,
+    *,
+    since: float | None = None,
+    what: str = "condition",
+    describe: Callable[[], str] | None = None,
+) -> float:
+    """`seconds_until` inside an event loop, by `async_wait_for`."""
+    began = time.monotonic() if since is None else since
+    left = max(0.0, began + timeout - time.monotonic())
+    await async_wait_for(predicate, left, interval, what=what, describe=describe)
+    return time.monotonic() - began

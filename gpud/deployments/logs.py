@@ -1,0 +1,103 @@
+"""`GET /v1/deployments/{name}/logs?replica=I&lines=N|offset=B`: a replica server's output file on
+this host (gpud.logfiles reads it; `gpud deploy logs` prints it).
+
+A read endpoint like the other deployment views (any member of the socket's group). The file is
+named from the validated deployment name and replica index only (the name the replica runtime
+writes, `Replicas.log_path`), so no request reaches another path. Without ``replica`` the one
+replica of the deployment this host has a file of, or runs, is meant; where the replica has no
+file here the error says where it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from gpud import api, logfiles
+from gpud.deployments import spec
+from gpud.errors import ApiError
+
+if TYPE_CHECKING:
+    from gpud.deployments.model import DeploymentView
+
+# A spec holds at most 256 replicas (gpud.deployments.spec).
+MAX_REPLICA = 255
+
+
+def replica_index(raw: str | None) -> int | None:
+    """``?replica=`` as an index, None when absent; ApiError(400) when it is not one."""
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_REPLICA:
+        raise ApiError(400, f"replica must be an index from 0 to {MAX_REPLICA}, not {raw[:32]!r}")
+    return int(raw)
+
+
+def pick_replica(
+    view: DeploymentView, node: str, index: int | None, has_file: Callable[[int], bool]
+) -> int:
+    """The replica index a request on ``node`` means: ``index``, or the one replica of the
+    deployment this node runs or has a file of; ApiError(404/400) saying why there is none."""
+    name = view.name
+    if index is not None:
+        found = next((r for r in view.replica_views if r.index == index), None)
+        if has_file(index):
+            return index
+        if found is None:
+            raise ApiError(404, f"{name} has no replica {index} (replicas: {view.replicas})")
+        if found.node != node:
+            where = f"runs on {found.node}" if found.node else "is not placed on any host"
+            raise ApiError(404, f"replica {name}.{index} {where}, not on this host: ask there")
+        if len(found.nodes) > 1:
+            raise ApiError(
+                404,
+                f"replica {name}.{index} spans several hosts: its server writes to gpud's own "
+                "log (`journalctl -u gpud`), not to a file",
+            )
+        raise ApiError(404, f"replica {name}.{index} has written no log on this host yet")
+    here = {r.index for r in view.replica_views if r.node == node}
+    candidates = sorted(here | {i for i in range(view.replicas) if has_file(i)})
+    if len(candidates) == 1:
+        return pick_replica(view, node, candidates[0], has_file)
+    if candidates:
+        listed = ", ".join(str(i) for i in candidates)
+        raise ApiError(400, f"this host has several replicas of {name} ({listed}): name one")
+    elsewhere = ", ".join(f"{name}.{r.index} on {r.node}" for r in view.replica_views if r.node)
+    raise ApiError(
+        404, f"no replica of {name} runs on this host" + (f" ({elsewhere})" if elsewhere else "")
+    )
+
+
+def route(
+    view: Callable[[str], DeploymentView], node: str, log_path: Callable[[str], Path]
+) -> web.RouteDef:
+    """The route, over the service's view of a deployment, this node's name and the replica
+    runtime's file names."""
+
+    async def handler(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            msgspec.convert(name, spec.Name)  # the spec's own rule: no path can pass it
+        except msgspec.ValidationError:
+            raise ApiError(400, f"not a deployment name: {name[:64]!r}") from None
+        found = view(name)  # 404 for an unknown deployment
+        index = replica_index(request.query.get("replica"))
+
+        def has_file(i: int) -> bool:
+            return log_path(f"{name}.{i}").is_file()
+
+        index = await asyncio.to_thread(pick_replica, found, node, index, has_file)
+        chunk = await asyncio.to_thread(
+            logfiles.answer,
+            request.query,
+            log_path(f"{name}.{index}"),
+            f"replica {name}.{index} has written no log on this host yet",
+        )
+        return api.json_response(msgspec.structs.replace(chunk, replica=index))
+
+    return web.get("/v1/deployments/{name}/logs", handler)
