@@ -3,9 +3,7 @@ see its README) is moved into the state store on first start, and nothing is los
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from gpud.ports.blocks import ClaimRecord
 from gpud.ports.leases import CLAIM, RESERVED, LeaseStore
 from gpud.ray.votes import VoteRequest, VoteState, VoteStore
 from gpud.state import StateStore
+from tests.harness.netns import kill_process_tree
 from tests.harness.serf import free_ports
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "state-0.1.0"
@@ -164,7 +163,7 @@ def test_a_real_gpud_on_a_0_1_0_state_dir_comes_back_with_its_block_leases_and_v
             tags = status["node"]["tags"]
             assert (tags["blk"], tags["bc"]) == (EXPECTED_CLAIM.blk, EXPECTED_CLAIM.confirmed_at)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_process_tree(proc.pid)  # gpud and its serf, which a stop leaves running
             proc.wait(10)
     state = StateStore(state_dir)
     assert VoteStore(state).state == VoteState(term=3, voted_for="n2")

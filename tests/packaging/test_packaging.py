@@ -33,6 +33,7 @@ from hypothesis import given
 
 from gpud import config as gpud_config
 from gpud.secret import parse_key
+from tests.harness.netns import kill_process_tree
 from tests.harness.serf import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -621,12 +622,9 @@ def _run_agent_as_service_would(workdir: Path) -> None:
         assert stat.S_IMODE(sock.st_mode) == 0o660 and sock.st_gid == grp.getgrnam("gpud").gr_gid
     finally:
         if agent.poll() is None:
-            os.killpg(agent.pid, 15)  # the process group this test started
-            try:
-                agent.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(agent.pid, 9)
-                agent.wait(timeout=10)
+            # The agent and its serf (a stop leaves serf running for the next gpud).
+            kill_process_tree(agent.pid)
+            agent.wait(timeout=10)
         listener.close()
         log.close()
 
