@@ -73,10 +73,10 @@ class ApiConfig(_Section):
     socket: str = ""
     socket_group: str = "gpud"
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
-    # --- issue 10 (trust): local authorization ---
+    # --- trust: local authorization ---
     # socket_group may read; changing state (leases, deployments) needs root or this group.
     admin_group: str = "gpud-admin"
-    # --- end issue 10 ---
+    # --- end of local authorization ---
 
 
 class PathsConfig(_Section):

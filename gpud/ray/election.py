@@ -157,7 +157,7 @@ def choose_candidate(
     return (min(eligible, key=rank_key) if eligible else None), reasons
 
 
-# ---- Ray health decides the head (issue 11 item 2) ----
+# ---- Ray health decides the head ----
 # Part of the reason a head of a GCS its workers cannot reach steps down (the service keeps
 # such a head out of the next election for a while).
 GCS_UNREACHABLE = "a majority of its workers cannot reach its GCS"
@@ -324,7 +324,7 @@ def vote_refusal(
     return None
 
 
-# ---- trust: which members count, which claims are believed (issue 10) -----------------------
+# ---- trust: which members count, which claims are believed ----
 
 # Is this member a verified gpud node of this cluster (it answered our authenticated peer API
 # as itself at its gossiped address)? The health component's Prober.verified.

@@ -445,7 +445,7 @@ class HeadElection:
         return Plan(action="wait", term=term, reason=f"not following {head}: {refusal}"[:500])
 
     def problems(self) -> list[Problem]:
-        """Claims this node refused to believe (issue 10): rogue heads, wild terms, heads
+        """Claims this node refused to believe: rogue heads, wild terms, heads
         that could not prove their office."""
         found = [
             Problem(

@@ -83,7 +83,7 @@ def test_bad_requests_get_json_errors_and_change_nothing(agent: RunningAgent) ->
 
 
 def test_sigterm_sends_stopping_and_leaves_serf_running(agent: RunningAgent) -> None:
-    """A graceful stop leaves serf to the next gpud (issue 21): no leave, no stop."""
+    """A graceful stop leaves serf to the next gpud: no leave, no stop."""
     agent.wait_message("READY=1")
     serf_pid = agent.api("GET", "/v1/status")["serf"]["supervisor"]["pid"]
     assert serf_pid

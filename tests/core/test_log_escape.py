@@ -1,4 +1,4 @@
-"""Clean output (issue 10.9): text from outside never reaches a terminal raw. Every log field
+"""Clean output: text from outside never reaches a terminal raw. Every log field
 value and message, and lease owners in `gpud ports`, show control characters and ESC
 sequences as escapes, and a log event stays one line."""
 

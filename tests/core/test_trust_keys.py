@@ -1,4 +1,4 @@
-"""The gossip keyring survives restarts (issue 10.11 with 10.10): a `gpud keys` rotation is not
+"""The gossip keyring survives restarts: a `gpud keys` rotation is not
 undone when gpud restarts serf, while a changed cluster.key_file still takes effect."""
 
 from __future__ import annotations

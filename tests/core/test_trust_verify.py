@@ -1,4 +1,4 @@
-"""Only verified gpud nodes count (issue 10.1, the verification part): a member is verified once
+"""Only verified gpud nodes count (the verification part): a member is verified once
 it answered our authenticated ping as itself at the address gossip announces; dial-backs go only
 to alive members' own address and peer port (verified there, or the address the request came
 from), never to another host, loopback, link-local or ourselves."""

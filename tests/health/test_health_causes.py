@@ -1,4 +1,4 @@
-"""Causes that match the evidence (issue 11 item 5): the pair verdict names a stopped gpud, a
+"""Causes that match the evidence: the pair verdict names a stopped gpud, a
 hung gpud or dropping firewall, or a peer behind NAT, from the same pure judge_pair the health
 component runs, by the cause each probe carries as a code (never by its words); the causes
 netprobe gives are pinned against real sockets."""

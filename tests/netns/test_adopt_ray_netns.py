@@ -1,4 +1,4 @@
-"""The cluster-wide Ray node and serf outlive gpud (issue 21), on real gpud, serf and Ray in
+"""The cluster-wide Ray node and serf outlive gpud, on real gpud, serf and Ray in
 namespaces.
 
 On the Ray head's host and then on a worker's, gpud is stopped gracefully (SIGTERM to its pid

@@ -1,4 +1,4 @@
-"""No price in false alarms (issue 11 item 7), with real gpud, serf and Ray in namespaces.
+"""No price in false alarms, with real gpud, serf and Ray in namespaces.
 
 1. The head's gpud is frozen (SIGSTOP of its pid only; its serf and Ray keep running) for
    30 s: no peer judges any node down, the head and term stay, no Ray process restarts;

@@ -460,8 +460,8 @@ def test_gpud_node_lifecycle_in_a_real_cluster(cluster: Callable[..., Cluster]) 
     )
     n2.restart()
     c.wait_converged(timeout=60)
-    # terminate: a graceful stop of gpud alone; its serf runs on for the next gpud to adopt
-    # (issue 21), so peers still list the node alive.
+    # terminate: a graceful stop of gpud alone; its serf runs on for the next gpud to adopt,
+    # so peers still list the node alive.
     serf = c[1].status()["serf"]["supervisor"]["pid"]
     assert c[1].terminate() == 0
     time.sleep(3)

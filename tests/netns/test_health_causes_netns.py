@@ -1,4 +1,4 @@
-"""Causes that match the evidence, with real gpud + serf in namespaces (issue 11 item 5): a
+"""Causes that match the evidence, with real gpud + serf in namespaces: a
 frozen gpud (SIGSTOP; its serf keeps gossiping) and a dead one (kill -9 of gpud) are named as
 such by the other hosts, not as "a firewall passes gossip but blocks other ports"."""
 

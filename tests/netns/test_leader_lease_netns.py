@@ -1,4 +1,4 @@
-"""Leader lease with real gpud, serf and Ray in namespaces (issue 11 item 3).
+"""Leader lease with real gpud, serf and Ray in namespaces.
 
 A 3|2 partition with the head in the minority: the majority elects a new head, and at no
 sample (every 0.5 s, on every node) do two nodes act as head at once. A node acts as head

@@ -146,7 +146,7 @@ def test_partition_minority_has_no_head_and_heals_to_one_cluster(ray_cluster: Cl
 def test_kill9_of_gpud_alone_leaves_no_second_ray_node_nor_serf(ray_cluster: Cluster) -> None:
     """kill -9 of a worker's gpud only (not under systemd, nothing else dies): its serf and
     its `ray start` group live on. The next gpud adopts exactly those groups instead of
-    starting its own (issue 21), so the head never counts two Ray nodes for one host (0.1
+    starting its own, so the head never counts two Ray nodes for one host (0.1
     counted 4 on 3)."""
     nodes = list(ray_cluster)
     head, _, _ = one_ray_cluster(nodes, STEADY_S)

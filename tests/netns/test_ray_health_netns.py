@@ -1,4 +1,4 @@
-"""Ray's own ports, with real gpud + serf + `ray start` in namespaces (issue 11 items 1, 2).
+"""Ray's own ports, with real gpud + serf + `ray start` in namespaces.
 
 - The head's GCS port blocked (nftables drop on the head; gossip and peer API open): every
   worker says it cannot reach the GCS and why, in `gpud status`, /v1/ray, `gpud doctor` and

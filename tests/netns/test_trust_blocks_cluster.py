@@ -1,4 +1,4 @@
-"""Port-block theft, tried against real gpud agents (issue 10.3): a plain `serf agent` holding the
+"""Port-block theft, tried against real gpud agents: a plain `serf agent` holding the
 cluster key announces the victim's confirmed block (tags ``blk``, ``bc``) with an earlier
 confirmation time, on the victim's address or from another host with a spoofed advertise
 address. The victim keeps its block (no lease is refused, nothing dropped), says whom it

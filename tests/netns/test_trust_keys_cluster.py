@@ -1,4 +1,4 @@
-"""Unkeyed or mis-keyed is loud (issue 10.10), against real gpud agents in the namespace harness:
+"""Unkeyed or mis-keyed is loud, against real gpud agents in the namespace harness:
 
 - a host whose cluster.key differs is critical (serf.key_mismatch: it cannot join, its gossip
   cannot be decrypted) and `gpud doctor` exits 1, while its peers warn that a host at its

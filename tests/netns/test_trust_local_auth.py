@@ -1,4 +1,4 @@
-"""Local authorization with real uids against a real gpud agent (issue 10.8).
+"""Local authorization with real uids against a real gpud agent.
 
 Throwaway users: a reader (socket group only) and two admins (socket group + admin group). The
 clients run as those users (a forked child that drops to their uid and groups) and call the

@@ -1,4 +1,4 @@
-"""Attacks on the Ray election with real agents (issue 10 items 1 and 2): three gpud nodes (real
+"""Attacks on the Ray election with real agents: three gpud nodes (real
 serf, real Ray) in namespaces, and rogues that are plain `serf agent`s holding the cluster key,
 started by the test on a fourth host of its own.
 

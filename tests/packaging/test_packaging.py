@@ -638,7 +638,7 @@ def test_deb_installs_files_user_key_and_enables_unit(installed_deb: Packages) -
     state = os.stat("/var/lib/gpud")
     assert (stat.S_IMODE(state.st_mode), state.st_uid) == (0o750, user.pw_uid)
     key = os.stat("/etc/gpud/cluster.key")
-    # Root and the service only: operators are in group gpud (issue 10.8).
+    # Root and the service only: operators are in group gpud.
     assert (stat.S_IMODE(key.st_mode), key.st_uid, key.st_gid) == (0o600, user.pw_uid, user.pw_gid)
     parse_key(Path("/etc/gpud/cluster.key").read_text(), source="/etc/gpud/cluster.key")
     assert WANTS_LINK.is_symlink()  # postinst enabled it, as Debian packages do

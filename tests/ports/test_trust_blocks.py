@@ -1,4 +1,4 @@
-"""Block ownership that cannot be taken (issue 10.3): properties of ``blocks.step``, the function
+"""Block ownership that cannot be taken: properties of ``blocks.step``, the function
 the claim loop runs. A confirmed block is not given up to an unverified member, nor to a claim
 that appeared after it and announces an earlier confirmation time; honest claims still resolve
 as before, and a restarted node and its peers agree on who keeps a block."""

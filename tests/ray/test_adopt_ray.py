@@ -1,4 +1,4 @@
-"""Adopting Ray and serf across a gpud restart (issue 21): the pure decisions (which recorded
+"""Adopting Ray and serf across a gpud restart: the pure decisions (which recorded
 Ray node may be adopted, how long an adopted one outlives a plan without a target, which serf
 configuration still matches, which tags an adopted serf keeps gossiping), and the Ray
 supervisor adopting a stand-in Ray node its predecessor left, or stopping one it cannot

@@ -1,4 +1,4 @@
-"""Ray health decides the head (issue 11 items 1 and 2), pure parts: the election rule on the
+"""Ray health decides the head, pure parts: the election rule on the
 workers' gossiped GCS verdicts (tag hg), and the verdicts on Ray's own ports, driven through the
 same functions gpud runs (gpud.ray.election, gpud.ray.reach)."""
 

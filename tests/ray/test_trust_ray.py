@@ -1,4 +1,4 @@
-"""Trust in the Ray election (issue 10 items 1 and 2): only verified gpud nodes count, and a
+"""Trust in the Ray election: only verified gpud nodes count, and a
 head is followed only with proof of office. Property tests drive the pure rules production
 runs (gpud.ray.election.screen / plan / proof_refusal); in-process clusters drive HeadElection
 over the loopback query transport. The attacks against real agents: test_trust_ray_netns.py."""

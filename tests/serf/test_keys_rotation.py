@@ -1,4 +1,4 @@
-"""Gossip key rotation against real `serf agent`s (issue 10.11): install a new key everywhere,
+"""Gossip key rotation against real `serf agent`s: install a new key everywhere,
 make it primary, remove the old one; members stay alive throughout. Then the peer-API keys
 derived from the keyring follow it."""
 
