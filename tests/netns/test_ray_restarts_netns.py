@@ -1,11 +1,13 @@
 """Restarting gpud never makes a second head (real gpud, serf and Ray in namespaces).
 
-A restarted gpud starts a fresh serf that has not found its peers yet: before the fix it
-elected itself at once ("elected head votes=1 known=1") beside the head in office. Here the
-head's gpud, a worker's, or all three at once are restarted while every node is sampled
-every 0.5 s: never two nodes acting as head, and no election won by one vote of one member.
-Ten rounds: the head in office and a worker in turn (four of each), and all three at once
-(twice).
+A restarted gpud whose serf has not found its peers yet once elected itself at once ("elected
+head votes=1 known=1") beside the head in office; a voter that had just started granted a vote
+while the head's lease still ran on its previous process's word. Here, while every node is
+sampled every 0.5 s, ten rounds restart the head's gpud and a worker's in turn (four of each:
+the next gpud adopts serf and Ray) and twice kill every process of all three hosts at once
+(serf and Ray start afresh, so the cluster elects again from persisted terms): never two nodes
+acting as head, no election won by one vote, and every election after a restart counts all
+three members.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.harness.ray_cluster import (
     Sampler,
     agreed_head,
     describe,
+    kill_host,
     one_ray_cluster,
     running_ray_cluster,
 )
@@ -73,8 +76,11 @@ def test_restarts_never_make_a_second_head(ray_cluster: Cluster) -> None:
             else:
                 restart = [next(n for n in nodes if n.name != head)]
             for node in restart:
-                node.terminate()
-                node.reap_children()
+                if round_ == "all":
+                    kill_host(node)  # every process of the host: serf and Ray start afresh
+                else:
+                    node.terminate()  # gpud alone: the next one adopts serf and Ray
+                    node.reap_children()
             for node in restart:
                 node.start(ray_cluster.start_timeout)
             head, _, _ = wait_for(

@@ -15,19 +15,22 @@ import pytest
 
 from gpud.context import NodeContext
 from gpud.serf.agent import SerfAgent
+from tests.harness.ray_cluster import kill_host
 from tests.harness.serf import node_config, running
 from tests.harness.wait import async_wait_for, wait_for
 
 UNPRIVILEGED_UID = 65534
 
 # Drops to the unprivileged uid (the interpreter lives where that uid may not read), listens on
-# the port, reports each connection it is handed (none may come), exits on EOF.
+# the port, reports each connection it is handed (none may come), exits on EOF. SO_REUSEADDR as
+# any server sets it: the port may still hold TIME_WAIT connections of a serf just killed.
 _SQUATTER = """
 import os, socket, sys, threading
 os.setgroups([])
 os.setgid(int(sys.argv[2]))
 os.setuid(int(sys.argv[2]))
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen(8)
 print("listening", flush=True)
@@ -76,12 +79,12 @@ async def test_a_squatted_rpc_port_is_routed_around_and_the_squatter_named(tmp_p
 @pytest.mark.timeout(180)
 def test_a_real_node_restarted_under_a_squat_rejoins_and_says_why(cluster):
     """gpud started while a local user held serf's RPC port: it refused to start (a port
-    conflict), so its peers listed it failed."""
+    conflict), so its peers listed it failed. The host's processes all end first (a reboot:
+    a plain stop of gpud leaves its serf, and so the port, to the next gpud)."""
     nodes = cluster(2)
     nodes.wait_converged()
     a, b = nodes[0], nodes[1]
-    b.terminate()
-    b.reap_children()
+    kill_host(b)
     squatter = b.host.popen(
         [sys.executable, "-c", _SQUATTER, str(b.config["serf"]["rpc_port"]), str(UNPRIVILEGED_UID)],
         stdin=subprocess.PIPE,
