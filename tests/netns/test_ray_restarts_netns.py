@@ -3,8 +3,8 @@
 A restarted gpud whose serf has not found its peers yet once elected itself at once ("elected
 head votes=1 known=1") beside the head in office; a voter that had just started granted a vote
 while the head's lease still ran on its previous process's word. Here, while every node is
-sampled every 0.5 s, ten rounds restart the head's gpud and a worker's in turn (four of each:
-the next gpud adopts serf and Ray) and twice kill every process of all three hosts at once
+sampled every 0.5 s, ten rounds restart the head's gpud and a worker's in turn (five of each:
+the next gpud adopts serf and Ray) and two more kill every process of all three hosts at once
 (serf and Ray start afresh, so the cluster elects again from persisted terms): never two nodes
 acting as head, no election won by one vote, and every election after a restart counts all
 three members.
@@ -38,7 +38,7 @@ pytestmark = [
 STEADY_S = 200.0
 # The harness writes this before every start of gpud.
 RESTART_MARK = "==== harness: starting gpud"
-ROUNDS = ["head", "worker"] * 2 + ["all"] + ["head", "worker"] * 2 + ["all"]
+ROUNDS = ["head", "worker"] * 3 + ["all"] + ["head", "worker"] * 2 + ["all"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def election_lines(nodes: list[GpudNode]) -> dict[str, list[str]]:
     }
 
 
-# Ten rounds of up to FAILOVER_S each, after the cluster's first steady state.
+# Twelve rounds of up to FAILOVER_S each, after the cluster's first steady state.
 @pytest.mark.timeout(600)
 def test_restarts_never_make_a_second_head(ray_cluster: Cluster) -> None:
     nodes = list(ray_cluster)
