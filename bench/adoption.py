@@ -28,7 +28,7 @@ import msgspec
 from gpud.deployments import authority
 from gpud.process import process_start
 from tests.harness import fake_nvml
-from tests.harness.deployments import SERVER
+from tests.harness.deployments import FAKE_GPUS, SERVER
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.harness.router_cluster import LOADER, ROUTER_PORT
 
@@ -58,7 +58,7 @@ class Serving(msgspec.Struct, kw_only=True):
 
 def overrides(public_key: str) -> dict[str, Any]:
     return {
-        "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
+        "gpus": FAKE_GPUS,
         "deployments": {"operators": [public_key], "command_allow": [sys.executable]},
         "router": {"enabled": True, "port": ROUTER_PORT},
     }

@@ -41,7 +41,7 @@ from typing import Any
 
 from gpud.deployments import authority
 from tests.harness import fake_nvml, fake_vllm
-from tests.harness.deployments import READY_S, SERVER, ready_everywhere, spec_text
+from tests.harness.deployments import FAKE_GPUS, READY_S, SERVER, ready_everywhere, spec_text
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.harness.ray_cluster import RAY_EXECUTABLE
 
@@ -70,7 +70,7 @@ def _setup(workdir: Path) -> tuple[Path, dict[str, Any]]:
     key.write_text(private + "\n")
     overrides = {
         "log_level": "info",
-        "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
+        "gpus": FAKE_GPUS,
         "deployments": {"operators": [public], "command_allow": [sys.executable]},
     }
     return key, overrides

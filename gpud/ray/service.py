@@ -190,13 +190,12 @@ class RayService(ComponentBase):
             await self._resign()
 
     async def _resign(self) -> None:
-        """Ray has stopped with this component: say so in the tags before the agent's serf
-        leave is gossiped. A head that kept announcing itself while leaving would be listed
-        as head beside its successor, and peers would wait out a lease that nothing holds."""
+        """Ray has stopped with this component: say so in the tags (a no-op when they say it
+        already) before gpud exits. A head that kept announcing itself while stopping would
+        be listed as head beside its successor, and peers would wait out a lease that nothing
+        holds."""
         if self.supervisor.left_running:
             return  # Ray runs on for the next gpud, and serf with it: nothing changed
-        if self.ctx.tags.ray == "none" and not self.ctx.tags.gcs:
-            return
         try:
             await self.ctx.update_tags(ray="none", gcs=0)
         except Exception as exc:  # serf gone already: its leave says the same

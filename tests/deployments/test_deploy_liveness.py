@@ -22,10 +22,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.deployments import authority
 from gpud.deployments.readiness import cluster_step
 from tests.harness import fake_nvml, fake_vllm
-from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.harness.deployments import operated_cluster
+from tests.harness.gpud_node import GpudNode, wait_for
 from tests.harness.ray_cluster import RAY_EXECUTABLE
 from tests.harness.vllm_cluster import (
     SPEC,
@@ -113,21 +113,15 @@ def test_kill9_of_a_worker_host_restarts_the_replica_as_a_whole_on_the_free_host
     nvml_with_gpu0_lost(nvml)
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
     vllm = fake_vllm.install(tmp_path / "bin", nvml_state=nvml)
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
     ray_temp = tempfile.mkdtemp(prefix="gdl", dir="/tmp")  # short: Ray's socket paths
     try:
-        c: Cluster = cluster(
+        c, key_file = operated_cluster(
+            cluster,
+            tmp_path,
             4,
-            overrides={
-                "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-                "ray": {"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
-                "deployments": {"operators": [public], "vllm_executable": str(vllm)},
-            },
+            {"vllm_executable": str(vllm)},
+            ray={"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
         )
-        c.wait_converged()
-        c.wait_placeable()
         spec = tmp_path / "big.toml"
         spec.write_text(
             SPEC.replace('"llm"', '"big"') + 'nodes_per_replica = 2\nready_check = "completion"\n'

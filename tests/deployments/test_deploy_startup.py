@@ -21,13 +21,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.deployments import authority, spec, views
+from gpud.deployments import spec, views
 from gpud.deployments.readiness import liveness_step, startup_step
 from gpud.process import proc_stat
 from gpud.text import duration
 from tests.harness import fake_nvml
-from tests.harness.deployments import SERVER
-from tests.harness.gpud_node import Cluster, GpudNode, wait_for
+from tests.harness.deployments import SERVER, operated_cluster
+from tests.harness.gpud_node import GpudNode, wait_for
 
 # ---- pure decisions ------------------------------------------------------------------------
 
@@ -180,18 +180,7 @@ def test_a_server_late_past_its_startup_timeout_is_restarted_one_within_is_not(
     nvml = tmp_path / "nvml.json"
     fake_nvml.write_state(nvml, fake_nvml.node(1))
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
-    c: Cluster = cluster(
-        2,
-        overrides={
-            "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-            "deployments": {"operators": [public], "command_allow": [sys.executable]},
-        },
-    )
-    c.wait_converged()
-    c.wait_placeable()
+    c, key_file = operated_cluster(cluster, tmp_path, 2, {"command_allow": [sys.executable]})
     a = c.nodes[0]
     for name, sleep_s, timeout_s in (
         ("late", 60, 3),

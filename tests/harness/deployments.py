@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpud.context import Member, NodeContext
+from gpud.deployments import authority
 from gpud.deployments.peers import PeerLinks
 from gpud.deployments.service import DeploymentService
 from gpud.gpus.service import GpuService
@@ -17,12 +18,14 @@ from gpud.ports.service import PortsService
 from gpud.state import StateStore
 from tests.harness import fake_nvml
 from tests.harness.config import config_for
-from tests.harness.gpud_node import GpudNode
+from tests.harness.gpud_node import Cluster, GpudNode
 
 # The `command` engine's stand-in server (run by gpud with the interpreter as argv[0]).
 SERVER = str(Path(__file__).resolve().parent / "deploy_server.py")
 # Apply to every replica ready on 2 busy cores.
 READY_S = 90.0
+# [gpus] of a namespace node on the fake NVML (its state file: fake_nvml.ENV).
+FAKE_GPUS = {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5}
 
 
 def spec_text(name: str, *, replicas: int = 2, argv0: str = sys.executable) -> str:
@@ -32,6 +35,33 @@ def spec_text(name: str, *, replicas: int = 2, argv0: str = sys.executable) -> s
         f'name = "{name}"\nengine = "command"\nmodel = "test-model"\nreplicas = {replicas}\n'
         f"gpus_per_node = 1\ncommand = {json.dumps(command)}\n"
     )
+
+
+def operated_cluster(
+    cluster: Any,
+    tmp_path: Path,
+    size: int,
+    deployments: dict[str, Any],
+    **sections: dict[str, Any],
+) -> tuple[Cluster, Path]:
+    """A converged, placeable namespace cluster (``cluster``: the fixture) of ``size`` nodes
+    on the fake NVML, whose [deployments] trust a fresh operator key: the cluster and that
+    key's file (``--key`` of `gpud deploy apply`). ``deployments``: the other [deployments]
+    settings; ``sections``: other config sections. The caller writes the fake NVML state."""
+    private, public = authority.keygen()
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(private + "\n")
+    c: Cluster = cluster(
+        size,
+        overrides={
+            "gpus": FAKE_GPUS,
+            "deployments": {"operators": [public], **deployments},
+            **sections,
+        },
+    )
+    c.wait_converged()
+    c.wait_placeable()
+    return c, key_file
 
 
 def endpoints(node: GpudNode, name: str) -> list[dict[str, Any]]:

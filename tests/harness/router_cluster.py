@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from gpud.deployments import authority
 from tests.harness import fake_nvml
-from tests.harness.deployments import READY_S, SERVER, ready_everywhere
+from tests.harness.deployments import READY_S, SERVER, operated_cluster, ready_everywhere
 from tests.harness.gpud_node import Cluster, GpudNode
 from tests.harness.wait import wait_for
 
@@ -93,19 +92,13 @@ def routed_cluster(
     nvml = tmp_path / "nvml.json"
     fake_nvml.write_state(nvml, fake_nvml.node(2))
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
-    c: Cluster = cluster(
+    c, key_file = operated_cluster(
+        cluster,
+        tmp_path,
         3,
-        overrides={
-            "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-            "deployments": {"operators": [public], "command_allow": [sys.executable]},
-            "router": {"enabled": True, "port": ROUTER_PORT},
-        },
+        {"command_allow": [sys.executable]},
+        router={"enabled": True, "port": ROUTER_PORT},
     )
-    c.wait_converged()
-    c.wait_placeable()
     spec = tmp_path / "routed.toml"
     spec.write_text(spec_text("routed"))
     c.nodes[0].cli("deploy", "apply", str(spec), "--key", str(key_file))

@@ -24,7 +24,13 @@ import pytest
 from gpud.deployments import authority
 from gpud.state import DB_NAME
 from tests.harness import fake_nvml, faults
-from tests.harness.deployments import READY_S, ready_everywhere, spec_text
+from tests.harness.deployments import (
+    FAKE_GPUS,
+    READY_S,
+    operated_cluster,
+    ready_everywhere,
+    spec_text,
+)
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 
 
@@ -39,18 +45,7 @@ def test_deploy_apply_refuse_failover_delete(
     nvml = tmp_path / "nvml.json"
     fake_nvml.write_state(nvml, fake_nvml.node(2))
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
-    c: Cluster = cluster(
-        3,
-        overrides={
-            "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-            "deployments": {"operators": [public], "command_allow": [sys.executable]},
-        },
-    )
-    c.wait_converged()
-    c.wait_placeable()
+    c, key_file = operated_cluster(cluster, tmp_path, 3, {"command_allow": [sys.executable]})
     a, b, _ = c.nodes
 
     def describe() -> str:
@@ -299,7 +294,7 @@ def test_gpud_crash_stops_its_orphaned_replica_and_starts_anew(
     c: Cluster = cluster(
         1,
         overrides={
-            "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
+            "gpus": FAKE_GPUS,
             "deployments": {"operators": [public], "command_allow": [sys.executable]},
         },
     )

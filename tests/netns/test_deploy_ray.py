@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 
-from gpud.deployments import authority
 from tests.harness import fake_nvml
-from tests.harness.deployments import SERVER, ready_everywhere
-from tests.harness.gpud_node import Cluster, wait_for
+from tests.harness.deployments import SERVER, operated_cluster, ready_everywhere
+from tests.harness.gpud_node import wait_for
 from tests.harness.ray_cluster import RAY_EXECUTABLE
 
 pytestmark = [
@@ -51,19 +50,13 @@ def test_two_replicas_of_two_nodes_each_run_their_own_ray_cluster(
     nvml = tmp_path / "nvml.json"
     fake_nvml.write_state(nvml, fake_nvml.node(2))
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key = tmp_path / "operator.key"
-    key.write_text(private + "\n")
-    c: Cluster = cluster(
+    c, key = operated_cluster(
+        cluster,
+        tmp_path,
         5,
-        overrides={
-            "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-            "ray": {"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
-            "deployments": {"operators": [public], "command_allow": [sys.executable]},
-        },
+        {"command_allow": [sys.executable]},
+        ray={"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
     )
-    c.wait_converged()
-    c.wait_placeable()
     command = [sys.executable, SERVER, "--port", "{port}", "--host", "{host_ip}"]
     spec = tmp_path / "big.toml"
     spec.write_text(

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from gpud.deployments import authority
 from tests.harness import fake_nvml, fake_vllm
-from tests.harness.gpud_node import Cluster, wait_for
+from tests.harness.deployments import operated_cluster
+from tests.harness.gpud_node import wait_for
 from tests.harness.ray_cluster import RAY_EXECUTABLE
 from tests.harness.vllm_cluster import (
     SPEC,
@@ -48,18 +48,7 @@ def test_vllm_replica_ready_and_answering(
     nvml_with_gpu0_lost(nvml)
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
     vllm = fake_vllm.install(tmp_path / "bin", nvml_state=nvml)
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
-    c: Cluster = cluster(
-        2,
-        overrides={
-            "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-            "deployments": {"operators": [public], "vllm_executable": str(vllm)},
-        },
-    )
-    c.wait_converged()
-    c.wait_placeable()
+    c, key_file = operated_cluster(cluster, tmp_path, 2, {"vllm_executable": str(vllm)})
     a = c.nodes[0]
     spec = tmp_path / "llm.toml"
     spec.write_text(SPEC)
@@ -108,21 +97,15 @@ def test_vllm_over_ray_places_one_gpu_actor_per_bundle_on_the_replicas_nodes(
     nvml_with_gpu0_lost(nvml, gpus + 1)
     monkeypatch.setenv(fake_nvml.ENV, str(nvml))
     vllm = fake_vllm.install(tmp_path / "bin", nvml_state=nvml)
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
     ray_temp = tempfile.mkdtemp(prefix="gdv", dir="/tmp")  # short: Ray's socket paths
     try:
-        c: Cluster = cluster(
+        c, key_file = operated_cluster(
+            cluster,
+            tmp_path,
             hosts,
-            overrides={
-                "gpus": {"nvml_module": "tests.harness.fake_nvml", "poll_interval_s": 0.5},
-                "ray": {"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
-                "deployments": {"operators": [public], "vllm_executable": str(vllm)},
-            },
+            {"vllm_executable": str(vllm)},
+            ray={"executable": RAY_EXECUTABLE, "num_cpus": 1, "temp_root": ray_temp},
         )
-        c.wait_converged()
-        c.wait_placeable()
         spec = tmp_path / "big.toml"
         shape = f"replicas = {replicas}\ngpus_per_node = {gpus}\nnodes_per_replica = 2\n"
         spec.write_text(SPEC.replace('"llm"', '"big"').split("replicas =")[0] + shape)
