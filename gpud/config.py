@@ -101,6 +101,10 @@ class HealthConfig(_Section):
     # the ring (cost O(k), not O(N); every pair still probed within (N - 3) / k rounds).
     full_mesh_max: Annotated[int, msgspec.Meta(ge=2, le=100_000)] = 8
     random_peers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+    # A peer whose gpud refuses connections while Serf sees it alive and its workload's ports
+    # answer is "gpud restarting" (a warning) for this long: it keeps its Ray head office and
+    # its replicas. Past it, or once the workload stops answering, it is down as any other.
+    restart_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
 
 
 class PortsConfig(_Section):

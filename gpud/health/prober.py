@@ -18,9 +18,11 @@ from collections.abc import Callable, Collection, Coroutine, Sequence
 
 from gpud import api, log
 from gpud.context import Member
+from gpud.deployments.claims import parse_claims
 from gpud.health.peer_api import PeerCallError, PeerClient, ViewReply, ViewRow
 from gpud.health.verdict import Direction, Thresholds, step
 from gpud.netprobe import ProbeOutcome, tcp_connect
+from gpud.tags import Tags
 
 # Peers' views (for the reachability matrix) are fetched every this many rounds.
 VIEW_EVERY_ROUNDS = 3
@@ -42,26 +44,79 @@ HEAD_WATCHERS = 8
 _log = log.get("health")
 
 
+def workload_ports(tags: Tags | None) -> list[int]:
+    """The TCP ports of the workload a peer announces, which keep answering while only its
+    gpud is down (gpud leaves them running across a restart): its Ray GCS as head, its node
+    manager as a Ray worker, the server of each replica it reports ready and each replica
+    GCS it heads (pure)."""
+    if tags is None:
+        return []
+    ports = [tags.gcs] if tags.ray == "head" and tags.gcs else []
+    if tags.ray == "worker" and tags.nm:
+        ports.append(tags.nm)
+    for claim in parse_claims(tags.dp).values():
+        if claim.ready:
+            ports.append(claim.port)
+        if claim.gcs:
+            ports.append(claim.gcs)
+    return sorted(set(ports))
+
+
+def _all_refused(outcomes: Sequence[ProbeOutcome]) -> bool:
+    return len(outcomes) >= 1 + CONFIRM_PROBES and all(
+        not o.ok and o.cause == "refused" for o in outcomes
+    )
+
+
+def restarting(
+    outcomes: Sequence[ProbeOutcome],
+    workload: Sequence[ProbeOutcome],
+    *,
+    failing_for_s: float,
+    grace_s: float,
+) -> bool:
+    """Is the peer's gpud restarting: its peer API refuses (``outcomes``, a confirmed burst)
+    while every port of the workload it announces answers (``workload``, one connect each,
+    at least one), for less than ``grace_s`` so far (pure)."""
+    return (
+        _all_refused(outcomes)
+        and bool(workload)
+        and all(w.ok for w in workload)
+        and failing_for_s < grace_s
+    )
+
+
 def down_verdict(
-    name: str, outcomes: Sequence[ProbeOutcome], gcs: ProbeOutcome | None, *, heard_since: bool
+    name: str,
+    outcomes: Sequence[ProbeOutcome],
+    workload: Sequence[ProbeOutcome],
+    *,
+    heard_since: bool,
+    failing_for_s: float = 0.0,
+    grace_s: float = 0.0,
 ) -> str | None:
     """Why ``name`` is down, or None. ``outcomes``: a failed probe and its re-probes; every
     one must be refused: immediate evidence that nothing listens on its peer port (kill -9,
     crash, host up without gpud). Timeouts are not: a frozen gpud, a dropping firewall and
     loss look the same, so they stay with the pair verdicts and Serf. ``heard_since``: the
-    peer's own requests reached us since it began failing, so it is alive. ``gcs``: a TCP
-    connect to the GCS port the peer announces as Ray head (None for other peers): a head
-    whose GCS still answers has lost its gpud, not its Ray, and is not down."""
-    if len(outcomes) < 1 + CONFIRM_PROBES or heard_since:
+    peer's own requests reached us since it began failing, so it is alive. ``workload``: a
+    TCP connect to each port of the workload it announces (`workload_ports`): while they all
+    answer, its gpud is restarting, not its host dying, and it is down only once it has
+    refused for ``grace_s`` (``failing_for_s``: since its first failure)."""
+    if heard_since or not _all_refused(outcomes):
         return None
-    if not all(not o.ok and o.cause == "refused" for o in outcomes):
+    answers = bool(workload) and all(w.ok for w in workload)
+    if answers and failing_for_s < grace_s:
         return None
-    if gcs is not None and gcs.ok:
-        return None
-    head = f"; its Ray GCS refuses too ({gcs.error})" if gcs is not None else ""
-    return (
-        f"{name} is down: its peer API port refuses connections (gpud is not running there), "
-        f"{len(outcomes)} probes in a row{head}"
+    lead = f"{name} is down: its peer API port refuses connections (gpud is not running there)"
+    if answers:
+        return (
+            f"{lead} for {failing_for_s:.0f} s, longer than health.restart_grace_s "
+            f"({grace_s:g} s), though its workload's ports still answer"
+        )
+    silent = [w.error for w in workload if not w.ok]
+    return f"{lead}, {len(outcomes)} probes in a row" + (
+        f"; its workload refuses too ({silent[0]})" if silent else ""
     )
 
 
@@ -162,6 +217,8 @@ class PeerRecord:
         self.failing_since: float | None = None
         # Head only: did its GCS port answer at the last down check (None: not checked).
         self.gcs_answers: bool | None = None
+        # Its gpud refuses but its workload answers, within the restart grace (`restarting`).
+        self.restarting = False
         # Monotonic send and reply times of the last successful probe (leader lease).
         self.ok_sent_at = 0.0
         self.ok_at = 0.0
@@ -185,8 +242,11 @@ class Prober:
         always_dial_back: bool = False,
         on_down_change: Callable[[], None] | None = None,
         confirm_down: bool = True,
+        restart_grace_s: float = 0.0,
     ) -> None:
         self._client = client
+        # How long a peer whose gpud refuses but whose workload answers is not judged down.
+        self._restart_grace_s = restart_grace_s
         self._thresholds = thresholds
         self._concurrency = concurrency
         self._interval_s = interval_s
@@ -282,7 +342,7 @@ class Prober:
                 record.out, outcome.ok, outcome.error, self._thresholds, outcome.cause
             )
             if outcome.ok:
-                record.failing_since = None
+                record.failing_since, record.restarting = None, False
                 self._set_down(record, None)
             elif port and self._confirm:
                 # Confirmed between rounds (quick_tick), so a dead peer never slows a round.
@@ -370,26 +430,40 @@ class Prober:
             await asyncio.sleep(CONFIRM_GAP_S)
             outcome = await self._client.probe(addr, port, expect=name)
             if outcome.ok:
-                record.failing_since = None
+                record.failing_since, record.restarting = None, False
                 self._set_down(record, None)
                 return
             outcomes.append(outcome)
-        gcs = await self._head_gcs(record)
-        record.gcs_answers = None if gcs is None else gcs.ok
+        tags = record.member.tags
+        ports = workload_ports(tags)
+        workload = await asyncio.gather(
+            *(
+                tcp_connect(addr, p, self._client.timeout_s, source_addr=self._client.source_addr)
+                for p in ports
+            )
+        )
+        if tags is not None and tags.ray == "head" and tags.gcs in ports:
+            record.gcs_answers = workload[ports.index(tags.gcs)].ok
+        else:
+            record.gcs_answers = None
         if record.failing_since is None:
             return  # a round probe got an answer meanwhile
         heard = self.inbound_at.get(name, 0.0) > record.failing_since
-        self._set_down(record, down_verdict(name, outcomes, gcs, heard_since=heard))
-
-    async def _head_gcs(self, record: PeerRecord) -> ProbeOutcome | None:
-        tags = record.member.tags
-        if tags is None or tags.ray != "head" or not tags.gcs:
-            return None
-        return await tcp_connect(
-            record.member.addr,
-            tags.gcs,
-            self._client.timeout_s,
-            source_addr=self._client.source_addr,
+        failing_for = time.monotonic() - record.failing_since
+        grace = self._restart_grace_s
+        record.restarting = not heard and restarting(
+            outcomes, workload, failing_for_s=failing_for, grace_s=grace
+        )
+        self._set_down(
+            record,
+            down_verdict(
+                name,
+                outcomes,
+                workload,
+                heard_since=heard,
+                failing_for_s=failing_for,
+                grace_s=grace,
+            ),
         )
 
     def _set_down(self, record: PeerRecord, reason: str | None) -> None:

@@ -42,6 +42,7 @@ from gpud.health.verdict import (
     judge_node,
     judge_pair,
     majority_verdict,
+    restarting_verdict,
 )
 from gpud.netcheck import NetCheck, NetworkStatus
 
@@ -203,6 +204,7 @@ class HealthService(ComponentBase):
             health.concurrency,
             health.interval_s,
             on_down_change=self._down_changed,
+            restart_grace_s=health.restart_grace_s,
         )
         self.server = PeerApiServer(
             ctx, self._key, self.client, self.prober.view_rows, on_inbound=self.prober.note_inbound
@@ -418,9 +420,10 @@ class HealthService(ComponentBase):
         )
         return status, nat
 
-    @staticmethod
-    def _pair(us: Endpoint, record: PeerRecord) -> PairVerdict:
+    def _pair(self, us: Endpoint, record: PeerRecord) -> PairVerdict:
         peer = Endpoint(record.member.name, record.member.addr, record.port)
+        if record.restarting and record.down_reason is None:
+            return restarting_verdict(peer, self._ctx.config.health.restart_grace_s)
         if record.down_reason is not None:
             # The prober's confirmed down verdict (seconds before Serf's `failed`).
             return PairVerdict(
@@ -463,6 +466,11 @@ class HealthService(ComponentBase):
         return [edges[key] for key in sorted(edges)]
 
     async def _publish(self, status: HealthStatus) -> None:
+        if status.state == "unknown":
+            # No verdict (no probe results yet): the last one announced stands until the next.
+            # After a restart of gpud alone that is the predecessor's, so peers keep placing
+            # on this node rather than take it out for the seconds its first probes take.
+            return
         try:
             await self._ctx.update_tags(hl=status.state, nat=status.behind_nat)
         except Exception as exc:  # a gossip hiccup must not stop the probe loop
@@ -517,10 +525,12 @@ class HealthService(ComponentBase):
     def healthy_by_majority(self, node: str) -> bool | None:
         """Data-path verdict on ``node`` from the alive members' probes of it (the matrix)."""
         record = self.prober.records.get(node)
-        if record is not None and record.down_reason is None and record.gcs_answers:
-            # Its gpud does not answer but the Ray GCS it heads does: slow or frozen, not
-            # down. Keep it (no verdict); deposing it would restart every Ray node.
-            return None
+        if record is not None and record.down_reason is None:
+            if record.gcs_answers or record.restarting:
+                # Its gpud does not answer but the Ray GCS it heads (or its workload) does:
+                # slow, frozen or restarting, not down. Keep it (no verdict); deposing it
+                # would restart every Ray node.
+                return None
         observers = {m.name for m in self._ctx.members.values() if m.alive and m.name != node}
         states = {
             e.src: e.state for e in self._status.matrix if e.dst == node and e.src in observers
@@ -564,10 +574,10 @@ class HealthService(ComponentBase):
         await now.run_round(names, full_mesh=len(names) + 1 <= health.full_mesh_max)
         for name, record in now.records.items():
             live = self.prober.records.get(name)
-            if live is not None and live.down_reason is not None and record.out.state != "passing":
-                # The quick loop's re-probes judged it down and it still does not answer: the
-                # same fault status shows, with the same code (not a data-path failure).
-                record.down_reason = live.down_reason
+            if live is not None and record.out.state != "passing":
+                # The quick loop's re-probes judged it down (or restarting) and it still does
+                # not answer: the same fault status shows, with the same code.
+                record.down_reason, record.restarting = live.down_reason, live.restarting
         status, nat = self._assess(now)
         return health_problems(status, nat)
 

@@ -26,6 +26,7 @@ PairKind = Literal[
     "data-path",  # Serf sees the peer alive but the data path fails both ways
     "down",  # Serf marks it failed and probes fail
     "gossip-failing",  # the data path works but Serf marks the peer failed
+    "restarting",  # its gpud refuses, its workload answers: within the restart grace
 ]
 
 
@@ -196,6 +197,20 @@ def judge_pair(
             )
         return PairVerdict("passing", "ok", f"{name} reachable both ways")
     return PairVerdict("unknown", "unknown", f"{name}: not enough probe results yet")
+
+
+def restarting_verdict(peer: Endpoint, grace_s: float) -> PairVerdict:
+    """The pair verdict on a peer whose gpud is restarting (gpud.health.prober.restarting):
+    a warning, since its replicas and Ray keep serving."""
+    return PairVerdict(
+        "warning",
+        "restarting",
+        f"gpud restarting on {peer.name}: its peer API {peer} refuses connections, but Serf "
+        f"sees it alive and its workload's ports answer, so its replicas and Ray role are kept "
+        f"for up to {grace_s:g} s (health.restart_grace_s)",
+        f"if it does not come back, see why on {peer.name}: systemctl status gpud; "
+        "journalctl -u gpud",
+    )
 
 
 class NatVerdict(msgspec.Struct, frozen=True):

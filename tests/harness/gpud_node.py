@@ -21,7 +21,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+import msgspec
+
 from gpud import client, secret
+from gpud.tags import Tags
 from tests.harness.config import merge, to_toml
 from tests.harness.netns import HarnessError, Host, Network, children_of, group_alive
 from tests.harness.wait import WaitAbort, WaitTimeout, wait_for
@@ -174,6 +177,13 @@ class GpudNode:
     def members(self) -> list[dict[str, Any]]:
         """The members list of /v1/status (same data as ``gpud status --json``)."""
         return self.api("/v1/status")["members"]
+
+    def member_tags(self, name: str) -> Tags | None:
+        """Member ``name``'s tags as this node sees them (None: not a member or no tags)."""
+        for m in self.members():
+            if m["name"] == name and m.get("tags") is not None:
+                return msgspec.convert(m["tags"], Tags)
+        return None
 
     def alive_members(self) -> set[str]:
         return {m["name"] for m in self.members() if m.get("status") == "alive"}

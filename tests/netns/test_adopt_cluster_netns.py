@@ -6,13 +6,15 @@ tests/harness/router_load.py) while A's gpud is killed with SIGKILL alone, then 
 started gracefully 10 times in a row (bench/adoption.py runs the same scenarios): not one
 request fails, at >= 20 requests/s; the server keeps its pid and port, and its leases (one
 GPU, one port) belong to the gpud that runs now, still after the zombie scan's grace: none
-leaked, none lost. (The bench also sends load through B's router: while A's gpud is down, B
-judges A down and un-places the replica, so routed requests fail until A is back; peers'
-ride-through grace for a restarting gpud is not built.)
+leaked, none lost; and none of the requests sent through B's router fails either, because B
+reports A as "gpud restarting" (its replica's port still answers) instead of down, and keeps
+the replica placed and routed. A second test holds A's gpud down past a short grace.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ import pytest
 
 from bench import adoption
 from gpud.deployments import authority
+from gpud.health.prober import workload_ports
 from gpud.process import process_start
 from tests.harness import fake_nvml
-from tests.harness.gpud_node import Cluster
+from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 
 GRACEFUL_RESTARTS = 10
 
@@ -49,6 +52,7 @@ def test_replica_survives_gpud_kill9_and_graceful_restarts(
     print(scenarios)
     assert [s.name for s in scenarios] == ["kill9"] + ["sigterm"] * GRACEFUL_RESTARTS
     assert [s.failed for s in scenarios] == [0] * len(scenarios)
+    assert [s.routed_failed for s in scenarios] == [0] * len(scenarios)
     # Each window spans the restart and SETTLE_S of load after the adoption.
     for s in scenarios:
         assert s.requests >= 20 * (s.adoption_s + adoption.SETTLE_S), s
@@ -58,3 +62,88 @@ def test_replica_survives_gpud_kill9_and_graceful_restarts(
     assert adoption.leases(a) == [("deploy:solo.0", a.pid, 1)] * 2
     assert adoption.serving(a) == (served.pid, served.port)
     assert process_start(served.pid) == served.start
+
+
+GRACE_S = 15.0
+
+
+def pair_kind(observer: GpudNode, peer: GpudNode) -> tuple[str, str, str]:
+    """(kind, state, message) of observer's pair verdict on peer."""
+    for pair in observer.api("/v1/health")["pairs"]:
+        if pair["peer"] == peer.name:
+            return pair["kind"], pair["state"], pair["message"]
+    return "none", "none", ""
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_gpud_is_restarting_for_the_grace_then_down(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nvml = tmp_path / "nvml.json"
+    fake_nvml.write_state(nvml, fake_nvml.node(2))
+    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
+    private, public = authority.keygen()
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(private + "\n")
+    overrides = {**adoption.overrides(public), "health": {"restart_grace_s": GRACE_S}}
+    c: Cluster = cluster(2, overrides=overrides)
+    c.wait_converged()
+    c.wait_placeable()
+    a, b = c.nodes
+    served = adoption.serve(c, tmp_path, key_file)
+    # The evidence B needs: A announces the replica ready (its port then must answer).
+    wait_for(
+        lambda: workload_ports(b.member_tags(a.name)) == [served.port],
+        20.0,
+        0.2,
+        what="A's replica announced ready, as B sees it",
+    )
+
+    # Stopped and not started again: a warning on B, the replica still routed, A alive.
+    assert a.terminate() == 0
+    stopped = time.monotonic()
+    _, state, message = wait_for(
+        lambda: (v := pair_kind(b, a))[0] == "restarting" and v,
+        10.0,
+        0.2,
+        what="B to report A's gpud restarting",
+        describe=lambda: str(pair_kind(b, a)),
+    )
+    assert state == "warning" and "restart_grace_s" in message, message
+    codes = {p["code"]: p["severity"] for p in b.api("/v1/status")["problems"]}
+    assert codes.get("health.restarting") == "warning", codes
+    while time.monotonic() - stopped < GRACE_S - 2.0:
+        assert pair_kind(b, a)[0] == "restarting", pair_kind(b, a)
+        assert a.name in b.alive_members()
+        assert adoption.routes_to_replica(b), b.api("/v1/status")["router"]
+        time.sleep(0.5)
+    # Past the grace: down, as a dead gpud is.
+    wait_for(
+        lambda: pair_kind(b, a)[0] == "down",
+        10.0,
+        0.2,
+        what="B to judge A down once the grace is over",
+        describe=lambda: str(pair_kind(b, a)),
+    )
+    assert time.monotonic() - stopped >= GRACE_S - 1.0
+    assert "longer than health.restart_grace_s" in pair_kind(b, a)[2]
+
+    # Back within the grace: adopted, and B's verdict is ok again.
+    a.start()
+    wait_for(lambda: adoption.serving(a) == (served.pid, served.port), 30.0, 0.2, what="adopted")
+    wait_for(lambda: pair_kind(b, a)[0] == "ok", 20.0, 0.2, what="B to see A ok again")
+
+    # Stopped again, and its workload stops answering too: down at once, no grace.
+    assert a.terminate() == 0
+    wait_for(lambda: pair_kind(b, a)[0] == "restarting", 10.0, 0.2, what="restarting again")
+    os.kill(served.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(
+        lambda: pair_kind(b, a)[0] == "down",
+        GRACE_S / 2,
+        0.2,
+        what="B to judge A down once its replica stopped answering",
+        describe=lambda: str(pair_kind(b, a)),
+    )
+    assert time.monotonic() - killed < GRACE_S / 2
+    assert "its workload refuses too" in pair_kind(b, a)[2]

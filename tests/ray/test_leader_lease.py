@@ -1,4 +1,4 @@
-"""Leader lease and down verdict: the pure decisions production runs, driven by properties.
+"""Leader lease: the pure decisions production runs, driven by properties.
 
 Safety of the lease in time: a head that last confirmed a majority at some moment stops acting
 LEASE_S later; every voter that heard from it refuses a successor until LEASE_S + LEASE_MARGIN_S
@@ -14,8 +14,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpud.context import Member
-from gpud.health.prober import CONFIRM_PROBES, down_verdict
-from gpud.netprobe import ProbeOutcome
 from gpud.ray.election import quorum
 from gpud.ray.lease import (
     LEASE_MARGIN_S,
@@ -28,12 +26,6 @@ from gpud.ray.lease import (
 from gpud.tags import Tags
 
 NAMES = [f"n{i}" for i in range(7)]
-REFUSED = ProbeOutcome(
-    ok=False, error="TCP connect: connection refused (nothing listens)", cause="refused"
-)
-TIMEOUT = ProbeOutcome(
-    ok=False, error="TCP connect timed out after 1 s (packets dropped?)", cause="timeout"
-)
 
 
 def member(name: str, ray: str = "worker") -> Member:
@@ -149,30 +141,3 @@ def test_lease_refusal_names_the_head_and_ignores_the_candidate_itself() -> None
     assert lease_refusal("c", "v", members, {"h": 5.0}, 10.0, 4.0) is None
     # The head itself standing again is not blocked by its own lease.
     assert lease_refusal("h", "v", members, {"h": 9.0}, 10.0, 4.0) is None
-
-
-@given(
-    errors=st.lists(st.sampled_from([REFUSED, TIMEOUT]), min_size=0, max_size=6),
-    heard=st.booleans(),
-    gcs=st.sampled_from(
-        [None, ProbeOutcome(ok=True), ProbeOutcome(ok=False, error="refused", cause="refused")]
-    ),
-)
-def test_down_only_on_refusals_confirmed_and_unheard_and_gcs_silent(
-    errors: list[ProbeOutcome], heard: bool, gcs: ProbeOutcome | None
-) -> None:
-    verdict = down_verdict("p", errors, gcs, heard_since=heard)
-    expected = (
-        len(errors) >= 1 + CONFIRM_PROBES
-        and all(e is REFUSED for e in errors)
-        and not heard
-        and not (gcs is not None and gcs.ok)
-    )
-    assert (verdict is not None) == expected
-    if verdict is not None:
-        assert verdict.startswith("p is down: its peer API port refuses connections")
-
-
-def test_one_answer_in_the_burst_is_not_down() -> None:
-    outcomes = [REFUSED] * CONFIRM_PROBES + [ProbeOutcome(ok=True)]
-    assert down_verdict("p", outcomes, None, heard_since=False) is None
