@@ -29,6 +29,7 @@ import msgspec
 from gpud.component import Problem
 from gpud.config import ApiConfig, Config, PortsConfig, RayConfig, vllm_executable_check
 from gpud.errors import ConfigError, GpudError
+from gpud.router import tls
 from gpud.secret import cluster_key
 from gpud.serf.config import PACKAGED_SERF, serf_binary
 
@@ -128,6 +129,10 @@ def check_config(config: Config, ephemeral_file: Path = EPHEMERAL_RANGE) -> list
             raise ConfigError(overlap)
     _check_serf_binary(config.serf.binary)
     _check_interface(config.node.interface)
+    if config.router.enabled and config.router.tls_cert:
+        # What the router would refuse at its first listen: a missing, malformed or
+        # mismatched pair, or a key file others may read.
+        tls.server_context(config.router.tls_cert, config.router.tls_key)
     found = [
         _group_missing("api.socket_group", config.api.socket_group, "operators cannot read it"),
         _group_missing(

@@ -25,6 +25,7 @@ from gpud.preflight import ephemeral_overlap, read_ephemeral_range
 from gpud.serf.agent import SerfAgent
 from tests.harness.config import merge, to_toml
 from tests.harness.serf import node_config, running
+from tests.harness.tls import tls_files
 from tests.harness.wait import async_wait_for
 
 EPHEMERAL = read_ephemeral_range()
@@ -315,3 +316,36 @@ async def test_retry_join_by_dns_name_joins_a_real_serf(tmp_path: Path) -> None:
             30,
             what="n2 to join n1 by the name localhost",
         )
+
+
+def test_router_tls_files_are_checked_as_the_router_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check-config refuses what the router would refuse at its first listen, naming the key
+    and the cause, and says ok for a valid pair."""
+    _, cert, key = tls_files(tmp_path)
+    router = {"enabled": True, "listen": "127.0.0.1", "tls_cert": cert, "tls_key": key}
+    code, out, err = check_in_process(write(tmp_path, {"router": router}), capsys)
+    assert code == 0 and out.endswith(": ok\n"), err
+    os.chmod(key, 0o644)
+    assert_one_error_line(
+        check_in_process(write(tmp_path, {"router": router}), capsys),
+        "router.tls_key",
+        ["(mode 0644)", "chmod 0600"],
+    )
+    os.chmod(key, 0o600)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_cert, _ = tls_files(other)
+    mismatched = {**router, "tls_cert": other_cert}
+    assert_one_error_line(
+        check_in_process(write(tmp_path, {"router": mismatched}), capsys),
+        "router.tls_cert",
+        ["not a PEM certificate chain and its private key"],
+    )
+    missing = {**router, "tls_key": str(tmp_path / "absent.key")}
+    assert_one_error_line(
+        check_in_process(write(tmp_path, {"router": missing}), capsys),
+        "router.tls_key",
+        ["cannot read", "absent.key"],
+    )

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import signal
 import socket
@@ -21,10 +19,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.router import (
@@ -42,6 +36,7 @@ from gpud.router.auth import hash_key
 from gpud.router.proxy import CheckedBody
 from gpud.router.service import RouterService
 from tests.harness.config import config_for
+from tests.harness.tls import tls_files
 from tests.harness.wait import async_wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -407,47 +402,6 @@ async def test_per_source_connection_cap_and_a_bad_keys_file(rig: Rig) -> None:
     await async_wait_for(lambda: not router.problems(), 5)
     reply = await rig.client(router).chat.completions.create(model=MODEL, messages=CHAT)
     assert reply.id.startswith("a-") and rig.forwarded() == 1
-
-
-def tls_files(tmp_path: Path) -> tuple[str, str, str]:
-    """A CA and a certificate it signed for 127.0.0.1: (CA file, cert file, key file 0600)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gpud test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "router")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    paths = [tmp_path / n for n in ("ca.pem", "router.pem", "router.key")]
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(cert.public_bytes(pem))
-    paths[2].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].chmod(0o600)
-    return str(paths[0]), str(paths[1]), str(paths[2])
 
 
 async def test_tls_listener_serves_a_client_that_trusts_its_ca_and_refuses_a_shared_key(
