@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from gpud.deployments import authority
-from gpud.process import process_start
+from gpud.process_groups import process_start
 from tests.harness import fake_nvml
 from tests.harness.deployments import FAKE_GPUS, SERVER
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for

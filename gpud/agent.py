@@ -26,7 +26,7 @@ from gpud.notify import Notifier
 from gpud.status import NodeSection, StatusDocument, collect, doctor_report
 
 if TYPE_CHECKING:
-    from gpud.serf.agent import AdoptedSerf
+    from gpud.serf.adoption import AdoptedSerf
 
 _log = log.get("agent")
 
@@ -215,7 +215,7 @@ class Agent:
 
     async def run(self) -> int:
         from gpud.netcheck import resolve_advertise
-        from gpud.serf.agent import adopt_leftover_serf, stop_leftover_serf
+        from gpud.serf.adoption import adopt_leftover_serf, stop_leftover_serf
         from gpud.serf.rpc_port import split_squat
 
         advertise_addr, interface = resolve_advertise(self.config)
@@ -326,7 +326,7 @@ class Agent:
         """STOPPING=1, then every component cancelled in reverse start order. The workload
         outlives gpud: serf (no leave: peers never see this node left or failed), the
         cluster-wide Ray node and the servers of replicas of one node are left running for
-        the next gpud to adopt (`serf.agent`, `ray.supervisor`, `deployments.replicas`);
+        the next gpud to adopt (`serf.adoption`, `ray.supervisor`, `deployments.replicas`);
         every other child is stopped by its component."""
         self.notifier.stopping()
         log.info(_log, "stopping; serf, Ray and servers left running for the next gpud")

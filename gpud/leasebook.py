@@ -27,7 +27,7 @@ import msgspec
 
 from gpud import log
 from gpud.errors import ApiError
-from gpud.process import owner_alive
+from gpud.process_groups import owner_alive
 
 # Who holds a lease (free text, shown to operators escaped) and the process it ends with.
 Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]

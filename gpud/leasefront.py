@@ -23,7 +23,7 @@ from aiohttp import web
 from gpud import api
 from gpud.errors import ApiError
 from gpud.leasebook import LeaseBook, StoredLike
-from gpud.process import process_start
+from gpud.process_groups import process_start
 
 
 class RequestLike(Protocol):

@@ -34,14 +34,8 @@ from gpud.deployments import engines, placement, spec
 from gpud.deployments.claims import Claim
 from gpud.deployments.model import Entry
 from gpud.errors import ApiError
-from gpud.process import (
-    ChildGroup,
-    ChildProcess,
-    Supervisor,
-    leader_verified,
-    runs_argv,
-    stop_leftover,
-)
+from gpud.process import ChildProcess, Supervisor
+from gpud.process_groups import ChildGroup, leader_verified, runs_argv, stop_leftover
 from gpud.ray.supervisor import RaySupervisor, RayTarget, SupervisorSettings
 from gpud.state import StateStore
 
@@ -83,9 +77,10 @@ ADOPT_SETTLE_S = 30.0
 
 class ReplicaGroup:
     """One replica's process group (its server, or its Ray node), persisted as a row of
-    ``deployments_groups`` (a `process.GroupStore`): replicas come and go by name, where a
-    `process.GroupRecord` is one key declared once. `Supervisor` and `stop_leftover` stop a
-    crashed gpud's leftover group at the next start, like every supervised child's."""
+    ``deployments_groups`` (a `process_groups.GroupStore`): replicas come and go by name,
+    where a `process_groups.GroupRecord` is one key declared once. `Supervisor` and
+    `stop_leftover` stop a crashed gpud's leftover group at the next start, like every
+    supervised child's."""
 
     def __init__(self, store: StateStore, replica: str, digest: str = "") -> None:
         self._db = store

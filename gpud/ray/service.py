@@ -25,7 +25,7 @@ from gpud.component import ComponentBase, Metric, Problem, gauge
 from gpud.config import unkeyed_refusal
 from gpud.context import NodeContext
 from gpud.health.verdict import WorkloadCheck
-from gpud.process import GroupRecord
+from gpud.process_groups import GroupRecord
 from gpud.ray.election import Plan, ineligible, workers_reach_gcs
 from gpud.ray.gcs_monitor import GcsMonitor
 from gpud.ray.head_election import RETRY_S, HeadElection

@@ -32,12 +32,10 @@ import msgspec
 
 from gpud import log
 from gpud.gpus.nvml import cuda_env
-from gpud.process import (
+from gpud.process import ChildProcess, Supervisor, SupervisorStatus
+from gpud.process_groups import (
     ChildGroup,
-    ChildProcess,
     GroupStore,
-    Supervisor,
-    SupervisorStatus,
     argv_matches,
     cmdline,
     leader_verified,

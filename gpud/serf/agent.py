@@ -8,11 +8,11 @@ connection breaks while serf lives. Other components use ``rpc`` once ``ready`` 
 
 Serf outlives gpud: it writes to ``<state_dir>/logs/serf.log`` (rotated), never to a pipe
 gpud reads, and gpud's exit (graceful or not) leaves it running, with no leave, so the node
-never shows `left` or `failed` to its peers. The next gpud adopts it (`adopt_leftover_serf`)
-when its recorded leader is that process (pid, start time, group), runs the command line and
-configuration this gpud would write (tags aside), and its RPC listener is that serf's and
-takes the recorded token (`SERF_RPC`); it then gossips the tags serf still holds
-(`restored_tags`) until its components change them. What it cannot verify it stops.
+never shows `left` or `failed` to its peers. The next gpud adopts it when it verifies it,
+else stops it (gpud.serf.adoption); an adopted serf keeps gossiping the tags it holds.
+
+What serf's output says of gossip it cannot decrypt is gathered here; the problems it makes,
+with those of an unkeyed cluster, are gpud.serf.trust's.
 
 Serf's query events do not say who asked, so ``query`` wraps the payload in a small msgpack
 envelope ``[sender node name, payload]`` and handlers get the sender's name back.
@@ -26,8 +26,6 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from typing import Any
 
 import msgpack
 import msgspec
@@ -36,22 +34,12 @@ from aiohttp import web
 from gpud import log, preflight
 from gpud.aio import within
 from gpud.component import ComponentBase, Metric, Problem, gauge
-from gpud.config import UNENCRYPTED, Config
 from gpud.context import NodeContext
 from gpud.errors import ConfigError
-from gpud.process import (
-    ChildGroup,
-    ChildProcess,
-    ChildStartError,
-    GroupRecord,
-    Supervisor,
-    SupervisorStatus,
-    leader_verified,
-    runs_argv,
-    stop_leftover,
-)
+from gpud.process import ChildProcess, ChildStartError, Supervisor, SupervisorStatus
 from gpud.secret import cluster_key
 from gpud.serf import rpc_port
+from gpud.serf.adoption import SERF_RPC, AdoptedSerf, SerfRpc, argv, restored_tags, serf_record
 from gpud.serf.config import (
     join_address,
     seed_keyring,
@@ -61,7 +49,8 @@ from gpud.serf.config import (
     write_private,
 )
 from gpud.serf.rpc import QueryEvent, SerfConnectionError, SerfRPC, SerfRPCError
-from gpud.state import Key, open_store
+from gpud.serf.trust import trust_problems
+from gpud.state import open_store
 from gpud.tags import Tags, TagsError, decode, encode
 
 QueryHandler = Callable[[str, bytes], Awaitable[bytes | None]]
@@ -75,130 +64,8 @@ RPC_PING_TIMEOUT_S = 2.0
 # How often a connection to a live but unreachable serf is retried.
 RPC_RETRY_S = 2.0
 JOIN_TIMEOUT_S = 10.0
-# The running serf's process group, so that a restarted gpud finds one its predecessor left.
-SERF_CHILD = Key("serf.child", ChildGroup)
-
-
-# Where the running serf's RPC listens and the token it takes: what the next gpud connects
-# with when it adopts that serf.
-class SerfRpc(msgspec.Struct, frozen=True):
-    port: int
-    token: str
-
-
-SERF_RPC = Key("serf.rpc", SerfRpc)
-# SIGTERM to SIGKILL for such a leftover serf (it exits at once on SIGTERM).
-LEFTOVER_GRACE_S = 5.0
 # How long one undecryptable message keeps its problem up (serf retries every few seconds).
 UNDECRYPTABLE_MEMORY_S = 60.0
-
-
-def _serf_record(config: Config) -> GroupRecord:
-    return GroupRecord(open_store(config.state_dir), SERF_CHILD)
-
-
-def _argv(binary_path: str, config_file: Path) -> list[str]:
-    return [binary_path, "agent", "-config-file", str(config_file)]
-
-
-def _generated(
-    config: Config, advertise_addr: str, advertise_is_local: bool, tags: Tags, rpc: SerfRpc
-) -> dict[str, Any]:
-    """Serf's configuration as this gpud writes it for ``rpc`` (raises ConfigError when the
-    cluster key cannot be read)."""
-    keyed = cluster_key(config) is not None
-    serf_dir = config.state_dir / "serf"
-    return serf_config(
-        rpc_port.with_rpc_port(config, rpc.port),
-        node_name=config.node_name,
-        advertise_addr=advertise_addr,
-        tags=tags,
-        rpc_auth=rpc.token,
-        keyring_file=str(serf_dir / "keyring.json") if keyed else None,
-        snapshot_path=str(serf_dir / "snapshot"),
-        advertise_is_local=advertise_is_local,
-    )
-
-
-def config_refusal(written: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> str | None:
-    """Why a serf started with the configuration ``written`` does not run what this gpud
-    would start now (``wanted``), or None: every key alike but the tags, which the running
-    serf holds and gpud changes live (pure)."""
-    if written is None:
-        return "its configuration file cannot be read"
-    differ = sorted(
-        key
-        for key in written.keys() | wanted.keys()
-        if key != "tags" and written.get(key) != wanted.get(key)
-    )
-    return f"its configuration differs ({', '.join(differ)})" if differ else None
-
-
-def restored_tags(announced: Tags, current: Tags, initial: Tags) -> Tags:
-    """The tags to gossip through an adopted serf: what it announces now (``announced``, the
-    predecessor's), with every field this gpud's components changed since start (``current``
-    against ``initial``) taken from ``current`` (pure)."""
-    changed = {
-        field: getattr(current, field)
-        for field in current.__struct_fields__
-        if getattr(current, field) != getattr(initial, field)
-    }
-    return msgspec.structs.replace(announced, **changed)
-
-
-class AdoptedSerf(msgspec.Struct, frozen=True):
-    """A predecessor's serf, verified: its group and how to reach its RPC."""
-
-    group: ChildGroup
-    rpc: SerfRpc
-
-
-async def adopt_leftover_serf(
-    config: Config, advertise_addr: str, advertise_is_local: bool
-) -> AdoptedSerf | None:
-    """The serf a previous gpud left running on this node when it verifies (module
-    docstring); None otherwise (then `stop_leftover_serf` stops it)."""
-    store = open_store(config.state_dir)
-    group = _serf_record(config).load()
-    rpc = store.get(SERF_RPC)
-    path = serf_binary(config.serf.binary)
-    config_file = config.state_dir / "serf" / "serf.json"
-    if group is None or rpc is None:
-        return None
-    refused = (
-        "its recorded leader is not that process" if not leader_verified(group)
-        else "no serf executable" if path is None
-        else "another command line" if not runs_argv(group.pgid, _argv(path, config_file))
-        else preflight.rpc_listener(rpc.port, group.pgid) != "ours"
-        and "its RPC port is not its own listener"
-    )  # fmt: skip
-    if not refused:
-        try:
-            written = json.loads(config_file.read_text())
-        except (OSError, ValueError):
-            written = None
-        try:
-            wanted = _generated(config, advertise_addr, advertise_is_local, Tags(), rpc)
-            refused = config_refusal(written, wanted)
-        except ConfigError as exc:
-            refused = str(exc)
-    if not refused:
-        try:
-            probe = await SerfRPC.connect("127.0.0.1", rpc.port, rpc.token)
-            await probe.close()
-        except (SerfConnectionError, SerfRPCError) as exc:
-            refused = f"its RPC does not take the recorded token: {exc}"
-    if refused:
-        log.info(log.get("serf"), "not adopting serf", pid=group.pgid, reason=str(refused))
-        return None
-    return AdoptedSerf(group=group, rpc=rpc)
-
-
-async def stop_leftover_serf(config: Config) -> None:
-    """Stop the serf a kill -9'd gpud left running on this node (its recorded group, nothing
-    else): it holds the ports the agent's preflight checks, and its RPC token died with that
-    gpud."""
-    await stop_leftover(_serf_record(config), LEFTOVER_GRACE_S)
 
 
 class SerfStatus(msgspec.Struct, kw_only=True):
@@ -269,7 +136,7 @@ class SerfAgent(ComponentBase):
         self.supervisor = Supervisor(
             "serf",
             self._make_child,
-            record=_serf_record(ctx.config),
+            record=serf_record(ctx.config),
             adopted=child,
             keep_on_cancel=True,
         )
@@ -358,7 +225,7 @@ class SerfAgent(ComponentBase):
         # Its output goes to a file, not a pipe: serf outlives gpud (module docstring).
         return ChildProcess(
             "serf",
-            _argv(path, self.config_file),
+            argv(path, self.config_file),
             on_line=self._note_output,
             log_path=self.log_file,
         )
@@ -741,69 +608,21 @@ class SerfAgent(ComponentBase):
         return found
 
     def _trust_problems(self) -> list[Problem]:
-        """An unkeyed cluster without consent, and gossip that cannot be decrypted: this node
-        is the odd one (critical) when it sees no other member alive, else the sender is."""
-        found: list[Problem] = []
-        if not self.ctx.config.cluster.key_file and not self.ctx.config.cluster.insecure:
-            found.append(
-                Problem(
-                    code="serf.unencrypted",
-                    severity="critical",
-                    subject="cluster",
-                    message=UNENCRYPTED,
-                    fix="make a key with `gpud keygen`, install it 0600 for the service user "
-                    "on every host and set cluster.key_file; for a test cluster set "
-                    "cluster.insecure = true",
-                )
-            )
-        found += [
-            Problem(
-                code="config.key_file_mode",
-                severity="warning",
-                subject="cluster.key_file",
-                message=warning,
-                fix=f"chown gpud:gpud {self.ctx.config.cluster.key_file} && chmod 0600 "
-                f"{self.ctx.config.cluster.key_file}",
-            )
-            for warning in self._key_warnings
-        ]
+        """`trust_problems` of the gossip serf could not decrypt in the last
+        UNDECRYPTABLE_MEMORY_S (older addresses are forgotten)."""
         now = time.monotonic()
-        recent = {
-            addr: kind
+        self._undecryptable = {
+            addr: (kind, at)
             for addr, (kind, at) in self._undecryptable.items()
             if now - at < UNDECRYPTABLE_MEMORY_S
         }
-        self._undecryptable = {a: v for a, v in self._undecryptable.items() if a in recent}
-        if not recent:
-            return found
-        me = self.ctx.node_name
-        alone = not any(m.status == "alive" for n, m in self.ctx.members.items() if n != me)
-        if alone:
-            addrs = ", ".join(sorted(recent))
-            found.append(
-                Problem(
-                    code="serf.key_mismatch",
-                    severity="critical",
-                    subject=me,
-                    message=f"cannot join {addrs}: its gossip cannot be decrypted; "
-                    "cluster.key differs",
-                    fix="put the cluster's key (cluster.key_file of a working node) in this "
-                    "host's cluster.key_file and restart gpud",
-                )
-            )
-            return found
-        found += [
-            Problem(
-                code="serf.undecryptable_gossip",
-                severity="warning",
-                subject=addr,
-                message=f"a host at {addr} sends gossip we cannot decrypt",
-                fix=f"give the host at {addr} this cluster's key (its cluster.key_file "
-                "differs), or find out who runs it if it is not yours",
-            )
-            for addr in sorted(recent)
-        ]
-        return found
+        return trust_problems(
+            self.ctx.config,
+            self._key_warnings,
+            self._undecryptable.keys(),
+            self.ctx.node_name,
+            self.ctx.members,
+        )
 
     def metrics(self) -> list[Metric]:
         return [

@@ -21,14 +21,8 @@ from hypothesis import strategies as st
 
 from gpud import process
 from gpud.deployments.replicas import ADOPT_SETTLE_S, Replica, keep_unplaced
-from gpud.process import (
-    ChildGroup,
-    ChildProcess,
-    GroupRecord,
-    Supervisor,
-    process_start,
-    runs_argv,
-)
+from gpud.process import ChildProcess, Supervisor
+from gpud.process_groups import ChildGroup, GroupRecord, process_start, runs_argv
 from gpud.state import Key, StateStore
 from tests.harness.ports import running, write_config
 from tests.harness.wait import wait_for
@@ -43,7 +37,8 @@ _GPUD = textwrap.dedent(
     """
     import asyncio, contextlib, json, signal, sys
     from pathlib import Path
-    from gpud.process import ChildGroup, ChildProcess, GroupRecord, Supervisor
+    from gpud.process import ChildProcess, Supervisor
+    from gpud.process_groups import ChildGroup, GroupRecord
     from gpud.state import Key, StateStore
 
     async def main():

@@ -1,4 +1,5 @@
-"""gpud.process: bounded commands, the /proc parser, and children kept across gpud's crash."""
+"""gpud.process and gpud.process_groups: bounded commands, the /proc parser, and children kept
+across gpud's crash."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from gpud.process import (
+from gpud.process import run_bounded
+from gpud.process_groups import (
     ChildGroup,
     GroupRecord,
     group_members,
     leftover_members,
     proc_stat,
     process_start,
-    run_bounded,
     stop_leftover,
 )
 from gpud.state import Key, StateStore
@@ -33,7 +34,8 @@ _GPUD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from gpud.process import ChildGroup, ChildProcess, GroupRecord, Supervisor
+    from gpud.process import ChildProcess, Supervisor
+    from gpud.process_groups import ChildGroup, GroupRecord
     from gpud.state import Key, StateStore
 
     async def main():

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from gpud.deployments import spec, views
 from gpud.deployments.readiness import liveness_step, startup_step
-from gpud.process import proc_stat
+from gpud.process_groups import proc_stat
 from gpud.text import duration
 from tests.harness import fake_nvml
 from tests.harness.deployments import SERVER, operated_cluster

@@ -29,7 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpud.gpus.nvml import cuda_env
-from gpud.process import group_members
+from gpud.process_groups import group_members
 from tests.harness import fake_nvml, fake_vllm
 from tests.harness.ray_cluster import RAY_EXECUTABLE
 from tests.harness.wait import wait_for

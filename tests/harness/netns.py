@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from gpud.process import proc_stat
+from gpud.process_groups import proc_stat
 
 PREFIX = "gh"
 STATE_DIR = Path("/run/gpud-harness")

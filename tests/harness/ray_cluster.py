@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from gpud.process import process_start
+from gpud.process_groups import process_start
 from tests.harness.gpud_node import Cluster, GpudNode
 from tests.harness.netns import cleanup_leftovers
 from tests.harness.wait import wait_for

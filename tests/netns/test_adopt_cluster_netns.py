@@ -24,7 +24,7 @@ import pytest
 from bench import adoption
 from gpud.deployments import authority
 from gpud.health.prober import workload_ports
-from gpud.process import process_start
+from gpud.process_groups import process_start
 from tests.harness import fake_nvml
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gpud.process import cmdline, group_members
+from gpud.process_groups import cmdline, group_members
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.harness.ray_cluster import (
     RAY_EXECUTABLE,

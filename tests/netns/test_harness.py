@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from gpud import config as gpud_config
-from gpud.process import proc_stat, process_start
+from gpud.process_groups import proc_stat, process_start
 from tests.harness import faults
 from tests.harness.gpud_node import (
     Cluster,

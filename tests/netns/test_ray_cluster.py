@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gpud.config import MetricsConfig
-from gpud.process import group_members
+from gpud.process_groups import group_members
 from tests.harness import faults
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 from tests.harness.ray_cluster import (

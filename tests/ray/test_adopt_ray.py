@@ -16,7 +16,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpud.process import ChildGroup, GroupRecord, argv_matches, group_members, process_start
+from gpud.process_groups import ChildGroup, GroupRecord, argv_matches, group_members, process_start
 from gpud.ray.election import Plan
 from gpud.ray.supervisor import (
     RAY_CHILD,
@@ -29,7 +29,7 @@ from gpud.ray.supervisor import (
     adoption_refusal,
 )
 from gpud.ray.target import ADOPT_SETTLE_S, keep_adopted
-from gpud.serf.agent import config_refusal, restored_tags
+from gpud.serf.adoption import config_refusal, restored_tags
 from gpud.state import StateStore
 from gpud.tags import Tags
 from tests.harness.wait import async_wait_for

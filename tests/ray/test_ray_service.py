@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gpud.config import RayConfig
-from gpud.process import group_members
+from gpud.process_groups import group_members
 from gpud.ray.service import RayServiceSettings
 from gpud.ray.supervisor import SupervisorSettings
 from tests.harness.ray_cluster import RAY_EXECUTABLE

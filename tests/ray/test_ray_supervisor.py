@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gpud.process import GroupRecord, group_members, leftover_members, process_start
+from gpud.process_groups import GroupRecord, group_members, leftover_members, process_start
 from gpud.ray.probes import GcsNodes, alive_ray_nodes, gcs_healthy, probe_ray
 from gpud.ray.supervisor import (
     RAY_CHILD,
@@ -305,7 +305,7 @@ _GPUD_WITH_RAY = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from gpud.process import GroupRecord
+    from gpud.process_groups import GroupRecord
     from gpud.ray.supervisor import RAY_CHILD, RaySupervisor, RayTarget, SupervisorSettings
     from gpud.state import StateStore
     from tests.harness.ray_cluster import RAY_EXECUTABLE
