@@ -30,7 +30,6 @@ from gpud.netprobe import (
     ProbeOutcome,
     describe_os_error,
     os_error_cause,
-    tcp_connect,
 )
 
 MAX_BODY_BYTES = 16 * 1024
@@ -99,9 +98,11 @@ class ViewReply(msgspec.Struct):
 class PeerCallError(Exception):
     """A peer API call failed; the message is an operator-readable cause, ``cause`` its code."""
 
-    def __init__(self, message: str, cause: ProbeCause = "other") -> None:
+    def __init__(self, message: str, cause: ProbeCause = "other", *, connect: bool = False) -> None:
         super().__init__(message)
         self.cause: ProbeCause = cause
+        # It failed before a connection was made (refused, no route, connect timeout).
+        self.connect = connect
 
 
 def identity_mismatch(name: str, addr: str, reply: PingReply) -> str | None:
@@ -230,7 +231,9 @@ class PeerClient:
         reply: type[_Reply],
         *,
         timeout_s: float | None = None,
+        connect_s: float | None = None,
     ) -> _Reply:
+        """``timeout_s``: for the whole call; ``connect_s``: for its TCP connect alone."""
         timeout_s = timeout_s or self.timeout_s
         raw = msgspec.json.encode(body)
         headers = sign(signing_key(self._key), self._node, "POST", path, raw)
@@ -241,17 +244,25 @@ class PeerClient:
                 f"http://{host}:{port}{path}",
                 data=raw,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s),
             ) as resp:
                 data = await resp.read()
                 if resp.status != 200:
                     reason = data[:200].decode(errors="replace")
                     raise PeerCallError(f"HTTP {resp.status} from {addr}:{port}: {reason}")
+        except aiohttp.ConnectionTimeoutError:
+            raise PeerCallError(
+                f"TCP connect timed out after {connect_s or timeout_s:g} s (packets dropped?)",
+                "timeout",
+                connect=True,
+            ) from None
         except TimeoutError:
             raise PeerCallError(f"no answer within {timeout_s:g} s", "timeout") from None
         except aiohttp.ClientConnectorError as exc:
             error = exc.os_error
-            raise PeerCallError(describe_os_error(error), os_error_cause(error)) from None
+            raise PeerCallError(
+                f"TCP connect: {describe_os_error(error)}", os_error_cause(error), connect=True
+            ) from None
         except aiohttp.ClientError as exc:
             raise PeerCallError(f"HTTP error: {exc}") from None
         try:
@@ -271,6 +282,18 @@ class PeerClient:
     async def ping(self, addr: str, port: int, echo: str = "") -> PingReply:
         return await self._call(addr, port, PATH_PING, PingRequest(echo=echo), PingReply)
 
+    async def _probe_ping(self, addr: str, port: int) -> PingReply:
+        # The connect and the exchange each get timeout_s, as a separate connect and ping did.
+        return await self._call(
+            addr,
+            port,
+            PATH_PING,
+            PingRequest(),
+            PingReply,
+            timeout_s=2 * self.timeout_s,
+            connect_s=self.timeout_s,
+        )
+
     async def dial_back(self, addr: str, port: int) -> DialBackReply:
         # The peer runs a whole probe (TCP connect + ping, each up to timeout_s) before it
         # answers: wait for that, or a failed dial-back would look like no answer at all.
@@ -287,18 +310,18 @@ class PeerClient:
         return await self._call(addr, port, PATH_VIEW, ViewRequest(), ViewReply)
 
     async def probe(self, addr: str, port: int, *, expect: str | None = None) -> ProbeOutcome:
-        """The data-path probe: TCP connect, then an authenticated ping; RTT of the ping.
+        """The data-path probe: an authenticated ping over a fresh TCP connection (one
+        connection: its connect is the TCP check, and a failed connect says why, as
+        `gpud.netprobe.tcp_connect` would); RTT of the ping, connect included.
 
         With ``expect`` (the member's name) the ping must also answer as that node at ``addr``;
         then the member counts as verified (`verified`)."""
-        tcp = await tcp_connect(addr, port, self.timeout_s, source_addr=self.source_addr)
-        if not tcp.ok:
-            return tcp
         start = time.perf_counter()
         try:
-            reply = await self.ping(addr, port)
+            reply = await self._probe_ping(addr, port)
         except PeerCallError as exc:
-            return ProbeOutcome(ok=False, error=f"ping: {exc}", cause=exc.cause)
+            error = str(exc) if exc.connect else f"ping: {exc}"
+            return ProbeOutcome(ok=False, error=error, cause=exc.cause)
         rtt_ms = (time.perf_counter() - start) * 1000
         if expect is not None:
             mismatch = identity_mismatch(expect, addr, reply)
