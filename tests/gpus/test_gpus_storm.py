@@ -21,6 +21,7 @@ import aiohttp
 from gpud.gpus.leases import GpuLeaseTable
 from gpud.state import StateStore
 from tests.harness import fake_nvml
+from tests.harness.config import to_toml
 from tests.harness.lease_storm import unix_session
 from tests.harness.wait import async_wait_for
 
@@ -32,10 +33,19 @@ def write_config(workdir: Path) -> Path:
     (workdir / "kmsg").write_text("")
     path = workdir / "gpud.toml"
     path.write_text(
-        f'[node]\nname = "n1"\n[paths]\nstate_dir = "{workdir / "state"}"\n'
-        f'runtime_dir = "{workdir}"\n[api]\nsocket = "{workdir / "api.sock"}"\n'
-        f'[gpus]\nnvml_module = "tests.harness.fake_nvml"\npoll_interval_s = 0.1\n'
-        f'kmsg_path = "{workdir / "kmsg"}"\npci_root = "{workdir / "pci"}"\n'
+        to_toml(
+            {
+                "node": {"name": "n1"},
+                "paths": {"state_dir": str(workdir / "state"), "runtime_dir": str(workdir)},
+                "api": {"socket": str(workdir / "api.sock")},
+                "gpus": {
+                    "nvml_module": "tests.harness.fake_nvml",
+                    "poll_interval_s": 0.1,
+                    "kmsg_path": str(workdir / "kmsg"),
+                    "pci_root": str(workdir / "pci"),
+                },
+            }
+        )
     )
     return path
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from gpud import client
+from tests.harness.config import to_toml
 from tests.harness.netns import kill_process_tree
 from tests.harness.serf import free_ports
 
@@ -23,29 +24,23 @@ class RunningAgent:
         self.socket_path = str(tmp / "run" / "gpud.sock")
         self.config_path = tmp / "gpud.toml"
         self.config_path.write_text(
-            f"""
-            [node]
-            name = "solo"
-            advertise = "127.0.0.1"
-            [cluster]
-            insecure = true
-            [serf]
-            bind_port = {serf_port}
-            rpc_port = {rpc_port}
-            [peer]
-            port = {peer_port}
-            [paths]
-            state_dir = "{tmp / "state"}"
-            runtime_dir = "{tmp / "run"}"
-            [ports]
-            range_start = 24000
-            range_end = 24400
-            block_size = 100
-            reserve = false
-            settle_s = 0.5
-            [ray]
-            enabled = false
-            """
+            to_toml(
+                {
+                    "node": {"name": "solo", "advertise": "127.0.0.1"},
+                    "cluster": {"insecure": True},
+                    "serf": {"bind_port": serf_port, "rpc_port": rpc_port},
+                    "peer": {"port": peer_port},
+                    "paths": {"state_dir": str(tmp / "state"), "runtime_dir": str(tmp / "run")},
+                    "ports": {
+                        "range_start": 24000,
+                        "range_end": 24400,
+                        "block_size": 100,
+                        "reserve": False,
+                        "settle_s": 0.5,
+                    },
+                    "ray": {"enabled": False},
+                }
+            )
         )
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_path = str(tmp / "notify.sock")

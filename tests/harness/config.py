@@ -1,7 +1,8 @@
 """The one way to build a test config: a dict of TOML sections, merged with overrides.
 
-Namespace tests write it to a file for a real gpud (`to_toml`); in-process tests turn it into
-a `Config` through the same parser (`config_for`), so both pass gpud's own validation.
+Tests that start a real gpud write it to a file (`to_toml`); in-process tests turn it into a
+`Config` through gpud's own parser (`parse_config` for any dict, `config_for` for an unkeyed
+test node with its name and state dir), so both pass gpud's own validation.
 """
 
 from __future__ import annotations
@@ -58,14 +59,21 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def parse_config(config: Mapping[str, Any], source: str = "test config") -> Config:
+    """``config`` (a dict of TOML sections, as is: no base added) as gpud reads it: written
+    with `to_toml` and parsed by `gpud.config.parse`, validation included. ``source`` names
+    it in a ConfigError."""
+    return parse(to_toml(config), source=source)
+
+
 def config_for(
     name: str, state_dir: Path | str, overrides: Mapping[str, Any] | None = None
 ) -> Config:
-    """An in-process node's Config: its name and state dir, plus ``overrides``."""
+    """An unkeyed in-process node's Config: its name and state dir, plus ``overrides``."""
     # Unkeyed on purpose (in-process test clusters): say so, as a test cluster must.
     base = {
         "node": {"name": name},
         "cluster": {"insecure": True},
         "paths": {"state_dir": str(state_dir)},
     }
-    return parse(to_toml(merge(base, overrides or {})), source=f"test config of {name}")
+    return parse_config(merge(base, overrides or {}), source=f"test config of {name}")

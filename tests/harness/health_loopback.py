@@ -17,6 +17,7 @@ from gpud.health import peer_api
 from gpud.health.auth import sign
 from gpud.health.service import HealthService
 from gpud.tags import Tags
+from tests.harness.config import parse_config
 from tests.harness.serf import free_port
 
 INTERVAL_S = 0.2
@@ -34,14 +35,15 @@ def make_config(name: str, peer_port: int, key_file: Path, **health: object) -> 
         "successes_before_passing": 2,
         **health,
     }
-    text = "\n".join(
-        [
-            f'[node]\nname = "{name}"\n[cluster]\nname = "gk-test"\nkey_file = "{key_file}"',
-            f"[peer]\nport = {peer_port}\n[health]",
-            *(f"{k} = {v}" for k, v in settings.items()),
-        ]
+    return parse_config(
+        {
+            "node": {"name": name},
+            "cluster": {"name": "gk-test", "key_file": str(key_file)},
+            "peer": {"port": peer_port},
+            "health": settings,
+        },
+        source=f"test config of {name}",
     )
-    return config_mod.parse(text)
 
 
 class Node:

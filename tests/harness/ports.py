@@ -15,6 +15,7 @@ from gpud import config
 from gpud.context import NodeContext
 from gpud.ports.service import PortsService
 from gpud.standalone import loopback_gossip
+from tests.harness.config import to_toml
 
 ADDR = "127.0.0.1"
 
@@ -31,13 +32,16 @@ def write_config(workdir: Path, name: str = "n1", **ports: object) -> Path:
         "zombie_grace_s": 0.2,
         **ports,
     }
-    body = "\n".join(
-        f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()
-    )
     path = workdir / f"{name}.toml"
     path.write_text(
-        f'[node]\nname = "{name}"\n[paths]\nstate_dir = "{workdir / name}"\n'
-        f'runtime_dir = "{workdir}"\n[api]\nsocket = "{workdir / name}.sock"\n[ports]\n{body}\n'
+        to_toml(
+            {
+                "node": {"name": name},
+                "paths": {"state_dir": str(workdir / name), "runtime_dir": str(workdir)},
+                "api": {"socket": f"{workdir / name}.sock"},
+                "ports": settings,
+            }
+        )
     )
     return path
 

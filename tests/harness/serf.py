@@ -11,10 +11,11 @@ import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from gpud.config import Config, parse
+from gpud.config import Config
 from gpud.process import ChildProcess
 from gpud.serf.agent import SerfAgent
 from gpud.serf.rpc import SerfConnectionError, SerfRPC
+from tests.harness.config import config_for
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -120,26 +121,21 @@ def node_config(
     while len(ports) < 3:
         ports.add(free_port("0.0.0.0"))
     bind_port, rpc_port, peer_port = sorted(ports)
-    joins = json.dumps(retry_join or [])
-    return parse(
-        f"""
-        log_level = "warning"
-        [node]
-        name = "{name}"
-        advertise = "{ip}"
-        [cluster]
-        # An unkeyed test cluster, on purpose.
-        insecure = true
-        [paths]
-        state_dir = "{tmp / name}"
-        [serf]
-        binary = "{binary}"
-        bind_port = {bind_port}
-        rpc_port = {rpc_port}
-        retry_join = {joins}
-        retry_interval_s = 0.5
-        leave_timeout_s = 3
-        [peer]
-        port = {peer_port}
-        """
+    # config_for: an unkeyed test cluster, on purpose.
+    return config_for(
+        name,
+        tmp / name,
+        {
+            "log_level": "warning",
+            "node": {"advertise": ip},
+            "serf": {
+                "binary": binary,
+                "bind_port": bind_port,
+                "rpc_port": rpc_port,
+                "retry_join": retry_join or [],
+                "retry_interval_s": 0.5,
+                "leave_timeout_s": 3,
+            },
+            "peer": {"port": peer_port},
+        },
     )
