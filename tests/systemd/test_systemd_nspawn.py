@@ -5,7 +5,8 @@ its own python3 (3.11 on Debian 12, 3.13 on Debian 13) and Debian's `serf` packa
 127.0.0.1:7373), is booted with `systemd-nspawn --register=no --keep-unit --private-network -b`;
 commands run in it with `nsenter -t <its PID 1> -a`. The test installs the deb there and checks
 what an operator sees: active within 10 s with Debian's serf running beside it, READY and
-STATUS=, `gpud status` for a group member (refused for others), kill -9 and the watchdog
+STATUS=, `gpud status` for a group member (refused for others), `gpud gpus` naming why the
+kernel log is not followed (a container has no /dev/kmsg), kill -9 and the watchdog
 restart it, reload, error priorities in the journal, an upgrade keeping an edited config,
 remove (the reserved port block given back) and purge (the user kept), then a pre-seeded
 install (key and config in place before `dpkg -i`: both kept, gpud starts with them).
@@ -245,6 +246,21 @@ def test_status_for_group_members_only(machine: Machine) -> None:
     outsider = machine.sh("runuser -u other -- gpud status", check=False)
     assert outsider.returncode != 0 and "Traceback" not in outsider.stderr
     assert outsider.stderr.strip().count("\n") == 0, outsider.stderr  # one clear line
+
+
+def test_gpud_gpus_names_why_the_kernel_log_is_not_followed(machine: Machine) -> None:
+    """systemd-nspawn gives a container no /dev/kmsg (the kernel log is the host's, and a
+    test must not write a fake XID into the host's log, where a real GPU monitor could act on
+    it): under the packaged unit `gpud gpus` then says that XIDs from the kernel log are not
+    seen and why, instead of showing nothing."""
+    assert machine.sh("test -e /dev/kmsg", check=False).returncode != 0
+    machine.wait(
+        "gpud gpus | grep -qF 'kernel log not used: cannot read /dev/kmsg (No such file'",
+        30,
+        "gpud gpus naming the missing kernel log",
+    )
+    view = json.loads(machine.sh("gpud gpus --json").stdout)
+    assert view["kmsg"].startswith("not used: cannot read /dev/kmsg"), view
 
 
 def test_kill_9_and_watchdog_restart_it(machine: Machine) -> None:
