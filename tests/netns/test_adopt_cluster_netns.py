@@ -147,3 +147,75 @@ def test_a_stopped_gpud_is_restarting_for_the_grace_then_down(
     )
     assert time.monotonic() - killed < GRACE_S / 2
     assert "its workload refuses too" in pair_kind(b, a)[2]
+
+
+def served_here(node: GpudNode) -> tuple[int, int] | None:
+    """(pid, port) of the replica's server when it is ready on ``node`` itself."""
+    v = adoption.view(node)
+    ready = v is not None and v["state"] == "ready" and v["node"] == node.name
+    return (v["pid"], v["port"]) if ready and v is not None else None
+
+
+@pytest.mark.timeout(400)
+def test_a_gpud_stopped_past_the_grace_loses_its_replica_and_stops_the_old_copy_on_return(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 hosts, B cordoned: the replica runs on X. X's gpud stops for longer than the grace:
+    the replica is placed on Y and gets ready there while X's old copy (nobody supervises it)
+    still serves; when X's gpud returns it adopts the old copy, sees the replica placed
+    elsewhere, stops it and releases its leases, and Y's copy keeps serving."""
+    nvml = tmp_path / "nvml.json"
+    fake_nvml.write_state(nvml, fake_nvml.node(2))
+    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
+    private, public = authority.keygen()
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(private + "\n")
+    grace = 10.0
+    overrides = {**adoption.overrides(public), "health": {"restart_grace_s": grace}}
+    c: Cluster = cluster(3, overrides=overrides)
+    c.wait_converged()
+    c.wait_placeable()
+    first, b, third = c.nodes
+    b.cli("drain")
+    spec = tmp_path / "solo.toml"
+    spec.write_text(adoption.spec_text("solo"))
+    b.cli("deploy", "apply", str(spec), "--key", str(key_file))
+    x = wait_for(
+        lambda: next((n for n in (first, third) if served_here(n)), None),
+        adoption.READY_S,
+        0.5,
+        what="solo ready on one of the uncordoned hosts",
+    )
+    y = third if x is first else first
+    old_pid, old_port = served_here(x) or (0, 0)
+    old_start = process_start(old_pid)
+    wait_for(
+        lambda: workload_ports(b.member_tags(x.name)) == [old_port],
+        20.0,
+        0.2,
+        what="X's replica announced ready, as B sees it",
+    )
+
+    assert x.terminate() == 0
+    stopped = time.monotonic()
+    new_pid, new_port = wait_for(
+        lambda: served_here(y),
+        grace + adoption.READY_S,
+        0.5,
+        what="the replica ready on Y once X's grace is over",
+        describe=lambda: str(adoption.view(y)),
+    )
+    assert time.monotonic() - stopped >= grace - 1.0, "re-placed before the grace ended"
+    assert process_start(old_pid) == old_start, "X's old copy stopped while its gpud was down"
+
+    x.start()
+    wait_for(
+        lambda: process_start(old_pid) != old_start,
+        60.0,
+        0.5,
+        what="X's returning gpud to stop its old copy",
+        describe=lambda: x.log_tail(),
+    )
+    wait_for(lambda: adoption.leases(x) == [], 30.0, 0.5, what="X's leases released")
+    assert served_here(y) == (new_pid, new_port)
+    assert adoption.leases(y) == [("deploy:solo.0", y.pid, 1)] * 2
