@@ -56,11 +56,16 @@ class Serving(msgspec.Struct, kw_only=True):
     start: int
 
 
+# The stand-in server runs under this Python; B's router is the one the routed load goes through.
+DEPLOYMENTS = {"command_allow": [sys.executable]}
+ROUTER = {"enabled": True, "port": ROUTER_PORT}
+
+
 def overrides(public_key: str) -> dict[str, Any]:
     return {
         "gpus": FAKE_GPUS,
-        "deployments": {"operators": [public_key], "command_allow": [sys.executable]},
-        "router": {"enabled": True, "port": ROUTER_PORT},
+        "deployments": {"operators": [public_key], **DEPLOYMENTS},
+        "router": ROUTER,
     }
 
 

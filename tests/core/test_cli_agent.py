@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpud import client
+from tests.harness.agent import solo_config
 from tests.harness.config import to_toml
 from tests.harness.netns import kill_process_tree
 from tests.harness.serf import free_ports
@@ -31,22 +32,7 @@ class Agent:
     def __init__(self, tmp: Path) -> None:
         serf_port, rpc_port, peer_port = free_ports(3)
         self.socket = str(tmp / "run" / "gpud.sock")
-        config = {
-            "node": {"name": "solo", "advertise": "127.0.0.1"},
-            "cluster": {"insecure": True},
-            "serf": {"bind_port": serf_port, "rpc_port": rpc_port},
-            "peer": {"port": peer_port},
-            "paths": {"state_dir": str(tmp / "state"), "runtime_dir": str(tmp / "run")},
-            "ports": {
-                "range_start": 24000,
-                "range_end": 24400,
-                "block_size": 100,
-                "reserve": False,
-                "settle_s": 0.5,
-            },
-            "ray": {"enabled": False},
-            "metrics": {"listen": ""},
-        }
+        config = solo_config(tmp, (serf_port, rpc_port, peer_port), metrics={"listen": ""})
         self.config = tmp / "gpud.toml"
         self.config.write_text(to_toml(config))
         self.log = open(tmp / "agent.log", "wb")

@@ -23,6 +23,7 @@ from gpud import client, metrics
 from gpud.client import exchange
 from gpud.component import Metric, gauge
 from gpud.gpus.signals import GPU_METRICS, GpuReadings
+from tests.harness.agent import solo_config
 from tests.harness.config import to_toml
 from tests.harness.netns import children_of
 from tests.harness.serf import free_ports
@@ -136,26 +137,8 @@ class Agent:
         self.metrics_port = metrics_port or free
         self.socket = str(tmp / "run" / "gpud.sock")
         cfg = tmp / "gpud.toml"
-        cfg.write_text(
-            to_toml(
-                {
-                    "node": {"name": "solo", "advertise": "127.0.0.1"},
-                    "cluster": {"insecure": True},
-                    "serf": {"bind_port": serf_port, "rpc_port": rpc_port},
-                    "peer": {"port": peer_port},
-                    "paths": {"state_dir": str(tmp / "state"), "runtime_dir": str(tmp / "run")},
-                    "ports": {
-                        "range_start": 24000,
-                        "range_end": 24400,
-                        "block_size": 100,
-                        "reserve": False,
-                        "settle_s": 0.5,
-                    },
-                    "ray": {"enabled": False},
-                    "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
-                }
-            )
-        )
+        metrics = {"listen": f"127.0.0.1:{self.metrics_port}"}
+        cfg.write_text(to_toml(solo_config(tmp, (serf_port, rpc_port, peer_port), metrics=metrics)))
         self.log = open(tmp / "agent.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpud", "agent", "--config", str(cfg)],

@@ -9,11 +9,37 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from gpud import client
-from tests.harness.config import to_toml
+from tests.harness.config import merge, to_toml
 from tests.harness.netns import kill_process_tree
 from tests.harness.serf import free_ports
+
+
+def solo_config(
+    tmp: Path, ports: tuple[int, int, int], **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """The config of a `gpud agent` alone in its cluster on loopback: serf, RPC and peer
+    ``ports``, state and runtime dirs under ``tmp``, a small unreserved port range, no Ray;
+    ``sections`` merged over it."""
+    serf_port, rpc_port, peer_port = ports
+    base = {
+        "node": {"name": "solo", "advertise": "127.0.0.1"},
+        "cluster": {"insecure": True},
+        "serf": {"bind_port": serf_port, "rpc_port": rpc_port},
+        "peer": {"port": peer_port},
+        "paths": {"state_dir": str(tmp / "state"), "runtime_dir": str(tmp / "run")},
+        "ports": {
+            "range_start": 24000,
+            "range_end": 24400,
+            "block_size": 100,
+            "reserve": False,
+            "settle_s": 0.5,
+        },
+        "ray": {"enabled": False},
+    }
+    return merge(base, sections)
 
 
 class RunningAgent:
@@ -23,25 +49,7 @@ class RunningAgent:
         serf_port, rpc_port, peer_port = free_ports(3)
         self.socket_path = str(tmp / "run" / "gpud.sock")
         self.config_path = tmp / "gpud.toml"
-        self.config_path.write_text(
-            to_toml(
-                {
-                    "node": {"name": "solo", "advertise": "127.0.0.1"},
-                    "cluster": {"insecure": True},
-                    "serf": {"bind_port": serf_port, "rpc_port": rpc_port},
-                    "peer": {"port": peer_port},
-                    "paths": {"state_dir": str(tmp / "state"), "runtime_dir": str(tmp / "run")},
-                    "ports": {
-                        "range_start": 24000,
-                        "range_end": 24400,
-                        "block_size": 100,
-                        "reserve": False,
-                        "settle_s": 0.5,
-                    },
-                    "ray": {"enabled": False},
-                }
-            )
-        )
+        self.config_path.write_text(to_toml(solo_config(tmp, (serf_port, rpc_port, peer_port))))
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_path = str(tmp / "notify.sock")
         self.notify.bind(self.notify_path)

@@ -22,28 +22,36 @@ from typing import Any
 import pytest
 
 from bench import adoption
-from gpud.deployments import authority
 from gpud.health.prober import workload_ports
 from gpud.process_groups import process_start
 from tests.harness import fake_nvml
+from tests.harness.deployments import operated_cluster
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
 
 GRACEFUL_RESTARTS = 10
+
+
+def adoption_cluster(
+    cluster: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    **sections: dict[str, Any],
+) -> tuple[Cluster, Path]:
+    """bench.adoption's cluster of ``size`` hosts (2 fake GPUs each) and its operator key."""
+    nvml = tmp_path / "nvml.json"
+    fake_nvml.write_state(nvml, fake_nvml.node(2))
+    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
+    return operated_cluster(
+        cluster, tmp_path, size, adoption.DEPLOYMENTS, router=adoption.ROUTER, **sections
+    )
 
 
 @pytest.mark.timeout(420)
 def test_replica_survives_gpud_kill9_and_graceful_restarts(
     cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    nvml = tmp_path / "nvml.json"
-    fake_nvml.write_state(nvml, fake_nvml.node(2))
-    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
-    c: Cluster = cluster(2, overrides=adoption.overrides(public))
-    c.wait_converged()
-    c.wait_placeable()
+    c, key_file = adoption_cluster(cluster, tmp_path, monkeypatch, 2)
     a, _ = c.nodes
     served = adoption.serve(c, tmp_path, key_file)
     assert adoption.leases(a) == [("deploy:solo.0", a.pid, 1)] * 2
@@ -79,16 +87,9 @@ def pair_kind(observer: GpudNode, peer: GpudNode) -> tuple[str, str, str]:
 def test_a_stopped_gpud_is_restarting_for_the_grace_then_down(
     cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    nvml = tmp_path / "nvml.json"
-    fake_nvml.write_state(nvml, fake_nvml.node(2))
-    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
-    overrides = {**adoption.overrides(public), "health": {"restart_grace_s": GRACE_S}}
-    c: Cluster = cluster(2, overrides=overrides)
-    c.wait_converged()
-    c.wait_placeable()
+    c, key_file = adoption_cluster(
+        cluster, tmp_path, monkeypatch, 2, health={"restart_grace_s": GRACE_S}
+    )
     a, b = c.nodes
     served = adoption.serve(c, tmp_path, key_file)
     # The evidence B needs: A announces the replica ready (its port then must answer).
@@ -164,17 +165,10 @@ def test_a_gpud_stopped_past_the_grace_loses_its_replica_and_stops_the_old_copy_
     the replica is placed on Y and gets ready there while X's old copy (nobody supervises it)
     still serves; when X's gpud returns it adopts the old copy, sees the replica placed
     elsewhere, stops it and releases its leases, and Y's copy keeps serving."""
-    nvml = tmp_path / "nvml.json"
-    fake_nvml.write_state(nvml, fake_nvml.node(2))
-    monkeypatch.setenv(fake_nvml.ENV, str(nvml))
-    private, public = authority.keygen()
-    key_file = tmp_path / "operator.key"
-    key_file.write_text(private + "\n")
     grace = 10.0
-    overrides = {**adoption.overrides(public), "health": {"restart_grace_s": grace}}
-    c: Cluster = cluster(3, overrides=overrides)
-    c.wait_converged()
-    c.wait_placeable()
+    c, key_file = adoption_cluster(
+        cluster, tmp_path, monkeypatch, 3, health={"restart_grace_s": grace}
+    )
     first, b, third = c.nodes
     b.cli("drain")
     spec = tmp_path / "solo.toml"
