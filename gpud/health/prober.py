@@ -68,6 +68,10 @@ def _all_refused(outcomes: Sequence[ProbeOutcome]) -> bool:
     )
 
 
+def _answers(workload: Sequence[ProbeOutcome]) -> bool:
+    return bool(workload) and all(w.ok for w in workload)
+
+
 def restarting(
     outcomes: Sequence[ProbeOutcome],
     workload: Sequence[ProbeOutcome],
@@ -78,12 +82,7 @@ def restarting(
     """Is the peer's gpud restarting: its peer API refuses (``outcomes``, a confirmed burst)
     while every port of the workload it announces answers (``workload``, one connect each,
     at least one), for less than ``grace_s`` so far (pure)."""
-    return (
-        _all_refused(outcomes)
-        and bool(workload)
-        and all(w.ok for w in workload)
-        and failing_for_s < grace_s
-    )
+    return _all_refused(outcomes) and _answers(workload) and failing_for_s < grace_s
 
 
 def down_verdict(
@@ -105,11 +104,10 @@ def down_verdict(
     refused for ``grace_s`` (``failing_for_s``: since its first failure)."""
     if heard_since or not _all_refused(outcomes):
         return None
-    answers = bool(workload) and all(w.ok for w in workload)
-    if answers and failing_for_s < grace_s:
+    if restarting(outcomes, workload, failing_for_s=failing_for_s, grace_s=grace_s):
         return None
     lead = f"{name} is down: its peer API port refuses connections (gpud is not running there)"
-    if answers:
+    if _answers(workload):
         return (
             f"{lead} for {failing_for_s:.0f} s, longer than health.restart_grace_s "
             f"({grace_s:g} s), though its workload's ports still answer"
