@@ -1,9 +1,7 @@
 """The deb on a stock Debian 12 and Debian 13 under a real systemd as PID 1.
 
-For each release, a minimal root (debootstrap, cached under .cache/nspawn between runs) with
-its own python3 (3.11 on Debian 12, 3.13 on Debian 13) and Debian's `serf` package installed, whose serf.service starts on boot on serf's defaults (7946,
-127.0.0.1:7373), is booted with `systemd-nspawn --register=no --keep-unit --private-network -b`;
-commands run in it with `nsenter -t <its PID 1> -a`. The test installs the deb there and checks
+For each release, a root of tests/harness/nspawn.py (its own python3: 3.11 on Debian 12, 3.13
+on Debian 13; Debian's serf running on serf's defaults) is booted on a private network. The test installs the deb there and checks
 what an operator sees: active within 10 s with Debian's serf running beside it, READY and
 STATUS=, `gpud status` for a group member (refused for others), `gpud gpus` naming why the
 kernel log is not followed (a container has no /dev/kmsg), kill -9 and the watchdog
@@ -18,11 +16,7 @@ test fails.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,158 +24,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CACHE = ROOT / ".cache" / "nspawn"
-# What the booted root holds besides minbase: systemd as init, the release's own python3 (the
-# venv is built with it at install), Debian's serf (the stand-alone daemon gpud must live
-# beside), tools for checks.
-PACKAGES = "systemd,systemd-sysv,dbus,python3,serf,procps,iproute2"
-MIRROR = "http://deb.debian.org/debian"
-# Debian release -> its python3's version (what make-venv must pick there).
-SUITES = {"bookworm": "3.11", "trixie": "3.13"}
-DEBS_DIR = "var/cache/gpud-test"
+from tests.harness.nspawn import SUITES, Machine
+
 pytestmark = [pytest.mark.nspawn, pytest.mark.timeout(1800)]
-
-
-def _unusable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (debootstrap, systemd-nspawn, nsenter)"
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter", "dpkg-deb", "rpmbuild"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` not found: run scripts/setup.sh (systemd-container, debootstrap)"
-    return None
-
-
-def _run(
-    *cmd: str | Path, timeout: float = 600, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if check and result.returncode != 0:
-        pytest.fail(
-            f"{' '.join(map(str, cmd))} -> {result.returncode}\n{result.stdout}{result.stderr}"
-        )
-    return result
-
-
-def _base_root(suite: str) -> Path:
-    """The cached debootstrap'd root of ``suite`` (made once; a partial one is never used)."""
-    base = CACHE / f"{suite}-{PACKAGES.replace(',', '_')}"
-    if (base / ".complete").exists():
-        return base
-    partial = base.with_name(base.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    _run("debootstrap", "--variant=minbase", f"--include={PACKAGES}", suite, partial, MIRROR,
-         timeout=1500)  # fmt: skip
-    # The booted system must not wait for a network it does not have.
-    (partial / "etc/hostname").write_text("gpudtest\n")
-    partial.rename(base)
-    (base / ".complete").touch()
-    return base
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text()
-        found += [int(p) for p in text.split()]
-    return found
-
-
-class Machine:
-    """A booted copy of the base root: systemd as PID 1 in its own namespaces."""
-
-    def __init__(self, workdir: Path, suite: str) -> None:
-        self.suite = suite
-        self.root = workdir / "root"
-        _run("cp", "-a", "--reflink=auto", _base_root(suite), self.root)
-        self.log_path = workdir / "nspawn.log"
-        self._log = open(self.log_path, "wb")
-        self.nspawn = subprocess.Popen(
-            ["systemd-nspawn", "--register=no", "--keep-unit", "--private-network", "-q",
-             "-b", "-D", str(self.root)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.pid1 = self._wait_init()
-        self._wait_booted()
-
-    def _wait_init(self) -> int:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.nspawn.poll() is not None:
-                pytest.fail(f"systemd-nspawn exited: {self.log_path.read_text(errors='replace')}")
-            for child in _children(self.nspawn.pid):
-                if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
-                    return child
-            time.sleep(0.2)
-        pytest.fail(f"no systemd in the container: {self.log_path.read_text(errors='replace')}")
-
-    def _wait_booted(self) -> None:
-        deadline = time.monotonic() + 120
-        state = ""
-        while time.monotonic() < deadline:
-            state = self.sh("systemctl is-system-running", check=False).stdout.strip()
-            if state in ("running", "degraded"):
-                return
-            time.sleep(0.5)
-        pytest.fail(
-            f"container did not boot ({state}): {self.sh('systemctl --failed', check=False).stdout}"
-        )
-
-    def sh(
-        self, script: str, *, check: bool = True, timeout: float = 300
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``script`` with /bin/sh inside the container (all its namespaces)."""
-        return _run("nsenter", "-t", self.pid1, "-a", "/bin/sh", "-c", script,
-                    timeout=timeout, check=check)  # fmt: skip
-
-    def wait(self, script: str, timeout: float, what: str) -> float:
-        """Seconds until ``script`` succeeds inside the container."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.sh(script, check=False).returncode == 0:
-                return time.monotonic() - started
-            time.sleep(0.25)
-        pytest.fail(f"{what}: not within {timeout} s\n{self.journal()}")
-
-    def journal(self, unit: str = "gpud") -> str:
-        return self.sh(f"journalctl -u {unit} --no-pager -n 60", check=False).stdout
-
-    def show(self, prop: str) -> str:
-        return self.sh(f"systemctl show gpud -p {prop} --value").stdout.strip()
-
-    def stop(self) -> None:
-        """Power the container off; kill it (its nspawn, then its PID 1) if that hangs."""
-        if self.nspawn.poll() is None:
-            self.nspawn.send_signal(signal.SIGTERM)  # nspawn asks the container's systemd to halt
-            try:
-                self.nspawn.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.nspawn.kill()
-                self.nspawn.wait(timeout=30)
-        if Path(f"/proc/{self.pid1}").exists():
-            os.kill(self.pid1, signal.SIGKILL)  # the namespace's init: takes the rest with it
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if reason := _unusable():
-        pytest.skip(reason)
-    base = tmp_path_factory.mktemp("nspawn-debs")
-    build = [
-        sys.executable,
-        ROOT / "packaging" / "build.py",
-        "--out",
-        base / "out",
-        "--work",
-        base / "work",
-    ]
-    _run(*build)
-    _run(*build, "--reuse-stage", "--revision", "2")
-    return next((base / "out").glob("gpud_*-1_*.deb")), next((base / "out").glob("gpud_*-2_*.deb"))
 
 
 @pytest.fixture(scope="module", params=sorted(SUITES))
@@ -189,11 +34,7 @@ def machine(request: pytest.FixtureRequest, debs: tuple[Path, Path]) -> Iterator
     workdir = Path(tempfile.mkdtemp(prefix="gpud-nspawn-"))
     booted: Machine | None = None
     try:
-        booted = Machine(workdir, request.param)
-        # Not /tmp: the container mounts a fresh tmpfs over it.
-        (booted.root / DEBS_DIR).mkdir(parents=True)
-        for deb in debs:
-            shutil.copy(deb, booted.root / DEBS_DIR / deb.name)
+        booted = Machine(workdir, request.param, debs=debs)
         # A host has a real interface and a default route (advertise = "auto" needs one); the
         # private network has only lo, so give it a veth pair inside its own namespace.
         booted.sh(
@@ -208,18 +49,12 @@ def machine(request: pytest.FixtureRequest, debs: tuple[Path, Path]) -> Iterator
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _deb(machine: Machine, revision: int) -> str:
-    return next(
-        f"/{DEBS_DIR}/{p.name}" for p in (machine.root / DEBS_DIR).glob(f"gpud_*-{revision}_*.deb")
-    )
-
-
 def test_stock_install_is_active_within_10_s_beside_debians_serf(machine: Machine) -> None:
     # The stand-alone serf of Debian's package runs on its defaults: the conflict gpud avoids.
     # (It restarts until the private network has an address: wait for it.)
     machine.wait("systemctl is-active -q serf && ss -ltn | grep -q ':7946 '", 60, "Debian's serf")
     started = time.monotonic()
-    machine.sh(f"dpkg -i {_deb(machine, 1)}", timeout=120)
+    machine.sh(f"dpkg -i {machine.deb(1)}", timeout=120)
     installed_s = time.monotonic() - started
     assert installed_s < 60, f"dpkg -i took {installed_s:.0f} s (blocked on a start?)"
     active_s = machine.wait("systemctl is-active -q gpud", 10, "gpud active after install")
@@ -342,7 +177,7 @@ def test_upgrade_keeps_the_edited_config(machine: Machine) -> None:
     config = "/etc/gpud/gpud.toml"
     machine.sh(f"echo '# operator edit' >> {config}")
     edited = machine.sh(f"cat {config}").stdout
-    machine.sh(f"dpkg -i {_deb(machine, 2)}", timeout=120)
+    machine.sh(f"dpkg -i {machine.deb(2)}", timeout=120)
     assert machine.sh(f"cat {config}").stdout == edited
     machine.wait("systemctl is-active -q gpud", 15, "active after upgrade")
 
@@ -375,7 +210,7 @@ def test_preseeded_key_and_config_are_kept(machine: Machine) -> None:
                "[node]\\nname = \"preseeded\"\\n' > /etc/gpud/gpud.toml && "
                "chmod 0644 /etc/gpud/gpud.toml")  # fmt: skip
     config = machine.sh("cat /etc/gpud/gpud.toml").stdout
-    machine.sh(f"dpkg -i --force-confold {_deb(machine, 1)} </dev/null", timeout=120)
+    machine.sh(f"dpkg -i --force-confold {machine.deb(1)} </dev/null", timeout=120)
     assert machine.sh("cat /etc/gpud/cluster.key").stdout == key
     assert machine.sh("stat -c '%U:%G %a' /etc/gpud/cluster.key").stdout.strip() == "gpud:gpud 600"
     assert machine.sh("cat /etc/gpud/gpud.toml").stdout == config
