@@ -4,10 +4,12 @@ Three modes, printed as numbers (and written as JSON with --json); median and ma
 --repeats failovers each:
 
   harness     Real gpud agents (real serf, real `ray start`) on 3 hosts in network namespaces
-              (tests/harness). kill -9 of every process on the head's host, then (a) the
-              surviving nodes agree on a new head, (b) they all see its GCS announced ready,
-              (c) the new GCS lists every surviving node alive. Serf's failure detection is
-              included. The killed host is restarted between rounds.
+              (tests/harness). Per --fault: `kill9` kills every process on the head's host
+              (its peers get refusals at once); `cable` first pulls its cable (the interface
+              goes down, so its packets vanish as at a power loss or a kernel hang), then
+              kills its processes. Then (a) the surviving nodes agree on a new head, (b) they
+              all see its GCS announced ready, (c) the new GCS lists every surviving node
+              alive. Failure detection is included. The host comes back between rounds.
   managed     In-process gpud nodes (RayService, election over an in-process query transport,
               real `ray start` on 127.0.0.x); the others see the head failed at once, so Serf's
               failure detection is NOT included.
@@ -19,8 +21,8 @@ Three modes, printed as numbers (and written as JSON with --json); median and ma
 it may read up to one query late.
 
 Run (root, for the namespaces):  .venv/bin/python -m bench.ray_failover
-    [--mode harness unmanaged managed] [--repeats 3] [--hosts 3] [--vote-timeout 1.0]
-    [--json out.json]
+    [--mode harness unmanaged managed] [--fault kill9 cable] [--repeats 3] [--hosts 3]
+    [--vote-timeout 1.0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -220,8 +222,9 @@ class HarnessCluster:
     the root namespace, which cannot reach the harness subnet: GCS is asked from inside a
     surviving host's namespace."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, fault: str = "kill9") -> None:
         self.cluster = cluster
+        self.fault = fault
         self._queries: dict[str, GcsNodes] = {}
 
     def _running(self) -> list[GpudNode]:
@@ -250,7 +253,10 @@ class HarnessCluster:
         return {n.name for n in self._running()}
 
     async def kill_host(self, name: str) -> None:
-        await asyncio.to_thread(kill_host, next(n for n in self.cluster if n.name == name))
+        node = next(n for n in self.cluster if n.name == name)
+        if self.fault == "cable":
+            node.host.link_down()
+        await asyncio.to_thread(kill_host, node)
 
     def sees_down(self, name: str) -> bool:
         for node in self._running():
@@ -287,8 +293,8 @@ async def _ray_nodes_once(probes: HarnessCluster, address: str) -> list[str]:
         await probes.close()
 
 
-async def _failover_once(cluster: Cluster) -> FailoverResult:
-    probes = HarnessCluster(cluster)
+async def _failover_once(cluster: Cluster, fault: str) -> FailoverResult:
+    probes = HarnessCluster(cluster, fault)
     try:
         return await measure_failover(probes)
     finally:
@@ -310,9 +316,11 @@ def _steady(cluster: Cluster, limit_s: float = 240.0) -> tuple[str, int, int]:
     return wait_for(steady, limit_s, 1.0, what="a steady Ray cluster", describe=cluster.describe)
 
 
-def harness(repeats: int, vote_timeout_s: float, hosts: int = 3) -> list[FailoverResult]:
-    """kill -9 the head host `repeats` times in one cluster of ``hosts``; the killed host is
-    restarted (and the cluster steady again) before the next round."""
+def harness(
+    repeats: int, vote_timeout_s: float, hosts: int = 3, fault: str = "kill9"
+) -> list[FailoverResult]:
+    """``fault`` on the head host `repeats` times in one cluster of ``hosts``; the host comes
+    back (cable in, gpud restarted) and the cluster is steady again before the next round."""
     results = []
     temp_root = tempfile.mkdtemp(prefix="grb-")
     overrides = ray_overrides(temp_root, vote_timeout_s=vote_timeout_s)
@@ -322,10 +330,12 @@ def harness(repeats: int, vote_timeout_s: float, hosts: int = 3) -> list[Failove
             head = _steady(c)
             print(f"harness: {hosts} hosts, head {head[0]}, up in {time.monotonic() - began:.1f}s")
             for i in range(repeats):
-                result = asyncio.run(_failover_once(c))
+                result = asyncio.run(_failover_once(c, fault))
                 results.append(result)
-                print(f"harness #{i + 1}: {_line(result)}", flush=True)
+                print(f"harness {fault} #{i + 1}: {_line(result)}", flush=True)
                 victim = next(n for n in c if n.name == result.old_head)
+                if fault == "cable":
+                    victim.host.link_up()
                 victim.reap_children()
                 victim.start()
                 _steady(c)
@@ -451,10 +461,12 @@ async def unmanaged(reconnect_timeout_s: str | None, limit_s: float = 240.0) -> 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
     results: dict[str, object] = {}
-    if "harness" in args.mode:
-        runs = harness(args.repeats, args.vote_timeout, args.hosts)
-        results["harness"] = {
+    for fault in args.fault if "harness" in args.mode else []:
+        runs = harness(args.repeats, args.vote_timeout, args.hosts, fault)
+        # kill -9 keeps its old key ("harness") so earlier JSON stays comparable.
+        results["harness" if fault == "kill9" else f"harness-{fault}"] = {
             "runs": runs,
+            "fault": fault,
             "hosts": args.hosts,
             "vote_timeout_s": args.vote_timeout,
             "detected_s": spread([r.detected_s for r in runs]),
@@ -488,12 +500,12 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             "runs": un_runs,
             "worker_exit_s": spread([r.worker_exit_s for r in un_runs]),
         }
-    print("summary (seconds after kill -9, median / max):")
+    print("summary (seconds after the fault, median / max):")
     for mode, result in results.items():
         assert isinstance(result, dict)
         for key, value in result.items():
             if isinstance(value, Spread):
-                print(f"  {mode:9} {key:22} {value.median} / {value.max}  (n={value.n})")
+                print(f"  {mode:14} {key:22} {value.median} / {value.max}  (n={value.n})")
     return results
 
 
@@ -505,7 +517,14 @@ def main() -> None:
         choices=["harness", "managed", "unmanaged"],
         default=["harness", "unmanaged"],
     )
-    parser.add_argument("--repeats", type=int, default=3, help="failovers per mode")
+    parser.add_argument(
+        "--fault",
+        nargs="+",
+        choices=["kill9", "cable"],
+        default=["kill9", "cable"],
+        help="harness: kill -9 of the head host, or its cable pulled first (silent death)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="failovers per mode and fault")
     parser.add_argument("--ray-nodes", type=int, default=3, help="managed: gpud nodes with Ray")
     parser.add_argument("--hosts", type=int, default=3, help="harness: hosts in the cluster")
     parser.add_argument(

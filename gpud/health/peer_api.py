@@ -272,10 +272,17 @@ class PeerClient:
 
     # -- deployments (gpud/deployments/service.py): other components' signed peer calls
     async def call(
-        self, addr: str, port: int, path: str, body: msgspec.Struct, reply: type[_Reply]
+        self,
+        addr: str,
+        port: int,
+        path: str,
+        body: msgspec.Struct,
+        reply: type[_Reply],
+        *,
+        timeout_s: float | None = None,
     ) -> _Reply:
         """A signed call to a route another component added with `PeerApiServer.add_route`."""
-        return await self._call(addr, port, path, body, reply)
+        return await self._call(addr, port, path, body, reply, timeout_s=timeout_s)
 
     # -- end deployments
 

@@ -6,15 +6,19 @@ arriving at our peer API).
 
 Besides those slow verdicts, a peer is judged *down* within about a second of dying: a quick
 TCP connect to every target between rounds, and on any failure a short burst of re-probes
-(`down_verdict`, pure). The same records give the Ray leader lease its contact times.
+(`down_verdict`, pure); one that answers nothing at all (no refusal either) is down within a
+few seconds once it stays silent on every port, is not heard from, and the peers asked to try
+it cannot reach it either (`silent_verdict`, pure). The same records give the Ray leader lease
+its contact times.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 
 from gpud import api, log
 from gpud.context import Member
@@ -35,6 +39,20 @@ QUICK_S = 0.5
 # down: a connect refused four times in a row is no accident of loss or of a restart.
 CONFIRM_PROBES = 3
 CONFIRM_GAP_S = 0.25
+# A host whose packets vanish (power loss, a kernel hang, a cut cable) refuses nothing and
+# answers nothing. Its silence is checked with connects long enough to include the kernel's
+# first SYN retransmit (at 1 s), so one lost packet does not make a port look silent: to its
+# peer API twice, to its serf's gossip port (serf runs apart from gpud: a frozen gpud's host
+# still answers there) and to its workload's ports, all at once; under 5 % loss each connect
+# fails about 1 % of the time, all of them together about once in a million.
+SILENT_CONNECT_S = 1.5
+# ... and it is down only once no request of its own reached us for this many probe intervals
+# (plus a probe timeout): in a full mesh every live peer probes us every interval, so a peer we
+# merely cannot reach (a one-way fault) is still heard from.
+QUIET_INTERVALS = 1.25
+# Peers asked to try it too, as memberlist's indirect probes: one that reaches it means a fault
+# between the two of us (named by the pair verdicts), not its death.
+INDIRECT_PEERS = 2
 # Beyond full mesh, this many nodes besides its two ring neighbours probe the Ray head in one
 # step, in turn around the ring (`watches_head`): the head's load stays bounded at any size
 # (its leader lease travels down gpud.ray.lease_tree, not by probes), and up to a few dozen
@@ -116,6 +134,36 @@ def down_verdict(
     return f"{lead}, {len(outcomes)} probes in a row" + (
         f"; its workload refuses too ({silent[0]})" if silent else ""
     )
+
+
+def silent_verdict(
+    name: str,
+    outcomes: Sequence[ProbeOutcome],
+    *,
+    quiet_for_s: float,
+    window_s: float,
+    reached_by_others: bool | None,
+) -> str | None:
+    """Why ``name`` is down though it refuses nothing, or None (pure). ``outcomes``: the silence
+    check's connects (at least two); every one must have timed out. ``quiet_for_s``: since its
+    last request reached us; ``window_s``: how long a live peer may go without one.
+    ``reached_by_others``: True when a peer asked to try reached it, False when those asked did
+    not, None when none could be asked or none answered (then our own probes decide)."""
+    if len(outcomes) < 2 or not all(not o.ok and o.cause == "timeout" for o in outcomes):
+        return None
+    if quiet_for_s < window_s or reached_by_others:
+        return None
+    others = "" if reached_by_others is None else ", nor from the peers asked to try it"
+    return (
+        f"{name} is down: it answers nothing ({len(outcomes)} connects to its peer API, serf "
+        f"and workload ports timed out{others}; no request from it for {quiet_for_s:.1f} s): "
+        "power loss, a kernel hang or a cut cable"
+    )
+
+
+def host_answers(outcomes: Sequence[ProbeOutcome]) -> bool:
+    """Did the host answer at all: a connect accepted or refused (its kernel is alive) (pure)."""
+    return any(o.ok or o.cause == "refused" for o in outcomes)
 
 
 def sweep_order(ring_size: int) -> list[int]:
@@ -217,6 +265,8 @@ class PeerRecord:
         self.gcs_answers: bool | None = None
         # Its gpud refuses but its workload answers, within the restart grace (`restarting`).
         self.restarting = False
+        # The down verdict is `silent_verdict`'s: any request from it ends the verdict.
+        self.silent = False
         # Monotonic send and reply times of the last successful probe (leader lease).
         self.ok_sent_at = 0.0
         self.ok_at = 0.0
@@ -241,8 +291,11 @@ class Prober:
         on_down_change: Callable[[], None] | None = None,
         confirm_down: bool = True,
         restart_grace_s: float = 0.0,
+        others_reach: Callable[[str], Awaitable[bool | None]] | None = None,
     ) -> None:
         self._client = client
+        # Asks other peers whether they reach a silent peer (`silent_verdict`).
+        self._others_reach = others_reach
         # How long a peer whose gpud refuses but whose workload answers is not judged down.
         self._restart_grace_s = restart_grace_s
         self._thresholds = thresholds
@@ -278,6 +331,9 @@ class Prober:
 
     def note_inbound(self, peer: str) -> None:
         self.inbound_at[peer] = time.monotonic()
+        record = self.records.get(peer)
+        if record is not None and record.silent:
+            self._set_down(record, None)  # judged silent, yet its request reached us
 
     def sync(self, members: dict[str, Member], self_name: str) -> None:
         """Track alive and failed peers; forget those that left."""
@@ -422,6 +478,8 @@ class Prober:
         """Re-probe a peer that just failed, CONFIRM_GAP_S apart, and judge it (down_verdict)."""
         started = time.monotonic()
         record.failing_since = record.failing_since or started
+        if first.cause == "timeout" and await self._judged_silent(record):
+            return
         name, addr, port = record.member.name, record.member.addr, record.port
         outcomes = [first]
         for _ in range(CONFIRM_PROBES):
@@ -464,7 +522,44 @@ class Prober:
             ),
         )
 
-    def _set_down(self, record: PeerRecord, reason: str | None) -> None:
+    async def _judged_silent(self, record: PeerRecord) -> bool:
+        """A peer whose probe timed out: connect to all it listens on at once and judge it by
+        `silent_verdict`. False when something refused (its kernel answers: the refusal rules
+        judge it)."""
+        member, name = record.member, record.member.name
+        workload = workload_ports(member.tags)
+        ports = [record.port, record.port, member.port, *workload]
+        outcomes = await asyncio.gather(
+            *(
+                tcp_connect(member.addr, p, SILENT_CONNECT_S, source_addr=self._client.source_addr)
+                for p in ports
+            )
+        )
+        tags = member.tags
+        if tags is not None and tags.ray == "head" and tags.gcs in workload:
+            record.gcs_answers = outcomes[3 + workload.index(tags.gcs)].ok
+        if any(o.cause == "refused" for o in outcomes):
+            return False
+        if host_answers(outcomes):
+            return True  # slow or frozen, not gone: the pair verdicts and Serf judge it
+        window = QUIET_INTERVALS * self._interval_s + self._client.timeout_s
+        async with asyncio.TaskGroup() as group:
+            asked = group.create_task(self._others_reach(name)) if self._others_reach else None
+            quiet = time.monotonic() - self.inbound_at.get(name, -math.inf)
+            if quiet < window:
+                await asyncio.sleep(window - quiet)
+        reached = asked.result() if asked is not None else None
+        if record.failing_since is None:
+            return True  # a round probe got an answer meanwhile
+        quiet = time.monotonic() - self.inbound_at.get(name, -math.inf)
+        verdict = silent_verdict(
+            name, outcomes, quiet_for_s=quiet, window_s=window, reached_by_others=reached
+        )
+        self._set_down(record, verdict, silent=verdict is not None)
+        return True
+
+    def _set_down(self, record: PeerRecord, reason: str | None, *, silent: bool = False) -> None:
+        record.silent = silent
         if reason != record.down_reason:
             record.down_reason = reason
             self._on_down_change()

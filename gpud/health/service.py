@@ -20,9 +20,12 @@ from gpud.config import Config
 from gpud.context import Member, MemberStatus, NodeContext
 from gpud.health.peer_api import PeerApiServer, PeerCallError, PeerClient
 from gpud.health.prober import (
+    INDIRECT_PEERS,
     QUICK_S,
+    SILENT_CONNECT_S,
     PeerRecord,
     Prober,
+    host_answers,
     ring_neighbours,
     select_targets,
     sweep_steps,
@@ -45,6 +48,7 @@ from gpud.health.verdict import (
     restarting_verdict,
 )
 from gpud.netcheck import NetCheck, NetworkStatus
+from gpud.netprobe import tcp_connect
 
 _log = log.get("health")
 
@@ -98,6 +102,20 @@ class SuspectNotice(msgspec.Struct, forbid_unknown_fields=True):
 class SuspectReply(msgspec.Struct):
     # False: no check started (not a peer we track, already down, or one is running).
     checking: bool
+
+
+# A node that finds a peer silent asks a few others whether they reach it (`Prober`'s
+# `others_reach`): a fault between two nodes is not the death of one.
+PATH_REACH = "/v1/peer/health/reach"
+
+
+class ReachRequest(msgspec.Struct, forbid_unknown_fields=True):
+    peer: str
+
+
+class ReachReply(msgspec.Struct):
+    # None: not a peer we track (no opinion).
+    answered: bool | None
 
 
 class HealthStatus(msgspec.Struct):
@@ -205,6 +223,7 @@ class HealthService(ComponentBase):
             health.interval_s,
             on_down_change=self._down_changed,
             restart_grace_s=health.restart_grace_s,
+            others_reach=self._others_reach,
         )
         self.server = PeerApiServer(
             ctx, self._key, self.client, self.prober.view_rows, on_inbound=self.prober.note_inbound
@@ -221,6 +240,9 @@ class HealthService(ComponentBase):
         self._judged: set[str] = set()
         self._noticed: dict[str, float] = {}
         self.server.add_route(PATH_SUSPECT, self._suspect)
+        self.server.add_route(PATH_REACH, self._reach)
+        # One connect burst per peer at a time, whoever asks (`_reach`).
+        self._reaching: dict[str, asyncio.Future[bool]] = {}
 
     def reconfigure(self, config: Config) -> None:
         """A reload's [health]: the probe loop reads interval, fan-out and concurrency from the
@@ -336,6 +358,67 @@ class HealthService(ComponentBase):
         if started:
             self._noticed[notice.peer] = time.monotonic()
         return msgspec.json.encode(SuspectReply(checking=started))
+
+    async def _others_reach(self, name: str) -> bool | None:
+        """Ask up to INDIRECT_PEERS other alive peers whether ``name``'s host answers them:
+        True when one does, False when those that answered found it silent, None when none
+        could be asked or none answered."""
+        askable = [
+            r.member
+            for other, r in sorted(self.prober.records.items())
+            if other != name
+            and r.down_reason is None
+            and r.member.alive
+            and r.member.tags is not None
+            and r.member.tags.pp
+        ]
+        chosen = self._rng.sample(askable, min(INDIRECT_PEERS, len(askable)))
+        request = ReachRequest(peer=name)
+
+        async def ask(member: Member) -> bool | None:
+            try:
+                reply = await self.client.call(
+                    member.addr,
+                    member.tags.pp,
+                    PATH_REACH,
+                    request,
+                    ReachReply,
+                    timeout_s=SILENT_CONNECT_S + self.client.timeout_s,
+                )
+            except PeerCallError:
+                return None
+            return reply.answered
+
+        async with asyncio.TaskGroup() as group:
+            asked = [group.create_task(ask(m)) for m in chosen]
+        answers = [a.result() for a in asked]
+        if any(answers):
+            return True
+        return False if False in answers else None
+
+    async def _reach(self, body: bytes) -> bytes:
+        """A peer asks whether ``peer``'s host answers us: connects to its peer API and serf
+        ports (the addresses from our own view, never from the request)."""
+        name = msgspec.json.decode(body, type=ReachRequest).peer
+        record = self.prober.records.get(name)
+        if record is None or not record.port:
+            return msgspec.json.encode(ReachReply(answered=None))
+        pending = self._reaching.get(name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._host_answers(record))
+            self._reaching[name] = pending
+            pending.add_done_callback(lambda _: self._reaching.pop(name, None))
+        answered = await asyncio.shield(pending)
+        return msgspec.json.encode(ReachReply(answered=answered))
+
+    async def _host_answers(self, record: PeerRecord) -> bool:
+        member, source = record.member, self.client.source_addr
+        async with asyncio.TaskGroup() as group:
+            tries = [
+                group.create_task(tcp_connect(member.addr, p, SILENT_CONNECT_S, source_addr=source))
+                for p in (record.port, member.port)
+            ]
+        return host_answers([t.result() for t in tries])
 
     async def confirm_now(self) -> None:
         """One probe round now: fresh contact times for the leader lease after a freeze."""
