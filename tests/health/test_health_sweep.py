@@ -1,6 +1,7 @@
 """Beyond full mesh, in-process gpud health services on loopback: a peer that only some nodes
 probe is still judged down by every node within seconds (the finders' notices), and a notice
-about a peer that answers changes nothing."""
+about a peer that answers changes nothing; a node asked whether a peer's host answers it (the
+silent verdict's indirect check) says so from its own connects."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ import pytest
 
 from gpud.context import Member, NodeContext
 from gpud.health.peer_api import PeerCallError
-from gpud.health.service import PATH_SUSPECT, HealthService, SuspectNotice, SuspectReply
+from gpud.health.service import (
+    PATH_REACH,
+    PATH_SUSPECT,
+    HealthService,
+    ReachReply,
+    ReachRequest,
+    SuspectNotice,
+    SuspectReply,
+)
 from gpud.tags import Tags
 from tests.harness.health_loopback import make_config
 from tests.harness.serf import free_port
@@ -41,6 +50,11 @@ class Node(msgspec.Struct):
         """Send ``notice`` to ``to``'s peer API as this node's signed peer call."""
         return await self.service.client.call(
             to.ctx.advertise_addr, to.ctx.config.peer.port, PATH_SUSPECT, notice, SuspectReply
+        )
+
+    async def ask_reach(self, to: Node, request: msgspec.Struct) -> ReachReply:
+        return await self.service.client.call(
+            to.ctx.advertise_addr, to.ctx.config.peer.port, PATH_REACH, request, ReachReply
         )
 
 
@@ -133,3 +147,20 @@ async def test_a_malformed_notice_is_refused_and_changes_nothing(key_file: Path)
         with pytest.raises(PeerCallError, match="HTTP 400"):
             await a.tell(b, WrongNotice(peer=5))
         assert b.service.prober.down() == {}
+
+
+async def test_a_reach_question_is_answered_from_own_connects_and_bad_ones_are_refused(
+    key_file: Path,
+):
+    async with running(key_file) as nodes:
+        await all_passing(nodes)
+        a, b, c = nodes[0], nodes[1], nodes[5]
+        assert (await a.ask_reach(b, ReachRequest(peer=c.name))).answered is True
+        # A name it does not track: no opinion, and nothing is dialled.
+        assert (await a.ask_reach(b, ReachRequest(peer="nobody"))).answered is None
+        with pytest.raises(PeerCallError, match="HTTP 400"):
+            await a.ask_reach(b, WrongNotice(peer=5))
+        assert c.task is not None
+        c.task.cancel()  # its peer API closes: refusals say its host is there
+        await asyncio.sleep(0.2)
+        assert (await a.ask_reach(b, ReachRequest(peer=c.name))).answered is True

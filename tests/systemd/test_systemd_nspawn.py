@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import fake_nvml
 from tests.harness.nspawn import SUITES, Machine
 
 pytestmark = [pytest.mark.nspawn, pytest.mark.timeout(1800)]
@@ -96,6 +97,34 @@ def test_gpud_gpus_names_why_the_kernel_log_is_not_followed(machine: Machine) ->
     )
     view = json.loads(machine.sh("gpud gpus --json").stdout)
     assert view["kmsg"].startswith("not used: cannot read /dev/kmsg"), view
+    # On a host with GPUs that is a problem. NVML cannot be had here: the suite's fake NVML
+    # (one GPU) stands in for it, through a drop-in, under the same packaged unit.
+    fake_dir = machine.root / "usr/local/lib/gpud-test"
+    fake_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fake_nvml.__file__, fake_dir / "fake_nvml.py")
+    state = machine.root / "var/lib/gpud-test/nvml.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    fake_nvml.write_state(state, fake_nvml.node(1))
+    state.chmod(0o644)
+    dropin = "/etc/systemd/system/gpud.service.d/fake-nvml.conf"
+    config = "/etc/gpud/gpud.toml"
+    machine.sh(f"cp {config} /root/before-fake-nvml.toml && mkdir -p {dropin.rsplit('/', 1)[0]} && "
+               f"printf '[Service]\\nEnvironment=PYTHONPATH=/usr/local/lib/gpud-test "
+               f"{fake_nvml.ENV}=/var/lib/gpud-test/nvml.json\\n' > {dropin} && "
+               f"sed -i '/^\\[gpus\\]$/a nvml_module = \"fake_nvml\"' {config} && "
+               "systemctl daemon-reload && systemctl restart gpud")  # fmt: skip
+    try:
+        machine.wait(
+            "gpud doctor | grep -q 'gpus.xid_source_unavailable'",
+            30,
+            "the missing kernel log as a problem on a host with a GPU",
+        )
+        doctor = machine.sh("gpud doctor", check=False).stdout
+        assert "kernel XIDs are not seen: cannot read /dev/kmsg" in doctor, doctor
+    finally:
+        machine.sh(f"rm {dropin} && cp /root/before-fake-nvml.toml {config} && "
+                   "systemctl daemon-reload && systemctl restart gpud")  # fmt: skip
+        machine.wait("systemctl is-active -q gpud", 15, "active again without the fake NVML")
 
 
 def test_kill_9_and_watchdog_restart_it(machine: Machine) -> None:
