@@ -229,8 +229,15 @@ def test_port_mapped_node_never_becomes_head(cluster: Callable[..., Cluster]) ->
             describe=describe(list(c)),
         )
         assert head in {n.name for n in plain}
-        ray = mapped.api("/v1/ray")
-        assert not ray["eligible"] and "NAT" in (ray["not_eligible_reason"] or ""), ray
+        # Until its Ray install check is done its first reason is that Ray is not available.
+        wait_for(
+            lambda: "NAT" in (mapped.api("/v1/ray")["not_eligible_reason"] or ""),
+            STEADY_S,
+            0.5,
+            what="the mapped node not eligible for NAT",
+            describe=lambda: str(mapped.api("/v1/ray")),
+        )
+        assert not mapped.api("/v1/ray")["eligible"]
         # Keep watching: the preferred node must not take over once it is settled either.
         for _ in range(10):
             views = head_views(list(c))
