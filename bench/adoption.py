@@ -30,9 +30,8 @@ from gpud.process_groups import process_start
 from tests.harness import fake_nvml
 from tests.harness.deployments import FAKE_GPUS, SERVER
 from tests.harness.gpud_node import Cluster, GpudNode, wait_for
-from tests.harness.router_cluster import LOADER, ROUTER_PORT
+from tests.harness.router_cluster import ROUTER_PORT, background_load, records
 
-REPO = Path(__file__).resolve().parent.parent
 READY_S = 90.0
 ADOPT_TIMEOUT_S = 30.0
 # Load between scenarios, so each one's failures are counted apart.
@@ -133,19 +132,12 @@ def restarts(c: Cluster, s: Serving, work: Path, steps: list[str]) -> list[Scena
     """Run ``steps`` ("kill9" / "sigterm") on A's gpud under load from B; raises if the server
     dies with gpud, or is not adopted with its pid, port and leases."""
     a, b = c.nodes
-    stop_file = work / "stop-load"
     bases = {
         "direct": f"http://{a.addr}:{s.port}/v1",
         "routed": f"http://{b.addr}:{ROUTER_PORT}/v1",
     }
-    loads = []
-    for name, base in bases.items():
-        argv = [sys.executable, LOADER, "--base", base, "--model", MODEL,
-                "--seconds", "600", "--workers", "2", "--stop-file", str(stop_file)]  # fmt: skip
-        with (work / f"load-{name}.jsonl").open("w") as sink:
-            loads.append(b.host.popen(argv, stdout=sink, cwd=REPO))
     marks: list[tuple[str, float, float]] = []  # (step, stopped at wall clock, adoption s)
-    try:
+    with background_load(b.host, bases, work, MODEL) as files:
         time.sleep(SETTLE_S)
         for step in steps:
             assert a.proc is not None
@@ -170,26 +162,11 @@ def restarts(c: Cluster, s: Serving, work: Path, steps: list[str]) -> list[Scena
             owned = leases(a)
             assert owned == [("deploy:solo.0", a.pid, 1)] * 2, owned
             time.sleep(SETTLE_S)
-    finally:
-        stop_file.touch()
-        for load in loads:
-            try:
-                load.wait(timeout=30)
-            finally:
-                if load.poll() is None:
-                    load.kill()
-    records = {
-        name: [
-            json.loads(line)
-            for line in (work / f"load-{name}.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
-        for name in bases
-    }
+    loaded = {name: records(path) for name, path in files.items()}
     ends = [m[1] for m in marks[1:]] + [float("inf")]
 
     def window(name: str, start: float, end: float) -> list[dict[str, Any]]:
-        return [r for r in records[name] if start <= r["sent"] < end]
+        return [r for r in loaded[name] if start <= r["sent"] < end]
 
     return [
         Scenario(

@@ -41,9 +41,12 @@ Priority = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
 Role = Annotated[str, msgspec.Meta(min_length=1, max_length=16, pattern=r"^[a-z]+$")]
 # gpud.deployments.store.set_digest: a short hex digest, empty without records.
 RecordsDigest = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9a-f]*$")]
-# gpud.deployments.claims: "name.index:port:digest[:gcs[:flags]]", ";"-separated, ASCII only
+# gpud.deployments.claims: "name.index:port:digest[:gcs[:flags[:nm]]]", ";"-separated, ASCII only
 # (so int() of a digit run never meets a non-ASCII digit).
-_CLAIM = r"[a-z0-9-]{1,63}\.[0-9]{1,4}:[0-9]{1,5}:[0-9a-f]{0,32}(?::[0-9]{0,5}(?::[a-z]{0,8})?)?"
+_CLAIM = (
+    r"[a-z0-9-]{1,63}\.[0-9]{1,4}:[0-9]{1,5}:[0-9a-f]{0,32}"
+    r"(?::[0-9]{0,5}(?::[a-z]{0,8}(?::[0-9]{0,5})?)?)?"
+)
 ReplicaClaims = Annotated[
     str, msgspec.Meta(max_length=MAX_TAGS_BYTES, pattern=rf"^(?:{_CLAIM}(?:;{_CLAIM})*)?$")
 ]

@@ -2,10 +2,14 @@
 from those announcements: pure functions, evaluated on the same gossiped inputs everywhere.
 
 The `dp` tag lists one claim per replica a node runs, ";"-separated:
-``name.index:port:digest[:gcs[:flags]]``, e.g. ``web.0:20001:3fa2;big.1:20005:3fa2:20010:r``.
-``gcs`` is the Ray GCS port a multi-node replica's head announces once GCS answers (empty or
-absent: none); ``flags`` holds ``r`` when the replica's head announces it ready. Claims from
-older nodes (no flags field) parse as not announced ready; unknown flag letters are ignored.
+``name.index:port:digest[:gcs[:flags[:nm]]]``, e.g.
+``web.0:20001:3fa2;big.1:20005:3fa2:20010:r;big.0:20007:3fa2:::20040``. ``gcs`` is the Ray GCS
+port a multi-node replica's head announces once GCS answers (empty or absent: none); ``flags``
+holds ``r`` when the replica's head announces it ready; ``nm`` is the node-manager port of the
+Ray node a multi-node replica's other nodes run for it, which, like the head's GCS, answers
+while only gpud restarts (`gpud.health.prober.workload_ports`). Claims from older nodes (no
+flags field) parse as not announced ready; unknown flag letters are ignored, and an older
+parser reads an ``nm`` field as part of the flags (digits: no flag).
 
 A node that refuses a deployment (it lacks the spec's local model path) lists it too, in the
 same shape, as ``name.0:0:digest::n`` (port 0, flag ``n``, the spec it refused), so placement on
@@ -39,6 +43,8 @@ class Claim(NamedTuple):
     gcs: int = 0
     # On the replica's head: its health path answered over the data path.
     ready: bool = False
+    # N > 1, on its other nodes: the node-manager port of this node's Ray node of it.
+    nm: int = 0
 
 
 def parse_claims(raw: str) -> dict[ReplicaKey, Claim]:
@@ -49,12 +55,14 @@ def parse_claims(raw: str) -> dict[ReplicaKey, Claim]:
         index, _, rest = rest.partition(":")
         port, _, rest = rest.partition(":")
         digest, _, rest = rest.partition(":")
-        gcs, _, flags = rest.partition(":")
+        gcs, _, rest = rest.partition(":")
+        flags, _, nm = rest.partition(":")
         if REFUSED_FLAG in flags:
             continue
-        if name and index.isdigit() and port.isdigit() and (gcs.isdigit() or not gcs):
+        numbers = all(field.isdigit() or not field for field in (gcs, nm))
+        if name and index.isdigit() and port.isdigit() and numbers:
             claims[(name, int(index))] = Claim(
-                int(port), digest, int(gcs or 0), READY_FLAG in flags
+                int(port), digest, int(gcs or 0), READY_FLAG in flags, int(nm or 0)
             )
     return claims
 
@@ -71,10 +79,10 @@ def parse_refusals(raw: str) -> dict[str, str]:
 
 
 def format_claim(key: ReplicaKey, claim: Claim) -> str:
-    text = f"{key[0]}.{key[1]}:{claim.port}:{claim.spec}"
-    if claim.ready:
-        return f"{text}:{claim.gcs or ''}:{READY_FLAG}"
-    return f"{text}:{claim.gcs}" if claim.gcs else text
+    optional = [str(claim.gcs or ""), READY_FLAG if claim.ready else "", str(claim.nm or "")]
+    while optional and not optional[-1]:
+        optional.pop()
+    return ":".join([f"{key[0]}.{key[1]}", str(claim.port), claim.spec, *optional])
 
 
 def format_claims(claims: Mapping[ReplicaKey, Claim], refusals: Mapping[str, str] = {}) -> str:

@@ -88,7 +88,8 @@ class ReplicaView(msgspec.Struct, kw_only=True):
     port: int = 0
     # Every node of the replica (the head, `node`, runs the server; N > 1: one Ray cluster).
     nodes: list[str] = []
-    # N > 1, on a node of the replica: its Ray node's restarts and last error.
+    # N > 1, on a node of the replica: its Ray node's pid, restarts and last error.
+    ray_pid: int | None = None
     ray_restarts: int = 0
     ray_error: str = ""
     # GPU UUIDs and process details: known only on the node that runs the replica.

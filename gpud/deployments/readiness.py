@@ -39,7 +39,7 @@ from gpud.deployments import placement, spec
 from gpud.deployments.claims import Claim
 from gpud.deployments.model import PeerProbesReply, PeerProbesRequest, ProbeReport
 from gpud.deployments.peers import PeerNetwork, ask_peers, verified_peers
-from gpud.deployments.replicas import Replica, RestartCause, restart_server
+from gpud.deployments.replicas import Replica, RestartCause, restart_server, stop_server
 from gpud.ray.probes import GcsNodes
 
 if TYPE_CHECKING:
@@ -330,9 +330,7 @@ class Readiness:
         target = ray.target
         # The server goes for good (its Supervisor would start it again on the old cluster's
         # address); `Replicas.drive` starts a new one once the new GCS answers.
-        task, replica.server_task, replica.supervisor = replica.server_task, None, None
-        if task is not None:
-            task.cancel()
+        await stop_server(replica)
         # A changed target restarts Ray at once: clearing it and setting it back is a fresh
         # Ray head on the same settings (and leases ports anew).
         ray.set_target(None)

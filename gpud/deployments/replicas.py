@@ -7,12 +7,17 @@ is its own Ray cluster: its head runs `ray start --head` and, once GCS answers, 
 others join the GCS port the head announces. Every Ray port is leased, Ray sees only the
 replica's GPUs. Each group is persisted with the spec digest it runs.
 
-The server of a replica of one node outlives gpud: it writes to its own file under the state
-directory (``logs/deploy-<replica>.log``, rotated), a graceful stop of gpud leaves it running,
-and the next gpud re-adopts it (`adopt_leftovers`) when its leader is verifiably the process
-recorded (pid, start time, group, its command line) and the spec is still the one it runs: same
-port, same GPUs, its leases transferred to the new gpud in one durable write each. Whatever
-it cannot adopt (and every Ray node of a replica) it stops and releases, as after a crash.
+A replica outlives gpud: its server and, N > 1, its Ray node write to their own files under
+the state directory (``logs/deploy-<replica>.log`` and ``deploy-<replica>.ray.log``,
+rotated), a graceful stop of gpud leaves them running, and the next gpud re-adopts them
+(`adopt_leftovers`) when each leader is verifiably the process recorded (pid, start time,
+group, its command line), the spec is still the one it runs and its leases are all there:
+same port, same GPUs, the leases transferred to the new gpud in one durable write each. The
+Ray node is adopted as the cluster-wide one is (`RaySupervisor.settle`, its `RayRun` kept in
+``deployments.ray_runs``; a head only while its GCS answers), and for `ADOPT_SETTLE_S` keeps
+its target whatever the still partial view says (`holds_adopted`). Whatever it cannot adopt
+it stops and releases, as after a crash; a head's Ray node adopted without its server gets a
+new server.
 """
 
 from __future__ import annotations
@@ -36,8 +41,14 @@ from gpud.deployments.model import Entry
 from gpud.errors import ApiError
 from gpud.process import ChildProcess, Supervisor
 from gpud.process_groups import ChildGroup, leader_verified, runs_argv, stop_leftover
-from gpud.ray.supervisor import RaySupervisor, RayTarget, SupervisorSettings
-from gpud.state import StateStore
+from gpud.ray.supervisor import (
+    RayAdoption,
+    RayRun,
+    RaySupervisor,
+    RayTarget,
+    SupervisorSettings,
+)
+from gpud.state import Key, StateStore
 
 if TYPE_CHECKING:
     from gpud.gpus.service import GpuService
@@ -55,6 +66,10 @@ PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 GROUPS_TABLE = "deployments_groups"
 # The spec digest each recorded server runs: a server of another spec is not adopted.
 DIGESTS_TABLE = "deployments_group_digests"
+# The row of a replica's Ray node in GROUPS_TABLE is the replica's id with this suffix.
+RAY_GROUP_SUFFIX = ".ray"
+# What each multi-node replica's Ray node here was started for (`RayRun`), by replica id.
+RAY_RUNS = Key("deployments.ray_runs", dict[str, RayRun])
 # A replica that could not start (no free GPU or port yet) is tried again after this long.
 START_RETRY_S = 5.0
 # Why gpud itself restarted a replica's server: no passed probe within startup_timeout_s of its
@@ -206,7 +221,7 @@ class Replicas:
         self.running: dict[placement.ReplicaKey, Replica] = {}
 
     async def adopt_leftovers(self, entries: Mapping[str, Entry], tg: asyncio.TaskGroup) -> None:
-        """What a previous gpud left: adopt each server it can verify (module docstring) into
+        """What a previous gpud left: adopt each replica it can verify (module docstring) into
         ``running``; stop every other group and release every other lease of this component.
         Not after the port block's confirmation: an adopted server already holds its port."""
         await self._gpus.ready()  # GPU indices come from the first poll
@@ -222,10 +237,18 @@ class Replicas:
                 if self._network.status().interface:
                     break
                 await asyncio.sleep(INTERFACE_POLL_S)
-        for replica_id, digest in rows:
-            if not await self._adopt(replica_id, digest or "", entries, tg):
-                await stop_leftover(ReplicaGroup(self._db, replica_id), grace_s=SERVER_GRACE_S)
+        # One replica's rows: its server's (``ID``) and, N > 1, its Ray node's (``ID.ray``).
+        digests: dict[str, str] = {}
+        for group_id, digest in rows:
+            digests.setdefault(group_id.removesuffix(RAY_GROUP_SUFFIX), digest or "")
+        for replica_id, digest in digests.items():
+            if not await self._adopt(replica_id, digest, entries, tg):
+                for group_id in (replica_id, replica_id + RAY_GROUP_SUFFIX):
+                    await stop_leftover(ReplicaGroup(self._db, group_id), grace_s=SERVER_GRACE_S)
+        adopted = {r.id for r in self.running.values()}
+        await asyncio.to_thread(self._prune_ray_runs, adopted)
         kept = {lease_id for r in self.running.values() for _, lease_id in r.lease_ids}
+        kept |= {i for r in self.running.values() if r.ray is not None for i in r.ray.lease_ids}
         for lease in self._gpus.leases():
             if lease.owner.startswith(LEASE_OWNER) and lease.id not in kept:
                 with contextlib.suppress(ApiError):
@@ -238,23 +261,75 @@ class Replicas:
     async def _adopt(
         self, replica_id: str, digest: str, entries: Mapping[str, Entry], tg: asyncio.TaskGroup
     ) -> bool:
-        """Adopt the recorded server of ``replica_id`` with its leases; False if it cannot."""
+        """Adopt what runs of ``replica_id`` here with its leases: N = 1 its server; N > 1 its
+        Ray node and, on the replica's head, its server. False if it cannot."""
         name, _, index = replica_id.rpartition(".")
         entry = entries.get(name)
         s = entry.record.spec if entry is not None else None
-        group = ReplicaGroup(self._db, replica_id).load()
+        server = ReplicaGroup(self._db, replica_id).load()
+        ray_group = ReplicaGroup(self._db, replica_id + RAY_GROUP_SUFFIX).load()
         refused = (
             "no such deployment now" if entry is None or s is None
             else "not a replica index" if not index.isdigit()
-            else "multi-node replicas are not adopted" if s.nodes_per_replica != 1
             else "its spec changed" if digest != entry.record.digest
-            else "no recorded process group" if group is None
-            else "its recorded leader is not that process" if not leader_verified(group)
+            else "no recorded process group" if (server if s.nodes_per_replica == 1 else ray_group) is None
             else ""
         )  # fmt: skip
         if refused:
             log.info(_log, "not adopting", replica=replica_id, reason=refused)
             return False
+        assert entry is not None and s is not None
+        replica = self._adopt_leases(replica_id, (name, int(index)), entry)
+        if replica is None or replica.lease is None:
+            return False
+        lease = replica.lease
+        if s.nodes_per_replica > 1:
+            replica.ray = self._ray_node(replica, s, lease)
+            if not await replica.ray.settle():
+                log.info(_log, "not adopting", replica=replica_id, reason="its Ray node is not")
+                return False
+            target = replica.ray.target
+            replica.gcs = replica.ray.gcs_ready_port if target and target.role == "head" else 0
+            if replica.gcs:
+                lease = msgspec.structs.replace(
+                    lease, ray_address=f"{self._ctx.advertise_addr}:{replica.gcs}"
+                )
+        child = None
+        if server is not None and (replica.ray is None or replica.gcs):
+            child = self._adoptable_server(replica, server, lease)
+        if child is None and replica.ray is None:
+            return False
+        if not await self._transfer(replica):
+            if child is not None:
+                child.detach()
+            return False
+        replica.adopted_at = time.monotonic()
+        self.running[replica.key] = replica
+        if replica.ray is not None:
+            replica.task = tg.create_task(replica.ray.run(), name=f"{replica.id}-ray")
+        if child is not None:
+            # It ran past its start before: judged by liveness, announced as it was (the next
+            # probe round confirms or withdraws that).
+            replica.started_at, replica.answered, replica.ready = replica.adopted_at, True, True
+            self._start_server(replica, lease, tg, adopted=child)
+            replica.task = replica.task or replica.server_task
+        elif server is not None:
+            # N > 1 and not adoptable: the Ray node stays, `drive` starts a new server on it.
+            await stop_leftover(ReplicaGroup(self._db, replica_id), grace_s=SERVER_GRACE_S)
+        log.info(
+            _log, "replica adopted", replica=replica_id, port=replica.port,
+            server=child.pid if child is not None else None,
+            ray=replica.ray.target.role if replica.ray and replica.ray.target else None,
+        )  # fmt: skip
+        return True
+
+    def _adopt_leases(
+        self, replica_id: str, key: placement.ReplicaKey, entry: Entry
+    ) -> Replica | None:
+        """The replica with the leases its predecessor held for it (not yet transferred), or
+        None when they are not all there or do not fit the spec."""
+        assert entry.record.spec is not None
+        s = entry.record.spec
         owner = f"{LEASE_OWNER}{replica_id}"
         gpu_leases = [g for g in self._gpus.leases() if g.owner == owner]
         port_leases = [p for p in self._ports.leases() if p.owner == owner]
@@ -267,43 +342,70 @@ class Replicas:
                 reason=f"its leases are not all there ({len(singles)} port, {len(bands)} band, "
                 f"{len(gpus)} GPU)",
             )  # fmt: skip
-            return False
-        replica = Replica((name, int(index)), entry)
+            return None
+        replica = Replica(key, entry)
         replica.gpus = gpus
         replica.lease_ids = [("gpus", g.id) for g in gpu_leases]
         replica.lease_ids += [("ports", p.id) for p in singles + bands]
         try:
-            lease = self._node_lease(
+            replica.lease = self._node_lease(
                 replica, singles[0].ports[0], bands[0].ports[0] if bands else None
             )
-            child = self._server_child(replica, lease)
         except (ApiError, engines.EngineError) as exc:
             log.info(_log, "not adopting", replica=replica_id, reason=str(exc))
-            return False
-        if not runs_argv(group.pgid, child.argv):
-            log.info(_log, "not adopting", replica=replica_id, reason="another command line")
-            return False
-        if not child.adopt(group):
-            log.info(_log, "not adopting", replica=replica_id, reason="cannot watch its process")
-            return False
+            return None
+        replica.port = replica.lease.port
+        return replica
+
+    def _adoptable_server(
+        self, replica: Replica, group: ChildGroup, lease: engines.NodeLease
+    ) -> ChildProcess | None:
+        """The recorded server of ``replica`` watched as an adopted child, or None when it is
+        not verifiably the process this gpud would run for ``lease``."""
+        try:
+            child = self._server_child(replica, lease)
+        except engines.EngineError as exc:
+            refused = str(exc)
+        else:
+            refused = (
+                "its recorded leader is not that process" if not leader_verified(group)
+                else "another command line" if not runs_argv(group.pgid, child.argv)
+                else "cannot watch its process" if not child.adopt(group)
+                else ""
+            )  # fmt: skip
+        if refused:
+            log.info(_log, "not adopting its server", replica=replica.id, reason=refused)
+            return None
+        return child
+
+    async def _transfer(self, replica: Replica) -> bool:
+        """Move the replica's GPU and port leases to this gpud (one durable write each)."""
         try:
             for kind, lease_id in replica.lease_ids:
                 service: Any = self._gpus if kind == "gpus" else self._ports
                 await service.transfer(lease_id, os.getpid())
         except ApiError as exc:
-            log.warning(_log, "cannot adopt: its leases", replica=replica_id, error=str(exc))
-            child.detach()
+            log.warning(_log, "cannot adopt: its leases", replica=replica.id, error=str(exc))
             return False
-        replica.lease, replica.port = lease, lease.port
-        # It ran past its start before: judged by liveness, announced as it was (the next
-        # probe round confirms or withdraws that).
-        replica.started_at, replica.answered, replica.ready = time.monotonic(), True, True
-        replica.adopted_at = replica.started_at
-        self.running[replica.key] = replica
-        self._start_server(replica, lease, tg, adopted=child)
-        replica.task = replica.server_task
-        log.info(_log, "replica adopted", replica=replica_id, pid=group.pgid, port=replica.port)
         return True
+
+    def _ray_run(self, replica_id: str) -> RayRun | None:
+        return (self._db.get(RAY_RUNS) or {}).get(replica_id)
+
+    def _save_ray_run(self, replica_id: str, run: RayRun | None) -> None:
+        with self._db.transaction() as tx:
+            runs = tx.get(RAY_RUNS) or {}
+            if run is None:
+                runs.pop(replica_id, None)
+            else:
+                runs[replica_id] = run
+            tx.put(RAY_RUNS, runs or None)
+
+    def _prune_ray_runs(self, keep: set[str]) -> None:
+        """The RayRuns of Ray nodes that were not adopted (stopped above): forgotten."""
+        with self._db.transaction() as tx:
+            runs = tx.get(RAY_RUNS) or {}
+            tx.put(RAY_RUNS, {k: v for k, v in runs.items() if k in keep} or None)
 
     def _node_lease(self, replica: Replica, port: int, band: int | None) -> engines.NodeLease:
         interface = self._network.status().interface if self._network else ""
@@ -379,33 +481,25 @@ class Replicas:
             return
         lease = replica.lease
         me = self._ctx.advertise_addr
-        if replica.ray is not None and head == self._ctx.node_name:
-            replica.ray.set_target(RayTarget(role="head", node_ip=me, gpus=lease.gpu_indices))
+        if replica.ray is not None:
+            is_head = head == self._ctx.node_name
+            target = ray_target(
+                is_head, me, lease.gpu_indices, head_member, head_claim, replica.ray.target
+            )
+            if holds_adopted(replica, target, time.monotonic()):
+                return
+            replica.ray.set_target(target)
+            if not is_head:
+                replica.gcs = 0
+                await stop_server(replica)  # this node is no longer the replica's head
+                return
             replica.gcs = replica.ray.gcs_ready_port
             if not replica.gcs:
                 # No cluster (Ray restarted, the replica as a whole included): the server
                 # starts again on the new one.
-                await self._stop_server(replica)
+                await stop_server(replica)
                 return
             lease = msgspec.structs.replace(lease, ray_address=f"{me}:{replica.gcs}")
-        elif replica.ray is not None:
-            replica.gcs = 0
-            await self._stop_server(replica)  # this node is no longer the replica's head
-            if head_claim is not None and not head_claim.gcs:
-                # The head has no cluster now (restarted as a whole): leave the old one, join
-                # the next one the head announces.
-                replica.ray.set_target(None)
-            elif head_claim is not None and head_member is not None:
-                replica.ray.set_target(
-                    RayTarget(
-                        role="worker",
-                        head_addr=head_member.addr,
-                        gcs_port=head_claim.gcs,
-                        node_ip=me,
-                        gpus=lease.gpu_indices,
-                    )
-                )
-            return
         if replica.supervisor is not None:
             return
         try:
@@ -421,8 +515,7 @@ class Replicas:
 
     def _server_child(self, replica: Replica, lease: engines.NodeLease) -> ChildProcess:
         """The replica's server as a child (not started); raises EngineError if the leases do
-        not fit the spec. Only the replica's own server keeps a file of one node's replica:
-        a replica of N > 1 nodes depends on its Ray node, which does not outlive gpud."""
+        not fit the spec."""
         assert replica.entry.record.spec is not None
         s = replica.entry.record.spec
         argv = engines.server_argv(s, lease, vllm=self._ctx.config.deployments.vllm_executable)
@@ -438,7 +531,7 @@ class Replicas:
             argv,
             env=env,
             on_line=on_line,
-            log_path=self.log_path(replica.id) if replica.ray is None else None,
+            log_path=self.log_path(replica.id),
         )
 
     def log_path(self, replica_id: str) -> Path:
@@ -497,21 +590,24 @@ class Replicas:
             env=engines.ray_node_env(s, lease),
             client_server=False,  # the server connects as a driver on the head (no Ray Client)
             settings=SupervisorSettings(worker_ports=RAY_WORKER_PORTS, backoff_max_s=10.0),
-            record=ReplicaGroup(self._db, f"{replica.id}.ray"),
+            record=ReplicaGroup(
+                self._db, replica.id + RAY_GROUP_SUFFIX, replica.entry.record.digest
+            ),
+            # It outlives gpud as the server on it does (module docstring).
+            adoption=RayAdoption(
+                lambda: self._ray_run(replica.id),
+                lambda run: self._save_ray_run(replica.id, run),
+                self.log_path(replica.id + RAY_GROUP_SUFFIX),
+                self._ports.transfer,
+                lambda: {p.id for p in self._ports.leases()},
+            ),
         )
-
-    async def _stop_server(self, replica: Replica) -> None:
-        if replica.supervisor is not None:
-            replica.supervisor.stop_on_cancel()
-        task, replica.server_task, replica.supervisor = replica.server_task, None, None
-        if task is not None and task is not replica.task:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def stop(self, key: placement.ReplicaKey, why: str) -> None:
         replica = self.running.pop(key)
-        await self._stop_server(replica)
+        await stop_server(replica)
+        if replica.ray is not None:
+            replica.ray.stop_on_cancel()
         if replica.task is not None:
             replica.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -527,11 +623,70 @@ class Replicas:
         replica.lease_ids = []
 
 
+def ray_target(
+    is_head: bool,
+    node_ip: str,
+    gpus: tuple[int, ...],
+    head_member: Member | None,
+    head_claim: Claim | None,
+    running: RayTarget | None,
+) -> RayTarget | None:
+    """This node's Ray node of a multi-node replica (pure): its head runs Ray's head; the
+    others join the GCS port the head announces, leave a head that announces none (its
+    cluster restarts as a whole), and keep ``running`` while the head's claim is not seen."""
+    if is_head:
+        return RayTarget(role="head", node_ip=node_ip, gpus=gpus)
+    if head_claim is None or head_member is None:
+        return running
+    if not head_claim.gcs:
+        return None
+    return RayTarget(
+        role="worker",
+        head_addr=head_member.addr,
+        gcs_port=head_claim.gcs,
+        node_ip=node_ip,
+        gpus=gpus,
+    )
+
+
+def worker_nm(ray: RaySupervisor | None) -> int:
+    """The node-manager port of a multi-node replica's Ray node here when it runs as a worker
+    (0: none): announced so that peers see it answer while only gpud restarts."""
+    target, ports = (ray.target, ray.ray_ports) if ray is not None else (None, None)
+    if target is None or target.role != "worker" or ports is None:
+        return 0
+    return ports.named.get("node-manager-port", 0)
+
+
+def holds_adopted(replica: Replica, target: RayTarget | None, now: float) -> bool:
+    """Whether an adopted Ray node keeps its target although this node's view gives another
+    (pure): only within ADOPT_SETTLE_S of the adoption. Right after gpud starts, the peers
+    are not verified yet, so the nodes and head placement gives the replica come from a
+    partial view; following it would take this node out of a cluster that is whole."""
+    return (
+        replica.ray is not None
+        and bool(replica.adopted_at)
+        and now - replica.adopted_at < ADOPT_SETTLE_S
+        and target != replica.ray.target
+    )
+
+
 def keep_unplaced(replica: Replica, assigned: bool, now: float) -> bool:
     """Whether a replica that this node's placement does not put here keeps running here for
     now: one adopted less than ADOPT_SETTLE_S ago that is still ``assigned`` (placed on some
     node, or pending). Peers see it announced here meanwhile, so none starts a second copy."""
     return bool(replica.adopted_at) and assigned and now - replica.adopted_at < ADOPT_SETTLE_S
+
+
+async def stop_server(replica: Replica) -> None:
+    """Stop the replica's server for good (never left running for the next gpud)."""
+    if replica.supervisor is not None:
+        replica.supervisor.stop_on_cancel()
+    task, replica.server_task, replica.supervisor = replica.server_task, None, None
+    if task is not None and task is not replica.task:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def restart_server(replica: Replica, cause: RestartCause, why: str) -> None:

@@ -60,7 +60,7 @@ from gpud.deployments.placement import may_roll
 from gpud.deployments.readiness import Readiness, Targets, probe_targets
 from gpud.deployments.records import Records
 from gpud.deployments.refusals import ModelRefusals, with_refusals
-from gpud.deployments.replicas import START_RETRY_S, Replicas, keep_unplaced
+from gpud.deployments.replicas import START_RETRY_S, Replicas, keep_unplaced, worker_nm
 from gpud.errors import ApiError
 from gpud.router.service import REFRESH_S
 from gpud.state import StateStore, open_store
@@ -156,7 +156,7 @@ class DeploymentService(ComponentBase):
 
     def _own_claims(self) -> dict[placement.ReplicaKey, Claim]:
         return {
-            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS], r.gcs, r.ready)
+            k: Claim(r.port, r.entry.record.digest[:DIGEST_CHARS], r.gcs, r.ready, worker_nm(r.ray))
             for k, r in self._replicas.running.items()
             if r.task is not None
         }

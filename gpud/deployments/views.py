@@ -138,6 +138,7 @@ def replica_views(
         here = running.get((name, i))
         if here is not None and here.ray is not None:
             ray_status = here.ray.status()
+            view.ray_pid = ray_status.process.pid
             view.ray_restarts = here.ray.restarts_total
             view.ray_error = ray_status.error or ray_status.process.last_error or ""
         if here is not None and node == me:

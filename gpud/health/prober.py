@@ -65,8 +65,8 @@ _log = log.get("health")
 def workload_ports(tags: Tags | None) -> list[int]:
     """The TCP ports of the workload a peer announces, which keep answering while only its
     gpud is down (gpud leaves them running across a restart): its Ray GCS as head, its node
-    manager as a Ray worker, the server of each replica it reports ready and each replica
-    GCS it heads (pure)."""
+    manager as a Ray worker, the server of each replica it reports ready, each replica GCS it
+    heads and the node manager of each replica's Ray node it runs as a worker (pure)."""
     if tags is None:
         return []
     ports = [tags.gcs] if tags.ray == "head" and tags.gcs else []
@@ -75,8 +75,7 @@ def workload_ports(tags: Tags | None) -> list[int]:
     for claim in parse_claims(tags.dp).values():
         if claim.ready:
             ports.append(claim.port)
-        if claim.gcs:
-            ports.append(claim.gcs)
+        ports += [p for p in (claim.gcs, claim.nm) if p]
     return sorted(set(ports))
 
 

@@ -46,6 +46,7 @@ from gpud.ray.problems import (
 from gpud.ray.reach import path_reopened
 from gpud.ray.supervisor import (
     RAY_CHILD,
+    RAY_RUN,
     PortLeaser,
     RayAdoption,
     RaySupervisor,
@@ -145,8 +146,9 @@ class RayService(ComponentBase):
         if isinstance(ports, LeaseHolder):
             # The cluster-wide Ray node outlives gpud (gpud.ray.supervisor): its output goes
             # to a file under the state directory, its leases move to the gpud that adopts it.
-            adoption = RayAdoption(
+            adoption = RayAdoption.under_key(
                 store,
+                RAY_RUN,
                 ctx.config.state_dir / logfiles.LOG_DIR / logfiles.RAY_LOG,
                 ports.transfer,
                 lambda: {str(getattr(lease, "id", "")) for lease in ports.leases()},

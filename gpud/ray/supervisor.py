@@ -151,27 +151,38 @@ RAY_RUN = Key("ray.run", RayRun)
 
 
 class RayAdoption:
-    """What lets a Ray node outlive gpud: where its output goes, where its RayRun is kept,
-    and how its port leases move to the gpud that adopts it."""
+    """What lets a Ray node outlive gpud: where its output goes, where its RayRun is kept
+    (``load`` and ``save``: one state-store key or row per Ray node), and how its port leases
+    move to the gpud that adopts it."""
 
     def __init__(
         self,
-        store: StateStore,
+        load: Callable[[], RayRun | None],
+        save: Callable[[RayRun | None], None],
         log_path: Path,
         transfer: Callable[[str, int], Awaitable[None]],
         held: Callable[[], set[str]],
     ) -> None:
-        self.store = store
+        self.load = load
+        self.save = save
         self.log_path = log_path
         # Make the running process (a pid) the owner of a lease; the ids of the leases held now.
         self.transfer = transfer
         self.held = held
 
-    def load(self) -> RayRun | None:
-        return self.store.get(RAY_RUN)
-
-    def save(self, run: RayRun | None) -> None:
-        self.store.put(RAY_RUN, run)
+    @classmethod
+    def under_key(
+        cls,
+        store: StateStore,
+        key: Key[RayRun],
+        log_path: Path,
+        transfer: Callable[[str, int], Awaitable[None]],
+        held: Callable[[], set[str]],
+    ) -> RayAdoption:
+        """The RayRun kept under one key of the state store."""
+        return cls(
+            lambda: store.get(key), lambda run: store.put(key, run), log_path, transfer, held
+        )
 
 
 def adoption_refusal(
@@ -313,7 +324,9 @@ class RaySupervisor:
         self.settings = settings or SupervisorSettings()
         self._record = record
         self._adoption = adoption
-        # Set once a predecessor's Ray node was adopted or stopped (run's first step).
+        # gpud's own exit leaves a file-logged Ray node to the next gpud (until stop_on_cancel).
+        self._keep_on_cancel = adoption is not None
+        # Set once a predecessor's Ray node was adopted or stopped (`settle`).
         self.settled = asyncio.Event()
         # When (monotonic) this gpud adopted its predecessor's Ray node; 0: it did not.
         self.adopted_at = 0.0
@@ -373,11 +386,31 @@ class RaySupervisor:
             error=self._error,
         )
 
-    async def run(self) -> None:
-        if not await self._adopt() and self._record is not None:
+    async def settle(self) -> bool:
+        """What a predecessor left: adopt its Ray node, or stop it (exactly its group) and
+        release its leases. Once; `run` does it first unless a caller did. Whether adopted."""
+        if self.settled.is_set():
+            return self.adopted_at > 0
+        adopted = await self._adopt()
+        if not adopted and self._record is not None:
             await stop_leftover(self._record, self.settings.grace_s)
             await self._release_recorded()
         self.settled.set()
+        return adopted
+
+    def stop_on_cancel(self) -> None:
+        """A later cancel of `run` stops Ray (its workload is going away), never leaves it."""
+        self._keep_on_cancel = False
+        if self._supervisor is not None:
+            self._supervisor.stop_on_cancel()
+
+    @property
+    def lease_ids(self) -> list[str]:
+        """The port leases the running Ray node holds."""
+        return [str(lease_id) for lease_id in self._leases]
+
+    async def run(self) -> None:
+        await self.settle()
         try:
             while True:
                 self._target_changed.clear()
@@ -486,7 +519,7 @@ class RaySupervisor:
             await self._ports.ready()
             self._ray_ports = await self._lease_ports(target)
             if self._adoption is not None:
-                run = RayRun(target=target, ports=self._ray_ports, leases=self._lease_ids())
+                run = RayRun(target=target, ports=self._ray_ports, leases=self.lease_ids)
                 await asyncio.to_thread(self._adoption.save, run)
         assert self._ray_ports is not None
         ports = self._ray_ports
@@ -504,8 +537,7 @@ class RaySupervisor:
             grace_s=self.settings.grace_s,
             record=self._record,
             adopted=adopted,
-            # gpud's own exit leaves a file-logged Ray node to the next gpud.
-            keep_on_cancel=self._adoption is not None,
+            keep_on_cancel=self._keep_on_cancel,
         )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._supervisor.run())
@@ -518,9 +550,6 @@ class RaySupervisor:
                         ready=adopted is not None and self._gcs_ready_port == ports.named["port"],
                     )
                 )
-
-    def _lease_ids(self) -> list[str]:
-        return [str(lease_id) for lease_id in self._leases]
 
     async def _lease_ports(self, target: RayTarget) -> RayPorts:
         names = port_names(target.role, client_server=self.client_server)

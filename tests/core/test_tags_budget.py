@@ -29,7 +29,7 @@ LONGEST_STR = {
 def longest_claims(limit: int) -> str:
     """Claims of the longest shape, as many as fit ``limit`` characters, then shorter ones
     (``name.0:0:``, 6 characters at the least) filling it to within 6 characters."""
-    longest = f"{'d' * 63}.9999:65535:{'f' * 32}:65535:rrrrrrrr"
+    longest = f"{'d' * 63}.9999:65535:{'f' * 32}:65535:rrrrrrrr:65535"
     parts: list[str] = []
     while len(";".join([*parts, longest])) <= limit:
         parts.append(longest)
@@ -107,6 +107,7 @@ claim = st.tuples(
         spec=st.from_regex(r"[0-9a-f]{0,32}", fullmatch=True),
         gcs=st.integers(0, 65535),
         ready=st.booleans(),
+        nm=st.integers(0, 65535),
     ),
 )
 

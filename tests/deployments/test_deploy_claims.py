@@ -19,6 +19,7 @@ claims_st = st.builds(
     st.from_regex(r"\A[0-9a-f]{4}\Z"),
     st.integers(0, 65535),
     st.booleans(),
+    st.integers(0, 65535),
 )
 
 
@@ -37,6 +38,17 @@ def test_old_claims_parse_as_not_announced_ready() -> None:
     assert parse_claims("big.1:20005:ab12:20010:rx") == {
         ("big", 1): Claim(20005, "ab12", 20010, True)
     }
+
+
+def test_a_worker_node_manager_port_is_the_last_field() -> None:
+    claim = Claim(20007, "ab12", 0, False, 20040)
+    assert format_claims({("big", 0): claim}) == "big.0:20007:ab12:::20040"
+    assert parse_claims("big.0:20007:ab12:::20040") == {("big", 0): claim}
+    assert parse_claims("big.0:20007:ab12:20010:r:20040") == {
+        ("big", 0): Claim(20007, "ab12", 20010, True, 20040)
+    }
+    # Not a number: the claim is malformed and skipped.
+    assert parse_claims("big.0:20007:ab12:::x") == {}
 
 
 def test_malformed_claims_are_skipped() -> None:

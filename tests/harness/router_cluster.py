@@ -4,9 +4,11 @@ through a host's router with the real `openai` client (tests/harness/router_load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from tests.harness.wait import wait_for
 
 # Load through one router with the real `openai` client, run inside a harness host.
 LOADER = str(Path(__file__).resolve().parent / "router_load.py")
+REPO = Path(__file__).resolve().parents[2]
 MODEL = "routed-model"
 ROUTER_PORT = 7950
 # Each completion takes this long in the stand-in, so a kill always finds requests in flight.
@@ -67,6 +70,38 @@ def results(proc: subprocess.Popen[str], seconds: float, first: str = "") -> lis
     out, err = proc.communicate(timeout=seconds + 30)
     assert proc.returncode == 0, err
     return [json.loads(line) for line in (first + out).splitlines()]
+
+
+@contextlib.contextmanager
+def background_load(
+    host: Any, bases: Mapping[str, str], work: Path, model: str, workers: int = 2
+) -> Iterator[dict[str, Path]]:
+    """The loader in ``host``'s namespace (a harness `Host`), one per named base URL, until the
+    block ends (at most 600 s); yields each name's file of records (`records`)."""
+    stop_file = work / "stop-load"
+    stop_file.unlink(missing_ok=True)
+    files = {name: work / f"load-{name}.jsonl" for name in bases}
+    loads: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, base in bases.items():
+            argv = [sys.executable, LOADER, "--base", base, "--model", model, "--seconds", "600",
+                    "--workers", str(workers), "--stop-file", str(stop_file)]  # fmt: skip
+            with files[name].open("w") as sink:
+                loads.append(host.popen(argv, stdout=sink, cwd=REPO))
+        yield files
+    finally:
+        stop_file.touch()
+        for proc in loads:
+            try:
+                proc.wait(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """The loader's records written to ``path``."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load(nodes: list[GpudNode], seconds: float, **kwargs: Any) -> list[dict[str, Any]]:

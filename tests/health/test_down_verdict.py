@@ -76,19 +76,23 @@ ports = st.integers(min_value=1, max_value=65535)
     ray=st.sampled_from(["none", "head", "worker"]),
     gcs=st.one_of(st.just(0), ports),
     nm=st.one_of(st.just(0), ports),
-    claims=st.lists(st.tuples(ports, st.one_of(st.just(0), ports), st.booleans()), max_size=4),
+    claims=st.lists(
+        st.tuples(ports, st.one_of(st.just(0), ports), st.booleans(), st.one_of(st.just(0), ports)),
+        max_size=4,
+    ),
 )
 def test_workload_ports_are_what_the_tags_announce_as_listening(
-    ray: str, gcs: int, nm: int, claims: list[tuple[int, int, bool]]
+    ray: str, gcs: int, nm: int, claims: list[tuple[int, int, bool, int]]
 ) -> None:
     dp = format_claims(
         {
-            (f"d{i}", 0): Claim(port, "abcd", replica_gcs, ready)
-            for i, (port, replica_gcs, ready) in enumerate(claims)
+            (f"d{i}", 0): Claim(port, "abcd", replica_gcs, ready, replica_nm)
+            for i, (port, replica_gcs, ready, replica_nm) in enumerate(claims)
         }
     )
     tags = Tags(ray=ray, gcs=gcs, nm=nm, dp=dp)  # type: ignore[arg-type]
-    expected = {p for p, _, ready in claims if ready} | {g for _, g, _ in claims if g}
+    expected = {p for p, _, ready, _ in claims if ready} | {g for _, g, _, _ in claims if g}
+    expected |= {n for _, _, _, n in claims if n}
     if ray == "head" and gcs:
         expected.add(gcs)
     if ray == "worker" and nm:

@@ -20,6 +20,7 @@ from gpud.process_groups import ChildGroup, GroupRecord, argv_matches, group_mem
 from gpud.ray.election import Plan
 from gpud.ray.supervisor import (
     RAY_CHILD,
+    RAY_RUN,
     RayAdoption,
     RayPorts,
     RayRun,
@@ -191,8 +192,9 @@ def fake_supervisor(tmp_path: Path, ports: BookPorts, *, num_cpus: int = 1) -> R
         client_server=False,
         settings=SupervisorSettings(worker_ports=2, grace_s=2.0),
         record=GroupRecord(store, RAY_CHILD),
-        adoption=RayAdoption(
+        adoption=RayAdoption.under_key(
             store,
+            RAY_RUN,
             tmp_path / "logs" / "ray.log",
             ports.transfer,
             lambda: {lease.id for lease in ports.leases()},

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,11 +37,10 @@ from gpud.deployments import authority
 from tests.harness.deployments import SERVER
 from tests.harness.netns import Host, Network
 from tests.harness.nspawn import Machine
-from tests.harness.router_cluster import LOADER
+from tests.harness.router_cluster import background_load, records
 
 pytestmark = [pytest.mark.nspawn, pytest.mark.netns, pytest.mark.timeout(1200)]
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "test-model"
 ROUTER_PORT = 7950
 CONFIG = "/etc/gpud/gpud.toml"
@@ -223,55 +221,38 @@ def test_quick_start_gives_one_cluster_and_a_replica_outlives_restart_and_upgrad
     others = a.unit_processes()
     assert served[0] in others and len(others) == 2, others  # serf and the server
 
-    stop_file = tmp_path / "stop-load"
     bases = {
         "direct": f"http://{a.addr}:{served[1]}/v1",
         "routed": f"http://{b.addr}:{ROUTER_PORT}/v1",
     }
-    loads: list[subprocess.Popen[bytes]] = []
-    for name, base in bases.items():
-        argv = [sys.executable, LOADER, "--base", base, "--model", MODEL, "--seconds", "600",
-                "--workers", "2", "--stop-file", str(stop_file)]  # fmt: skip
-        with (tmp_path / f"load-{name}.jsonl").open("w") as sink:
-            loads.append(b.host.popen(argv, stdout=sink, cwd=REPO))
     watch = MemberWatch(b, a.name)
     watch.start()
     steps: list[tuple[str, float]] = []
     try:
-        time.sleep(SETTLE_S)
-        for step, command in (
-            ("systemctl restart", "systemctl restart gpud"),
-            ("apt-get install (upgrade)", f"apt-get install -y {a.deb(2)} </dev/null"),
-        ):
-            before = int(a.show("MainPID"))
-            began = time.monotonic()
-            a.sh(command, timeout=300)
-            _wait(lambda before=before: _restarted(a, before, served), 60, f"adopted after {step}",
-                  lambda: a.journal())  # fmt: skip
-            steps.append((step, time.monotonic() - began))
-            assert a.unit_processes() == others, (step, others, a.unit_processes())
+        with background_load(b.host, bases, tmp_path, MODEL) as files:
             time.sleep(SETTLE_S)
-        assert a.sh("dpkg-query -W -f '${Version}' gpud").stdout.endswith("-2")
+            for step, command in (
+                ("systemctl restart", "systemctl restart gpud"),
+                ("apt-get install (upgrade)", f"apt-get install -y {a.deb(2)} </dev/null"),
+            ):
+                before = int(a.show("MainPID"))
+                began = time.monotonic()
+                a.sh(command, timeout=300)
+                _wait(lambda before=before: _restarted(a, before, served), 60,
+                      f"adopted after {step}", lambda: a.journal())  # fmt: skip
+                steps.append((step, time.monotonic() - began))
+                assert a.unit_processes() == others, (step, others, a.unit_processes())
+                time.sleep(SETTLE_S)
+            assert a.sh("dpkg-query -W -f '${Version}' gpud").stdout.endswith("-2")
     finally:
-        stop_file.touch()
         watch.stopped.set()
-        for load in loads:
-            try:
-                load.wait(timeout=30)
-            finally:
-                if load.poll() is None:
-                    load.kill()
         watch.join(timeout=60)
     print("steps (command -> adopted, s):", [(s, round(t, 1)) for s, t in steps])
-    for name in bases:
-        records = [
-            json.loads(line)
-            for line in (tmp_path / f"load-{name}.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
-        failed = [r for r in records if not r["ok"]]
-        span = records[-1]["sent"] - records[0]["sent"]
-        print(f"{name}: {len(records)} requests in {span:.0f} s, {len(failed)} failed")
+    for name, path in files.items():
+        loaded = records(path)
+        failed = [r for r in loaded if not r["ok"]]
+        span = loaded[-1]["sent"] - loaded[0]["sent"]
+        print(f"{name}: {len(loaded)} requests in {span:.0f} s, {len(failed)} failed")
         assert not failed, failed[:5]
-        assert len(records) / span >= 20, (name, len(records), span)
+        assert len(loaded) / span >= 20, (name, len(loaded), span)
     assert watch.seen and set(watch.seen) == {("alive", False)}, sorted(set(watch.seen))
