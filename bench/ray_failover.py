@@ -225,7 +225,7 @@ class HarnessCluster:
     def __init__(self, cluster: Cluster, fault: str = "kill9") -> None:
         self.cluster = cluster
         self.fault = fault
-        self._queries: dict[str, GcsNodes] = {}
+        self._query: GcsNodes | None = None
 
     def _running(self) -> list[GpudNode]:
         return [n for n in self.cluster if n.running()]
@@ -269,21 +269,23 @@ class HarnessCluster:
         return True
 
     async def ray_nodes(self, address: str) -> list[str]:
-        # One long-lived query process per address (as gpud polls): a process per poll would
-        # take a CPU core from the Ray nodes whose start this measures.
-        query = self._queries.get(address)
-        if query is None:
-            via = self._running()[0].host
-            query = GcsNodes(
+        # One long-lived query process, moved from GCS to GCS (as gpud polls): a process per
+        # poll, or per new head, would take a CPU core from the Ray nodes whose start this
+        # measures, and its Ray import would be counted as their registration. It runs in the
+        # namespace of a host that is not the head, so it outlives the head's fault.
+        if self._query is None:
+            head = self.head()
+            via = next(n for n in self._running() if head is None or n.name != head[0]).host
+            self._query = GcsNodes(
                 RAY_EXECUTABLE, address, argv_prefix=["ip", "netns", "exec", via.netns]
             )
-            self._queries[address] = query
-        return [n.name for n in await query.alive(timeout_s=3)]
+        self._query.gcs_address = address
+        return [n.name for n in await self._query.alive(timeout_s=3)]
 
     async def close(self) -> None:
-        for query in self._queries.values():
-            await query.close()
-        self._queries.clear()
+        if self._query is not None:
+            await self._query.close()
+        self._query = None
 
 
 async def _ray_nodes_once(probes: HarnessCluster, address: str) -> list[str]:
@@ -296,6 +298,10 @@ async def _ray_nodes_once(probes: HarnessCluster, address: str) -> list[str]:
 async def _failover_once(cluster: Cluster, fault: str) -> FailoverResult:
     probes = HarnessCluster(cluster, fault)
     try:
+        head = probes.head()
+        assert head is not None and head[2], "no ready head"
+        # The query process imports Ray before the fault, not after it.
+        await probes.ray_nodes(f"{probes.head_address(head[0])}:{head[2]}")
         return await measure_failover(probes)
     finally:
         await probes.close()

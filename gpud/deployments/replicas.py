@@ -486,7 +486,7 @@ class Replicas:
             target = ray_target(
                 is_head, me, lease.gpu_indices, head_member, head_claim, replica.ray.target
             )
-            if holds_adopted(replica, target, time.monotonic()):
+            if holds_adopted(replica.adopted_at, replica.ray.target, target, time.monotonic()):
                 return
             replica.ray.set_target(target)
             if not is_head:
@@ -658,17 +658,15 @@ def worker_nm(ray: RaySupervisor | None) -> int:
     return ports.named.get("node-manager-port", 0)
 
 
-def holds_adopted(replica: Replica, target: RayTarget | None, now: float) -> bool:
-    """Whether an adopted Ray node keeps its target although this node's view gives another
-    (pure): only within ADOPT_SETTLE_S of the adoption. Right after gpud starts, the peers
-    are not verified yet, so the nodes and head placement gives the replica come from a
-    partial view; following it would take this node out of a cluster that is whole."""
-    return (
-        replica.ray is not None
-        and bool(replica.adopted_at)
-        and now - replica.adopted_at < ADOPT_SETTLE_S
-        and target != replica.ray.target
-    )
+def holds_adopted(
+    adopted_at: float, running: RayTarget | None, target: RayTarget | None, now: float
+) -> bool:
+    """Whether a Ray node adopted at ``adopted_at`` (0: not adopted) keeps ``running``
+    although this node's view gives ``target`` (pure): only within ADOPT_SETTLE_S of the
+    adoption. Right after gpud starts, the peers are not verified yet, so the nodes and head
+    placement gives the replica come from a partial view; following it would take this node
+    out of a cluster that is whole."""
+    return bool(adopted_at) and now - adopted_at < ADOPT_SETTLE_S and target != running
 
 
 def keep_unplaced(replica: Replica, assigned: bool, now: float) -> bool:

@@ -102,25 +102,30 @@ async def gcs_serving(host: str, port: int, timeout_s: float = GCS_CONNECT_TIMEO
     return header[3] == _H2_SETTINGS
 
 
-# One long-lived Python child per GCS address: it imports Ray and connects once (a second or
-# more of CPU), then answers one "which nodes are alive" per request line in milliseconds. A
-# subprocess per poll cost every node that second each time, and during a failover all of them
-# at once, next to the Ray nodes starting. It exits when its stdin closes (gpud gone).
+# One long-lived Python child per GCS query: it imports Ray and connects once (a second or more
+# of CPU), then answers one "which nodes are alive" per request line ("TIMEOUT ADDRESS") in
+# milliseconds, connecting again only when the address changes. A subprocess per poll cost
+# every node that second each time, and during a failover all of them at once, next to the
+# Ray nodes starting. It exits when its stdin closes (gpud gone).
 _NODES_SCRIPT = """
 import json, sys
 from ray._raylet import GcsClient
 from ray.core.generated.gcs_pb2 import GcsNodeInfo
-client = GcsClient(address=sys.argv[1])
+client, connected = None, None
 for line in sys.stdin:
+    timeout, _, address = line.strip().partition(" ")
     try:
+        if address != connected:
+            client, connected = GcsClient(address=address), address
         infos = client.get_all_node_info(
-            timeout=float(line), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
+            timeout=float(timeout), state_filter=GcsNodeInfo.GcsNodeState.ALIVE
         ).values()
         reply = {"nodes": [
             {"name": i.node_name, "ip": i.node_manager_address, "head": i.is_head_node}
             for i in infos
         ]}
     except Exception as exc:
+        client, connected = None, None
         reply = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print("gpud-nodes " + json.dumps(reply), flush=True)
 """
@@ -142,6 +147,8 @@ class _NodesReply(msgspec.Struct):
 
 class GcsNodes:
     """Which nodes one GCS sees alive, through one long-lived child (see _NODES_SCRIPT).
+    ``gcs_address`` may be changed between requests: the child keeps its Ray import and
+    connects to the new address on the next one.
 
     The child runs in its own process group and is killed by that group only; a request that
     times out, or a child that exits, closes it, and the next request starts a new one.
@@ -160,7 +167,7 @@ class GcsNodes:
         assert proc.stdin is not None and proc.stdout is not None
         noise = ""
         try:
-            proc.stdin.write(f"{timeout_s}\n".encode())
+            proc.stdin.write(f"{timeout_s} {self.gcs_address}\n".encode())
             await proc.stdin.drain()
             async with asyncio.timeout(timeout_s + (NODES_START_S if first else 2.0)):
                 while True:
@@ -203,7 +210,6 @@ class GcsNodes:
                 python,
                 "-c",
                 _NODES_SCRIPT,
-                self.gcs_address,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,

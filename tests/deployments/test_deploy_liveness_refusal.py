@@ -33,7 +33,14 @@ spec_names = st.from_regex(r"[a-z][a-z0-9]{0,7}", fullmatch=True)  # valid as a 
 @given(
     st.dictionaries(
         st.tuples(deployment_names, st.integers(0, 9)),
-        st.builds(Claim, st.integers(1, 65535), digests, st.integers(0, 65535), st.booleans()),
+        st.builds(
+            Claim,
+            st.integers(1, 65535),
+            digests,
+            st.integers(0, 65535),
+            st.booleans(),
+            st.integers(0, 65535),
+        ),
         max_size=4,
     ),
     st.dictionaries(deployment_names, digests, max_size=4),
