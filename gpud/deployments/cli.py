@@ -60,11 +60,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     logs = actions.add_parser(
         "logs",
         help="a replica server's output on this host (the last lines; -f follows)",
-        description="Print the output file of a replica's server on this host. REPLICA may be "
-        "left out when this host has one replica of NAME.",
+        description="Print the output file of a replica's server on this host, or with --ray "
+        "that of this host's Ray node of a multi-node replica. REPLICA may be left out when "
+        "this host has one replica of NAME.",
     )
     logs.add_argument("name")
     logs.add_argument("replica", nargs="?", type=int, help="replica index (0, 1, ...)")
+    logs.add_argument(
+        "--ray",
+        action="store_true",
+        help="the output of this host's Ray node of the replica (N > 1) instead of its server's",
+    )
     logfiles.add_options(logs)
     client_options(logs, nested=True)
     logs.set_defaults(func=cmd_logs)
@@ -213,6 +219,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     query = {} if args.replica is None else {"replica": str(args.replica)}
+    if args.ray:
+        query["ray"] = "1"
     return logfiles.show(args, f"/v1/deployments/{path_part(args.name)}/logs", query)
 
 

@@ -1,5 +1,6 @@
-"""`GET /v1/deployments/{name}/logs?replica=I&lines=N|offset=B`: a replica server's output file on
-this host (gpud.logfiles reads it; `gpud deploy logs` prints it).
+"""`GET /v1/deployments/{name}/logs?replica=I&lines=N|offset=B[&ray=1]`: a replica server's output
+file on this host, or with ``ray=1`` that of this host's Ray node of a multi-node replica
+(gpud.logfiles reads it; `gpud deploy logs [--ray]` prints it).
 
 A read endpoint like the other deployment views (any member of the socket's group). The file is
 named from the validated deployment name and replica index only (the name the replica runtime
@@ -11,6 +12,7 @@ file here the error says where it runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +22,7 @@ from aiohttp import web
 
 from gpud import api, logfiles
 from gpud.deployments import spec
+from gpud.deployments.replicas import RAY_GROUP_SUFFIX
 from gpud.errors import ApiError
 
 if TYPE_CHECKING:
@@ -39,31 +42,34 @@ def replica_index(raw: str | None) -> int | None:
 
 
 def pick_replica(
-    view: DeploymentView, node: str, index: int | None, has_file: Callable[[int], bool]
+    view: DeploymentView,
+    node: str,
+    index: int | None,
+    has_file: Callable[[int], bool],
+    *,
+    ray: bool = False,
 ) -> int:
     """The replica index a request on ``node`` means: ``index``, or the one replica of the
-    deployment this node runs or has a file of; ApiError(404/400) saying why there is none."""
+    deployment this node runs (``ray``: is a node of) or has a file of; ApiError(404/400)
+    saying why there is none."""
     name = view.name
+    if ray and view.nodes_per_replica == 1:
+        raise ApiError(400, f"{name} runs replicas of one node: they have no Ray node of their own")
     if index is not None:
         found = next((r for r in view.replica_views if r.index == index), None)
         if has_file(index):
             return index
         if found is None:
             raise ApiError(404, f"{name} has no replica {index} (replicas: {view.replicas})")
-        if found.node != node:
-            where = f"runs on {found.node}" if found.node else "is not placed on any host"
+        if (node not in found.nodes) if ray else (found.node != node):
+            hosts = ", ".join(found.nodes) if ray else found.node
+            where = f"runs on {hosts}" if hosts else "is not placed on any host"
             raise ApiError(404, f"replica {name}.{index} {where}, not on this host: ask there")
-        if len(found.nodes) > 1:
-            raise ApiError(
-                404,
-                f"replica {name}.{index} spans several hosts: its server writes to gpud's own "
-                "log (`journalctl -u gpud`), not to a file",
-            )
         raise ApiError(404, f"replica {name}.{index} has written no log on this host yet")
-    here = {r.index for r in view.replica_views if r.node == node}
+    here = {r.index for r in view.replica_views if (node in r.nodes if ray else r.node == node)}
     candidates = sorted(here | {i for i in range(view.replicas) if has_file(i)})
     if len(candidates) == 1:
-        return pick_replica(view, node, candidates[0], has_file)
+        return pick_replica(view, node, candidates[0], has_file, ray=ray)
     if candidates:
         listed = ", ".join(str(i) for i in candidates)
         raise ApiError(400, f"this host has several replicas of {name} ({listed}): name one")
@@ -87,15 +93,21 @@ def route(
             raise ApiError(400, f"not a deployment name: {name[:64]!r}") from None
         found = view(name)  # 404 for an unknown deployment
         index = replica_index(request.query.get("replica"))
+        ray = request.query.get("ray", "0")
+        if ray not in ("0", "1"):
+            raise ApiError(400, f"ray must be 0 or 1, not {ray[:32]!r}")
+        suffix = RAY_GROUP_SUFFIX if ray == "1" else ""
 
         def has_file(i: int) -> bool:
-            return log_path(f"{name}.{i}").is_file()
+            return log_path(f"{name}.{i}{suffix}").is_file()
 
-        index = await asyncio.to_thread(pick_replica, found, node, index, has_file)
+        index = await asyncio.to_thread(
+            functools.partial(pick_replica, found, node, index, has_file, ray=bool(suffix))
+        )
         chunk = await asyncio.to_thread(
             logfiles.answer,
             request.query,
-            log_path(f"{name}.{index}"),
+            log_path(f"{name}.{index}{suffix}"),
             f"replica {name}.{index} has written no log on this host yet",
         )
         return api.json_response(msgspec.structs.replace(chunk, replica=index))

@@ -140,7 +140,7 @@ def test_pick_replica_says_where_a_replica_is() -> None:
     assert logs.pick_replica(two, "c", 0, lambda i: i == 0) == 0
     cases = [
         ("c", 1, none, "replica llm.1 runs on b, not on this host"),
-        ("b", 1, none, "spans several hosts"),
+        ("b", 1, none, "replica llm.1 has written no log on this host yet"),
         ("a", 0, none, "has written no log on this host yet"),
         ("a", 7, none, "llm has no replica 7"),
         ("c", None, none, "no replica of llm runs on this host (llm.0 on a, llm.1 on b)"),
@@ -149,6 +149,25 @@ def test_pick_replica_says_where_a_replica_is() -> None:
     for node, index, has_file, error in cases:
         with pytest.raises(ApiError, match=re.escape(error)):
             logs.pick_replica(two, node, index, has_file)
+
+
+def test_pick_replica_of_a_ray_node_counts_every_host_of_the_replica() -> None:
+    pair = view((0, "a", ["a", "b"]), (1, "c", ["c", "d"]))
+    pair.nodes_per_replica = 2
+    none: Any = lambda i: False  # noqa: E731
+    # The worker host of replica 0 has its Ray node's file, and means that replica.
+    assert logs.pick_replica(pair, "b", None, lambda i: i == 0, ray=True) == 0
+    cases = [
+        ("b", 1, none, "replica llm.1 runs on c, d, not on this host"),
+        ("b", 0, none, "replica llm.0 has written no log on this host yet"),
+        ("e", None, none, "no replica of llm runs on this host"),
+    ]
+    for node, index, has_file, error in cases:
+        with pytest.raises(ApiError, match=re.escape(error)):
+            logs.pick_replica(pair, node, index, has_file, ray=True)
+    single = view((0, "a", ["a"]))
+    with pytest.raises(ApiError, match="no Ray node of their own"):
+        logs.pick_replica(single, "a", 0, lambda i: True, ray=True)
 
 
 async def test_route_reads_only_the_named_replicas_file(tmp_path: Path) -> None:
@@ -174,10 +193,19 @@ async def test_route_reads_only_the_named_replicas_file(tmp_path: Path) -> None:
             ("/v1/deployments/llm/logs?replica=..%2F..%2Fsecret", 400),
             ("/v1/deployments/other/logs", 404),
             ("/v1/deployments/llm/logs?lines=100000", 400),
+            ("/v1/deployments/llm/logs?ray=..%2Fsecret", 400),
+            ("/v1/deployments/llm/logs?ray=1", 400),  # replicas of one node: no Ray node
         ]:
             reply = await client.get(path)
             assert reply.status == status, (path, await reply.text())
             assert "not a log" not in await reply.text()
+        # A replica of two nodes: this host's Ray node of it writes its own file.
+        (tmp_path / "deploy-llm.0.ray.log").write_text("INFO raylet started\n")
+        deployments["llm"].nodes_per_replica = 2
+        ray = await (await client.get("/v1/deployments/llm/logs?ray=1")).json()
+        assert ray["text"] == "INFO raylet started\n" and ray["replica"] == 0
+        server = await (await client.get("/v1/deployments/llm/logs?ray=0")).json()
+        assert server["text"] == "INFO serving\n"
 
 
 async def test_cli_follows_a_growing_log_until_ctrl_c(tmp_path: Path) -> None:
