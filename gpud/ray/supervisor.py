@@ -70,6 +70,16 @@ def port_names(role: Literal["head", "worker"], *, client_server: bool) -> tuple
     return ("port", *(["ray-client-server-port"] if client_server else []), *WORKER_PORT_NAMES)
 
 
+# Ray's raylet connects to its plasma store's socket, and each core worker to its raylet, in up
+# to raylet_client_num_connect_attempts tries raylet_client_connect_timeout_milliseconds apart.
+# Ray's 10 x 1000 ms makes every raylet start wait a whole second for a store that listens
+# milliseconds later (measured: a worker's `ray start` 2.66 s, 1.57 s with these); 200 x 50 ms
+# keeps Ray's 10 s budget for a slow store. Values in gpud's environment win.
+RAY_START_DEFAULTS = {
+    "RAY_raylet_client_connect_timeout_milliseconds": "50",
+    "RAY_raylet_client_num_connect_attempts": "200",
+}
+
 # The running Ray node's process group (see GroupRecord): one gpud node, one Ray node.
 RAY_CHILD = Key("ray.child", ChildGroup)
 # Worker processes (one port each) a Ray node may run at once.
@@ -284,6 +294,31 @@ def ray_start_argv(
     return argv
 
 
+# `ray start` writes its GCS address into this file of its temp dir once its node is up, head
+# and worker alike (after Ray's Node.__init__, which waits until the node's raylet is
+# registered in the GCS). The supervisor removes it before each start.
+RAY_ADDRESS_FILE = "ray_current_cluster"
+
+
+def node_registered(temp_dir: str, gcs_address: str) -> bool:
+    """Whether the `ray start` writing into ``temp_dir`` has its node registered in the GCS
+    at ``gcs_address`` ("host:port"; IPv6 hosts in brackets, as Ray writes them).
+
+    A head's GCS answers well before that: it writes the session name, starts its other
+    processes and only then registers its raylet. A worker's `ray start` first reads the
+    session name and the head node's record from the GCS, and sleeps 2 s before it asks
+    again when either is missing; announced at its first answer, a new head's GCS cost every
+    worker those 2 s of a failover."""
+    try:
+        return Path(temp_dir, RAY_ADDRESS_FILE).read_text() == gcs_address
+    except OSError:
+        return False
+
+
+def gcs_address_of(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -317,7 +352,7 @@ class RaySupervisor:
         self.temp_dir = temp_dir_for(temp_root, node_name)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
-        self._env = {**os.environ, **(env or {})}
+        self._env = {**RAY_START_DEFAULTS, **os.environ, **(env or {})}
         # Whether this Ray has Ray Client (see RayInstall.client).
         self.client_server = client_server
         self._on_change = on_change or (lambda: None)
@@ -527,6 +562,8 @@ class RaySupervisor:
 
         async def make_child() -> ChildProcess:
             os.makedirs(self.temp_dir, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # a predecessor's: see node_registered
+                os.unlink(os.path.join(self.temp_dir, RAY_ADDRESS_FILE))
             return self._child(target, ports)
 
         self._supervisor = Supervisor(
@@ -576,7 +613,8 @@ class RaySupervisor:
     async def _watch_gcs(
         self, supervisor: Supervisor, host: str, port: int, *, ready: bool = False
     ) -> None:
-        """Keep gcs_ready_port current: set once GCS answers, cleared when the process goes.
+        """Keep gcs_ready_port current: set once the head's node is registered in its GCS
+        (node_registered) and the GCS answers, cleared when the process goes.
         ``ready``: an adopted head whose GCS answered already (its port stays announced)."""
         ready_pid: int | None = None
         if ready:
@@ -589,7 +627,8 @@ class RaySupervisor:
                 ready_pid = None
                 self._set_ready(0)
             if pid is not None and ready_pid is None:
-                healthy = await gcs_serving(host, port)
+                up = node_registered(self.temp_dir, gcs_address_of(host, port))
+                healthy = up and await gcs_serving(host, port)
                 if healthy and supervisor.status.pid == pid:
                     ready_pid = pid
                     self._set_ready(port)

@@ -14,14 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from gpud.process_groups import GroupRecord, group_members, leftover_members, process_start
-from gpud.ray.probes import GcsNodes, alive_ray_nodes, gcs_healthy, probe_ray
+from gpud.process_groups import (
+    GroupRecord,
+    group_members,
+    leftover_members,
+    process_start,
+)
+from gpud.ray.probes import GcsNodes, alive_ray_nodes, gcs_healthy, gcs_serving, probe_ray
 from gpud.ray.supervisor import (
+    RAY_ADDRESS_FILE,
     RAY_CHILD,
+    RAY_START_DEFAULTS,
     RayPorts,
     RaySupervisor,
     RayTarget,
     SupervisorSettings,
+    gcs_address_of,
+    node_registered,
     port_names,
     ray_start_argv,
     ray_start_env,
@@ -182,6 +191,13 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
             return sorted(n.name for n in nodes) == ["h1", "w1"]
 
         await async_wait_for(two_nodes, 90, what="2 alive Ray nodes")
+        # The raylet itself runs with gpud's connect-retry defaults (RAY_START_DEFAULTS).
+        worker_group = worker.status().process.pid
+        assert worker_group is not None
+        raylets = [p for p in group_members(worker_group) if _comm(p) == "raylet"]
+        assert len(raylets) == 1, group_members(worker_group)
+        for name, value in RAY_START_DEFAULTS.items():
+            assert _environ(raylets[0]).get(name) == value, name
         # The long-lived query answers again and again from one child process.
         query = GcsNodes(RAY_EXECUTABLE, f"127.0.0.2:{gcs}")
         first = await query.alive()
@@ -236,6 +252,98 @@ async def test_head_and_worker_then_head_killed(tmp_path: Path) -> None:
     for pgid in pgids:
         assert group_members(pgid) == [], f"process group {pgid} still has members"
     assert ports.leases == {}
+
+
+# Asks a GCS what a worker's `ray start` reads first: the session name and an alive head node.
+_WORKER_VIEW_SCRIPT = """
+import sys
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
+print("imported", flush=True)
+for line in sys.stdin:
+    client = GcsClient(address=line.strip())
+    session = client.internal_kv_get(b"session_name", b"session") is not None
+    alive = GcsNodeInfo.GcsNodeState.ALIVE
+    nodes = client.get_all_node_info(timeout=10, state_filter=alive).values()
+    print("session", session, "head", any(n.is_head_node for n in nodes), flush=True)
+"""
+
+
+@pytest.mark.ray
+@needs_ray
+@pytest.mark.timeout(120)
+async def test_a_head_is_ready_only_once_a_worker_finds_it_registered(tmp_path: Path) -> None:
+    """When the supervisor announces the head's GCS, the head's node is in it: a worker
+    started then is not sent into Ray's 2 s wait (node_registered). A head frozen right after
+    its GCS started, and a stale address file, announce nothing."""
+    root = f"/tmp/gpud-ray-test-{tmp_path.name[-12:]}"
+    announced = asyncio.Event()
+    query = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER_VIEW_SCRIPT,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    assert query.stdin is not None and query.stdout is not None
+    head = RaySupervisor(
+        executable=RAY_EXECUTABLE,
+        node_name="s1",
+        node_ip="127.0.0.2",
+        ports=SimplePorts(24100, 24200),
+        temp_root=root,
+        num_cpus=1,
+        settings=SupervisorSettings(worker_ports=4, grace_s=3),
+        client_server=False,
+        on_change=announced.set,
+    )
+    # A previous run's file naming the very address this head gets (its first leased port).
+    os.makedirs(head.temp_dir)
+    await asyncio.to_thread(Path(head.temp_dir, RAY_ADDRESS_FILE).write_text, "127.0.0.2:24100")
+    task = asyncio.create_task(head.run())
+    try:
+        assert await asyncio.wait_for(query.stdout.readline(), 60) == b"imported\n"
+        head.set_target(RayTarget(role="head"))
+
+        def gcs_started() -> int | None:
+            leader = head.status().process.pid
+            if leader is None or "gcs_server" not in map(_comm, group_members(leader)):
+                return None
+            return leader
+
+        # Freeze `ray start` as soon as its GCS runs: the GCS answers, no raylet registered.
+        leader = await async_wait_for(gcs_started, 60, 0.005, what="the head's GCS process")
+        os.kill(leader, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.5)
+            assert head.ray_ports is not None and head.ray_ports.named["port"] == 24100
+            assert await gcs_serving("127.0.0.2", 24100)
+            await asyncio.sleep(1.5)  # several of the supervisor's polls
+            assert head.gcs_ready_port == 0
+        finally:
+            os.kill(leader, signal.SIGCONT)
+        await asyncio.wait_for(announced.wait(), 60)
+        assert head.gcs_ready_port == 24100
+        query.stdin.write(b"127.0.0.2:24100\n")
+        await query.stdin.drain()
+        reply = await asyncio.wait_for(query.stdout.readline(), 20)
+        assert reply == b"session True head True\n"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        query.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(query.pid, signal.SIGKILL)
+        await query.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_node_is_registered_when_its_address_file_names_that_gcs(tmp_path: Path) -> None:
+    assert not node_registered(str(tmp_path), "10.0.0.1:6379")  # no file yet
+    (tmp_path / RAY_ADDRESS_FILE).write_text("10.0.0.1:6380")
+    assert not node_registered(str(tmp_path), "10.0.0.1:6379")  # another GCS
+    (tmp_path / RAY_ADDRESS_FILE).write_text("10.0.0.1:6379")
+    assert node_registered(str(tmp_path), "10.0.0.1:6379")
+    assert gcs_address_of("10.0.0.1", 6379) == "10.0.0.1:6379"
+    assert gcs_address_of("fd00::1", 6379) == "[fd00::1]:6379"
 
 
 async def test_no_ports_is_an_error_not_a_crash(tmp_path: Path) -> None:
@@ -394,6 +502,40 @@ async def test_ray_left_by_a_killed_gpud_is_stopped_before_a_new_one(tmp_path: P
                 await task
         shutil.rmtree(root, ignore_errors=True)
     assert record.load() is None  # a clean stop leaves no record
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_ray_start_gets_connect_defaults_unless_gpuds_environment_sets_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ports = RayPorts(named={"port": 30800}, min_worker_port=30810, max_worker_port=30819)
+
+    def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+        supervisor = RaySupervisor(
+            executable="ray", node_name="n", node_ip="127.0.0.1", ports=SimplePorts(1, 2), env=env
+        )
+        child = supervisor._child(RayTarget(role="head"), ports)
+        assert child.env is not None
+        return child.env
+
+    for name, value in RAY_START_DEFAULTS.items():
+        monkeypatch.delenv(name, raising=False)
+        assert child_env()[name] == value
+    monkeypatch.setenv("RAY_raylet_client_connect_timeout_milliseconds", "1000")
+    assert child_env()["RAY_raylet_client_connect_timeout_milliseconds"] == "1000"
+    # The supervisor's own env argument wins over both.
+    env = child_env({"RAY_raylet_client_num_connect_attempts": "10"})
+    assert env["RAY_raylet_client_num_connect_attempts"] == "10"
 
 
 def test_ports_ray_reads_from_its_environment_are_passed_as_leased() -> None:
