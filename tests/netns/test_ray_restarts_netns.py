@@ -103,7 +103,11 @@ def test_restarts_never_make_a_second_head(ray_cluster: Cluster) -> None:
         formed += [(node.name, int(v), int(k)) for v, k in won.findall(first)]
         restarted += [(node.name, int(v), int(k)) for v, k in won.findall(later)]
     assert restarted, "no election after a restart was logged"
-    assert all(votes >= 2 for _, votes, _ in formed + restarted), formed + restarted
+    # The harness starts the hosts one after another: the first may be alone in its view when
+    # it forms the cluster (1 of 1, then the others follow it). Any other head had a majority of
+    # at least two, and after a restart never fewer than two of all three.
+    assert all(votes >= 2 or known == 1 for _, votes, known in formed), formed
+    assert all(votes >= 2 for _, votes, _ in restarted), restarted
     assert all(known == 3 for _, _, known in restarted), restarted
     overlaps = [(t, heads) for t, heads in sampler.samples if len(heads) > 1]
     assert not overlaps, (overlaps[:3], election_lines(nodes))
