@@ -238,6 +238,10 @@ async def test_cli_follows_a_growing_log_until_ctrl_c(tmp_path: Path) -> None:
         "--socket",
         sock,
         stdout=asyncio.subprocess.PIPE,
+        # As from a terminal: a suite started in the background (`cmd &` in a script) has
+        # SIGINT ignored, the child would inherit that, and Python would then leave Ctrl-C
+        # ignored too (as it should for a background job).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert cli.stdout is not None
     try:
